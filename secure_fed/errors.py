@@ -1,0 +1,76 @@
+"""One exception hierarchy for the whole project.
+
+Every message says what was wrong, what was expected, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class SecureFedError(Exception):
+    """Root of every error secure_fed raises on purpose."""
+
+
+class ConfigError(SecureFedError):
+    """A configuration file or option is missing, malformed or inconsistent."""
+
+
+class ModelError(SecureFedError):
+    """An architecture name is unknown, or a model package does not match its architecture."""
+
+
+class DataError(SecureFedError):
+    """A dataset cannot be loaded or partitioned as asked."""
+
+
+class PrivacyError(SecureFedError):
+    """A differential-privacy setting is invalid (δ, sample rate, noise, budget)."""
+
+
+class BudgetExhausted(PrivacyError):
+    """Training as planned would take a data source past its privacy budget."""
+
+
+class CryptoError(SecureFedError):
+    """Homomorphic-encryption parameters, keys or ciphertexts are invalid."""
+
+
+class MalformedUpdate(CryptoError):
+    """An encrypted update (or one chunk of it) from a slave was refused.
+
+    Args:
+        slave_id: the slave whose update was refused.
+        chunk: index of the offending chunk, or ``None`` for the update as a whole.
+        reason: what was wrong.
+    """
+
+    def __init__(self, slave_id: str, chunk: int | None, reason: str) -> None:
+        where = f"chunk {chunk}" if chunk is not None else "update"
+        super().__init__(f"update from slave '{slave_id}' refused ({where}): {reason}")
+        self.slave_id = slave_id
+        self.chunk = chunk
+        self.reason = reason
+
+
+class IdentityError(SecureFedError):
+    """A certificate, key or federation bundle is missing, invalid, expired or revoked."""
+
+
+class ProtocolError(SecureFedError):
+    """A peer sent a message that breaks the wire protocol.
+
+    Args:
+        message: what was wrong.
+        close_code: the websocket close code the connection is closed with.
+    """
+
+    def __init__(self, message: str, close_code: int = 1008) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+class TransportError(SecureFedError):
+    """A connection could not be made or was lost."""
+
+
+class AuditError(SecureFedError):
+    """The audit log is missing, broken or does not verify."""
