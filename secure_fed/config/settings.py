@@ -1,0 +1,242 @@
+"""Configuration of a federation, as written by ``secure-fed init`` and read by each party.
+
+Every size, count and time limit is a named field with a safe default. Units are in the
+field names: ``_s`` seconds, ``_bytes`` bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from secure_fed.durable import atomic_write_bytes
+from secure_fed.errors import ConfigError
+
+PARTY_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which architecture the master trains, resolved by name from each party's registry."""
+
+    architecture: str = "mlp"
+    kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"in_features": 64, "num_classes": 10, "hidden": [64]}
+    )
+
+
+class TrainingPlanSettings(_Strict):
+    """The training plan sent to slaves with every round (the first configuration data).
+
+    Args:
+        mode: what a slave returns: ``delta`` (parameter change, FedAvg).
+        epochs: local DP-SGD epochs per round.
+        batch_size: expected batch size; the Poisson sample rate is ``batch_size / records``.
+        lr: local SGD learning rate.
+        momentum: local SGD momentum.
+        max_grad_norm: per-sample gradient clipping bound (L2).
+        epsilon: the privacy budget (ε at ``delta``) a slave may spend on this federation.
+        delta: δ of the (ε, δ) guarantee; must be below 1/records at every slave.
+        server_lr: step size of the master's FedAvg update (1.0 = plain FedAvg).
+    """
+
+    mode: Literal["delta"] = "delta"
+    epochs: int = Field(default=2, ge=1, le=100)
+    batch_size: int = Field(default=64, ge=1, le=65536)
+    lr: float = Field(default=0.5, gt=0, le=100)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    epsilon: float = Field(default=3.0, gt=0, le=100)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    server_lr: float = Field(default=1.0, gt=0, le=10)
+
+
+class EncryptionSettings(_Strict):
+    """Homomorphic encryption of updates.
+
+    Args:
+        preset: a named parameter set (see ``secure-fed bench codec --compare``).
+        clip: every update value is clipped to ``[-clip, clip]`` before encoding.
+        quant_bits: fixed-point bits of the BFV codec (``None``: the preset's default).
+        max_weight_per_slave: upper bound of one slave's FedAvg weight (its record count);
+            the plain modulus is sized so that the sum of all weights cannot wrap.
+        workers: encryption/decryption worker processes (``None``: one per core).
+    """
+
+    preset: str = "bfv-fast"
+    clip: float = Field(default=1.0, gt=0)
+    quant_bits: int | None = Field(default=None, ge=4, le=24)
+    max_weight_per_slave: int = Field(default=65536, ge=1, le=2**24)
+    workers: int | None = Field(default=None, ge=1, le=64)
+
+
+class LimitSettings(_Strict):
+    """Size, count and time limits of the transport and of each round.
+
+    Args:
+        max_message_bytes: largest websocket message accepted (a JSON header or one
+            ciphertext chunk).
+        max_model_bytes: largest model package a slave accepts.
+        open_timeout_s: time to finish the TLS and websocket handshakes.
+        keepalive_interval_s: interval of websocket pings.
+        keepalive_timeout_s: a peer that does not answer a ping within this is dropped.
+        join_timeout_s: how long the master waits for ``min_slaves`` to connect before a round.
+        upload_deadline_s: time from sending a round's task to the end of collection.
+        max_round_attempts: a round that misses quorum is retried this many times in total.
+    """
+
+    max_message_bytes: int = Field(default=4 * 2**20, ge=2**16, le=2**30)
+    max_model_bytes: int = Field(default=256 * 2**20, ge=2**10)
+    open_timeout_s: float = Field(default=10.0, gt=0)
+    keepalive_interval_s: float = Field(default=20.0, gt=0)
+    keepalive_timeout_s: float = Field(default=60.0, gt=0)
+    join_timeout_s: float = Field(default=600.0, gt=0)
+    upload_deadline_s: float = Field(default=600.0, gt=0)
+    max_round_attempts: int = Field(default=3, ge=1, le=100)
+
+
+class EvaluationSettings(_Strict):
+    """The master's own held-out data for evaluation (never sent to anyone).
+
+    Args:
+        dataset: a bundled dataset whose hold-out split the master evaluates on, or ``None``.
+        seed: seed of the hold-out split (must match the slaves' partition seed).
+        test_fraction: fraction of the dataset held out.
+    """
+
+    dataset: str | None = "digits"
+    seed: int = 0
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+
+def _check_party_id(value: str) -> str:
+    if not PARTY_ID.match(value):
+        raise ValueError(
+            f"party id {value!r} is not allowed: use 1-63 lowercase letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit"
+        )
+    return value
+
+
+class MasterConfig(_Strict):
+    """Everything the master needs besides its keys (``federation.toml`` in its bundle)."""
+
+    federation_id: str
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+    slaves: list[str]
+    rounds: int = Field(default=10, ge=1, le=100000)
+    min_slaves: int = Field(default=2, ge=1)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: TrainingPlanSettings = Field(default_factory=TrainingPlanSettings)
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    seed: int = 0
+
+    @field_validator("federation_id")
+    @classmethod
+    def _fed_id(cls, value: str) -> str:
+        return _check_party_id(value)
+
+    @field_validator("slaves")
+    @classmethod
+    def _slave_ids(cls, value: list[str]) -> list[str]:
+        for slave_id in value:
+            _check_party_id(slave_id)
+        if len(set(value)) != len(value):
+            raise ValueError(f"slave ids must be unique, got {value}")
+        if not value:
+            raise ValueError("a federation needs at least one slave")
+        return value
+
+    @model_validator(mode="after")
+    def _quorum(self) -> MasterConfig:
+        if self.min_slaves > len(self.slaves):
+            raise ValueError(
+                f"min_slaves={self.min_slaves} exceeds the {len(self.slaves)} slaves of the "
+                "federation; lower min_slaves or add slaves"
+            )
+        return self
+
+
+class SlaveConfig(_Strict):
+    """A slave's settings (``slave.toml`` in its bundle).
+
+    Args:
+        federation_id: the federation this bundle belongs to.
+        slave_id: this slave's id (also the subject of its certificate).
+        master_url: ``wss://host:port`` of the master.
+        budget_epsilon: the most ε this data source will ever spend, over all federations.
+        delta: δ at which the budget is accounted.
+        accountant: ``prv`` (default) or ``rdp``.
+        allowed_architectures: architectures this slave agrees to train (empty: all it knows).
+    """
+
+    federation_id: str
+    slave_id: str
+    master_url: str
+    budget_epsilon: float = Field(default=3.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    accountant: Literal["prv", "rdp"] = "prv"
+    allowed_architectures: list[str] = Field(default_factory=list)
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    @field_validator("slave_id", "federation_id")
+    @classmethod
+    def _ids(cls, value: str) -> str:
+        return _check_party_id(value)
+
+    @field_validator("master_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("wss://", "ws://")):
+            raise ValueError(f"master_url must start with wss:// (got {value!r})")
+        return value
+
+
+def _load(path: Path, model: type[BaseModel]) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"configuration file {path} does not exist; create it with `secure-fed init`"
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{path} is invalid: {problems}") from exc
+
+
+def load_master_config(path: Path) -> MasterConfig:
+    """Read and validate a master's ``federation.toml``."""
+    result: MasterConfig = _load(path, MasterConfig)
+    return result
+
+
+def load_slave_config(path: Path) -> SlaveConfig:
+    """Read and validate a slave's ``slave.toml``."""
+    result: SlaveConfig = _load(path, SlaveConfig)
+    return result
+
+
+def write_config(path: Path, config: BaseModel) -> None:
+    """Write a configuration model as TOML, durably."""
+    data = config.model_dump(mode="json", exclude_none=True)
+    atomic_write_bytes(Path(path), tomli_w.dumps(data).encode("utf-8"))

@@ -1,0 +1,448 @@
+"""The master's round state machine, sans-I/O.
+
+The :class:`Coordinator` is fed events (a slave connected, a header or chunk arrived, time
+passed, the aggregate was committed) and returns the actions the master must carry out (send a
+task, add a chunk to the running sum, decrypt, abort). It never touches a socket, a clock or a
+file, so that every fault — a slave vanishing mid-upload, a replayed update, a missed
+deadline — is a plain unit test.
+
+Round policy:
+
+* A round starts as soon as every slave of the federation is connected, or when
+  ``join_timeout_s`` has passed with at least ``min_slaves`` connected.
+* Collection ends when every tasked slave has finished, declined or failed, or at
+  ``upload_deadline_s`` after the task was sent; late uploads are discarded.
+* With at least ``min_slaves`` complete updates the aggregate is decrypted and committed.
+  Otherwise the attempt is aborted (the model is unchanged) and the same round is tried again,
+  up to ``max_round_attempts`` attempts in total; then the federation stops.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from secure_fed.errors import ProtocolError
+from secure_fed.protocol.messages import Accepted, Decline, Rejected, UpdateHeader
+
+
+class Phase(enum.Enum):
+    """Where the federation stands."""
+
+    WAITING = "waiting"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    FINISHED = "finished"
+
+
+class SlaveStatus(enum.Enum):
+    """Where one tasked slave stands in the current round."""
+
+    TASKED = "tasked"
+    UPLOADING = "uploading"
+    DONE = "done"
+    DECLINED = "declined"
+    FAILED = "failed"
+
+
+# --- actions --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartRound:
+    """Send the round's task (model + plan) to ``recipients``."""
+
+    round: int
+    attempt: int
+    nonce: str
+    deadline_s: float
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AddChunk:
+    """Add one verified ciphertext chunk of ``slave_id`` into the running sum."""
+
+    slave_id: str
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class FinishUpdate:
+    """All chunks of ``slave_id`` arrived: count its contribution with ``header.weight``."""
+
+    slave_id: str
+    header: UpdateHeader
+
+
+@dataclass(frozen=True)
+class DiscardUpdate:
+    """Remove whatever ``slave_id`` added to the running sum in this attempt."""
+
+    slave_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send a control message to one slave."""
+
+    slave_id: str
+    message: Accepted | Rejected
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Quorum reached: decrypt the sum of ``contributors`` and commit the round."""
+
+    round: int
+    attempt: int
+    contributors: tuple[str, ...]
+    total_weight: int
+    headers: dict[str, UpdateHeader]
+    declines: dict[str, Decline]
+
+
+@dataclass(frozen=True)
+class AbortRound:
+    """The attempt failed; the model stays as it was."""
+
+    round: int
+    attempt: int
+    reason: str
+    will_retry: bool
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something worth an audit record (a decline, a refused update, a lost slave)."""
+
+    event: str
+    data: dict[str, object]
+
+
+@dataclass(frozen=True)
+class FederationDone:
+    """No more rounds will run."""
+
+    rounds_committed: int
+    reason: str
+
+
+Action = (
+    StartRound | AddChunk | FinishUpdate | DiscardUpdate | Send | Aggregate | AbortRound | Note
+    | FederationDone
+)
+
+
+@dataclass
+class _Upload:
+    status: SlaveStatus = SlaveStatus.TASKED
+    header: UpdateHeader | None = None
+    received: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class _Attempt:
+    round: int
+    attempt: int
+    nonce: str
+    deadline: float
+    uploads: dict[str, _Upload] = field(default_factory=dict)
+    declines: dict[str, Decline] = field(default_factory=dict)
+
+
+class Coordinator:
+    """Master-side round logic of a federation.
+
+    Args:
+        slaves: ids of every slave of the federation.
+        rounds: rounds to run in total.
+        min_slaves: complete updates needed to decrypt an aggregate.
+        chunks: ciphertext chunks per update.
+        max_chunk_bytes: largest chunk accepted, in bytes.
+        max_weight: largest FedAvg weight one slave may claim.
+        join_timeout_s: seconds to wait for every slave before starting with ``min_slaves``.
+        upload_deadline_s: seconds from task to end of collection.
+        max_round_attempts: attempts per round before the federation stops.
+        next_round: first round to run (resuming from a checkpoint).
+        new_nonce: returns a fresh 32-hex-digit nonce (injected: no hidden randomness).
+    """
+
+    def __init__(
+        self,
+        slaves: Sequence[str],
+        *,
+        rounds: int,
+        min_slaves: int,
+        chunks: int,
+        max_chunk_bytes: int,
+        max_weight: int,
+        join_timeout_s: float,
+        upload_deadline_s: float,
+        max_round_attempts: int,
+        new_nonce: Callable[[], str],
+        next_round: int = 1,
+    ) -> None:
+        self.slaves = tuple(slaves)
+        self.rounds = rounds
+        self.min_slaves = min_slaves
+        self.chunks = chunks
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_weight = max_weight
+        self.join_timeout_s = join_timeout_s
+        self.upload_deadline_s = upload_deadline_s
+        self.max_round_attempts = max_round_attempts
+        self._new_nonce = new_nonce
+        self.round = next_round
+        self.attempt = 0
+        self.committed = next_round - 1
+        self.connected: set[str] = set()
+        self.phase = Phase.WAITING if next_round <= rounds else Phase.FINISHED
+        self._wait_since: float | None = None
+        self._current: _Attempt | None = None
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def status_of(self, slave_id: str) -> SlaveStatus | None:
+        """Status of a slave in the attempt under way (``None`` if it was not tasked)."""
+        if self._current is None or slave_id not in self._current.uploads:
+            return None
+        return self._current.uploads[slave_id].status
+
+    def uploaded_bytes(self) -> dict[str, int]:
+        """Bytes of ciphertext received per slave in the attempt under way."""
+        if self._current is None:
+            return {}
+        return {sid: up.bytes for sid, up in self._current.uploads.items()}
+
+    # --- events ----------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        """Begin waiting for slaves (call once, when the server listens)."""
+        if self.phase is Phase.FINISHED:
+            return [FederationDone(self.committed, "every round was already committed")]
+        self._wait_since = now
+        return self._maybe_start(now)
+
+    def slave_connected(self, slave_id: str, now: float) -> list[Action]:
+        if slave_id not in self.slaves:
+            raise ProtocolError(f"'{slave_id}' is not a slave of this federation", 1008)
+        self.connected.add(slave_id)
+        return self._maybe_start(now)
+
+    def slave_disconnected(self, slave_id: str, now: float) -> list[Action]:
+        self.connected.discard(slave_id)
+        upload = self._upload(slave_id)
+        if upload is None or upload.status not in (SlaveStatus.TASKED, SlaveStatus.UPLOADING):
+            return []
+        actions: list[Action] = []
+        if upload.status is SlaveStatus.UPLOADING:
+            actions.append(DiscardUpdate(slave_id, "disconnected during upload"))
+        upload.status = SlaveStatus.FAILED
+        actions.append(Note("slave_lost", {"slave": slave_id, "round": self.round}))
+        return actions + self._maybe_close_collection(now)
+
+    def update_header(self, slave_id: str, header: UpdateHeader, now: float) -> list[Action]:
+        """A slave announces its update; the chunks follow as binary messages."""
+        current = self._current
+        upload = self._upload(slave_id)
+        if (
+            current is None
+            or self.phase is not Phase.COLLECTING
+            or header.round != current.round
+            or header.nonce != current.nonce
+        ):
+            return self._reject(slave_id, header.round, header.nonce, "not the task under way")
+        if upload is None or upload.status is not SlaveStatus.TASKED:
+            return self._reject(slave_id, header.round, header.nonce,
+                                "this slave already answered this round, or was not tasked")
+        problem = self._check_header(header)
+        if problem:
+            upload.status = SlaveStatus.FAILED
+            return self._reject(slave_id, header.round, header.nonce, problem) + (
+                self._maybe_close_collection(now))
+        upload.status = SlaveStatus.UPLOADING
+        upload.header = header
+        return []
+
+    def chunk(self, slave_id: str, data: bytes, now: float) -> list[Action]:
+        """A binary message arrived from a slave."""
+        upload = self._upload(slave_id)
+        if upload is None or upload.status is not SlaveStatus.UPLOADING or upload.header is None:
+            raise ProtocolError(
+                f"binary message from '{slave_id}' without an announced update", 1008)
+        header = upload.header
+        index = upload.received
+        if len(data) != header.chunk_bytes[index]:
+            return self.update_failed(slave_id, f"chunk {index} has {len(data)} bytes, "
+                                      f"{header.chunk_bytes[index]} were announced", now)
+        if hashlib.sha256(data).hexdigest() != header.chunk_sha256[index]:
+            return self.update_failed(slave_id, f"chunk {index} does not match its SHA-256", now)
+        upload.received += 1
+        upload.bytes += len(data)
+        actions: list[Action] = [AddChunk(slave_id, index, data)]
+        if upload.received == len(header.chunk_sha256):
+            upload.status = SlaveStatus.DONE
+            assert self._current is not None
+            actions.append(FinishUpdate(slave_id, header))
+            actions.append(Send(slave_id, Accepted(round=header.round, nonce=header.nonce)))
+            actions += self._maybe_close_collection(now)
+        return actions
+
+    def update_failed(self, slave_id: str, reason: str, now: float) -> list[Action]:
+        """The master could not use a slave's update (a chunk failed validation)."""
+        upload = self._upload(slave_id)
+        if upload is None or upload.status not in (SlaveStatus.UPLOADING, SlaveStatus.DONE):
+            return []
+        upload.status = SlaveStatus.FAILED
+        current = self._current
+        assert current is not None
+        return [
+            DiscardUpdate(slave_id, reason),
+            Send(slave_id, Rejected(round=current.round, nonce=current.nonce, reason=reason)),
+            Note("update_refused", {"slave": slave_id, "round": current.round, "reason": reason}),
+            *self._maybe_close_collection(now),
+        ]
+
+    def decline(self, slave_id: str, message: Decline, now: float) -> list[Action]:
+        upload = self._upload(slave_id)
+        current = self._current
+        if (
+            current is None
+            or upload is None
+            or upload.status is not SlaveStatus.TASKED
+            or message.nonce != current.nonce
+        ):
+            return []
+        upload.status = SlaveStatus.DECLINED
+        current.declines[slave_id] = message
+        return [
+            Note("decline", {"slave": slave_id, "round": current.round, "reason": message.reason,
+                             "epsilon_spent": message.epsilon_spent,
+                             "epsilon_remaining": message.epsilon_remaining}),
+            *self._maybe_close_collection(now),
+        ]
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: enforce the join and upload deadlines."""
+        if self.phase is Phase.WAITING:
+            return self._maybe_start(now)
+        current = self._current
+        if self.phase is Phase.COLLECTING and current is not None and now >= current.deadline:
+            actions: list[Action] = []
+            for slave_id, upload in current.uploads.items():
+                if upload.status is SlaveStatus.UPLOADING:
+                    actions.append(DiscardUpdate(slave_id, "upload deadline passed"))
+                if upload.status in (SlaveStatus.TASKED, SlaveStatus.UPLOADING):
+                    upload.status = SlaveStatus.FAILED
+                    actions.append(Note("slave_late", {"slave": slave_id, "round": current.round}))
+            return actions + self._close_collection(now)
+        return []
+
+    def round_committed(self, now: float) -> list[Action]:
+        """The master decrypted, applied and checkpointed the aggregate."""
+        if self.phase is not Phase.AGGREGATING:
+            raise RuntimeError("round_committed outside aggregation")
+        self.committed = self.round
+        self.round += 1
+        self.attempt = 0
+        self._current = None
+        if self.round > self.rounds:
+            self.phase = Phase.FINISHED
+            return [FederationDone(self.committed, f"all {self.rounds} rounds committed")]
+        self.phase = Phase.WAITING
+        self._wait_since = now
+        return self._maybe_start(now)
+
+    def round_failed(self, reason: str, now: float) -> list[Action]:
+        """Decryption or commit failed: abort the attempt (the model is unchanged)."""
+        if self.phase is not Phase.AGGREGATING:
+            raise RuntimeError("round_failed outside aggregation")
+        return self._abort(reason, now)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _upload(self, slave_id: str) -> _Upload | None:
+        return None if self._current is None else self._current.uploads.get(slave_id)
+
+    def _reject(self, slave_id: str, round_: int, nonce: str, reason: str) -> list[Action]:
+        return [
+            Send(slave_id, Rejected(round=round_, nonce=nonce, reason=reason)),
+            Note("update_refused", {"slave": slave_id, "round": round_, "reason": reason}),
+        ]
+
+    def _check_header(self, header: UpdateHeader) -> str | None:
+        if len(header.chunk_sha256) != self.chunks or len(header.chunk_bytes) != self.chunks:
+            return (f"update announces {len(header.chunk_sha256)} hashes and "
+                    f"{len(header.chunk_bytes)} sizes; this model needs {self.chunks} chunks")
+        biggest = max(header.chunk_bytes)
+        if biggest > self.max_chunk_bytes:
+            return f"a chunk of {biggest} bytes exceeds the limit of {self.max_chunk_bytes}"
+        if header.weight > self.max_weight:
+            return f"weight {header.weight} exceeds the federation's limit of {self.max_weight}"
+        return None
+
+    def _maybe_start(self, now: float) -> list[Action]:
+        if self.phase is not Phase.WAITING or self._wait_since is None:
+            return []
+        everyone = all(s in self.connected for s in self.slaves)
+        waited = now - self._wait_since >= self.join_timeout_s
+        if not everyone and not waited:
+            return []
+        if len(self.connected) < self.min_slaves:
+            self.attempt += 1
+            self._current = _Attempt(self.round, self.attempt, self._new_nonce(), now)
+            self.phase = Phase.AGGREGATING
+            return self._abort(
+                f"only {len(self.connected)} of the {self.min_slaves} slaves needed were "
+                f"connected after {self.join_timeout_s:g} s", now)
+        self.attempt += 1
+        recipients = tuple(s for s in self.slaves if s in self.connected)
+        current = _Attempt(self.round, self.attempt, self._new_nonce(),
+                           now + self.upload_deadline_s)
+        current.uploads = {s: _Upload() for s in recipients}
+        self._current = current
+        self.phase = Phase.COLLECTING
+        return [StartRound(self.round, self.attempt, current.nonce, self.upload_deadline_s,
+                           recipients)]
+
+    def _maybe_close_collection(self, now: float) -> list[Action]:
+        current = self._current
+        if self.phase is not Phase.COLLECTING or current is None:
+            return []
+        pending = (SlaveStatus.TASKED, SlaveStatus.UPLOADING)
+        if any(up.status in pending for up in current.uploads.values()):
+            return []
+        return self._close_collection(now)
+
+    def _close_collection(self, now: float) -> list[Action]:
+        current = self._current
+        assert current is not None
+        done = {s: up.header for s, up in current.uploads.items()
+                if up.status is SlaveStatus.DONE and up.header is not None}
+        self.phase = Phase.AGGREGATING
+        if len(done) < self.min_slaves:
+            return self._abort(
+                f"{len(done)} complete updates, {self.min_slaves} needed for an aggregate", now)
+        return [Aggregate(current.round, current.attempt, tuple(done),
+                          sum(h.weight for h in done.values()), done, dict(current.declines))]
+
+    def _abort(self, reason: str, now: float) -> list[Action]:
+        current = self._current
+        assert current is not None
+        will_retry = self.attempt < self.max_round_attempts
+        actions: list[Action] = [AbortRound(current.round, current.attempt, reason, will_retry)]
+        self._current = None
+        if will_retry:
+            self.phase = Phase.WAITING
+            self._wait_since = now
+            return actions + self._maybe_start(now)
+        self.phase = Phase.FINISHED
+        actions.append(FederationDone(
+            self.committed, f"round {self.round} failed {self.attempt} times: {reason}"))
+        return actions

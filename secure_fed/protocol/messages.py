@@ -1,0 +1,234 @@
+"""Wire messages of protocol version 1.
+
+Every control message is one websocket *text* message holding a JSON object with a ``type``
+field; bulk data (model parameters, ciphertext chunks) travels as *binary* messages whose
+count and sizes the preceding JSON header announces. Headers are parsed by :func:`parse_message`,
+which checks size, UTF-8, JSON, type and every field before anything else sees them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from secure_fed.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+SUBPROTOCOL = "secure-fed.v1"
+MAX_HEADER_BYTES = 64 * 1024
+"""Largest JSON header accepted, in bytes (binary payloads have their own limits)."""
+
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Nonce = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+PartyId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+Round = Annotated[int, Field(ge=1, le=10**9)]
+Text = Annotated[str, Field(max_length=2000)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class MechanismRecord(_Message):
+    """One DP-SGD run as the accountant sees it: (σ, sample rate, steps)."""
+
+    noise_multiplier: float = Field(ge=0, le=1e6, allow_inf_nan=False)
+    sample_rate: float = Field(gt=0, le=1, allow_inf_nan=False)
+    steps: int = Field(ge=1, le=10**9)
+
+
+# --- slave -> master -------------------------------------------------------------------------
+
+
+class Hello(_Message):
+    """First message of a slave after the TLS and websocket handshakes."""
+
+    type: Literal["hello"] = "hello"
+    protocol: int = Field(ge=1, le=1000)
+    software: Text
+    public_context_sha256: Hex64
+
+
+class UpdateHeader(_Message):
+    """Announces an encrypted update; exactly ``chunks`` binary messages follow.
+
+    Args:
+        round: the round being answered.
+        nonce: the nonce of that round's task (an update for another task is refused).
+        weight: FedAvg weight (the slave's record count), already multiplied into the update.
+        chunk_sha256: SHA-256 of each binary chunk, in sending order.
+        chunk_bytes: size of each chunk in bytes, in sending order.
+        loss: mean training loss of the slave's last local epoch.
+        mechanisms: the DP mechanisms run for this update (already in the slave's ledger).
+        epsilon_spent: the slave's total ε after this update, at ``delta``.
+    """
+
+    type: Literal["update"] = "update"
+    round: Round
+    nonce: Nonce
+    weight: int = Field(ge=1, le=2**31)
+    chunk_sha256: list[Hex64] = Field(min_length=1, max_length=100_000)
+    chunk_bytes: list[Annotated[int, Field(ge=1, le=2**30)]] = Field(
+        min_length=1, max_length=100_000
+    )
+    loss: float = Field(allow_inf_nan=False)
+    mechanisms: list[MechanismRecord] = Field(min_length=1, max_length=1000)
+    epsilon_spent: float = Field(ge=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+    accountant: Literal["prv", "rdp"]
+
+
+class Decline(_Message):
+    """A slave refuses a round (budget, policy) and says why."""
+
+    type: Literal["decline"] = "decline"
+    round: Round
+    nonce: Nonce
+    reason: Text
+    epsilon_spent: float = Field(ge=0, allow_inf_nan=False)
+    epsilon_remaining: float = Field(allow_inf_nan=False)
+
+
+# --- master -> slave -------------------------------------------------------------------------
+
+
+class Welcome(_Message):
+    """The master's answer to ``hello``: who it thinks the slave is, and the federation."""
+
+    type: Literal["welcome"] = "welcome"
+    protocol: int
+    federation_id: PartyId
+    slave_id: PartyId
+    preset: Text
+    next_round: int = Field(ge=1)
+
+
+class ModelHeader(_Message):
+    architecture: Annotated[str, Field(max_length=64)]
+    kwargs: dict[str, Any]
+    digest: Hex64
+    params_bytes: int = Field(ge=1, le=2**34)
+
+
+class Plan(_Message):
+    """The training plan of one round (with the model, the first configuration data)."""
+
+    mode: Literal["delta"]
+    epochs: int = Field(ge=1, le=100)
+    batch_size: int = Field(ge=1, le=65536)
+    lr: float = Field(gt=0, le=100, allow_inf_nan=False)
+    momentum: float = Field(ge=0, lt=1, allow_inf_nan=False)
+    max_grad_norm: float = Field(gt=0, allow_inf_nan=False)
+    epsilon: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+    rounds_total: int = Field(ge=1)
+    seed: int
+
+
+class Task(_Message):
+    """Start of a round for one slave; one binary message with the model parameters follows."""
+
+    type: Literal["task"] = "task"
+    round: Round
+    attempt: int = Field(ge=1)
+    nonce: Nonce
+    deadline_s: float = Field(gt=0, allow_inf_nan=False)
+    model: ModelHeader
+    plan: Plan
+    vector_size: int = Field(ge=1)
+    chunks: int = Field(ge=1)
+
+
+class Accepted(_Message):
+    type: Literal["accepted"] = "accepted"
+    round: Round
+    nonce: Nonce
+
+
+class Rejected(_Message):
+    type: Literal["rejected"] = "rejected"
+    round: Round
+    nonce: Nonce
+    reason: Text
+
+
+class RoundEnd(_Message):
+    """The outcome of a round, sent to every connected slave."""
+
+    type: Literal["round_end"] = "round_end"
+    round: Round
+    committed: bool
+    reason: Text
+    model_digest: Hex64 | None = None
+
+
+class Finished(_Message):
+    """The federation is over; the slave may disconnect."""
+
+    type: Literal["finished"] = "finished"
+    rounds: int = Field(ge=0)
+    reason: Text
+
+
+class ErrorMessage(_Message):
+    """Sent before the master closes a connection for a protocol error."""
+
+    type: Literal["error"] = "error"
+    code: int
+    message: Text
+
+
+SlaveMessage = Annotated[Hello | UpdateHeader | Decline, Field(discriminator="type")]
+MasterMessage = Annotated[
+    Welcome | Task | Accepted | Rejected | RoundEnd | Finished | ErrorMessage,
+    Field(discriminator="type"),
+]
+_SLAVE_ADAPTER: TypeAdapter[Any] = TypeAdapter(SlaveMessage)
+_MASTER_ADAPTER: TypeAdapter[Any] = TypeAdapter(MasterMessage)
+
+MESSAGE_TYPES: dict[str, type[_Message]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (Hello, UpdateHeader, Decline, Welcome, Task, Accepted, Rejected, RoundEnd,
+                Finished, ErrorMessage)
+}
+
+
+def _parse(raw: str | bytes, adapter: TypeAdapter[Any], sender: str) -> Any:
+    if isinstance(raw, bytes):
+        raise ProtocolError(f"expected a JSON text message from the {sender}, got binary data")
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(
+            f"JSON header of {len(raw)} characters exceeds the limit of {MAX_HEADER_BYTES}", 1009
+        )
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"message from the {sender} is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict) or "type" not in obj:
+        raise ProtocolError(f"message from the {sender} must be a JSON object with a 'type'")
+    try:
+        return adapter.validate_python(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError(
+            f"invalid {obj.get('type')!r} message from the {sender}: {where}: {first['msg']}"
+        ) from exc
+
+
+def parse_slave_message(raw: str | bytes) -> Hello | UpdateHeader | Decline:
+    """Parse and validate a JSON message sent by a slave (raises :class:`ProtocolError`)."""
+    result: Hello | UpdateHeader | Decline = _parse(raw, _SLAVE_ADAPTER, "slave")
+    return result
+
+
+def parse_master_message(raw: str | bytes) -> Any:
+    """Parse and validate a JSON message sent by the master (raises :class:`ProtocolError`)."""
+    return _parse(raw, _MASTER_ADAPTER, "master")
+
+
+def encode(message: BaseModel) -> str:
+    """Serialize a message to its JSON text form."""
+    return message.model_dump_json()

@@ -1,0 +1,172 @@
+"""The master's round state machine, driven by plain events (no sockets, no sleeps)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+
+import pytest
+
+from secure_fed.errors import ProtocolError
+from secure_fed.protocol.coordinator import (
+    AbortRound,
+    AddChunk,
+    Aggregate,
+    Coordinator,
+    DiscardUpdate,
+    FederationDone,
+    FinishUpdate,
+    Send,
+    SlaveStatus,
+    StartRound,
+)
+from secure_fed.protocol.messages import Decline, MechanismRecord, UpdateHeader
+
+CHUNKS = [b"chunk-zero", b"chunk-one!"]
+
+
+def make(**overrides: object) -> Coordinator:
+    counter = itertools.count()
+    settings: dict[str, object] = dict(
+        rounds=2, min_slaves=2, chunks=2, max_chunk_bytes=100, max_weight=1000,
+        join_timeout_s=30.0, upload_deadline_s=60.0, max_round_attempts=2,
+        new_nonce=lambda: f"{next(counter):032x}",
+    )
+    settings.update(overrides)
+    return Coordinator(["a", "b", "c"], **settings)  # type: ignore[arg-type]
+
+
+def header(start: StartRound, weight: int = 10, chunks: list[bytes] = CHUNKS) -> UpdateHeader:
+    return UpdateHeader(
+        round=start.round, nonce=start.nonce, weight=weight,
+        chunk_sha256=[hashlib.sha256(c).hexdigest() for c in chunks],
+        chunk_bytes=[len(c) for c in chunks], loss=0.5,
+        mechanisms=[MechanismRecord(noise_multiplier=1.0, sample_rate=0.1, steps=10)],
+        epsilon_spent=0.3, delta=1e-5, accountant="prv",
+    )
+
+
+def upload(coord: Coordinator, slave: str, start: StartRound, now: float = 1.0) -> list[object]:
+    actions: list[object] = list(coord.update_header(slave, header(start), now))
+    for chunk in CHUNKS:
+        actions += coord.chunk(slave, chunk, now)
+    return actions
+
+
+def started(coord: Coordinator) -> StartRound:
+    coord.start(0.0)
+    actions = []
+    for slave in ("a", "b", "c"):
+        actions += coord.slave_connected(slave, 0.0)
+    (start,) = [a for a in actions if isinstance(a, StartRound)]
+    return start
+
+
+def test_round_starts_when_every_slave_is_connected_and_aggregates_all() -> None:
+    coord = make()
+    start = started(coord)
+    assert start.recipients == ("a", "b", "c") and start.round == 1
+    upload(coord, "a", start)
+    upload(coord, "b", start)
+    actions = upload(coord, "c", start)
+    adds = [a for a in actions if isinstance(a, AddChunk)]
+    assert [a.index for a in adds] == [0, 1]
+    (agg,) = [a for a in actions if isinstance(a, Aggregate)]
+    assert agg.contributors == ("a", "b", "c") and agg.total_weight == 30
+    assert any(isinstance(a, Send) and a.message.type == "accepted" for a in actions)
+    nxt = coord.round_committed(2.0)
+    assert isinstance(nxt[0], StartRound) and nxt[0].round == 2 and nxt[0].nonce != start.nonce
+
+
+def test_join_timeout_starts_with_quorum_and_aborts_without() -> None:
+    coord = make()
+    coord.start(0.0)
+    assert coord.slave_connected("a", 0.0) == []
+    assert coord.tick(10.0) == []
+    actions = coord.tick(31.0)
+    assert isinstance(actions[0], AbortRound) and actions[0].will_retry
+    coord.slave_connected("b", 32.0)
+    (start,) = coord.tick(62.0)
+    assert isinstance(start, StartRound) and start.recipients == ("a", "b")
+    assert start.attempt == 2
+
+
+def test_disconnect_mid_upload_discards_that_update_only() -> None:
+    coord = make()
+    start = started(coord)
+    upload(coord, "a", start)
+    coord.update_header("b", header(start), 1.0)
+    coord.chunk("b", CHUNKS[0], 1.0)
+    actions = coord.slave_disconnected("b", 2.0)
+    assert DiscardUpdate("b", "disconnected during upload") in actions
+    actions = upload(coord, "c", start)
+    (agg,) = [a for a in actions if isinstance(a, Aggregate)]
+    assert agg.contributors == ("a", "c")
+
+
+def test_replayed_and_foreign_updates_are_refused() -> None:
+    coord = make()
+    start = started(coord)
+    upload(coord, "a", start)
+    again = coord.update_header("a", header(start), 1.0)
+    assert isinstance(again[0], Send) and again[0].message.type == "rejected"
+    stale = header(start).model_copy(update={"nonce": "f" * 32})
+    refused = coord.update_header("b", stale, 1.0)
+    assert isinstance(refused[0], Send) and refused[0].message.type == "rejected"
+    assert coord.status_of("b") is SlaveStatus.TASKED
+    with pytest.raises(ProtocolError):
+        coord.chunk("c", b"unannounced", 1.0)
+    with pytest.raises(ProtocolError):
+        coord.slave_connected("mallory", 1.0)
+
+
+def test_corrupted_chunk_and_bad_header_fail_the_slave_not_the_round() -> None:
+    coord = make()
+    start = started(coord)
+    coord.update_header("a", header(start), 1.0)
+    actions = coord.chunk("a", b"tampered!!", 1.0)
+    assert isinstance(actions[0], DiscardUpdate) and "SHA-256" in actions[0].reason
+    big = header(start, weight=10**6)
+    actions = coord.update_header("b", big, 1.0)
+    assert "weight" in actions[0].message.reason  # type: ignore[union-attr]
+    assert coord.status_of("b") is SlaveStatus.FAILED
+    actions = upload(coord, "c", start)
+    (abort,) = [a for a in actions if isinstance(a, AbortRound)]
+    assert "1 complete updates, 2 needed" in abort.reason
+
+
+def test_deadline_discards_late_uploads_and_declines_are_noted() -> None:
+    coord = make()
+    start = started(coord)
+    upload(coord, "a", start)
+    coord.decline("b", Decline(round=1, nonce=start.nonce, reason="budget", epsilon_spent=3.0,
+                               epsilon_remaining=0.0), 1.0)
+    coord.update_header("c", header(start), 1.0)
+    assert coord.tick(59.0) == []
+    actions = coord.tick(61.0)
+    assert DiscardUpdate("c", "upload deadline passed") in actions
+    (abort,) = [a for a in actions if isinstance(a, AbortRound)]
+    assert abort.will_retry and abort.round == 1
+
+
+def test_federation_stops_after_max_attempts_and_after_last_round() -> None:
+    coord = make(max_round_attempts=1, rounds=1)
+    start = started(coord)
+    upload(coord, "a", start)
+    actions = coord.tick(100.0)
+    assert isinstance(actions[-1], FederationDone) and actions[-1].rounds_committed == 0
+    coord = make(rounds=1)
+    start = started(coord)
+    for slave in ("a", "b", "c"):
+        actions = upload(coord, slave, start)
+    assert any(isinstance(a, FinishUpdate) for a in actions)
+    done = coord.round_committed(5.0)
+    assert done == [FederationDone(1, "all 1 rounds committed")]
+
+
+def test_resume_skips_committed_rounds() -> None:
+    coord = make(next_round=2)
+    start = started(coord)
+    assert start.round == 2
+    finished = make(next_round=3)
+    assert isinstance(finished.start(0.0)[0], FederationDone)
