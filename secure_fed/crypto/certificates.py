@@ -5,8 +5,8 @@ Every federation has its own certificate authority (CA). The master holds a cert
 whose subject common name is its party id, so that the identity of a slave *is* its
 certificate (mutual TLS, see :mod:`secure_fed.transport.tls`). The same keys sign audit records
 and updates (:func:`sign`, :func:`verify_signature`). Revoked certificates are listed in
-``revoked.json`` in the master bundle (:class:`Revocations`), which can also be exported as an
-X.509 CRL for the TLS handshake.
+``revoked.json`` in the master bundle (:mod:`secure_fed.crypto.revocation`, whose classes are
+re-exported here), which can also be exported as an X.509 CRL for the TLS handshake.
 
 Keys are P-256 ECDSA with SHA-256 (``key_type="ec"``, the default) or Ed25519.
 """
@@ -16,13 +16,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import json
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -30,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from secure_fed.durable import atomic_write_bytes, atomic_write_json
+from secure_fed.durable import atomic_write_bytes
 from secure_fed.errors import IdentityError
 
 logger = logging.getLogger(__name__)
@@ -400,140 +398,16 @@ def _describe(cert: x509.Certificate) -> str:
     return f"'{cn!s}' (serial {cert.serial_number:x})"
 
 
-@dataclass(frozen=True)
-class Revocation:
-    """One revoked certificate.
-
-    Args:
-        serial: the certificate serial number, lower-case hex.
-        party_id: the subject common name of the revoked certificate.
-        time: when it was revoked, ISO 8601 UTC.
-        reason: free text shown to operators.
-    """
-
-    serial: str
-    party_id: str
-    time: str
-    reason: str
+if TYPE_CHECKING:
+    from secure_fed.crypto.revocation import Revocation as Revocation
+    from secure_fed.crypto.revocation import Revocations as Revocations
 
 
-class Revocations:
-    """The revocation list ``revoked.json`` of a federation, kept in the master bundle.
+def __getattr__(name: str) -> Any:
+    # Revocation and Revocations moved to secure_fed.crypto.revocation (which imports this
+    # module); they are re-exported lazily so that existing imports keep working.
+    if name in ("Revocation", "Revocations"):
+        from secure_fed.crypto import revocation
 
-    A certificate is revoked by serial number, so a party whose key leaked can be issued a
-    new certificate under the same party id. The list is plain JSON for people and tools;
-    :meth:`to_crl` exports it as an X.509 CRL that the TLS handshake enforces
-    (``server_ssl_context(..., crl_path=...)``).
-
-    Args:
-        path: the JSON file; it need not exist yet (an empty list).
-    """
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._entries: list[Revocation] = []
-        if self.path.exists():
-            self._entries = self._read()
-
-    def _read(self) -> list[Revocation]:
-        try:
-            raw = json.loads(self.path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise IdentityError(f"cannot read revocation list {str(self.path)!r}: {exc}") from exc
-        # A bare list of entries (``[]`` from a fresh bundle) is read as version 1.
-        entries = raw if isinstance(raw, list) else None
-        if isinstance(raw, dict) and raw.get("version") == 1:
-            entries = raw.get("revoked")
-        if not isinstance(entries, list):
-            raise IdentityError(
-                f"revocation list {str(self.path)!r} is malformed: expected "
-                '{"version": 1, "revoked": [...]} or a list of entries'
-            )
-        result = []
-        for i, item in enumerate(entries):
-            fields = ("serial", "party_id", "time", "reason")
-            if not isinstance(item, dict) or not all(isinstance(item.get(f), str) for f in fields):
-                raise IdentityError(
-                    f"revocation list {str(self.path)!r} entry {i} is malformed: expected "
-                    f"string fields {', '.join(fields)}"
-                )
-            result.append(Revocation(**{f: item[f] for f in fields}))
-        return result
-
-    @property
-    def entries(self) -> tuple[Revocation, ...]:
-        """All revocations, oldest first."""
-        return tuple(self._entries)
-
-    def _find(self, cert: x509.Certificate) -> Revocation | None:
-        serial = f"{cert.serial_number:x}"
-        return next((entry for entry in self._entries if entry.serial == serial), None)
-
-    def is_revoked(self, cert: x509.Certificate | bytes) -> bool:
-        """True if the serial number of ``cert`` is on the list."""
-        return self._find(_as_certificate(cert)) is not None
-
-    def check(self, cert: x509.Certificate | bytes) -> None:
-        """Raise :class:`IdentityError` if ``cert`` is revoked."""
-        cert = _as_certificate(cert)
-        entry = self._find(cert)
-        if entry is not None:
-            raise IdentityError(
-                f"certificate {_describe(cert)} was revoked on {entry.time} "
-                f"({entry.reason}); the party needs a newly issued certificate"
-            )
-
-    def revoke(
-        self,
-        cert: x509.Certificate | bytes,
-        *,
-        reason: str = "unspecified",
-        now: dt.datetime | None = None,
-    ) -> Revocation:
-        """Add ``cert`` to the list and write the file durably; idempotent per serial."""
-        cert = _as_certificate(cert)
-        existing = self._find(cert)
-        if existing is not None:
-            return existing
-        when = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
-        entry = Revocation(
-            f"{cert.serial_number:x}", party_id_from_certificate(cert), when.isoformat(), reason
-        )
-        self._entries.append(entry)
-        atomic_write_json(
-            self.path, {"version": 1, "revoked": [asdict(e) for e in self._entries]}
-        )
-        logger.info("revoked %s (serial %s): %s", entry.party_id, entry.serial, reason)
-        return entry
-
-    def to_crl(
-        self,
-        ca_cert_pem: bytes,
-        ca_key_pem: bytes,
-        *,
-        days: int = 30,
-        now: dt.datetime | None = None,
-    ) -> bytes:
-        """An X.509 CRL (PEM) of this list signed by the CA, valid for ``days`` days.
-
-        A TLS server that checks CRLs refuses *every* client once the CRL's next-update time
-        has passed, so re-export the CRL well before ``days`` run out.
-        """
-        ca_cert, ca_key = _as_certificate(ca_cert_pem), _load_private_key(ca_key_pem)
-        now = now or dt.datetime.now(dt.UTC)
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(ca_cert.subject)
-            .last_update(now - _CLOCK_SKEW)
-            .next_update(now + dt.timedelta(days=days))
-        )
-        for entry in self._entries:
-            revoked = (
-                x509.RevokedCertificateBuilder()
-                .serial_number(int(entry.serial, 16))
-                .revocation_date(dt.datetime.fromisoformat(entry.time))
-                .build()
-            )
-            builder = builder.add_revoked_certificate(revoked)
-        crl = builder.sign(ca_key, _hash_for(ca_key))
-        return crl.public_bytes(serialization.Encoding.PEM)
+        return getattr(revocation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

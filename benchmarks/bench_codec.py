@@ -1,0 +1,78 @@
+"""pytest-benchmark suite of the encryption codec: encrypt, aggregate, decrypt per preset.
+
+Run with ``.venv/bin/python -m pytest benchmarks/bench_codec.py --benchmark-enable``
+(the project's pytest options disable benchmarking by default, which runs each body once).
+For the 1M-value comparison table use ``secure-fed bench codec --size 1000000 --compare``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from secure_fed.crypto.aggregator import Aggregator
+from secure_fed.crypto.codec import UpdateEncoder
+from secure_fed.crypto.keyholder import KeyHolder
+from secure_fed.crypto.keys import generate_contexts
+from secure_fed.crypto.presets import PRESETS, HEParams, resolve_params
+
+SIZE = 50_000
+SLAVES = 3
+
+
+@dataclass
+class Setup:
+    params: HEParams
+    secret: bytes
+    public: bytes
+    encoder: UpdateEncoder
+    updates: list[np.ndarray]
+    chunks: list[list[bytes]]
+
+
+@pytest.fixture(scope="module", params=sorted(PRESETS))
+def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    params = resolve_params(request.param, clip=1.0, max_total_weight=SLAVES,
+                            max_contributions=SLAVES)
+    secret, public = generate_contexts(params)
+    rng = np.random.default_rng(0)
+    updates = [rng.normal(0.0, 0.3, SIZE).astype(np.float32) for _ in range(SLAVES)]
+    with UpdateEncoder(params, public, workers=1) as encoder:
+        chunks = [encoder.encrypt(u, weight=1) for u in updates]
+        yield Setup(params, secret, public, encoder, updates, chunks)
+
+
+def _aggregate(s: Setup, spool: Path) -> list[bytes]:
+    with Aggregator(s.params, s.public, SIZE, spool_dir=spool) as aggregator:
+        for k, chunks in enumerate(s.chunks):
+            for index, chunk in enumerate(chunks):
+                aggregator.add_chunk(f"slave-{k}", index, chunk)
+            aggregator.finish(f"slave-{k}", 1)
+        return aggregator.sum_chunks()
+
+
+def test_encrypt(benchmark: BenchmarkFixture, setup: Setup) -> None:
+    chunks = benchmark(setup.encoder.encrypt, setup.updates[0], weight=1)
+    assert len(chunks) == setup.encoder.chunk_count(SIZE)
+
+
+def test_aggregate(benchmark: BenchmarkFixture, setup: Setup, tmp_path: Path) -> None:
+    sums = benchmark(_aggregate, setup, tmp_path)
+    assert len(sums) == setup.encoder.chunk_count(SIZE)
+
+
+def test_decrypt(benchmark: BenchmarkFixture, setup: Setup, tmp_path: Path) -> None:
+    sums = _aggregate(setup, tmp_path)
+    with KeyHolder(setup.params, setup.secret, min_contributions=SLAVES) as keyholder:
+        average = benchmark(
+            keyholder.decrypt_average, sums, contributors=SLAVES, total_weight=SLAVES,
+            vector_size=SIZE,
+        )
+    expected = np.mean([np.clip(u, -1.0, 1.0) for u in setup.updates], axis=0)
+    bound = setup.params.quant_step if setup.params.scheme == "bfv" else 1e-6
+    assert float(np.max(np.abs(average - expected))) < bound + 1e-6

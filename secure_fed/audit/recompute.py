@@ -1,0 +1,518 @@
+"""Check what an audit log *claims*: every slave's ε, recomputed with an independent accountant.
+
+:func:`secure_fed.audit.verify.verify_log` proves that the records are the master's and
+untouched. This module checks that what they say holds together:
+
+- **ε of every update.** Each ``update_received`` record carries the slave's whole DP
+  history (``mechanisms``: ``(noise_multiplier, sample_rate, steps)`` triples, this update's
+  last) and the ε the slave reported for it at ``delta`` (computed with Opacus's PRV
+  accountant, or RDP). ε is recomputed from the history with Google's ``dp_accounting``
+  privacy-loss-distribution (PLD) accountant — a different implementation of a different
+  method — and the reported value must not be below it by more than :data:`TOLERANCE`
+  (2 %): ``reported ≥ recomputed × (1 − tolerance)``. Under-stating ε is a failure;
+  over-stating it (e.g. the looser RDP accountant) is allowed and shown.
+- **Histories only grow.** A slave's history must extend its previous one in the log: the
+  previous mechanisms, unchanged, followed by at least one new mechanism. A ledger that
+  shrinks or is rewritten is a failure.
+- **Aggregates.** Each ``aggregate_decrypted`` names at least ``min_slaves`` (from the first
+  record) contributors, each of which has an ``update_received`` in the same round and
+  attempt, and its ``total_weight`` is the sum of their weights. Each ``model_committed``
+  follows an aggregate of its round.
+
+:func:`check_log` runs the chain verification and these checks, and reports the first bad
+record by line number. Record content is untrusted: every field is type-checked before use.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from secure_fed.errors import AuditError
+
+from .verify import MAX_RECORD_BYTES, VerifyReport, scan_log
+
+TOLERANCE = 0.02
+"""Largest relative under-statement of ε accepted: reported ≥ recomputed × (1 − 0.02)."""
+VALUE_DISCRETIZATION = 1e-3
+"""Privacy-loss grid of the PLD accountant. Coarser grids give larger (still upper-bound) ε;
+1e-3 is within 1e-4 of the 1e-4 default on DP-SGD histories and about 8 times faster."""
+MAX_HISTORY = 100_000
+"""Most mechanisms accepted in one record's history."""
+LOG_FILE = "audit.jsonl"
+
+
+class RecordedMechanism(NamedTuple):
+    """One DP-SGD run as recorded in the log (the Opacus accountant triple).
+
+    Args:
+        noise_multiplier: σ, noise standard deviation over the clipping norm (≥ 0).
+        sample_rate: q, Poisson sampling probability per step (0 < q ≤ 1).
+        steps: optimizer steps run with (σ, q) (≥ 1).
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+class ClaimError(Exception):
+    """A record's content fails a check; the message says which and why."""
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ClaimError(f"{what} is {value!r}, expected a number")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ClaimError(f"{what} is {value!r}, expected a finite number")
+    return result
+
+
+def _integer(value: object, what: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ClaimError(f"{what} is {value!r}, expected an integer ≥ {minimum}")
+    return value
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise ClaimError(f"{what} is {str(value)[:40]!r}, expected a non-empty string")
+    return value
+
+
+def parse_mechanisms(value: object) -> tuple[RecordedMechanism, ...]:
+    """Validate a record's ``mechanisms`` list (untrusted JSON) into typed triples.
+
+    Raises:
+        ClaimError: not a non-empty list of ``{noise_multiplier, sample_rate, steps}``
+            objects with σ ≥ 0, 0 < q ≤ 1 and steps ≥ 1.
+    """
+    if not isinstance(value, list) or not value:
+        raise ClaimError("mechanisms must be a non-empty list")
+    if len(value) > MAX_HISTORY:
+        raise ClaimError(f"mechanisms has {len(value)} entries, more than {MAX_HISTORY}")
+    result = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ClaimError(f"mechanisms[{i}] is not an object")
+        sigma = _number(item.get("noise_multiplier"), f"mechanisms[{i}].noise_multiplier")
+        q = _number(item.get("sample_rate"), f"mechanisms[{i}].sample_rate")
+        steps = _integer(item.get("steps"), f"mechanisms[{i}].steps", 1)
+        if sigma < 0:
+            raise ClaimError(f"mechanisms[{i}].noise_multiplier is {sigma}, expected σ ≥ 0")
+        if not 0.0 < q <= 1.0:
+            raise ClaimError(f"mechanisms[{i}].sample_rate is {q}, expected 0 < q ≤ 1")
+        result.append(RecordedMechanism(sigma, q, steps))
+    return tuple(result)
+
+
+def _merge(mechanisms: Iterable[RecordedMechanism]) -> list[tuple[float, float, int]]:
+    """Sum the steps of identical (σ, q): composition does not depend on order."""
+    steps: dict[tuple[float, float], int] = {}
+    for m in mechanisms:
+        key = (m.noise_multiplier, m.sample_rate)
+        steps[key] = steps.get(key, 0) + m.steps
+    return sorted((s, q, n) for (s, q), n in steps.items())
+
+
+class PLDRecomputer:
+    """ε of a DP-SGD history with ``dp_accounting``'s PLD accountant, reusing work.
+
+    Histories in a log grow by a few mechanisms per round, so the accountant state after
+    each history is kept (a small LRU of states) and a longer history composes only its new
+    mechanisms onto the longest kept prefix. Results are cached per ``(history, δ)``.
+
+    Args:
+        value_discretization_interval: privacy-loss grid of the PLD (smaller: slower,
+            tighter; every grid gives an upper bound).
+        max_states: accountant states kept for reuse (each holds a few hundred KB).
+    """
+
+    def __init__(
+        self,
+        *,
+        value_discretization_interval: float = VALUE_DISCRETIZATION,
+        max_states: int = 16,
+    ) -> None:
+        self.value_discretization_interval = value_discretization_interval
+        self.max_states = max_states
+        self._states: OrderedDict[tuple[RecordedMechanism, ...], Any] = OrderedDict()
+        self._values: dict[tuple[str, float], float] = {}
+        self._lock = threading.Lock()
+
+    def epsilon(self, mechanisms: Sequence[RecordedMechanism], delta: float) -> float:
+        """ε at ``delta`` of composing every mechanism (``math.inf`` if any has σ = 0).
+
+        Raises:
+            AuditError: ``dp_accounting`` is not installed.
+        """
+        history = tuple(mechanisms)
+        key = (hashlib.sha256(repr(history).encode()).hexdigest(), float(delta))
+        with self._lock:
+            cached = self._values.get(key)
+            if cached is not None:
+                return cached
+            accountant = self._accountant_for(history)
+            value = float(accountant.get_epsilon(delta))
+            self._values[key] = value
+            return value
+
+    def _accountant_for(self, history: tuple[RecordedMechanism, ...]) -> Any:
+        best: tuple[RecordedMechanism, ...] = ()
+        for kept in self._states:
+            if len(best) < len(kept) <= len(history) and history[: len(kept)] == kept:
+                best = kept
+        if best:
+            accountant = copy.deepcopy(self._states[best])
+            self._states.move_to_end(best)
+        else:
+            accountant = _pld().PLDAccountant(
+                value_discretization_interval=self.value_discretization_interval)
+        events = _dp_accounting()
+        for sigma, q, steps in _merge(history[len(best):]):
+            accountant.compose(events.SelfComposedDpEvent(
+                events.PoissonSampledDpEvent(q, events.GaussianDpEvent(sigma)), steps))
+        if history and history != best:
+            self._states[history] = accountant  # only read from now on (get_epsilon)
+            while len(self._states) > self.max_states:
+                self._states.popitem(last=False)
+        return accountant
+
+
+def _dp_accounting() -> Any:
+    try:
+        import dp_accounting
+    except ImportError as exc:
+        raise AuditError(
+            "recomputing ε needs Google's dp-accounting package, which is not installed; "
+            "install it with: pip install 'dp-accounting>=0.4'"
+        ) from exc
+    return dp_accounting
+
+
+def _pld() -> Any:
+    _dp_accounting()
+    from dp_accounting import pld
+
+    return pld
+
+
+_DEFAULT_RECOMPUTER = PLDRecomputer()
+
+
+@dataclass(frozen=True)
+class EpsilonCheck:
+    """One ``update_received`` record: the reported ε against the recomputed one.
+
+    Args:
+        line: line of the record in ``audit.jsonl`` (from 1).
+        slave: the slave that sent the update.
+        round: training round; attempt: attempt of that round.
+        reported: ε the slave reported (its accountant's upper bound), at ``delta``.
+        recomputed: ε from the recorded mechanisms with the PLD accountant, at ``delta``
+            (``math.inf`` if a mechanism had no noise).
+        delta: δ of both values.
+        accountant: the slave's accountant (``"prv"`` or ``"rdp"``).
+        mechanisms: entries in the slave's history; steps: optimizer steps in total.
+        ok: the reported ε is at least ``recomputed × (1 − tolerance)``.
+    """
+
+    line: int
+    slave: str
+    round: int
+    attempt: int
+    reported: float
+    recomputed: float
+    delta: float
+    accountant: str
+    mechanisms: int
+    steps: int
+    ok: bool
+
+    @property
+    def ratio(self) -> float:
+        """reported / recomputed: below 1 − tolerance is an under-statement."""
+        if self.recomputed == 0:
+            return 1.0 if self.reported == 0 else math.inf
+        return self.reported / self.recomputed
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The first problem of one record. ``line`` counts from 1; ``event`` may be unknown."""
+
+    line: int
+    event: str | None
+    reason: str
+
+
+@dataclass
+class AuditVerdict:
+    """Outcome of :func:`check_log`: chain and signatures, then the claims of the records.
+
+    Args:
+        path: the ``audit.jsonl`` checked.
+        chain: the chain and signature verification report.
+        ca_checked: the pinned master certificate was checked against a given CA.
+        tolerance: relative ε under-statement allowed.
+        epsilon_checks: one per ``update_received`` of the verified records.
+        failures: problems in the content of verified records, in log order.
+        records: the verified records (a prefix of the log when the chain breaks).
+    """
+
+    path: Path
+    chain: VerifyReport
+    ca_checked: bool
+    tolerance: float
+    epsilon_checks: list[EpsilonCheck] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every record verified and every claim holds."""
+        return self.chain.ok and not self.failures
+
+    @property
+    def first_failure(self) -> Failure | None:
+        """The earliest problem in the file, from the chain check or the claims."""
+        found = list(self.failures)
+        if self.chain.first_error is not None:
+            line, reason = self.chain.first_error
+            found.append(Failure(line, None, reason))
+        return min(found, key=lambda f: f.line) if found else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The verdict as plain JSON (schema in docs/audit.md); ``null`` stands for ∞."""
+        first = self.first_failure
+        return {
+            "ok": self.ok,
+            "path": str(self.path),
+            "records": self.chain.records,
+            "head": self.chain.head,
+            "federation_id": self.chain.federation_id,
+            "chain_ok": self.chain.ok,
+            "ca_checked": self.ca_checked,
+            "tolerance": self.tolerance,
+            "partial_tail": self.chain.partial_tail,
+            "first_failure": asdict(first) if first else None,
+            "failures": [asdict(f) for f in self.failures],
+            "epsilon_checks": [
+                {**{k: _finite_or_none(v) for k, v in asdict(c).items()},
+                 "ratio": _finite_or_none(c.ratio)}
+                for c in self.epsilon_checks
+            ],
+        }
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def resolve_log_path(path: Path | str) -> Path:
+    """``DIR/audit.jsonl`` for a master output directory, or the file itself.
+
+    Raises:
+        AuditError: neither a directory holding ``audit.jsonl`` nor a file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / LOG_FILE
+    if not path.is_file():
+        raise AuditError(
+            f"no audit log at {str(path)!r}: pass the master's output directory (holding "
+            f"{LOG_FILE}, summary.json, checkpoints/) or the {LOG_FILE} file itself"
+        )
+    return path
+
+
+def find_ca_certificate(path: Path | str) -> Path | None:
+    """The federation CA certificate in a known layout around a master output directory.
+
+    Looks for ``DIR/bundle/master/ca.pem`` (``secure-fed demo --out DIR``) and for
+    ``DIR/../ca.pem`` beside ``DIR/../master.pem`` (``secure-fed master MASTER_DIR`` writes to
+    ``MASTER_DIR/run``). A CA found next to the log is only as trustworthy as that folder:
+    an auditor should pass the CA received from the federation's operator instead.
+
+    Args:
+        path: a master output directory or its ``audit.jsonl``.
+
+    Returns:
+        The path of ``ca.pem``, or ``None`` when neither layout matches.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        directory = directory.parent
+    demo = directory / "bundle" / "master" / "ca.pem"
+    if demo.is_file():
+        return demo
+    parent = directory.resolve().parent
+    if (parent / "ca.pem").is_file() and (parent / "master.pem").is_file():
+        return parent / "ca.pem"
+    return None
+
+
+def check_log(
+    path: Path | str,
+    *,
+    ca_cert_pem: bytes | None = None,
+    tolerance: float = TOLERANCE,
+    pinned_head: str | None = None,
+    recomputer: PLDRecomputer | None = None,
+    max_record_bytes: int = MAX_RECORD_BYTES,
+) -> AuditVerdict:
+    """Verify an audit log's chain and signatures, then recompute and check its claims.
+
+    Args:
+        path: a master output directory or its ``audit.jsonl``.
+        ca_cert_pem: the federation CA certificate (PEM); without it the master
+            certificate pinned in the log is not checked against a CA.
+        tolerance: relative ε under-statement allowed (0 ≤ tolerance < 1).
+        pinned_head: a head hash published earlier that must still be in the log.
+        recomputer: the PLD accountant to use (a shared default caches across calls).
+        max_record_bytes: a longer line is an error (bytes).
+
+    Returns:
+        The verdict; claims are checked on the verified records even when the chain breaks
+        later, and :attr:`AuditVerdict.first_failure` names the earliest bad line.
+
+    Raises:
+        AuditError: the log cannot be read, the CA is not a certificate, or dp-accounting
+            is missing.
+    """
+    if not 0.0 <= tolerance < 1.0:
+        raise AuditError(f"tolerance must satisfy 0 ≤ tolerance < 1, got {tolerance!r}")
+    log_path = resolve_log_path(path)
+    scan = scan_log(log_path, ca_cert_pem=ca_cert_pem, collect=True, pinned_head=pinned_head,
+                    max_record_bytes=max_record_bytes)
+    verdict = AuditVerdict(log_path, scan.report, ca_cert_pem is not None, tolerance,
+                           records=scan.records)
+    checker = _ClaimChecker(scan.genesis or {}, tolerance, recomputer or _DEFAULT_RECOMPUTER)
+    for index, record in enumerate(scan.records):
+        line = index + 1
+        try:
+            checker.check(line, record)
+        except ClaimError as exc:
+            verdict.failures.append(Failure(line, record.get("event"), str(exc)))
+    verdict.epsilon_checks = checker.epsilon_checks
+    return verdict
+
+
+@dataclass
+class _Attempt:
+    round: int
+    attempt: int
+    weights: dict[str, int] = field(default_factory=dict)
+    aggregated: bool = False
+
+
+class _ClaimChecker:
+    """Walks the verified records in order, keeping what later records are checked against."""
+
+    def __init__(self, genesis: dict[str, Any], tolerance: float,
+                 recomputer: PLDRecomputer) -> None:
+        slaves = genesis.get("slaves")
+        self.slaves = set(slaves) if isinstance(slaves, list) else None
+        min_slaves = genesis.get("min_slaves")
+        self.min_slaves = min_slaves if isinstance(min_slaves, int) else None
+        self.tolerance = tolerance
+        self.recomputer = recomputer
+        self.histories: dict[str, tuple[int, tuple[RecordedMechanism, ...]]] = {}
+        self.current: _Attempt | None = None
+        self.epsilon_checks: list[EpsilonCheck] = []
+
+    def check(self, line: int, record: dict[str, Any]) -> None:
+        data = record["data"]
+        event = record["event"]
+        if event == "round_start":
+            self.current = _Attempt(_integer(data.get("round"), "round", 1),
+                                    _integer(data.get("attempt"), "attempt", 1))
+        elif event == "update_received":
+            self._update(line, data)
+        elif event == "aggregate_decrypted":
+            self._aggregate(data)
+        elif event == "model_committed":
+            round_ = _integer(data.get("round"), "round", 1)
+            if self.current is None or self.current.round != round_ or not self.current.aggregated:
+                raise ClaimError(f"model of round {round_} committed without an "
+                                 "aggregate_decrypted of that round before it")
+
+    def _update(self, line: int, data: dict[str, Any]) -> None:
+        slave = _text(data.get("slave"), "slave")
+        if self.slaves is not None and slave not in self.slaves:
+            raise ClaimError(f"update from '{slave}', which is not a slave of this federation "
+                             f"(first record lists {sorted(self.slaves)})")
+        round_ = _integer(data.get("round"), "round", 1)
+        attempt = _integer(data.get("attempt"), "attempt", 1)
+        weight = _integer(data.get("weight"), "weight", 1)
+        reported = _number(data.get("epsilon"), "epsilon")
+        delta = _number(data.get("delta"), "delta")
+        if reported < 0:
+            raise ClaimError(f"epsilon is {reported}, expected ε ≥ 0")
+        if not 0.0 < delta < 1.0:
+            raise ClaimError(f"delta is {delta}, expected 0 < δ < 1")
+        accountant = _text(data.get("accountant"), "accountant")
+        history = parse_mechanisms(data.get("mechanisms"))
+        current = self.current
+        if current is None or (current.round, current.attempt) != (round_, attempt):
+            raise ClaimError(f"update of slave '{slave}' for round {round_} attempt {attempt} "
+                             "does not follow a round_start of that round and attempt")
+        current.weights[slave] = weight
+        recomputed = self.recomputer.epsilon(history, delta)
+        ok = reported >= recomputed * (1.0 - self.tolerance)
+        self.epsilon_checks.append(EpsilonCheck(
+            line, slave, round_, attempt, reported, recomputed, delta, accountant,
+            len(history), sum(m.steps for m in history), ok))
+        previous = self.histories.get(slave)
+        self.histories[slave] = (line, history)
+        if previous is not None:
+            prev_line, prev_history = previous
+            if len(history) <= len(prev_history) or history[: len(prev_history)] != prev_history:
+                raise ClaimError(
+                    f"slave '{slave}' reports a history of {len(history)} mechanism(s) that "
+                    f"does not extend its history of {len(prev_history)} at line {prev_line}: "
+                    "a privacy ledger only grows (the earlier mechanisms unchanged, at least "
+                    "one new one); the slave's ledger was reset or rewritten")
+        if not ok:
+            raise ClaimError(
+                f"slave '{slave}' round {round_} reports ε={reported:.4f} at δ={delta:g} "
+                f"({accountant}), but its {len(history)} recorded mechanism(s) give "
+                f"ε={recomputed:.4f} with the PLD accountant: under-stated by "
+                f"{(1 - reported / recomputed) * 100 if math.isfinite(recomputed) else 100:.1f}%"
+                f", more than the {self.tolerance * 100:g}% tolerance")
+
+    def _aggregate(self, data: dict[str, Any]) -> None:
+        round_ = _integer(data.get("round"), "round", 1)
+        attempt = _integer(data.get("attempt"), "attempt", 1)
+        contributors = data.get("contributors")
+        if not isinstance(contributors, list) or not all(
+                isinstance(c, str) for c in contributors):
+            raise ClaimError("contributors must be a list of slave ids")
+        current = self.current
+        if current is None or (current.round, current.attempt) != (round_, attempt):
+            raise ClaimError(f"aggregate of round {round_} attempt {attempt} does not follow "
+                             "a round_start of that round and attempt")
+        if self.min_slaves is not None and len(set(contributors)) < self.min_slaves:
+            raise ClaimError(f"aggregate of round {round_} decrypted with "
+                             f"{len(set(contributors))} contributor(s), fewer than "
+                             f"min_slaves={self.min_slaves}")
+        missing = [c for c in contributors if c not in current.weights]
+        if missing:
+            raise ClaimError(f"aggregate of round {round_} names contributor(s) {missing} with "
+                             "no update_received in that attempt")
+        total = _integer(data.get("total_weight"), "total_weight", 0)
+        expected = sum(current.weights[c] for c in set(contributors))
+        if total != expected:
+            raise ClaimError(f"aggregate of round {round_} has total_weight {total}, but the "
+                             f"contributors' updates weigh {expected}")
+        current.aggregated = True

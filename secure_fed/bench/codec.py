@@ -1,0 +1,232 @@
+"""``secure-fed bench codec``: size, speed and accuracy of each encryption preset.
+
+For each preset this runs the real pipeline of one round: ``slaves`` encoders' worth of
+updates encrypted by an :class:`UpdateEncoder` with ``workers`` processes, added by an
+:class:`Aggregator`, decrypted by a :class:`KeyHolder`; and compares the result with the
+plaintext weighted average of the clipped updates. Times are wall-clock seconds per million
+values (best of ``repeats`` passes); worker start-up and key generation are excluded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secure_fed.crypto.aggregator import Aggregator
+from secure_fed.crypto.codec import UpdateEncoder
+from secure_fed.crypto.keyholder import KeyHolder
+from secure_fed.crypto.keys import generate_contexts
+from secure_fed.crypto.presets import PRESETS, resolve_params, security_bits
+from secure_fed.errors import CryptoError
+
+__all__ = ["run_codec_bench", "format_table", "COLUMNS"]
+
+#: Keys of every row, in table order.
+COLUMNS = (
+    "scheme",
+    "preset",
+    "size",
+    "bytes_per_value",
+    "encrypt_serialize_s_per_M",
+    "aggregate_s_per_M_per_slave",
+    "decrypt_s_per_M",
+    "max_abs_error",
+    "security_bits",
+)
+
+CLIP = 1.0
+COMPARISON_PRESET = "compat"
+
+
+def _updates(size: int, slaves: int) -> tuple[list[np.ndarray], list[int], np.ndarray]:
+    """Synthetic updates (some values beyond the clip), their weights, and the true average."""
+    rng = np.random.default_rng(20240601)
+    updates = [rng.normal(0.0, 0.4, size).astype(np.float32) for _ in range(slaves)]
+    weights = [k + 1 for k in range(slaves)]
+    total = sum(w * np.clip(u.astype(np.float64), -CLIP, CLIP) for u, w in zip(updates, weights,
+                                                                                 strict=True))
+    return updates, weights, np.asarray(total) / sum(weights)
+
+
+def _per_million(seconds: float, values: int) -> float:
+    return seconds * 1e6 / values
+
+
+class _PresetRun:
+    """Keys, encoder and key holder of one preset, kept for all repeats."""
+
+    def __init__(self, preset: str, size: int, weights: list[int], workers: int,
+                 stack: contextlib.ExitStack) -> None:
+        self.preset = preset
+        self.params = resolve_params(preset, clip=CLIP, max_total_weight=sum(weights),
+                                     max_contributions=len(weights))
+        self.secret, self.public = generate_contexts(self.params)
+        self.encoder = stack.enter_context(UpdateEncoder(self.params, self.public,
+                                                         workers=workers))
+        self.keyholder = stack.enter_context(KeyHolder(self.params, self.secret,
+                                                       min_contributions=1))
+        self.spool = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-codec-")))
+        # warm up: start every worker process and load the context there
+        self.encoder.encrypt(np.zeros(self.encoder.slots * workers, dtype=np.float32), weight=1)
+        self.size = size
+        self.best = {"encrypt": math.inf, "aggregate": math.inf, "decrypt": math.inf}
+        self.bytes_per_value = 0.0
+        self.max_abs_error = math.nan
+
+    def measure(self, updates: list[np.ndarray], weights: list[int], expected: np.ndarray) -> None:
+        """One timed pass: encrypt every update, aggregate them, decrypt the average."""
+        start = time.perf_counter()
+        encrypted = [self.encoder.encrypt(u, weight=w)
+                     for u, w in zip(updates, weights, strict=True)]
+        self._keep("encrypt", time.perf_counter() - start)
+        with Aggregator(self.params, self.public, self.size, spool_dir=self.spool) as aggregator:
+            start = time.perf_counter()
+            for k, (chunks, w) in enumerate(zip(encrypted, weights, strict=True)):
+                for index, chunk in enumerate(chunks):
+                    aggregator.add_chunk(f"slave-{k}", index, chunk)
+                aggregator.finish(f"slave-{k}", w)
+            self._keep("aggregate", time.perf_counter() - start)
+            sums = aggregator.sum_chunks()
+        start = time.perf_counter()
+        average = self.keyholder.decrypt_average(
+            sums, contributors=len(weights), total_weight=sum(weights), vector_size=self.size)
+        self._keep("decrypt", time.perf_counter() - start)
+        self.bytes_per_value = sum(len(c) for c in encrypted[0]) / self.size
+        self.max_abs_error = float(np.max(np.abs(average.astype(np.float64) - expected)))
+
+    def _keep(self, what: str, seconds: float) -> None:
+        self.best[what] = min(self.best[what], seconds)
+
+    def row(self, slaves: int) -> dict[str, Any]:
+        values = self.size * slaves
+        return {
+            "scheme": self.params.scheme,
+            "preset": self.preset,
+            "size": self.size,
+            "bytes_per_value": self.bytes_per_value,
+            "encrypt_serialize_s_per_M": _per_million(self.best["encrypt"], values),
+            "aggregate_s_per_M_per_slave": _per_million(self.best["aggregate"], values),
+            "decrypt_s_per_M": _per_million(self.best["decrypt"], self.size),
+            "max_abs_error": self.max_abs_error,
+            "security_bits": security_bits(self.params),
+        }
+
+
+def _bench_plaintext(size: int, slaves: int, repeats: int) -> dict[str, Any]:
+    """The float32 baseline: serialize, add and average without encryption."""
+    updates, weights, expected = _updates(size, slaves)
+    best = [math.inf, math.inf, math.inf]
+    average = np.zeros(size, dtype=np.float32)
+    payloads: list[bytes] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        payloads = [np.clip(u, -CLIP, CLIP).astype("<f4").tobytes() for u in updates]
+        best[0] = min(best[0], time.perf_counter() - start)
+        start = time.perf_counter()
+        total = np.zeros(size, dtype=np.float64)
+        for payload, w in zip(payloads, weights, strict=True):
+            total += w * np.frombuffer(payload, dtype="<f4")
+        best[1] = min(best[1], time.perf_counter() - start)
+        start = time.perf_counter()
+        average = (total / sum(weights)).astype(np.float32)
+        best[2] = min(best[2], time.perf_counter() - start)
+    return {
+        "scheme": "plain",
+        "preset": "float32",
+        "size": size,
+        "bytes_per_value": len(payloads[0]) / size,
+        "encrypt_serialize_s_per_M": _per_million(best[0], size * slaves),
+        "aggregate_s_per_M_per_slave": _per_million(best[1], size * slaves),
+        "decrypt_s_per_M": _per_million(best[2], size),
+        "max_abs_error": float(np.max(np.abs(average.astype(np.float64) - expected))),
+        "security_bits": 0,
+    }
+
+
+def run_codec_bench(
+    size: int,
+    preset: str | None,
+    slaves: int,
+    workers: int,
+    compare: bool,
+    *,
+    repeats: int = 1,
+) -> list[dict[str, Any]]:
+    """Measure each preset (or one) on a vector of ``size`` values.
+
+    All presets are set up first and then measured in turn within each repeat, so a burst of
+    load on a shared machine hits them alike; each time reported is the best over
+    ``repeats`` passes (the least disturbed one, as ``timeit`` reports).
+
+    Args:
+        size: values per update.
+        preset: one preset name, or ``None`` for all of :data:`PRESETS`.
+        slaves: updates aggregated (weights 1, 2, …, slaves).
+        workers: encryption worker processes.
+        compare: also measure the ``compat`` preset (if not already included) and the
+            plaintext float32 baseline.
+        repeats: timed passes per preset (≥ 1).
+
+    Returns:
+        One dict per row with the keys of :data:`COLUMNS`.
+    """
+    if size < 1 or slaves < 1 or workers < 1 or repeats < 1:
+        raise CryptoError(
+            f"size, slaves, workers and repeats must be at least 1, got {size}, {slaves}, "
+            f"{workers}, {repeats}"
+        )
+    if preset is not None and preset not in PRESETS:
+        raise CryptoError(f"unknown preset '{preset}'; expected one of {sorted(PRESETS)}")
+    names = list(PRESETS) if preset is None else [preset]
+    if compare and COMPARISON_PRESET not in names:
+        names.append(COMPARISON_PRESET)
+    updates, weights, expected = _updates(size, slaves)
+    with contextlib.ExitStack() as stack:
+        runs = [_PresetRun(name, size, weights, workers, stack) for name in names]
+        for _ in range(repeats):
+            for run in runs:
+                run.measure(updates, weights, expected)
+        rows = [run.row(slaves) for run in runs]
+    if compare:
+        rows.append(_bench_plaintext(size, slaves, repeats))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`run_codec_bench` rows, with speed-ups against ``compat``."""
+    header = ("preset", "scheme", "bytes/value", "enc+ser s/M", "agg s/M/slave", "dec s/M",
+              "max |error|", "security")
+    lines = [
+        (
+            str(r["preset"]), str(r["scheme"]), f"{r['bytes_per_value']:.3f}",
+            f"{r['encrypt_serialize_s_per_M']:.3f}", f"{r['aggregate_s_per_M_per_slave']:.4f}",
+            f"{r['decrypt_s_per_M']:.3f}", f"{r['max_abs_error']:.2e}",
+            f"{r['security_bits']}-bit" if r["security_bits"] else "none",
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    base = next((r for r in rows if r["preset"] == COMPARISON_PRESET), None)
+    if base is not None:
+        for r in rows:
+            if r["preset"] in (COMPARISON_PRESET, "float32"):
+                continue
+            enc = base["encrypt_serialize_s_per_M"] / max(r["encrypt_serialize_s_per_M"], 1e-12)
+            agg = base["aggregate_s_per_M_per_slave"] / max(
+                r["aggregate_s_per_M_per_slave"], 1e-12
+            )
+            size = base["bytes_per_value"] / r["bytes_per_value"]
+            out.append(
+                f"{r['preset']} vs {COMPARISON_PRESET}: encrypt {enc:.1f}x faster, aggregate "
+                f"{agg:.1f}x faster, {size:.1f}x smaller"
+            )
+    return "\n".join(out)

@@ -1,0 +1,124 @@
+"""``secure-fed audit``: the auditor's commands, ``verify`` and ``report``.
+
+Argument plumbing only: the checks live in :mod:`secure_fed.audit.recompute`, the report in
+:mod:`secure_fed.audit.report`. Exit codes: 0 the log verifies and every claim holds, 1 it
+does not (the first bad line is printed), 2 the command could not run (raised as
+:class:`~secure_fed.errors.SecureFedError` and reported by ``secure-fed``'s main).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from secure_fed.errors import AuditError
+
+_TOLERANCE_HELP = ("relative under-statement of ε allowed before an update fails: reported ε "
+                   "must be ≥ recomputed ε × (1 − TOL) (default 0.02)")
+_CA_HELP = ("the federation CA certificate (e.g. MASTER_DIR/ca.pem). The master certificate "
+            "pinned in the log must be issued by it and the pinned CA fingerprint must be "
+            "its. Default: DIR/bundle/master/ca.pem (a demo) or DIR/../ca.pem (a master "
+            "bundle's run folder) if present, else the log is only checked against the "
+            "certificate it pins")
+_DIR_HELP = "the master's output directory (holding audit.jsonl), or an audit.jsonl file"
+
+VERIFY_DESCRIPTION = """\
+Check a federation's audit log from the file alone, as an auditor would:
+  - the hash chain, sequence numbers and the master's signature on every record;
+  - given the federation CA (--ca, or found beside the log), that the pinned master
+    certificate was issued by it;
+  - every slave's reported ε: recomputed from the DP mechanisms in the log with Google's
+    dp_accounting PLD accountant (independent of the slaves' Opacus accountant); a reported
+    ε below the recomputed one by more than the tolerance fails, over-statement is allowed;
+  - every slave's mechanism history only grows; every decrypted aggregate has at least
+    min_slaves contributors, each with an update in that round.
+Exit status: 0 all holds; 1 something failed (the first bad line is named); 2 error.
+"""
+
+REPORT_DESCRIPTION = """\
+Write the report a privacy officer signs off: parties, rounds and participants, each
+slave's ε over rounds against its budget (reported and recomputed), δ, accountant and
+mechanisms, declines, model digests, accuracy, bytes and seconds per round, the HE scheme
+and preset, and the verification result. Formats: html (one self-contained file, plots
+embedded), md (plots written beside it as OUT-STEM-*.png), json (schema in docs/audit.md).
+A report is written even for a log that fails verification; the exit status is then 1.
+"""
+
+
+def add_audit_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``audit`` with its sub-commands ``verify`` and ``report`` to ``secure-fed``."""
+    audit = sub.add_parser(
+        "audit", help="verify a federation's audit log and report on it",
+        description="Tools for auditors: verify the signed, hash-chained audit log a master "
+        "writes (DIR/audit.jsonl) and report on it. Neither command needs any key.")
+    commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+
+    verify = commands.add_parser(
+        "verify", help="check chain, signatures, identities and every ε claim",
+        description=VERIFY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verify.add_argument("dir", type=Path, metavar="DIR", help=_DIR_HELP)
+    verify.add_argument("--ca", type=Path, default=None, metavar="CA.pem", help=_CA_HELP)
+    verify.add_argument("--json", action="store_true",
+                        help="print one JSON object (schema in docs/audit.md) instead of text")
+    verify.add_argument("--tolerance", type=float, default=0.02, metavar="TOL",
+                        help=_TOLERANCE_HELP)
+    verify.add_argument("--head", default=None, metavar="SHA256",
+                        help="a head hash published earlier; fails if it is no longer in the "
+                        "log (records cut off the end)")
+
+    report = commands.add_parser(
+        "report", help="write an HTML, Markdown or JSON report of the federation",
+        description=REPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("dir", type=Path, metavar="DIR", help=_DIR_HELP)
+    report.add_argument("--format", choices=("html", "md", "json"), default="html",
+                        dest="report_format", help="report format (default html)")
+    report.add_argument("--out", type=Path, required=True, metavar="FILE",
+                        help="the report file to write (its folder is created)")
+    report.add_argument("--ca", type=Path, default=None, metavar="CA.pem", help=_CA_HELP)
+    report.add_argument("--tolerance", type=float, default=0.02, metavar="TOL",
+                        help=_TOLERANCE_HELP)
+
+
+def _read_ca(path: Path | None, directory: Path, quiet: bool) -> bytes | None:
+    from secure_fed.audit.recompute import find_ca_certificate
+
+    if path is None:
+        path = find_ca_certificate(directory)
+        if path is None:
+            return None
+        if not quiet:
+            sys.stdout.write(f"CA: {path} (found beside the log; pass --ca to choose)\n")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AuditError(f"cannot read the CA certificate {str(path)!r}: {exc.strerror}; pass "
+                         "the federation's ca.pem (in the master bundle)") from exc
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Run ``secure-fed audit verify|report``; returns the exit status (0 ok, 1 failed)."""
+    from secure_fed.audit.recompute import check_log
+    from secure_fed.audit.report import render_text_summary, write_report
+
+    ca = _read_ca(args.ca, args.dir, quiet=getattr(args, "json", False))
+    if args.audit_command == "verify":
+        verdict = check_log(args.dir, ca_cert_pem=ca, tolerance=args.tolerance,
+                            pinned_head=args.head)
+        if args.json:
+            sys.stdout.write(json.dumps(verdict.to_json(), allow_nan=False) + "\n")
+        else:
+            sys.stdout.write(render_text_summary(verdict) + "\n")
+        return 0 if verdict.ok else 1
+    if args.audit_command == "report":
+        result = write_report(args.dir, args.out, args.report_format, ca_cert_pem=ca,
+                              tolerance=args.tolerance)
+        for path in result.files:
+            sys.stdout.write(f"wrote {path}\n")
+        first = result.verdict.first_failure
+        if first is not None:
+            sys.stdout.write(f"log FAILED verification at line {first.line}: "
+                             f"{first.reason[:300]!r}\n")
+        return 0 if result.verdict.ok else 1
+    raise AuditError(f"unknown audit action {args.audit_command!r}: expected verify or report")

@@ -1,0 +1,268 @@
+"""Slave side: clip, quantize, weight, and encrypt an update in worker processes.
+
+FedAvg weights each slave by an integer weight w (its sample count, or a coarser unit). For
+BFV the encoder computes ``q = stochastic_round(clip(x) / Δ)`` with ``Δ = clip / 2^(b−1)``, so
+``E[q·Δ] = clip(x)`` and ``|q·Δ − clip(x)| < Δ``, multiplies by w, and encrypts the integers;
+for CKKS it encrypts ``w·clip(x)``. The key holder divides the decrypted sum by the total
+weight: the result is the weighted average of the clipped updates (see docs/codec.md for the
+error bound).
+
+TenSEAL holds the GIL while it encrypts, so encryption runs in a pool of worker processes
+(``forkserver`` or ``spawn``) whose initializer loads the public context once; the calling
+process only slices the vector and collects bytes, so an asyncio loop in it stays responsive.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import secrets
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import numpy as np
+
+from secure_fed.crypto.chunk_format import CiphertextLayout, chunk_size_for, pack_chunk
+from secure_fed.crypto.keys import ciphertext_layout, load_public_context
+from secure_fed.crypto.presets import HEParams, data_moduli
+from secure_fed.crypto.seal_blob import extract_coefficients
+from secure_fed.errors import CryptoError
+
+__all__ = ["UpdateEncoder", "encode_plain", "decode_plain_sum", "encrypt_chunk"]
+
+
+def _check_weight(weight: int, params: HEParams) -> int:
+    if isinstance(weight, bool) or not isinstance(weight, int | np.integer):
+        raise CryptoError(f"weight must be an integer, got {type(weight).__name__}")
+    w = int(weight)
+    if not 1 <= w <= params.max_total_weight:
+        raise CryptoError(
+            f"weight {w} is outside [1, {params.max_total_weight}] (max_total_weight of preset "
+            f"'{params.preset}'); use a coarser weight unit or parameters sized for more weight"
+        )
+    return w
+
+
+def _check_vector(vector: np.ndarray, offset: int = 0) -> np.ndarray:
+    values = np.asarray(vector)
+    if values.ndim != 1:
+        raise CryptoError(f"update must be a 1-D vector, got shape {values.shape}; flatten it")
+    if not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+        raise CryptoError(f"update must hold real numbers, got dtype {values.dtype}")
+    values = values.astype(np.float64, copy=False)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        i = int(bad[0])
+        raise CryptoError(
+            f"update value at index {offset + i} is {values[i]}; every value must be finite "
+            f"({bad.size} are not; NaN or inf usually means training diverged)"
+        )
+    return values
+
+
+def encode_plain(
+    vector: np.ndarray, weight: int, params: HEParams, rng: np.random.Generator
+) -> np.ndarray:
+    """The plaintext a slave encrypts: weighted, clipped and (BFV) quantized values.
+
+    Args:
+        vector: the update (1-D, finite).
+        weight: the slave's integer weight, in [1, max_total_weight].
+        params: encryption parameters.
+        rng: randomness for stochastic rounding (BFV).
+
+    Returns:
+        BFV: int64 ``w·q`` with ``q ∈ [−2^(b−1), 2^(b−1)]``; CKKS: float64 ``w·clip(x)``.
+    """
+    w = _check_weight(weight, params)
+    values = np.clip(_check_vector(vector), -params.clip, params.clip)
+    if params.scheme == "ckks":
+        return values * float(w)
+    scaled = values / params.quant_step
+    quantized = np.floor(scaled + rng.random(values.shape[0]))
+    return quantized.astype(np.int64) * np.int64(w)
+
+
+def decode_plain_sum(
+    int_or_float_sum: np.ndarray, total_weight: int, params: HEParams
+) -> np.ndarray:
+    """The weighted average from a decrypted sum: ``Δ·S / T`` (BFV) or ``S / T`` (CKKS).
+
+    Args:
+        int_or_float_sum: BFV: the sum as signed integers (centred lift, in (−t/2, t/2]);
+            CKKS: the decrypted real sum.
+        total_weight: T, the sum of the weights of the contributions.
+        params: encryption parameters.
+
+    Returns:
+        float32 average, in the units of the update.
+    """
+    if isinstance(total_weight, bool) or not 1 <= int(total_weight) <= params.max_total_weight:
+        raise CryptoError(
+            f"total weight {total_weight} is outside [1, {params.max_total_weight}]"
+        )
+    total = np.asarray(int_or_float_sum, dtype=np.float64)
+    if params.scheme == "bfv":
+        total = total * params.quant_step
+    return (total / float(total_weight)).astype(np.float32)
+
+
+def encrypt_chunk(
+    ctx: Any, params: HEParams, layout: CiphertextLayout, index: int, plain: np.ndarray
+) -> bytes:
+    """Encrypt one chunk of plaintext (at most ``params.slots`` values) and serialize it."""
+    import tenseal
+
+    padded = np.zeros(params.slots, dtype=plain.dtype)
+    padded[: plain.shape[0]] = plain
+    if params.scheme == "bfv":
+        vec = tenseal._ts_cpp.BFVVector(ctx.data, padded.tolist())
+    else:
+        vec = tenseal._ts_cpp.CKKSVector(ctx.data, padded.tolist(), ctx.global_scale)
+    coeffs, parms_id = extract_coefficients(
+        vec.serialize(), polys=2, moduli_count=len(layout.moduli),
+        poly_modulus_degree=layout.poly_modulus_degree,
+    )
+    if parms_id != layout.parms_id:
+        raise CryptoError("TenSEAL encrypted at an unexpected level (parms_id differs)")
+    return pack_chunk(coeffs, layout, index)
+
+
+# ---- worker processes ------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(params_json: str, public_context: bytes) -> None:
+    params = HEParams.model_validate_json(params_json)
+    ctx = load_public_context(public_context, params)
+    _WORKER.update(params=params, ctx=ctx, layout=ciphertext_layout(params, ctx))
+
+
+def _chunk_rng(entropy: int, index: int) -> np.random.Generator:
+    """Randomness of chunk ``index``: independent of how chunks are spread over workers."""
+    return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(index,)))
+
+
+def _worker_encrypt(task: tuple[int, np.ndarray, int, int]) -> bytes:
+    index, values, weight, entropy = task
+    params: HEParams = _WORKER["params"]
+    plain = encode_plain(values, weight, params, _chunk_rng(entropy, index))
+    return encrypt_chunk(_WORKER["ctx"], params, _WORKER["layout"], index, plain)
+
+
+def _start_method() -> str:
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+class UpdateEncoder:
+    """Encrypts updates for one round's parameters and public key, in worker processes.
+
+    Use as a context manager (or call :meth:`close`) so the worker processes end.
+
+    Args:
+        params: encryption parameters of the federation.
+        public_context: the public context bytes from the master.
+        workers: worker processes (``None``: ``os.cpu_count()``); at least one, so encryption
+            never runs in (and never holds the GIL of) the calling process.
+
+    Raises:
+        CryptoError: the public context is invalid or does not match ``params``.
+    """
+
+    def __init__(
+        self, params: HEParams, public_context: bytes, *, workers: int | None = None
+    ) -> None:
+        count = (os.cpu_count() or 1) if workers is None else workers
+        if count < 1:
+            raise CryptoError(f"workers must be at least 1, got {workers}")
+        self.params = params
+        ctx = load_public_context(public_context, params)
+        self.layout = ciphertext_layout(params, ctx)
+        self.workers = count
+        self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
+            max_workers=count,
+            mp_context=multiprocessing.get_context(_start_method()),
+            initializer=_worker_init,
+            initargs=(params.model_dump_json(), bytes(public_context)),
+        )
+
+    @staticmethod
+    def chunk_count_for(params: HEParams, size: int) -> int:
+        """Number of chunks a vector of ``size`` values is sent as under ``params``."""
+        if size < 0:
+            raise CryptoError(f"vector size must be non-negative, got {size}")
+        return math.ceil(size / params.slots)
+
+    @staticmethod
+    def max_chunk_bytes_for(params: HEParams) -> int:
+        """Size of every chunk under ``params``, in bytes (each chunk has exactly this size)."""
+        return chunk_size_for(params.poly_modulus_degree, data_moduli(params))
+
+    @property
+    def slots(self) -> int:
+        """Values per chunk (one ciphertext)."""
+        return self.params.slots
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Size of every serialized chunk, in bytes."""
+        return self.layout.chunk_size
+
+    def chunk_count(self, size: int) -> int:
+        """Number of chunks a vector of ``size`` values is sent as."""
+        return self.chunk_count_for(self.params, size)
+
+    def encrypt(
+        self, vector: np.ndarray, *, weight: int, seed: int | None = None
+    ) -> list[bytes]:
+        """Encrypt ``weight × clip(vector)`` (quantized for BFV) as one chunk per ciphertext.
+
+        Args:
+            vector: the update, 1-D and finite.
+            weight: the slave's integer weight, in [1, max_total_weight].
+            seed: seed of the stochastic rounding (``None``: fresh randomness); the same seed
+                gives the same plaintext for any number of workers.
+
+        Returns:
+            Serialized chunks, in index order; they never contain the context.
+
+        Raises:
+            CryptoError: non-finite value (the index is named), weight out of range, or a
+                worker process died.
+        """
+        if self._pool is None:
+            raise CryptoError("encoder is closed; create a new UpdateEncoder")
+        w = _check_weight(weight, self.params)
+        values = _check_vector(vector)
+        if values.shape[0] == 0:
+            raise CryptoError("update is empty; there is nothing to encrypt")
+        entropy = secrets.randbits(128) if seed is None else int(seed)
+        s = self.slots
+        tasks = [
+            (i, values[i * s : (i + 1) * s], w, entropy)
+            for i in range(self.chunk_count(values.shape[0]))
+        ]
+        batch = max(1, math.ceil(len(tasks) / (4 * self.workers)))
+        try:
+            return list(self._pool.map(_worker_encrypt, tasks, chunksize=batch))
+        except BrokenProcessPool as exc:
+            raise CryptoError(
+                f"an encryption worker process died ({exc}); close this encoder and create a "
+                "new one"
+            ) from exc
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> UpdateEncoder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

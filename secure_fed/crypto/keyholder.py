@@ -1,0 +1,196 @@
+"""The key holder: the only place the secret key lives; it decrypts aggregates, nothing else.
+
+Kept apart from :mod:`secure_fed.crypto.aggregator` (which never imports this module) so that
+the separation is visible in the imports and the two can run in separate processes. The key
+holder refuses to decrypt an aggregate of fewer than ``min_contributions`` contributions or of
+more total weight than the parameters were sized for (the sum could have wrapped).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from secure_fed.crypto.chunk_format import ChunkFormatError, CiphertextLayout, parse_chunk
+from secure_fed.crypto.codec import decode_plain_sum
+from secure_fed.crypto.keys import ciphertext_layout, load_secret_context
+from secure_fed.crypto.presets import HEParams
+from secure_fed.crypto.seal_blob import CiphertextTemplate
+from secure_fed.errors import CryptoError
+
+__all__ = ["KeyHolder"]
+
+
+class _Decrypter:
+    """Decrypts validated coefficient arrays under one secret context (in any process)."""
+
+    def __init__(self, params: HEParams, secret_context: bytes) -> None:
+        import tenseal
+
+        self._ts = tenseal._ts_cpp
+        self.params = params
+        self.ctx = load_secret_context(secret_context, params)
+        self.layout: CiphertextLayout = ciphertext_layout(params, self.ctx)
+        zeros = [0] * params.slots
+        if params.scheme == "bfv":
+            fresh = self._ts.BFVVector(self.ctx.data, zeros)
+        else:
+            fresh = self._ts.CKKSVector(self.ctx.data, [0.0] * params.slots, self.ctx.global_scale)
+        self.template = CiphertextTemplate(
+            fresh.serialize(), polys=2, moduli_count=len(self.layout.moduli),
+            poly_modulus_degree=params.poly_modulus_degree,
+        )
+
+    def load(self, coeffs: np.ndarray) -> Any:
+        """A TenSEAL vector (all slots) holding the ciphertext with these coefficients."""
+        data = self.template.build(coeffs)
+        if self.params.scheme == "bfv":
+            return self._ts.BFVVector(self.ctx.data, data)
+        return self._ts.CKKSVector(self.ctx.data, data)
+
+    def slots(self, coeffs: np.ndarray) -> np.ndarray:
+        """Decrypted slots: centred integers in (−t/2, t/2] (BFV) or float64 (CKKS)."""
+        values = self.load(coeffs).decrypt()
+        if self.params.scheme == "ckks":
+            return np.asarray(values, dtype=np.float64)
+        t = int(self.params.plain_modulus or 0)
+        ints = np.mod(np.asarray(values, dtype=np.int64), t)
+        ints[ints > t // 2] -= t
+        return ints
+
+    def noise_budget_bits(self, coeffs: np.ndarray) -> int:
+        """SEAL's remaining invariant noise budget of a BFV ciphertext, in bits."""
+        ciphertext = self.load(coeffs).ciphertext()[0]
+        return int(self.ctx.data.decryptor().invariant_noise_budget(ciphertext))
+
+
+_WORKER: dict[str, _Decrypter] = {}
+
+
+def _worker_init(params_json: str, secret_context: bytes) -> None:
+    _WORKER["decrypter"] = _Decrypter(HEParams.model_validate_json(params_json), secret_context)
+
+
+def _worker_slots(coeffs: np.ndarray) -> np.ndarray:
+    return _WORKER["decrypter"].slots(coeffs)
+
+
+class KeyHolder:
+    """Holds the secret context and turns an aggregate into the weighted average update.
+
+    Args:
+        params: encryption parameters of the federation.
+        secret_context: the first value of :func:`~secure_fed.crypto.keys.generate_contexts`.
+        min_contributions: fewest contributions an aggregate must have to be decrypted (≥ 1),
+            so that no individual update is ever revealed.
+        workers: decryption processes; 1 decrypts in the calling process.
+
+    Raises:
+        CryptoError: invalid secret context, or ``min_contributions``/``workers`` below 1.
+    """
+
+    def __init__(
+        self,
+        params: HEParams,
+        secret_context: bytes,
+        *,
+        min_contributions: int,
+        workers: int = 1,
+    ) -> None:
+        if min_contributions < 1 or workers < 1:
+            raise CryptoError(
+                f"min_contributions and workers must be at least 1, got {min_contributions} "
+                f"and {workers}"
+            )
+        self.params = params
+        self.min_contributions = min_contributions
+        self._decrypter = _Decrypter(params, secret_context)
+        self.layout = self._decrypter.layout
+        self._pool: ProcessPoolExecutor | None = None
+        if workers > 1:
+            methods = multiprocessing.get_all_start_methods()
+            method = "forkserver" if "forkserver" in methods else "spawn"
+            self._pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context(method),
+                initializer=_worker_init,
+                initargs=(params.model_dump_json(), bytes(secret_context)),
+            )
+
+    def decrypt_average(
+        self,
+        sum_chunks: list[bytes],
+        *,
+        contributors: int,
+        total_weight: int,
+        vector_size: int,
+    ) -> np.ndarray:
+        """Decrypt an aggregate and divide by its total weight.
+
+        Args:
+            sum_chunks: the aggregate, one serialized ciphertext per chunk index
+                (:meth:`Aggregator.sum_chunks`).
+            contributors: number of contributions added into the aggregate.
+            total_weight: sum of their weights.
+            vector_size: number of values of the update.
+
+        Returns:
+            float32 weighted average of the clipped updates (length ``vector_size``).
+
+        Raises:
+            CryptoError: fewer than ``min_contributions`` contributions, total weight above
+                ``max_total_weight`` (the sum could have wrapped), or malformed chunks.
+        """
+        if contributors < self.min_contributions:
+            raise CryptoError(
+                f"refusing to decrypt an aggregate of {contributors} contribution(s): at least "
+                f"{self.min_contributions} are required so that no individual update is revealed;"
+                " wait for more slaves or end the round without an update"
+            )
+        k_max = self.params.contribution_limit
+        if contributors > k_max:
+            raise CryptoError(
+                f"refusing to decrypt an aggregate of {contributors} contributions: the "
+                f"parameters bound the noise for at most {k_max} (max_contributions)"
+            )
+        w_max = self.params.max_total_weight
+        if not contributors <= total_weight <= w_max:
+            raise CryptoError(
+                f"refusing to decrypt: total weight {total_weight} of {contributors} contributions"
+                f" is outside [{contributors}, {w_max}] (max_total_weight of preset "
+                f"'{self.params.preset}'); a larger total could have wrapped the sum"
+            )
+        chunks = math.ceil(vector_size / self.params.slots) if vector_size > 0 else 0
+        if chunks == 0 or len(sum_chunks) != chunks:
+            raise CryptoError(
+                f"aggregate has {len(sum_chunks)} chunks; a vector of {vector_size} values needs "
+                f"{chunks} (of {self.params.slots} slots each)"
+            )
+        coeffs = []
+        for index, data in enumerate(sum_chunks):
+            try:
+                coeffs.append(parse_chunk(data, self.layout, index=index))
+            except ChunkFormatError as exc:
+                raise CryptoError(f"aggregate chunk {index} refused: {exc}") from exc
+        if self._pool is not None:
+            parts = list(self._pool.map(_worker_slots, coeffs))
+        else:
+            parts = [self._decrypter.slots(c) for c in coeffs]
+        total = np.concatenate(parts)[:vector_size]
+        return decode_plain_sum(total, total_weight, self.params)
+
+    def close(self) -> None:
+        """Stop decryption worker processes, if any (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> KeyHolder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,87 @@
+"""The chunk wire format: exact bit packing, validation order, and modular arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secure_fed.crypto.chunk_format import (
+    HEADER_SIZE,
+    ChunkFormatError,
+    CiphertextLayout,
+    _pack,
+    _unpack,
+    add_mod,
+    chunk_size_for,
+    pack_chunk,
+    parse_chunk,
+    sub_mod,
+)
+from secure_fed.crypto.presets import coeff_moduli
+
+MODULI = coeff_moduli(1024, (50, 30, 40))[:-1]  # a 50-bit and a 30-bit data prime
+LAYOUT = CiphertextLayout(scheme="ckks", poly_modulus_degree=1024, moduli=MODULI,
+                          parms_id=(1, 2, 3, 4), key_id=b"K" * 8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(width=st.integers(20, 64), seed=st.integers(0, 2**32 - 1))
+def test_packing_is_exact_lsb_first_bit_stream(width: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 2**63, 64, dtype=np.uint64) >> np.uint64(max(0, 63 - width))
+    if width == 64:
+        values = values * np.uint64(2) + np.uint64(1)
+    packed = _pack(values, width)
+    reference = sum(int(v) << (i * width) for i, v in enumerate(values.tolist()))
+    assert packed == reference.to_bytes(64 * width // 8, "little")
+    np.testing.assert_array_equal(_unpack(packed, 64, width), values)
+
+
+def _random_coeffs(rng: np.random.Generator) -> np.ndarray:
+    q = LAYOUT.moduli_column()
+    return (rng.integers(0, 2**62, LAYOUT.shape, dtype=np.uint64) % q).astype(np.uint64)
+
+
+def test_chunk_round_trip_and_size() -> None:
+    coeffs = _random_coeffs(np.random.default_rng(0))
+    data = pack_chunk(coeffs, LAYOUT, 5)
+    assert len(data) == LAYOUT.chunk_size == HEADER_SIZE + 2 * 1024 * (50 + 30) // 8
+    assert chunk_size_for(1024, MODULI) == len(data)
+    np.testing.assert_array_equal(parse_chunk(data, LAYOUT, index=5), coeffs)
+
+
+def test_header_fields_are_checked_in_turn() -> None:
+    data = bytearray(pack_chunk(_random_coeffs(np.random.default_rng(1)), LAYOUT, 0))
+    cases = {
+        "expected exactly": bytes(data) + b"\x00",
+        "magic": b"XXXX" + bytes(data[4:]),
+        "is a bfv ciphertext": bytes(data[:5]) + b"\x01" + bytes(data[6:]),
+        "other encryption parameters": bytes(data[:20]) + b"\x09" + bytes(data[21:]),
+        "another public key": bytes(data[:12]) + b"Z" * 8 + bytes(data[20:]),
+    }
+    for reason, bad in cases.items():
+        with pytest.raises(ChunkFormatError, match=reason):
+            parse_chunk(bad, LAYOUT)
+    with pytest.raises(ChunkFormatError, match="carries index 0, sent as index 3"):
+        parse_chunk(bytes(data), LAYOUT, index=3)
+    # the 30-bit prime's rows start after both 50-bit rows; all ones there is ≥ q
+    start = HEADER_SIZE + 2 * 1024 * 50 // 8 + 1024 * 30 // 8
+    data[start : start + 4] = b"\xff\xff\xff\xff"
+    with pytest.raises(ChunkFormatError, match="coefficient 0 of polynomial 1, prime 1"):
+        parse_chunk(bytes(data), LAYOUT)
+
+
+def test_modular_add_and_sub_match_python_integers() -> None:
+    rng = np.random.default_rng(2)
+    a, b = _random_coeffs(rng), _random_coeffs(rng)
+    q = LAYOUT.moduli_column()
+    total = a.copy()
+    add_mod(total, b, q)
+    expected = [(int(x) + int(y)) % int(m) for x, y, m in
+                zip(a[0, 0, :50], b[0, 0, :50], [MODULI[0]] * 50, strict=True)]
+    assert total[0, 0, :50].tolist() == expected
+    assert bool(np.all(total < q))
+    sub_mod(total, b, q)
+    np.testing.assert_array_equal(total, a)
