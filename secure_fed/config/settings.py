@@ -127,11 +127,20 @@ def _check_party_id(value: str) -> str:
 
 
 class MasterConfig(_Strict):
-    """Everything the master needs besides its keys (``federation.toml`` in its bundle)."""
+    """Everything the master needs besides its keys (``federation.toml`` in its bundle).
+
+    Args:
+        federation_id: name of the federation.
+        host: the interface the master listens on; port: its TCP port.
+        public_url: the address slaves dial (``wss://`` + a name in the master certificate).
+        slaves: ids of every slave; min_slaves: complete updates needed per aggregate.
+        rounds: rounds to run; seed: seed of the initial model and of each round's plan.
+    """
 
     federation_id: str
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
+    public_url: str = "wss://127.0.0.1:8765"
     slaves: list[str]
     rounds: int = Field(default=10, ge=1, le=100000)
     min_slaves: int = Field(default=2, ge=1)

@@ -124,7 +124,6 @@ class Plan(_Message):
     epsilon: float = Field(gt=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
     rounds_total: int = Field(ge=1)
-    seed: int
 
 
 class Task(_Message):

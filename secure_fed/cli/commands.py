@@ -1,0 +1,133 @@
+"""The sub-commands of ``secure-fed``: argument plumbing around the roles, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from secure_fed.config.settings import (
+    EncryptionSettings,
+    EvaluationSettings,
+    ModelSpec,
+    TrainingPlanSettings,
+)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from secure_fed.master.provision import FederationPlan, init_federation
+
+    fed_id = args.federation_id or args.fed_dir.resolve().name.lower()
+    plan = FederationPlan(
+        federation_id=fed_id, slaves=args.slaves, host=args.host, port=args.port,
+        listen_host=args.listen, rounds=args.rounds, min_slaves=args.min_slaves,
+        model=ModelSpec(architecture=args.architecture,
+                        kwargs=_model_kwargs(args.architecture, args.features, args.classes)),
+        training=TrainingPlanSettings(epsilon=args.epsilon, delta=args.delta),
+        encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records),
+        evaluation=EvaluationSettings(
+            dataset=None if args.eval_dataset == "none" else args.eval_dataset),
+        budget_epsilon=args.epsilon,
+    )
+    bundle = init_federation(args.fed_dir, plan, force=args.force)
+    console = Console(highlight=False)
+    console.print(f"federation '{fed_id}' created in {args.fed_dir}")
+    console.print(f"  master bundle: {bundle.directory}  (keep it on the master; it holds the "
+                  "CA key and the HE secret key)")
+    for slave_id in args.slaves:
+        console.print(f"  slave bundle:  {args.fed_dir / 'slaves' / slave_id}  (copy to "
+                      f"'{slave_id}')")
+    console.print(f"slaves will dial {bundle.config.public_url}")
+    return 0
+
+
+def _model_kwargs(architecture: str, features: int, classes: int) -> dict[str, object]:
+    if architecture == "mlp":
+        return {"in_features": features, "num_classes": classes, "hidden": [64]}
+    return {"num_classes": classes}
+
+
+def cmd_master(args: argparse.Namespace) -> int:
+    from secure_fed.cli.display import MasterDisplay
+    from secure_fed.master.bundle import MasterBundle
+    from secure_fed.master.server import Master
+
+    bundle = MasterBundle.load(args.bundle)
+    out = args.out or (args.bundle / "run")
+    display = MasterDisplay(bundle.config.rounds)
+    master = Master(bundle, out, host=args.host, port=args.port, on_event=display)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[int] = loop.create_future()
+        task = asyncio.create_task(master.run(ready=ready))
+        port = await asyncio.wait_for(asyncio.shield(ready), timeout=120)
+        if args.port_file:
+            tmp = Path(f"{args.port_file}.tmp")
+            tmp.write_text(str(port))
+            os.replace(tmp, args.port_file)
+        await task
+
+    with display:
+        asyncio.run(serve())
+    display.console.print(display.final_table())
+    summary = master.summary.data
+    display.console.print(f"finished: {summary['reason']}; final accuracy "
+                          f"{summary['final_accuracy']}; outputs in {out}")
+    return 0 if master.coordinator.committed == bundle.config.rounds else 1
+
+
+def cmd_slave(args: argparse.Namespace) -> int:
+    import torch
+
+    from secure_fed.master.bundle import SlaveBundle
+    from secure_fed.slave.client import Slave
+    from secure_fed.slave.sources import load_private_data
+
+    bundle = SlaveBundle.load(args.bundle)
+    if args.master_url:
+        bundle = SlaveBundle(bundle.directory,
+                             bundle.config.model_copy(update={"master_url": args.master_url}),
+                             bundle.he_params)
+    data = load_private_data(data=args.data, label_column=args.label_column,
+                             dataset=args.dataset, partition=args.partition)
+    torch.set_num_threads(max(1, args.threads))
+    console = Console(highlight=False)
+
+    def show(kind: str, info: dict[str, object]) -> None:
+        console.log(f"{bundle.config.slave_id}: {kind} {json.dumps(info, default=str)}")
+
+    slave = Slave(bundle, data, state_dir=args.state, workers=args.workers,
+                  threads=args.threads, on_event=show)
+    report = asyncio.run(slave.run())
+    console.print(f"slave '{report.slave_id}': trained rounds {report.rounds_trained}, declined "
+                  f"{report.rounds_declined}; ε spent {report.epsilon:.3f}; "
+                  f"{report.finished_reason}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from secure_fed.demo import DemoOptions, run_demo
+
+    options = DemoOptions(slaves=args.slaves, rounds=args.rounds, epsilon=args.epsilon,
+                          dataset=args.dataset, preset=args.preset, out=args.out,
+                          timeout_s=args.timeout)
+    return run_demo(options, Console(highlight=False))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from secure_fed.bench.codec import format_table, run_codec_bench
+
+    preset = args.preset
+    if preset is None and args.scheme is not None:
+        preset = {"bfv": "bfv-fast", "ckks": "ckks"}[args.scheme]
+    rows = run_codec_bench(args.size, preset, args.slaves, args.workers, args.compare,
+                           repeats=args.repeats)
+    print(format_table(rows))
+    if args.json:
+        print(json.dumps(rows if args.compare else rows[0]))
+    return 0

@@ -1,0 +1,187 @@
+"""``secure-fed``: the command line of the master, the slaves and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from secure_fed import __version__
+from secure_fed.errors import SecureFedError
+
+log = logging.getLogger("secure_fed.cli")
+
+DESCRIPTION = """\
+secure-fed trains a neural network from private data that never leaves its owners.
+A master sends the model; each slave trains it with differential privacy (Opacus DP-SGD),
+encrypts its update homomorphically (TenSEAL) and sends it over mutual-TLS websockets; the
+master adds the ciphertexts and decrypts only the sum.
+
+Typical use:
+  secure-fed init fed --slaves a,b,c --host master.example.org   # keys and bundles
+  secure-fed master fed/master                                   # on the master's machine
+  secure-fed slave fed/slaves/a --data clinic.csv --label-column outcome   # at each slave
+  secure-fed demo                                                # all of it on 127.0.0.1
+"""
+
+
+def _slave_list(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one slave id, e.g. --slaves a,b,c")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secure-fed", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"secure-fed {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create a federation: CA, certificates, HE keys, bundles",
+                       description="Create FED_DIR/master/ (CA, master certificate and key, HE "
+                       "secret key, federation.toml) and FED_DIR/slaves/<id>/ for each slave "
+                       "(CA certificate, its own certificate and key, the public HE context, "
+                       "slave.toml). Copy each slave's folder to that slave's machine; the "
+                       "master folder stays with the master. Private keys are written 0600.")
+    p.add_argument("fed_dir", type=Path, metavar="FED_DIR")
+    p.add_argument("--slaves", type=_slave_list, required=True, metavar="ID,ID,...",
+                   help="comma-separated slave ids (lowercase letters, digits, . _ -)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="host name or address slaves dial; goes into the master certificate "
+                   "(default 127.0.0.1)")
+    p.add_argument("--listen", default=None, metavar="ADDR",
+                   help="interface the master binds (default: --host)")
+    p.add_argument("--port", type=int, default=8765, help="master port (default 8765)")
+    p.add_argument("--federation-id", default=None,
+                   help="federation name (default: the FED_DIR folder name)")
+    p.add_argument("--rounds", type=int, default=10, help="training rounds (default 10)")
+    p.add_argument("--min-slaves", type=int, default=None,
+                   help="complete updates needed to decrypt a round (default: a majority)")
+    p.add_argument("--epsilon", type=float, default=3.0,
+                   help="privacy budget ε of each slave over the whole federation (default 3)")
+    p.add_argument("--delta", type=float, default=1e-5, help="δ of the budget (default 1e-5)")
+    p.add_argument("--preset", default="bfv-fast",
+                   help="HE parameter preset (default bfv-fast; see `secure-fed bench codec "
+                   "--compare`)")
+    p.add_argument("--architecture", default="mlp", help="model architecture (default mlp)")
+    p.add_argument("--features", type=int, default=64,
+                   help="input features of the model (default 64, the digits images)")
+    p.add_argument("--classes", type=int, default=10, help="output classes (default 10)")
+    p.add_argument("--eval-dataset", default="digits",
+                   help="bundled dataset whose hold-out split the master evaluates on, or "
+                   "'none' (default digits)")
+    p.add_argument("--max-records", type=int, default=65536,
+                   help="most records one slave may hold; sizes the HE plain modulus "
+                   "(default 65536)")
+    p.add_argument("--force", action="store_true", help="replace an existing federation")
+
+    p = sub.add_parser("master", help="run the master of a federation",
+                       description="Serve the slaves of the federation in MASTER_DIR until "
+                       "every round is committed. Restarting the same command resumes from the "
+                       "last committed round.")
+    p.add_argument("bundle", type=Path, metavar="MASTER_DIR")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where checkpoints, audit.jsonl and summary.json go (default "
+                   "MASTER_DIR/run)")
+    p.add_argument("--host", default=None, help="interface to bind (default: the bundle's)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port to bind (default: the bundle's; 0 lets the OS choose)")
+    p.add_argument("--port-file", type=Path, default=None,
+                   help="write the bound port to this file once listening")
+
+    p = sub.add_parser("slave", help="take part in a federation as a data owner",
+                       description="Connect to the master named in SLAVE_DIR/slave.toml and "
+                       "train on private data that never leaves this machine. Give your own "
+                       "table with --data FILE --label-column NAME, or a bundled dataset part "
+                       "with --dataset NAME --partition I/K for trials.")
+    p.add_argument("bundle", type=Path, metavar="SLAVE_DIR")
+    p.add_argument("--data", type=Path, default=None, help="CSV (or NPZ) file of private data")
+    p.add_argument("--label-column", default=None, help="column of --data holding the label")
+    p.add_argument("--dataset", default=None, help="bundled dataset: digits, breast_cancer, wine")
+    p.add_argument("--partition", default=None, metavar="I/K",
+                   help="use part I of K of --dataset's training split (default 0/1)")
+    p.add_argument("--state", type=Path, default=None,
+                   help="folder of this data source's privacy ledger (default: SLAVE_DIR)")
+    p.add_argument("--master-url", default=None,
+                   help="override the master address of the bundle (wss://host:port)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="encryption worker processes (default: one per core)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for training")
+
+    p = sub.add_parser("demo", help="run a whole federation on 127.0.0.1",
+                       description="Create a federation, start one master process and N slave "
+                       "processes with the same commands a deployment uses (over TLS, DP-SGD, "
+                       "encrypted updates), on a bundled dataset split across the slaves, and "
+                       "show a table per round. Slaves' privacy ledgers persist in "
+                       "OUT/slaves/<id>/, so a second run spends from what is left.")
+    p.add_argument("--slaves", type=int, default=3, help="number of slaves (default 3)")
+    p.add_argument("--rounds", type=int, default=10, help="rounds (default 10)")
+    p.add_argument("--epsilon", type=float, default=3.0, help="ε budget per slave (default 3)")
+    p.add_argument("--dataset", default="digits", help="bundled dataset (default digits)")
+    p.add_argument("--preset", default="bfv-fast", help="HE preset (default bfv-fast)")
+    p.add_argument("--out", type=Path, default=Path("demo-run"),
+                   help="output folder (default demo-run)")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="stop everything after this many seconds (default 1800)")
+
+    p = sub.add_parser("bench", help="measure what protection costs",
+                       description="Benchmarks of secure_fed. `bench codec` measures bytes and "
+                       "seconds of homomorphic encryption against plaintext.")
+    bench = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    b = bench.add_parser("codec", help="encryption overhead per preset",
+                         description="Encrypt+serialize, aggregate (deserialize+add) and decrypt "
+                         "a random vector under a preset, and report bytes per value, seconds per "
+                         "million values and the decoded error. With --compare: plaintext "
+                         "float32, compat and every preset in one run.")
+    b.add_argument("--size", type=int, default=1_000_000, help="values (default 1000000)")
+    b.add_argument("--preset", default=None, help="preset to measure (default bfv-fast)")
+    b.add_argument("--scheme", choices=("bfv", "ckks"), default=None,
+                   help="measure the default preset of this scheme")
+    b.add_argument("--slaves", type=int, default=2, help="updates aggregated (default 2)")
+    b.add_argument("--workers", type=int, default=1, help="encryption workers (default 1)")
+    b.add_argument("--repeats", type=int, default=1, help="best of this many passes")
+    b.add_argument("--compare", action="store_true", help="plaintext, compat and every preset")
+    b.add_argument("--json", action="store_true",
+                   help="end with one JSON line (an object, or a list with --compare)")
+
+    from secure_fed.cli.audit import add_audit_parser
+
+    add_audit_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``secure-fed`` command; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from secure_fed.cli import audit, commands
+
+    if args.command == "audit":
+        handler = audit.cmd_audit
+    else:
+        handler = getattr(commands, f"cmd_{args.command}")
+    try:
+        code: int = handler(args)
+        return code
+    except SecureFedError as exc:
+        print(f"secure-fed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"secure-fed {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_async(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

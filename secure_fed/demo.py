@@ -1,0 +1,183 @@
+"""``secure-fed demo``: a whole federation on 127.0.0.1 with the commands a deployment uses.
+
+One master process and N slave processes are started as ``secure-fed master`` and
+``secure-fed slave``; the master's display is shown on the terminal and each slave logs to
+``OUT/logs/<id>.log``. Each run is a new federation with fresh keys (``OUT/bundle``); the
+slaves' privacy ledgers live in ``OUT/slaves/<id>/`` and persist across runs, so a second run
+spends from what the first left. The previous run's master outputs are moved to
+``OUT/history/<federation-id>/`` so that no audit log is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from secure_fed.config.settings import (
+    EncryptionSettings,
+    EvaluationSettings,
+    LimitSettings,
+    ModelSpec,
+    TrainingPlanSettings,
+)
+from secure_fed.errors import SecureFedError
+from secure_fed.master.provision import FederationPlan, init_federation
+
+MASTER_OUTPUTS = ("summary.json", "audit.jsonl", "checkpoints", "spool", "master.log",
+                  "master.port")
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What ``secure-fed demo`` runs.
+
+    Args:
+        slaves: slave processes to start.
+        rounds: training rounds.
+        epsilon: ε budget of each slave (δ = 1e-5).
+        dataset: bundled dataset split across the slaves (the master keeps a hold-out split).
+        preset: HE preset.
+        out: output folder.
+        timeout_s: the whole demo is stopped after this many seconds.
+    """
+
+    slaves: int = 3
+    rounds: int = 10
+    epsilon: float = 3.0
+    dataset: str = "digits"
+    preset: str = "bfv-fast"
+    out: Path = Path("demo-run")
+    timeout_s: float = 1800.0
+
+
+def _cli(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "secure_fed.cli.main", *map(str, args)]
+
+
+def _archive_previous(out: Path) -> None:
+    summary = out / "summary.json"
+    if not summary.exists():
+        return
+    try:
+        previous = json.loads(summary.read_text())["federation_id"]
+    except (ValueError, KeyError):
+        previous = "unknown"
+    target = out / "history" / previous
+    target.mkdir(parents=True, exist_ok=True)
+    for name in MASTER_OUTPUTS:
+        if (out / name).exists():
+            shutil.move(str(out / name), str(target / name))
+
+
+def _features(dataset: str) -> tuple[int, int]:
+    from secure_fed.data.datasets import load_bundled
+
+    data = load_bundled(dataset)
+    return int(data.features.shape[1]), int(data.num_classes)
+
+
+def run_demo(options: DemoOptions, console: Console) -> int:
+    """Run the demo; returns the exit code (0 when every round was committed)."""
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    _archive_previous(out)
+    fed_id = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    slave_ids = [f"slave-{i + 1}" for i in range(options.slaves)]
+    features, classes = _features(options.dataset)
+    console.print(f"[bold]secure-fed demo[/]: federation '{fed_id}', {options.slaves} slaves, "
+                  f"{options.rounds} rounds, ε={options.epsilon:g} per slave at δ=1e-5, "
+                  f"dataset {options.dataset}, preset {options.preset}, TLS on 127.0.0.1")
+    plan = FederationPlan(
+        federation_id=fed_id, slaves=slave_ids, host="127.0.0.1", port=0,
+        rounds=options.rounds, min_slaves=max(1, options.slaves // 2 + 1),
+        model=_model(features, classes),
+        training=TrainingPlanSettings(epsilon=options.epsilon),
+        encryption=EncryptionSettings(preset=options.preset, max_weight_per_slave=65536),
+        limits=LimitSettings(join_timeout_s=120, upload_deadline_s=300, keepalive_interval_s=10,
+                             keepalive_timeout_s=30),
+        evaluation=EvaluationSettings(dataset=options.dataset),
+        budget_epsilon=options.epsilon,
+    )
+    bundle_dir = out / "bundle"
+    init_federation(bundle_dir, plan, force=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    port_file = out / "master.port"
+    port_file.unlink(missing_ok=True)
+    deadline = time.monotonic() + options.timeout_s
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    master = subprocess.Popen(  # noqa: S603 - our own command line
+        _cli("master", bundle_dir / "master", "--out", out, "--port", "0", "--port-file",
+             port_file), env=env)
+    slaves: list[subprocess.Popen[bytes]] = []
+    try:
+        while not port_file.exists():
+            if master.poll() is not None:
+                raise SecureFedError(f"the master exited with code {master.returncode} before "
+                                     "listening; see its output above")
+            if time.monotonic() > deadline:
+                raise SecureFedError("the master did not start listening in time")
+            time.sleep(0.2)
+        url = f"wss://127.0.0.1:{int(port_file.read_text())}"
+        for index, slave_id in enumerate(slave_ids):
+            log_file = (logs / f"{slave_id}.log").open("wb")
+            slaves.append(subprocess.Popen(  # noqa: S603 - our own command line
+                _cli("slave", bundle_dir / "slaves" / slave_id, "--dataset", options.dataset,
+                     "--partition", f"{index}/{options.slaves}", "--state",
+                     out / "slaves" / slave_id, "--master-url", url, "--workers", "1",
+                     "--threads", "1"),
+                stdout=log_file, stderr=subprocess.STDOUT, env=env))
+        master_code = master.wait(timeout=max(1.0, deadline - time.monotonic()))
+        for proc in slaves:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+    except subprocess.TimeoutExpired:
+        console.print(f"[red]the demo did not finish within {options.timeout_s:g} s[/]")
+        master_code = 124
+    finally:
+        for proc in [master, *slaves]:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    return _report(out, slave_ids, master_code, console)
+
+
+def _model(features: int, classes: int) -> ModelSpec:
+    return ModelSpec(architecture="mlp",
+                     kwargs={"in_features": features, "num_classes": classes, "hidden": [64]})
+
+
+def _report(out: Path, slave_ids: list[str], master_code: int, console: Console) -> int:
+    summary_path = out / "summary.json"
+    if not summary_path.exists():
+        console.print("[red]no summary was written[/]; see the logs in", out / "logs")
+        return 1
+    summary = json.loads(summary_path.read_text())
+    table = Table(title="privacy budget per slave (from each slave's own ledger)")
+    for column in ("slave", "ε spent", "δ", "accountant", "DP-SGD runs", "ledger"):
+        table.add_column(column)
+    for slave_id in slave_ids:
+        ledger_path = out / "slaves" / slave_id / "ledger.json"
+        reported = summary["slaves"].get(slave_id, {})
+        table.add_row(slave_id, f"{reported.get('epsilon', 0.0):.3f}",
+                      f"{reported.get('delta', 0.0):g}", str(reported.get("accountant", "-")),
+                      str(len(reported.get("mechanisms", []))), str(ledger_path))
+    console.print(table)
+    accuracy = summary.get("final_accuracy")
+    console.print(f"final accuracy {accuracy if accuracy is None else round(accuracy, 4)}; "
+                  f"scheme {summary['scheme']}, preset {summary['preset']}; {summary['reason']}")
+    console.print(f"outputs: {summary_path}, {out / 'audit.jsonl'}, {out / 'checkpoints'}, "
+                  f"{out / 'slaves'}")
+    return 0 if master_code == 0 and summary.get("status") == "finished" else 1

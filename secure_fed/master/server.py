@@ -1,0 +1,473 @@
+"""The master role: serves slaves over mutual TLS, runs rounds, commits models.
+
+Assembly only: round logic lives in :class:`secure_fed.protocol.coordinator.Coordinator`,
+homomorphic sums in :class:`secure_fed.crypto.aggregator.Aggregator` (public context), and
+decryption in :class:`secure_fed.crypto.keyholder.KeyHolder` (secret context).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from secure_fed import __version__
+from secure_fed.audit.log import AuditLog, genesis_data
+from secure_fed.crypto.aggregator import Aggregator
+from secure_fed.crypto.codec import UpdateEncoder
+from secure_fed.crypto.keyholder import KeyHolder
+from secure_fed.data.datasets import Dataset, load_bundled
+from secure_fed.data.partition import split_holdout
+from secure_fed.errors import ProtocolError, SecureFedError, TransportError
+from secure_fed.master.bundle import MasterBundle, context_digest
+from secure_fed.master.store import ModelStore
+from secure_fed.master.summary import RunSummary
+from secure_fed.models.package import ModelPackage, add_to_parameters, parameters_vector
+from secure_fed.models.registry import build_model
+from secure_fed.privacy.training import evaluate
+from secure_fed.protocol import coordinator as co
+from secure_fed.protocol.messages import (
+    PROTOCOL_VERSION,
+    Decline,
+    ErrorMessage,
+    Finished,
+    Hello,
+    ModelHeader,
+    Plan,
+    RoundEnd,
+    Task,
+    UpdateHeader,
+    Welcome,
+    parse_slave_message,
+)
+from secure_fed.transport.channel import Channel, start_server
+from secure_fed.transport.tls import peer_party_id, server_ssl_context
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict[str, Any]], None]
+"""Receives progress events (``round_start``, ``update``, ``round_end``, ...) for display."""
+
+
+@dataclass
+class _RoundState:
+    aggregator: Aggregator
+    started: float
+    start: co.StartRound
+    bytes_by_slave: dict[str, int] = field(default_factory=dict)
+
+
+class Master:
+    """Runs a federation from a master bundle until every round is committed.
+
+    Args:
+        bundle: the master bundle (config, certificates, HE keys).
+        out_dir: where checkpoints, ``audit.jsonl`` and ``summary.json`` go.
+        host: interface to listen on (default: the bundle's).
+        port: port to listen on (default: the bundle's; 0 lets the OS pick).
+        on_event: progress callback for a display; never required.
+    """
+
+    def __init__(
+        self,
+        bundle: MasterBundle,
+        out_dir: Path,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.config = bundle.config
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.host = host if host is not None else self.config.host
+        self.port = self.config.port if port is None else port
+        self._on_event = on_event or (lambda kind, data: None)
+        self.params = bundle.he_params
+        self._public_context = bundle.public_context.read_bytes()
+        self._public_digest = context_digest(self._public_context)
+        self.keyholder = KeyHolder(
+            self.params, bundle.secret_context.read_bytes(),
+            min_contributions=self.config.min_slaves,
+        )
+        self.store = ModelStore(self.out_dir / "checkpoints")
+        self.evaluation: Dataset | None = None
+        if self.config.evaluation.dataset:
+            _, self.evaluation = split_holdout(
+                load_bundled(self.config.evaluation.dataset),
+                test_fraction=self.config.evaluation.test_fraction,
+                seed=self.config.evaluation.seed,
+            )
+        self.package = self._initial_package()
+        self.vector_size = int(parameters_vector(self.package.build()).size)
+        self.chunks = UpdateEncoder.chunk_count_for(self.params, self.vector_size)
+        self.summary = RunSummary.load_or_create(
+            self.out_dir / "summary.json", federation_id=self.config.federation_id,
+            scheme=self.params.scheme, preset=self.params.preset,
+        )
+        self.audit = AuditLog.open(
+            self.out_dir / "audit.jsonl",
+            signing_key_pem=bundle.key.read_bytes(),
+            genesis=genesis_data(
+                self.config.federation_id,
+                ca_cert_pem=bundle.ca_cert.read_bytes(),
+                master_cert_pem=bundle.certificate.read_bytes(),
+                scheme=self.params.scheme,
+                preset=self.params.preset,
+                he_params=self.params.model_dump(mode="json"),
+                slaves=list(self.config.slaves),
+                rounds=self.config.rounds,
+                min_slaves=self.config.min_slaves,
+                software=f"secure-fed {__version__}",
+            ),
+        )
+        limits = self.config.limits
+        self.coordinator = co.Coordinator(
+            self.config.slaves,
+            rounds=self.config.rounds,
+            min_slaves=self.config.min_slaves,
+            chunks=self.chunks,
+            max_chunk_bytes=min(limits.max_message_bytes,
+                                UpdateEncoder.max_chunk_bytes_for(self.params)),
+            max_weight=self.config.encryption.max_weight_per_slave,
+            join_timeout_s=limits.join_timeout_s,
+            upload_deadline_s=limits.upload_deadline_s,
+            max_round_attempts=limits.max_round_attempts,
+            new_nonce=lambda: secrets.token_hex(16),
+            next_round=self.committed_round + 1,
+        )
+        self._channels: dict[str, Channel] = {}
+        self._lock = asyncio.Lock()
+        self._round: _RoundState | None = None
+        self._done = asyncio.Event()
+        self._outcome: co.FederationDone | None = None
+        self.bound_port: int | None = None
+
+    # --- model --------------------------------------------------------------------------------
+
+    def _initial_package(self) -> ModelPackage:
+        latest = self.store.latest()
+        if latest is not None:
+            self.committed_round = latest.round
+            log.info("resuming from the checkpoint of round %d", latest.round)
+            return latest.package
+        self.committed_round = 0
+        spec = self.config.model
+        torch.manual_seed(self.config.seed)
+        package = ModelPackage.from_module(spec.architecture, spec.kwargs,
+                                           build_model(spec.architecture, **spec.kwargs))
+        metrics = self._evaluate(package)
+        self.store.commit(0, package, {"metrics": metrics, "participants": []})
+        return package
+
+    def _evaluate(self, package: ModelPackage) -> dict[str, float]:
+        if self.evaluation is None:
+            return {}
+        accuracy, loss = evaluate(package.build(), self.evaluation)
+        return {"accuracy": float(accuracy), "loss": float(loss)}
+
+    # --- serving -------------------------------------------------------------------------------
+
+    async def run(self, *, ready: asyncio.Future[int] | None = None) -> RunSummary:
+        """Serve until the federation is done; returns the run summary (also on disk)."""
+        ssl_context = server_ssl_context(self.bundle.certificate, self.bundle.key,
+                                         self.bundle.ca_cert)
+        server = await start_server(self._handle, self.host, self.port,
+                                    ssl_context=ssl_context, limits=self.config.limits)
+        self.bound_port = next(iter(server.sockets)).getsockname()[1]
+        log.info("master of federation '%s' listening on %s:%d", self.config.federation_id,
+                 self.host, self.bound_port)
+        self._on_event("listening", {"host": self.host, "port": self.bound_port})
+        if ready is not None:
+            ready.set_result(self.bound_port)
+        ticker = asyncio.create_task(self._tick())
+        try:
+            await self._apply(self.coordinator.start(time.monotonic()))
+            await self._done.wait()
+            await self._broadcast_finished()
+        finally:
+            ticker.cancel()
+            server.close()
+            await server.wait_closed()
+            if self._round is not None:
+                self._round.aggregator.close()
+            self.keyholder.close()
+            self.audit.close()
+        return self.summary
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            async with self._lock:
+                await self._apply(self.coordinator.tick(time.monotonic()))
+
+    async def _handle(self, connection: Any) -> None:
+        try:
+            slave_id = peer_party_id(connection.transport.get_extra_info("ssl_object"))
+        except SecureFedError as exc:
+            log.warning("refusing a connection without a usable certificate: %s", exc)
+            await connection.close(1008, "client certificate required")
+            return
+        channel = Channel(connection, slave_id)
+        try:
+            await self._greet(channel)
+        except (ProtocolError, TransportError) as exc:
+            log.warning("handshake with '%s' failed: %s", slave_id, exc)
+            await self._refuse(channel, exc)
+            return
+        previous = self._channels.get(slave_id)
+        self._channels[slave_id] = channel
+        if previous is not None:
+            log.info("slave '%s' connected again; closing its older connection", slave_id)
+            await previous.close(4000, "replaced by a newer connection")
+        async with self._lock:
+            self.audit.append("slave_connected", {"slave": slave_id})
+            self._on_event("slave_connected", {"slave": slave_id})
+            await self._apply(self.coordinator.slave_connected(slave_id, time.monotonic()))
+        try:
+            while True:
+                message = await channel.receive()
+                async with self._lock:
+                    await self._dispatch(channel, message)
+        except TransportError as exc:
+            log.info("slave '%s' disconnected: %s", slave_id, exc)
+        except ProtocolError as exc:
+            await self._refuse(channel, exc)
+        finally:
+            if self._channels.get(slave_id) is channel:
+                del self._channels[slave_id]
+                async with self._lock:
+                    self.audit.append("slave_disconnected", {"slave": slave_id})
+                    await self._apply(self.coordinator.slave_disconnected(slave_id,
+                                                                          time.monotonic()))
+
+    async def _greet(self, channel: Channel) -> None:
+        hello = parse_slave_message(await channel.receive(self.config.limits.open_timeout_s))
+        if not isinstance(hello, Hello):
+            raise ProtocolError(f"expected 'hello' first, got '{hello.type}'")
+        if hello.protocol != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version {hello.protocol} is not supported; this master speaks "
+                f"version {PROTOCOL_VERSION}", 4002)
+        if channel.peer not in self.config.slaves:
+            raise ProtocolError(f"'{channel.peer}' is not a slave of this federation", 4003)
+        if hello.public_context_sha256 != self._public_digest:
+            raise ProtocolError(
+                "the slave's HE public context differs from the master's; install the slave "
+                "bundle made by `secure-fed init` for this federation", 4004)
+        await channel.send(Welcome(
+            protocol=PROTOCOL_VERSION, federation_id=self.config.federation_id,
+            slave_id=channel.peer, preset=self.params.preset,
+            next_round=self.coordinator.round))
+
+    async def _refuse(self, channel: Channel, error: SecureFedError) -> None:
+        code = error.close_code if isinstance(error, ProtocolError) else 1011
+        try:
+            await channel.send(ErrorMessage(code=code, message=str(error)[:2000]))
+        except Exception:  # noqa: BLE001 - the peer may already be gone
+            log.debug("could not send the error to '%s'", channel.peer)
+        await channel.close(code, str(error))
+
+    async def _dispatch(self, channel: Channel, message: str | bytes) -> None:
+        now = time.monotonic()
+        if isinstance(message, bytes):
+            await self._apply(self.coordinator.chunk(channel.peer, message, now))
+            return
+        parsed = parse_slave_message(message)
+        if isinstance(parsed, UpdateHeader):
+            await self._apply(self.coordinator.update_header(channel.peer, parsed, now))
+        elif isinstance(parsed, Decline):
+            await self._apply(self.coordinator.decline(channel.peer, parsed, now))
+        else:
+            raise ProtocolError("'hello' may be sent only once per connection")
+
+    # --- actions -------------------------------------------------------------------------------
+
+    async def _apply(self, actions: list[co.Action]) -> None:
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            queue[0:0] = await self._execute(action)
+
+    async def _execute(self, action: co.Action) -> list[co.Action]:
+        state = self._round
+        if isinstance(action, co.StartRound):
+            await self._start_round(action)
+        elif isinstance(action, co.AddChunk):
+            assert state is not None
+            try:
+                await asyncio.to_thread(state.aggregator.add_chunk, action.slave_id,
+                                        action.index, action.data)
+            except SecureFedError as exc:
+                return self.coordinator.update_failed(action.slave_id, str(exc),
+                                                      time.monotonic())
+            state.bytes_by_slave[action.slave_id] = (
+                state.bytes_by_slave.get(action.slave_id, 0) + len(action.data))
+        elif isinstance(action, co.FinishUpdate):
+            assert state is not None
+            return await self._finish_update(state, action)
+        elif isinstance(action, co.DiscardUpdate):
+            if state is not None:
+                await asyncio.to_thread(state.aggregator.discard, action.slave_id)
+            log.warning("update of '%s' discarded: %s", action.slave_id, action.reason)
+        elif isinstance(action, co.Send):
+            channel = self._channels.get(action.slave_id)
+            if channel is not None:
+                await self._send_quietly(channel, action.message)
+        elif isinstance(action, co.Note):
+            self.audit.append(action.event, dict(action.data))
+            self._on_event(action.event, dict(action.data))
+        elif isinstance(action, co.Aggregate):
+            return await self._aggregate(action)
+        elif isinstance(action, co.AbortRound):
+            self._close_round()
+            log.warning("round %d attempt %d aborted: %s", action.round, action.attempt,
+                        action.reason)
+            self.audit.append("round_aborted", {"round": action.round, "attempt": action.attempt,
+                                                "reason": action.reason,
+                                                "will_retry": action.will_retry})
+            self._on_event("round_aborted", {"round": action.round, "reason": action.reason})
+            await self._broadcast(RoundEnd(round=action.round, committed=False,
+                                           reason=action.reason[:2000]))
+        elif isinstance(action, co.FederationDone):
+            self._outcome = action
+            self.audit.append("federation_done", {"rounds_committed": action.rounds_committed,
+                                                  "reason": action.reason})
+            self.summary.finish(action.reason)
+            self._done.set()
+        return []
+
+    async def _finish_update(self, state: _RoundState, action: co.FinishUpdate) -> list[co.Action]:
+        try:
+            await asyncio.to_thread(state.aggregator.finish, action.slave_id,
+                                    action.header.weight)
+        except SecureFedError as exc:
+            return self.coordinator.update_failed(action.slave_id, str(exc), time.monotonic())
+        header = action.header
+        record = {
+            "slave": action.slave_id, "round": header.round,
+            "attempt": state.start.attempt, "weight": header.weight,
+            "bytes": state.bytes_by_slave.get(action.slave_id, 0),
+            "chunk_sha256": header.chunk_sha256, "loss": header.loss,
+            "epsilon": header.epsilon_spent, "delta": header.delta,
+            "accountant": header.accountant,
+            "mechanisms": [m.model_dump() for m in header.mechanisms],
+        }
+        self.audit.append("update_received", record)
+        self.summary.record_slave(action.slave_id, header)
+        self._on_event("update_received", record)
+        return []
+
+    async def _start_round(self, start: co.StartRound) -> None:
+        self._close_round()
+        spool = self.out_dir / "spool" / f"round-{start.round:06d}-{start.attempt}"
+        aggregator = Aggregator(self.params, self._public_context, self.vector_size,
+                                spool_dir=spool)
+        self._round = _RoundState(aggregator, time.monotonic(), start)
+        training = self.config.training
+        task = Task(
+            round=start.round, attempt=start.attempt, nonce=start.nonce,
+            deadline_s=start.deadline_s,
+            model=ModelHeader(architecture=self.package.architecture,
+                              kwargs=self.package.kwargs, digest=self.package.digest,
+                              params_bytes=len(self.package.params)),
+            plan=Plan(mode=training.mode, epochs=training.epochs,
+                      batch_size=training.batch_size, lr=training.lr,
+                      momentum=training.momentum, max_grad_norm=training.max_grad_norm,
+                      epsilon=training.epsilon, delta=training.delta,
+                      rounds_total=self.config.rounds),
+            vector_size=self.vector_size, chunks=self.chunks,
+        )
+        self.audit.append("round_start", {
+            "round": start.round, "attempt": start.attempt, "nonce": start.nonce,
+            "participants": list(start.recipients), "model_digest": self.package.digest,
+            "plan": task.plan.model_dump(),
+        })
+        self._on_event("round_start", {"round": start.round, "attempt": start.attempt,
+                                       "participants": list(start.recipients)})
+        for slave_id in start.recipients:
+            channel = self._channels.get(slave_id)
+            if channel is not None:
+                await self._send_quietly(channel, task, self.package.params)
+
+    async def _aggregate(self, action: co.Aggregate) -> list[co.Action]:
+        state = self._round
+        assert state is not None
+        now = time.monotonic()
+        try:
+            sums = await asyncio.to_thread(state.aggregator.sum_chunks)
+            average = await asyncio.to_thread(
+                self.keyholder.decrypt_average, sums, contributors=len(action.contributors),
+                total_weight=action.total_weight, vector_size=self.vector_size)
+            self.audit.append("aggregate_decrypted", {
+                "round": action.round, "attempt": action.attempt,
+                "contributors": list(action.contributors), "total_weight": action.total_weight,
+            })
+            package, metrics = await asyncio.to_thread(self._apply_average, average)
+            seconds = time.monotonic() - state.started
+            upload = sum(state.bytes_by_slave.get(s, 0) for s in action.contributors)
+            record = {"metrics": metrics, "participants": list(action.contributors),
+                      "upload_bytes": upload, "seconds": round(seconds, 3),
+                      "attempt": action.attempt}
+            await asyncio.to_thread(self.store.commit, action.round, package, record)
+        except SecureFedError as exc:
+            log.error("round %d could not be committed: %s", action.round, exc)
+            self.audit.append("aggregate_failed", {"round": action.round, "reason": str(exc)})
+            return self.coordinator.round_failed(str(exc), now)
+        self.package = package
+        self.audit.append("model_committed", {
+            "round": action.round, "model_digest": package.digest, **metrics,
+            "participants": list(action.contributors), "upload_bytes": upload,
+            "seconds": round(seconds, 3),
+        })
+        row = {"round": action.round, **metrics, "participants": list(action.contributors),
+               "upload_bytes": upload, "seconds": round(seconds, 3),
+               "declined": sorted(action.declines), "model_digest": package.digest}
+        self.summary.record_round(row)
+        self._on_event("round_end", row)
+        self._close_round()
+        await self._broadcast(RoundEnd(round=action.round, committed=True, reason="committed",
+                                       model_digest=package.digest))
+        return self.coordinator.round_committed(time.monotonic())
+
+    def _apply_average(self, average: np.ndarray) -> tuple[ModelPackage, dict[str, float]]:
+        if not np.all(np.isfinite(average)):
+            raise SecureFedError("the decrypted average holds non-finite values")
+        model = self.package.build()
+        add_to_parameters(model, self.config.training.server_lr * average)
+        package = ModelPackage.from_module(self.package.architecture, self.package.kwargs, model)
+        return package, self._evaluate(package)
+
+    def _close_round(self) -> None:
+        if self._round is not None:
+            self._round.aggregator.close()
+            self._round = None
+
+    async def _send_quietly(self, channel: Channel, message: Any, payload: bytes = b"") -> None:
+        try:
+            await channel.send(message)
+            if payload:
+                await channel.send_bytes(payload)
+        except Exception as exc:  # noqa: BLE001 - a vanished slave is handled by its reader
+            log.info("could not send to '%s': %s", channel.peer, exc)
+
+    async def _broadcast(self, message: Any) -> None:
+        for channel in list(self._channels.values()):
+            await self._send_quietly(channel, message)
+
+    async def _broadcast_finished(self) -> None:
+        outcome = self._outcome
+        message = Finished(rounds=outcome.rounds_committed if outcome else 0,
+                           reason=(outcome.reason if outcome else "stopped")[:2000])
+        for channel in list(self._channels.values()):
+            await self._send_quietly(channel, message)
+            await channel.close(1000, "federation finished")

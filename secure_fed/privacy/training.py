@@ -1,0 +1,464 @@
+"""DP-SGD training of a slave's local copy of the model, through Opacus.
+
+Each call builds a fresh ``opacus.PrivacyEngine`` and makes a *deep copy* of the given module
+private (``make_private``), so the caller's module is never modified and no Opacus hooks
+leak out. Batches are drawn by Poisson sampling with rate ``q = batch_size / N`` exactly:
+each step every record joins the batch independently with probability q (Opacus's
+``DPDataLoader`` sampler; the loader's index lists are used to slice the in-memory tensors
+directly). An epoch is ``int(1 / q)`` steps, as in Opacus.
+
+The Opacus accountant is not used: every function returns the :class:`Mechanism` it ran
+(σ, q, steps) so that the caller records it in its :class:`~secure_fed.privacy.ledger.
+PrivacyLedger` *before* anything is sent.
+
+Randomness: ``seed=None`` (the default for real use) draws a fresh seed from the operating
+system. A fixed seed makes a run reproducible, **and makes its noise predictable to anyone
+who knows the seed** — never let the seed come from the master or be shared. Even with a
+fresh seed the noise comes from torch's (non-cryptographic) generator, like Opacus without
+``secure_mode``.
+
+Per-sample gradients use Opacus's ``grad_sample_mode="ew"`` (torch's expanded weights) by
+default: on the demo MLP it is the fastest of ``hooks`` / ``ew`` / ``functorch`` (see
+``benchmarks/bench_dp_step.py``). It supports Linear, Conv, GroupNorm, LayerNorm and
+Embedding layers — everything in the built-in registry; pass ``grad_sample_mode="hooks"``
+for other layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import secrets
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.validators.errors import UnsupportedModuleError
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from secure_fed.data.datasets import Dataset
+from secure_fed.errors import PrivacyError
+from secure_fed.models.package import parameters_vector
+from secure_fed.privacy.accounting import Mechanism, check_delta
+
+logger = logging.getLogger(__name__)
+
+#: Opacus per-sample-gradient implementation used unless told otherwise.
+DEFAULT_GRAD_SAMPLE_MODE = "ew"
+GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+MAX_EPOCHS = 10_000
+MAX_BATCH = 10_000_000
+
+
+@dataclass
+class DPSettings:
+    """How a slave runs DP-SGD in one round (part of the master's training plan).
+
+    Args:
+        noise_multiplier: σ, noise standard deviation / clipping norm (≥ 0).
+        max_grad_norm: C, per-sample gradient clipping norm (L2, > 0).
+        batch_size: expected logical batch size B; the sample rate is q = min(1, B / N), so
+            a B above the number of records N means full batches (q = 1, expected batch N).
+        epochs: passes over the data per round; each is ``int(N / B)`` steps (≥ 1).
+        lr: learning rate of the local SGD (> 0).
+        momentum: SGD momentum (0 ≤ m < 1).
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    batch_size: int
+    epochs: int
+    lr: float
+    momentum: float = 0.0
+
+    def sample_rate(self, records: int) -> float:
+        """q = batch_size / records, after validating every setting against ``records``."""
+        _number("noise_multiplier", self.noise_multiplier, low=0.0, low_inclusive=True)
+        _number("max_grad_norm", self.max_grad_norm, low=0.0)
+        _number("lr", self.lr, low=0.0)
+        m = _number("momentum", self.momentum, low=0.0, low_inclusive=True)
+        if m >= 1.0:
+            raise PrivacyError(f"momentum must be < 1, got {self.momentum}")
+        _integer("epochs", self.epochs, 1, MAX_EPOCHS)
+        if records < 1:
+            raise PrivacyError("the dataset is empty; DP-SGD needs at least one record")
+        _integer("batch_size", self.batch_size, 1, MAX_BATCH)
+        return min(1.0, self.batch_size / records)
+
+    def expected_batch(self, records: int) -> int:
+        """The expected batch size actually used: ``min(batch_size, records)``."""
+        self.sample_rate(records)
+        return min(self.batch_size, records)
+
+    def steps_per_epoch(self, records: int) -> int:
+        """Optimizer steps in one epoch: ``int(1 / q)`` (Opacus's convention), at least 1.
+
+        Plan privacy with this (``epochs × steps_per_epoch`` steps per round), not with
+        ``round(1 / q)``: the ledger records the steps that actually ran.
+        """
+        return max(1, int(1.0 / self.sample_rate(records)))
+
+
+def _number(name: str, value: Any, *, low: float, low_inclusive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PrivacyError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (value == low and not low_inclusive):
+        bound = "≥" if low_inclusive else ">"
+        raise PrivacyError(f"{name} must be {bound} {low:g}, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise PrivacyError(f"{name} must be an integer between {low} and {high}, got {value!r}")
+    return value
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train_delta`.
+
+    Args:
+        delta_vector: new − old trainable parameters, float32, in ``parameters_vector`` order.
+        mechanism: (σ, q, steps) that was run — record it before sending.
+        loss: mean training loss over the last epoch (nats).
+        samples: N, the number of records trained on (the FedAvg weight).
+    """
+
+    delta_vector: np.ndarray
+    mechanism: Mechanism
+    loss: float
+    samples: int
+
+
+@dataclass
+class GradientResult:
+    """Outcome of :func:`train_gradient`: one noisy averaged gradient (FedSGD).
+
+    Args:
+        gradient: clipped, noised gradient of the mean loss, float32, ``parameters_vector`` order.
+        mechanism: (σ, q, 1).
+        loss: loss of the sampled batch (nats; NaN if the batch was empty).
+        samples: N, the number of records.
+    """
+
+    gradient: np.ndarray
+    mechanism: Mechanism
+    loss: float
+    samples: int
+
+
+@dataclass
+class DistillResult:
+    """Outcome of :func:`train_distill`.
+
+    Args:
+        params_vector: the trained student's parameters, float32, ``parameters_vector`` order.
+        mechanism: (σ, q, steps).
+        loss: mean distillation loss over the last epoch.
+        samples: N, the number of records.
+    """
+
+    params_vector: np.ndarray
+    mechanism: Mechanism
+    loss: float
+    samples: int
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence two known, harmless warnings of Opacus/torch (secure RNG off; backward hook)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+@contextmanager
+def _opacus_errors() -> Iterator[None]:
+    """Turn Opacus's refusal of a module (e.g. BatchNorm) into a PrivacyError."""
+    try:
+        yield
+    except UnsupportedModuleError as exc:
+        raise PrivacyError(
+            f"this model cannot be trained with DP-SGD: {exc}. Use per-sample-gradient "
+            "friendly layers (GroupNorm instead of BatchNorm)"
+        ) from exc
+
+
+def _seeds(seed: int | None) -> tuple[int, int]:
+    if seed is None:
+        seed = secrets.randbits(63)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise PrivacyError(f"seed must be an integer ≥ 0 or None, got {seed!r}")
+    sampling, noise = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
+    return int(sampling), int(noise)
+
+
+def _prepare(
+    data: Dataset, settings: DPSettings, delta: float | None, threads: int | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    n = len(data)
+    q = settings.sample_rate(n)
+    if delta is not None:
+        check_delta(delta, records=n)
+    if threads is not None:
+        torch.set_num_threads(_integer("threads", threads, 1, 1024))
+    if settings.noise_multiplier == 0:
+        logger.warning("noise_multiplier is 0: this training run is not differentially private")
+    return torch.from_numpy(data.features), torch.from_numpy(data.labels), q
+
+
+class _PrivateRun:
+    """A deep copy of ``module`` made private with a fresh PrivacyEngine."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        settings: DPSettings,
+        q: float,
+        seed: int | None,
+        grad_sample_mode: str,
+    ) -> None:
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise PrivacyError(
+                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
+            )
+        sampling_seed, noise_seed = _seeds(seed)
+        self.x, self.y = x, y
+        self.module = copy.deepcopy(module)
+        self.module.train()
+        optimizer = torch.optim.SGD(
+            self.module.parameters(), lr=settings.lr, momentum=settings.momentum
+        )
+        sampler_rng = torch.Generator().manual_seed(sampling_seed)
+        loader = DPDataLoader(TensorDataset(x, y), sample_rate=q, generator=sampler_rng)
+        with _quiet(), _opacus_errors():
+            engine = PrivacyEngine(accountant="prv", secure_mode=False)
+            self.wrapped, self.optimizer, self.loader = engine.make_private(
+                module=self.module,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=float(settings.noise_multiplier),
+                max_grad_norm=float(settings.max_grad_norm),
+                poisson_sampling=False,  # the loader above already samples with rate q exactly
+                noise_generator=torch.Generator().manual_seed(noise_seed),
+                grad_sample_mode=grad_sample_mode,
+            )
+        # make_private derives the expected batch size from len(loader); use B exactly.
+        self.optimizer.expected_batch_size = settings.expected_batch(len(y))
+
+    def batches(self, epochs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Poisson batches: ``epochs × int(1/q)`` of them (some may be empty)."""
+        for _ in range(epochs):
+            for indices in self.loader.batch_sampler:
+                index = torch.as_tensor(indices, dtype=torch.long)
+                yield self.x[index], self.y[index]
+
+    def step(
+        self,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        xb: torch.Tensor,
+        yb: torch.Tensor,
+        *,
+        apply: bool = True,
+    ) -> float:
+        """One DP-SGD step (clip, noise, average over B); returns the batch loss (NaN if empty)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if xb.shape[0] == 0:
+            # An empty Poisson batch still releases noise: the step adds N(0, σ²C²)/B alone.
+            # Empty per-sample gradients make the DP optimizer do exactly that, in every mode.
+            for p in self.module.parameters():
+                if p.requires_grad:
+                    setattr(p, "grad_sample", torch.zeros((0, *p.shape), dtype=p.dtype))  # noqa: B010
+            value = math.nan
+        else:
+            loss = loss_fn(self.wrapped(xb), yb, xb)
+            value = float(loss.detach())
+            with _quiet():
+                loss.backward()
+        if apply:
+            self.optimizer.step()
+        else:
+            self.optimizer.pre_step()
+        return value
+
+    def close(self) -> None:
+        """Remove Opacus hooks from the (discarded) copy."""
+        remove = getattr(self.wrapped, "_close", None)
+        if callable(remove):
+            remove()
+
+
+def _epoch_loop(
+    run: _PrivateRun,
+    settings: DPSettings,
+    records: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[int, float]:
+    per_epoch = settings.steps_per_epoch(records)
+    steps = 0
+    last_total, last_count = 0.0, 0
+    for xb, yb in run.batches(settings.epochs):
+        value = run.step(loss_fn, xb, yb)
+        if steps >= per_epoch * (settings.epochs - 1) and xb.shape[0] > 0:
+            last_total += value * xb.shape[0]
+            last_count += xb.shape[0]
+        steps += 1
+    return steps, (last_total / last_count if last_count else math.nan)
+
+
+def _cross_entropy(out: torch.Tensor, yb: torch.Tensor, _xb: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, yb)
+
+
+def train_delta(
+    model: nn.Module,
+    data: Dataset,
+    settings: DPSettings,
+    *,
+    seed: int | None = None,
+    threads: int | None = None,
+    delta: float | None = None,
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+) -> TrainResult:
+    """Train a copy of ``model`` with DP-SGD for ``settings.epochs`` and return the change.
+
+    Args:
+        model: the master's model (not modified).
+        data: this slave's private records.
+        settings: the DP-SGD plan.
+        seed: RNG seed for sampling and noise; None for a fresh OS-random seed (see module doc).
+        threads: torch intra-op threads to use (process-wide), or None to leave as is.
+        delta: if given, checked to be below 1/N.
+        grad_sample_mode: Opacus per-sample-gradient mode (``hooks``, ``ew``, ``functorch``).
+    """
+    x, y, q = _prepare(data, settings, delta, threads)
+    run = _PrivateRun(model, x, y, settings, q, seed, grad_sample_mode)
+    try:
+        before = parameters_vector(run.module)
+        steps, loss = _epoch_loop(run, settings, len(data), _cross_entropy)
+        after = parameters_vector(run.module)
+    finally:
+        run.close()
+    mechanism = Mechanism(float(settings.noise_multiplier), q, steps)
+    logger.debug("train_delta: %s, last-epoch loss %.4f", mechanism, loss)
+    return TrainResult(after - before, mechanism, loss, len(data))
+
+
+def train_gradient(
+    model: nn.Module,
+    data: Dataset,
+    settings: DPSettings,
+    *,
+    seed: int | None = None,
+    threads: int | None = None,
+    delta: float | None = None,
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+) -> GradientResult:
+    """FedSGD: one DP-SGD step on one Poisson batch; return the noisy averaged gradient.
+
+    The gradient is the sum of clipped per-sample gradients plus N(0, σ²C²) noise, divided by
+    the expected batch size B (``settings.epochs``, ``lr`` and ``momentum`` are unused). The
+    master applies ``params −= lr × gradient``.
+
+    Args: as for :func:`train_delta`.
+    """
+    x, y, q = _prepare(data, settings, delta, threads)
+    run = _PrivateRun(model, x, y, settings, q, seed, grad_sample_mode)
+    try:
+        xb, yb = next(run.batches(1))
+        loss = run.step(_cross_entropy, xb, yb, apply=False)
+        params = [p for p in run.module.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        gradient = torch.cat([g.detach().reshape(-1) for g in grads]).to(torch.float32).numpy()
+    finally:
+        run.close()
+    return GradientResult(
+        gradient.copy(), Mechanism(float(settings.noise_multiplier), q, 1), loss, len(data)
+    )
+
+
+def train_distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Dataset,
+    settings: DPSettings,
+    *,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    seed: int | None = None,
+    threads: int | None = None,
+    delta: float | None = None,
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+) -> DistillResult:
+    """Distil ``teacher`` into a copy of ``student`` on private data with DP-SGD.
+
+    Per-record loss: ``α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·CE(student,
+    label)``; the teacher is frozen (a copy in eval mode under ``no_grad``). Only the student
+    is trained, so only its gradients are clipped and noised.
+
+    Args:
+        teacher: the frozen teacher model (not modified).
+        student: the student model to start from (not modified).
+        data: this slave's private records.
+        settings: the DP-SGD plan.
+        temperature: T (> 0).
+        alpha: α, weight of the distillation term (0 ≤ α ≤ 1).
+        seed, threads, delta, grad_sample_mode: as for :func:`train_delta`.
+    """
+    t = _number("temperature", temperature, low=0.0)
+    a = _number("alpha", alpha, low=0.0, low_inclusive=True)
+    if a > 1.0:
+        raise PrivacyError(f"alpha must be between 0 and 1, got {alpha}")
+    x, y, q = _prepare(data, settings, delta, threads)
+    frozen = copy.deepcopy(teacher).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+
+    def distill_loss(out: torch.Tensor, yb: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.softmax(frozen(xb) / t, dim=1)
+        kl = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean")
+        return a * t * t * kl + (1.0 - a) * F.cross_entropy(out, yb)
+
+    run = _PrivateRun(student, x, y, settings, q, seed, grad_sample_mode)
+    try:
+        steps, loss = _epoch_loop(run, settings, len(data), distill_loss)
+        params = parameters_vector(run.module)
+    finally:
+        run.close()
+    return DistillResult(
+        params, Mechanism(float(settings.noise_multiplier), q, steps), loss, len(data)
+    )
+
+
+def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 1024) -> tuple[float, float]:
+    """Accuracy (fraction correct) and mean cross-entropy loss (nats) of ``model`` on ``data``."""
+    if len(data) == 0:
+        raise PrivacyError("cannot evaluate on an empty dataset")
+    was_training = model.training
+    model.eval()
+    correct, total_loss = 0, 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                xb = torch.from_numpy(data.features[start : start + batch_size])
+                yb = torch.from_numpy(data.labels[start : start + batch_size])
+                out = model(xb)
+                total_loss += float(F.cross_entropy(out, yb, reduction="sum"))
+                correct += int((out.argmax(dim=1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(data), total_loss / len(data)

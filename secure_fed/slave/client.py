@@ -1,0 +1,286 @@
+"""The slave role: connects to the master, trains under DP, encrypts and uploads.
+
+The slave never executes anything it receives: the architecture is resolved by name from its
+own registry, parameters are parsed from safetensors, and every header is validated. Its
+privacy ledger is written *before* an update leaves the process, so a crash can over-count the
+budget, never under-count it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from secure_fed import __version__
+from secure_fed.crypto.codec import UpdateEncoder
+from secure_fed.data.datasets import Dataset
+from secure_fed.errors import (
+    BudgetExhausted,
+    ConfigError,
+    ModelError,
+    PrivacyError,
+    ProtocolError,
+    SecureFedError,
+    TransportError,
+)
+from secure_fed.master.bundle import SlaveBundle, context_digest
+from secure_fed.models.package import ModelPackage
+from secure_fed.privacy.accounting import calibrate_noise
+from secure_fed.privacy.ledger import LedgerEntry, PrivacyLedger
+from secure_fed.privacy.training import DPSettings, train_delta
+from secure_fed.protocol.messages import (
+    PROTOCOL_VERSION,
+    Accepted,
+    Decline,
+    ErrorMessage,
+    Finished,
+    Hello,
+    MechanismRecord,
+    Rejected,
+    RoundEnd,
+    Task,
+    UpdateHeader,
+    Welcome,
+    parse_master_message,
+)
+from secure_fed.transport.channel import Channel, open_connection
+from secure_fed.transport.tls import client_ssl_context
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class SlaveReport:
+    """What a slave did in one run of :meth:`Slave.run`."""
+
+    slave_id: str
+    rounds_trained: list[int] = field(default_factory=list)
+    rounds_declined: list[int] = field(default_factory=list)
+    epsilon: float = 0.0
+    finished_reason: str = ""
+
+
+class _Retry(Exception):
+    """The connection dropped; reconnect after a backoff."""
+
+
+class Slave:
+    """A data owner taking part in a federation.
+
+    Args:
+        bundle: this slave's bundle (certificate, key, public HE context, settings).
+        data: the private training data; it never leaves this process.
+        state_dir: where the privacy ledger lives (default: the bundle directory).
+        workers: encryption worker processes (``None``: the bundle's setting).
+        threads: torch threads for local training.
+        reconnect_give_up_s: stop reconnecting after this many seconds without a connection.
+        on_event: progress callback for a display.
+    """
+
+    def __init__(
+        self,
+        bundle: SlaveBundle,
+        data: Dataset,
+        *,
+        state_dir: Path | None = None,
+        workers: int | None = None,
+        threads: int = 1,
+        reconnect_give_up_s: float = 300.0,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.config = bundle.config
+        self.data = data
+        self.state_dir = Path(state_dir) if state_dir is not None else bundle.directory
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.threads = threads
+        self.reconnect_give_up_s = reconnect_give_up_s
+        self._on_event = on_event or (lambda kind, data: None)
+        weight = len(data.labels)
+        if weight > self.config.encryption.max_weight_per_slave:
+            raise ConfigError(
+                f"slave '{self.config.slave_id}' holds {weight} records, more than the "
+                f"federation's max_weight_per_slave={self.config.encryption.max_weight_per_slave};"
+                " re-run `secure-fed init` with a larger --max-records")
+        self.ledger = PrivacyLedger.open(
+            self.state_dir, budget_epsilon=self.config.budget_epsilon, delta=self.config.delta,
+            accountant=self.config.accountant, source_id=self.config.slave_id)
+        self._public_context = bundle.public_context.read_bytes()
+        self._workers = workers if workers is not None else self.config.encryption.workers
+        self.report = SlaveReport(self.config.slave_id)
+
+    async def run(self) -> SlaveReport:
+        """Take part until the master says the federation is finished."""
+        ssl_context = client_ssl_context(self.bundle.certificate, self.bundle.key,
+                                         self.bundle.ca_cert)
+        with UpdateEncoder(self.bundle.he_params, self._public_context,
+                           workers=self._workers) as encoder:
+            delay = 0.5
+            give_up_at = asyncio.get_running_loop().time() + self.reconnect_give_up_s
+            while True:
+                try:
+                    connection = await open_connection(
+                        self.config.master_url, ssl_context=ssl_context,
+                        limits=self.config.limits)
+                except TransportError as exc:
+                    if asyncio.get_running_loop().time() >= give_up_at:
+                        raise TransportError(
+                            f"gave up reaching the master after {self.reconnect_give_up_s:g} s: "
+                            f"{exc}") from exc
+                    wait = random.uniform(0, delay)  # noqa: S311 - jitter, not a secret
+                    log.info("master not reachable (%s); retrying in %.1f s", exc, wait)
+                    await asyncio.sleep(wait)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                delay = 0.5
+                channel = Channel(connection, "master")
+                try:
+                    if await self._session(channel, encoder):
+                        break
+                except _Retry as exc:
+                    log.info("connection to the master lost (%s); reconnecting", exc)
+                finally:
+                    await channel.close()
+                give_up_at = asyncio.get_running_loop().time() + self.reconnect_give_up_s
+        self.report.epsilon = self.ledger.spent()
+        return self.report
+
+    async def _session(self, channel: Channel, encoder: UpdateEncoder) -> bool:
+        """One connection's worth of work; True when the federation is finished."""
+        try:
+            await channel.send(Hello(
+                protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
+                public_context_sha256=context_digest(self._public_context)))
+            welcome = parse_master_message(await channel.receive(
+                self.config.limits.open_timeout_s))
+            if isinstance(welcome, ErrorMessage):
+                raise ProtocolError(f"the master refused this slave: {welcome.message}",
+                                    welcome.code)
+            if not isinstance(welcome, Welcome):
+                raise ProtocolError(f"expected 'welcome', got '{welcome.type}'")
+            if welcome.federation_id != self.config.federation_id:
+                raise ProtocolError(
+                    f"the master serves federation '{welcome.federation_id}', this bundle is for "
+                    f"'{self.config.federation_id}'")
+            self._on_event("connected", {"slave": self.config.slave_id})
+            while True:
+                message = parse_master_message(await channel.receive())
+                if isinstance(message, Task):
+                    params = await channel.receive(self.config.limits.open_timeout_s * 6)
+                    await self._handle_task(channel, encoder, message, params)
+                elif isinstance(message, Finished):
+                    self.report.finished_reason = message.reason
+                    self._on_event("finished", {"reason": message.reason})
+                    return True
+                elif isinstance(message, ErrorMessage):
+                    raise ProtocolError(f"the master reported an error: {message.message}",
+                                        message.code)
+                elif isinstance(message, Accepted | Rejected | RoundEnd):
+                    self._on_event(message.type, message.model_dump())
+                    if isinstance(message, Rejected):
+                        log.warning("round %d: the master refused our update: %s",
+                                    message.round, message.reason)
+        except TransportError as exc:
+            raise _Retry(str(exc)) from exc
+
+    async def _handle_task(self, channel: Channel, encoder: UpdateEncoder, task: Task,
+                           params: str | bytes) -> None:
+        if not isinstance(params, bytes) or len(params) != task.model.params_bytes:
+            raise ProtocolError("the task's model parameters did not follow as announced")
+        if len(params) > self.config.limits.max_model_bytes:
+            raise ProtocolError(f"model of {len(params)} bytes exceeds this slave's limit of "
+                                f"{self.config.limits.max_model_bytes}")
+        fed = self.config.federation_id
+        try:
+            package = self._accept_model(task, params)
+            if self.ledger.has_task(fed, task.nonce):
+                raise PrivacyError("an update for this task was already produced; training "
+                                   "again would spend the budget twice")
+            settings = self._plan_privacy(task)
+        except (ModelError, PrivacyError) as exc:
+            await self._decline(channel, task, str(exc))
+            return
+        self._on_event("training", {"round": task.round, "sigma": settings.noise_multiplier})
+        model = package.build()
+        # The DP noise must come from this slave's own randomness: a seed chosen by the master
+        # would let the master regenerate the noise and subtract it.
+        seed = secrets.randbits(63)
+        result = await asyncio.to_thread(train_delta, model, self.data, settings, seed=seed,
+                                         threads=self.threads, delta=self.config.delta)
+        if result.delta_vector.size != task.vector_size:
+            raise ProtocolError(f"the model has {result.delta_vector.size} parameters, the task "
+                                f"announced {task.vector_size}")
+        # The ledger is written before anything derived from the data leaves this process.
+        self.ledger.record([LedgerEntry(
+            noise_multiplier=result.mechanism.noise_multiplier,
+            sample_rate=result.mechanism.sample_rate, steps=result.mechanism.steps,
+            delta=self.config.delta, federation_id=fed, round=task.round, mode=task.plan.mode,
+            task_nonce=task.nonce)])
+        spent = self.ledger.spent()
+        chunks = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: encoder.encrypt(result.delta_vector, weight=result.samples))
+        header = UpdateHeader(
+            round=task.round, nonce=task.nonce, weight=result.samples,
+            chunk_sha256=[hashlib.sha256(c).hexdigest() for c in chunks],
+            chunk_bytes=[len(c) for c in chunks], loss=float(result.loss),
+            mechanisms=[MechanismRecord(noise_multiplier=m.noise_multiplier,
+                                        sample_rate=m.sample_rate, steps=m.steps)
+                        for m in self.ledger.mechanisms()],
+            epsilon_spent=spent, delta=self.config.delta, accountant=self.config.accountant)
+        await channel.send(header)
+        for chunk in chunks:
+            await channel.send_bytes(chunk)
+        self.report.rounds_trained.append(task.round)
+        self._on_event("uploaded", {"round": task.round, "bytes": sum(len(c) for c in chunks),
+                                    "epsilon": spent, "loss": result.loss})
+
+    def _accept_model(self, task: Task, params: bytes) -> ModelPackage:
+        allowed = self.config.allowed_architectures
+        if allowed and task.model.architecture not in allowed:
+            raise ModelError(f"architecture '{task.model.architecture}' is not in this slave's "
+                             f"allowed list {allowed}")
+        return ModelPackage.from_parts(task.model.model_dump(exclude={"params_bytes"}), params)
+
+    def _plan_privacy(self, task: Task) -> DPSettings:
+        """Calibrate σ so that this data source's budget lasts the rounds still to come."""
+        plan = task.plan
+        records = len(self.data.labels)
+        if self.config.delta >= 1.0 / records:
+            raise PrivacyError(f"δ={self.config.delta:g} is not below 1/records=1/{records}; "
+                               "choose a smaller δ for this slave")
+        draft = DPSettings(noise_multiplier=1.0, max_grad_norm=plan.max_grad_norm,
+                           batch_size=min(plan.batch_size, records), epochs=plan.epochs,
+                           lr=plan.lr, momentum=plan.momentum)
+        rounds_left = max(1, plan.rounds_total - task.round + 1)
+        # The federation asks for plan.epsilon; the data source never exceeds its own budget.
+        budget = min(self.config.budget_epsilon, self.ledger.spent() + plan.epsilon)
+        try:
+            sigma = calibrate_noise(
+                self.ledger.mechanisms(), sample_rate=draft.sample_rate(records),
+                steps_per_round=plan.epochs * draft.steps_per_epoch(records),
+                rounds=rounds_left, delta=self.config.delta, budget=budget,
+                accountant=self.config.accountant, source_id=self.config.slave_id)
+        except BudgetExhausted as exc:
+            raise BudgetExhausted(f"{exc} (round {task.round} of {plan.rounds_total})") from exc
+        return replace(draft, noise_multiplier=sigma)
+
+    async def _decline(self, channel: Channel, task: Task, reason: str) -> None:
+        spent = self.ledger.spent()
+        log.warning("declining round %d: %s", task.round, reason)
+        self.report.rounds_declined.append(task.round)
+        self._on_event("declined", {"round": task.round, "reason": reason})
+        await channel.send(Decline(round=task.round, nonce=task.nonce, reason=reason[:2000],
+                                   epsilon_spent=spent,
+                                   epsilon_remaining=self.config.budget_epsilon - spent))
+
+
+__all__ = ["Slave", "SlaveReport", "SecureFedError"]

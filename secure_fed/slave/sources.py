@@ -1,0 +1,42 @@
+"""Where a slave's private data comes from: the user's own file, or a bundled dataset's part."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from secure_fed.data.datasets import Dataset, load_bundled
+from secure_fed.data.partition import parse_partition, partition_iid, select, split_holdout
+from secure_fed.data.tabular import load_csv, load_npz
+from secure_fed.errors import DataError
+
+
+def bundled_part(name: str, partition: str, *, seed: int = 0,
+                 test_fraction: float = 0.2) -> Dataset:
+    """Part ``i/k`` of a bundled dataset's training split (the master keeps the hold-out).
+
+    The same ``(name, seed, test_fraction)`` on the master side yields exactly the hold-out
+    split this part excludes, so that a trial federation evaluates on data no slave holds.
+    """
+    index, count = parse_partition(partition)
+    train, _ = split_holdout(load_bundled(name), test_fraction=test_fraction, seed=seed)
+    parts = partition_iid(len(train.labels), count, seed)
+    return select(train, parts[index])
+
+
+def load_private_data(
+    *, data: Path | None, label_column: str | None, dataset: str | None,
+    partition: str | None, seed: int = 0,
+) -> Dataset:
+    """The slave's training data from exactly one of ``data`` (CSV/NPZ) or ``dataset``."""
+    if (data is None) == (dataset is None):
+        raise DataError("give exactly one of --data FILE (your own table) or --dataset NAME "
+                        "--partition I/K (a bundled dataset, for trials)")
+    if dataset is not None:
+        return bundled_part(dataset, partition or "0/1", seed=seed)
+    assert data is not None
+    if data.suffix.lower() == ".npz":
+        return load_npz(data)
+    if not label_column:
+        raise DataError(f"--label-column is required to read {data}: name the column that holds "
+                        "the label")
+    return load_csv(data, label_column)

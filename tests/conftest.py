@@ -1,0 +1,40 @@
+"""Shared fixtures: small real federations (real TLS, real TenSEAL, real Opacus)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from secure_fed.config.settings import (
+    EncryptionSettings,
+    EvaluationSettings,
+    LimitSettings,
+    ModelSpec,
+    TrainingPlanSettings,
+)
+from secure_fed.master.provision import FederationPlan, init_federation
+
+TINY_MODEL = ModelSpec(architecture="mlp",
+                       kwargs={"in_features": 64, "num_classes": 10, "hidden": [16]})
+
+
+def small_plan(slaves: list[str], **overrides: object) -> FederationPlan:
+    settings: dict[str, object] = dict(
+        federation_id="test-fed", slaves=slaves, host="127.0.0.1", port=0, rounds=2,
+        min_slaves=len(slaves), model=TINY_MODEL,
+        training=TrainingPlanSettings(epochs=1, batch_size=64, epsilon=3.0),
+        encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1),
+        limits=LimitSettings(join_timeout_s=60, upload_deadline_s=120, open_timeout_s=10),
+        evaluation=EvaluationSettings(dataset="digits"),
+    )
+    settings.update(overrides)
+    return FederationPlan(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def federation_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-slave federation's bundles, made once per test session."""
+    fed_dir = tmp_path_factory.mktemp("fed")
+    init_federation(fed_dir, small_plan(["a", "b"]))
+    return fed_dir
