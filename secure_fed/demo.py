@@ -33,6 +33,7 @@ from secure_fed.config.settings import (
 from secure_fed.errors import SecureFedError
 from secure_fed.master.provision import FederationPlan, init_federation
 
+DEMO_DELTA = 1e-5
 MASTER_OUTPUTS = ("summary.json", "audit.jsonl", "checkpoints", "spool", "master.log",
                   "master.port")
 
@@ -101,7 +102,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         federation_id=fed_id, slaves=slave_ids, host="127.0.0.1", port=0,
         rounds=options.rounds, min_slaves=max(1, options.slaves // 2 + 1),
         model=_model(features, classes),
-        training=TrainingPlanSettings(epsilon=options.epsilon),
+        training=TrainingPlanSettings(epsilon=options.epsilon, delta=DEMO_DELTA),
         encryption=EncryptionSettings(preset=options.preset, max_weight_per_slave=65536),
         limits=LimitSettings(join_timeout_s=120, upload_deadline_s=300, keepalive_interval_s=10,
                              keepalive_timeout_s=30),
@@ -151,7 +152,8 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=30)
-    return _report(out, slave_ids, master_code, console)
+    port_file.unlink(missing_ok=True)
+    return _report(out, options, slave_ids, master_code, console)
 
 
 def _model(features: int, classes: int) -> ModelSpec:
@@ -159,25 +161,41 @@ def _model(features: int, classes: int) -> ModelSpec:
                      kwargs={"in_features": features, "num_classes": classes, "hidden": [64]})
 
 
-def _report(out: Path, slave_ids: list[str], master_code: int, console: Console) -> int:
+def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: int,
+            console: Console) -> int:
+    from secure_fed.privacy.ledger import PrivacyLedger
+
     summary_path = out / "summary.json"
     if not summary_path.exists():
-        console.print("[red]no summary was written[/]; see the logs in", out / "logs")
+        console.print(f"[red]no summary was written[/]; see the logs in {out / 'logs'}")
         return 1
     summary = json.loads(summary_path.read_text())
     table = Table(title="privacy budget per slave (from each slave's own ledger)")
-    for column in ("slave", "ε spent", "δ", "accountant", "DP-SGD runs", "ledger"):
+    for column in ("slave", "ε spent", "budget", "δ", "accountant", "DP-SGD runs",
+                   "federations"):
         table.add_column(column)
+    exhausted = 0
     for slave_id in slave_ids:
-        ledger_path = out / "slaves" / slave_id / "ledger.json"
-        reported = summary["slaves"].get(slave_id, {})
-        table.add_row(slave_id, f"{reported.get('epsilon', 0.0):.3f}",
-                      f"{reported.get('delta', 0.0):g}", str(reported.get("accountant", "-")),
-                      str(len(reported.get("mechanisms", []))), str(ledger_path))
+        ledger = PrivacyLedger.open(out / "slaves" / slave_id, budget_epsilon=options.epsilon,
+                                    delta=DEMO_DELTA, source_id=slave_id)
+        report = ledger.to_summary()
+        if ledger.remaining() < 0.01 * options.epsilon:
+            exhausted += 1
+        federations = {m["federation_id"] for m in report["mechanisms"]}
+        table.add_row(slave_id, f"{report['epsilon']:.3f}", f"{report['budget']:g}",
+                      f"{report['delta']:g}", report["accountant"],
+                      str(len(report["mechanisms"])), str(len(federations)))
     console.print(table)
     accuracy = summary.get("final_accuracy")
     console.print(f"final accuracy {accuracy if accuracy is None else round(accuracy, 4)}; "
                   f"scheme {summary['scheme']}, preset {summary['preset']}; {summary['reason']}")
     console.print(f"outputs: {summary_path}, {out / 'audit.jsonl'}, {out / 'checkpoints'}, "
                   f"{out / 'slaves'}")
+    if not summary["rounds"] and exhausted == len(slave_ids):
+        console.print(
+            f"[yellow]no round ran: every slave's privacy budget (ε={options.epsilon:g}) is "
+            "already spent by earlier runs, and each slave declined with that reason (see "
+            f"{out / 'audit.jsonl'}). Remove {out / 'slaves'} to start over with fresh "
+            "budgets.[/]")
+        return 0
     return 0 if master_code == 0 and summary.get("status") == "finished" else 1

@@ -9,7 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from secure_fed import __version__
+from secure_fed.config.settings import validation_problems
 from secure_fed.errors import SecureFedError
 
 log = logging.getLogger("secure_fed.cli")
@@ -161,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``secure-fed`` command; returns the process exit code."""
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
     from secure_fed.cli import audit, commands
 
     if args.command == "audit":
@@ -173,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except SecureFedError as exc:
         print(f"secure-fed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"secure-fed {args.command}: error: invalid setting: {validation_problems(exc)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"secure-fed {args.command}: interrupted", file=sys.stderr)

@@ -213,6 +213,13 @@ class SlaveConfig(_Strict):
         return value
 
 
+def validation_problems(exc: ValidationError) -> str:
+    """One line naming each invalid setting and what is wrong with it."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+    )
+
+
 def _load(path: Path, model: type[BaseModel]) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -226,11 +233,7 @@ def _load(path: Path, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"{path} is invalid: {problems}") from exc
+        raise ConfigError(f"{path} is invalid: {validation_problems(exc)}") from exc
 
 
 def load_master_config(path: Path) -> MasterConfig:

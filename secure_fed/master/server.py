@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,6 +203,7 @@ class Master:
                 self._round.aggregator.close()
             self.keyholder.close()
             self.audit.close()
+            shutil.rmtree(self.out_dir / "spool", ignore_errors=True)
         return self.summary
 
     async def _tick(self) -> None:

@@ -101,6 +101,7 @@ def _rdp_curve_integer(sigma: float, q: float) -> np.ndarray:
 def rdp_epsilon(
     merged: Sequence[tuple[float, float, int]], delta: float, orders: tuple[float, ...]
 ) -> float:
+    """RDP upper bound on ε at ``delta`` over ``orders`` (Opacus's conversion, Balle et al.)."""
     total = np.zeros(len(orders), dtype=np.float64)
     for sigma, q, steps in merged:
         total = total + steps * _rdp_curve(sigma, q, orders)
@@ -151,8 +152,8 @@ def prv_epsilon(merged: Sequence[tuple[float, float, int]], delta: float) -> flo
     delta_error = delta / 1000.0
     counts = [n for _, _, n in merged]
     total = sum(counts)
-    # Truncation bound (Gopi et al., remark 5.6, as Opacus computes it) from the fast RDP
-    # bound: fewer orders give a larger ε, hence a wider and still safe domain.
+    # Truncation bound (Gopi et al., remark 5.6, as Opacus computes it); any valid RDP tail
+    # bound serves, and the integer orders are the cheap one.
     l_max = rdp_epsilon(merged, delta_error / 4.0, FAST_ORDERS)
     for sigma, q, _ in merged:
         l_max = max(l_max, rdp_epsilon([(sigma, q, 1)], delta_error / (8.0 * total), FAST_ORDERS))
