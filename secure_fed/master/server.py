@@ -25,8 +25,8 @@ from secure_fed.audit.log import AuditLog, genesis_data
 from secure_fed.crypto.aggregator import Aggregator
 from secure_fed.crypto.codec import UpdateEncoder
 from secure_fed.crypto.keyholder import KeyHolder
-from secure_fed.data.datasets import Dataset, load_bundled
-from secure_fed.data.partition import split_holdout
+from secure_fed.data.datasets import Dataset
+from secure_fed.data.partition import master_holdout
 from secure_fed.errors import ProtocolError, SecureFedError, TransportError
 from secure_fed.master.bundle import MasterBundle, context_digest
 from secure_fed.master.store import ModelStore
@@ -103,11 +103,9 @@ class Master:
         self.store = ModelStore(self.out_dir / "checkpoints")
         self.evaluation: Dataset | None = None
         if self.config.evaluation.dataset:
-            _, self.evaluation = split_holdout(
-                load_bundled(self.config.evaluation.dataset),
-                test_fraction=self.config.evaluation.test_fraction,
-                seed=self.config.evaluation.seed,
-            )
+            self.evaluation = master_holdout(
+                self.config.evaluation.dataset, seed=self.config.evaluation.seed,
+                test_fraction=self.config.evaluation.test_fraction)
         self.package = self._initial_package()
         self.vector_size = int(parameters_vector(self.package.build()).size)
         self.chunks = UpdateEncoder.chunk_count_for(self.params, self.vector_size)

@@ -17,13 +17,15 @@ Two accountants are offered, both *upper bounds* on the true ε:
     integer orders 2…512 (any valid RDP tail bound serves; these are vectorised and cached
     per ``(σ, q)``); the half-width is rounded up to an even number and the grid length up
     to a fast FFT length (a wider domain, same mesh); each one-step PRV is discretised with
-    one CDF evaluation per cell edge and cached per ``(σ, q, grid)``. When the history holds
-    more than :data:`PRV_MAX_DISTINCT` distinct ``(σ, q)`` pairs, nearby pairs are replaced
-    by *dominating* ones (σ rounded down, q rounded up, within the smallest ratio that leaves
-    few enough); a smaller σ or a larger q can only increase the privacy loss, so the result
-    stays an upper bound (over-stated by at most that ratio). The result is finally capped by
-    the RDP bound (the minimum of two upper bounds is an upper bound), which is also used
-    alone when the PRV grid would exceed :data:`PRV_MAX_DOMAIN` points or the numerics fail.
+    one CDF evaluation per cell edge and cached per ``(σ, q, grid)``; distinct PRVs are
+    composed by one product of their Fourier transforms (Opacus: a convolution tree).
+    When the history holds more than :data:`PRV_MAX_DISTINCT` distinct ``(σ, q)`` pairs,
+    nearby pairs are replaced by *dominating* ones (σ rounded down, q rounded up, within the
+    smallest ratio that leaves few enough); a smaller σ or a larger q can only increase the
+    privacy loss, so the result stays an upper bound (over-stated by at most that ratio).
+    The result is finally capped by the RDP bound (the minimum of two upper bounds is an
+    upper bound), which is also used alone when the PRV grid would exceed
+    :data:`PRV_MAX_DOMAIN` points or the numerics fail.
 ``"rdp"``
     Rényi DP with Opacus's default orders and its RDP → (ε, δ) conversion, exactly as
     ``opacus.accountants.RDPAccountant`` computes it; looser than PRV.

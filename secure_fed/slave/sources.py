@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from secure_fed.data.datasets import Dataset, load_bundled
-from secure_fed.data.partition import parse_partition, partition_iid, select, split_holdout
+from secure_fed.data.datasets import Dataset
+from secure_fed.data.partition import parse_partition, slave_partition
 from secure_fed.data.tabular import load_csv, load_npz
 from secure_fed.errors import DataError
 
 
 def bundled_part(name: str, partition: str, *, seed: int = 0,
                  test_fraction: float = 0.2) -> Dataset:
-    """Part ``i/k`` of a bundled dataset's training split (the master keeps the hold-out).
+    """Part ``I/K`` of a bundled dataset's training split (the master keeps the hold-out).
 
     The same ``(name, seed, test_fraction)`` on the master side yields exactly the hold-out
     split this part excludes, so that a trial federation evaluates on data no slave holds.
     """
     index, count = parse_partition(partition)
-    train, _ = split_holdout(load_bundled(name), test_fraction=test_fraction, seed=seed)
-    parts = partition_iid(len(train.labels), count, seed)
-    return select(train, parts[index])
+    return slave_partition(name, index=index, count=count, seed=seed,
+                           test_fraction=test_fraction)
 
 
 def load_private_data(
