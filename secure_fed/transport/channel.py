@@ -41,11 +41,19 @@ class Channel:
 
     async def send(self, message: BaseModel) -> None:
         """Send a control message as one JSON text message."""
-        await self.connection.send(encode(message))
+        await self._send(encode(message))
 
     async def send_bytes(self, data: bytes) -> None:
         """Send one binary message (a model or a ciphertext chunk)."""
-        await self.connection.send(data)
+        await self._send(data)
+
+    async def _send(self, payload: str | bytes) -> None:
+        # A connection that dies mid-send surfaces as TransportError, like one that dies
+        # mid-receive, so that callers have one failure to handle (and reconnect on).
+        try:
+            await self.connection.send(payload)
+        except (ConnectionClosed, OSError) as exc:
+            raise TransportError(f"connection to '{self.peer}' lost while sending: {exc}") from exc
 
     async def receive(self, timeout_s: float | None = None) -> str | bytes:
         """Receive one message; raise :class:`TransportError` on close or timeout."""
