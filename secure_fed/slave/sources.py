@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from secure_fed.data.datasets import Dataset
+from secure_fed.data.datasets import Dataset, standardize
 from secure_fed.data.partition import parse_partition, slave_partition
 from secure_fed.data.tabular import load_csv, load_npz
 from secure_fed.errors import DataError
@@ -24,9 +24,14 @@ def bundled_part(name: str, partition: str, *, seed: int = 0,
 
 def load_private_data(
     *, data: Path | None, label_column: str | None, dataset: str | None,
-    partition: str | None, seed: int = 0,
+    partition: str | None, seed: int = 0, standardize_features: bool = True,
 ) -> Dataset:
-    """The slave's training data from exactly one of ``data`` (CSV/NPZ) or ``dataset``."""
+    """The slave's training data from exactly one of ``data`` (CSV/NPZ) or ``dataset``.
+
+    A CSV's labels are mapped to 0..C−1 in sorted order of their distinct values, so every
+    slave must hold the same label set. Features of an own table are standardized with this
+    slave's own mean and standard deviation (``standardize_features=False`` keeps them raw).
+    """
     if (data is None) == (dataset is None):
         raise DataError("give exactly one of --data FILE (your own table) or --dataset NAME "
                         "--partition I/K (a bundled dataset, for trials)")
@@ -34,8 +39,11 @@ def load_private_data(
         return bundled_part(dataset, partition or "0/1", seed=seed)
     assert data is not None
     if data.suffix.lower() == ".npz":
-        return load_npz(data)
-    if not label_column:
+        table = load_npz(data)
+    elif not label_column:
         raise DataError(f"--label-column is required to read {data}: name the column that holds "
                         "the label")
-    return load_csv(data, label_column)
+    else:
+        table = load_csv(data, label_column)
+    # Standardized with this slave's own statistics: nothing about the data leaves it.
+    return standardize(table) if standardize_features else table
