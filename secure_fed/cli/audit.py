@@ -1,9 +1,11 @@
-"""``secure-fed audit``: the auditor's commands, ``verify`` and ``report``.
+"""``secure-fed audit``: the auditor's commands, ``verify``, ``report`` and ``empirical``.
 
 Argument plumbing only: the checks live in :mod:`secure_fed.audit.recompute`, the report in
-:mod:`secure_fed.audit.report`. Exit codes: 0 the log verifies and every claim holds, 1 it
-does not (the first bad line is printed), 2 the command could not run (raised as
-:class:`~secure_fed.errors.SecureFedError` and reported by ``secure-fed``'s main).
+:mod:`secure_fed.audit.report`, the empirical audit in :mod:`secure_fed.audit.empirical`
+(exit 1 there means the lower bound exceeded the accountant's ε). Exit codes: 0 the log
+verifies and every claim holds, 1 it does not (the first bad line is printed), 2 the
+command could not run (raised as :class:`~secure_fed.errors.SecureFedError` and reported
+by ``secure-fed``'s main).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from secure_fed.errors import AuditError
 
@@ -46,11 +49,24 @@ embedded), md (plots written beside it as OUT-STEM-*.png), json (schema in docs/
 A report is written even for a log that fails verification; the exit status is then 1.
 """
 
+EMPIRICAL_DESCRIPTION = """\
+Measure from one training run how much privacy at least leaked (Steinke, Nasr and
+Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023). M records of
+slave-1's data become canaries (random wrong label), each trained on with probability 1/2;
+a plaintext FedAvg federation trains with DP-SGD at every slave (or plain SGD with
+--no-dp); an adversary guesses membership from the final model's loss on each canary
+(k most confident guesses each way, abstaining on the rest) and the number of correct
+guesses becomes a lower bound on epsilon at 95% confidence, printed next to slave-1's
+accountant epsilon. A lower bound from one attack: it never certifies privacy.
+Exit status: 0 done (and, with DP, bound <= accountant epsilon); 1 the bound EXCEEDS the
+accountant's epsilon (the DP implementation or accounting is broken); 2 error.
+"""
+
 
 def add_audit_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``audit`` with its sub-commands ``verify`` and ``report`` to ``secure-fed``."""
     audit = sub.add_parser(
-        "audit", help="verify a federation's audit log and report on it",
+        "audit", help="verify a federation's audit log, report on it, audit ε empirically",
         description="Tools for auditors: verify the signed, hash-chained audit log a master "
         "writes (DIR/audit.jsonl) and report on it. Neither command needs any key.")
     commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
@@ -79,6 +95,38 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--ca", type=Path, default=None, metavar="CA.pem", help=_CA_HELP)
     report.add_argument("--tolerance", type=float, default=0.02, metavar="TOL",
                         help=_TOLERANCE_HELP)
+    _add_empirical_parser(commands)
+
+
+def _add_empirical_parser(commands: argparse._SubParsersAction) -> None:
+    # Defaults are None here so that secure_fed.audit.empirical.EmpiricalOptions (not
+    # imported: it pulls torch) stays their single source; the help repeats them.
+    emp = commands.add_parser(
+        "empirical", help="lower-bound ε empirically from one training run with canaries",
+        description=EMPIRICAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    emp.add_argument("--dataset", help="bundled dataset (default digits)")
+    emp.add_argument("--epsilon", type=float, metavar="E",
+                     help="every slave's ε budget at δ=1e-5 for the whole run (default 3)")
+    emp.add_argument("--canaries", type=int, metavar="M",
+                     help="canaries in slave-1's data, at most half of it (default 200)")
+    emp.add_argument("--no-dp", action="store_true",
+                     help="plain SGD instead of DP-SGD: the no-privacy control (ε = ∞)")
+    emp.add_argument("--slaves", type=int, metavar="K", help="slaves (default 3)")
+    emp.add_argument("--rounds", type=int, metavar="R", help="FedAvg rounds (default 20)")
+    emp.add_argument("--seed", type=int, metavar="S",
+                     help="seed of data, canaries, coins and training (default 0)")
+    emp.add_argument("--guesses", type=int, metavar="G",
+                     help="guesses each way (G 'in' + G 'out'; default M // 4)")
+    emp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def empirical_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EmpiricalOptions`` keyword arguments given on the command line."""
+    given = {name: getattr(args, name) for name in
+             ("dataset", "epsilon", "canaries", "slaves", "rounds", "seed", "guesses")}
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    options["dp"] = not args.no_dp
+    return options
 
 
 def _read_ca(path: Path | None, directory: Path, quiet: bool) -> bytes | None:
@@ -97,8 +145,30 @@ def _read_ca(path: Path | None, directory: Path, quiet: bool) -> bytes | None:
                          "the federation's ca.pem (in the master bundle)") from exc
 
 
+def cmd_empirical(args: argparse.Namespace) -> int:
+    """Run ``secure-fed audit empirical``; 1 if the lower bound exceeds the accountant's ε."""
+    from secure_fed.audit.empirical import EmpiricalOptions, format_empirical, run_empirical_audit
+
+    result = run_empirical_audit(EmpiricalOptions(**empirical_options(args)))
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+    else:
+        sys.stdout.write(format_empirical(result) + "\n")
+    if result.consistent:
+        return 0
+    sys.stderr.write(
+        "!" * 78 + "\nERROR: the empirical ε lower bound "
+        f"{result.epsilon_lower_bound:.4f} EXCEEDS the accountant's ε "
+        f"{result.accountant_epsilon:.4f}.\nThe DP training or its accounting is broken "
+        "(or a 5% false alarm): do not trust this ε; rerun with another --seed and report "
+        "it.\n" + "!" * 78 + "\n")
+    return 1
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Run ``secure-fed audit verify|report``; returns the exit status (0 ok, 1 failed)."""
+    """Run ``secure-fed audit verify|report|empirical``; returns the exit status (0 ok, 1 not)."""
+    if args.audit_command == "empirical":
+        return cmd_empirical(args)
     from secure_fed.audit.recompute import check_log
     from secure_fed.audit.report import render_text_summary, write_report
 
@@ -121,4 +191,5 @@ def cmd_audit(args: argparse.Namespace) -> int:
             sys.stdout.write(f"log FAILED verification at line {first.line}: "
                              f"{first.reason[:300]!r}\n")
         return 0 if result.verdict.ok else 1
-    raise AuditError(f"unknown audit action {args.audit_command!r}: expected verify or report")
+    raise AuditError(f"unknown audit action {args.audit_command!r}: expected verify, report or "
+                     "empirical")
