@@ -22,6 +22,9 @@ def test_codec_bench_rows_and_table() -> None:
     assert bfv["max_abs_error"] < 1.0 / 2**15  # Δ for clip 1, b = 16
     assert compat["max_abs_error"] < 1e-6
     assert (bfv["security_bits"], compat["security_bits"]) == (192, 128)
+    two = run_codec_bench(size=5000, preset="bfv-fast", slaves=2, workers=2, compare=True)
+    assert [(r["preset"], r["workers"]) for r in two] == [
+        ("bfv-fast", 2), ("compat", 1), ("float32", 1)]
     table = format_table(rows)
     assert "bfv-fast vs compat: encrypt" in table and "float32" in table
     assert len(table.splitlines()) == 2 + 3 + 1
