@@ -31,17 +31,45 @@ def cmd_init(args: argparse.Namespace) -> int:
         encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records),
         evaluation=EvaluationSettings(
             dataset=None if args.eval_dataset == "none" else args.eval_dataset),
-        budget_epsilon=args.epsilon,
+        budget_epsilon=args.epsilon, key_type=args.key_type,
     )
-    bundle = init_federation(args.fed_dir, plan, force=args.force)
+    bundle = init_federation(args.fed_dir, plan, force=args.force, offline_ca=args.offline_ca)
     console = Console(highlight=False)
     console.print(f"federation '{fed_id}' created in {args.fed_dir}")
-    console.print(f"  master bundle: {bundle.directory}  (keep it on the master; it holds the "
-                  "CA key and the HE secret key)")
+    if args.offline_ca:
+        console.print(f"  master bundle: {bundle.directory}  (keep it on the master; it holds "
+                      "the HE secret key)")
+        console.print(f"  CA key:        {args.fed_dir / 'ca-offline' / 'ca.key'}  (move it to "
+                      "offline storage now; bring it back only to add or revoke a slave)")
+    else:
+        console.print(f"  master bundle: {bundle.directory}  (keep it on the master; it holds "
+                      "the CA key and the HE secret key)")
     for slave_id in args.slaves:
         console.print(f"  slave bundle:  {args.fed_dir / 'slaves' / slave_id}  (copy to "
                       f"'{slave_id}')")
     console.print(f"slaves will dial {bundle.config.public_url}")
+    return 0
+
+
+def cmd_add_slave(args: argparse.Namespace) -> int:
+    from secure_fed.master.provision import add_slave_bundle
+
+    slave_dir = add_slave_bundle(args.fed_dir, args.slave_id, budget_epsilon=args.epsilon,
+                                 delta=args.delta, key_type=args.key_type)
+    console = Console(highlight=False)
+    console.print(f"slave '{args.slave_id}' added: bundle {slave_dir} (copy it to "
+                  f"'{args.slave_id}'); restart the master to admit it")
+    return 0
+
+
+def cmd_revoke_slave(args: argparse.Namespace) -> int:
+    from secure_fed.master.provision import revoke_slave
+
+    entry = revoke_slave(args.fed_dir, args.slave_id, reason=args.reason)
+    console = Console(highlight=False)
+    console.print(f"slave '{entry.party_id}': certificate serial {entry.serial} revoked on "
+                  f"{entry.time} ({entry.reason}); restart the master to enforce it; "
+                  f"`secure-fed add-slave {args.fed_dir} {entry.party_id}` re-admits it")
     return 0
 
 
@@ -59,7 +87,8 @@ def cmd_master(args: argparse.Namespace) -> int:
     bundle = MasterBundle.load(args.bundle)
     out = args.out or (args.bundle / "run")
     display = MasterDisplay(bundle.config.rounds)
-    master = Master(bundle, out, host=args.host, port=args.port, on_event=display)
+    master = Master(bundle, out, host=args.host, port=args.port, on_event=display,
+                    insecure_loopback=args.insecure_loopback)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -102,7 +131,7 @@ def cmd_slave(args: argparse.Namespace) -> int:
         console.log(f"{bundle.config.slave_id}: {kind} {json.dumps(info, default=str)}")
 
     slave = Slave(bundle, data, state_dir=args.state, workers=args.workers,
-                  threads=args.threads, on_event=show)
+                  threads=args.threads, on_event=show, insecure_loopback=args.insecure_loopback)
     report = asyncio.run(slave.run())
     console.print(f"slave '{report.slave_id}': trained rounds {report.rounds_trained}, declined "
                   f"{report.rounds_declined}; ε spent {report.epsilon:.3f}; "

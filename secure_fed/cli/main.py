@@ -24,10 +24,12 @@ encrypts its update homomorphically (TenSEAL) and sends it over mutual-TLS webso
 master adds the ciphertexts and decrypts only the sum.
 
 Typical use:
-  secure-fed init fed --slaves a,b,c --host master.example.org   # keys and bundles
+  secure-fed init fed --slaves a,b,c --host master.example.org --offline-ca  # keys, bundles
   secure-fed master fed/master                                   # on the master's machine
   secure-fed slave fed/slaves/a --data clinic.csv --label-column outcome   # at each slave
+  secure-fed add-slave fed d  /  secure-fed revoke-slave fed b   # change the parties
   secure-fed demo                                                # all of it on 127.0.0.1
+See docs/deployment.md for a deployment across organisations.
 """
 
 
@@ -84,6 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most records one slave may hold; sizes the HE plain modulus "
                    "(default 65536)")
     p.add_argument("--force", action="store_true", help="replace an existing federation")
+    p.add_argument("--offline-ca", action="store_true",
+                   help="write the CA key to FED_DIR/ca-offline/ instead of the master bundle, "
+                   "to be moved to offline storage (add-slave and revoke-slave need it back)")
+    p.add_argument("--key-type", choices=("ec", "ed25519"), default="ec",
+                   help="key type of the CA and every party: ECDSA P-256 (default) or Ed25519")
+
+    p = sub.add_parser("add-slave", help="add a party, or re-admit a revoked one",
+                       description="Issue a new slave certificate from the federation CA, write "
+                       "FED_DIR/slaves/ID/ and add ID to the master's federation.toml, without "
+                       "touching the other parties. A slave whose certificate is still valid "
+                       "must be revoked first. Restart the master to admit the new slave.")
+    p.add_argument("fed_dir", type=Path, metavar="FED_DIR")
+    p.add_argument("slave_id", metavar="ID")
+    p.add_argument("--epsilon", type=float, default=3.0,
+                   help="the slave's lifetime privacy budget ε (default 3)")
+    p.add_argument("--delta", type=float, default=1e-5, help="δ of the budget (default 1e-5)")
+    p.add_argument("--key-type", choices=("ec", "ed25519"), default="ec",
+                   help="key type of the new certificate (default ec, P-256)")
+
+    p = sub.add_parser("revoke-slave", help="revoke a party's certificate",
+                       description="Add the current certificate of slave ID to the master "
+                       "bundle's revoked.json and re-sign its CRL. From its next start the "
+                       "master refuses that certificate at the TLS handshake (CRL) and right "
+                       "after it (revoked.json). `add-slave` re-admits the id with a new "
+                       "certificate.")
+    p.add_argument("fed_dir", type=Path, metavar="FED_DIR")
+    p.add_argument("slave_id", metavar="ID")
+    p.add_argument("--reason", default="revoked by the operator",
+                   help="why, recorded in revoked.json and in the master's log")
 
     p = sub.add_parser("master", help="run the master of a federation",
                        description="Serve the slaves of the federation in MASTER_DIR until "
@@ -98,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port to bind (default: the bundle's; 0 lets the OS choose)")
     p.add_argument("--port-file", type=Path, default=None,
                    help="write the bound port to this file once listening")
+    p.add_argument("--insecure-loopback", action="store_true",
+                   help="EXPERIMENTS ONLY: serve plain ws:// without TLS; refused unless the "
+                   "master binds 127.0.0.1 (or ::1, localhost)")
 
     p = sub.add_parser("slave", help="take part in a federation as a data owner",
                        description="Connect to the master named in SLAVE_DIR/slave.toml and "
@@ -117,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="encryption worker processes (default: one per core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    p.add_argument("--insecure-loopback", action="store_true",
+                   help="EXPERIMENTS ONLY: allow --master-url ws://127.0.0.1:PORT (no TLS) for "
+                   "a master started with --insecure-loopback on this machine")
 
     p = sub.add_parser("demo", help="run a whole federation on 127.0.0.1",
                        description="Create a federation, start one master process and N slave "
@@ -173,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "audit":
         handler = audit.cmd_audit
     else:
-        handler = getattr(commands, f"cmd_{args.command}")
+        handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
     try:
         code: int = handler(args)
         return code

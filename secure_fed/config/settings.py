@@ -91,8 +91,16 @@ class LimitSettings(_Strict):
         keepalive_interval_s: interval of websocket pings.
         keepalive_timeout_s: a peer that does not answer a ping within this is dropped.
         join_timeout_s: how long the master waits for ``min_slaves`` to connect before a round.
-        upload_deadline_s: time from sending a round's task to the end of collection.
+        upload_deadline_s: time from sending a round's task to the end of collection; a slave
+            still uploading then is closed (close code 4008).
         max_round_attempts: a round that misses quorum is retried this many times in total.
+        handshake_timeout_s: time from the websocket opening to the slave's ``hello``.
+        idle_timeout_s: a slave connection without one complete message for this long is
+            closed (4008). Keep-alive pings do not count: a client that trickles a message it
+            never finishes is closed by this (or by the upload deadline during an upload).
+        max_pending_connections: connections the master holds at once that have not yet
+            completed ``hello``; more are closed at once (1013, try again later). Identified
+            connections are bounded too: one per slave id, a newer one replaces the older.
     """
 
     max_message_bytes: int = Field(default=4 * 2**20, ge=2**16, le=2**30)
@@ -103,6 +111,9 @@ class LimitSettings(_Strict):
     join_timeout_s: float = Field(default=600.0, gt=0)
     upload_deadline_s: float = Field(default=600.0, gt=0)
     max_round_attempts: int = Field(default=3, ge=1, le=100)
+    handshake_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    idle_timeout_s: float = Field(default=3600.0, gt=0)
+    max_pending_connections: int = Field(default=32, ge=1, le=10_000)
 
 
 class EvaluationSettings(_Strict):
@@ -210,9 +221,18 @@ class SlaveConfig(_Strict):
     @field_validator("master_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not value.startswith(("wss://", "ws://")):
+        if value.startswith("ws://"):
+            raise ValueError(
+                f"master_url {value!r} is plain ws://: slaves speak only wss:// (TLS); for an "
+                "experiment on one machine, pass --insecure-loopback --master-url "
+                "ws://127.0.0.1:PORT to `secure-fed slave` instead")
+        if not value.startswith("wss://"):
             raise ValueError(f"master_url must start with wss:// (got {value!r})")
         return value
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+"""Hosts that plain ws:// (``--insecure-loopback``) may use: this machine only."""
 
 
 def validation_problems(exc: ValidationError) -> str:

@@ -2,7 +2,9 @@
 
 Master bundle (``FED_DIR/master/``): ``ca.pem``, ``ca.key`` (0600), ``master.pem``,
 ``master.key`` (0600), ``he-secret.ctx`` (0600), ``he-public.ctx``, ``he.json``,
-``federation.toml``, ``revoked.json``.
+``federation.toml``, ``revoked.json`` (the revocation list) and ``revoked-crl.pem`` (the
+same list as an X.509 CRL signed by the CA, enforced at the TLS handshake). With
+``secure-fed init --offline-ca`` the CA key is in ``FED_DIR/ca-offline/`` instead.
 
 Slave bundle (``FED_DIR/slaves/<id>/``): ``ca.pem``, ``slave.pem``, ``slave.key`` (0600),
 ``he-public.ctx``, ``he.json``, ``slave.toml``. A slave bundle holds no secret of anyone else.
@@ -22,6 +24,8 @@ from secure_fed.errors import ConfigError
 HE_PARAMS_FILE = "he.json"
 PUBLIC_CONTEXT_FILE = "he-public.ctx"
 SECRET_CONTEXT_FILE = "he-secret.ctx"  # noqa: S105 - a file name
+REVOCATIONS_FILE = "revoked.json"
+CRL_FILE = "revoked-crl.pem"
 
 
 def _require(directory: Path, names: tuple[str, ...], what: str) -> None:
@@ -62,6 +66,8 @@ class MasterBundle:
     key = property(lambda self: self.directory / "master.key")
     public_context = property(lambda self: self.directory / PUBLIC_CONTEXT_FILE)
     secret_context = property(lambda self: self.directory / SECRET_CONTEXT_FILE)
+    revocations = property(lambda self: self.directory / REVOCATIONS_FILE)
+    crl = property(lambda self: self.directory / CRL_FILE)
 
     @classmethod
     def load(cls, directory: Path) -> MasterBundle:

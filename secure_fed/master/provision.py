@@ -1,14 +1,18 @@
 """``secure-fed init``: the one place where a federation's keys and bundles are made.
 
 It writes ``FED_DIR/master/`` (CA, master certificate and key, HE secret and public
-contexts, ``federation.toml``) and one ``FED_DIR/slaves/<id>/`` per slave (CA certificate,
-that slave's certificate and key, the public HE context, ``slave.toml``). Private keys are
-written with mode 0600. A slave bundle holds no secret of anyone else.
+contexts, ``federation.toml``, the revocation list and its CRL) and one
+``FED_DIR/slaves/<id>/`` per slave (CA certificate, that slave's certificate and key, the
+public HE context, ``slave.toml``). Private keys are written with mode 0600. A slave bundle
+holds no secret of anyone else. With ``offline_ca`` the CA key goes to ``FED_DIR/ca-offline/``
+instead of the master bundle, to be moved to offline storage; :func:`add_slave_bundle` and
+:func:`revoke_slave` look for it in either place.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,17 +26,34 @@ from secure_fed.config import (
     write_config,
 )
 from secure_fed.config.settings import EvaluationSettings, LimitSettings, ModelSpec
-from secure_fed.crypto.certificates import generate_ca, issue_certificate, write_private_key
+from secure_fed.crypto.certificates import (
+    KeyType,
+    generate_ca,
+    issue_certificate,
+    load_certificate,
+    party_id_from_certificate,
+    write_private_key,
+)
 from secure_fed.crypto.keys import generate_contexts
 from secure_fed.crypto.presets import resolve_params
+from secure_fed.crypto.revocation import Revocation, Revocations
 from secure_fed.durable import atomic_write_bytes
-from secure_fed.errors import ConfigError
+from secure_fed.errors import ConfigError, IdentityError
 from secure_fed.master.bundle import (
+    CRL_FILE,
     HE_PARAMS_FILE,
     PUBLIC_CONTEXT_FILE,
+    REVOCATIONS_FILE,
     SECRET_CONTEXT_FILE,
     MasterBundle,
 )
+
+log = logging.getLogger(__name__)
+
+OFFLINE_CA_DIR = "ca-offline"
+"""Folder under ``FED_DIR`` that receives the CA key with ``offline_ca=True``."""
+CRL_DAYS = 397
+"""Validity of the CRL written to the master bundle, in days (re-written on every revocation)."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +85,20 @@ class FederationPlan:
     evaluation: EvaluationSettings = EvaluationSettings()
     budget_epsilon: float = 3.0
     seed: int = 0
+    key_type: KeyType = "ec"
 
 
-def init_federation(fed_dir: Path, plan: FederationPlan, *, force: bool = False) -> MasterBundle:
-    """Create the master bundle and one bundle per slave under ``fed_dir``."""
+def init_federation(fed_dir: Path, plan: FederationPlan, *, force: bool = False,
+                    offline_ca: bool = False) -> MasterBundle:
+    """Create the master bundle and one bundle per slave under ``fed_dir``.
+
+    Args:
+        fed_dir: the federation folder; ``master/`` and ``slaves/<id>/`` are written in it.
+        plan: what to create.
+        force: replace an existing federation (every key of it).
+        offline_ca: write the CA key to ``fed_dir/ca-offline/ca.key`` instead of the master
+            bundle, so that the running master never holds it.
+    """
     fed_dir = Path(fed_dir)
     master_dir = fed_dir / "master"
     if master_dir.exists():
@@ -76,6 +107,7 @@ def init_federation(fed_dir: Path, plan: FederationPlan, *, force: bool = False)
                               "--force to replace every key of that federation")
         shutil.rmtree(master_dir)
         shutil.rmtree(fed_dir / "slaves", ignore_errors=True)
+        shutil.rmtree(fed_dir / OFFLINE_CA_DIR, ignore_errors=True)
     min_slaves = plan.min_slaves or len(plan.slaves) // 2 + 1
     config = MasterConfig(
         federation_id=plan.federation_id, host=plan.listen_host or plan.host, port=plan.port,
@@ -91,10 +123,13 @@ def init_federation(fed_dir: Path, plan: FederationPlan, *, force: bool = False)
         max_contributions=len(plan.slaves),
     )
     master_dir.mkdir(parents=True)
-    ca_cert, ca_key = generate_ca(plan.federation_id)
+    ca_cert, ca_key = generate_ca(plan.federation_id, key_type=plan.key_type)
     atomic_write_bytes(master_dir / "ca.pem", ca_cert)
-    write_private_key(master_dir / "ca.key", ca_key)
-    cert, key = issue_certificate(ca_cert, ca_key, "master", role="master", hosts=[plan.host])
+    ca_dir = fed_dir / OFFLINE_CA_DIR if offline_ca else master_dir
+    ca_dir.mkdir(parents=True, exist_ok=True)
+    write_private_key(ca_dir / "ca.key", ca_key)
+    cert, key = issue_certificate(ca_cert, ca_key, "master", role="master", hosts=[plan.host],
+                                  key_type=plan.key_type)
     atomic_write_bytes(master_dir / "master.pem", cert)
     write_private_key(master_dir / "master.key", key)
     secret_context, public_context = generate_contexts(he_params)
@@ -103,26 +138,115 @@ def init_federation(fed_dir: Path, plan: FederationPlan, *, force: bool = False)
     params_json = json.dumps(he_params.model_dump(mode="json"), indent=2).encode()
     atomic_write_bytes(master_dir / HE_PARAMS_FILE, params_json)
     write_config(master_dir / "federation.toml", config)
-    atomic_write_bytes(master_dir / "revoked.json", b"[]\n")
+    atomic_write_bytes(master_dir / REVOCATIONS_FILE, b"[]\n")
+    _write_crl(master_dir, Revocations(master_dir / REVOCATIONS_FILE), ca_key)
     for slave_id in plan.slaves:
-        add_slave_bundle(fed_dir, slave_id, budget_epsilon=plan.budget_epsilon,
-                         delta=plan.training.delta)
+        _write_slave_bundle(fed_dir, MasterBundle.load(master_dir), slave_id, ca_key,
+                            budget_epsilon=plan.budget_epsilon, delta=plan.training.delta,
+                            key_type=plan.key_type)
     return MasterBundle.load(master_dir)
 
 
+def find_ca_key(fed_dir: Path) -> Path:
+    """The CA key of a federation: in the master bundle, or in ``FED_DIR/ca-offline/``.
+
+    Raises:
+        ConfigError: neither place holds it (it is kept offline): bring it back first.
+    """
+    fed_dir = Path(fed_dir)
+    for path in (fed_dir / "master" / "ca.key", fed_dir / OFFLINE_CA_DIR / "ca.key"):
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"the CA key is neither in {fed_dir / 'master'} nor in {fed_dir / OFFLINE_CA_DIR} "
+        f"(kept offline?); copy ca.key back to {fed_dir / OFFLINE_CA_DIR}/ to issue or revoke "
+        "a certificate, and remove it again afterwards")
+
+
+def _write_crl(master_dir: Path, revocations: Revocations, ca_key: bytes) -> None:
+    crl = revocations.to_crl((master_dir / "ca.pem").read_bytes(), ca_key, days=CRL_DAYS)
+    atomic_write_bytes(master_dir / CRL_FILE, crl)
+
+
 def add_slave_bundle(fed_dir: Path, slave_id: str, *, budget_epsilon: float = 3.0,
-                     delta: float = 1e-5) -> Path:
-    """Write the bundle of one slave from the master bundle's CA and public context."""
+                     delta: float = 1e-5, key_type: KeyType = "ec") -> Path:
+    """Add a party (or re-admit a revoked one) without touching the others.
+
+    Issues a new slave certificate from the federation CA, writes ``FED_DIR/slaves/<id>/`` and
+    adds the id to the master's ``federation.toml``. A slave whose current certificate is still
+    valid and not revoked is refused: revoke it first, so that one id never holds two live
+    certificates.
+
+    Args:
+        fed_dir: the federation folder made by :func:`init_federation`.
+        slave_id: the new party's id (its certificate's subject).
+        budget_epsilon: the slave's lifetime ε budget, written to its ``slave.toml``.
+        delta: δ of that budget.
+        key_type: ``"ec"`` (P-256) or ``"ed25519"``.
+
+    Returns:
+        The slave bundle's folder.
+    """
     fed_dir = Path(fed_dir)
     master = MasterBundle.load(fed_dir / "master")
-    ca_key_path = master.directory / "ca.key"
-    if not ca_key_path.is_file():
-        raise ConfigError(f"the CA key {ca_key_path} is not here (kept offline?); bring it back "
-                          "to issue a slave certificate")
+    ca_key = find_ca_key(fed_dir).read_bytes()
+    current = fed_dir / "slaves" / slave_id / "slave.pem"
+    revocations = Revocations(master.revocations)
+    if current.is_file() and not revocations.is_revoked(load_certificate(current)):
+        raise ConfigError(
+            f"slave '{slave_id}' already holds a certificate that is not revoked ({current}); "
+            f"run `secure-fed revoke-slave {fed_dir} {slave_id}` first to replace it")
+    slave_dir = _write_slave_bundle(fed_dir, master, slave_id, ca_key,
+                                    budget_epsilon=budget_epsilon, delta=delta,
+                                    key_type=key_type)
+    if slave_id not in master.config.slaves:
+        config = master.config.model_copy(update={"slaves": [*master.config.slaves, slave_id]})
+        write_config(master.directory / "federation.toml", MasterConfig.model_validate(
+            config.model_dump()))
+    log.info("slave '%s' added to federation '%s'", slave_id, master.config.federation_id)
+    return slave_dir
+
+
+def revoke_slave(fed_dir: Path, slave_id: str, *, reason: str = "revoked by the operator"
+                 ) -> Revocation:
+    """Revoke the current certificate of a slave: the master refuses it from its next start.
+
+    The serial number goes to ``revoked.json`` and the CRL ``revoked-crl.pem`` of the master
+    bundle is re-signed (when the CA key is at hand; without it the master still refuses the
+    certificate right after the TLS handshake, from ``revoked.json``). The id stays in the
+    federation's list, so :func:`add_slave_bundle` can re-admit it with a new certificate.
+
+    Raises:
+        ConfigError: no bundle of this slave in ``FED_DIR/slaves/``.
+    """
+    fed_dir = Path(fed_dir)
+    master = MasterBundle.load(fed_dir / "master")
+    cert_path = fed_dir / "slaves" / slave_id / "slave.pem"
+    if not cert_path.is_file():
+        raise ConfigError(
+            f"no certificate of slave '{slave_id}' at {cert_path}; the ids with a bundle are "
+            f"{sorted(p.name for p in (fed_dir / 'slaves').glob('*') if p.is_dir())}")
+    cert = load_certificate(cert_path)
+    if party_id_from_certificate(cert) != slave_id:
+        raise IdentityError(f"{cert_path} is not the certificate of '{slave_id}'")
+    revocations = Revocations(master.revocations)
+    entry = revocations.revoke(cert, reason=reason[:200])
+    try:
+        ca_key = find_ca_key(fed_dir).read_bytes()
+    except ConfigError as exc:
+        log.warning("revoked.json updated but the CRL was not re-signed: %s", exc)
+    else:
+        _write_crl(master.directory, revocations, ca_key)
+    return entry
+
+
+def _write_slave_bundle(fed_dir: Path, master: MasterBundle, slave_id: str, ca_key: bytes, *,
+                        budget_epsilon: float, delta: float, key_type: KeyType) -> Path:
+    ca_cert = master.ca_cert.read_bytes()
+    # Issued before anything is written: issue_certificate validates the id (no path tricks).
+    cert, key = issue_certificate(ca_cert, ca_key, slave_id, role="slave", key_type=key_type)
     slave_dir = fed_dir / "slaves" / slave_id
     slave_dir.mkdir(parents=True, exist_ok=True)
-    ca_cert = master.ca_cert.read_bytes()
-    cert, key = issue_certificate(ca_cert, ca_key_path.read_bytes(), slave_id, role="slave")
     atomic_write_bytes(slave_dir / "ca.pem", ca_cert)
     atomic_write_bytes(slave_dir / "slave.pem", cert)
     write_private_key(slave_dir / "slave.key", key)

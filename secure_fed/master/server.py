@@ -8,6 +8,8 @@ decryption in :class:`secure_fed.crypto.keyholder.KeyHolder` (secret context).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 import secrets
 import shutil
@@ -19,15 +21,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography import x509
 
 from secure_fed import __version__
 from secure_fed.audit.log import AuditLog, genesis_data
+from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.crypto.aggregator import Aggregator
+from secure_fed.crypto.certificates import party_id_from_certificate, verify_signature
 from secure_fed.crypto.codec import UpdateEncoder
 from secure_fed.crypto.keyholder import KeyHolder
+from secure_fed.crypto.revocation import Revocations
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout
-from secure_fed.errors import ProtocolError, SecureFedError, TransportError
+from secure_fed.errors import (
+    ConfigError,
+    IdentityError,
+    ProtocolError,
+    SecureFedError,
+    TransportError,
+)
 from secure_fed.master.bundle import MasterBundle, context_digest
 from secure_fed.master.store import ModelStore
 from secure_fed.master.summary import RunSummary
@@ -48,9 +60,16 @@ from secure_fed.protocol.messages import (
     UpdateHeader,
     Welcome,
     parse_slave_message,
+    update_signing_bytes,
 )
 from secure_fed.transport.channel import Channel, start_server
-from secure_fed.transport.tls import peer_party_id, server_ssl_context
+from secure_fed.transport.tls import (
+    load_presented_certificate,
+    peer_certificate,
+    peer_party_id,
+    server_ssl_context,
+    usable_crl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +94,10 @@ class Master:
         host: interface to listen on (default: the bundle's).
         port: port to listen on (default: the bundle's; 0 lets the OS pick).
         on_event: progress callback for a display; never required.
+        insecure_loopback: serve plain ``ws://`` without TLS, for experiments on one machine;
+            refused unless ``host`` is a loopback address. A slave then identifies itself by
+            sending its certificate in ``hello``, and its updates are still verified against
+            that certificate's key, but nothing stops an eavesdropper on the machine.
     """
 
     def __init__(
@@ -85,12 +108,18 @@ class Master:
         host: str | None = None,
         port: int | None = None,
         on_event: EventSink | None = None,
+        insecure_loopback: bool = False,
     ) -> None:
         self.bundle = bundle
         self.config = bundle.config
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.host = host if host is not None else self.config.host
+        self.insecure_loopback = insecure_loopback
+        if insecure_loopback and self.host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                f"--insecure-loopback serves plain ws:// and binds only a loopback address; "
+                f"got host {self.host!r}: pass --host 127.0.0.1, or drop --insecure-loopback")
         self.port = self.config.port if port is None else port
         self._on_event = on_event or (lambda kind, data: None)
         self.params = bundle.he_params
@@ -100,6 +129,7 @@ class Master:
             self.params, bundle.secret_context.read_bytes(),
             min_contributions=self.config.min_slaves,
         )
+        self.revocations = Revocations(bundle.revocations)
         self.store = ModelStore(self.out_dir / "checkpoints")
         self.evaluation: Dataset | None = None
         if self.config.evaluation.dataset:
@@ -137,6 +167,7 @@ class Master:
             chunks=self.chunks,
             max_chunk_bytes=min(limits.max_message_bytes,
                                 UpdateEncoder.max_chunk_bytes_for(self.params)),
+            max_update_bytes=self.chunks * UpdateEncoder.max_chunk_bytes_for(self.params),
             max_weight=self.config.encryption.max_weight_per_slave,
             join_timeout_s=limits.join_timeout_s,
             upload_deadline_s=limits.upload_deadline_s,
@@ -145,6 +176,7 @@ class Master:
             next_round=self.committed_round + 1,
         )
         self._channels: dict[str, Channel] = {}
+        self._pending = 0
         self._lock = asyncio.Lock()
         self._round: _RoundState | None = None
         self._done = asyncio.Event()
@@ -178,8 +210,14 @@ class Master:
 
     async def run(self, *, ready: asyncio.Future[int] | None = None) -> RunSummary:
         """Serve until the federation is done; returns the run summary (also on disk)."""
-        ssl_context = server_ssl_context(self.bundle.certificate, self.bundle.key,
-                                         self.bundle.ca_cert)
+        ssl_context = None
+        if self.insecure_loopback:
+            log.warning("INSECURE: serving plain ws:// on %s (--insecure-loopback); updates "
+                        "travel unencrypted by TLS and slaves are identified by the certificate "
+                        "they send, for experiments only", self.host)
+        else:
+            ssl_context = server_ssl_context(self.bundle.certificate, self.bundle.key,
+                                             self.bundle.ca_cert, crl_path=self._usable_crl())
         server = await start_server(self._handle, self.host, self.port,
                                     ssl_context=ssl_context, limits=self.config.limits)
         self.bound_port = next(iter(server.sockets)).getsockname()[1]
@@ -204,26 +242,88 @@ class Master:
             shutil.rmtree(self.out_dir / "spool", ignore_errors=True)
         return self.summary
 
+    def _usable_crl(self) -> Path | None:
+        for entry in self.revocations.entries:
+            log.info("revocation list: '%s' (serial %s) revoked on %s: %s", entry.party_id,
+                     entry.serial, entry.time, entry.reason)
+        return usable_crl(self.bundle.crl)
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(0.25)
             async with self._lock:
                 await self._apply(self.coordinator.tick(time.monotonic()))
 
-    async def _handle(self, connection: Any) -> None:
+    def _identify(self, connection: Any) -> tuple[str, x509.Certificate]:
+        """The slave id and certificate of a connection, checked right after the handshake."""
+        ssl_object = connection.transport.get_extra_info("ssl_object")
         try:
-            slave_id = peer_party_id(connection.transport.get_extra_info("ssl_object"))
+            slave_id = peer_party_id(ssl_object, expected_role="slave")
+            certificate = peer_certificate(ssl_object)
         except SecureFedError as exc:
-            log.warning("refusing a connection without a usable certificate: %s", exc)
-            await connection.close(1008, "client certificate required")
+            raise ProtocolError(f"client certificate required: {exc}", 1008) from exc
+        return self._admit(slave_id, certificate)
+
+    def _identify_claimed(self, pem: str | None) -> tuple[str, x509.Certificate]:
+        """Over plain ws:// only: the certificate a slave sent in ``hello``, fully checked."""
+        if pem is None:
+            raise ProtocolError("over plain ws:// the 'hello' must carry the slave's "
+                                "certificate (PEM) in 'certificate'", 1008)
+        try:
+            certificate = load_presented_certificate(pem, self.bundle.ca_cert.read_bytes())
+            slave_id = party_id_from_certificate(certificate)
+        except SecureFedError as exc:
+            raise ProtocolError(f"the certificate in 'hello' is not usable: {exc}", 1008) from exc
+        return self._admit(slave_id, certificate)
+
+    def _admit(self, slave_id: str, certificate: x509.Certificate) -> tuple[str, x509.Certificate]:
+        try:
+            self.revocations.check(certificate)
+        except IdentityError as exc:
+            raise ProtocolError(f"slave '{slave_id}' refused: {exc}", 4005) from exc
+        if slave_id not in self.config.slaves:
+            raise ProtocolError(f"'{slave_id}' is not a slave of this federation", 4003)
+        return slave_id, certificate
+
+    async def _handle(self, connection: Any) -> None:
+        limit = self.config.limits.max_pending_connections
+        if self._pending >= limit:
+            log.warning("refusing a connection: %d connections are already waiting for their "
+                        "'hello' (max_pending_connections=%d)", self._pending, limit)
+            await Channel(connection, "?").close(1013, "too many pending connections; retry")
             return
-        channel = Channel(connection, slave_id)
+        self._pending += 1
+        try:
+            channel = await self._admit_connection(connection)
+        finally:
+            self._pending -= 1
+        if channel is not None:
+            await self._serve(channel)
+
+    async def _admit_connection(self, connection: Any) -> Channel | None:
+        """Identify and greet a new connection; ``None`` if it was refused (and closed)."""
+        if self.insecure_loopback:
+            channel = Channel(connection, "(unidentified)")
+        else:
+            try:
+                slave_id, certificate = self._identify(connection)
+            except ProtocolError as exc:
+                log.warning("refusing a connection: %s", exc)
+                await Channel(connection, "?").close(exc.close_code, str(exc))
+                return None
+            channel = Channel(connection, slave_id)
+            channel.certificate = certificate
         try:
             await self._greet(channel)
         except (ProtocolError, TransportError) as exc:
-            log.warning("handshake with '%s' failed: %s", slave_id, exc)
+            log.warning("handshake with '%s' failed: %s", channel.peer, exc)
             await self._refuse(channel, exc)
-            return
+            return None
+        return channel
+
+    async def _serve(self, channel: Channel) -> None:
+        """Read a greeted slave's messages until it leaves or breaks a limit."""
+        slave_id = channel.peer
         previous = self._channels.get(slave_id)
         self._channels[slave_id] = channel
         if previous is not None:
@@ -235,7 +335,9 @@ class Master:
             await self._apply(self.coordinator.slave_connected(slave_id, time.monotonic()))
         try:
             while True:
-                message = await channel.receive()
+                message = await channel.receive_within(self._receive_timeout(slave_id))
+                if message is None:
+                    raise ProtocolError(self._timeout_reason(slave_id), 4008)
                 async with self._lock:
                     await self._dispatch(channel, message)
         except TransportError as exc:
@@ -250,10 +352,31 @@ class Master:
                     await self._apply(self.coordinator.slave_disconnected(slave_id,
                                                                           time.monotonic()))
 
+    def _receive_timeout(self, slave_id: str) -> float:
+        """Seconds the next message of ``slave_id`` may take: the idle timeout, or less
+        during an upload (until the upload deadline, plus a second for the tick)."""
+        timeout = self.config.limits.idle_timeout_s
+        deadline = self.coordinator.upload_deadline(slave_id)
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - time.monotonic()) + 1.0)
+        return timeout
+
+    def _timeout_reason(self, slave_id: str) -> str:
+        if self.coordinator.upload_deadline(slave_id) is not None:
+            return f"'{slave_id}' did not finish its update by the upload deadline"
+        return (f"no complete message from '{slave_id}' within idle_timeout_s="
+                f"{self.config.limits.idle_timeout_s:g}")
+
     async def _greet(self, channel: Channel) -> None:
-        hello = parse_slave_message(await channel.receive(self.config.limits.open_timeout_s))
+        message = await channel.receive_within(self.config.limits.handshake_timeout_s)
+        if message is None:
+            raise ProtocolError(f"no 'hello' within handshake_timeout_s="
+                                f"{self.config.limits.handshake_timeout_s:g}", 4008)
+        hello = parse_slave_message(message)
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected 'hello' first, got '{hello.type}'")
+        if self.insecure_loopback:
+            channel.peer, channel.certificate = self._identify_claimed(hello.certificate)
         if hello.protocol != PROTOCOL_VERSION:
             raise ProtocolError(
                 f"protocol version {hello.protocol} is not supported; this master speaks "
@@ -284,11 +407,35 @@ class Master:
             return
         parsed = parse_slave_message(message)
         if isinstance(parsed, UpdateHeader):
+            problem = self._signature_problem(channel, parsed)
+            if problem is not None:
+                log.warning("update of '%s' refused: %s", channel.peer, problem)
+                await self._apply(self.coordinator.refuse_update(channel.peer, parsed, problem,
+                                                                 now))
+                return
             await self._apply(self.coordinator.update_header(channel.peer, parsed, now))
         elif isinstance(parsed, Decline):
             await self._apply(self.coordinator.decline(channel.peer, parsed, now))
         else:
             raise ProtocolError("'hello' may be sent only once per connection")
+
+    def _signing_bytes(self, header: UpdateHeader) -> bytes:
+        return update_signing_bytes(self.config.federation_id, header.round, header.nonce,
+                                    header.weight, header.chunk_sha256)
+
+    def _signature_problem(self, channel: Channel, header: UpdateHeader) -> str | None:
+        """Why the update's signature does not prove it came from the TLS peer, or ``None``."""
+        if header.signature is None:
+            return "the update is not signed; sign it with the slave's certificate key"
+        if channel.certificate is None:
+            return "no certificate to verify the update's signature against"
+        try:
+            verify_signature(channel.certificate, self._signing_bytes(header),
+                             base64.b64decode(header.signature, validate=True))
+        except (IdentityError, ValueError) as exc:
+            return (f"the update's signature does not verify with the certificate "
+                    f"'{channel.peer}' presented at the TLS handshake: {exc}")
+        return None
 
     # --- actions -------------------------------------------------------------------------------
 
@@ -361,6 +508,8 @@ class Master:
             "epsilon": header.epsilon_spent, "delta": header.delta,
             "accountant": header.accountant,
             "mechanisms": [m.model_dump() for m in header.mechanisms],
+            "signature": header.signature,
+            "signed_sha256": hashlib.sha256(self._signing_bytes(header)).hexdigest(),
         }
         self.audit.append("update_received", record)
         self.summary.record_slave(action.slave_id, header)

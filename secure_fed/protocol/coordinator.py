@@ -165,6 +165,8 @@ class Coordinator:
         min_slaves: complete updates needed to decrypt an aggregate.
         chunks: ciphertext chunks per update.
         max_chunk_bytes: largest chunk accepted, in bytes.
+        max_update_bytes: largest update accepted (sum of its chunks), in bytes; ``None``:
+            ``chunks * max_chunk_bytes``. The master derives it from the model and the preset.
         max_weight: largest FedAvg weight one slave may claim.
         join_timeout_s: seconds to wait for every slave before starting with ``min_slaves``.
         upload_deadline_s: seconds from task to end of collection.
@@ -187,12 +189,15 @@ class Coordinator:
         max_round_attempts: int,
         new_nonce: Callable[[], str],
         next_round: int = 1,
+        max_update_bytes: int | None = None,
     ) -> None:
         self.slaves = tuple(slaves)
         self.rounds = rounds
         self.min_slaves = min_slaves
         self.chunks = chunks
         self.max_chunk_bytes = max_chunk_bytes
+        self.max_update_bytes = (chunks * max_chunk_bytes if max_update_bytes is None
+                                 else max_update_bytes)
         self.max_weight = max_weight
         self.join_timeout_s = join_timeout_s
         self.upload_deadline_s = upload_deadline_s
@@ -213,6 +218,13 @@ class Coordinator:
         if self._current is None or slave_id not in self._current.uploads:
             return None
         return self._current.uploads[slave_id].status
+
+    def upload_deadline(self, slave_id: str) -> float | None:
+        """When the upload of ``slave_id`` must be complete (monotonic seconds), if it is
+        uploading in the attempt under way; ``None`` otherwise."""
+        if self.status_of(slave_id) is not SlaveStatus.UPLOADING or self._current is None:
+            return None
+        return self._current.deadline
 
     def uploaded_bytes(self) -> dict[str, int]:
         """Bytes of ciphertext received per slave in the attempt under way."""
@@ -309,6 +321,20 @@ class Coordinator:
             *self._maybe_close_collection(now),
         ]
 
+    def refuse_update(self, slave_id: str, header: UpdateHeader, reason: str,
+                      now: float) -> list[Action]:
+        """The master refused an update header before counting it (e.g. a bad signature).
+
+        The slave's answer for this task is spent: it is rejected with ``reason`` and cannot
+        send another update in this round (its chunks, if any follow, break the protocol).
+        """
+        upload = self._upload(slave_id)
+        if upload is not None and upload.status is SlaveStatus.TASKED:
+            upload.status = SlaveStatus.FAILED
+            return self._reject(slave_id, header.round, header.nonce, reason) + (
+                self._maybe_close_collection(now))
+        return self._reject(slave_id, header.round, header.nonce, reason)
+
     def decline(self, slave_id: str, message: Decline, now: float) -> list[Action]:
         upload = self._upload(slave_id)
         current = self._current
@@ -383,6 +409,10 @@ class Coordinator:
         biggest = max(header.chunk_bytes)
         if biggest > self.max_chunk_bytes:
             return f"a chunk of {biggest} bytes exceeds the limit of {self.max_chunk_bytes}"
+        total = sum(header.chunk_bytes)
+        if total > self.max_update_bytes:
+            return (f"the update announces {total} bytes, more than this model and preset can "
+                    f"need ({self.max_update_bytes})")
         if header.weight > self.max_weight:
             return f"weight {header.weight} exceeds the federation's limit of {self.max_weight}"
         return None

@@ -17,6 +17,8 @@ from secure_fed.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "secure-fed.v1"
+MAX_CERTIFICATE_CHARS = 8192
+"""Longest PEM certificate a ``hello`` may carry (plain ws:// on loopback only)."""
 MAX_HEADER_BYTES = 64 * 1024
 """Largest JSON header accepted, in bytes (binary payloads have their own limits)."""
 
@@ -25,6 +27,9 @@ Nonce = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 PartyId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 Round = Annotated[int, Field(ge=1, le=10**9)]
 Text = Annotated[str, Field(max_length=2000)]
+Signature = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{8,200}={0,2}$")]
+"""Standard base64 (with padding) of a DER ECDSA-SHA256 or a 64-byte Ed25519 signature."""
+UPDATE_SIGNATURE_CONTEXT = "secure-fed-update-v1"
 
 
 class _Message(BaseModel):
@@ -49,6 +54,9 @@ class Hello(_Message):
     protocol: int = Field(ge=1, le=1000)
     software: Text
     public_context_sha256: Hex64
+    # Only over plain ws:// (a master started with --insecure-loopback): the slave's certificate
+    # (PEM), which then stands in for the TLS client certificate. Ignored over TLS.
+    certificate: Annotated[str, Field(max_length=MAX_CERTIFICATE_CHARS)] | None = None
 
 
 class UpdateHeader(_Message):
@@ -63,6 +71,8 @@ class UpdateHeader(_Message):
         loss: mean training loss of the slave's last local epoch.
         mechanisms: the DP mechanisms run for this update (already in the slave's ledger).
         epsilon_spent: the slave's total ε after this update, at ``delta``.
+        signature: base64 signature by the slave's certificate key over
+            :func:`update_signing_bytes` of this update.
     """
 
     type: Literal["update"] = "update"
@@ -78,6 +88,22 @@ class UpdateHeader(_Message):
     epsilon_spent: float = Field(ge=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
     accountant: Literal["prv", "rdp"]
+    # Optional in the schema so that the coordinator can be exercised without keys; the master
+    # refuses an update without a valid signature before the coordinator sees it.
+    signature: Signature | None = None
+
+
+def update_signing_bytes(federation_id: str, round_: int, nonce: str, weight: int,
+                         chunk_sha256: list[str]) -> bytes:
+    """The exact bytes a slave signs for an update (ASCII, one ``name=value`` per line).
+
+    ``secure-fed-update-v1\nfederation=<id>\nround=<decimal>\nnonce=<hex32>\n``
+    ``weight=<decimal>\nchunks=<hex64>,<hex64>,...\n``. Every field is restricted to ASCII
+    by validation, so the encoding is unambiguous; the nonce binds the signature to one task.
+    """
+    lines = [UPDATE_SIGNATURE_CONTEXT, f"federation={federation_id}", f"round={round_}",
+             f"nonce={nonce}", f"weight={weight}", f"chunks={','.join(chunk_sha256)}"]
+    return ("\n".join(lines) + "\n").encode("ascii")
 
 
 class Decline(_Message):
@@ -203,7 +229,9 @@ def _parse(raw: str | bytes, adapter: TypeAdapter[Any], sender: str) -> Any:
         )
     try:
         obj = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    # ValueError beyond JSONDecodeError: an integer literal of more than 4300 digits (found by
+    # tests/test_fuzz_protocol.py); RecursionError: arrays or objects nested too deeply.
+    except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"message from the {sender} is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict) or "type" not in obj:
         raise ProtocolError(f"message from the {sender} must be a JSON object with a 'type'")

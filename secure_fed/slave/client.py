@@ -9,6 +9,7 @@ budget, never under-count it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 import random
@@ -17,8 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from secure_fed import __version__
+from secure_fed.config.settings import LOOPBACK_HOSTS
+from secure_fed.crypto.certificates import sign
 from secure_fed.crypto.codec import UpdateEncoder
 from secure_fed.data.datasets import Dataset
 from secure_fed.errors import (
@@ -49,6 +53,7 @@ from secure_fed.protocol.messages import (
     UpdateHeader,
     Welcome,
     parse_master_message,
+    update_signing_bytes,
 )
 from secure_fed.transport.channel import Channel, open_connection
 from secure_fed.transport.tls import client_ssl_context
@@ -84,6 +89,8 @@ class Slave:
         threads: torch threads for local training.
         reconnect_give_up_s: stop reconnecting after this many seconds without a connection.
         on_event: progress callback for a display.
+        insecure_loopback: allow a plain ``ws://`` master URL whose host is a loopback address
+            (a master started with ``--insecure-loopback``); any other ``ws://`` URL is refused.
     """
 
     def __init__(
@@ -96,9 +103,11 @@ class Slave:
         threads: int = 1,
         reconnect_give_up_s: float = 300.0,
         on_event: EventSink | None = None,
+        insecure_loopback: bool = False,
     ) -> None:
         self.bundle = bundle
         self.config = bundle.config
+        self._plain = _plain_url(self.config.master_url, insecure_loopback)
         self.data = data
         self.state_dir = Path(state_dir) if state_dir is not None else bundle.directory
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -120,8 +129,8 @@ class Slave:
 
     async def run(self) -> SlaveReport:
         """Take part until the master says the federation is finished."""
-        ssl_context = client_ssl_context(self.bundle.certificate, self.bundle.key,
-                                         self.bundle.ca_cert)
+        ssl_context = None if self._plain else client_ssl_context(
+            self.bundle.certificate, self.bundle.key, self.bundle.ca_cert)
         with UpdateEncoder(self.bundle.he_params, self._public_context,
                            workers=self._workers) as encoder:
             delay = 0.5
@@ -159,7 +168,9 @@ class Slave:
         try:
             await channel.send(Hello(
                 protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
-                public_context_sha256=context_digest(self._public_context)))
+                public_context_sha256=context_digest(self._public_context),
+                certificate=(self.bundle.certificate.read_text(encoding="ascii")
+                             if self._plain else None)))
             welcome = parse_master_message(await channel.receive(
                 self.config.limits.open_timeout_s))
             if isinstance(welcome, ErrorMessage):
@@ -228,9 +239,12 @@ class Slave:
         spent = self.ledger.spent()
         chunks = await asyncio.get_running_loop().run_in_executor(
             None, lambda: encoder.encrypt(result.delta_vector, weight=result.samples))
+        hashes = [hashlib.sha256(c).hexdigest() for c in chunks]
+        signed = update_signing_bytes(fed, task.round, task.nonce, result.samples, hashes)
+        signature = base64.b64encode(sign(self.bundle.key.read_bytes(), signed)).decode("ascii")
         header = UpdateHeader(
             round=task.round, nonce=task.nonce, weight=result.samples,
-            chunk_sha256=[hashlib.sha256(c).hexdigest() for c in chunks],
+            chunk_sha256=hashes, signature=signature,
             chunk_bytes=[len(c) for c in chunks], loss=float(result.loss),
             mechanisms=[MechanismRecord(noise_multiplier=m.noise_multiplier,
                                         sample_rate=m.sample_rate, steps=m.steps)
@@ -281,6 +295,23 @@ class Slave:
         await channel.send(Decline(round=task.round, nonce=task.nonce, reason=reason[:2000],
                                    epsilon_spent=spent,
                                    epsilon_remaining=self.config.budget_epsilon - spent))
+
+
+def _plain_url(url: str, insecure_loopback: bool) -> bool:
+    """True for an allowed plain ``ws://`` URL; raise :class:`ConfigError` for a refused one."""
+    parts = urlsplit(url)
+    if parts.scheme == "wss":
+        return False
+    if parts.scheme != "ws":
+        raise ConfigError(f"master_url {url!r} must start with wss://")
+    if not insecure_loopback:
+        raise ConfigError(f"master_url {url!r} is plain ws://; slaves speak only wss:// (TLS) "
+                          "unless started with --insecure-loopback for a master on this machine")
+    if parts.hostname not in LOOPBACK_HOSTS:
+        raise ConfigError(f"--insecure-loopback allows plain ws:// only to this machine "
+                          f"(127.0.0.1, ::1, localhost), not to {parts.hostname!r}; use wss://")
+    log.warning("INSECURE: connecting to %s without TLS (--insecure-loopback)", url)
+    return True
 
 
 __all__ = ["Slave", "SlaveReport", "SecureFedError"]

@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cryptography import x509
 from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -33,11 +34,17 @@ class Channel:
     Args:
         connection: the websockets connection.
         peer: who is at the other end (a party id taken from its certificate).
+
+    Attributes:
+        certificate: the certificate the peer presented (in the TLS handshake, or in ``hello``
+            over plain ws:// on loopback); set by the master once it has checked it, and used
+            to verify the slave's update signatures. ``None`` until then.
     """
 
     def __init__(self, connection: Connection, peer: str) -> None:
         self.connection = connection
         self.peer = peer
+        self.certificate: x509.Certificate | None = None
 
     async def send(self, message: BaseModel) -> None:
         """Send a control message as one JSON text message."""
@@ -64,6 +71,18 @@ class Channel:
         except ConnectionClosed as exc:
             raise TransportError(f"connection to '{self.peer}' closed: {exc}") from exc
         return message
+
+    async def receive_within(self, timeout_s: float) -> str | bytes | None:
+        """Receive one complete message, or ``None`` if none completed within ``timeout_s``.
+
+        Raises :class:`TransportError` when the connection closes.
+        """
+        try:
+            return await asyncio.wait_for(self.connection.recv(), timeout_s)
+        except TimeoutError:
+            return None
+        except ConnectionClosed as exc:
+            raise TransportError(f"connection to '{self.peer}' closed: {exc}") from exc
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close with a websocket close code and a reason the peer can log (≤ 123 bytes)."""

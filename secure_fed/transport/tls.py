@@ -12,6 +12,7 @@ says which file is wrong, instead of as an anonymous handshake failure later.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import ssl
 import stat
@@ -215,3 +216,51 @@ def peer_party_id(
             f"{expected_role} was expected"
         )
     return party_id
+
+
+def usable_crl(path: Path) -> Path | None:
+    """``path`` if it holds a CRL that can be enforced at the TLS handshake, else ``None``.
+
+    A missing CRL, or one past its next-update time (which would make TLS refuse *every*
+    client), is skipped with a warning; the caller still enforces ``revoked.json`` right
+    after the handshake.
+
+    Raises:
+        IdentityError: the file exists but is not a PEM CRL.
+    """
+    if not path.is_file():
+        logger.warning("no CRL at %s: revoked certificates are refused right after the TLS "
+                       "handshake only", path)
+        return None
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except ValueError as exc:
+        raise IdentityError(f"{str(path)!r} is not a PEM CRL ({exc}); re-create it with "
+                            "`secure-fed revoke-slave`") from exc
+    next_update = crl.next_update_utc
+    if next_update is not None and next_update <= dt.datetime.now(dt.UTC):
+        logger.warning("CRL %s expired on %s: not enforced at the TLS handshake; revoked "
+                       "certificates are refused right after it", path, next_update)
+        return None
+    return path
+
+
+def load_presented_certificate(pem: str, ca_cert_pem: bytes) -> x509.Certificate:
+    """Check a slave certificate sent inside the protocol (plain ws:// on loopback only).
+
+    The same checks TLS makes of a client certificate: PEM, issued by the federation CA,
+    within its validity, and a slave (``clientAuth``) certificate. Revocation and membership
+    are the caller's.
+
+    Raises:
+        IdentityError: any check fails.
+    """
+    try:
+        certificate = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    except (ValueError, UnicodeError) as exc:
+        raise IdentityError(f"not a PEM certificate: {exc}") from exc
+    check_validity(certificate)
+    verify_issued_by(certificate, ca_cert_pem)
+    if certificate_role(certificate) != "slave":
+        raise IdentityError("not a slave (clientAuth) certificate")
+    return certificate

@@ -1,0 +1,70 @@
+"""The attack demonstrations of threat_model/attacks, run small: each shows its contrast."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from threat_model.attacks import (  # found through pytest's pythonpath (the repository root)
+    crafted_model,
+    gradient_inversion,
+    membership_inference,
+)
+
+
+def test_gradient_inversion_recovers_plaintext_but_not_ciphertext_or_dp_sum(
+        tmp_path: Path, capsys: object) -> None:
+    assert gradient_inversion.main(["--small", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gradient_inversion.json").read_text())
+    observers = result["observers"]
+    plain = observers["plaintext"]
+    assert plain["correlation"] > 0.9 and plain["mse"] < 0.02
+    for name in ("aggregator", "keyholder"):
+        assert observers[name]["correlation"] < 0.4, name
+        assert observers[name]["mse"] > 10 * plain["mse"], name
+        assert abs(result["observed_vs_true_gradient_correlation"][name]) < 0.1, name
+    assert math.isclose(result["epsilon"], 3.0) and result["sigma"] > 1.0
+    png = tmp_path / "gradient_inversion.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "plaintext" in capsys.readouterr().out  # type: ignore[attr-defined]
+
+
+def test_crafted_model_reveals_records_unless_dp_noise(tmp_path: Path, capsys: object) -> None:
+    assert crafted_model.main(["--small", "--out", str(tmp_path)]) == 0
+    assert "recovered" in capsys.readouterr().out  # type: ignore[attr-defined]
+    result = json.loads((tmp_path / "crafted_model.json").read_text())
+    cases = result["cases"]
+    records = result["options"]["records"]
+    # the trap reads most of the victim's records exactly, also through clipping and through
+    # an aggregate of several slaves (what HE aggregation without DP gives the key holder)
+    assert cases["plaintext"]["victim_recovered"] >= 0.75 * records
+    assert cases["clipped"]["victim_recovered"] >= 0.75 * records
+    assert cases["aggregate"]["victim_recovered"] >= 0.5 * records
+    assert cases["plaintext"]["mean_best_correlation"] > 0.95
+    for name in ("dp", "dp-aggregate"):
+        assert cases[name]["recovered"] == 0, name
+        assert cases[name]["mean_best_max_error"] > 0.5, name
+        assert cases[name]["mean_best_correlation"] < 0.6, name
+    assert (tmp_path / "crafted_model.png").stat().st_size > 0
+
+
+def test_crafted_model_is_a_registered_architecture_the_slave_accepts() -> None:
+    from secure_fed.data.partition import master_holdout
+    from secure_fed.models.registry import build_model
+
+    model = crafted_model.craft_model(8, master_holdout("digits"), seed=0)
+    honest = build_model("mlp", in_features=64, num_classes=10, hidden=[8])
+    assert [p.shape for p in model.parameters()] == [p.shape for p in honest.parameters()]
+
+
+def test_membership_inference_leaks_without_dp_and_stays_within_epsilon_with_dp(
+        tmp_path: Path) -> None:
+    assert membership_inference.main(["--small", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "membership_inference.json").read_text())
+    no_dp, dp = result["no_dp"], result["dp"]
+    assert no_dp["epsilon_lower_bound"] > 0.0
+    assert no_dp["attack_accuracy"] > dp["attack_accuracy"]
+    assert no_dp["loss_excluded"] - no_dp["loss_included"] > 1.0
+    assert dp["consistent"] and dp["epsilon_lower_bound"] <= dp["accountant_epsilon"] <= 3.0
+    assert no_dp["accountant_epsilon"] is None  # ∞: no DP

@@ -1,0 +1,1 @@
+"""Runnable attack demonstrations; each module is one command (see README.md here)."""
