@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 import tomllib
 from pathlib import Path
@@ -77,3 +78,15 @@ def test_errors_name_the_problem_and_the_remedy(
     (leaked / "he-secret.ctx").write_bytes(secret.read_bytes())
     assert main(["slave", str(leaked), "--dataset", "digits"]) == 2
     assert "must never have it" in capsys.readouterr().err
+
+
+def test_bench_codec_json_last_line_is_the_default_preset(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "codec", "--size", "3000", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    row = json.loads(last)
+    assert row["preset"] == "bfv-fast" and row["scheme"] == "bfv" and row["size"] == 3000
+    for key in ("bytes_per_value", "encrypt_serialize_s_per_M", "aggregate_s_per_M_per_slave",
+                "decrypt_s_per_M", "max_abs_error", "security_bits"):
+        assert row[key] > 0, key

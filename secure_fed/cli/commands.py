@@ -149,11 +149,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "utility":
+        from secure_fed.bench.utility import UtilityOptions, format_utility, run_utility_bench
+
+        result = run_utility_bench(UtilityOptions(
+            dataset=args.dataset, epsilon=args.epsilon, slaves=args.slaves, rounds=args.rounds,
+            seed=args.seed))
+        print(format_utility(result))
+        if args.json:
+            print(json.dumps(result))
+        return 0
+
     from secure_fed.bench.codec import format_table, run_codec_bench
+    from secure_fed.crypto.presets import DEFAULT_PRESET
 
     preset = args.preset
     if preset is None and args.scheme is not None:
         preset = {"bfv": "bfv-fast", "ckks": "ckks"}[args.scheme]
+    if preset is None and not args.compare:
+        preset = DEFAULT_PRESET
     rows = run_codec_bench(args.size, preset, args.slaves, args.workers, args.compare,
                            repeats=args.repeats)
     print(format_table(rows))

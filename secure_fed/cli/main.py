@@ -190,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", action="store_true", help="plaintext, compat and every preset")
     b.add_argument("--json", action="store_true",
                    help="end with one JSON line (an object, or a list with --compare)")
+    u = bench.add_parser("utility", help="accuracy of centralized, DP and federated training",
+                         description="On one dataset, model and split: train centralized "
+                         "without DP, centralized DP-SGD on the pooled data, and a real "
+                         "federation (DP-SGD at each slave, encrypted FedAvg over mutual TLS on "
+                         "127.0.0.1) at the same ε, and print the hold-out accuracies side by "
+                         "side. Takes about a minute with the defaults.")
+    u.add_argument("--dataset", default="digits", help="bundled dataset (default digits)")
+    u.add_argument("--epsilon", type=float, default=3.0, help="ε at δ=1e-5 (default 3)")
+    u.add_argument("--slaves", type=int, default=3, help="slaves (default 3)")
+    u.add_argument("--rounds", type=int, default=10, help="federation rounds (default 10)")
+    u.add_argument("--seed", type=int, default=0, help="seed of the split and model")
+    u.add_argument("--json", action="store_true", help="end with one JSON line")
 
     from secure_fed.cli.audit import add_audit_parser
 
