@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,10 @@ from secure_fed.config.settings import (
     ModelSpec,
     TrainingPlanSettings,
 )
+from secure_fed.master.bundle import SlaveBundle
 from secure_fed.master.provision import FederationPlan, init_federation
+from secure_fed.slave.client import Slave
+from secure_fed.slave.sources import bundled_part
 
 TINY_MODEL = ModelSpec(architecture="mlp",
                        kwargs={"in_features": 64, "num_classes": 10, "hidden": [16]})
@@ -38,3 +42,12 @@ def federation_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fed_dir = tmp_path_factory.mktemp("fed")
     init_federation(fed_dir, small_plan(["a", "b"]))
     return fed_dir
+
+
+def trial_slave(fed: Path, slave_id: str, partition: str, url: str, state: Path,
+                **options: Any) -> Slave:
+    """Slave ``slave_id`` of the bundles in ``fed``, dialing ``url``, on a part of digits."""
+    bundle = SlaveBundle.load(fed / "slaves" / slave_id).with_master_url(url)
+    settings: dict[str, Any] = {"state_dir": state, "workers": 1, "reconnect_give_up_s": 20}
+    settings.update(options)
+    return Slave(bundle, bundled_part("digits", partition), **settings)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import trial_slave
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -60,11 +61,7 @@ async def next_json(ws: ClientConnection, kind: str, timeout: float = 60) -> dic
 
 
 def honest_slave(fed: Path, slave_id: str, index: int, port: int, state: Path) -> Slave:
-    bundle = SlaveBundle.load(fed / "slaves" / slave_id)
-    bundle = SlaveBundle(bundle.directory, bundle.config.model_copy(
-        update={"master_url": f"wss://127.0.0.1:{port}"}), bundle.he_params)
-    return Slave(bundle, bundled_part("digits", f"{index}/2"), state_dir=state, workers=1,
-                 reconnect_give_up_s=20)
+    return trial_slave(fed, slave_id, f"{index}/2", f"wss://127.0.0.1:{port}", state)
 
 
 async def started(master: Master) -> tuple[asyncio.Task[Any], int]:
@@ -299,12 +296,8 @@ def test_insecure_loopback_federation_still_checks_certificates_and_signatures(
     base = json.loads(hello(a))
 
     def plain_slave(slave_id: str, index: int, port: int) -> Slave:
-        bundle = SlaveBundle.load(fed / "slaves" / slave_id)
-        bundle = SlaveBundle(bundle.directory, bundle.config.model_copy(
-            update={"master_url": f"ws://127.0.0.1:{port}"}), bundle.he_params)
-        return Slave(bundle, bundled_part("digits", f"{index}/2"),
-                     state_dir=tmp_path / f"s{slave_id}", workers=1, reconnect_give_up_s=20,
-                     insecure_loopback=True)
+        return trial_slave(fed, slave_id, f"{index}/2", f"ws://127.0.0.1:{port}",
+                           tmp_path / f"s{slave_id}", insecure_loopback=True)
 
     async def scenario() -> dict[str, Any]:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0,

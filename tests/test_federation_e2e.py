@@ -15,15 +15,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import trial_slave
 
 from secure_fed.audit.verify import verify_log
-from secure_fed.master.bundle import MasterBundle, SlaveBundle
+from secure_fed.master.bundle import MasterBundle
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
 from secure_fed.slave import client as slave_client
-from secure_fed.slave.client import Slave
-from secure_fed.slave.sources import bundled_part
 
 
 async def run_federation(
@@ -35,12 +34,8 @@ async def run_federation(
     port = await asyncio.wait_for(ready, 30)
     runners = []
     for index, (slave_id, state) in enumerate(slaves.items()):
-        bundle = SlaveBundle.load(fed_dir / "slaves" / slave_id)
-        bundle = SlaveBundle(bundle.directory, bundle.config.model_copy(
-            update={"master_url": f"wss://127.0.0.1:{port}"}), bundle.he_params)
-        data = bundled_part("digits", f"{index}/{len(slaves)}")
-        runners.append(Slave(bundle, data, state_dir=state, workers=1,
-                             reconnect_give_up_s=20).run())
+        runners.append(trial_slave(fed_dir, slave_id, f"{index}/{len(slaves)}",
+                                   f"wss://127.0.0.1:{port}", state).run())
     reports = await asyncio.wait_for(asyncio.gather(*runners), 300)
     await asyncio.wait_for(master_task, 60)
     return master, list(reports)

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from conftest import small_plan
+from conftest import small_plan, trial_slave
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -25,7 +25,7 @@ from websockets.sync.client import connect as sync_connect
 
 from secure_fed.config.settings import LimitSettings
 from secure_fed.errors import ProtocolError
-from secure_fed.master.bundle import MasterBundle, SlaveBundle, context_digest
+from secure_fed.master.bundle import MasterBundle, context_digest
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.protocol.messages import (
@@ -38,7 +38,6 @@ from secure_fed.protocol.messages import (
     parse_slave_message,
 )
 from secure_fed.slave.client import Slave
-from secure_fed.slave.sources import bundled_part
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 CASES: Counter[str] = Counter()
@@ -203,11 +202,8 @@ def test_live_master_under_fuzz_commits_the_honest_round(tmp_path: Path) -> None
     port_box: dict[str, Any] = {}
 
     def honest(slave_id: str, index: int, port: int) -> Slave:
-        bundle = SlaveBundle.load(fed / "slaves" / slave_id)
-        bundle = SlaveBundle(bundle.directory, bundle.config.model_copy(
-            update={"master_url": f"wss://127.0.0.1:{port}"}), bundle.he_params)
-        return Slave(bundle, bundled_part("digits", f"{index}/2"),
-                     state_dir=tmp_path / f"s{slave_id}", workers=1, reconnect_give_up_s=30)
+        return trial_slave(fed, slave_id, f"{index}/2", f"wss://127.0.0.1:{port}",
+                           tmp_path / f"s{slave_id}", reconnect_give_up_s=30)
 
     async def federation() -> tuple[Master, list[Any]]:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)

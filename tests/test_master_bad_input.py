@@ -13,15 +13,15 @@ import ssl
 from pathlib import Path
 
 import pytest
+from conftest import trial_slave
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from secure_fed.crypto.certificates import generate_ca, issue_certificate
-from secure_fed.master.bundle import MasterBundle, SlaveBundle, context_digest
+from secure_fed.master.bundle import MasterBundle, context_digest
 from secure_fed.master.server import Master
 from secure_fed.protocol.messages import SUBPROTOCOL
 from secure_fed.slave.client import Slave
-from secure_fed.slave.sources import bundled_part
 
 
 def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
@@ -48,11 +48,7 @@ async def raw_session(
 
 
 def honest_slave(fed: Path, slave_id: str, index: int, port: int, state: Path) -> Slave:
-    bundle = SlaveBundle.load(fed / "slaves" / slave_id)
-    bundle = SlaveBundle(bundle.directory, bundle.config.model_copy(
-        update={"master_url": f"wss://127.0.0.1:{port}"}), bundle.he_params)
-    return Slave(bundle, bundled_part("digits", f"{index}/2"), state_dir=state, workers=1,
-                 reconnect_give_up_s=20)
+    return trial_slave(fed, slave_id, f"{index}/2", f"wss://127.0.0.1:{port}", state)
 
 
 def test_bad_peers_are_refused_and_the_honest_round_completes(

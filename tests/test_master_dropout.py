@@ -15,21 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import trial_slave
 
 from secure_fed.audit.verify import verify_log
-from secure_fed.master.bundle import MasterBundle, SlaveBundle
+from secure_fed.master.bundle import MasterBundle
 from secure_fed.master.server import Master
 from secure_fed.slave.client import Slave
-from secure_fed.slave.sources import bundled_part
 from secure_fed.transport import channel as channel_module
 
 
 def slave(fed: Path, slave_id: str, index: int, port: int, state: Path) -> Slave:
-    bundle = SlaveBundle.load(fed / "slaves" / slave_id)
-    bundle = SlaveBundle(bundle.directory, bundle.config.model_copy(
-        update={"master_url": f"wss://127.0.0.1:{port}"}), bundle.he_params)
-    return Slave(bundle, bundled_part("digits", f"{index}/2"), state_dir=state, workers=1,
-                 reconnect_give_up_s=30)
+    return trial_slave(fed, slave_id, f"{index}/2", f"wss://127.0.0.1:{port}", state,
+                       reconnect_give_up_s=30)
 
 
 def test_slave_dropping_mid_upload_is_discarded_and_the_round_retried(

@@ -140,9 +140,8 @@ def federated(options: UtilityOptions, plan: TrainingPlanSettings, work: Path) -
         port = await ready
         runners = []
         for index, slave_id in enumerate(slave_ids):
-            bundle = SlaveBundle.load(work / "fed" / "slaves" / slave_id)
-            bundle = SlaveBundle(bundle.directory, bundle.config.model_copy(
-                update={"master_url": f"wss://127.0.0.1:{port}"}), bundle.he_params)
+            bundle = SlaveBundle.load(work / "fed" / "slaves" / slave_id).with_master_url(
+                f"wss://127.0.0.1:{port}")
             part = bundled_part(options.dataset, f"{index}/{options.slaves}", seed=options.seed)
             runners.append(Slave(bundle, part, state_dir=work / "state" / slave_id,
                                  workers=1).run())

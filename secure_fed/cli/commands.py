@@ -119,9 +119,7 @@ def cmd_slave(args: argparse.Namespace) -> int:
 
     bundle = SlaveBundle.load(args.bundle)
     if args.master_url:
-        bundle = SlaveBundle(bundle.directory,
-                             bundle.config.model_copy(update={"master_url": args.master_url}),
-                             bundle.he_params)
+        bundle = bundle.with_master_url(args.master_url)
     data = load_private_data(data=args.data, label_column=args.label_column,
                              dataset=args.dataset, partition=args.partition)
     torch.set_num_threads(max(1, args.threads))

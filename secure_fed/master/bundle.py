@@ -104,3 +104,12 @@ class SlaveBundle:
             )
         return cls(directory, load_slave_config(directory / "slave.toml"),
                    read_he_params(directory))
+
+    def with_master_url(self, url: str) -> SlaveBundle:
+        """The same bundle dialing another address (e.g. a port the OS chose).
+
+        The scheme is checked by :class:`secure_fed.slave.client.Slave`, which allows plain
+        ``ws://`` only to a loopback host and only with ``insecure_loopback``.
+        """
+        config = self.config.model_copy(update={"master_url": url})
+        return SlaveBundle(self.directory, config, self.he_params)
