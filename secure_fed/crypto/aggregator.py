@@ -74,9 +74,12 @@ class Aggregator:
         self.vector_size = vector_size
         self.chunk_count = math.ceil(vector_size / params.slots)
         self._moduli = self.layout.moduli_column()
-        self._sum: np.ndarray | None = np.zeros(
+        # Touch every page now (np.zeros maps them lazily), so that the page faults of the
+        # running sum are paid once per round here, not on the hot path of the first update.
+        self._sum: np.ndarray | None = np.empty(
             (self.chunk_count, *self.layout.shape), dtype=np.uint64
         )
+        self._sum.fill(0)
         self._slaves: dict[str, _Contribution] = {}
         self._finished: list[str] = []
         self._total_weight = 0
