@@ -11,11 +11,13 @@ from secure_fed.errors import CryptoError
 def test_codec_bench_rows_and_table() -> None:
     rows = run_codec_bench(size=5000, preset="bfv-fast", slaves=2, workers=1, compare=True,
                            repeats=2)
-    assert [r["preset"] for r in rows] == ["bfv-fast", "compat", "float32"]
+    assert [r["preset"] for r in rows] == ["bfv-fast", "compat", "compat-tenseal", "float32"]
     for row in rows:
         assert tuple(row) == COLUMNS and row["size"] == 5000
         assert row["encrypt_serialize_s_per_M"] > 0 and row["aggregate_s_per_M_per_slave"] > 0
-    bfv, compat, plain = rows
+    bfv, compat, tenseal, plain = rows
+    assert tenseal["bytes_per_value"] > 1.1 * compat["bytes_per_value"]  # TenSEAL's own format
+    assert tenseal["max_abs_error"] < 1e-6
     assert bfv["bytes_per_value"] == pytest.approx(122932 / 5000)  # one padded chunk
     assert compat["bytes_per_value"] > 2 * bfv["bytes_per_value"]
     assert plain["bytes_per_value"] == 4.0 and plain["security_bits"] == 0
@@ -24,10 +26,11 @@ def test_codec_bench_rows_and_table() -> None:
     assert (bfv["security_bits"], compat["security_bits"]) == (192, 128)
     two = run_codec_bench(size=5000, preset="bfv-fast", slaves=2, workers=2, compare=True)
     assert [(r["preset"], r["workers"]) for r in two] == [
-        ("bfv-fast", 2), ("compat", 1), ("float32", 1)]
+        ("bfv-fast", 2), ("compat", 1), ("compat-tenseal", 1), ("float32", 1)]
     table = format_table(rows)
     assert "bfv-fast vs compat: encrypt" in table and "float32" in table
-    assert len(table.splitlines()) == 2 + 3 + 1
+    assert "bfv-fast vs compat-tenseal: encrypt" in table
+    assert len(table.splitlines()) == 2 + 4 + 2
 
 
 def test_codec_bench_refuses_bad_arguments() -> None:

@@ -43,6 +43,10 @@ COLUMNS = (
 
 CLIP = 1.0
 COMPARISON_PRESET = "compat"
+COMMON_PRACTICE = "compat-tenseal"
+"""Row name of common practice: the ``compat`` parameters through TenSEAL's own
+``ckks_vector`` / ``serialize`` / ``ckks_vector_from`` / ``+``, in one process, as most public
+code and NVFlare's provisioning run it (measured with ``--compare``)."""
 
 
 def _updates(size: int, slaves: int) -> tuple[list[np.ndarray], list[int], np.ndarray]:
@@ -153,6 +157,52 @@ def _bench_plaintext(size: int, slaves: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def _bench_common_practice(size: int, slaves: int, repeats: int) -> dict[str, Any]:
+    """Common practice: TenSEAL's own CKKS pipeline with the ``compat`` parameters."""
+    import tenseal as ts
+
+    recipe = PRESETS[COMPARISON_PRESET]
+    secret = ts.context(ts.SCHEME_TYPE.CKKS, int(recipe["poly_modulus_degree"]),
+                        coeff_mod_bit_sizes=list(recipe["coeff_mod_bit_sizes"]))
+    secret.global_scale = 2 ** int(recipe["global_scale_bits"])
+    public = ts.context_from(secret.serialize(save_secret_key=False))
+    slots = int(recipe["poly_modulus_degree"]) // 2
+    updates, weights, expected = _updates(size, slaves)
+    scaled = [w * np.clip(u, -CLIP, CLIP).astype(np.float64) for u, w in zip(updates, weights,
+                                                                            strict=True)]
+    best = [math.inf, math.inf, math.inf]
+    average = np.zeros(size)
+    payloads: list[list[bytes]] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        payloads = [[ts.ckks_vector(public, v[i:i + slots].tolist()).serialize()
+                     for i in range(0, size, slots)] for v in scaled]
+        best[0] = min(best[0], time.perf_counter() - start)
+        start = time.perf_counter()
+        sums: list[Any] = [ts.ckks_vector_from(public, b) for b in payloads[0]]
+        for chunks in payloads[1:]:
+            for i, b in enumerate(chunks):
+                sums[i] += ts.ckks_vector_from(public, b)
+        serialized = [v.serialize() for v in sums]
+        best[1] = min(best[1], time.perf_counter() - start)
+        start = time.perf_counter()
+        decrypted = [ts.ckks_vector_from(secret, b).decrypt() for b in serialized]
+        average = np.concatenate([np.asarray(d) for d in decrypted])[:size] / sum(weights)
+        best[2] = min(best[2], time.perf_counter() - start)
+    return {
+        "scheme": "ckks",
+        "preset": COMMON_PRACTICE,
+        "size": size,
+        "workers": 1,
+        "bytes_per_value": sum(len(b) for b in payloads[0]) / size,
+        "encrypt_serialize_s_per_M": _per_million(best[0], size * slaves),
+        "aggregate_s_per_M_per_slave": _per_million(best[1], size * slaves),
+        "decrypt_s_per_M": _per_million(best[2], size),
+        "max_abs_error": float(np.max(np.abs(average - expected))),
+        "security_bits": 128,
+    }
+
+
 def run_codec_bench(
     size: int,
     preset: str | None,
@@ -173,10 +223,11 @@ def run_codec_bench(
         preset: one preset name, or ``None`` for all of :data:`PRESETS`.
         slaves: updates aggregated (weights 1, 2, …, slaves).
         workers: encryption worker processes.
-        compare: also measure the ``compat`` preset (if not already included) and the
-            plaintext float32 baseline. The ``compat`` reference then runs in one worker,
-            as the configuration it stands for is commonly run (one process), so that
-            ``--workers 2`` shows the gain of parallel encryption over common practice.
+        compare: also measure the ``compat`` preset (if not already included), common
+            practice (:data:`COMMON_PRACTICE`) and the plaintext float32 baseline. The
+            ``compat`` reference then runs in one worker, as the configuration it stands for
+            is commonly run (one process), so that ``--workers 2`` shows the gain of parallel
+            encryption over common practice.
         repeats: timed passes per preset (≥ 1).
 
     Returns:
@@ -204,6 +255,7 @@ def run_codec_bench(
                 run.measure(updates, weights, expected)
         rows = [run.row(slaves) for run in runs]
     if compare:
+        rows.append(_bench_common_practice(size, slaves, repeats))
         rows.append(_bench_plaintext(size, slaves, repeats))
     return rows
 
@@ -225,10 +277,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out.append("  ".join("-" * w for w in widths))
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    base = next((r for r in rows if r["preset"] == COMPARISON_PRESET), None)
-    if base is not None:
+    for reference in (COMMON_PRACTICE, COMPARISON_PRESET):
+        base = next((r for r in rows if r["preset"] == reference), None)
+        if base is None:
+            continue
         for r in rows:
-            if r["preset"] in (COMPARISON_PRESET, "float32"):
+            if r["preset"] in (COMPARISON_PRESET, COMMON_PRACTICE, "float32"):
                 continue
             enc = base["encrypt_serialize_s_per_M"] / max(r["encrypt_serialize_s_per_M"], 1e-12)
             agg = base["aggregate_s_per_M_per_slave"] / max(
@@ -236,7 +290,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             )
             size = base["bytes_per_value"] / r["bytes_per_value"]
             out.append(
-                f"{r['preset']} vs {COMPARISON_PRESET}: encrypt {enc:.1f}x faster, aggregate "
+                f"{r['preset']} vs {reference}: encrypt {enc:.1f}x faster, aggregate "
                 f"{agg:.1f}x faster, {size:.1f}x smaller"
             )
     return "\n".join(out)
