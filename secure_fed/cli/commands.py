@@ -34,7 +34,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         budget_epsilon=args.epsilon, key_type=args.key_type,
     )
     bundle = init_federation(args.fed_dir, plan, force=args.force, offline_ca=args.offline_ca)
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"federation '{fed_id}' created in {args.fed_dir}")
     if args.offline_ca:
         console.print(f"  master bundle: {bundle.directory}  (keep it on the master; it holds "
@@ -56,7 +56,7 @@ def cmd_add_slave(args: argparse.Namespace) -> int:
 
     slave_dir = add_slave_bundle(args.fed_dir, args.slave_id, budget_epsilon=args.epsilon,
                                  delta=args.delta, key_type=args.key_type)
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"slave '{args.slave_id}' added: bundle {slave_dir} (copy it to "
                   f"'{args.slave_id}'); restart the master to admit it")
     return 0
@@ -66,7 +66,7 @@ def cmd_revoke_slave(args: argparse.Namespace) -> int:
     from secure_fed.master.provision import revoke_slave
 
     entry = revoke_slave(args.fed_dir, args.slave_id, reason=args.reason)
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"slave '{entry.party_id}': certificate serial {entry.serial} revoked on "
                   f"{entry.time} ({entry.reason}); restart the master to enforce it; "
                   f"`secure-fed add-slave {args.fed_dir} {entry.party_id}` re-admits it")
@@ -123,7 +123,7 @@ def cmd_slave(args: argparse.Namespace) -> int:
     data = load_private_data(data=args.data, label_column=args.label_column,
                              dataset=args.dataset, partition=args.partition)
     torch.set_num_threads(max(1, args.threads))
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
 
     def show(kind: str, info: dict[str, object]) -> None:
         console.log(f"{bundle.config.slave_id}: {kind} {json.dumps(info, default=str)}")
@@ -143,7 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options = DemoOptions(slaves=args.slaves, rounds=args.rounds, epsilon=args.epsilon,
                           dataset=args.dataset, preset=args.preset, out=args.out,
                           timeout_s=args.timeout)
-    return run_demo(options, Console(highlight=False))
+    return run_demo(options, Console(highlight=False, soft_wrap=True))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
