@@ -96,7 +96,6 @@ class Channel:
 
 def _limits(limits: LimitSettings) -> dict[str, Any]:
     return {
-        "compression": None,
         "max_size": limits.max_message_bytes,
         "open_timeout": limits.open_timeout_s,
         "ping_interval": limits.keepalive_interval_s,
@@ -117,7 +116,7 @@ async def start_server(
     """Listen for slaves with mutual TLS (``ssl_context``) and the project's limits."""
     return await serve(
         handler, host, port, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-        server_header=None, **_limits(limits),
+        server_header=None, compression=None, **_limits(limits),
     )
 
 
@@ -128,7 +127,7 @@ async def open_connection(
     try:
         return await connect(
             url, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-            user_agent_header=None, **_limits(limits),
+            user_agent_header=None, compression=None, **_limits(limits),
         )
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         raise TransportError(f"cannot connect to {url}: {exc}") from exc
