@@ -7,6 +7,7 @@ client holding a certificate (or not) and sending what an honest slave never wou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import ssl
@@ -139,3 +140,43 @@ def test_slave_with_a_budget_too_small_declines_and_spends_nothing(
     assert '"event":"decline"' in audit and "budget" in audit
     with pytest.raises(KeyError):
         json.loads((tmp_path / "run" / "summary.json").read_text())["slaves"]["b"]
+
+
+def test_a_slave_connecting_twice_replaces_its_older_connection(
+    federation_dir: Path, tmp_path: Path
+) -> None:
+    fed = tmp_path / "fed"
+    shutil.copytree(federation_dir, fed)
+    slave_a = fed / "slaves" / "a"
+    context = client_context(slave_a / "slave.pem", slave_a / "slave.key", slave_a / "ca.pem")
+    hello = json.dumps({"type": "hello", "protocol": 1, "software": "x",
+                        "public_context_sha256": context_digest(
+                            (slave_a / "he-public.ctx").read_bytes())})
+
+    async def scenario() -> tuple[int | None, str, str]:
+        master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(master.run(ready=ready))
+        url = f"wss://127.0.0.1:{await ready}"
+        options = {"ssl": context, "subprotocols": [SUBPROTOCOL], "compression": None}
+        async with connect(url, **options) as first:  # type: ignore[arg-type]
+            await first.send(hello)
+            welcome_first = json.loads(await first.recv())["type"]
+            async with connect(url, **options) as second:  # type: ignore[arg-type]
+                await second.send(hello)
+                welcome_second = json.loads(await second.recv())["type"]
+                try:
+                    while True:
+                        await asyncio.wait_for(first.recv(), 10)
+                except ConnectionClosed as exc:
+                    code = exc.rcvd.code if exc.rcvd else None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return code, welcome_first, welcome_second
+
+    code, first, second = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert (first, second) == ("welcome", "welcome")
+    assert code == 4000  # "replaced by a newer connection"
+    audit = (tmp_path / "run" / "audit.jsonl").read_text()
+    assert audit.count('"event":"slave_connected"') == 2
