@@ -101,7 +101,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     plan = FederationPlan(
         federation_id=fed_id, slaves=slave_ids, host="127.0.0.1", port=0,
         rounds=options.rounds, min_slaves=max(1, options.slaves // 2 + 1),
-        model=_model(features, classes),
+        model=ModelSpec.for_data("mlp", features, classes),
         training=TrainingPlanSettings(epsilon=options.epsilon, delta=DEMO_DELTA),
         encryption=EncryptionSettings(preset=options.preset, max_weight_per_slave=65536),
         limits=LimitSettings(join_timeout_s=120, upload_deadline_s=300, keepalive_interval_s=10,
@@ -154,11 +154,6 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                 proc.wait(timeout=30)
     port_file.unlink(missing_ok=True)
     return _report(out, options, slave_ids, master_code, console)
-
-
-def _model(features: int, classes: int) -> ModelSpec:
-    return ModelSpec(architecture="mlp",
-                     kwargs={"in_features": features, "num_classes": classes, "hidden": [64]})
 
 
 def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: int,

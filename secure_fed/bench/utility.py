@@ -124,9 +124,7 @@ def federated(options: UtilityOptions, plan: TrainingPlanSettings, work: Path) -
     init_federation(work / "fed", FederationPlan(
         federation_id="utility", slaves=slave_ids, host="127.0.0.1", port=0,
         rounds=options.rounds, min_slaves=options.slaves, seed=options.seed,
-        model=ModelSpec(architecture="mlp", kwargs={
-            "in_features": int(data.features.shape[1]), "num_classes": data.num_classes,
-            "hidden": [64]}),
+        model=ModelSpec.for_data("mlp", int(data.features.shape[1]), data.num_classes),
         training=plan, encryption=EncryptionSettings(max_weight_per_slave=65536, workers=1),
         limits=LimitSettings(join_timeout_s=120, upload_deadline_s=600),
         evaluation=EvaluationSettings(dataset=options.dataset, seed=options.seed),

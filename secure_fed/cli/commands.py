@@ -25,8 +25,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     plan = FederationPlan(
         federation_id=fed_id, slaves=args.slaves, host=args.host, port=args.port,
         listen_host=args.listen, rounds=args.rounds, min_slaves=args.min_slaves,
-        model=ModelSpec(architecture=args.architecture,
-                        kwargs=_model_kwargs(args.architecture, args.features, args.classes)),
+        model=ModelSpec.for_data(args.architecture, args.features, args.classes),
         training=TrainingPlanSettings(epsilon=args.epsilon, delta=args.delta),
         encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records),
         evaluation=EvaluationSettings(
@@ -72,11 +71,6 @@ def cmd_revoke_slave(args: argparse.Namespace) -> int:
                   f"`secure-fed add-slave {args.fed_dir} {entry.party_id}` re-admits it")
     return 0
 
-
-def _model_kwargs(architecture: str, features: int, classes: int) -> dict[str, object]:
-    if architecture == "mlp":
-        return {"in_features": features, "num_classes": classes, "hidden": [64]}
-    return {"num_classes": classes}
 
 
 def cmd_master(args: argparse.Namespace) -> int:

@@ -32,6 +32,15 @@ class ModelSpec(_Strict):
         default_factory=lambda: {"in_features": 64, "num_classes": 10, "hidden": [64]}
     )
 
+    @classmethod
+    def for_data(cls, architecture: str, features: int, classes: int) -> ModelSpec:
+        """The spec of ``architecture`` for ``features`` inputs and ``classes`` outputs
+        (an ``mlp`` gets one hidden layer of 64, the demo model)."""
+        if architecture == "mlp":
+            return cls(architecture="mlp", kwargs={"in_features": features,
+                                                   "num_classes": classes, "hidden": [64]})
+        return cls(architecture=architecture, kwargs={"num_classes": classes})
+
 
 class TrainingPlanSettings(_Strict):
     """The training plan sent to slaves with every round (the first configuration data).
