@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from secure_fed.config.settings import (
 )
 from secure_fed.master.bundle import SlaveBundle
 from secure_fed.master.provision import FederationPlan, init_federation
+from secure_fed.master.server import Master
 from secure_fed.slave.client import Slave
 from secure_fed.slave.sources import bundled_part
 
@@ -51,3 +53,10 @@ def trial_slave(fed: Path, slave_id: str, partition: str, url: str, state: Path,
     settings: dict[str, Any] = {"state_dir": state, "workers": 1, "reconnect_give_up_s": 20}
     settings.update(options)
     return Slave(bundle, bundled_part("digits", partition), **settings)
+
+
+async def started(master: Master) -> tuple[asyncio.Task[Any], int]:
+    """Run ``master`` in a task; return the task and the port the OS chose."""
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(master.run(ready=ready))
+    return task, await ready

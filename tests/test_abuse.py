@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import trial_slave
+from conftest import started, trial_slave
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -62,12 +62,6 @@ async def next_json(ws: ClientConnection, kind: str, timeout: float = 60) -> dic
 
 def honest_slave(fed: Path, slave_id: str, index: int, port: int, state: Path) -> Slave:
     return trial_slave(fed, slave_id, f"{index}/2", f"wss://127.0.0.1:{port}", state)
-
-
-async def started(master: Master) -> tuple[asyncio.Task[Any], int]:
-    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(master.run(ready=ready))
-    return task, await ready
 
 
 async def stop(task: asyncio.Task[Any], *others: asyncio.Task[Any]) -> None:

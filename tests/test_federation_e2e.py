@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import trial_slave
+from conftest import started, trial_slave
 
 from secure_fed.audit.verify import verify_log
 from secure_fed.master.bundle import MasterBundle
@@ -29,9 +29,7 @@ async def run_federation(
     fed_dir: Path, out: Path, slaves: dict[str, Path]
 ) -> tuple[Master, list[Any]]:
     master = Master(MasterBundle.load(fed_dir / "master"), out, port=0)
-    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    master_task = asyncio.create_task(master.run(ready=ready))
-    port = await asyncio.wait_for(ready, 30)
+    master_task, port = await asyncio.wait_for(started(master), 30)
     runners = []
     for index, (slave_id, state) in enumerate(slaves.items()):
         runners.append(trial_slave(fed_dir, slave_id, f"{index}/{len(slaves)}",

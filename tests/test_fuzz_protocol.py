@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import small_plan, trial_slave
+from conftest import started as run_master
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -208,9 +209,7 @@ def test_live_master_under_fuzz_commits_the_honest_round(tmp_path: Path) -> None
 
     async def federation() -> tuple[Master, list[Any]]:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(master.run(ready=ready))
-        port_box["port"] = await ready
+        task, port_box["port"] = await run_master(master)
         started.set()
         # The fuzzer starts alone; the honest slaves join after JOIN_AFTER of its cases.
         await asyncio.get_running_loop().run_in_executor(None, slaves_may_join.wait, 120)

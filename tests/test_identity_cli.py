@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import started
 from cryptography import x509
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -149,9 +150,7 @@ def test_live_master_refuses_a_revoked_certificate(
         if without_crl:
             (fed / "master" / "revoked-crl.pem").unlink()
         master = Master(MasterBundle.load(fed / "master"), tmp_path / f"run{without_crl}", port=0)
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(master.run(ready=ready))
-        port = await ready
+        task, port = await started(master)
         try:
             url = f"wss://127.0.0.1:{port}"
             return await try_hello(url, client_context(revoked_bundle)), await welcome(url)

@@ -14,7 +14,7 @@ import ssl
 from pathlib import Path
 
 import pytest
-from conftest import trial_slave
+from conftest import started, trial_slave
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
@@ -71,9 +71,7 @@ def test_bad_peers_are_refused_and_the_honest_round_completes(
 
     async def scenario() -> tuple[Master, dict[str, object]]:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(master.run(ready=ready))
-        port = await ready
+        task, port = await started(master)
         url = f"wss://127.0.0.1:{port}"
         outcomes: dict[str, object] = {}
         for name, context in (("no_cert", no_cert), ("foreign_ca", foreign)):
@@ -119,9 +117,7 @@ def test_slave_with_a_budget_too_small_declines_and_spends_nothing(
 
     async def scenario() -> tuple[Master, list[object]]:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(master.run(ready=ready))
-        port = await ready
+        task, port = await started(master)
         reports = await asyncio.gather(
             honest_slave(fed, "a", 0, port, tmp_path / "sa").run(),
             honest_slave(fed, "b", 1, port, tmp_path / "sb").run())
@@ -155,9 +151,8 @@ def test_a_slave_connecting_twice_replaces_its_older_connection(
 
     async def scenario() -> tuple[int | None, str, str]:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(master.run(ready=ready))
-        url = f"wss://127.0.0.1:{await ready}"
+        task, port = await started(master)
+        url = f"wss://127.0.0.1:{port}"
         options = {"ssl": context, "subprotocols": [SUBPROTOCOL], "compression": None}
         async with connect(url, **options) as first:  # type: ignore[arg-type]
             await first.send(hello)

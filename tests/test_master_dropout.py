@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import trial_slave
+from conftest import started, trial_slave
 
 from secure_fed.audit.verify import verify_log
 from secure_fed.master.bundle import MasterBundle
@@ -57,9 +57,7 @@ def test_slave_dropping_mid_upload_is_discarded_and_the_round_retried(
 
     async def scenario() -> tuple[Master, list[Any]]:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(master.run(ready=ready))
-        port = await ready
+        task, port = await started(master)
         runs = [
             asyncio.create_task(slave(fed, "a", 0, port, tmp_path / "sa").run(), name="a"),
             asyncio.create_task(slave(fed, "b", 1, port, tmp_path / "sb").run(), name="b"),
