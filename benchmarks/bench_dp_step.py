@@ -1,104 +1,162 @@
 """pytest-benchmark suite: the cost of differential privacy per training step, and of accounting.
 
-Run with ``.venv/bin/python -m pytest benchmarks/bench_dp_step.py --benchmark-enable``
+Run with ``.venv/bin/python -m pytest benchmarks/bench_dp_step.py --benchmark-enable -q -s``
 (the project's pytest options disable benchmarking by default, which runs each body once).
 
-``test_step`` times one optimizer step (zero_grad, forward, loss, backward, step) on the demo
-MLP (64 → 64 → 10, batch 64, one torch thread) without privacy and with Opacus DP-SGD in each
-per-sample-gradient mode; compare the means (group ``dp-step``) to get the DP/plain ratio.
-``test_dp_step_ratio`` measures the same ratio directly (median of repeated timings) and
-prints it. ``test_prv_epsilon`` times the PRV accountant on histories of 1, 8 and 30
-distinct mechanisms (cache cleared each time).
+The model and data are the demo's: the ``mlp`` 64 → 64 → 10 on one slave's third of the
+bundled digits (480 records), the demo plan's Poisson batches (expected size 192, so
+q = 192/480) and, for comparison, batches of expected size 64; one torch thread.
+
+``test_step`` times one optimizer step on a fixed Poisson batch: ``plain`` is the usual
+zero_grad / forward / loss / backward / SGD step; the others are the DP-SGD step that
+``train_delta`` runs per batch (clip, noise, average over B, SGD step) in each
+``grad_sample_mode`` (``linear`` is what ``auto`` picks for this model). ``test_dp_step_ratio``
+prints the DP/plain ratio of each mode as the median over interleaved blocks of steps, timed in
+CPU time of this process (``time.process_time``) so that other jobs on a shared machine do not
+bias it. ``test_round_ratio`` does the same for a whole local round (8 epochs, 16 steps, with
+sampling). ``test_prv_epsilon`` times the PRV accountant on histories of 1, 8 and 30 distinct
+mechanisms (cache cleared each time).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
 from pytest_benchmark.fixture import BenchmarkFixture
-from torch.utils.data import DataLoader, TensorDataset
 
+from secure_fed.data.partition import slave_partition
 from secure_fed.models.registry import build_model
 from secure_fed.privacy.accounting import Mechanism, clear_caches, epsilon
+from secure_fed.privacy.private_run import PrivateRun
+from secure_fed.privacy.training import DPSettings, train_delta
 
-BATCH = 64
-MODES = ("plain", "hooks", "ew", "functorch")
+BATCHES = (192, 64)
+MODES = ("plain", "linear", "ew", "hooks", "functorch")
+EPOCHS = 8
 
 
-def _step_fn(mode: str) -> Callable[[], None]:
-    torch.set_num_threads(1)
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    part = slave_partition("digits", index=0, count=3, seed=0)
+    return torch.from_numpy(part.features), torch.from_numpy(part.labels)
+
+
+def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    x = torch.rand(480, 64)
-    y = torch.randint(0, 10, (480,))
-    xb, yb = x[:BATCH], y[:BATCH]
-    model = build_model("mlp", in_features=64, num_classes=10, hidden=[64])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    if mode == "plain":
-
-        def plain() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
-            optimizer.step()
-
-        return plain
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        wrapped, dp_optimizer, _ = PrivacyEngine().make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=DataLoader(TensorDataset(x, y), batch_size=BATCH),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            poisson_sampling=False,
-            grad_sample_mode=mode,
-        )
-
-    def private() -> None:
-        dp_optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            F.cross_entropy(wrapped(xb), yb).backward()
-        dp_optimizer.step()
-
-    return private
+    return build_model("mlp", in_features=64, num_classes=10, hidden=[64])
 
 
+def _settings(batch: int) -> DPSettings:
+    return DPSettings(noise_multiplier=1.0, max_grad_norm=0.75, batch_size=batch, epochs=1, lr=1.0)
+
+
+def _ce(out: torch.Tensor, yb: torch.Tensor, _xb: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, yb)
+
+
+def _step_fn(mode: str, batch: int) -> tuple[Callable[[], object], Callable[[], None]]:
+    """A step on one Poisson batch of expected size ``batch``, and a function to clean up."""
+    torch.set_num_threads(1)
+    x, y = _data()
+    q = batch / len(y)
+    run = PrivateRun(_model(), x, y, _settings(batch), q, 0, "auto" if mode == "plain" else mode)
+    xb, yb = next(run.batches(1))
+    if mode != "plain":
+        return (lambda: run.step(_ce, xb, yb)), run.close
+    run.close()
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def plain() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+        optimizer.step()
+
+    return plain, lambda: None
+
+
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("mode", MODES)
-def test_step(benchmark: BenchmarkFixture, mode: str) -> None:
-    benchmark.group = "dp-step"
-    step = _step_fn(mode)
+def test_step(benchmark: BenchmarkFixture, mode: str, batch: int) -> None:
+    benchmark.group = f"dp-step-batch-{batch}"
+    step, close = _step_fn(mode, batch)
     for _ in range(20):
         step()
     benchmark(step)
+    close()
 
 
-def _median_step_seconds(step: Callable[[], None], repeats: int = 15, inner: int = 100) -> float:
-    for _ in range(30):
-        step()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_ratio(
+    base: Callable[[], object], other: Callable[[], object], blocks: int, inner: int
+) -> tuple[float, float, float, float, float]:
+    """Median CPU seconds per call of each, and the median, q1 and q3 of per-block ratios."""
+    for _ in range(3):
+        base(), other()
+    base_times, other_times, ratios = [], [], []
+    for _ in range(blocks):
+        start = time.process_time()
         for _ in range(inner):
-            step()
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
+            base()
+        middle = time.process_time()
+        for _ in range(inner):
+            other()
+        end = time.process_time()
+        base_times.append((middle - start) / inner)
+        other_times.append((end - middle) / inner)
+        ratios.append(other_times[-1] / base_times[-1])
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return statistics.median(base_times), statistics.median(other_times), median, q1, q3
 
 
 def test_dp_step_ratio() -> None:
-    plain = _median_step_seconds(_step_fn("plain"))
-    lines = [f"plain step: {plain * 1e6:.0f} µs"]
-    for mode in MODES[1:]:
-        private = _median_step_seconds(_step_fn(mode))
-        lines.append(f"DP step ({mode}): {private * 1e6:.0f} µs, ratio {private / plain:.2f}×")
+    lines = []
+    for batch in BATCHES:
+        plain, _ = _step_fn("plain", batch)
+        for mode in MODES[1:]:
+            private, close = _step_fn(mode, batch)
+            slow = mode in ("hooks", "functorch")
+            base, dp, ratio, q1, q3 = _interleaved_ratio(
+                plain, private, blocks=15 if slow else 41, inner=10 if slow else 20
+            )
+            close()
+            lines.append(
+                f"batch {batch}: plain {base * 1e6:.0f} µs, DP ({mode}) {dp * 1e6:.0f} µs, "
+                f"ratio {ratio:.2f}× (quartiles {q1:.2f}–{q3:.2f})"
+            )
     print("\n" + "\n".join(lines))
-    assert plain > 0
+    assert lines
+
+
+def test_round_ratio() -> None:
+    """A whole local round: ``train_delta`` (8 epochs of Poisson batches) against the same loop
+    without privacy (same sampling, plain backward and SGD step)."""
+    torch.set_num_threads(1)
+    part = slave_partition("digits", index=0, count=3, seed=0)
+    settings = DPSettings(1.0, 0.75, batch_size=192, epochs=EPOCHS, lr=1.0)
+    x, y = _data()
+
+    def private() -> None:
+        train_delta(_model(), part, settings, seed=0)
+
+    def plain() -> None:
+        run = PrivateRun(_model(), x, y, settings, 192 / len(y), 0, "auto")
+        run.close()
+        optimizer = torch.optim.SGD(run.module.parameters(), lr=1.0)
+        for xb, yb in run.batches(EPOCHS):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(run.module(xb), yb).backward()
+            optimizer.step()
+
+    base, dp, ratio, q1, q3 = _interleaved_ratio(plain, private, blocks=15, inner=3)
+    print(
+        f"\nround (8 epochs, batch 192): plain {base * 1e3:.1f} ms, DP {dp * 1e3:.1f} ms, "
+        f"ratio {ratio:.2f}× (quartiles {q1:.2f}–{q3:.2f})"
+    )
+    assert dp > 0
 
 
 @pytest.mark.parametrize("distinct", [1, 8, 30])

@@ -155,15 +155,99 @@ def test_cnn8_trains_under_dp(part: Dataset) -> None:
     assert np.isfinite(result.delta_vector).all()
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+@pytest.mark.parametrize("mode", ["ew", "hooks", "functorch"])
 def test_grad_sample_modes_agree(small: Dataset, mode: str) -> None:
+    # Same seed, same Poisson batches and the same noise draws: the linear-clipping step
+    # (the default for an MLP) and every Opacus mode release the same update.
     settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=20, epochs=1, lr=0.5)
-    default = train_delta(_mlp(), small, settings, seed=3)  # "ew"
+    default = train_delta(_mlp(), small, settings, seed=3)  # "auto" → "linear"
     other = train_delta(_mlp(), small, settings, seed=3, grad_sample_mode=mode)
     assert np.allclose(default.delta_vector, other.delta_vector, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["ew", "hooks"])
+def _frozen_weight(model: torch.nn.Module) -> torch.nn.Module:
+    """Freeze the first layer and the weight (not the bias) of the second."""
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: _mlp(hidden=[32, 16]),
+        lambda: torch.nn.Sequential(
+            torch.nn.Linear(64, 16, bias=False), torch.nn.Tanh(), torch.nn.Linear(16, 10)
+        ),
+        lambda: _frozen_weight(_mlp(hidden=[16, 16])),
+    ],
+)
+@pytest.mark.parametrize("clip", [0.05, 1e6])
+def test_linear_clipping_equals_opacus_without_noise(small: Dataset, model, clip: float) -> None:
+    # σ = 0, several Poisson steps with momentum: per-sample clipping (active at C = 0.05,
+    # inactive at 1e6) and averaging over B give Opacus's update to float32 precision.
+    settings = DPSettings(0.0, clip, batch_size=20, epochs=2, lr=0.5, momentum=0.5)
+    torch.manual_seed(4)
+    start = model()
+    ours = train_delta(start, small, settings, seed=9, grad_sample_mode="linear")
+    opacus = train_delta(start, small, settings, seed=9, grad_sample_mode="hooks")
+    assert ours.mechanism == opacus.mechanism
+    assert np.abs(ours.delta_vector).max() > 1e-4
+    assert np.allclose(ours.delta_vector, opacus.delta_vector, atol=1e-6, rtol=0)
+    assert ours.loss == pytest.approx(opacus.loss, rel=1e-5)
+
+
+def test_linear_clipping_fedsgd_gradient_and_distillation_match_opacus(small: Dataset) -> None:
+    settings = DPSettings(noise_multiplier=2.0, max_grad_norm=0.1, batch_size=30, epochs=1, lr=0.5)
+    ours = train_gradient(_mlp(), small, settings, seed=2, grad_sample_mode="linear")
+    opacus = train_gradient(_mlp(), small, settings, seed=2, grad_sample_mode="ew")
+    assert np.allclose(ours.gradient, opacus.gradient, atol=1e-6)
+    teacher, student = _mlp(seed=1), _mlp(seed=2, hidden=[16])
+    a = train_distill(teacher, student, small, settings, seed=2, grad_sample_mode="linear")
+    b = train_distill(teacher, student, small, settings, seed=2, grad_sample_mode="hooks")
+    assert np.allclose(a.params_vector, b.params_vector, atol=1e-5)
+
+
+def test_poisson_batches_are_opacus_sampler_draws(small: Dataset) -> None:
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    from secure_fed.privacy.private_run import PrivateRun, seeds
+
+    settings = DPSettings(1.0, 1.0, batch_size=20, epochs=2, lr=0.1)
+    x, y = torch.from_numpy(small.features), torch.from_numpy(small.labels)
+    run = PrivateRun(_mlp(), x, y, settings, 1 / 3, 21, "auto")
+    ours = [yb for _, yb in run.batches(2)]
+    run.close()
+    generator = torch.Generator().manual_seed(seeds(21)[0])
+    sampler = UniformWithReplacementSampler(num_samples=60, sample_rate=1 / 3, generator=generator)
+    expected = [y[idx] for _ in range(2) for idx in sampler]
+    assert len(ours) == len(expected) == 6
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
+
+
+def test_models_outside_the_linear_step_go_through_opacus(part: Dataset, small: Dataset) -> None:
+    # A Linear applied to 3-D input (8 rows of 8 pixels) needs Opacus; "auto" falls back to it.
+    def rows() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Unflatten(1, (8, 8)),
+            torch.nn.Linear(8, 4),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32, 10),
+        )
+
+    settings = DPSettings(noise_multiplier=0.5, max_grad_norm=1.0, batch_size=20, epochs=1, lr=0.5)
+    auto = train_delta(rows(), small, settings, seed=1)
+    ew = train_delta(rows(), small, settings, seed=1, grad_sample_mode="ew")
+    assert np.array_equal(auto.delta_vector, ew.delta_vector)
+    with pytest.raises(PrivacyError, match="needs a model whose trainable layers are all"):
+        train_delta(rows(), small, settings, seed=1, grad_sample_mode="linear")
+    with pytest.raises(PrivacyError, match="needs a model whose trainable layers are all"):
+        train_delta(build_model("cnn8", num_classes=10), part, settings, grad_sample_mode="linear")
+
+
+@pytest.mark.parametrize("mode", ["linear", "ew", "hooks"])
 def test_empty_poisson_batches_still_get_noise(mode: str) -> None:
     tiny = select(load_bundled("digits"), np.arange(3))
     # seed 11 draws at least one empty batch among the 12 steps at q = 1/3
@@ -193,7 +277,7 @@ def test_empty_poisson_batches_still_get_noise(mode: str) -> None:
         ),
         (
             DPSettings(1.0, 1.0, 10, 1, 0.1),
-            {"grad_sample_mode": "ghost"},
+            {"grad_sample_mode": "ghost"},  # Opacus's two-backward mode is not offered
             "grad_sample_mode must be one of",
         ),
         (DPSettings(1.0, 1.0, 10, 1, 0.1), {"seed": -1}, "seed must be an integer ≥ 0 or None"),
@@ -228,10 +312,14 @@ def test_batch_larger_than_the_data_means_full_batches(small: Dataset) -> None:
     assert np.allclose(full.delta_vector, exact.delta_vector)
 
 
-def test_batchnorm_models_are_refused_with_a_privacy_error(small: Dataset) -> None:
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("mode", ["auto", "ew"])
+def test_batchnorm_models_are_refused_with_a_privacy_error(
+    small: Dataset, affine: bool, mode: str
+) -> None:
     model = torch.nn.Sequential(
-        torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 10)
+        torch.nn.Linear(64, 8), torch.nn.BatchNorm1d(8, affine=affine), torch.nn.Linear(8, 10)
     )
     settings = DPSettings(1.0, 1.0, 10, 1, 0.1)
     with pytest.raises(PrivacyError, match="cannot be trained with DP-SGD.*GroupNorm"):
-        train_delta(model, small, settings, seed=0)
+        train_delta(model, small, settings, seed=0, grad_sample_mode=mode)

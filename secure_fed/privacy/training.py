@@ -1,15 +1,16 @@
-"""DP-SGD training of a slave's local copy of the model, through Opacus.
+"""DP-SGD training of a slave's local copy of the model (Opacus's mechanism).
 
-Each call builds a fresh ``opacus.PrivacyEngine`` and makes a *deep copy* of the given module
-private (``make_private``), so the caller's module is never modified and no Opacus hooks
-leak out. Batches are drawn by Poisson sampling with rate ``q = batch_size / N`` exactly:
-each step every record joins the batch independently with probability q (Opacus's
-``DPDataLoader`` sampler; the loader's index lists are used to slice the in-memory tensors
-directly). An epoch is ``int(1 / q)`` steps, as in Opacus.
+Each call trains a *deep copy* of the given module
+(:class:`~secure_fed.privacy.private_run.PrivateRun`), so the caller's module is never
+modified and no hooks leak out. Batches are drawn by Poisson sampling with rate
+``q = batch_size / N`` exactly: each step every record joins the batch independently
+with probability q (the draws of Opacus's ``UniformWithReplacementSampler``). An epoch is
+``int(1 / q)`` steps, as in Opacus. Each step releases ``(Σ clip_C(g_i) + N(0, σ²C²)) / B``;
+an empty batch still releases the noise.
 
 The Opacus accountant is not used: every function returns the :class:`Mechanism` it ran
-(σ, q, steps) so that the caller records it in its :class:`~secure_fed.privacy.ledger.
-PrivacyLedger` *before* anything is sent.
+(σ, q, steps) so that the caller records it in its
+:class:`~secure_fed.privacy.ledger.PrivacyLedger` *before* anything is sent.
 
 Randomness: ``seed=None`` (the default for real use) draws a fresh seed from the operating
 system. A fixed seed makes a run reproducible, **and makes its noise predictable to anyone
@@ -17,11 +18,13 @@ who knows the seed** — never let the seed come from the master or be shared. E
 fresh seed the noise comes from torch's (non-cryptographic) generator, like Opacus without
 ``secure_mode``.
 
-Per-sample gradients use Opacus's ``grad_sample_mode="ew"`` (torch's expanded weights) by
-default: on the demo MLP it is the fastest of ``hooks`` / ``ew`` / ``functorch`` (see
-``benchmarks/bench_dp_step.py``). It supports Linear, Conv, GroupNorm, LayerNorm and
-Embedding layers — everything in the built-in registry; pass ``grad_sample_mode="hooks"``
-for other layers.
+Per-sample clipping: ``grad_sample_mode="auto"`` (the default) trains a model whose trainable
+layers are all ``nn.Linear`` on 2-D inputs (the ``mlp`` models) with
+:mod:`secure_fed.privacy.linear_clipping` — Opacus's mechanism with ghost norms and one
+backward pass, checked against Opacus in the tests — and any other model with Opacus's
+``grad_sample_mode="ew"`` (torch's expanded weights; Linear, Conv, GroupNorm, LayerNorm,
+Embedding). ``"linear"`` insists on the first, ``"ew"``, ``"hooks"`` and ``"functorch"`` force
+an Opacus mode. ``benchmarks/bench_dp_step.py`` measures them against a plain step.
 """
 
 from __future__ import annotations
@@ -29,32 +32,40 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import secrets
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
-from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from secure_fed.data.datasets import Dataset
 from secure_fed.errors import PrivacyError
 from secure_fed.models.package import parameters_vector
 from secure_fed.privacy.accounting import Mechanism, check_delta
+from secure_fed.privacy.private_run import (
+    DEFAULT_GRAD_SAMPLE_MODE,
+    GRAD_SAMPLE_MODES,
+    PrivateRun,
+)
+
+__all__ = [
+    "DEFAULT_GRAD_SAMPLE_MODE",
+    "GRAD_SAMPLE_MODES",
+    "DPSettings",
+    "DistillResult",
+    "GradientResult",
+    "TrainResult",
+    "evaluate",
+    "train_delta",
+    "train_distill",
+    "train_gradient",
+]
 
 logger = logging.getLogger(__name__)
 
-#: Opacus per-sample-gradient implementation used unless told otherwise.
-DEFAULT_GRAD_SAMPLE_MODE = "ew"
-GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
 MAX_EPOCHS = 10_000
 MAX_BATCH = 10_000_000
 
@@ -174,36 +185,6 @@ class DistillResult:
     samples: int
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence two known, harmless warnings of Opacus/torch (secure RNG off; backward hook)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        yield
-
-
-@contextmanager
-def _opacus_errors() -> Iterator[None]:
-    """Turn Opacus's refusal of a module (e.g. BatchNorm) into a PrivacyError."""
-    try:
-        yield
-    except UnsupportedModuleError as exc:
-        raise PrivacyError(
-            f"this model cannot be trained with DP-SGD: {exc}. Use per-sample-gradient "
-            "friendly layers (GroupNorm instead of BatchNorm)"
-        ) from exc
-
-
-def _seeds(seed: int | None) -> tuple[int, int]:
-    if seed is None:
-        seed = secrets.randbits(63)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise PrivacyError(f"seed must be an integer ≥ 0 or None, got {seed!r}")
-    sampling, noise = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
-    return int(sampling), int(noise)
-
-
 def _prepare(
     data: Dataset, settings: DPSettings, delta: float | None, threads: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -218,91 +199,8 @@ def _prepare(
     return torch.from_numpy(data.features), torch.from_numpy(data.labels), q
 
 
-class _PrivateRun:
-    """A deep copy of ``module`` made private with a fresh PrivacyEngine."""
-
-    def __init__(
-        self,
-        module: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        settings: DPSettings,
-        q: float,
-        seed: int | None,
-        grad_sample_mode: str,
-    ) -> None:
-        if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise PrivacyError(
-                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
-            )
-        sampling_seed, noise_seed = _seeds(seed)
-        self.x, self.y = x, y
-        self.module = copy.deepcopy(module)
-        self.module.train()
-        optimizer = torch.optim.SGD(
-            self.module.parameters(), lr=settings.lr, momentum=settings.momentum
-        )
-        sampler_rng = torch.Generator().manual_seed(sampling_seed)
-        loader = DPDataLoader(TensorDataset(x, y), sample_rate=q, generator=sampler_rng)
-        with _quiet(), _opacus_errors():
-            engine = PrivacyEngine(accountant="prv", secure_mode=False)
-            self.wrapped, self.optimizer, self.loader = engine.make_private(
-                module=self.module,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=float(settings.noise_multiplier),
-                max_grad_norm=float(settings.max_grad_norm),
-                poisson_sampling=False,  # the loader above already samples with rate q exactly
-                noise_generator=torch.Generator().manual_seed(noise_seed),
-                grad_sample_mode=grad_sample_mode,
-            )
-        # make_private derives the expected batch size from len(loader); use B exactly.
-        self.optimizer.expected_batch_size = settings.expected_batch(len(y))
-
-    def batches(self, epochs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Poisson batches: ``epochs × int(1/q)`` of them (some may be empty)."""
-        for _ in range(epochs):
-            for indices in self.loader.batch_sampler:
-                index = torch.as_tensor(indices, dtype=torch.long)
-                yield self.x[index], self.y[index]
-
-    def step(
-        self,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-        xb: torch.Tensor,
-        yb: torch.Tensor,
-        *,
-        apply: bool = True,
-    ) -> float:
-        """One DP-SGD step (clip, noise, average over B); returns the batch loss (NaN if empty)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if xb.shape[0] == 0:
-            # An empty Poisson batch still releases noise: the step adds N(0, σ²C²)/B alone.
-            # Empty per-sample gradients make the DP optimizer do exactly that, in every mode.
-            for p in self.module.parameters():
-                if p.requires_grad:
-                    setattr(p, "grad_sample", torch.zeros((0, *p.shape), dtype=p.dtype))  # noqa: B010
-            value = math.nan
-        else:
-            loss = loss_fn(self.wrapped(xb), yb, xb)
-            value = float(loss.detach())
-            with _quiet():
-                loss.backward()
-        if apply:
-            self.optimizer.step()
-        else:
-            self.optimizer.pre_step()
-        return value
-
-    def close(self) -> None:
-        """Remove Opacus hooks from the (discarded) copy."""
-        remove = getattr(self.wrapped, "_close", None)
-        if callable(remove):
-            remove()
-
-
 def _epoch_loop(
-    run: _PrivateRun,
+    run: PrivateRun,
     settings: DPSettings,
     records: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -342,10 +240,11 @@ def train_delta(
         seed: RNG seed for sampling and noise; None for a fresh OS-random seed (see module doc).
         threads: torch intra-op threads to use (process-wide), or None to leave as is.
         delta: if given, checked to be below 1/N.
-        grad_sample_mode: Opacus per-sample-gradient mode (``hooks``, ``ew``, ``functorch``).
+        grad_sample_mode: ``auto``, ``linear``, or an Opacus mode (``ew``, ``hooks``,
+            ``functorch``); see the module doc.
     """
     x, y, q = _prepare(data, settings, delta, threads)
-    run = _PrivateRun(model, x, y, settings, q, seed, grad_sample_mode)
+    run = PrivateRun(model, x, y, settings, q, seed, grad_sample_mode)
     try:
         before = parameters_vector(run.module)
         steps, loss = _epoch_loop(run, settings, len(data), _cross_entropy)
@@ -376,7 +275,7 @@ def train_gradient(
     Args: as for :func:`train_delta`.
     """
     x, y, q = _prepare(data, settings, delta, threads)
-    run = _PrivateRun(model, x, y, settings, q, seed, grad_sample_mode)
+    run = PrivateRun(model, x, y, settings, q, seed, grad_sample_mode)
     try:
         xb, yb = next(run.batches(1))
         loss = run.step(_cross_entropy, xb, yb, apply=False)
@@ -433,7 +332,7 @@ def train_distill(
         kl = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean")
         return a * t * t * kl + (1.0 - a) * F.cross_entropy(out, yb)
 
-    run = _PrivateRun(student, x, y, settings, q, seed, grad_sample_mode)
+    run = PrivateRun(student, x, y, settings, q, seed, grad_sample_mode)
     try:
         steps, loss = _epoch_loop(run, settings, len(data), distill_loss)
         params = parameters_vector(run.module)
