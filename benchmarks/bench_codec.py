@@ -2,7 +2,9 @@
 
 Run with ``.venv/bin/python -m pytest benchmarks/bench_codec.py --benchmark-enable``
 (the project's pytest options disable benchmarking by default, which runs each body once).
-For the 1M-value comparison table use ``secure-fed bench codec --size 1000000 --compare``.
+For the 1M-value comparison table use ``secure-fed bench codec --size 1000000 --compare``;
+``-k aggregate`` compares aggregation with the chunks of the pending update held in memory (what
+the table measures: the slaves send one after the other) and with every chunk spooled to disk.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
         yield Setup(params, secret, public, encoder, updates, chunks)
 
 
-def _aggregate(s: Setup, spool: Path) -> list[bytes]:
-    with Aggregator(s.params, s.public, SIZE, spool_dir=spool) as aggregator:
+def _aggregate(s: Setup, spool: Path, pending_in_memory: int = 1) -> list[bytes]:
+    with Aggregator(s.params, s.public, SIZE, spool_dir=spool,
+                    pending_in_memory=pending_in_memory) as aggregator:
         for k, chunks in enumerate(s.chunks):
             for index, chunk in enumerate(chunks):
                 aggregator.add_chunk(f"slave-{k}", index, chunk)
@@ -64,6 +67,13 @@ def test_encrypt(benchmark: BenchmarkFixture, setup: Setup) -> None:
 def test_aggregate(benchmark: BenchmarkFixture, setup: Setup, tmp_path: Path) -> None:
     sums = benchmark(_aggregate, setup, tmp_path)
     assert len(sums) == setup.encoder.chunk_count(SIZE)
+
+
+def test_aggregate_spooled(benchmark: BenchmarkFixture, setup: Setup, tmp_path: Path) -> None:
+    """Every chunk through the spool file, as when more updates arrive at once than the
+    aggregator keeps in memory."""
+    sums = benchmark(_aggregate, setup, tmp_path, 0)
+    assert sums == _aggregate(setup, tmp_path)
 
 
 def test_decrypt(benchmark: BenchmarkFixture, setup: Setup, tmp_path: Path) -> None:

@@ -120,14 +120,13 @@ def test_malformed_chunks_are_refused_and_the_sum_is_untouched(
         aggregator.add_chunk("b", -1, good[1])
     with pytest.raises(MalformedUpdate, match=r"slave 'b' refused \(chunk 0\).*repeated"):
         aggregator.add_chunk("b", 0, good[0])
-    # b's partial update is still in the sum; after the rest arrives, the sum is exact
-    aggregator.add_chunk("b", 1, good[1])
-    aggregator.finish("b", 2)
-    average = _decrypt(keyholder, aggregator)
-    assert np.abs(average - _expect(updates, "a", "b")).max() < params.quant_step + 1e-7
-    # and removing b restores the aggregate of a, bit for bit
+    # b's partial update is still in the sum; removing it restores the aggregate of a, bit
+    # for bit, and b may send its whole update again
     aggregator.discard("b")
     assert aggregator.sum_chunks() == before
+    _send(aggregator, "b", good)
+    average = _decrypt(keyholder, aggregator)
+    assert np.abs(average - _expect(updates, "a", "b")).max() < params.quant_step + 1e-7
 
 
 def test_discard_of_a_partial_update(
@@ -153,19 +152,62 @@ def test_discard_of_a_partial_update(
     assert np.abs(average - _expect(updates, "a", "b", "c")).max() < params.quant_step + 1e-7
 
 
-def test_discard_of_a_finished_update(
+def test_a_finished_update_stays_in_the_sum(
     params: HEParams, aggregator: Aggregator, keyholder: KeyHolder,
     updates: dict[str, tuple[np.ndarray, list[bytes]]],
 ) -> None:
     for name in "abc":
         _send(aggregator, name, updates[name][1])
     assert aggregator.total_weight == 6
-    aggregator.discard("b")
-    assert aggregator.total_weight == 4 and aggregator.contributors == ["a", "c"]
+    before = aggregator.sum_chunks()
+    with pytest.raises(CryptoError, match="slave 'b' is finished"):
+        aggregator.discard("b")
+    assert aggregator.total_weight == 6 and aggregator.contributors == ["a", "b", "c"]
+    assert aggregator.sum_chunks() == before
     average = _decrypt(keyholder, aggregator)
-    assert np.abs(average - _expect(updates, "a", "c")).max() < params.quant_step + 1e-7
+    assert np.abs(average - _expect(updates, "a", "b", "c")).max() < params.quant_step + 1e-7
     with pytest.raises(MalformedUpdate, match="already finished"):
         aggregator.add_chunk("a", 0, updates["a"][1][0])
+
+
+@pytest.mark.parametrize("in_memory", [0, 1, 2])
+def test_interleaved_uploads_beyond_the_memory_budget_are_spooled(
+    params: HEParams, keys: tuple[bytes, bytes], keyholder: KeyHolder, tmp_path: Path,
+    updates: dict[str, tuple[np.ndarray, list[bytes]]], in_memory: int,
+) -> None:
+    chunk_bytes = len(updates["a"][1][0])
+    with Aggregator(params, keys[1], SIZE, spool_dir=tmp_path,
+                    pending_in_memory=in_memory) as agg:
+        for index in range(2):  # three slaves upload at once, chunk by chunk
+            for name in "abc":
+                data = updates[name][1][index]
+                if name == "b":  # a mutable buffer, reused by its owner once added
+                    buffer = bytearray(data)
+                    agg.add_chunk(name, index, buffer)
+                    buffer[:] = bytes(len(buffer))
+                else:
+                    agg.add_chunk(name, index, data)
+        spool = next(tmp_path.rglob("*.spool"))
+        # each update is two chunks; the budget holds `in_memory` updates, the rest is spooled
+        assert spool.stat().st_size == max(0, 6 - 2 * in_memory) * chunk_bytes
+        agg.discard("b")  # some of b's chunks are in memory, some in the spool
+        agg.finish("a", 2)
+        agg.finish("c", 2)
+        average = _decrypt(keyholder, agg)
+        assert np.abs(average - _expect(updates, "a", "c")).max() < params.quant_step + 1e-7
+        # finish and discard released their chunks: b's new update fits the budget again
+        size = spool.stat().st_size
+        _send(agg, "b", updates["b"][1])
+        assert spool.stat().st_size == size + max(0, 2 - 2 * in_memory) * chunk_bytes
+        average = _decrypt(keyholder, agg)
+    assert np.abs(average - _expect(updates, "a", "b", "c")).max() < params.quant_step + 1e-7
+
+
+def test_pending_in_memory_must_not_be_negative(
+    params: HEParams, keys: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    with pytest.raises(CryptoError, match="pending_in_memory must be at least 0, got -1"):
+        Aggregator(params, keys[1], SIZE, spool_dir=tmp_path, pending_in_memory=-1)
 
 
 def test_finish_refuses_weights_beyond_the_parameters(
@@ -238,7 +280,8 @@ def _peak_bytes(params: HEParams, public: bytes, chunks: list[bytes], slaves: in
             for k in range(slaves):
                 _send(agg, f"slave-{k}", chunks, weight=1)
             assert len(agg.contributors) == slaves
-            agg.discard("slave-0")
+            agg.add_chunk("late", 0, chunks[0])
+            agg.discard("late")
             return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -260,7 +303,7 @@ def test_close_deletes_the_spool(
     params: HEParams, keys: tuple[bytes, bytes], tmp_path: Path,
     updates: dict[str, tuple[np.ndarray, list[bytes]]],
 ) -> None:
-    agg = Aggregator(params, keys[1], SIZE, spool_dir=tmp_path / "spool")
+    agg = Aggregator(params, keys[1], SIZE, spool_dir=tmp_path / "spool", pending_in_memory=0)
     agg.add_chunk("a", 0, updates["a"][1][0])
     spooled = list((tmp_path / "spool").rglob("*.spool"))
     assert len(spooled) == 1 and spooled[0].stat().st_size == len(updates["a"][1][0])

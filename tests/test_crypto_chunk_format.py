@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,8 +18,10 @@ from secure_fed.crypto.chunk_format import (
     add_mod,
     chunk_size_for,
     pack_chunk,
+    pack_planar,
     parse_chunk,
     sub_mod,
+    unpack_chunk,
 )
 from secure_fed.crypto.presets import coeff_moduli
 
@@ -85,3 +89,31 @@ def test_modular_add_and_sub_match_python_integers() -> None:
     assert bool(np.all(total < q))
     sub_mod(total, b, q)
     np.testing.assert_array_equal(total, a)
+
+
+@pytest.mark.parametrize("bits", [(50, 30), (60, 40, 40), (36, 60)])
+def test_planar_unpacking_matches_the_wire_order_and_packs_back(bits: tuple[int, ...]) -> None:
+    moduli = coeff_moduli(1024, (*bits, 60))[:-1]
+    layout = CiphertextLayout(scheme="ckks", poly_modulus_degree=1024, moduli=moduli,
+                              parms_id=(1, 2, 3, 4), key_id=b"K" * 8)
+    rng = np.random.default_rng(3)
+    q = layout.moduli_column()
+    coeffs = (rng.integers(0, 2**62, layout.shape, dtype=np.uint64) % q).astype(np.uint64)
+    data = pack_chunk(coeffs, layout, 7)
+    out = np.zeros(layout.planar_shape, dtype=np.uint64)
+    for chunk in (data, bytearray(data), memoryview(data)):
+        assert unpack_chunk(chunk, layout, out, index=7) is out
+        for j, width in enumerate(layout.widths):
+            period = 8 // math.gcd(width, 8)  # values per whole number of bytes
+            wire = coeffs[:, j, :].reshape(-1)
+            np.testing.assert_array_equal(out[j].reshape(period, -1), wire.reshape(-1, period).T)
+        assert pack_planar(out, layout, 7) == data
+        np.testing.assert_array_equal(parse_chunk(chunk, layout, index=7), coeffs)
+
+
+def test_an_out_of_range_coefficient_is_named_by_its_wire_position() -> None:
+    coeffs = _random_coeffs(np.random.default_rng(4))
+    coeffs[1, 0, 5] = 2**50 - 1  # above the 50-bit prime, sixth value of polynomial 1
+    with pytest.raises(ChunkFormatError, match="coefficient 5 of polynomial 1, prime 0"):
+        unpack_chunk(pack_chunk(coeffs, LAYOUT, 0), LAYOUT,
+                     np.empty(LAYOUT.planar_shape, dtype=np.uint64))

@@ -4,14 +4,17 @@ The aggregator holds the public context only (it refuses a secret one and never 
 key holder). Each chunk is validated completely before it touches the sum; a refused chunk
 raises :class:`~secure_fed.errors.MalformedUpdate` and leaves the sum exactly as it was.
 
-Memory is O(model), not O(slaves × model): one running sum per chunk index. To remove a
-slave's contribution later (a slave that vanished mid-stream, or was refused at ``finish``), the
-chunks every slave sent are appended to a spool file on disk while the round is open (one file,
-one descriptor, an offset per chunk in memory) and subtracted from the sum on demand (modular
-subtraction is exact, so no noise is left behind).
+Memory is O(model), not O(slaves × model): one running sum per chunk index, plus the chunks of
+the updates still being received. An unfinished contribution can be removed (a slave that
+vanished mid-stream, or was refused at ``finish``): its chunks are kept as received (a reference
+to the ``bytes``, no copy) up to ``pending_in_memory`` updates' worth in all, and beyond that
+appended to a spool file on disk (one file, one descriptor, an offset per chunk in memory);
+``discard`` subtracts them from the sum (modular subtraction is exact, so no noise is left
+behind). ``finish`` folds a contribution in for good and releases its chunks.
 
 Adding ciphertexts is adding their coefficients modulo each prime, which is done here with
-numpy on the validated coefficient arrays (see :mod:`secure_fed.crypto.chunk_format`).
+numpy on the validated coefficient arrays (see :mod:`secure_fed.crypto.chunk_format`), kept in
+the planar order that unpacks fastest, in one reused buffer (no allocation per chunk).
 Not thread-safe: call it from one thread (e.g. the event loop) at a time.
 """
 
@@ -29,9 +32,9 @@ import numpy as np
 
 from secure_fed.crypto.chunk_format import (
     ChunkFormatError,
+    ChunkReader,
     add_mod,
-    pack_chunk,
-    parse_chunk,
+    pack_planar,
     sub_mod,
 )
 from secure_fed.crypto.keys import ciphertext_layout, load_public_context
@@ -45,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Contribution:
-    chunks: dict[int, int] = field(default_factory=dict)  # index -> offset in the spool
+    # index -> the chunk as received (bytes) or its offset in the spool (int); emptied by finish
+    chunks: dict[int, bytes | int] = field(default_factory=dict)
     weight: int | None = None  # set by finish()
 
 
@@ -58,28 +62,42 @@ class Aggregator:
         vector_size: number of values of every update.
         spool_dir: directory for the spool file (created if missing); the aggregator works in
             a private subdirectory that :meth:`close` deletes.
+        pending_in_memory: how many updates' worth of chunks of unfinished contributions are
+            kept in memory (as received); further chunks go to the spool file. 0 spools all.
 
     Raises:
-        CryptoError: invalid or secret context, or a non-positive ``vector_size``.
+        CryptoError: invalid or secret context, a non-positive ``vector_size`` or a negative
+            ``pending_in_memory``.
     """
 
     def __init__(
-        self, params: HEParams, public_context: bytes, vector_size: int, *, spool_dir: Path
+        self, params: HEParams, public_context: bytes, vector_size: int, *, spool_dir: Path,
+        pending_in_memory: int = 1,
     ) -> None:
         if vector_size < 1:
             raise CryptoError(f"vector_size must be at least 1, got {vector_size}")
+        if pending_in_memory < 0:
+            raise CryptoError(f"pending_in_memory must be at least 0, got {pending_in_memory}")
         ctx = load_public_context(public_context, params)
         self.params = params
         self.layout = ciphertext_layout(params, ctx)
         self.vector_size = vector_size
         self.chunk_count = math.ceil(vector_size / params.slots)
-        self._moduli = self.layout.moduli_column()
+        # one prime: a scalar, which broadcasts faster than a column of one
+        self._moduli: np.ndarray | np.uint64 = (
+            np.uint64(self.layout.moduli[0]) if len(self.layout.moduli) == 1
+            else self.layout.planar_moduli()
+        )
         # Touch every page now (np.zeros maps them lazily), so that the page faults of the
         # running sum are paid once per round here, not on the hot path of the first update.
         self._sum: np.ndarray | None = np.empty(
-            (self.chunk_count, *self.layout.shape), dtype=np.uint64
+            (self.chunk_count, *self.layout.planar_shape), dtype=np.uint64
         )
         self._sum.fill(0)
+        self._reader = ChunkReader(self.layout,
+                                   np.zeros(self.layout.planar_shape, dtype=np.uint64))
+        self._held_budget = pending_in_memory * self.chunk_count * self.layout.chunk_size
+        self._held = 0  # bytes of chunks held in memory
         self._slaves: dict[str, _Contribution] = {}
         self._finished: list[str] = []
         self._total_weight = 0
@@ -140,14 +158,19 @@ class Aggregator:
         if contribution is not None and index in contribution.chunks:
             raise MalformedUpdate(slave_id, index, "chunk index repeated; each is sent once")
         try:
-            coeffs = parse_chunk(data, self.layout, index=index)
+            coeffs = self._reader.read(data, index=index)
         except ChunkFormatError as exc:
             raise MalformedUpdate(slave_id, index, str(exc)) from exc
-        offset = self._append_to_spool(bytes(data), slave_id, index)
+        kept = data if type(data) is bytes else bytes(data)  # never hold a mutable buffer
+        if self._held + len(kept) <= self._held_budget:
+            self._held += len(kept)
+            where: bytes | int = kept
+        else:
+            where = self._append_to_spool(kept, slave_id, index)
         if contribution is None:
             contribution = self._slaves[slave_id] = _Contribution()
-        contribution.chunks[index] = offset
-        add_mod(running[index], coeffs, self._moduli)
+        contribution.chunks[index] = where
+        add_mod(running[index], coeffs, self._moduli, scratch=coeffs)
 
     def _append_to_spool(self, data: bytes, slave_id: str, index: int) -> int:
         """Append a validated chunk to the spool; return its offset (all or nothing)."""
@@ -206,23 +229,39 @@ class Aggregator:
         contribution.weight = weight
         self._total_weight += weight
         self._finished.append(slave_id)
+        self._release(contribution)
+
+    def _release(self, contribution: _Contribution) -> None:
+        """Forget a contribution's chunks (the spooled bytes stay until :meth:`close`)."""
+        self._held -= sum(len(c) for c in contribution.chunks.values() if isinstance(c, bytes))
+        contribution.chunks.clear()
 
     def discard(self, slave_id: str) -> None:
-        """Remove a slave's partial or finished contribution from the sum (no-op if absent)."""
+        """Remove a slave's unfinished contribution from the sum (no-op if absent).
+
+        Raises:
+            CryptoError: the slave's update is finished: it is folded into the sum for good.
+        """
         running = self._running_sum()
-        contribution = self._slaves.pop(slave_id, None)
+        contribution = self._slaves.get(slave_id)
         if contribution is None:
             return
-        assert self._spool is not None
-        size = self.layout.chunk_size
-        for index, offset in contribution.chunks.items():
-            coeffs = parse_chunk(os.pread(self._spool, size, offset), self.layout, index=index)
-            sub_mod(running[index], coeffs, self._moduli)
         if contribution.weight is not None:
-            self._total_weight -= contribution.weight
-            self._finished.remove(slave_id)
+            raise CryptoError(
+                f"the update of slave '{slave_id}' is finished and folded into the sum; only an "
+                "unfinished update can be discarded (refuse an update before finish())"
+            )
+        del self._slaves[slave_id]
+        size = self.layout.chunk_size
+        for index, where in contribution.chunks.items():
+            if isinstance(where, int):
+                assert self._spool is not None
+                where = os.pread(self._spool, size, where)
+            coeffs = self._reader.read(where, index=index)
+            sub_mod(running[index], coeffs, self._moduli, scratch=coeffs)
         logger.info("discarded the contribution of slave %r (%d chunks)", slave_id,
                     len(contribution.chunks))
+        self._release(contribution)
 
     def sum_chunks(self) -> list[bytes]:
         """The aggregate: one serialized ciphertext per chunk index, for the key holder.
@@ -238,7 +277,7 @@ class Aggregator:
             )
         if not self._finished:
             raise CryptoError("no finished contributions; there is nothing to aggregate")
-        return [pack_chunk(running[i], self.layout, i) for i in range(self.chunk_count)]
+        return [pack_planar(running[i], self.layout, i) for i in range(self.chunk_count)]
 
     def close(self) -> None:
         """Delete the spool and drop the sum (idempotent)."""
