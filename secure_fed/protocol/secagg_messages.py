@@ -1,0 +1,232 @@
+"""Wire messages of secure aggregation (pairwise masking), and the exact bytes they bind.
+
+The messages follow :mod:`secure_fed.protocol.messages`: JSON text objects with a ``type``,
+strict pydantic models that refuse unknown fields, and binary data announced by a header
+(the masked vector of :class:`MaskedInput`). Binary values inside JSON (keys, encrypted
+shares, revealed shares) are base64 or hex of a fixed length, checked by the schema.
+The protocol that produces and consumes them is :mod:`secure_fed.protocol.secagg`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from secure_fed.crypto.masking import SEAL_OVERHEAD, SEED_BYTES
+from secure_fed.crypto.shamir import SHARE_BYTES
+from secure_fed.errors import ProtocolError
+from secure_fed.protocol.messages import Hex64, PartyId, Round, Signature
+
+SECAGG_CONTEXT = "secure-fed-secagg-v1"
+MAX_PARTIES = 10_000
+"""Most slaves one secure-aggregation round accepts."""
+MAX_SECAGG_MESSAGE_BYTES = 4 * 2**20
+"""Largest JSON secure-aggregation message accepted, in bytes (4 MiB). A complete-graph
+``ShareKeys`` of n slaves is about 200·n bytes; with thousands of slaves use SecAgg+."""
+SHARE_PLAINTEXT_BYTES = 2 * SHARE_BYTES
+"""Plaintext of one encrypted share pair: self-mask-seed share || mask-key share."""
+SEALED_SHARES_BYTES = SHARE_PLAINTEXT_BYTES + SEAL_OVERHEAD
+
+Key32 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")]
+"""Base64 of a 32-byte X25519 public key."""
+SealedShares = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{126}==$")]
+"""Base64 of :data:`SEALED_SHARES_BYTES` (94) bytes: nonce || ciphertext || tag."""
+ShareHex = Annotated[str, Field(pattern=r"^[0-9a-f]{66}$")]
+"""Hex of one 33-byte Shamir share value."""
+Parties = Annotated[list[PartyId], Field(max_length=MAX_PARTIES)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class AdvertiseKeys(_Message):
+    """Phase 0, slave -> master (and master -> slaves inside :class:`KeyList`).
+
+    Args:
+        round: the round of the federation.
+        party: the advertising slave.
+        c_pk: X25519 public key for encrypting shares (base64, 32 bytes).
+        s_pk: X25519 public key for pairwise masks (base64, 32 bytes).
+        signature: base64 signature of the slave's certificate key over
+            :func:`advertisement_signing_bytes`.
+    """
+
+    type: Literal["secagg_advertise"] = "secagg_advertise"
+    round: Round
+    party: PartyId
+    c_pk: Key32
+    s_pk: Key32
+    signature: Signature
+
+
+class KeyList(_Message):
+    """Phase 0 result, master -> every slave that advertised: all advertisements (U1)."""
+
+    type: Literal["secagg_keys"] = "secagg_keys"
+    round: Round
+    advertisements: list[AdvertiseKeys] = Field(min_length=1, max_length=MAX_PARTIES)
+
+
+class EncryptedShares(_Message):
+    """Shares of ``sender``'s two secrets for ``recipient``, encrypted to the recipient."""
+
+    sender: PartyId
+    recipient: PartyId
+    sealed: SealedShares
+
+
+class ShareKeys(_Message):
+    """Phase 1, slave -> master: one :class:`EncryptedShares` per neighbour in U1."""
+
+    type: Literal["secagg_shares"] = "secagg_shares"
+    round: Round
+    party: PartyId
+    shares: list[EncryptedShares] = Field(max_length=MAX_PARTIES)
+
+
+class ShareDelivery(_Message):
+    """Phase 1 result, master -> one slave of U2: the shares addressed to it."""
+
+    type: Literal["secagg_delivery"] = "secagg_delivery"
+    round: Round
+    shares: list[EncryptedShares] = Field(max_length=MAX_PARTIES)
+
+
+class MaskedInput(_Message):
+    """Phase 2, slave -> master: announces one binary message, the masked vector.
+
+    Args:
+        length: number of values; the binary message has ``8 * length`` bytes, each value a
+            little-endian unsigned 64-bit integer in ``[0, m)``.
+        sha256: SHA-256 (hex) of the binary message.
+    """
+
+    type: Literal["secagg_masked"] = "secagg_masked"
+    round: Round
+    party: PartyId
+    length: int = Field(ge=1, le=2**31)
+    sha256: Hex64
+
+
+class UnmaskRequest(_Message):
+    """Phase 3, master -> every slave of U3: who survived (U3) and who dropped (U2 \\ U3)."""
+
+    type: Literal["secagg_unmask"] = "secagg_unmask"
+    round: Round
+    survivors: Parties
+    dropped: Parties
+
+
+class RevealedShare(_Message):
+    """One Shamir share of ``owner``'s secret, revealed to the master in phase 3."""
+
+    owner: PartyId
+    value: ShareHex
+
+
+class UnmaskResponse(_Message):
+    """Phase 3 answer, slave -> master.
+
+    Args:
+        self_mask_shares: shares of the self-mask seed b_v of survivors v.
+        mask_key_shares: shares of the mask private key s_sk of dropped slaves v.
+    """
+
+    type: Literal["secagg_unmask_shares"] = "secagg_unmask_shares"
+    round: Round
+    party: PartyId
+    self_mask_shares: list[RevealedShare] = Field(max_length=MAX_PARTIES)
+    mask_key_shares: list[RevealedShare] = Field(max_length=MAX_PARTIES)
+
+
+SecAggMessage = Annotated[
+    AdvertiseKeys | KeyList | ShareKeys | ShareDelivery | MaskedInput | UnmaskRequest
+    | UnmaskResponse,
+    Field(discriminator="type"),
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(SecAggMessage)
+
+
+def is_secagg_text(message: str) -> bool:
+    """Whether a text message is a secure-aggregation message: its JSON starts with a ``type``
+    of ``secagg_…``, as every message this module encodes does (anything else is parsed by
+    :mod:`secure_fed.protocol.messages`, which refuses unknown types)."""
+    return message[:64].replace(" ", "").startswith('{"type":"secagg_')
+
+
+def parse_secagg_message(raw: str | bytes, *, max_bytes: int = MAX_SECAGG_MESSAGE_BYTES) -> Any:
+    """Parse and validate one JSON secure-aggregation message (:class:`ProtocolError` if bad).
+
+    Args:
+        raw: the text message as received.
+        max_bytes: size limit checked before parsing.
+    """
+    if isinstance(raw, bytes):
+        raise ProtocolError("expected a JSON text message for secure aggregation, got binary")
+    if len(raw) > max_bytes:
+        raise ProtocolError(
+            f"secure-aggregation message of {len(raw)} characters exceeds the limit of "
+            f"{max_bytes}", 1009
+        )
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"secure-aggregation message is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict) or "type" not in obj:
+        raise ProtocolError("secure-aggregation message must be a JSON object with a 'type'")
+    try:
+        return _ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ProtocolError(
+            f"invalid {obj.get('type')!r} message: {where}: {first['msg']}"
+        ) from exc
+
+
+def b64encode(data: bytes) -> str:
+    """Standard base64 with padding, as the schema expects."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str, length: int, what: str) -> bytes:
+    """Strict base64 of exactly ``length`` bytes, else :class:`ProtocolError`."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError(f"{what} is not valid base64") from exc
+    if len(data) != length:
+        raise ProtocolError(f"{what} has {len(data)} bytes: expected {length}")
+    return data
+
+
+def decode_key(text: str, what: str) -> bytes:
+    """A 32-byte public key from its base64 form."""
+    return b64decode(text, SEED_BYTES, what)
+
+
+def advertisement_signing_bytes(settings_digest: str, round_: int, party: str, c_pk: str,
+                                s_pk: str) -> bytes:
+    """The exact bytes a slave signs to advertise its keys (ASCII, one ``name=value`` a line).
+
+    ``secure-fed-secagg-v1 advertise\\nsettings=<hex64>\\nround=<decimal>\\nparty=<id>\\n``
+    ``c_pk=<base64>\\ns_pk=<base64>\\n``. ``settings`` is the digest of the round's
+    :class:`~secure_fed.protocol.secagg_settings.SecAggSettings` (federation, parties, threshold,
+    ring, graph), so a slave accepts only keys of peers that were told the same settings.
+    """
+    lines = [f"{SECAGG_CONTEXT} advertise", f"settings={settings_digest}", f"round={round_}",
+             f"party={party}", f"c_pk={c_pk}", f"s_pk={s_pk}"]
+    return ("\n".join(lines) + "\n").encode("ascii")
+
+
+def share_associated_data(settings_digest: str, round_: int, sender: str,
+                          recipient: str) -> bytes:
+    """Associated data of one :class:`EncryptedShares`: binds settings, round and the pair."""
+    lines = [f"{SECAGG_CONTEXT} shares", f"settings={settings_digest}", f"round={round_}",
+             f"sender={sender}", f"recipient={recipient}"]
+    return ("\n".join(lines) + "\n").encode("ascii")

@@ -1,0 +1,132 @@
+"""Masking primitives: ring arithmetic, mask expansion (PRG), X25519, HKDF, AEAD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from secure_fed.crypto import masking as mk
+from secure_fed.errors import CryptoError
+
+MODULI = [2, 7, 251, 2**32, 2**61 - 1, 3 * 2**61, 2**63, 2**64]
+
+
+def _reference_mask(seed: bytes, length: int, modulus: int) -> list[int]:
+    """The definition, one 64-bit word at a time: keep words below the largest multiple of m."""
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    limit = (2**64 // modulus) * modulus
+    out: list[int] = []
+    while len(out) < length:
+        word = int.from_bytes(stream.update(bytes(8)), "little")
+        if word < limit:
+            out.append(word % modulus)
+    return out
+
+
+@pytest.mark.parametrize("modulus", MODULI)
+def test_expand_mask_matches_the_definition(modulus: int) -> None:
+    seed = bytes(range(32))
+    mask = mk.expand_mask(seed, 3000, modulus)
+    assert mask.dtype == np.uint64 and mask.shape == (3000,)
+    assert [int(v) for v in mask] == _reference_mask(seed, 3000, modulus)
+    # Deterministic, and a shorter mask is a prefix of a longer one.
+    assert np.array_equal(mk.expand_mask(seed, 3000, modulus), mask)
+    assert np.array_equal(mk.expand_mask(seed, 17, modulus), mask[:17])
+    assert not np.array_equal(mk.expand_mask(b"\x01" * 32, 3000, modulus), mask)
+
+
+def _bin_counts(values: np.ndarray, modulus: int) -> np.ndarray:
+    bins = modulus if modulus <= 256 else 32
+    width = np.uint64(modulus // bins)
+    return np.bincount((values // width).astype(np.int64), minlength=bins)
+
+
+@pytest.mark.parametrize("modulus", [7, 251, 3 * 2**61])
+def test_expand_mask_is_uniform(modulus: int) -> None:
+    """Chi-square over the residues (small m) or 32 equal bins; fixed seed, so the test is
+    deterministic. For m = 3·2^61 plain ``word % m`` makes the lower two thirds of the ring
+    1.5 times as likely as the rest; the rejection sampling of expand_mask removes that."""
+    seed, count = b"\x07" * 32, 60_000
+    values = mk.expand_mask(seed, count, modulus)
+    assert stats.chisquare(_bin_counts(values, modulus)).pvalue > 1e-4
+    if modulus == 3 * 2**61:
+        stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+        naive = np.frombuffer(stream.update(bytes(8 * count)), dtype="<u8") % np.uint64(modulus)
+        assert stats.chisquare(_bin_counts(naive, modulus)).pvalue < 1e-6
+
+
+def test_expand_mask_refusals() -> None:
+    with pytest.raises(CryptoError, match="32 bytes"):
+        mk.expand_mask(b"short", 10, 251)
+    with pytest.raises(CryptoError, match="length"):
+        mk.expand_mask(b"\x00" * 32, -1, 251)
+    for bad in (1, 0, 2**63 + 1, 2**65, True, 2.0):
+        with pytest.raises(CryptoError, match="modulus"):
+            mk.check_modulus(bad)  # type: ignore[arg-type]
+    assert mk.expand_mask(b"\x00" * 32, 0, 251).shape == (0,)
+
+
+@settings(max_examples=50, deadline=None)
+@given(modulus=st.sampled_from(MODULI), data=st.data())
+def test_add_and_sub_mod_match_python_integers(modulus: int, data: st.DataObject) -> None:
+    values = st.lists(st.integers(0, modulus - 1), min_size=5, max_size=5)
+    a_list = data.draw(values) + [modulus - 1, 0]
+    b_list = data.draw(values) + [modulus - 1, modulus - 1]
+    a = np.array(a_list, dtype=np.uint64)
+    b = np.array(b_list, dtype=np.uint64)
+    assert [int(v) for v in mk.add_mod(a, b, modulus)] == [
+        (x + y) % modulus for x, y in zip(a_list, b_list, strict=True)]
+    assert [int(v) for v in mk.sub_mod(a, b, modulus)] == [
+        (x - y) % modulus for x, y in zip(a_list, b_list, strict=True)]
+
+
+def test_check_ring_vector() -> None:
+    ok = mk.check_ring_vector(np.array([0, 5, 250], dtype=np.int32), 3, 251, "x")
+    assert ok.dtype == np.uint64 and ok.tolist() == [0, 5, 250]
+    with pytest.raises(CryptoError, match="numpy array of integers"):
+        mk.check_ring_vector(np.zeros(3), 3, 251, "x")
+    with pytest.raises(CryptoError, match="numpy array of integers"):
+        mk.check_ring_vector([0, 1, 2], 3, 251, "x")
+    with pytest.raises(CryptoError, match="shape"):
+        mk.check_ring_vector(np.zeros(4, dtype=np.uint64), 3, 251, "x")
+    with pytest.raises(CryptoError, match="negative"):
+        mk.check_ring_vector(np.array([0, -1, 2]), 3, 251, "x")
+    with pytest.raises(CryptoError, match=">= the ring modulus"):
+        mk.check_ring_vector(np.array([0, 251, 2]), 3, 251, "x")
+
+
+def test_x25519_agreement_and_key_derivation() -> None:
+    a_sk, a_pk = mk.generate_keypair()
+    b_sk, b_pk = mk.generate_keypair()
+    assert mk.public_key_of(a_sk) == a_pk and len(a_pk) == 32
+    shared = mk.agree(a_sk, b_pk)
+    assert shared == mk.agree(b_sk, a_pk)
+    mask_key = mk.derive_key(shared, mk.PURPOSE_MASK, b"round 1")
+    share_key = mk.derive_key(shared, mk.PURPOSE_SHARES, b"round 1")
+    assert len({mask_key, share_key, mk.derive_key(shared, mk.PURPOSE_MASK, b"round 2")}) == 3
+    with pytest.raises(CryptoError, match="low order"):
+        mk.agree(a_sk, bytes(32))  # the all-zero point gives an all-zero secret
+    with pytest.raises(CryptoError, match="32 bytes"):
+        mk.agree(a_sk, b"short")
+
+
+def test_seal_binds_ciphertext_and_associated_data() -> None:
+    key = b"\x42" * 32
+    sealed = mk.seal(key, b"shares", b"fed=f round=1 sender=a recipient=b")
+    assert len(sealed) == len(b"shares") + mk.SEAL_OVERHEAD
+    assert mk.open_sealed(key, sealed, b"fed=f round=1 sender=a recipient=b") == b"shares"
+    assert mk.seal(key, b"shares", b"ad") != mk.seal(key, b"shares", b"ad")  # fresh nonce
+    tampered = bytearray(sealed)
+    tampered[mk.NONCE_BYTES] ^= 1
+    with pytest.raises(CryptoError, match="do not authenticate"):
+        mk.open_sealed(key, bytes(tampered), b"fed=f round=1 sender=a recipient=b")
+    with pytest.raises(CryptoError, match="do not authenticate"):
+        mk.open_sealed(key, sealed, b"fed=f round=1 sender=b recipient=a")
+    with pytest.raises(CryptoError, match="do not authenticate"):
+        mk.open_sealed(b"\x43" * 32, sealed, b"fed=f round=1 sender=a recipient=b")
+    with pytest.raises(CryptoError, match="shorter"):
+        mk.open_sealed(key, sealed[:10], b"")
