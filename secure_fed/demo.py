@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from secure_fed.config.settings import (
+    DistillSettings,
     EncryptionSettings,
     EvaluationSettings,
     LimitSettings,
@@ -44,21 +45,52 @@ class DemoOptions:
 
     Args:
         slaves: slave processes to start.
-        rounds: training rounds.
+        rounds: training rounds (``None``: the mode's default, see :data:`DEMO_ROUNDS`).
+        mode: what slaves return: ``delta``, ``gradient`` or ``distill``.
         epsilon: ε budget of each slave (δ = 1e-5).
         dataset: bundled dataset split across the slaves (the master keeps a hold-out split).
         preset: HE preset.
+        protection: ``he``, ``he+mask``, ``mask`` or ``plain`` (see ``EncryptionSettings``).
         out: output folder.
         timeout_s: the whole demo is stopped after this many seconds.
     """
 
     slaves: int = 3
-    rounds: int = 10
+    rounds: int | None = None
+    mode: str = "delta"
     epsilon: float = 3.0
     dataset: str = "digits"
     preset: str = "bfv-fast"
+    protection: str = "he"
     out: Path = Path("demo-run")
     timeout_s: float = 1800.0
+
+
+DEMO_ROUNDS = {"delta": 10, "gradient": 40, "distill": 10}
+"""Rounds per mode: FedSGD takes one DP-SGD step per round, so it needs more of them."""
+DEMO_STUDENT_HIDDEN = [32]
+"""In ``distill`` mode the slaves train a smaller student (MLP with this hidden layer) that the
+master distils into its own model on half of its hold-out split, which no slave holds."""
+
+
+def demo_training(mode: str, epsilon: float, features: int,
+                  classes: int) -> TrainingPlanSettings:
+    """The demo's training plan for ``mode`` at ``epsilon`` (δ = 1e-5).
+
+    ``delta`` and ``distill`` use the defaults (tuned for digits); ``gradient`` (FedSGD) uses
+    full batches and a larger step, which a grid on digits found best for one step per round.
+    """
+    if mode == "delta":
+        return TrainingPlanSettings(epsilon=epsilon, delta=DEMO_DELTA)
+    if mode == "gradient":
+        return TrainingPlanSettings(mode="gradient", batch_size=4096, lr=2.0,
+                                    max_grad_norm=1.0, epsilon=epsilon, delta=DEMO_DELTA)
+    if mode == "distill":
+        student = ModelSpec(architecture="mlp", kwargs={
+            "in_features": features, "num_classes": classes, "hidden": DEMO_STUDENT_HIDDEN})
+        return TrainingPlanSettings(mode="distill", epsilon=epsilon, delta=DEMO_DELTA,
+                                    distill=DistillSettings(student=student))
+    raise SecureFedError(f"unknown mode {mode!r}; choose delta, gradient or distill")
 
 
 def _cli(*args: str | Path) -> list[str]:
@@ -95,15 +127,19 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     fed_id = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     slave_ids = [f"slave-{i + 1}" for i in range(options.slaves)]
     features, classes = _features(options.dataset)
+    training = demo_training(options.mode, options.epsilon, features, classes)
+    rounds = options.rounds if options.rounds is not None else DEMO_ROUNDS[options.mode]
     console.print(f"[bold]secure-fed demo[/]: federation '{fed_id}', {options.slaves} slaves, "
-                  f"{options.rounds} rounds, ε={options.epsilon:g} per slave at δ=1e-5, "
-                  f"dataset {options.dataset}, preset {options.preset}, TLS on 127.0.0.1")
+                  f"mode {options.mode}, {rounds} rounds, ε={options.epsilon:g} per slave at "
+                  f"δ=1e-5, dataset {options.dataset}, preset {options.preset}, protection "
+                  f"{options.protection}, TLS on 127.0.0.1")
     plan = FederationPlan(
         federation_id=fed_id, slaves=slave_ids, host="127.0.0.1", port=0,
-        rounds=options.rounds, min_slaves=max(1, options.slaves // 2 + 1),
+        rounds=rounds, min_slaves=max(1, options.slaves // 2 + 1),
         model=ModelSpec.for_data("mlp", features, classes),
-        training=TrainingPlanSettings(epsilon=options.epsilon, delta=DEMO_DELTA),
-        encryption=EncryptionSettings(preset=options.preset, max_weight_per_slave=65536),
+        training=training,
+        encryption=EncryptionSettings(preset=options.preset, max_weight_per_slave=65536,
+                                      protection=options.protection),  # type: ignore[arg-type]
         limits=LimitSettings(join_timeout_s=120, upload_deadline_s=300, keepalive_interval_s=10,
                              keepalive_timeout_s=30),
         evaluation=EvaluationSettings(dataset=options.dataset),
@@ -183,7 +219,8 @@ def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: 
     console.print(table)
     accuracy = summary.get("final_accuracy")
     console.print(f"final accuracy {accuracy if accuracy is None else round(accuracy, 4)}; "
-                  f"scheme {summary['scheme']}, preset {summary['preset']}; {summary['reason']}")
+                  f"mode {options.mode}; scheme {summary['scheme']}, preset "
+                  f"{summary['preset']}; {summary['reason']}")
     console.print(f"outputs: {summary_path}, {out / 'audit.jsonl'}, {out / 'checkpoints'}, "
                   f"{out / 'slaves'}")
     if not summary["rounds"] and exhausted == len(slave_ids):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -81,6 +82,7 @@ def test_records_are_chained_signed_and_canonical(fed: Federation, tmp_path: Pat
     genesis = records[0]["data"]
     assert genesis["federation_id"] == "fed-audit"
     assert genesis["ca_fingerprint"] == certificate_fingerprint(fed.ca_cert)
+    assert genesis["ca_certificate"] == fed.ca_cert.decode()
     assert genesis["master_certificate"] == fed.master_cert.decode()
     assert genesis["config_sha256"] == "ab" * 32
     assert records[0]["prev"] == ZERO_HASH
@@ -345,3 +347,39 @@ def test_any_json_data_round_trips_and_verifies(
         written = [log.append("measurement", payload) for payload in payloads]
     assert verify_log(path).records == len(payloads) + 1
     assert read_verified_records(path)[1:] == written
+
+
+def test_slave_connected_records_the_presented_certificate(fed: Federation, tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with _open(fed, path) as log:
+        record = log.append_slave_connected("clinic-a", x509.load_pem_x509_certificate(
+            fed.slave_cert))
+        bare = log.append_slave_connected("clinic-b", None)
+    assert record["event"] == "slave_connected"
+    assert record["data"] == {"slave": "clinic-a", "certificate": fed.slave_cert.decode()}
+    assert bare["data"] == {"slave": "clinic-b"}
+    assert read_verified_records(path, ca_cert_pem=fed.ca_cert)[1] == record
+
+
+def test_genesis_ca_certificate_must_match_its_fingerprint(
+    fed: Federation, tmp_path: Path
+) -> None:
+    other_ca, _ = generate_ca("fed-other")
+    with pytest.raises(AuditError, match="does not match its ca_fingerprint"):
+        AuditLog.open(tmp_path / "audit.jsonl", signing_key_pem=fed.master_key,
+                      genesis={**fed.genesis, "ca_certificate": other_ca.decode()})
+    with pytest.raises(AuditError, match="ca_certificate is not usable"):
+        AuditLog.open(tmp_path / "audit.jsonl", signing_key_pem=fed.master_key,
+                      genesis={**fed.genesis, "ca_certificate": "not a certificate"})
+    other = Federation()  # its master certificate was not issued by fed's CA
+    with pytest.raises(AuditError, match="ca_certificate is not usable.*was not issued by"):
+        AuditLog.open(tmp_path / "audit.jsonl", signing_key_pem=other.master_key,
+                      genesis={**other.genesis, "ca_certificate": fed.ca_cert.decode(),
+                               "ca_fingerprint": certificate_fingerprint(fed.ca_cert)})
+    # A log started before CA certificates were recorded still opens and verifies.
+    older = {k: v for k, v in fed.genesis.items() if k != "ca_certificate"}
+    path = tmp_path / "older.jsonl"
+    AuditLog.open(path, signing_key_pem=fed.master_key, genesis=older).close()
+    with _open(fed, path) as log:  # resumed by a master that records the CA certificate
+        assert log.records == 1
+    assert verify_log(path, ca_cert_pem=fed.ca_cert).ok

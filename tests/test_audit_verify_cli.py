@@ -1,13 +1,16 @@
 """`secure-fed audit verify`: chain, signatures, identities and every ε recomputed with PLD.
 
 The logs here are real: written by AuditLog with a master key issued by a real federation CA,
-holding the records a master writes, with each slave's ε computed by the project's PRV
+holding the records a master writes (each slave's certificate, each update signed with the
+slave's key as a slave signs it), with each slave's ε computed by the project's PRV
 accountant (Opacus) from real DP-SGD mechanism histories.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import math
 import os
@@ -30,8 +33,9 @@ from secure_fed.audit.recompute import (
     parse_mechanisms,
 )
 from secure_fed.cli.audit import add_audit_parser, cmd_audit
-from secure_fed.crypto.certificates import generate_ca, issue_certificate
+from secure_fed.crypto.certificates import generate_ca, issue_certificate, sign
 from secure_fed.errors import AuditError
+from secure_fed.protocol.messages import update_signing_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -62,14 +66,28 @@ class Identities:
     master_cert: bytes
     master_key: bytes
     other_ca: bytes
+    other_ca_key: bytes
+    slave_certs: dict[str, bytes]
+    slave_keys: dict[str, bytes]
 
 
 @pytest.fixture(scope="session")
 def identities() -> Identities:
     ca_cert, ca_key = generate_ca("fed-audit")
     master_cert, master_key = issue_certificate(ca_cert, ca_key, "master", role="master")
-    other_ca, _ = generate_ca("fed-other")
-    return Identities(ca_cert, ca_key, master_cert, master_key, other_ca)
+    other_ca, other_ca_key = generate_ca("fed-other")
+    slaves = {s: issue_certificate(ca_cert, ca_key, s, role="slave") for s in SLAVES}
+    return Identities(ca_cert, ca_key, master_cert, master_key, other_ca, other_ca_key,
+                      {s: cert for s, (cert, _) in slaves.items()},
+                      {s: key for s, (_, key) in slaves.items()})
+
+
+def signed_update(ids: Identities, slave: str, round_: int, nonce: str, weight: int,
+                  chunks: list[str]) -> dict[str, str]:
+    """The ``signature`` and ``signed_sha256`` of an update, as the slave and master make them."""
+    signed = update_signing_bytes("fed-audit", round_, nonce, weight, chunks)
+    return {"signature": base64.b64encode(sign(ids.slave_keys[slave], signed)).decode(),
+            "signed_sha256": hashlib.sha256(signed).hexdigest()}
 
 
 @dataclass
@@ -99,7 +117,8 @@ def build_log(
 ) -> BuiltLog:
     """Write the log of a 3-round, 3-slave federation as Master would.
 
-    clinic-c declines round 3. ``tamper(event, round, data)`` may change a record's data
+    clinic-c declines round 3. Each slave_connected carries the slave's certificate and each
+    update the slave's signature. ``tamper(event, round, data)`` may change a record's data
     before the master signs it (what a lying slave or a buggy master would produce).
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -125,7 +144,8 @@ def build_log(
 
     with AuditLog.open(built.log, signing_key_pem=ids.master_key, genesis=genesis) as log:
         for slave in SLAVES:
-            append(log, "slave_connected", 0, {"slave": slave}, slave)
+            append(log, "slave_connected", 0, {
+                "slave": slave, "certificate": ids.slave_certs[slave].decode()}, slave)
         for round_ in range(1, ROUNDS + 1):
             built.digests[round_ - 1] = digest
             contributors = [s for s in SLAVES if not (s == "clinic-c" and round_ == 3)]
@@ -141,13 +161,16 @@ def build_log(
                 histories[slave].append((sigma, q, STEPS))
                 eps = reported_epsilon(histories[slave], DELTA)
                 built.epsilons[(slave, round_)] = eps
+                chunks = [f"{round_:02x}" * 32, hashlib.sha256(slave.encode()).hexdigest()]
                 append(log, "update_received", round_, {
                     "slave": slave, "round": round_, "attempt": 1, "weight": weights[slave],
-                    "bytes": 1_250_000 + 1000 * round_, "chunk_sha256": ["ab" * 32],
+                    "bytes": 1_250_000 + 1000 * round_, "chunk_sha256": chunks,
                     "loss": 1.9 - 0.3 * round_, "epsilon": eps, "delta": DELTA,
                     "accountant": "prv",
                     "mechanisms": [{"noise_multiplier": s, "sample_rate": r, "steps": n}
-                                   for s, r, n in histories[slave]]}, slave)
+                                   for s, r, n in histories[slave]],
+                    **signed_update(ids, slave, round_, f"{round_:032x}", weights[slave],
+                                    chunks)}, slave)
             if round_ == 3:
                 append(log, "decline", round_, {
                     "slave": "clinic-c", "round": round_, "reason": decline_reason,
@@ -211,6 +234,7 @@ def test_verify_json_is_one_object(good_log: BuiltLog, capsys: pytest.CaptureFix
     assert result["federation_id"] == "fed-audit"
     assert result["records"] == sum(1 for _ in good_log.log.open()) == 23
     assert result["first_failure"] is None and result["failures"] == []
+    assert result["signatures_verified"] == 8
     assert len(result["epsilon_checks"]) == 8
     assert set(result["epsilon_checks"][0]) == {
         "line", "slave", "round", "attempt", "reported", "recomputed", "delta", "accountant",

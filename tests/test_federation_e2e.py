@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from conftest import started, trial_slave
 
+from secure_fed.audit.recompute import check_log
 from secure_fed.audit.verify import verify_log
 from secure_fed.master.bundle import MasterBundle
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
-from secure_fed.slave import client as slave_client
+from secure_fed.slave import updates as slave_updates
 
 
 async def run_federation(
@@ -43,14 +44,14 @@ def test_two_slaves_two_rounds_aggregate_equals_plaintext_fedavg(
     federation_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trained: list[tuple[int, np.ndarray]] = []  # in training order: round 1's two, then 2's
-    real_train = slave_client.train_delta
+    real_train = slave_updates.train_delta
 
     def observed_train(model: Any, data: Any, settings: Any, **kwargs: Any) -> Any:
         result = real_train(model, data, settings, **kwargs)
         trained.append((result.samples, result.delta_vector.copy()))
         return result
 
-    monkeypatch.setattr(slave_client, "train_delta", observed_train)
+    monkeypatch.setattr(slave_updates, "train_delta", observed_train)
     fed = tmp_path / "fed"
     shutil.copytree(federation_dir, fed)
     out = tmp_path / "run"
@@ -84,6 +85,8 @@ def test_two_slaves_two_rounds_aggregate_equals_plaintext_fedavg(
         assert reported["delta"] == 1e-5 and reported["accountant"] == "prv"
     check = verify_log(out / "audit.jsonl")
     assert check.ok, check.first_error
+    full = check_log(out)  # chain, signatures, slave update signatures and ε recomputation
+    assert full.ok, full
     events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
     for event in ("round_start", "update_received", "aggregate_decrypted", "model_committed"):
         assert events.count(event) >= 2, event

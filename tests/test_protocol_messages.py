@@ -55,3 +55,16 @@ def test_non_finite_numbers_are_refused() -> None:
            '"epsilon_spent":NaN,"epsilon_remaining":1}')
     with pytest.raises(ProtocolError):
         parse_slave_message(raw)
+
+
+def test_an_update_header_of_a_ten_million_parameter_model_fits_the_header_limit() -> None:
+    from secure_fed.protocol.messages import UpdateHeader
+
+    chunks = 1222  # 10M values in 8,192-slot bfv-fast ciphertexts
+    header = UpdateHeader(round=1, nonce="0" * 32, weight=5, chunk_sha256=["a" * 64] * chunks,
+                          chunk_bytes=[122_932] * chunks, loss=0.5,
+                          mechanisms=[{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 3}],
+                          epsilon_spent=1.0, delta=1e-5, accountant="prv")
+    text = encode(header)
+    assert 64 * 1024 < len(text) < MAX_HEADER_BYTES
+    assert parse_slave_message(text) == header

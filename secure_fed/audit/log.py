@@ -23,10 +23,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from secure_fed.crypto.certificates import (
     certificate_fingerprint,
     key_matches_certificate,
     sign,
+    verify_issued_by,
 )
 from secure_fed.durable import append_line_durable, fsync_directory
 from secure_fed.errors import AuditError, IdentityError
@@ -56,7 +60,9 @@ def genesis_data(
 
     Args:
         federation_id: the federation's name.
-        ca_cert_pem: the federation CA certificate; its SHA-256 fingerprint is pinned.
+        ca_cert_pem: the federation CA certificate; recorded whole and its SHA-256
+            fingerprint pinned, so that an auditor can check the slaves' certificates (and
+            with them their update signatures) from the log alone.
         master_cert_pem: the master certificate whose key signs every record; pinned whole,
             so the log verifies without any other file.
         **extra: further JSON fields to record (e.g. the configuration hash).
@@ -64,6 +70,7 @@ def genesis_data(
     return {
         **extra,
         "federation_id": federation_id,
+        "ca_certificate": ca_cert_pem.decode("ascii"),
         "ca_fingerprint": certificate_fingerprint(ca_cert_pem),
         "master_certificate": master_cert_pem.decode("ascii"),
         "master_fingerprint": certificate_fingerprint(master_cert_pem),
@@ -281,6 +288,27 @@ class AuditLog:
         logger.debug("audit record %d: %s", record["seq"], event)
         return record
 
+    def append_slave_connected(
+        self, slave: str, certificate: x509.Certificate | None
+    ) -> dict[str, Any]:
+        """Append ``slave_connected`` with the certificate the slave presented (PEM).
+
+        The certificate lets an auditor check the signature of every update the slave sends
+        on this connection from the log alone (:mod:`secure_fed.audit.signatures`).
+
+        Args:
+            slave: the slave's party id.
+            certificate: the certificate it presented (TLS handshake or ``hello``); ``None``
+                writes the record without one, and the slave's updates will not verify.
+
+        Raises:
+            AuditError: as :meth:`append`.
+        """
+        data: dict[str, Any] = {"slave": slave}
+        if certificate is not None:
+            data["certificate"] = certificate.public_bytes(Encoding.PEM).decode("ascii")
+        return self.append("slave_connected", data)
+
     def close(self) -> None:
         """Release the lock; further appends are refused. Idempotent."""
         with self._mutex:
@@ -308,6 +336,19 @@ def _check_genesis(genesis: dict[str, Any], key_pem: bytes) -> None:
             raise AuditError(
                 f"genesis lacks the string field {key!r}; build it with genesis_data()"
             )
+    ca_pem = genesis.get("ca_certificate")
+    if ca_pem is not None:
+        try:
+            if not isinstance(ca_pem, str):
+                raise IdentityError("not a PEM string")
+            consistent = certificate_fingerprint(ca_pem.encode()) == genesis["ca_fingerprint"]
+            if consistent:
+                verify_issued_by(genesis["master_certificate"].encode(), ca_pem.encode())
+        except IdentityError as exc:
+            raise AuditError(f"genesis ca_certificate is not usable: {exc}") from exc
+        if not consistent:
+            raise AuditError("genesis ca_certificate does not match its ca_fingerprint; build "
+                             "genesis with genesis_data() from the federation's ca.pem")
     try:
         matches = key_matches_certificate(genesis["master_certificate"].encode(), key_pem)
     except IdentityError as exc:

@@ -18,6 +18,8 @@ untouched. This module checks that what they say holds together:
   record) contributors, each of which has an ``update_received`` in the same round and
   attempt, and its ``total_weight`` is the sum of their weights. Each ``model_committed``
   follows an aggregate of its round.
+- **Slave signatures.** Each update's signature is checked against the certificate the
+  slave presented, issued by the federation CA (:mod:`secure_fed.audit.signatures`).
 
 :func:`check_log` runs the chain verification and these checks, and reports the first bad
 record by line number. Record content is untrusted: every field is type-checked before use.
@@ -37,6 +39,7 @@ from typing import Any, NamedTuple
 
 from secure_fed.errors import AuditError
 
+from .signatures import SignatureProblem, UpdateSignatureChecker
 from .verify import MAX_RECORD_BYTES, VerifyReport, scan_log
 
 TOLERANCE = 0.02
@@ -266,6 +269,8 @@ class AuditVerdict:
         epsilon_checks: one per ``update_received`` of the verified records.
         failures: problems in the content of verified records, in log order.
         records: the verified records (a prefix of the log when the chain breaks).
+        signatures_verified: ``update_received`` records whose slave signature verified
+            with a certificate of that slave issued by the federation CA.
     """
 
     path: Path
@@ -275,6 +280,7 @@ class AuditVerdict:
     epsilon_checks: list[EpsilonCheck] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
+    signatures_verified: int = 0
 
     @property
     def ok(self) -> bool:
@@ -305,6 +311,7 @@ class AuditVerdict:
             "partial_tail": self.chain.partial_tail,
             "first_failure": asdict(first) if first else None,
             "failures": [asdict(f) for f in self.failures],
+            "signatures_verified": self.signatures_verified,
             "epsilon_checks": [
                 {**{k: _finite_or_none(v) for k, v in asdict(c).items()},
                  "ratio": _finite_or_none(c.ratio)}
@@ -398,13 +405,16 @@ def check_log(
     verdict = AuditVerdict(log_path, scan.report, ca_cert_pem is not None, tolerance,
                            records=scan.records)
     checker = _ClaimChecker(scan.genesis or {}, tolerance, recomputer or _DEFAULT_RECOMPUTER)
+    signatures = UpdateSignatureChecker(scan.report.federation_id, scan.ca_certificate)
     for index, record in enumerate(scan.records):
         line = index + 1
-        try:
-            checker.check(line, record)
-        except ClaimError as exc:
-            verdict.failures.append(Failure(line, record.get("event"), str(exc)))
+        for check in (checker.check, signatures.check):
+            try:
+                check(line, record)
+            except (ClaimError, SignatureProblem) as exc:
+                verdict.failures.append(Failure(line, record.get("event"), str(exc)))
     verdict.epsilon_checks = checker.epsilon_checks
+    verdict.signatures_verified = signatures.verified
     return verdict
 
 

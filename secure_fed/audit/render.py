@@ -185,6 +185,8 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
         Pairs([("result", "verified" if v["ok"] else "FAILED"),
                ("chain and signatures", "ok" if v["chain_ok"] else "broken"),
                ("identity", identity),
+               ("slave update signatures", f"{v['signatures_verified']} verified, each with "
+                "the slave's certificate issued by the federation CA"),
                ("ε tolerance", f"reported ≥ recomputed × (1 − {v['tolerance']:g})"),
                ("records verified", str(v["records"])),
                ("partial last line dropped", "yes" if v["partial_tail"] else "no")])]

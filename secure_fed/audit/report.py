@@ -364,6 +364,9 @@ def render_text_summary(verdict: AuditVerdict) -> str:
         f"{len(rounds)} round(s) committed; head {chain.head or '-'}",
         "identity: master certificate checked against the given CA" if verdict.ca_checked
         else "identity: not checked against a CA (pass --ca ca.pem to pin the federation CA)",
+        f"slave signatures: {verdict.signatures_verified} update(s) verified with the slaves' "
+        "certificates, issued by the "
+        + ("given CA" if verdict.ca_checked else "CA in the log's first record"),
     ]
     last: dict[str, Any] = {}
     for check in verdict.epsilon_checks:
@@ -380,7 +383,7 @@ def render_text_summary(verdict: AuditVerdict) -> str:
                 + (f"  UNDER-STATED in {bad} update(s)" if bad else ""))
     first = verdict.first_failure
     if first is None:
-        lines.append("result: OK: chain, signatures and every ε claim hold")
+        lines.append("result: OK: chain, signatures, slave signatures and every ε claim hold")
     else:
         event = f" ({first.event})" if first.event else ""
         lines.append(f"result: FAILED at line {first.line}{event}: {first.reason}")

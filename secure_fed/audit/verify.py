@@ -14,6 +14,10 @@ The log (``audit.jsonl``) is one JSON record per line::
   without ``sig``, so editing a record needs the master's key;
 - the first record (event ``"federation"``) pins the federation id, the SHA-256 fingerprint
   of the CA certificate and the master's certificate (PEM), whose key signs every record.
+  Logs written since slave certificates are recorded also carry the CA certificate itself
+  (``ca_certificate``, PEM): it must match the pinned fingerprint and have issued the master
+  certificate. Slaves' update signatures are re-checked against it by
+  :mod:`secure_fed.audit.signatures`.
 
 Given the CA certificate, the auditor also checks that the pinned master certificate was
 issued by that CA and that the pinned fingerprint is the CA's. Cutting records off the *end*
@@ -104,7 +108,7 @@ class VerifyReport:
 
 @dataclass
 class LogScan:
-    """Everything :func:`scan_log` learned; :class:`AuditLog` resumes from it.
+    """Everything :func:`scan_log` learned; :class:`~secure_fed.audit.log.AuditLog` resumes from it.
 
     Args:
         report: the verification report.
@@ -113,6 +117,8 @@ class LogScan:
         last_record: the last verified record, or ``None``.
         genesis: ``data`` of the first record, or ``None``.
         records: all verified records, if collected.
+        ca_certificate: the federation CA: the one given to :func:`scan_log`, else the one
+            the first record carries (checked against its pinned fingerprint), else ``None``.
     """
 
     report: VerifyReport
@@ -121,6 +127,7 @@ class LogScan:
     last_record: dict[str, Any] | None = None
     genesis: dict[str, Any] | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
+    ca_certificate: x509.Certificate | None = None
 
 
 class _Refused(Exception):
@@ -150,6 +157,7 @@ class _Chain:
         self.seq = 0
         self.head = ZERO_HASH
         self.master: x509.Certificate | None = None
+        self.recorded_ca: x509.Certificate | None = None
         self.genesis: dict[str, Any] | None = None
 
     def check(self, line: bytes) -> dict[str, Any]:
@@ -194,6 +202,7 @@ class _Chain:
             master = x509.load_pem_x509_certificate(data["master_certificate"].encode())
         except ValueError as exc:
             raise _Refused(f"pinned master certificate cannot be parsed: {exc}") from exc
+        recorded_ca = _recorded_ca(data, master)
         if self.ca is not None:
             actual = certificate_fingerprint(self.ca)
             if actual != data["ca_fingerprint"]:
@@ -203,7 +212,7 @@ class _Chain:
                 verify_issued_by(master, self.ca)
             except IdentityError as exc:
                 raise _Refused(f"pinned master certificate: {exc}") from exc
-        self.master, self.genesis = master, data
+        self.master, self.genesis, self.recorded_ca = master, data, recorded_ca
 
     def _check_signature(self, record: dict[str, Any]) -> None:
         assert self.master is not None  # set by _pin at seq 0, which every path passes first
@@ -220,6 +229,29 @@ class _Chain:
         except IdentityError as exc:
             raise _Refused("signature does not verify with the pinned master certificate: "
                            "the record was edited or forged") from exc
+
+
+def _recorded_ca(data: dict[str, Any], master: x509.Certificate) -> x509.Certificate | None:
+    """The CA certificate the first record carries (``None`` in older logs), checked."""
+    pem = data.get("ca_certificate")
+    if pem is None:
+        return None
+    if not isinstance(pem, str):
+        raise _Refused("data.ca_certificate is not a PEM string")
+    try:
+        ca = x509.load_pem_x509_certificate(pem.encode("utf-8"))
+    except ValueError as exc:
+        raise _Refused(f"CA certificate in the first record cannot be parsed: {exc}") from exc
+    actual = certificate_fingerprint(ca)
+    if actual != data["ca_fingerprint"]:
+        raise _Refused(f"the CA certificate in the first record has fingerprint {actual[:16]}…, "
+                       f"but the record pins {data['ca_fingerprint'][:16]}…")
+    try:
+        verify_issued_by(master, ca)
+    except IdentityError as exc:
+        raise _Refused(f"pinned master certificate and the CA certificate beside it: {exc}") \
+            from exc
+    return ca
 
 
 def _check_time(value: object) -> None:
@@ -307,6 +339,7 @@ def scan_log(
         error = (chain.seq + 1, f"pinned head {str(pinned_head)[:16]}… is not in the log: "
                                 "records were cut off the end")
     scan.genesis = chain.genesis
+    scan.ca_certificate = ca if ca is not None else chain.recorded_ca
     scan.report = VerifyReport(
         ok=error is None,
         records=chain.seq,

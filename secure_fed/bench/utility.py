@@ -4,8 +4,9 @@ On one dataset, one model and one train/hold-out split, it trains
 
 * **centralized, no DP** — plain SGD on the pooled training split (the ceiling);
 * **centralized DP-SGD** — Opacus DP-SGD on the pooled split at the same (ε, δ);
-* **federated** — a real federation run in this process: master and slaves over mutual TLS on
-  127.0.0.1, DP-SGD at each slave with the same ε, encrypted FedAvg,
+* **federated**, once per update mode (``delta``, ``gradient``, ``distill``, with the demo's
+  plan for each) — a real federation run in this process: master and slaves over mutual TLS on
+  127.0.0.1, DP-SGD at each slave with the same ε, encrypted aggregation,
 
 and reports their hold-out accuracies side by side. The federated slaves each hold a part of
 the same training split, so the three differ only in *where* and *how privately* they train.
@@ -33,6 +34,7 @@ from secure_fed.config.settings import (
 )
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout, slave_partition
+from secure_fed.errors import SecureFedError
 from secure_fed.models.package import add_to_parameters
 from secure_fed.models.registry import build_model
 from secure_fed.privacy.accounting import calibrate_noise
@@ -49,16 +51,22 @@ class UtilityOptions:
         dataset: bundled dataset.
         epsilon: ε of every private run (at δ = 1e-5).
         slaves: slaves of the federation.
-        rounds: federation rounds; the centralized runs make as many passes over each record
-            (rounds × local epochs) as the federation does.
-        seed: seed of the split and of the model initialization.
+        rounds: federation rounds (``None``: each mode's demo default); the centralized runs
+            make as many passes over each record as a ``delta`` federation does (rounds ×
+            local epochs).
+        seed: seed of the split; repetition r initializes the model with ``seed + r``.
+        modes: the update modes to run a federation for.
+        repeats: runs of every arm; accuracies are reported as their mean (and each run), since
+            one DP run varies by a few points with its noise.
     """
 
     dataset: str = "digits"
     epsilon: float = 3.0
     slaves: int = 3
-    rounds: int = 10
+    rounds: int | None = None
     seed: int = 0
+    modes: tuple[str, ...] = ("delta", "gradient", "distill")
+    repeats: int = 1
 
 
 def _pooled(options: UtilityOptions) -> Dataset:
@@ -111,7 +119,8 @@ def centralized_dp(train: Dataset, test: Dataset, plan: TrainingPlanSettings, *,
     return float(evaluate(model, test)[0]), sigma
 
 
-def federated(options: UtilityOptions, plan: TrainingPlanSettings, work: Path) -> dict[str, Any]:
+def federated(options: UtilityOptions, plan: TrainingPlanSettings, rounds: int,
+              work: Path, *, model_seed: int | None = None) -> dict[str, Any]:
     """Run a real federation in this process; returns its summary."""
     from secure_fed.master.bundle import MasterBundle, SlaveBundle
     from secure_fed.master.provision import FederationPlan, init_federation
@@ -123,7 +132,8 @@ def federated(options: UtilityOptions, plan: TrainingPlanSettings, work: Path) -
     slave_ids = [f"slave-{i + 1}" for i in range(options.slaves)]
     init_federation(work / "fed", FederationPlan(
         federation_id="utility", slaves=slave_ids, host="127.0.0.1", port=0,
-        rounds=options.rounds, min_slaves=options.slaves, seed=options.seed,
+        rounds=rounds, min_slaves=options.slaves,
+        seed=options.seed if model_seed is None else model_seed,
         model=ModelSpec.for_data("mlp", int(data.features.shape[1]), data.num_classes),
         training=plan, encryption=EncryptionSettings(max_weight_per_slave=65536, workers=1),
         limits=LimitSettings(join_timeout_s=120, upload_deadline_s=600),
@@ -151,41 +161,66 @@ def federated(options: UtilityOptions, plan: TrainingPlanSettings, work: Path) -
 
 
 def run_utility_bench(options: UtilityOptions, *, work_dir: Path | None = None) -> dict[str, Any]:
-    """Accuracies of the three ways to train, at the same ε; see the module docstring."""
+    """Accuracies of the ways to train, at the same ε; see the module docstring."""
+    from secure_fed.demo import DEMO_ROUNDS, demo_training
+
     plan = TrainingPlanSettings(epsilon=options.epsilon, delta=DELTA)
     train = _pooled(options)
     test = master_holdout(options.dataset, seed=options.seed)
-    epochs = options.rounds * plan.epochs
-    plain = centralized_plain(train, test, epochs=epochs, seed=options.seed)
-    dp, sigma = centralized_dp(train, test, plan, epochs=epochs, epsilon=options.epsilon,
-                               seed=options.seed)
+    epochs = (options.rounds or DEMO_ROUNDS["delta"]) * plan.epochs
+    if options.repeats < 1:
+        raise SecureFedError(f"repeats must be at least 1, got {options.repeats}")
+    seeds = [options.seed + r for r in range(options.repeats)]
+    plain_runs = [centralized_plain(train, test, epochs=epochs, seed=s) for s in seeds]
+    dp_runs: list[float] = []
+    for s in seeds:
+        accuracy, sigma = centralized_dp(train, test, plan, epochs=epochs,
+                                         epsilon=options.epsilon, seed=s)
+        dp_runs.append(accuracy)
+    dp = float(np.mean(dp_runs))
+    runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="secure-fed-utility-") as tmp:
-        summary = federated(options, plan, Path(work_dir or tmp))
-    fed_accuracy = summary["final_accuracy"]
-    epsilons = [s["epsilon"] for s in summary["slaves"].values()]
+        for mode in options.modes:
+            mode_plan = demo_training(mode, options.epsilon, int(train.features.shape[1]),
+                                      train.num_classes)
+            rounds = options.rounds or DEMO_ROUNDS[mode]
+            accuracies, epsilons = [], []
+            for r, s in enumerate(seeds):
+                work = Path(work_dir or tmp) / mode / (f"run-{r}" if r else "")
+                summary = federated(options, mode_plan, rounds, work, model_seed=s)
+                accuracies.append(summary["final_accuracy"])
+                epsilons += [v["epsilon"] for v in summary["slaves"].values()]
+            accuracy = float(np.mean(accuracies))
+            runs[mode] = {"accuracy": accuracy, "runs": accuracies, "rounds": rounds,
+                          "max_epsilon": max(epsilons) if epsilons else math.nan,
+                          "vs_centralized_dp_points": 100 * (accuracy - dp)}
     return {
         "dataset": options.dataset, "epsilon": options.epsilon, "delta": DELTA,
-        "slaves": options.slaves, "rounds": options.rounds, "train_records": len(train.labels),
+        "slaves": options.slaves, "train_records": len(train.labels),
         "test_records": len(test.labels),
-        "centralized_nodp_accuracy": plain,
-        "centralized_dp_accuracy": dp, "centralized_dp_sigma": sigma,
+        "repeats": options.repeats,
+        "centralized_nodp_accuracy": float(np.mean(plain_runs)),
+        "centralized_nodp_runs": plain_runs,
+        "centralized_dp_accuracy": dp, "centralized_dp_runs": dp_runs,
+        "centralized_dp_sigma": sigma,
         "centralized_epochs": epochs,
-        "federated_accuracy": fed_accuracy,
-        "federated_max_epsilon": max(epsilons) if epsilons else math.nan,
-        "federated_vs_centralized_dp_points": 100 * (fed_accuracy - dp),
+        "federated": runs,
     }
 
 
 def format_utility(result: dict[str, Any]) -> str:
     """A small human table of :func:`run_utility_bench`'s result."""
-    rows = [("centralized, no DP", result["centralized_nodp_accuracy"], "∞"),
-            ("centralized DP-SGD", result["centralized_dp_accuracy"], f"{result['epsilon']:g}"),
-            (f"federated ({result['slaves']} slaves, DP + HE)", result["federated_accuracy"],
-             f"{result['federated_max_epsilon']:.3f}")]
+    rows = [("centralized, no DP", result["centralized_nodp_accuracy"], "∞", ""),
+            ("centralized DP-SGD", result["centralized_dp_accuracy"], f"{result['epsilon']:g}",
+             "")]
+    for mode, run in result["federated"].items():
+        rows.append((f"federated {mode} ({result['slaves']} slaves, {run['rounds']} rounds)",
+                     run["accuracy"], f"{run['max_epsilon']:.3f}",
+                     f"{run['vs_centralized_dp_points']:+.1f}"))
     lines = [f"{result['dataset']}: {result['train_records']} training records, "
-             f"{result['test_records']} held out, δ={result['delta']:g}",
-             f"{'training':<36} {'accuracy':>9} {'ε':>7}"]
-    lines += [f"{name:<36} {acc:>9.3f} {eps:>7}" for name, acc, eps in rows]
-    lines.append(f"federated − centralized DP: {result['federated_vs_centralized_dp_points']:+.1f}"
-                 " points")
+             f"{result['test_records']} held out, δ={result['delta']:g}; federations use DP "
+             "at every slave and homomorphic encryption; accuracy is the mean of "
+             f"{result['repeats']} run(s)",
+             f"{'training':<44} {'accuracy':>9} {'ε':>7} {'vs central DP':>14}"]
+    lines += [f"{name:<44} {acc:>9.3f} {eps:>7} {diff:>14}" for name, acc, eps, diff in rows]
     return "\n".join(lines)

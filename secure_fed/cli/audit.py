@@ -32,6 +32,10 @@ Check a federation's audit log from the file alone, as an auditor would:
   - the hash chain, sequence numbers and the master's signature on every record;
   - given the federation CA (--ca, or found beside the log), that the pinned master
     certificate was issued by it;
+  - every update's signature by its slave: with the slave's certificate recorded when it
+    connected, issued by the federation CA (--ca, else the CA recorded in the log) to that
+    slave and valid at the time, over the bytes rebuilt from the log (round, nonce, weight,
+    chunk hashes);
   - every slave's reported ε: recomputed from the DP mechanisms in the log with Google's
     dp_accounting PLD accountant (independent of the slaves' Opacus accountant); a reported
     ε below the recomputed one by more than the tolerance fails, over-statement is allowed;
@@ -72,7 +76,7 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:
     commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
 
     verify = commands.add_parser(
-        "verify", help="check chain, signatures, identities and every ε claim",
+        "verify", help="check chain, signatures, identities, slave signatures and every ε claim",
         description=VERIFY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("dir", type=Path, metavar="DIR", help=_DIR_HELP)
     verify.add_argument("--ca", type=Path, default=None, metavar="CA.pem", help=_CA_HELP)

@@ -16,6 +16,7 @@ from secure_fed.config.settings import (
     ModelSpec,
     TrainingPlanSettings,
 )
+from secure_fed.errors import ConfigError
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -27,7 +28,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         listen_host=args.listen, rounds=args.rounds, min_slaves=args.min_slaves,
         model=ModelSpec.for_data(args.architecture, args.features, args.classes),
         training=TrainingPlanSettings(epsilon=args.epsilon, delta=args.delta),
-        encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records),
+        encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records,
+                                      protection=args.protection),
         evaluation=EvaluationSettings(
             dataset=None if args.eval_dataset == "none" else args.eval_dataset),
         budget_epsilon=args.epsilon, key_type=args.key_type,
@@ -134,19 +136,61 @@ def cmd_slave(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from secure_fed.demo import DemoOptions, run_demo
 
-    options = DemoOptions(slaves=args.slaves, rounds=args.rounds, epsilon=args.epsilon,
-                          dataset=args.dataset, preset=args.preset, out=args.out,
+    options = DemoOptions(slaves=args.slaves, rounds=args.rounds, mode=args.mode,
+                          epsilon=args.epsilon,
+                          dataset=args.dataset, preset=args.preset,
+                          protection=args.protection, out=args.out,
                           timeout_s=args.timeout)
     return run_demo(options, Console(highlight=False, soft_wrap=True))
 
 
+def parse_modes(text: str) -> tuple[str, ...]:
+    """``delta,gradient`` → ``("delta", "gradient")``, refusing unknown or repeated modes."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in ("delta", "gradient", "distill")]
+    if not modes or unknown or len(set(modes)) != len(modes):
+        raise ConfigError(f"--modes {text!r}: give distinct modes among delta, gradient, "
+                          "distill, separated by commas")
+    return modes
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "round":
+        from secure_fed.bench.round import (
+            RoundOptions,
+            format_round_table,
+            parse_sizes,
+            run_round_bench,
+            write_round_plots,
+        )
+
+        def items(text: str) -> tuple[str, ...]:
+            return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+
+        try:
+            slaves = tuple(int(x) for x in items(args.slaves))
+        except ValueError:
+            raise ConfigError(f"--slaves {args.slaves!r}: give a comma list of numbers, "
+                              "e.g. 2,4,8") from None
+        options = RoundOptions(modes=items(args.modes), presets=items(args.presets),
+                               sizes=parse_sizes(args.sizes), slaves=slaves,
+                               rounds=args.rounds, seed=args.seed, wire=args.wire)
+        rows = run_round_bench(options, work_dir=args.keep, on_row=lambda row: print(
+            f"measured {row['mode']} {row['preset']} {row['params']:,} parameters, "
+            f"{row['slaves']} slaves: {row['seconds_per_round']:.2f} s/round", flush=True))
+        print(format_round_table(rows))
+        if args.plot is not None:
+            for path in write_round_plots(rows, args.plot):
+                print(f"wrote {path}")
+        if args.json:
+            print(json.dumps(rows))
+        return 0
     if args.bench_command == "utility":
         from secure_fed.bench.utility import UtilityOptions, format_utility, run_utility_bench
 
         result = run_utility_bench(UtilityOptions(
             dataset=args.dataset, epsilon=args.epsilon, slaves=args.slaves, rounds=args.rounds,
-            seed=args.seed))
+            seed=args.seed, modes=parse_modes(args.modes), repeats=args.repeats))
         print(format_utility(result))
         if args.json:
             print(json.dumps(result))

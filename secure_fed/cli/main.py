@@ -40,6 +40,12 @@ def _slave_list(text: str) -> list[str]:
     return names
 
 
+PROTECTION_HELP = ("how updates are protected: he (homomorphic encryption; the key holder "
+                   "decrypts only sums; default), he+mask (encryption and pairwise masking: not "
+                   "even the key holder sees one update), mask (pairwise masking alone) or "
+                   "plain (the master sees each update; baselines only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="secure-fed", description=DESCRIPTION,
@@ -75,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="bfv-fast",
                    help="HE parameter preset (default bfv-fast; see `secure-fed bench codec "
                    "--compare`)")
+    p.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default="he",
+                   help=PROTECTION_HELP)
     p.add_argument("--architecture", default="mlp", help="model architecture (default mlp)")
     p.add_argument("--features", type=int, default=64,
                    help="input features of the model (default 64, the digits images)")
@@ -162,10 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "show a table per round. Slaves' privacy ledgers persist in "
                        "OUT/slaves/<id>/, so a second run spends from what is left.")
     p.add_argument("--slaves", type=int, default=3, help="number of slaves (default 3)")
-    p.add_argument("--rounds", type=int, default=10, help="rounds (default 10)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds (default 10; 40 in gradient mode)")
+    p.add_argument("--mode", choices=("delta", "gradient", "distill"), default="delta",
+                   help="what slaves return: their parameter change after local DP-SGD epochs "
+                   "(delta, FedAvg; default), one noisy DP-SGD gradient per round (gradient, "
+                   "FedSGD), or a smaller student distilled from the received model under "
+                   "DP-SGD, which the master distils back into its model on its own proxy "
+                   "split (distill)")
     p.add_argument("--epsilon", type=float, default=3.0, help="ε budget per slave (default 3)")
     p.add_argument("--dataset", default="digits", help="bundled dataset (default digits)")
     p.add_argument("--preset", default="bfv-fast", help="HE preset (default bfv-fast)")
+    p.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default="he",
+                   help=PROTECTION_HELP)
     p.add_argument("--out", type=Path, default=Path("demo-run"),
                    help="output folder (default demo-run)")
     p.add_argument("--timeout", type=float, default=1800.0,
@@ -194,14 +211,50 @@ def build_parser() -> argparse.ArgumentParser:
                          description="On one dataset, model and split: train centralized "
                          "without DP, centralized DP-SGD on the pooled data, and a real "
                          "federation (DP-SGD at each slave, encrypted FedAvg over mutual TLS on "
-                         "127.0.0.1) at the same ε, and print the hold-out accuracies side by "
-                         "side. Takes about a minute with the defaults.")
+                         "127.0.0.1) at the same ε, once per update mode, and print the "
+                         "hold-out accuracies side by side. Takes a few minutes with the "
+                         "defaults.")
     u.add_argument("--dataset", default="digits", help="bundled dataset (default digits)")
     u.add_argument("--epsilon", type=float, default=3.0, help="ε at δ=1e-5 (default 3)")
     u.add_argument("--slaves", type=int, default=3, help="slaves (default 3)")
-    u.add_argument("--rounds", type=int, default=10, help="federation rounds (default 10)")
+    u.add_argument("--rounds", type=int, default=None,
+                   help="federation rounds (default: each mode's demo default, 10 or 40)")
+    u.add_argument("--modes", default="delta,gradient,distill",
+                   help="comma-separated update modes to run a federation for "
+                   "(default delta,gradient,distill)")
     u.add_argument("--seed", type=int, default=0, help="seed of the split and model")
+    u.add_argument("--repeats", type=int, default=1,
+                   help="runs of every arm, reported as their mean (default 1; one DP run "
+                   "varies by a few points with its noise)")
     u.add_argument("--json", action="store_true", help="end with one JSON line")
+    r = bench.add_parser("round", help="seconds and bytes of a federation round per protection",
+                         description="Run a real federation on 127.0.0.1 (mutual TLS, DP-SGD at "
+                         "every slave, one encryption worker per slave) for every combination "
+                         "of protection mode, HE preset, model size (an MLP on digits) and "
+                         "number of slaves, and report seconds per round, update bytes per "
+                         "slave and at the master, and model bytes sent to each slave. The "
+                         "first round also starts the encryption workers: with --rounds 2 or "
+                         "more, it is left out of the mean.")
+    r.add_argument("--modes", default="he",
+                   help="comma list of protection modes among plain, mask, he, he+mask "
+                   "(default he)")
+    r.add_argument("--presets", default="bfv-fast",
+                   help="comma list of HE presets for the modes that encrypt (default bfv-fast)")
+    r.add_argument("--sizes", default="small,medium",
+                   help="comma list of parameter targets (10000, 100k, 1M) or names small "
+                   "(10K), medium (100K), large (1M), xlarge (10M) (default small,medium)")
+    r.add_argument("--slaves", default="2,4", help="comma list of slave counts (default 2,4)")
+    r.add_argument("--rounds", type=int, default=2, help="rounds per federation (default 2)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the split and model")
+    r.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                   help="write round-seconds.png and round-bytes.png into DIR")
+    r.add_argument("--wire", action="store_true",
+                   help="relay each slave through a loopback relay that counts every byte on "
+                   "the wire (TLS, framing, key exchange) and report them per round")
+    r.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                   help="keep each federation's keys, checkpoints, summary.json and audit log "
+                   "in DIR (default: a temporary folder, removed)")
+    r.add_argument("--json", action="store_true", help="end with one JSON line (a list of rows)")
 
     from secure_fed.cli.audit import add_audit_parser
 

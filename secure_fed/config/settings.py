@@ -42,24 +42,58 @@ class ModelSpec(_Strict):
         return cls(architecture=architecture, kwargs={"num_classes": classes})
 
 
+class DistillSettings(_Strict):
+    """DP distillation (``mode = "distill"``): the received model is the teacher.
+
+    Args:
+        student: the architecture each slave trains as the student (``None``: the same as the
+            master's model). When it differs from the master's, the master distils the
+            averaged student into its own model on ``proxy_fraction`` of its hold-out features
+            (unlabelled; the rest of the hold-out stays for evaluation).
+        temperature: T of the distillation loss α·T²·KL(teacher/T ‖ student/T) + (1−α)·CE.
+        alpha: α, the weight of the distillation term (0 ≤ α ≤ 1).
+        proxy_fraction: share of the master's hold-out used as its proxy set.
+        proxy_epochs: epochs of the master's own distillation per round.
+        proxy_lr: SGD learning rate of the master's own distillation.
+        proxy_batch_size: batch size of the master's own distillation.
+    """
+
+    student: ModelSpec | None = None
+    temperature: float = Field(default=2.0, gt=0, le=100)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    proxy_fraction: float = Field(default=0.5, gt=0, lt=1)
+    proxy_epochs: int = Field(default=20, ge=1, le=1000)
+    proxy_lr: float = Field(default=0.5, gt=0, le=100)
+    proxy_batch_size: int = Field(default=64, ge=1, le=65536)
+
+
 class TrainingPlanSettings(_Strict):
     """The training plan sent to slaves with every round (the first configuration data).
 
     Args:
-        mode: what a slave returns: ``delta`` (parameter change, FedAvg).
-        epochs: local DP-SGD epochs per round.
+        mode: what a slave returns (the second configuration data): ``delta`` (its
+            parameter change after local DP-SGD epochs; FedAvg), ``gradient`` (one DP-SGD
+            step's noisy averaged gradient; FedSGD) or ``distill`` (a student trained with
+            DP-SGD against the received model as teacher; see ``distill``).
+        epochs: local DP-SGD epochs per round (``delta`` and ``distill``; ``gradient`` runs
+            one step).
         batch_size: expected batch size; the Poisson sample rate is ``batch_size / records``.
-        lr: local SGD learning rate.
+        lr: local SGD learning rate; in ``gradient`` mode the master's step is
+            ``−lr × average gradient`` before the server optimizer.
         momentum: local SGD momentum.
         max_grad_norm: per-sample gradient clipping bound (L2).
         epsilon: the privacy budget (ε at ``delta``) a slave may spend on this federation.
         delta: δ of the (ε, δ) guarantee; must be below 1/records at every slave.
-        server_lr: step size of the master's FedAvg update (1.0 = plain FedAvg).
+        server_optimizer: ``fedavg``, ``fedadam`` or ``fedyogi`` (Reddi et al., 2021).
+        server_lr: η of the server optimizer (``None``: 1.0 for FedAvg, 0.03 for the
+            adaptive ones).
+        server_beta1, server_beta2, server_tau: β₁, β₂, τ of FedAdam and FedYogi.
+        distill: settings of ``distill`` mode.
     """
 
     # Defaults from a grid search on digits (3 slaves, 10 rounds, ε=3): large Poisson batches
     # and several local epochs beat small batches at equal ε (tests/test_privacy_fedavg_digits).
-    mode: Literal["delta"] = "delta"
+    mode: Literal["delta", "gradient", "distill"] = "delta"
     epochs: int = Field(default=8, ge=1, le=100)
     batch_size: int = Field(default=192, ge=1, le=65536)
     lr: float = Field(default=1.0, gt=0, le=100)
@@ -67,26 +101,47 @@ class TrainingPlanSettings(_Strict):
     max_grad_norm: float = Field(default=0.75, gt=0)
     epsilon: float = Field(default=3.0, gt=0, le=100)
     delta: float = Field(default=1e-5, gt=0, lt=1)
-    server_lr: float = Field(default=1.0, gt=0, le=10)
+    server_optimizer: Literal["fedavg", "fedadam", "fedyogi"] = "fedavg"
+    server_lr: float | None = Field(default=None, gt=0, le=10)
+    server_beta1: float = Field(default=0.9, ge=0, lt=1)
+    server_beta2: float = Field(default=0.99, ge=0, lt=1)
+    server_tau: float = Field(default=1e-3, gt=0, le=1)
+    distill: DistillSettings = Field(default_factory=DistillSettings)
 
 
 class EncryptionSettings(_Strict):
-    """Homomorphic encryption of updates.
+    """How updates are protected on their way to the master's sum.
 
     Args:
+        protection: ``he`` (homomorphic encryption: the aggregator adds ciphertexts, the key
+            holder decrypts only the sum), ``he+mask`` (encryption and pairwise masking: even
+            the key holder sees only the sum), ``mask`` (pairwise masking alone, secure
+            aggregation without encryption) or ``plain`` (no protection of individual updates
+            beyond TLS and DP: the master sees each one; for baselines). Every slave's own
+            bundle must name the same protection, so a slave never sends less protected
+            updates than it agreed to.
         preset: a named parameter set (see ``secure-fed bench codec --compare``).
         clip: every update value is clipped to ``[-clip, clip]`` before encoding.
         quant_bits: fixed-point bits of the BFV codec (``None``: the preset's default).
         max_weight_per_slave: upper bound of one slave's FedAvg weight (its record count);
             the plain modulus is sized so that the sum of all weights cannot wrap.
         workers: encryption/decryption worker processes (``None``: one per core).
+        mask_threshold: ``mask`` and ``he+mask``: shares needed to rebuild a slave's mask
+            secrets (``None``: a strict majority of the round's slaves, the safe default; a
+            round with fewer surviving slaves aborts without revealing anything).
+        mask_neighbours: ``None``: every slave masks with every other (SecAgg); an even k:
+            each slave masks with k neighbours on a random graph (SecAgg+), for large
+            federations.
     """
 
+    protection: Literal["he", "he+mask", "mask", "plain"] = "he"
     preset: str = "bfv-fast"
     clip: float = Field(default=1.0, gt=0)
     quant_bits: int | None = Field(default=None, ge=4, le=24)
     max_weight_per_slave: int = Field(default=65536, ge=1, le=2**24)
     workers: int | None = Field(default=None, ge=1, le=64)
+    mask_threshold: int | None = Field(default=None, ge=2)
+    mask_neighbours: int | None = Field(default=None, ge=2)
 
 
 class LimitSettings(_Strict):
@@ -107,6 +162,9 @@ class LimitSettings(_Strict):
         idle_timeout_s: a slave connection without one complete message for this long is
             closed (4008). Keep-alive pings do not count: a client that trickles a message it
             never finishes is closed by this (or by the upload deadline during an upload).
+        secagg_phase_timeout_s: ``mask`` and ``he+mask``: time each secure-aggregation phase
+            (key advertisement, key sharing, unmasking) may take before it closes with the
+            slaves that answered.
         max_pending_connections: connections the master holds at once that have not yet
             completed ``hello``; more are closed at once (1013, try again later). Identified
             connections are bounded too: one per slave id, a newer one replaces the older.
@@ -123,6 +181,7 @@ class LimitSettings(_Strict):
     handshake_timeout_s: float = Field(default=10.0, gt=0, le=3600)
     idle_timeout_s: float = Field(default=3600.0, gt=0)
     max_pending_connections: int = Field(default=32, ge=1, le=10_000)
+    secagg_phase_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class EvaluationSettings(_Strict):
@@ -190,6 +249,14 @@ class MasterConfig(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _masking(self) -> MasterConfig:
+        if self.encryption.protection in ("mask", "he+mask") and self.min_slaves < 2:
+            raise ValueError(
+                f"protection '{self.encryption.protection}' masks each update with the others "
+                "of its round: it needs min_slaves >= 2")
+        return self
+
+    @model_validator(mode="after")
     def _quorum(self) -> MasterConfig:
         if self.min_slaves > len(self.slaves):
             raise ValueError(
@@ -210,6 +277,9 @@ class SlaveConfig(_Strict):
         delta: δ at which the budget is accounted.
         accountant: ``prv`` (default) or ``rdp``.
         allowed_architectures: architectures this slave agrees to train (empty: all it knows).
+        min_mask_parties: ``mask`` and ``he+mask``: the fewest slaves a masked round may have
+            for this slave to take part; masking hides an update only among honest peers, so a
+            round of two lets a master with one colluding slave isolate this slave's update.
     """
 
     federation_id: str
@@ -219,6 +289,7 @@ class SlaveConfig(_Strict):
     delta: float = Field(default=1e-5, gt=0, lt=1)
     accountant: Literal["prv", "rdp"] = "prv"
     allowed_architectures: list[str] = Field(default_factory=list)
+    min_mask_parties: int = Field(default=3, ge=2)
     encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
 

@@ -153,6 +153,12 @@ def _worker_encrypt(task: tuple[int, np.ndarray, int, int]) -> bytes:
     return encrypt_chunk(_WORKER["ctx"], params, _WORKER["layout"], index, plain)
 
 
+def _worker_encrypt_ring(task: tuple[int, np.ndarray]) -> bytes:
+    index, values = task
+    return encrypt_chunk(_WORKER["ctx"], _WORKER["params"], _WORKER["layout"], index,
+                         values.astype(np.int64))
+
+
 def _start_method() -> str:
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
@@ -254,6 +260,32 @@ class UpdateEncoder:
                 f"an encryption worker process died ({exc}); close this encoder and create a "
                 "new one"
             ) from exc
+
+    def encrypt_ring(self, values: np.ndarray) -> list[bytes]:
+        """Encrypt integers of the BFV plaintext ring (``he+mask``: a masked vector).
+
+        Args:
+            values: uint64 values in [0, t), already weighted, quantized and masked.
+
+        Returns:
+            Serialized chunks, in index order, as :meth:`encrypt` makes them.
+        """
+        if self._pool is None:
+            raise CryptoError("encoder is closed; create a new UpdateEncoder")
+        t = self.params.plain_modulus
+        ring = np.asarray(values)
+        if self.params.scheme != "bfv" or t is None:
+            raise CryptoError("ring values can only be encrypted under a BFV preset")
+        if ring.ndim != 1 or ring.size == 0 or ring.dtype != np.uint64 or int(ring.max()) >= t:
+            raise CryptoError(f"ring values must be a non-empty 1-D uint64 vector below t={t}")
+        s = self.slots
+        tasks = [(i, ring[i * s:(i + 1) * s]) for i in range(self.chunk_count(ring.shape[0]))]
+        batch = max(1, math.ceil(len(tasks) / (4 * self.workers)))
+        try:
+            return list(self._pool.map(_worker_encrypt_ring, tasks, chunksize=batch))
+        except BrokenProcessPool as exc:
+            raise CryptoError(f"an encryption worker process died ({exc}); close this encoder "
+                              "and create a new one") from exc
 
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""

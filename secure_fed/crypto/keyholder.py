@@ -131,15 +131,32 @@ class KeyHolder:
     ) -> np.ndarray:
         """Decrypt an aggregate and divide by its total weight.
 
+        Checks and arguments as for :meth:`decrypt_sum`.
+        """
+        total = self.decrypt_sum(sum_chunks, contributors=contributors,
+                                 total_weight=total_weight, vector_size=vector_size)
+        return decode_plain_sum(total, total_weight, self.params)
+
+    def decrypt_sum(
+        self,
+        sum_chunks: list[bytes],
+        *,
+        contributors: int,
+        total_weight: int,
+        vector_size: int,
+    ) -> np.ndarray:
+        """Decrypt an aggregate: the sum itself, before the division by the total weight.
+
         Args:
             sum_chunks: the aggregate, one serialized ciphertext per chunk index
-                (:meth:`Aggregator.sum_chunks`).
+                (:meth:`secure_fed.crypto.aggregator.Aggregator.sum_chunks`).
             contributors: number of contributions added into the aggregate.
             total_weight: sum of their weights.
             vector_size: number of values of the update.
 
         Returns:
-            float32 weighted average of the clipped updates (length ``vector_size``).
+            The decrypted sum (length ``vector_size``): centred integers in (−t/2, t/2]
+            (BFV; a masked sum is still masked) or float64 (CKKS).
 
         Raises:
             CryptoError: fewer than ``min_contributions`` contributions, total weight above
@@ -180,8 +197,8 @@ class KeyHolder:
             parts = list(self._pool.map(_worker_slots, coeffs))
         else:
             parts = [self._decrypter.slots(c) for c in coeffs]
-        total = np.concatenate(parts)[:vector_size]
-        return decode_plain_sum(total, total_weight, self.params)
+        result: np.ndarray = np.concatenate(parts)[:vector_size]
+        return result
 
     def close(self) -> None:
         """Stop decryption worker processes, if any (idempotent)."""

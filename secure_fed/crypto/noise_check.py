@@ -1,4 +1,5 @@
-"""Empirical worst-case check of raw parameters (the expert path of :func:`custom_params`).
+"""Empirical worst-case check of raw parameters (the expert path of
+:func:`~secure_fed.crypto.presets.custom_params`).
 
 Encrypts an extreme plaintext (weight ⌊W/K⌋ times ±2^(b−1) per value for BFV, or times ±clip
 for CKKS, so that K of them reach the largest allowed sum), adds the ciphertext to itself

@@ -25,12 +25,14 @@ from cryptography import x509
 
 from secure_fed import __version__
 from secure_fed.audit.log import AuditLog, genesis_data
+from secure_fed.audit.verify import read_verified_records
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.crypto.aggregator import Aggregator
 from secure_fed.crypto.certificates import party_id_from_certificate, verify_signature
-from secure_fed.crypto.codec import UpdateEncoder
 from secure_fed.crypto.keyholder import KeyHolder
+from secure_fed.crypto.plain_codec import ring_modulus, ring_to_average, update_layout
 from secure_fed.crypto.revocation import Revocations
+from secure_fed.crypto.vector_sum import VectorSum
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout
 from secure_fed.errors import (
@@ -40,12 +42,14 @@ from secure_fed.errors import (
     SecureFedError,
     TransportError,
 )
+from secure_fed.faults import crash_point
 from secure_fed.master.bundle import MasterBundle, context_digest
+from secure_fed.master.model_update import ModelUpdater, initial_student, split_proxy
+from secure_fed.master.secagg_round import SecAggRound, open_secagg
 from secure_fed.master.store import ModelStore
 from secure_fed.master.summary import RunSummary
-from secure_fed.models.package import ModelPackage, add_to_parameters, parameters_vector
+from secure_fed.models.package import ModelPackage, parameters_vector
 from secure_fed.models.registry import build_model
-from secure_fed.privacy.training import evaluate
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import (
     PROTOCOL_VERSION,
@@ -56,12 +60,14 @@ from secure_fed.protocol.messages import (
     ModelHeader,
     Plan,
     RoundEnd,
+    SecAggTask,
     Task,
     UpdateHeader,
     Welcome,
     parse_slave_message,
     update_signing_bytes,
 )
+from secure_fed.protocol.secagg_messages import is_secagg_text, parse_secagg_message
 from secure_fed.transport.channel import Channel, start_server
 from secure_fed.transport.tls import (
     load_presented_certificate,
@@ -79,10 +85,11 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 @dataclass
 class _RoundState:
-    aggregator: Aggregator
+    aggregator: Aggregator | VectorSum
     started: float
     start: co.StartRound
     bytes_by_slave: dict[str, int] = field(default_factory=dict)
+    secagg: SecAggRound | None = None
 
 
 class Master:
@@ -131,14 +138,16 @@ class Master:
         )
         self.revocations = Revocations(bundle.revocations)
         self.store = ModelStore(self.out_dir / "checkpoints")
-        self.evaluation: Dataset | None = None
+        holdout: Dataset | None = None
         if self.config.evaluation.dataset:
-            self.evaluation = master_holdout(
+            holdout = master_holdout(
                 self.config.evaluation.dataset, seed=self.config.evaluation.seed,
                 test_fraction=self.config.evaluation.test_fraction)
-        self.package = self._initial_package()
-        self.vector_size = int(parameters_vector(self.package.build()).size)
-        self.chunks = UpdateEncoder.chunk_count_for(self.params, self.vector_size)
+        self.evaluation, proxy = split_proxy(self.config, holdout)
+        self.updater = self._initial_models(proxy)
+        self.vector_size = int(parameters_vector(self.updater.target.build()).size)
+        self.protection = self.config.encryption.protection
+        self.chunks, max_chunk = update_layout(self.protection, self.params, self.vector_size)
         self.summary = RunSummary.load_or_create(
             self.out_dir / "summary.json", federation_id=self.config.federation_id,
             scheme=self.params.scheme, preset=self.params.preset,
@@ -152,6 +161,9 @@ class Master:
                 master_cert_pem=bundle.certificate.read_bytes(),
                 scheme=self.params.scheme,
                 preset=self.params.preset,
+                protection=self.config.encryption.protection,
+                mode=self.config.training.mode,
+                server_optimizer=self.config.training.server_optimizer,
                 he_params=self.params.model_dump(mode="json"),
                 slaves=list(self.config.slaves),
                 rounds=self.config.rounds,
@@ -159,15 +171,15 @@ class Master:
                 software=f"secure-fed {__version__}",
             ),
         )
+        self._record_recovered_commit()
         limits = self.config.limits
         self.coordinator = co.Coordinator(
             self.config.slaves,
             rounds=self.config.rounds,
             min_slaves=self.config.min_slaves,
             chunks=self.chunks,
-            max_chunk_bytes=min(limits.max_message_bytes,
-                                UpdateEncoder.max_chunk_bytes_for(self.params)),
-            max_update_bytes=self.chunks * UpdateEncoder.max_chunk_bytes_for(self.params),
+            max_chunk_bytes=min(limits.max_message_bytes, max_chunk),
+            max_update_bytes=self.chunks * max_chunk,
             max_weight=self.config.encryption.max_weight_per_slave,
             join_timeout_s=limits.join_timeout_s,
             upload_deadline_s=limits.upload_deadline_s,
@@ -179,30 +191,68 @@ class Master:
         self._pending = 0
         self._lock = asyncio.Lock()
         self._round: _RoundState | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._done = asyncio.Event()
         self._outcome: co.FederationDone | None = None
         self.bound_port: int | None = None
 
     # --- model --------------------------------------------------------------------------------
 
-    def _initial_package(self) -> ModelPackage:
+    @property
+    def package(self) -> ModelPackage:
+        """The master's current (last committed) model."""
+        return self.updater.package
+
+    def _initial_models(self, proxy: Dataset | None) -> ModelUpdater:
         latest = self.store.latest()
         if latest is not None:
             self.committed_round = latest.round
             log.info("resuming from the checkpoint of round %d", latest.round)
-            return latest.package
+            return ModelUpdater(self.config, latest.package, latest.student, latest.state,
+                                proxy)
         self.committed_round = 0
         spec = self.config.model
         torch.manual_seed(self.config.seed)
         package = ModelPackage.from_module(spec.architecture, spec.kwargs,
                                            build_model(spec.architecture, **spec.kwargs))
+        student = initial_student(self.config)
         metrics = self._evaluate(package)
-        self.store.commit(0, package, {"metrics": metrics, "participants": []})
-        return package
+        self.store.commit(0, package, {"metrics": metrics, "participants": []},
+                          student=student)
+        return ModelUpdater(self.config, package, student, {}, proxy)
+
+    def _record_recovered_commit(self) -> None:
+        """Write the ``model_committed`` record of the latest checkpoint if the log lacks it.
+
+        The checkpoint's JSON marker is what commits a round; a crash between it and its audit
+        record leaves a committed round that the log does not show. On restart the record is
+        written from the checkpoint, marked ``recovered``.
+        """
+        latest = self.committed_round
+        if latest == 0:
+            return
+        for record in reversed(read_verified_records(self.audit.path)):
+            if record["event"] == "model_committed":
+                if record["data"].get("round") == latest:
+                    return
+                break
+        saved = self.store.load(latest).record
+        row = {"round": latest, **saved.get("metrics", {}),
+               "participants": saved.get("participants", []),
+               "upload_bytes": saved.get("upload_bytes", 0), "seconds": saved.get("seconds", 0),
+               "model_digest": self.package.digest}
+        log.warning("round %d was checkpointed but its audit record is missing (a crash "
+                    "between the two); writing it now from the checkpoint", latest)
+        self.audit.append("model_committed", {**row, "recovered": True})
+        self.summary.record_round({**row, "declined": []})
 
     def _evaluate(self, package: ModelPackage) -> dict[str, float]:
         if self.evaluation is None:
             return {}
+        # Imported here: the training module pulls in Opacus, which the master does not need
+        # to start (a restarted master is serving again seconds sooner).
+        from secure_fed.privacy.training import evaluate
+
         accuracy, loss = evaluate(package.build(), self.evaluation)
         return {"accuracy": float(accuracy), "loss": float(loss)}
 
@@ -253,6 +303,25 @@ class Master:
             await asyncio.sleep(0.25)
             async with self._lock:
                 await self._apply(self.coordinator.tick(time.monotonic()))
+            if self._round is not None and self._round.secagg is not None:
+                await self._send_all(self._round.secagg.tick(time.monotonic()))
+
+    async def _send_all(self, outgoing: list[tuple[str, Any]]) -> None:
+        for slave_id, message in outgoing:
+            channel = self._channels.get(slave_id)
+            if channel is not None:
+                await self._send_quietly(channel, message)
+
+    async def _secagg_message(self, channel: Channel, message: str) -> None:
+        """A secure-aggregation message: routed to the round's driver, outside the lock (the
+        master waits for unmasking shares while it holds the lock)."""
+        parsed = parse_secagg_message(message)
+        state = self._round
+        if state is None or state.secagg is None:
+            log.info("secure aggregation message '%s' of '%s' ignored: no masked round is "
+                     "open", parsed.type, channel.peer)
+            return
+        await self._send_all(state.secagg.on_message(channel.peer, parsed, time.monotonic()))
 
     def _identify(self, connection: Any) -> tuple[str, x509.Certificate]:
         """The slave id and certificate of a connection, checked right after the handshake."""
@@ -330,7 +399,7 @@ class Master:
             log.info("slave '%s' connected again; closing its older connection", slave_id)
             await previous.close(4000, "replaced by a newer connection")
         async with self._lock:
-            self.audit.append("slave_connected", {"slave": slave_id})
+            self.audit.append_slave_connected(slave_id, channel.certificate)
             self._on_event("slave_connected", {"slave": slave_id})
             await self._apply(self.coordinator.slave_connected(slave_id, time.monotonic()))
         try:
@@ -338,6 +407,9 @@ class Master:
                 message = await channel.receive_within(self._receive_timeout(slave_id))
                 if message is None:
                     raise ProtocolError(self._timeout_reason(slave_id), 4008)
+                if isinstance(message, str) and is_secagg_text(message):
+                    await self._secagg_message(channel, message)
+                    continue
                 async with self._lock:
                     await self._dispatch(channel, message)
         except TransportError as exc:
@@ -347,6 +419,9 @@ class Master:
         finally:
             if self._channels.get(slave_id) is channel:
                 del self._channels[slave_id]
+                if self._round is not None and self._round.secagg is not None:
+                    await self._send_all(self._round.secagg.note_absent(slave_id,
+                                                                        time.monotonic()))
                 async with self._lock:
                     self.audit.append("slave_disconnected", {"slave": slave_id})
                     await self._apply(self.coordinator.slave_disconnected(slave_id,
@@ -389,7 +464,7 @@ class Master:
                 "bundle made by `secure-fed init` for this federation", 4004)
         await channel.send(Welcome(
             protocol=PROTOCOL_VERSION, federation_id=self.config.federation_id,
-            slave_id=channel.peer, preset=self.params.preset,
+            slave_id=channel.peer, preset=self.params.preset, protection=self.protection,
             next_round=self.coordinator.round))
 
     async def _refuse(self, channel: Channel, error: SecureFedError) -> None:
@@ -416,6 +491,8 @@ class Master:
             await self._apply(self.coordinator.update_header(channel.peer, parsed, now))
         elif isinstance(parsed, Decline):
             await self._apply(self.coordinator.decline(channel.peer, parsed, now))
+            if self._round is not None and self._round.secagg is not None:
+                await self._send_all(self._round.secagg.note_absent(channel.peer, now))
         else:
             raise ProtocolError("'hello' may be sent only once per connection")
 
@@ -459,6 +536,7 @@ class Master:
                                                       time.monotonic())
             state.bytes_by_slave[action.slave_id] = (
                 state.bytes_by_slave.get(action.slave_id, 0) + len(action.data))
+            crash_point("master.collecting")
         elif isinstance(action, co.FinishUpdate):
             assert state is not None
             return await self._finish_update(state, action)
@@ -474,6 +552,13 @@ class Master:
             self.audit.append(action.event, dict(action.data))
             self._on_event(action.event, dict(action.data))
         elif isinstance(action, co.Aggregate):
+            if state is not None and state.secagg is not None:
+                # Unmasking waits for shares that arrive on the slaves' connections, one of
+                # which may be the caller (its last chunk closed collection): run it apart.
+                task = asyncio.create_task(self._aggregate_locked(action))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+                return []
             return await self._aggregate(action)
         elif isinstance(action, co.AbortRound):
             self._close_round()
@@ -493,12 +578,18 @@ class Master:
             self._done.set()
         return []
 
+    async def _aggregate_locked(self, action: co.Aggregate) -> None:
+        async with self._lock:
+            await self._apply(await self._aggregate(action))
+
     async def _finish_update(self, state: _RoundState, action: co.FinishUpdate) -> list[co.Action]:
         try:
             await asyncio.to_thread(state.aggregator.finish, action.slave_id,
                                     action.header.weight)
         except SecureFedError as exc:
             return self.coordinator.update_failed(action.slave_id, str(exc), time.monotonic())
+        if state.secagg is not None:
+            state.secagg.note_update(action.slave_id)
         header = action.header
         record = {
             "slave": action.slave_id, "round": header.round,
@@ -519,21 +610,26 @@ class Master:
     async def _start_round(self, start: co.StartRound) -> None:
         self._close_round()
         spool = self.out_dir / "spool" / f"round-{start.round:06d}-{start.attempt}"
-        aggregator = Aggregator(self.params, self._public_context, self.vector_size,
-                                spool_dir=spool)
+        aggregator: Aggregator | VectorSum
+        if self.protection in ("he", "he+mask"):
+            aggregator = Aggregator(self.params, self._public_context, self.vector_size,
+                                    spool_dir=spool)
+        else:
+            aggregator = VectorSum(self.protection, self.vector_size, clip=self.params.clip,
+                                   modulus=(ring_modulus(self.params)
+                                            if self.protection == "mask" else None))
         self._round = _RoundState(aggregator, time.monotonic(), start)
-        training = self.config.training
+        secagg_task = None
+        if self.protection in ("mask", "he+mask"):
+            secagg_task = self._open_secagg(self._round)
+        student = self.updater.student
         task = Task(
             round=start.round, attempt=start.attempt, nonce=start.nonce,
             deadline_s=start.deadline_s,
-            model=ModelHeader(architecture=self.package.architecture,
-                              kwargs=self.package.kwargs, digest=self.package.digest,
-                              params_bytes=len(self.package.params)),
-            plan=Plan(mode=training.mode, epochs=training.epochs,
-                      batch_size=training.batch_size, lr=training.lr,
-                      momentum=training.momentum, max_grad_norm=training.max_grad_norm,
-                      epsilon=training.epsilon, delta=training.delta,
-                      rounds_total=self.config.rounds),
+            model=_header(self.package),
+            plan=self._plan(),
+            student=_header(student) if student is not None else None,
+            secagg=secagg_task,
             vector_size=self.vector_size, chunks=self.chunks,
         )
         self.audit.append("round_start", {
@@ -546,38 +642,63 @@ class Master:
         for slave_id in start.recipients:
             channel = self._channels.get(slave_id)
             if channel is not None:
-                await self._send_quietly(channel, task, self.package.params)
+                await self._send_quietly(channel, task, self.package.params,
+                                         student.params if student is not None else b"")
 
     async def _aggregate(self, action: co.Aggregate) -> list[co.Action]:
         state = self._round
         assert state is not None
         now = time.monotonic()
         try:
-            sums = await asyncio.to_thread(state.aggregator.sum_chunks)
-            average = await asyncio.to_thread(
-                self.keyholder.decrypt_average, sums, contributors=len(action.contributors),
-                total_weight=action.total_weight, vector_size=self.vector_size)
-            self.audit.append("aggregate_decrypted", {
+            average = await self._average(state, action)
+            decrypted: dict[str, Any] = {
                 "round": action.round, "attempt": action.attempt,
                 "contributors": list(action.contributors), "total_weight": action.total_weight,
-            })
-            package, metrics = await asyncio.to_thread(self._apply_average, average)
+                "protection": self.protection,
+            }
+            if state.secagg is not None:
+                decrypted["secagg"] = {
+                    "threshold": state.secagg.settings.t,
+                    "neighbours": state.secagg.settings.neighbours,
+                    "dropped": {k: v.value for k, v in
+                                sorted(state.secagg.protocol.dropped_at.items())},
+                }
+            self.audit.append("aggregate_decrypted", decrypted)
+            crash_point("master.decrypted")
+            proposal = await asyncio.to_thread(self.updater.propose, average,
+                                               round_=action.round)
+            package = proposal.package
+            metrics = await asyncio.to_thread(self._evaluate, package)
             seconds = time.monotonic() - state.started
             upload = sum(state.bytes_by_slave.get(s, 0) for s in action.contributors)
             record = {"metrics": metrics, "participants": list(action.contributors),
                       "upload_bytes": upload, "seconds": round(seconds, 3),
                       "attempt": action.attempt}
-            await asyncio.to_thread(self.store.commit, action.round, package, record)
-        except SecureFedError as exc:
+            await asyncio.to_thread(self.store.commit, action.round, package, record,
+                                    student=proposal.student,
+                                    state=proposal.optimizer.state())
+        except (SecureFedError, OSError) as exc:  # OSError: e.g. disk full at the checkpoint
             log.error("round %d could not be committed: %s", action.round, exc)
             self.audit.append("aggregate_failed", {"round": action.round, "reason": str(exc)})
             return self.coordinator.round_failed(str(exc), now)
-        self.package = package
-        self.audit.append("model_committed", {
-            "round": action.round, "model_digest": package.digest, **metrics,
-            "participants": list(action.contributors), "upload_bytes": upload,
-            "seconds": round(seconds, 3),
-        })
+        self.updater.adopt(proposal)
+        crash_point("master.before_commit_record")
+        try:
+            self.audit.append("model_committed", {
+                "round": action.round, "model_digest": package.digest, **metrics,
+                "participants": list(action.contributors), "upload_bytes": upload,
+                "seconds": round(seconds, 3),
+            })
+        except OSError as exc:
+            # The checkpoint is on disk; a restart writes the missing record from it.
+            reason = (f"round {action.round} is checkpointed but its audit record could not be "
+                      f"written ({exc}); free the disk and restart the same command")
+            log.critical(reason)
+            self._close_round()
+            self._outcome = co.FederationDone(action.round, reason)
+            self.summary.finish(reason)
+            self._done.set()
+            return []
         row = {"round": action.round, **metrics, "participants": list(action.contributors),
                "upload_bytes": upload, "seconds": round(seconds, 3),
                "declined": sorted(action.declines), "model_digest": package.digest}
@@ -588,24 +709,73 @@ class Master:
                                        model_digest=package.digest))
         return self.coordinator.round_committed(time.monotonic())
 
-    def _apply_average(self, average: np.ndarray) -> tuple[ModelPackage, dict[str, float]]:
-        if not np.all(np.isfinite(average)):
-            raise SecureFedError("the decrypted average holds non-finite values")
-        model = self.package.build()
-        add_to_parameters(model, self.config.training.server_lr * average)
-        package = ModelPackage.from_module(self.package.architecture, self.package.kwargs, model)
-        return package, self._evaluate(package)
+    async def _average(self, state: _RoundState, action: co.Aggregate) -> np.ndarray:
+        """The weighted average of the round's contributions, under each protection."""
+        contributors, weight = len(action.contributors), action.total_weight
+        if isinstance(state.aggregator, VectorSum):
+            total = state.aggregator.total()
+            if self.protection == "plain":
+                result: np.ndarray = (total / float(weight)).astype(np.float32)
+                return result
+        else:
+            sums = await asyncio.to_thread(state.aggregator.sum_chunks)
+            if self.protection == "he":
+                return await asyncio.to_thread(
+                    self.keyholder.decrypt_average, sums, contributors=contributors,
+                    total_weight=weight, vector_size=self.vector_size)
+            centred = await asyncio.to_thread(
+                self.keyholder.decrypt_sum, sums, contributors=contributors,
+                total_weight=weight, vector_size=self.vector_size)
+            total = np.mod(centred, np.int64(ring_modulus(self.params))).astype(np.uint64)
+        if state.secagg is None:
+            raise SecureFedError("a masked round has no secure aggregation state")
+        if sorted(action.contributors) != list(state.secagg.protocol.survivors):
+            raise SecureFedError("the contributors of the sum differ from the slaves secure "
+                                 "aggregation counted; round aborted")
+
+        async def send(party: str, message: Any) -> None:
+            channel = self._channels.get(party)
+            if channel is not None:
+                await self._send_quietly(channel, message)
+
+        unmasked = await state.secagg.unmasked_sum(total, send, time.monotonic())
+        return ring_to_average(unmasked, weight, self.params)
+
+    def _open_secagg(self, state: _RoundState) -> SecAggTask:
+        """Start the secure aggregation of a round; the public settings for its task."""
+        certificates: dict[str, x509.Certificate] = {}
+        for party in state.start.recipients:
+            channel = self._channels.get(party)
+            if channel is None or channel.certificate is None:
+                raise ProtocolError(f"no certificate of '{party}' for secure aggregation")
+            certificates[party] = channel.certificate
+        state.secagg, task = open_secagg(
+            self.config, state.start.round, certificates, vector_size=self.vector_size,
+            modulus=ring_modulus(self.params), now=time.monotonic())
+        return task
+
+    def _plan(self) -> Plan:
+        training = self.config.training
+        distill = training.mode == "distill"
+        return Plan(mode=training.mode, epochs=training.epochs,
+                    batch_size=training.batch_size, lr=training.lr,
+                    momentum=training.momentum, max_grad_norm=training.max_grad_norm,
+                    epsilon=training.epsilon, delta=training.delta,
+                    rounds_total=self.config.rounds,
+                    temperature=training.distill.temperature if distill else None,
+                    alpha=training.distill.alpha if distill else None)
 
     def _close_round(self) -> None:
         if self._round is not None:
             self._round.aggregator.close()
             self._round = None
 
-    async def _send_quietly(self, channel: Channel, message: Any, payload: bytes = b"") -> None:
+    async def _send_quietly(self, channel: Channel, message: Any, *payloads: bytes) -> None:
         try:
             await channel.send(message)
-            if payload:
-                await channel.send_bytes(payload)
+            for payload in payloads:
+                if payload:
+                    await channel.send_bytes(payload)
         except Exception as exc:  # noqa: BLE001 - a vanished slave is handled by its reader
             log.info("could not send to '%s': %s", channel.peer, exc)
 
@@ -620,3 +790,8 @@ class Master:
         for channel in list(self._channels.values()):
             await self._send_quietly(channel, message)
             await channel.close(1000, "federation finished")
+
+
+def _header(package: ModelPackage) -> ModelHeader:
+    return ModelHeader(architecture=package.architecture, kwargs=package.kwargs,
+                       digest=package.digest, params_bytes=len(package.params))

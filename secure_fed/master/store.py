@@ -1,23 +1,32 @@
 """ModelStore: the master's committed models, one atomic checkpoint per round.
 
-A checkpoint is two files written with :func:`secure_fed.durable.atomic_write_bytes`:
-``round-NNNNNN.safetensors`` (the parameters) and then ``round-NNNNNN.json`` (architecture,
-digest, metrics). The JSON file is the commit marker: a round counts as committed only when
-its JSON exists and the parameters it names hash to its digest, so a crash during the write
-leaves the previous round as the latest.
+A checkpoint is written with :func:`secure_fed.durable.atomic_write_bytes`:
+``round-NNNNNN.safetensors`` (the parameters), optionally ``round-NNNNNN.student.safetensors``
+(the federation's student in ``distill`` mode with another architecture) and
+``round-NNNNNN.state.safetensors`` (the server optimizer's state), and last
+``round-NNNNNN.json`` (architecture, digests, metrics). The JSON file is the commit marker: a
+round counts as committed only when its JSON exists and every file it names hashes to the
+digest it records, so a crash during the write leaves the previous round as the latest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
+
 from secure_fed.durable import atomic_write_bytes, atomic_write_json
 from secure_fed.errors import ModelError
+from secure_fed.faults import crash_point
 from secure_fed.models.package import ModelPackage
 
 log = logging.getLogger(__name__)
@@ -31,6 +40,8 @@ class Checkpoint:
     round: int
     package: ModelPackage
     record: dict[str, Any]
+    student: ModelPackage | None = None
+    state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class ModelStore:
@@ -48,11 +59,34 @@ class ModelStore:
         stem = self.directory / f"round-{round_:06d}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
-    def commit(self, round_: int, package: ModelPackage, record: dict[str, Any]) -> Path:
-        """Write the model of ``round_`` (0 = the initial model) and its record, durably."""
+    def _extra(self, round_: int, kind: str) -> Path:
+        return self.directory / f"round-{round_:06d}.{kind}.safetensors"
+
+    def commit(self, round_: int, package: ModelPackage, record: dict[str, Any], *,
+               student: ModelPackage | None = None,
+               state: dict[str, np.ndarray] | None = None) -> Path:
+        """Write the model of ``round_`` (0 = the initial model) and its record, durably.
+
+        Args:
+            round_: the round committed.
+            package: the master's model after the round.
+            record: metrics and participants, stored in the JSON marker.
+            student: the federation's student model, when it differs from ``package``.
+            state: the server optimizer's state (arrays), if it has one.
+        """
         params_path, meta_path = self._paths(round_)
         atomic_write_bytes(params_path, package.params)
-        atomic_write_json(meta_path, {"round": round_, "model": package.metadata(), **record})
+        crash_point("master.checkpoint_write")
+        extra: dict[str, Any] = {}
+        if student is not None:
+            atomic_write_bytes(self._extra(round_, "student"), student.params)
+            extra["student"] = student.metadata()
+        if state:
+            blob = save_arrays({k: np.ascontiguousarray(v) for k, v in state.items()})
+            atomic_write_bytes(self._extra(round_, "state"), blob)
+            extra["state_sha256"] = hashlib.sha256(blob).hexdigest()
+        atomic_write_json(meta_path, {"round": round_, "model": package.metadata(), **extra,
+                                      **record})
         return meta_path
 
     def latest(self) -> Checkpoint | None:
@@ -74,4 +108,19 @@ class ModelStore:
         params_path, meta_path = self._paths(round_)
         record = json.loads(meta_path.read_text(encoding="utf-8"))
         package = ModelPackage.from_parts(record["model"], params_path.read_bytes())
-        return Checkpoint(round_, package, record)
+        student = None
+        if "student" in record:
+            student = ModelPackage.from_parts(
+                record["student"], self._extra(round_, "student").read_bytes())
+        state: dict[str, np.ndarray] = {}
+        if "state_sha256" in record:
+            blob = self._extra(round_, "state").read_bytes()
+            if hashlib.sha256(blob).hexdigest() != record["state_sha256"]:
+                raise ModelError(f"the optimizer state of round {round_} does not match the "
+                                 "digest its checkpoint records")
+            try:
+                state = dict(load_arrays(blob))
+            except SafetensorError as exc:
+                raise ModelError(f"the optimizer state of round {round_} is unreadable: "
+                                 f"{exc}") from exc
+        return Checkpoint(round_, package, record, student, state)

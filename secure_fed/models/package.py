@@ -87,8 +87,8 @@ class ModelPackage:
     """A model as architecture name + kwargs + safetensors parameters + digest.
 
     Args:
-        architecture: registered architecture name (see :func:`~secure_fed.models.registry.
-            architectures`).
+        architecture: registered architecture name (see
+            :func:`~secure_fed.models.registry.architectures`).
         kwargs: the architecture's keyword arguments (JSON values).
         params: safetensors bytes of the module's ``state_dict`` in float32.
         digest: SHA-256 hex digest over the three (see the module docstring).

@@ -25,7 +25,7 @@ Two accountants are offered, both *upper bounds* on the true ε:
     privacy loss, so the result stays an upper bound (over-stated by at most that ratio).
     The result is finally capped by the RDP bound (the minimum of two upper bounds is an
     upper bound), which is also used alone when the PRV grid would exceed
-    :data:`PRV_MAX_DOMAIN` points or the numerics fail.
+    :data:`~secure_fed.privacy.composition.PRV_MAX_DOMAIN` points or the numerics fail.
 ``"rdp"``
     Rényi DP with Opacus's default orders and its RDP → (ε, δ) conversion, exactly as
     ``opacus.accountants.RDPAccountant`` computes it; looser than PRV.

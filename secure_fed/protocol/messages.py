@@ -19,8 +19,10 @@ PROTOCOL_VERSION = 1
 SUBPROTOCOL = "secure-fed.v1"
 MAX_CERTIFICATE_CHARS = 8192
 """Longest PEM certificate a ``hello`` may carry (plain ws:// on loopback only)."""
-MAX_HEADER_BYTES = 64 * 1024
-"""Largest JSON header accepted, in bytes (binary payloads have their own limits)."""
+MAX_HEADER_BYTES = 2**20
+"""Largest JSON header accepted, in bytes (binary payloads have their own limits). An
+``update`` header lists one SHA-256 per chunk (67 characters each), so 1 MiB admits about
+15,000 chunks: 120M values under ``bfv-fast``."""
 
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Nonce = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
@@ -128,6 +130,7 @@ class Welcome(_Message):
     federation_id: PartyId
     slave_id: PartyId
     preset: Text
+    protection: Literal["he", "he+mask", "mask", "plain"] = "he"
     next_round: int = Field(ge=1)
 
 
@@ -139,9 +142,14 @@ class ModelHeader(_Message):
 
 
 class Plan(_Message):
-    """The training plan of one round (with the model, the first configuration data)."""
+    """The training plan of one round (with the model, the first configuration data).
 
-    mode: Literal["delta"]
+    ``mode`` names what the slave returns: ``delta`` (parameter change), ``gradient`` (one
+    noisy averaged DP-SGD gradient) or ``distill`` (a student's parameters, sent as their
+    change from the student the task carried; ``temperature`` and ``alpha`` set the loss).
+    """
+
+    mode: Literal["delta", "gradient", "distill"]
     epochs: int = Field(ge=1, le=100)
     batch_size: int = Field(ge=1, le=65536)
     lr: float = Field(gt=0, le=100, allow_inf_nan=False)
@@ -150,10 +158,36 @@ class Plan(_Message):
     epsilon: float = Field(gt=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
     rounds_total: int = Field(ge=1)
+    temperature: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
+    alpha: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+
+
+class SecAggTask(_Message):
+    """The public settings of a round's secure aggregation (``mask`` and ``he+mask``).
+
+    Args:
+        parties: the slaves tasked in this attempt (each masks with the others).
+        threshold: shares needed to rebuild a secret (``None``: a strict majority).
+        neighbours: SecAgg+ neighbours per slave (``None``: every other slave).
+        graph_seed: 64 hex characters fixing the SecAgg+ graph (``None`` without it).
+        certificates: each party's certificate (PEM), so that a slave can check its peers'
+            signed key advertisements against the federation CA it already holds.
+    """
+
+    parties: list[PartyId] = Field(min_length=2, max_length=1000)
+    threshold: int | None = Field(default=None, ge=2)
+    neighbours: int | None = Field(default=None, ge=2)
+    graph_seed: Hex64 | None = None
+    certificates: dict[PartyId, Annotated[str, Field(max_length=MAX_CERTIFICATE_CHARS)]]
 
 
 class Task(_Message):
-    """Start of a round for one slave; one binary message with the model parameters follows."""
+    """Start of a round for one slave.
+
+    One binary message with the model parameters follows; in ``distill`` mode a second one
+    with the parameters of the ``student`` follows it. ``vector_size`` is the length of the
+    update the slave returns (the student's parameter count in ``distill`` mode).
+    """
 
     type: Literal["task"] = "task"
     round: Round
@@ -162,6 +196,8 @@ class Task(_Message):
     deadline_s: float = Field(gt=0, allow_inf_nan=False)
     model: ModelHeader
     plan: Plan
+    student: ModelHeader | None = None
+    secagg: SecAggTask | None = None
     vector_size: int = Field(ge=1)
     chunks: int = Field(ge=1)
 

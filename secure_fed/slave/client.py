@@ -20,25 +20,31 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from secure_fed import __version__
 from secure_fed.config.settings import LOOPBACK_HOSTS
-from secure_fed.crypto.certificates import sign
+from secure_fed.crypto import plain_codec as pc
+from secure_fed.crypto.certificates import party_id_from_certificate, sign, verify_signature
 from secure_fed.crypto.codec import UpdateEncoder
 from secure_fed.data.datasets import Dataset
 from secure_fed.errors import (
     BudgetExhausted,
     ConfigError,
+    CryptoError,
+    IdentityError,
     ModelError,
     PrivacyError,
     ProtocolError,
     SecureFedError,
     TransportError,
 )
+from secure_fed.faults import crash_point
 from secure_fed.master.bundle import SlaveBundle, context_digest
 from secure_fed.models.package import ModelPackage
 from secure_fed.privacy.accounting import calibrate_noise
 from secure_fed.privacy.ledger import LedgerEntry, PrivacyLedger
-from secure_fed.privacy.training import DPSettings, train_delta
+from secure_fed.privacy.training import DPSettings
 from secure_fed.protocol.messages import (
     PROTOCOL_VERSION,
     Accepted,
@@ -47,6 +53,7 @@ from secure_fed.protocol.messages import (
     Finished,
     Hello,
     MechanismRecord,
+    ModelHeader,
     Rejected,
     RoundEnd,
     Task,
@@ -55,8 +62,18 @@ from secure_fed.protocol.messages import (
     parse_master_message,
     update_signing_bytes,
 )
+from secure_fed.protocol.secagg import SlaveSecAgg
+from secure_fed.protocol.secagg_messages import (
+    KeyList,
+    ShareDelivery,
+    UnmaskRequest,
+    is_secagg_text,
+    parse_secagg_message,
+)
+from secure_fed.protocol.secagg_settings import SecAggSettings
+from secure_fed.slave.updates import steps_per_round, train_update
 from secure_fed.transport.channel import Channel, open_connection
-from secure_fed.transport.tls import client_ssl_context
+from secure_fed.transport.tls import client_ssl_context, load_presented_certificate
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +143,8 @@ class Slave:
         self._public_context = bundle.public_context.read_bytes()
         self._workers = workers if workers is not None else self.config.encryption.workers
         self.report = SlaveReport(self.config.slave_id)
+        self._pushback: list[str | bytes] = []
+        self._secagg: SlaveSecAgg | None = None
 
     async def run(self) -> SlaveReport:
         """Take part until the master says the federation is finished."""
@@ -182,12 +201,24 @@ class Slave:
                 raise ProtocolError(
                     f"the master serves federation '{welcome.federation_id}', this bundle is for "
                     f"'{self.config.federation_id}'")
+            if welcome.protection != self.config.encryption.protection:
+                raise ProtocolError(
+                    f"the master protects updates with '{welcome.protection}', this slave's "
+                    f"bundle agreed to '{self.config.encryption.protection}'; refusing to send "
+                    "updates under other terms")
             self._on_event("connected", {"slave": self.config.slave_id})
             while True:
-                message = parse_master_message(await channel.receive())
+                raw = self._pushback.pop() if self._pushback else await channel.receive()
+                if isinstance(raw, str) and is_secagg_text(raw):
+                    await self._secagg_message(channel, raw)
+                    continue
+                message = parse_master_message(raw)
                 if isinstance(message, Task):
-                    params = await channel.receive(self.config.limits.open_timeout_s * 6)
-                    await self._handle_task(channel, encoder, message, params)
+                    wait = self.config.limits.open_timeout_s * 6
+                    params = await channel.receive(wait)
+                    student = (await channel.receive(wait) if message.student is not None
+                               else None)
+                    await self._handle_task(channel, encoder, message, params, student)
                 elif isinstance(message, Finished):
                     self.report.finished_reason = message.reason
                     self._on_event("finished", {"reason": message.reason})
@@ -204,15 +235,19 @@ class Slave:
             raise _Retry(str(exc)) from exc
 
     async def _handle_task(self, channel: Channel, encoder: UpdateEncoder, task: Task,
-                           params: str | bytes) -> None:
-        if not isinstance(params, bytes) or len(params) != task.model.params_bytes:
-            raise ProtocolError("the task's model parameters did not follow as announced")
-        if len(params) > self.config.limits.max_model_bytes:
-            raise ProtocolError(f"model of {len(params)} bytes exceeds this slave's limit of "
-                                f"{self.config.limits.max_model_bytes}")
+                           params: str | bytes, student_params: str | bytes | None) -> None:
+        self._check_payload(params, task.model.params_bytes, "model")
+        if task.student is not None:
+            self._check_payload(student_params, task.student.params_bytes, "student")
         fed = self.config.federation_id
         try:
-            package = self._accept_model(task, params)
+            if task.plan.mode == "distill" and (task.plan.temperature is None
+                                                or task.plan.alpha is None):
+                raise ModelError("a distill task must carry a temperature and an alpha")
+            model = self._accept_model(task.model, params).build()
+            student = (self._accept_model(task.student, student_params).build()
+                       if task.student is not None and isinstance(student_params, bytes)
+                       else None)
             if self.ledger.has_task(fed, task.nonce):
                 raise PrivacyError("an update for this task was already produced; training "
                                    "again would spend the budget twice")
@@ -220,25 +255,39 @@ class Slave:
         except (ModelError, PrivacyError) as exc:
             await self._decline(channel, task, str(exc))
             return
-        self._on_event("training", {"round": task.round, "sigma": settings.noise_multiplier})
-        model = package.build()
+        delivery = None
+        if task.secagg is not None:
+            delivery = await self._share_keys(channel, task)
+            if delivery is None:
+                return
+        self._on_event("training", {"round": task.round, "sigma": settings.noise_multiplier,
+                                    "mode": task.plan.mode})
         # The DP noise must come from this slave's own randomness: a seed chosen by the master
         # would let the master regenerate the noise and subtract it.
         seed = secrets.randbits(63)
-        result = await asyncio.to_thread(train_delta, model, self.data, settings, seed=seed,
-                                         threads=self.threads, delta=self.config.delta)
-        if result.delta_vector.size != task.vector_size:
-            raise ProtocolError(f"the model has {result.delta_vector.size} parameters, the task "
+        result = await asyncio.to_thread(train_update, task.plan, model, student, self.data,
+                                         settings, seed=seed, threads=self.threads,
+                                         delta=self.config.delta)
+        if result.vector.size != task.vector_size:
+            raise ProtocolError(f"the update has {result.vector.size} values, the task "
                                 f"announced {task.vector_size}")
+        crash_point("slave.training")
         # The ledger is written before anything derived from the data leaves this process.
         self.ledger.record([LedgerEntry(
             noise_multiplier=result.mechanism.noise_multiplier,
             sample_rate=result.mechanism.sample_rate, steps=result.mechanism.steps,
             delta=self.config.delta, federation_id=fed, round=task.round, mode=task.plan.mode,
             task_nonce=task.nonce)])
+        crash_point("slave.after_ledger")
         spent = self.ledger.spent()
-        chunks = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: encoder.encrypt(result.delta_vector, weight=result.samples))
+        try:
+            chunks = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self._protect(encoder, result.vector, result.samples, delivery))
+        except ProtocolError as exc:
+            # Secure aggregation refused to mask (too few peers shared keys): nothing is sent.
+            log.warning("round %d: update not sent: %s", task.round, exc)
+            self._secagg = None
+            return
         hashes = [hashlib.sha256(c).hexdigest() for c in chunks]
         signed = update_signing_bytes(fed, task.round, task.nonce, result.samples, hashes)
         signature = base64.b64encode(sign(self.bundle.key.read_bytes(), signed)).decode("ascii")
@@ -253,16 +302,127 @@ class Slave:
         await channel.send(header)
         for chunk in chunks:
             await channel.send_bytes(chunk)
+            crash_point("slave.mid_upload")
+        crash_point("slave.after_upload")
         self.report.rounds_trained.append(task.round)
         self._on_event("uploaded", {"round": task.round, "bytes": sum(len(c) for c in chunks),
                                     "epsilon": spent, "loss": result.loss})
 
-    def _accept_model(self, task: Task, params: bytes) -> ModelPackage:
+    def _protect(self, encoder: UpdateEncoder, vector: np.ndarray, weight: int,
+                 delivery: ShareDelivery | None) -> list[bytes]:
+        """The update's chunks under the federation's protection (runs off the event loop)."""
+        protection = self.config.encryption.protection
+        params = self.bundle.he_params
+        if protection == "he":
+            return encoder.encrypt(vector, weight=weight)
+        if protection == "plain":
+            return pc.float_chunks(vector, params.clip)
+        if self._secagg is None or delivery is None:
+            raise ProtocolError(f"protection '{protection}' needs the round's secure "
+                                "aggregation, which the task did not set up")
+        ring = pc.to_ring(vector, weight, params, np.random.default_rng(secrets.randbits(128)))
+        _, payload = self._secagg.mask(delivery, ring)
+        masked = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
+        if protection == "he+mask":
+            return encoder.encrypt_ring(masked)
+        t = pc.ring_modulus(params)
+        return [pc.pack_ring(masked[i:i + pc.VALUES_PER_CHUNK], t)
+                for i in range(0, masked.size, pc.VALUES_PER_CHUNK)]
+
+    async def _share_keys(self, channel: Channel, task: Task) -> ShareDelivery | None:
+        """Phases 0-1 of secure aggregation; the shares peers sent us, or ``None`` if the
+        round ended first (the message that ended it is kept for the session loop)."""
+        assert task.secagg is not None
+        info = task.secagg
+        ca_pem = self.bundle.ca_cert.read_bytes()
+
+        def verify(party: str, data: bytes, signature: bytes) -> None:
+            pem = info.certificates.get(party)
+            if pem is None:
+                raise IdentityError(f"the task carries no certificate of '{party}'")
+            certificate = load_presented_certificate(pem, ca_pem)
+            if party_id_from_certificate(certificate) != party:
+                raise IdentityError(f"the certificate given for '{party}' names another party")
+            verify_signature(certificate, data, signature)
+
+        key = self.bundle.key.read_bytes()
+        try:
+            if len(info.parties) < self.config.min_mask_parties:
+                raise ProtocolError(
+                    f"the round masks with {len(info.parties)} parties; this slave's bundle "
+                    f"requires at least min_mask_parties={self.config.min_mask_parties} (a "
+                    "small round lets a master with one colluding slave isolate an update)")
+            settings = SecAggSettings(
+                federation_id=self.config.federation_id, round=task.round,
+                parties=tuple(info.parties), vector_length=task.vector_size,
+                modulus=pc.ring_modulus(self.bundle.he_params), threshold=info.threshold,
+                neighbours=info.neighbours,
+                graph_seed=bytes.fromhex(info.graph_seed) if info.graph_seed else b"")
+            self._secagg = SlaveSecAgg(settings, self.config.slave_id,
+                                       sign=lambda data: sign(key, data), verify=verify)
+            await channel.send(self._secagg.advertise())
+            key_list = await self._await_secagg(channel, KeyList)
+            if key_list is None:
+                return None
+            await channel.send(self._secagg.share_keys(key_list))
+            delivery: ShareDelivery | None = await self._await_secagg(channel, ShareDelivery)
+            return delivery
+        except (ProtocolError, CryptoError, IdentityError, ConfigError) as exc:
+            # Declined before training: nothing is spent, and the master stops waiting for us.
+            self._secagg = None
+            await self._decline(channel, task, f"secure aggregation refused: {exc}")
+            return None
+
+    async def _await_secagg(self, channel: Channel, kind: type[Any]) -> Any:
+        timeout = self.config.limits.upload_deadline_s
+        while True:
+            raw = await channel.receive(timeout)
+            if isinstance(raw, str) and is_secagg_text(raw):
+                message = parse_secagg_message(raw)
+                if isinstance(message, kind):
+                    return message
+                log.warning("secure aggregation message '%s' out of order; ignored",
+                            message.type)
+                continue
+            # Anything else (the round ended, a new task) ends this task's secure aggregation.
+            log.info("the round ended before secure aggregation finished; update not sent")
+            self._secagg = None
+            self._pushback.append(raw)
+            return None
+
+    async def _secagg_message(self, channel: Channel, raw: str) -> None:
+        message = parse_secagg_message(raw)
+        if not isinstance(message, UnmaskRequest):
+            log.warning("secure aggregation message '%s' outside a round; ignored", message.type)
+            return
+        if self._secagg is None:
+            log.warning("unmask request for round %d but no masked update was sent; ignored",
+                        message.round)
+            return
+        try:
+            response = self._secagg.unmask(message)
+        except SecureFedError as exc:
+            log.warning("refusing to reveal shares for round %d: %s", message.round, exc)
+            return
+        finally:
+            self._secagg = None
+        await channel.send(response)
+
+    def _check_payload(self, payload: str | bytes | None, size: int, what: str) -> None:
+        if not isinstance(payload, bytes) or len(payload) != size:
+            raise ProtocolError(f"the task's {what} parameters did not follow as announced")
+        if len(payload) > self.config.limits.max_model_bytes:
+            raise ProtocolError(f"{what} of {len(payload)} bytes exceeds this slave's limit of "
+                                f"{self.config.limits.max_model_bytes}")
+
+    def _accept_model(self, header: ModelHeader, params: bytes | str | None) -> ModelPackage:
         allowed = self.config.allowed_architectures
-        if allowed and task.model.architecture not in allowed:
-            raise ModelError(f"architecture '{task.model.architecture}' is not in this slave's "
+        if allowed and header.architecture not in allowed:
+            raise ModelError(f"architecture '{header.architecture}' is not in this slave's "
                              f"allowed list {allowed}")
-        return ModelPackage.from_parts(task.model.model_dump(exclude={"params_bytes"}), params)
+        if not isinstance(params, bytes):
+            raise ModelError(f"no parameters for '{header.architecture}'")
+        return ModelPackage.from_parts(header.model_dump(exclude={"params_bytes"}), params)
 
     def _plan_privacy(self, task: Task) -> DPSettings:
         """Calibrate σ so that this data source's budget lasts the rounds still to come."""
@@ -280,7 +440,7 @@ class Slave:
         try:
             sigma = calibrate_noise(
                 self.ledger.mechanisms(), sample_rate=draft.sample_rate(records),
-                steps_per_round=plan.epochs * draft.steps_per_epoch(records),
+                steps_per_round=steps_per_round(plan.mode, draft, records),
                 rounds=rounds_left, delta=self.config.delta, budget=budget,
                 accountant=self.config.accountant, source_id=self.config.slave_id)
         except BudgetExhausted as exc:

@@ -1,0 +1,420 @@
+"""``secure-fed bench round``: seconds and bytes of one federation round, per protection.
+
+Each configuration (protection mode × HE preset × model size × number of slaves) runs a real
+federation in this process: ``secure-fed init`` keys into a temporary folder, one
+:class:`~secure_fed.master.server.Master` and N :class:`~secure_fed.slave.client.Slave`
+objects over mutual TLS on 127.0.0.1, DP-SGD at every slave on its part of the bundled digits
+training split, encryption in one worker process per slave. The model is an MLP on digits
+(64 features, 10 classes) whose hidden widths are chosen to reach a parameter target.
+
+Figures come from what the master records, not from estimates:
+
+* ``seconds_per_round``: the master's round time (task sent → aggregate committed: training,
+  encryption, upload, aggregation, decryption, evaluation), the mean of the rounds after the
+  first (the first also starts the encryption workers; it is reported on its own);
+* ``upload_bytes_per_slave`` / ``master_bytes_in_per_round``: the update bytes the master
+  received (``summary.json``), per contributing slave and in total;
+* ``download_bytes_per_slave``: the model parameters the master sends each slave per round
+  (the safetensors payload of the committed checkpoint);
+* with ``wire``: ``wire_up_bytes_per_slave_per_round`` / ``wire_down_…``, everything each
+  slave's connection carried (TLS, websocket framing, handshake, every protocol message
+  including the key exchange of the masking modes), counted by a loopback relay and divided by
+  the rounds.
+
+The protection mode is only a setting (``EncryptionSettings.protection``). A row counts only
+if the run ran that protection (as ``summary.json`` or the audit log records it, else as the
+master reports it); a federation that ran another protection is refused, not reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from secure_fed.config.settings import (
+    EncryptionSettings,
+    EvaluationSettings,
+    LimitSettings,
+    ModelSpec,
+    TrainingPlanSettings,
+)
+from secure_fed.errors import ConfigError, SecureFedError
+
+__all__ = ["MODES", "SIZE_NAMES", "RoundOptions", "mlp_hidden_for", "mlp_parameter_count",
+           "parse_sizes", "run_round_bench", "format_round_table", "round_plots",
+           "write_round_plots"]
+
+MODES = ("plain", "mask", "he", "he+mask")
+"""Protection modes, from least to most protected."""
+HE_MODES = frozenset({"he", "he+mask"})
+SIZE_NAMES = {"small": 10_000, "medium": 100_000, "large": 1_000_000, "xlarge": 10_000_000}
+"""Named parameter targets of ``--sizes``."""
+IN_FEATURES = 64
+CLASSES = 10
+DATASET = "digits"
+MAX_RECORDS_PER_SLAVE = 2048
+"""FedAvg weight bound: every part of the digits training split holds fewer records."""
+DEFAULT_PLAN = TrainingPlanSettings(epochs=1, batch_size=64, epsilon=3.0)
+"""Local work per round: one epoch of DP-SGD with Poisson batches of about 64 records."""
+
+
+@dataclass(frozen=True)
+class RoundOptions:
+    """What ``bench round`` measures.
+
+    Args:
+        modes: protection modes (see :data:`MODES`).
+        presets: HE presets, each measured for the modes that encrypt (``he``, ``he+mask``);
+            ``plain`` and ``mask`` run once, with the default preset's parameters.
+        sizes: parameter targets of the MLP (the actual count is reported).
+        slaves: numbers of slaves.
+        rounds: rounds per federation (≥ 1; with ≥ 2 the first is left out of the mean).
+        seed: seed of the data split and of the initial model.
+        plan: the training plan every slave runs (DP-SGD always on).
+        workers: encryption worker processes per slave.
+        wire: relay each slave's connection through a byte-counting loopback relay
+            (:class:`~secure_fed.bench.relay.ByteCountingRelay`) and report the bytes on the
+            wire, every message and TLS record included.
+    """
+
+    modes: tuple[str, ...] = ("he",)
+    presets: tuple[str, ...] = ("bfv-fast",)
+    sizes: tuple[int, ...] = (10_000, 100_000)
+    slaves: tuple[int, ...] = (2, 4)
+    rounds: int = 2
+    seed: int = 0
+    plan: TrainingPlanSettings = DEFAULT_PLAN
+    workers: int = 1
+    wire: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.modes) - set(MODES))
+        if unknown or not self.modes:
+            raise ConfigError(f"unknown protection mode(s) {unknown or '(none)'}; expected a "
+                              f"comma list of {', '.join(MODES)}")
+        from secure_fed.crypto.presets import PRESETS
+
+        bad = sorted(set(self.presets) - set(PRESETS))
+        if bad or not self.presets:
+            raise ConfigError(f"unknown HE preset(s) {bad or '(none)'}; expected a comma list "
+                              f"of {', '.join(PRESETS)}")
+        if not 1 <= self.rounds <= 100:
+            raise ConfigError(f"rounds must be between 1 and 100, got {self.rounds}")
+        if not self.slaves or any(not 1 <= n <= 64 for n in self.slaves):
+            raise ConfigError(f"numbers of slaves must be between 1 and 64, got {self.slaves}")
+        if not self.sizes or any(not 100 <= s <= 40_000_000 for s in self.sizes):
+            raise ConfigError(f"parameter targets must be between 100 and 40M, got {self.sizes}")
+
+
+def mlp_parameter_count(hidden: Sequence[int], in_features: int = IN_FEATURES,
+                        classes: int = CLASSES) -> int:
+    """Trainable parameters (weights and biases) of the registry's ``mlp``."""
+    widths = [in_features, *hidden, classes]
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+
+
+def mlp_hidden_for(target: int, in_features: int = IN_FEATURES,
+                   classes: int = CLASSES) -> list[int]:
+    """Hidden widths whose MLP comes closest to ``target`` parameters.
+
+    One hidden layer below 30K parameters, otherwise two equal layers (each at most 4096 wide,
+    the registry's bound), the width found by solving the count's quadratic and rounding.
+    """
+    if target < 30_000:
+        width = max(1, round((target - classes) / (in_features + 1 + classes)))
+        return [width]
+    b = in_features + classes + 2
+    width = round((-b + math.sqrt(b * b + 4 * (target - classes))) / 2)
+    return [min(4096, max(1, width))] * 2
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """``--sizes``: a comma list of parameter counts (``10000``, ``100k``, ``1M``) or names."""
+    sizes = []
+    for item in (part.strip().lower() for part in text.split(",")):
+        if not item:
+            continue
+        if item in SIZE_NAMES:
+            sizes.append(SIZE_NAMES[item])
+            continue
+        scale = {"k": 1_000, "m": 1_000_000}.get(item[-1], 1)
+        try:
+            sizes.append(int(float(item[:-1] if scale > 1 else item) * scale))
+        except ValueError:
+            raise ConfigError(f"--sizes item {item!r} is neither a parameter count (10000, "
+                              f"100k, 1M) nor one of {', '.join(SIZE_NAMES)}") from None
+    if not sizes:
+        raise ConfigError("--sizes is empty; give e.g. small,medium or 10000,100000")
+    return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class _Run:
+    summary: dict[str, Any]
+    model_bytes: int
+    he_params: Any
+    protection: str | None
+    wire: list[tuple[int, int]]
+
+
+def _recorded_protection(out_dir: Path, master_protection: str | None) -> str | None:
+    """The protection a finished run ran: as ``summary.json`` or the audit log (the genesis
+    record, or the first record that names one) records it, else as the master reports it
+    (``None``: a master that knows only encryption)."""
+    summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    if isinstance(summary.get("protection"), str):
+        return str(summary["protection"])
+    with (out_dir / "audit.jsonl").open(encoding="utf-8") as log:
+        for line in log:
+            data = json.loads(line).get("data", {})
+            if isinstance(data, dict) and isinstance(data.get("protection"), str):
+                return str(data["protection"])
+    return master_protection
+
+
+def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options: RoundOptions,
+                work: Path) -> _Run:
+    """Run one federation; with ``options.wire`` count each slave's bytes on the wire."""
+    from secure_fed.bench.relay import ByteCountingRelay
+    from secure_fed.master.bundle import MasterBundle, SlaveBundle
+    from secure_fed.master.provision import FederationPlan, init_federation
+    from secure_fed.master.server import Master
+    from secure_fed.slave.client import Slave
+    from secure_fed.slave.sources import bundled_part
+
+    ids = [f"slave-{i + 1}" for i in range(slaves)]
+    model_bytes = 4 * mlp_parameter_count(hidden)
+    init_federation(work / "fed", FederationPlan(
+        federation_id="bench-round", slaves=ids, host="127.0.0.1", port=0,
+        rounds=options.rounds, min_slaves=slaves, seed=options.seed,
+        model=ModelSpec(architecture="mlp", kwargs={"in_features": IN_FEATURES,
+                                                    "num_classes": CLASSES, "hidden": hidden}),
+        training=options.plan,
+        encryption=EncryptionSettings(protection=mode, preset=preset,  # type: ignore[arg-type]
+                                      max_weight_per_slave=MAX_RECORDS_PER_SLAVE,
+                                      workers=options.workers),
+        limits=LimitSettings(join_timeout_s=300, upload_deadline_s=3600,
+                             max_message_bytes=max(4 * 2**20, model_bytes + 2**20)),
+        evaluation=EvaluationSettings(dataset=DATASET, seed=options.seed),
+        budget_epsilon=options.plan.epsilon,
+    ), force=True)
+
+    async def run() -> _Run:
+        master = Master(MasterBundle.load(work / "fed" / "master"), work / "run", port=0)
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        serving = asyncio.create_task(master.run(ready=ready))
+        port = await ready
+        relays = [ByteCountingRelay(port) for _ in ids] if options.wire else []
+        ports = [await relay.start() for relay in relays] or [port] * slaves
+        runners = []
+        for index, slave_id in enumerate(ids):
+            bundle = SlaveBundle.load(work / "fed" / "slaves" / slave_id).with_master_url(
+                f"wss://127.0.0.1:{ports[index]}")
+            part = bundled_part(DATASET, f"{index}/{slaves}", seed=options.seed)
+            runners.append(Slave(bundle, part, state_dir=work / "state" / slave_id,
+                                 workers=options.workers).run())
+        await asyncio.gather(*runners)
+        await serving
+        for relay in relays:
+            await relay.close()
+        protection = getattr(master, "protection", None)
+        return _Run(master.summary.data, len(master.package.params), master.params,
+                    protection if isinstance(protection, str) else None,
+                    [(relay.upstream, relay.downstream) for relay in relays])
+
+    return asyncio.run(run())
+
+
+def measure_round(mode: str, preset: str | None, target: int, slaves: int,
+                  options: RoundOptions, work: Path) -> dict[str, Any]:
+    """One row of the benchmark: a whole federation of ``options.rounds`` rounds.
+
+    Args:
+        mode: protection mode.
+        preset: HE preset (``None``: the default preset's parameters, for ``plain``/``mask``).
+        target: parameter target of the MLP.
+        slaves: number of slaves.
+        options: the rest of the configuration.
+        work: an empty folder for keys, checkpoints and logs.
+
+    Raises:
+        SecureFedError: the federation failed, or did not record the protection asked for.
+    """
+    from secure_fed.crypto.codec import UpdateEncoder
+    from secure_fed.crypto.presets import DEFAULT_PRESET
+    from secure_fed.privacy.accounting import clear_caches
+
+    hidden = mlp_hidden_for(target)
+    # Each configuration pays for its own privacy accounting, as a fresh deployment would.
+    clear_caches()
+    started = time.monotonic()
+    run = _federation(mode, preset or DEFAULT_PRESET, hidden, slaves, options, work)
+    wall = time.monotonic() - started
+    summary, wire = run.summary, run.wire
+    recorded = _recorded_protection(work / "run", run.protection)
+    if recorded != mode and not (recorded is None and mode == "he"):
+        raise SecureFedError(
+            f"bench round asked for protection '{mode}' but the federation recorded "
+            f"'{recorded or 'nothing (encryption only)'}': this build of the master and slave "
+            f"does not run '{mode}'; measure the modes it supports (e.g. --modes he)")
+    rows = summary["rounds"]
+    if len(rows) != options.rounds or any(len(r["participants"]) != slaves for r in rows):
+        raise SecureFedError(
+            f"the federation committed {len(rows)} of {options.rounds} rounds with "
+            f"participants {[len(r['participants']) for r in rows]}, expected {slaves} each; "
+            f"see {work / 'run' / 'audit.jsonl'}")
+    measured = rows[1:] if len(rows) > 1 else rows
+    uploads = [r["upload_bytes"] / len(r["participants"]) for r in measured]
+    params = mlp_parameter_count(hidden)
+    chunks = UpdateEncoder.chunk_count_for(run.he_params, params)
+    return {
+        "mode": mode, "preset": preset or "-", "params": params, "hidden": hidden,
+        "slaves": slaves, "rounds": options.rounds,
+        "measured_rounds": [r["round"] for r in measured],
+        "seconds_per_round": statistics.fmean(r["seconds"] for r in measured),
+        "first_round_seconds": float(rows[0]["seconds"]),
+        "upload_bytes_per_slave": statistics.fmean(uploads),
+        "download_bytes_per_slave": run.model_bytes,
+        "master_bytes_in_per_round": statistics.fmean(r["upload_bytes"] for r in measured),
+        "plain_bytes_per_slave": 4 * params,
+        "chunks": chunks if mode in HE_MODES else None,
+        "wire_up_bytes_per_slave_per_round": (
+            statistics.fmean(up for up, _ in wire) / options.rounds if wire else None),
+        "wire_down_bytes_per_slave_per_round": (
+            statistics.fmean(down for _, down in wire) / options.rounds if wire else None),
+        "accuracy": summary["final_accuracy"],
+        "wall_seconds": wall,
+    }
+
+
+def run_round_bench(options: RoundOptions, *, work_dir: Path | None = None,
+                    on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Every configuration of ``options``, smallest first; see the module docstring.
+
+    Args:
+        options: what to measure.
+        work_dir: where federations are written (default: a temporary folder, removed after).
+        on_row: called with each row as soon as it is measured (for progress display).
+    """
+    configs: list[tuple[str, str | None]] = []
+    for mode in options.modes:
+        configs += [(mode, p) for p in options.presets] if mode in HE_MODES else [(mode, None)]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="secure-fed-round-") as tmp:
+        base = Path(work_dir) if work_dir is not None else Path(tmp)
+        for target in sorted(options.sizes):
+            for slaves in sorted(options.slaves):
+                for mode, preset in configs:
+                    name = f"{mode}-{preset or 'none'}-{target}-{slaves}".replace("+", "_")
+                    row = measure_round(mode, preset, target, slaves, options, base / name)
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
+    return rows
+
+
+def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A human table of :func:`run_round_bench`'s rows (wire columns when measured)."""
+    wire = any(r.get("wire_up_bytes_per_slave_per_round") is not None for r in rows)
+    header = (f"{'mode':<8} {'preset':<9} {'params':>10} {'slaves':>6} {'s/round':>8} "
+              f"{'1st round s':>11} {'up B/slave':>12} {'vs plain':>8} {'down B/slave':>12} "
+              f"{'master in B':>13}")
+    header += f" {'wire up/slave':>13} {'wire down/slave':>15}" if wire else ""
+    lines = [header + f" {'accuracy':>8}"]
+    for r in rows:
+        ratio = r["upload_bytes_per_slave"] / r["plain_bytes_per_slave"]
+        line = (f"{r['mode']:<8} {r['preset']:<9} {r['params']:>10,} {r['slaves']:>6} "
+                f"{r['seconds_per_round']:>8.2f} {r['first_round_seconds']:>11.2f} "
+                f"{r['upload_bytes_per_slave']:>12,.0f} {ratio:>7.2f}× "
+                f"{r['download_bytes_per_slave']:>12,} {r['master_bytes_in_per_round']:>13,.0f}")
+        if wire:
+            line += (f" {r['wire_up_bytes_per_slave_per_round'] or 0:>13,.0f}"
+                     f" {r['wire_down_bytes_per_slave_per_round'] or 0:>15,.0f}")
+        accuracy = r["accuracy"] if r["accuracy"] is not None else float("nan")
+        lines.append(line + f" {accuracy:>8.3f}")
+    if rows:
+        which = ("rounds after the first (round 1 also starts the encryption workers)"
+                 if rows[0]["rounds"] > 1 else "round 1, which includes worker start-up")
+        lines.append(f"s/round: master's round time (task → commit), mean of {which}; "
+                     "vs plain: upload against float32 parameters; DP-SGD at every slave")
+        if wire:
+            lines.append("wire: every byte of each slave's connection (TLS, framing, "
+                         "handshake, all messages), total of the run divided by its rounds")
+    return "\n".join(lines)
+
+
+def round_plots(rows: Sequence[dict[str, Any]]) -> dict[str, bytes]:
+    """PNG plots of the rows against model size, log-log, on matplotlib's Agg canvas.
+
+    ``round-seconds.png``: seconds per round, one colour per protection (mode and preset), one
+    line style per number of slaves. ``round-bytes.png``: update bytes per slave per round, one
+    line per protection (they do not depend on the number of slaves), against float32.
+    """
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    kinds = sorted({(r["mode"], r["preset"]) for r in rows},
+                   key=lambda k: (MODES.index(k[0]) if k[0] in MODES else 9, k[1]))
+    counts = sorted({r["slaves"] for r in rows})
+    styles = ["-o", "--s", ":^", "-.D", "-v", "--x"]
+    out = {}
+    for name, key, ylabel, title in (
+            ("round-seconds.png", "seconds_per_round", "seconds per round",
+             "Round time against model size (DP-SGD at every slave)"),
+            ("round-bytes.png", "upload_bytes_per_slave", "update bytes per slave per round",
+             "Update bytes against model size")):
+        fig = Figure(figsize=(8.0, 4.6), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        if not rows:
+            ax.text(0.5, 0.5, "no rows measured", ha="center", va="center",
+                    transform=ax.transAxes)
+        for i, (mode, preset) in enumerate(kinds):
+            kind = " ".join(x for x in (mode, preset) if x != "-")
+            for j, slaves in enumerate(counts if key == "seconds_per_round" else counts[:1]):
+                points = sorted((r for r in rows if (r["mode"], r["preset"]) == (mode, preset)
+                                 and (r["slaves"] == slaves or key != "seconds_per_round")),
+                                key=lambda r: r["params"])
+                by_size = {p["params"]: p[key] for p in points}
+                if not by_size:
+                    continue
+                label = f"{kind}, {slaves} slaves" if key == "seconds_per_round" else kind
+                ax.plot(list(by_size), list(by_size.values()), styles[j % len(styles)],
+                        color=f"C{i % 10}", label=label)
+        if key == "upload_bytes_per_slave" and rows:
+            sizes = sorted({r["params"] for r in rows})
+            ax.plot(sizes, [4 * s for s in sizes], ":", color="grey",
+                    label="float32 parameters")
+        if rows:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.legend(fontsize="small", ncols=2 if len(kinds) * len(counts) > 8 else 1)
+        ax.set_xlabel("model parameters")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+        out[name] = buffer.getvalue()
+    return out
+
+
+def write_round_plots(rows: Sequence[dict[str, Any]], directory: Path) -> list[Path]:
+    """Write :func:`round_plots` into ``directory`` (created); returns the paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, png in round_plots(rows).items():
+        (directory / name).write_bytes(png)
+        paths.append(directory / name)
+    return paths

@@ -1,0 +1,80 @@
+"""What a slave returns for each mode of the plan (the second configuration data).
+
+* ``delta``: local DP-SGD epochs from the received model; the update is the parameter change.
+* ``gradient``: one DP-SGD step; the update is the noisy averaged gradient (FedSGD).
+* ``distill``: the received model is the frozen teacher; a student (the task's ``student``,
+  or a copy of the received model when the task names none) is trained with DP-SGD on
+  α·T²·KL(teacher/T ‖ student/T) + (1−α)·CE. The update is the trained student's parameters
+  *minus the student the task carried*: the master knows that starting point, so averaging
+  these changes and adding them back is exactly averaging the students' parameters, and the
+  values stay in the small range the fixed-point codec encodes precisely.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from secure_fed.data.datasets import Dataset
+from secure_fed.errors import ModelError
+from secure_fed.models.package import parameters_vector
+from secure_fed.privacy.accounting import Mechanism
+from secure_fed.privacy.training import DPSettings, train_delta, train_distill, train_gradient
+from secure_fed.protocol.messages import Plan
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """One slave update before encryption.
+
+    Args:
+        vector: float32 values in ``parameters_vector`` order (length ``task.vector_size``).
+        mechanism: the DP mechanism that produced it (recorded in the ledger before sending).
+        loss: mean training loss of the last local epoch (nats).
+        samples: the slave's record count (its FedAvg weight).
+    """
+
+    vector: np.ndarray
+    mechanism: Mechanism
+    loss: float
+    samples: int
+
+
+def steps_per_round(mode: str, settings: DPSettings, records: int) -> int:
+    """DP-SGD steps one round of ``mode`` runs, as the ledger will record them."""
+    if mode == "gradient":
+        return 1
+    return settings.epochs * settings.steps_per_epoch(records)
+
+
+def train_update(plan: Plan, model: nn.Module, student: nn.Module | None, data: Dataset,
+                 settings: DPSettings, *, seed: int, threads: int,
+                 delta: float) -> UpdateResult:
+    """Train on ``data`` as ``plan.mode`` asks and return the update to encrypt.
+
+    Args:
+        plan: the round's plan (its mode, and temperature/alpha in ``distill`` mode).
+        model: the received model (the teacher in ``distill`` mode); not modified.
+        student: the received student (``distill`` mode only; ``None``: start from a copy of
+            ``model``).
+        data: this slave's private records.
+        settings: the calibrated DP-SGD settings.
+        seed, threads, delta: as for :func:`secure_fed.privacy.training.train_delta`.
+    """
+    if plan.mode == "delta":
+        result = train_delta(model, data, settings, seed=seed, threads=threads, delta=delta)
+        return UpdateResult(result.delta_vector, result.mechanism, result.loss, result.samples)
+    if plan.mode == "gradient":
+        grad = train_gradient(model, data, settings, seed=seed, threads=threads, delta=delta)
+        return UpdateResult(grad.gradient, grad.mechanism, grad.loss, grad.samples)
+    start = student if student is not None else copy.deepcopy(model)
+    before = parameters_vector(start)
+    if plan.temperature is None or plan.alpha is None:
+        raise ModelError("a distill plan must carry a temperature and an alpha")
+    distilled = train_distill(model, start, data, settings, temperature=plan.temperature,
+                              alpha=plan.alpha, seed=seed, threads=threads, delta=delta)
+    return UpdateResult(distilled.params_vector - before, distilled.mechanism, distilled.loss,
+                        distilled.samples)

@@ -1,0 +1,86 @@
+"""``bench round``: a real federation's seconds and bytes per round, as the CLI reports them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from secure_fed.bench.round import mlp_hidden_for, mlp_parameter_count, parse_sizes
+from secure_fed.cli.main import main
+from secure_fed.crypto.chunk_format import chunk_size_for
+from secure_fed.crypto.presets import data_moduli
+from secure_fed.errors import ConfigError
+from secure_fed.master.bundle import MasterBundle
+from secure_fed.models.registry import build_model
+
+
+@pytest.mark.parametrize("target", [10_000, 100_000, 1_000_000, 10_000_000])
+def test_mlp_widths_reach_the_parameter_target(target: int) -> None:
+    hidden = mlp_hidden_for(target)
+    count = mlp_parameter_count(hidden)
+    assert abs(count - target) / target < 0.01
+    if target <= 100_000:  # the registry's own count (larger ones cost memory to build)
+        model = build_model("mlp", in_features=64, num_classes=10, hidden=hidden)
+        assert count == sum(p.numel() for p in model.parameters())
+
+
+def test_sizes_accept_counts_suffixes_and_names() -> None:
+    assert parse_sizes("10000, 100k,1M") == (10_000, 100_000, 1_000_000)
+    assert parse_sizes("small,medium,large,xlarge") == (10_000, 100_000, 1_000_000, 10_000_000)
+    with pytest.raises(ConfigError, match="neither a parameter count"):
+        parse_sizes("huge")
+
+
+def test_unknown_mode_is_refused_before_anything_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "round", "--modes", "he,rot13"]) == 2
+    assert "unknown protection mode(s) ['rot13']" in capsys.readouterr().err
+
+
+def test_round_bench_reports_the_federations_real_bytes_and_times(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["bench", "round", "--modes", "he", "--presets", "bfv-fast", "--sizes", "10000",
+                 "--slaves", "2", "--rounds", "2", "--json", "--plot", str(tmp_path / "plots"),
+                 "--keep", str(tmp_path / "runs"), "--wire"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["mode"], row["preset"], row["slaves"], row["rounds"]) == ("he", "bfv-fast", 2, 2)
+    assert row["measured_rounds"] == [2]
+
+    # the parameter count is the model's, and the bytes are what the master received
+    model = build_model("mlp", in_features=64, num_classes=10, hidden=row["hidden"])
+    assert row["params"] == sum(p.numel() for p in model.parameters())
+    run = tmp_path / "runs" / "he-bfv-fast-10000-2"
+    params = MasterBundle.load(run / "fed" / "master").he_params
+    chunks = math.ceil(row["params"] / params.slots)
+    chunk_bytes = chunk_size_for(params.poly_modulus_degree, data_moduli(params))
+    assert row["chunks"] == chunks == 2
+    assert row["upload_bytes_per_slave"] == chunks * chunk_bytes
+    assert row["master_bytes_in_per_round"] == 2 * chunks * chunk_bytes
+    records = [json.loads(line) for line in
+               (run / "run" / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
+    received = [r["data"]["bytes"] for r in records if r["event"] == "update_received"]
+    assert received == [chunks * chunk_bytes] * 4  # 2 slaves × 2 rounds
+    checkpoint = run / "run" / "checkpoints" / "round-000001.safetensors"
+    assert row["download_bytes_per_slave"] == checkpoint.stat().st_size
+    assert row["plain_bytes_per_slave"] == 4 * row["params"]
+    # on the wire: the same chunks and models, plus TLS, framing and the protocol's messages
+    up, down = row["wire_up_bytes_per_slave_per_round"], row["wire_down_bytes_per_slave_per_round"]
+    assert chunks * chunk_bytes < up < 1.1 * chunks * chunk_bytes
+    assert row["download_bytes_per_slave"] < down < 1.5 * row["download_bytes_per_slave"]
+
+    assert row["seconds_per_round"] > 0 and row["first_round_seconds"] > 0
+    summary = json.loads((run / "run" / "summary.json").read_text(encoding="utf-8"))
+    assert row["seconds_per_round"] == summary["rounds"][1]["seconds"]
+    assert 0.1 < row["accuracy"] <= 1.0
+
+    assert "bfv-fast" in out and "rounds after the first" in out and "wire up/slave" in out
+    for name in ("round-seconds.png", "round-bytes.png"):
+        png = (tmp_path / "plots" / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000

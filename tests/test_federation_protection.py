@@ -1,0 +1,198 @@
+"""Protection modes end to end: ``plain``, ``mask`` and ``he+mask`` over TLS.
+
+The sums are checked bit for bit: each slave's exact plaintext (its clipped float update, or
+its quantized ring vector before masking) is observed where the slave computes it, and the
+master's committed model must differ from the previous one by exactly the decoded average.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from secure_fed.config.settings import EncryptionSettings, LimitSettings
+from secure_fed.crypto import plain_codec as pc
+from secure_fed.master.bundle import MasterBundle
+from secure_fed.master.provision import init_federation
+from secure_fed.master.server import Master
+from secure_fed.master.store import ModelStore
+from secure_fed.models.package import parameters_vector
+from secure_fed.slave import client as slave_client
+from tests.conftest import small_plan, started, trial_slave
+
+SLAVES = ["a", "b", "c"]
+
+
+def federation(tmp_path: Path, protection: str, **limits: Any) -> Path:
+    fed = tmp_path / "fed"
+    init_federation(fed, small_plan(
+        SLAVES, min_slaves=2,
+        encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1,
+                                      protection=protection),  # type: ignore[arg-type]
+        limits=LimitSettings(join_timeout_s=60, upload_deadline_s=limits.get("deadline", 120),
+                             open_timeout_s=10, secagg_phase_timeout_s=30)))
+    return fed
+
+
+async def run(fed: Path, out: Path, tmp_path: Path) -> Master:
+    master = Master(MasterBundle.load(fed / "master"), out, port=0)
+    task, port = await asyncio.wait_for(started(master), 30)
+    runners = [trial_slave(fed, s, f"{i}/{len(SLAVES)}", f"wss://127.0.0.1:{port}",
+                           tmp_path / f"state-{s}").run() for i, s in enumerate(SLAVES)]
+    await asyncio.wait_for(asyncio.gather(*runners), 240)
+    await asyncio.wait_for(task, 60)
+    return master
+
+
+def model_change(out: Path, round_: int) -> np.ndarray:
+    store = ModelStore(out / "checkpoints")
+    before = parameters_vector(store.load(round_ - 1).package.build())
+    after = parameters_vector(store.load(round_).package.build())
+    change: np.ndarray = after - before
+    return change
+
+
+def observe_ring(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, np.ndarray]]:
+    """Record (weight, ring vector before masking) of every slave update."""
+    seen: list[tuple[int, np.ndarray]] = []
+    lock = threading.Lock()
+    real = pc.to_ring
+
+    def wrapper(vector: Any, weight: int, params: Any, rng: Any) -> np.ndarray:
+        ring = real(vector, weight, params, rng)
+        with lock:
+            seen.append((weight, ring.copy()))
+        return ring
+
+    monkeypatch.setattr(pc, "to_ring", wrapper)
+    return seen
+
+
+def test_plain_protection_sums_the_clipped_float_updates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[tuple[int, str], tuple[int, np.ndarray]] = {}
+    real = slave_client.Slave._protect
+
+    def protect(self: Any, encoder: Any, vector: Any, weight: int, delivery: Any) -> Any:
+        chunks = real(self, encoder, vector, weight, delivery)
+        sent = np.frombuffer(b"".join(chunks), dtype="<f4").astype(np.float64)
+        seen[(len([k for k in seen if k[1] == self.config.slave_id]) + 1,
+              self.config.slave_id)] = (weight, sent)
+        return chunks
+
+    monkeypatch.setattr(slave_client.Slave, "_protect", protect)
+    out = tmp_path / "out"
+    master = asyncio.run(run(federation(tmp_path, "plain"), out, tmp_path))
+    assert master.coordinator.committed == 2
+    for round_ in (1, 2):
+        updates = [seen[(round_, s)] for s in SLAVES]
+        total = sum(w for w, _ in updates)
+        expected = sum(w * v for w, v in updates) / total
+        assert np.max(np.abs(model_change(out, round_) - expected)) < 1e-6
+        assert all(np.max(np.abs(v)) <= master.params.clip for _, v in updates)
+    assert _updates(out, 1)[0]["bytes"] == 4 * master.vector_size  # one float32 per value
+
+
+def test_mask_protection_sum_is_exact_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = observe_ring(monkeypatch)
+    out = tmp_path / "out"
+    master = asyncio.run(run(federation(tmp_path, "mask"), out, tmp_path))
+    assert master.coordinator.committed == 2
+    params = master.bundle.he_params
+    t = pc.ring_modulus(params)
+    for round_ in (1, 2):
+        rings = seen[3 * (round_ - 1): 3 * round_]
+        total = sum(w for w, _ in rings)
+        ring_sum = np.zeros_like(rings[0][1])
+        for _, ring in rings:
+            ring_sum = (ring_sum + ring) % np.uint64(t)
+        expected = pc.ring_to_average(ring_sum, total, params)
+        change = model_change(out, round_)
+        # The master adds the decoded average to float32 parameters: equal up to that rounding.
+        assert np.max(np.abs(change - expected)) < 1e-6
+        assert np.max(np.abs(expected)) > 100 * params.quant_step
+    # Each masked update costs about one plaintext float: ring bits / 8 bytes per value.
+    record = _updates(out, 1)[0]
+    size = master.vector_size
+    assert record["bytes"] == pc.chunk_bytes("mask", size, 0, t) * pc.chunk_count(size)
+    assert record["bytes"] <= 4 * size
+
+
+def test_he_mask_protection_sum_is_exact_with_a_slave_dropping_after_sharing_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = observe_ring(monkeypatch)
+    real_protect = slave_client.Slave._protect
+    dropped: list[str] = []
+
+    def protect(self: Any, encoder: Any, vector: Any, weight: int, delivery: Any) -> Any:
+        if self.config.slave_id == "c" and len(dropped) < 1:
+            dropped.append("c")  # 'c' shared its keys, then vanishes before masking (round 1)
+            from secure_fed.errors import ProtocolError
+            raise ProtocolError("simulated drop after key sharing")
+        return real_protect(self, encoder, vector, weight, delivery)
+
+    monkeypatch.setattr(slave_client.Slave, "_protect", protect)
+    out = tmp_path / "out"
+    master = asyncio.run(run(federation(tmp_path, "he+mask", deadline=25), out, tmp_path))
+    assert master.coordinator.committed == 2
+    params = master.bundle.he_params
+    t = pc.ring_modulus(params)
+    round1 = _updates(out, 1)
+    assert sorted(u["slave"] for u in round1) == ["a", "b"]
+    # Round 1: only a and b contributed; c's pairwise masks were rebuilt from its shares.
+    rings = seen[:2]
+    ring_sum = (rings[0][1] + rings[1][1]) % np.uint64(t)
+    expected = pc.ring_to_average(ring_sum, rings[0][0] + rings[1][0], params)
+    assert np.max(np.abs(model_change(out, 1) - expected)) < 1e-6
+
+
+def _updates(out: Path, round_: int | None = None) -> list[dict[str, Any]]:
+    import json
+
+    records = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    return [r["data"] for r in records if r["event"] == "update_received"
+            and (round_ is None or r["data"]["round"] == round_)]
+
+
+def test_a_slave_refuses_a_master_whose_protection_differs_from_its_bundle(
+    tmp_path: Path,
+) -> None:
+    from secure_fed.errors import ProtocolError
+    from secure_fed.master.bundle import SlaveBundle
+    from secure_fed.privacy.ledger import PrivacyLedger
+    from secure_fed.slave.client import Slave
+    from secure_fed.slave.sources import bundled_part
+
+    fed = federation(tmp_path, "plain")
+
+    async def go() -> None:
+        master = Master(MasterBundle.load(fed / "master"), tmp_path / "out", port=0)
+        task, port = await asyncio.wait_for(started(master), 30)
+        loaded = SlaveBundle.load(fed / "slaves" / "a").with_master_url(
+            f"wss://127.0.0.1:{port}")
+        # This data owner agreed to encrypted, masked updates only.
+        stricter = loaded.config.model_copy(update={
+            "encryption": loaded.config.encryption.model_copy(update={"protection": "he+mask"})})
+        slave = Slave(SlaveBundle(loaded.directory, stricter, loaded.he_params),
+                      bundled_part("digits", "0/3"), state_dir=tmp_path / "state-a", workers=1,
+                      reconnect_give_up_s=5)
+        try:
+            with pytest.raises(ProtocolError, match="protects updates with 'plain'"):
+                await asyncio.wait_for(slave.run(), 60)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(go())
+    ledger = PrivacyLedger.open(tmp_path / "state-a", budget_epsilon=3.0, delta=1e-5,
+                                source_id="a")
+    assert ledger.spent() == 0.0 and not ledger.mechanisms()

@@ -1,0 +1,76 @@
+"""``plain`` and ``mask`` updates: exact chunk sizes, refusals, and sums the others keep."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from secure_fed.crypto import plain_codec as pc
+from secure_fed.crypto.presets import resolve_params
+from secure_fed.crypto.vector_sum import VectorSum
+from secure_fed.errors import CryptoError, MalformedUpdate
+
+PARAMS = resolve_params("bfv-fast", clip=1.0, max_total_weight=3 * 4096)
+
+
+@pytest.mark.parametrize("modulus", [2, 3, 2**20 + 7, PARAMS.plain_modulus, 2**61 - 1])
+def test_ring_packing_round_trips_at_the_modulus_width(modulus: int) -> None:
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, modulus, size=1001, dtype=np.uint64)
+    values[:2] = [0, modulus - 1]
+    packed = pc.pack_ring(values, modulus)
+    assert len(packed) == -(-1001 * pc.ring_width(modulus) // 8)
+    assert np.array_equal(pc.unpack_ring(packed, 1001, modulus), values)
+
+
+def test_unpacking_refuses_a_value_at_or_above_the_modulus_and_a_wrong_length() -> None:
+    packed = pc.pack_ring(np.array([5, 6, 7], dtype=np.uint64), 8)  # width 3 bits
+    with pytest.raises(CryptoError, match="ring modulus 7"):
+        pc.unpack_ring(packed, 3, 7)
+    with pytest.raises(CryptoError, match="bytes"):
+        pc.unpack_ring(packed + b"\0", 3, 8)
+
+
+def test_ring_encoding_decodes_to_the_weighted_average_within_one_step() -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(-1, 1, 5000), rng.uniform(-1, 1, 5000)
+    t = pc.ring_modulus(PARAMS)
+    total = (pc.to_ring(x, 3, PARAMS, rng) + pc.to_ring(y, 5, PARAMS, rng)) % np.uint64(t)
+    average = pc.ring_to_average(total, 8, PARAMS)
+    assert np.max(np.abs(average - (3 * x + 5 * y) / 8)) < PARAMS.quant_step
+
+
+def test_plain_sum_refuses_bad_chunks_and_keeps_the_others() -> None:
+    size = pc.VALUES_PER_CHUNK + 10  # two chunks, the last one short
+    good = pc.float_chunks(np.full(size, 0.5), clip=1.0)
+    summed = VectorSum("plain", size, clip=1.0)
+    summed.add_chunk("a", 0, good[0])
+    summed.add_chunk("a", 1, good[1])
+    summed.finish("a", 4)
+    too_big = np.full(10, 2.0, dtype="<f4").tobytes()
+    nan = np.full(10, np.nan, dtype="<f4").tobytes()
+    for index, data, reason in [(1, too_big, "clip range"), (1, nan, "not finite"),
+                                (1, good[1][:-4], "bytes"), (2, good[1], "out of range")]:
+        with pytest.raises(MalformedUpdate, match=reason):
+            summed.add_chunk("b", index, data)
+    summed.add_chunk("c", 1, good[1])
+    with pytest.raises(MalformedUpdate, match="repeated"):
+        summed.add_chunk("c", 1, good[1])
+    with pytest.raises(MalformedUpdate, match="incomplete"):
+        summed.finish("c", 1)
+    summed.discard("b")
+    assert summed.contributors == ["a"] and summed.total_weight == 4
+    assert np.array_equal(summed.total(), np.full(size, 2.0))  # 4 × 0.5, untouched
+    with pytest.raises(MalformedUpdate, match="already"):
+        summed.add_chunk("a", 0, good[0])
+
+
+def test_mask_sum_adds_modulo_the_ring() -> None:
+    t = pc.ring_modulus(PARAMS)
+    size = 100
+    high = np.full(size, t - 1, dtype=np.uint64)
+    summed = VectorSum("mask", size, clip=1.0, modulus=t)
+    for slave in ("a", "b"):
+        summed.add_chunk(slave, 0, pc.pack_ring(high, t))
+        summed.finish(slave, 1)
+    assert np.array_equal(summed.total(), np.full(size, t - 2, dtype=np.uint64))
