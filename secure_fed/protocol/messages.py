@@ -256,12 +256,15 @@ MESSAGE_TYPES: dict[str, type[_Message]] = {
 }
 
 
-def _parse(raw: str | bytes, adapter: TypeAdapter[Any], sender: str) -> Any:
+def parse_json_message(raw: str | bytes, adapter: TypeAdapter[Any], sender: str, *,
+                       max_bytes: int = MAX_HEADER_BYTES) -> Any:
+    """Check size, UTF-8 text, JSON, ``type`` and every field of one message from ``sender``
+    against ``adapter`` (a discriminated union); :class:`ProtocolError` names what failed."""
     if isinstance(raw, bytes):
         raise ProtocolError(f"expected a JSON text message from the {sender}, got binary data")
-    if len(raw) > MAX_HEADER_BYTES:
+    if len(raw) > max_bytes:
         raise ProtocolError(
-            f"JSON header of {len(raw)} characters exceeds the limit of {MAX_HEADER_BYTES}", 1009
+            f"JSON header of {len(raw)} characters exceeds the limit of {max_bytes}", 1009
         )
     try:
         obj = json.loads(raw)
@@ -283,13 +286,13 @@ def _parse(raw: str | bytes, adapter: TypeAdapter[Any], sender: str) -> Any:
 
 def parse_slave_message(raw: str | bytes) -> Hello | UpdateHeader | Decline:
     """Parse and validate a JSON message sent by a slave (raises :class:`ProtocolError`)."""
-    result: Hello | UpdateHeader | Decline = _parse(raw, _SLAVE_ADAPTER, "slave")
+    result: Hello | UpdateHeader | Decline = parse_json_message(raw, _SLAVE_ADAPTER, "slave")
     return result
 
 
 def parse_master_message(raw: str | bytes) -> Any:
     """Parse and validate a JSON message sent by the master (raises :class:`ProtocolError`)."""
-    return _parse(raw, _MASTER_ADAPTER, "master")
+    return parse_json_message(raw, _MASTER_ADAPTER, "master")
 
 
 def encode(message: BaseModel) -> str:

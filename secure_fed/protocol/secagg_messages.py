@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from secure_fed.crypto.masking import SEAL_OVERHEAD, SEED_BYTES
 from secure_fed.crypto.shamir import SHARE_BYTES
 from secure_fed.errors import ProtocolError
-from secure_fed.protocol.messages import Hex64, PartyId, Round, Signature
+from secure_fed.protocol.messages import Hex64, PartyId, Round, Signature, parse_json_message
 
 SECAGG_CONTEXT = "secure-fed-secagg-v1"
 MAX_PARTIES = 10_000
@@ -166,27 +165,7 @@ def parse_secagg_message(raw: str | bytes, *, max_bytes: int = MAX_SECAGG_MESSAG
         raw: the text message as received.
         max_bytes: size limit checked before parsing.
     """
-    if isinstance(raw, bytes):
-        raise ProtocolError("expected a JSON text message for secure aggregation, got binary")
-    if len(raw) > max_bytes:
-        raise ProtocolError(
-            f"secure-aggregation message of {len(raw)} characters exceeds the limit of "
-            f"{max_bytes}", 1009
-        )
-    try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"secure-aggregation message is not valid JSON: {exc}") from exc
-    if not isinstance(obj, dict) or "type" not in obj:
-        raise ProtocolError("secure-aggregation message must be a JSON object with a 'type'")
-    try:
-        return _ADAPTER.validate_python(obj)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ProtocolError(
-            f"invalid {obj.get('type')!r} message: {where}: {first['msg']}"
-        ) from exc
+    return parse_json_message(raw, _ADAPTER, "peer (secure aggregation)", max_bytes=max_bytes)
 
 
 def b64encode(data: bytes) -> str:
