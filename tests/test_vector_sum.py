@@ -74,3 +74,16 @@ def test_mask_sum_adds_modulo_the_ring() -> None:
         summed.add_chunk(slave, 0, pc.pack_ring(high, t))
         summed.finish(slave, 1)
     assert np.array_equal(summed.total(), np.full(size, t - 2, dtype=np.uint64))
+
+
+def test_a_masked_federation_needs_three_slaves() -> None:
+    from pydantic import ValidationError
+
+    from secure_fed.config.settings import EncryptionSettings, MasterConfig
+
+    masked = EncryptionSettings(protection="mask")
+    with pytest.raises(ValidationError, match="at least 3 slaves"):
+        MasterConfig(federation_id="f", slaves=["a", "b"], min_slaves=2, encryption=masked)
+    config = MasterConfig(federation_id="f", slaves=["a", "b", "c"], min_slaves=2,
+                          encryption=masked)
+    assert config.encryption.protection == "mask"

@@ -250,10 +250,13 @@ class MasterConfig(_Strict):
 
     @model_validator(mode="after")
     def _masking(self) -> MasterConfig:
-        if self.encryption.protection in ("mask", "he+mask") and self.min_slaves < 2:
+        if self.encryption.protection in ("mask", "he+mask") and (
+                self.min_slaves < 2 or len(self.slaves) < 3):
             raise ValueError(
-                f"protection '{self.encryption.protection}' masks each update with the others "
-                "of its round: it needs min_slaves >= 2")
+                f"protection '{self.encryption.protection}' hides each update among the others "
+                "of its round: it needs at least 3 slaves and min_slaves >= 2 (in a round of "
+                "two, a master with one colluding slave would see the other's update, and "
+                "slaves refuse such rounds by default: min_mask_parties)")
         return self
 
     @model_validator(mode="after")
