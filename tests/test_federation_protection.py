@@ -22,6 +22,7 @@ from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
+from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.slave import client as slave_client
 from tests.conftest import small_plan, started, trial_slave
 
@@ -34,7 +35,9 @@ def federation(tmp_path: Path, protection: str, **limits: Any) -> Path:
         SLAVES, min_slaves=2,
         encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1,
                                       protection=protection),  # type: ignore[arg-type]
-        limits=LimitSettings(join_timeout_s=60, upload_deadline_s=limits.get("deadline", 120),
+        limits=LimitSettings(join_timeout_s=limits.get("join", 60),
+                             upload_deadline_s=limits.get("deadline", 120),
+                             max_round_attempts=limits.get("attempts", 3),
                              open_timeout_s=10, secagg_phase_timeout_s=30)))
     return fed
 
@@ -196,3 +199,35 @@ def test_a_slave_refuses_a_master_whose_protection_differs_from_its_bundle(
     ledger = PrivacyLedger.open(tmp_path / "state-a", budget_epsilon=3.0, delta=1e-5,
                                 source_id="a")
     assert ledger.spent() == 0.0 and not ledger.mechanisms()
+
+
+def test_slaves_decline_a_masked_round_smaller_than_their_minimum_and_spend_nothing(
+    tmp_path: Path,
+) -> None:
+    fed = federation(tmp_path, "mask", join=2, attempts=2)
+    out = tmp_path / "out"
+
+    async def go() -> Master:
+        master = Master(MasterBundle.load(fed / "master"), out, port=0)
+        task, port = await asyncio.wait_for(started(master), 30)
+        # Only two of the three slaves come: the master tasks a round of two parties.
+        runners = [trial_slave(fed, s, f"{i}/3", f"wss://127.0.0.1:{port}",
+                               tmp_path / f"state-{s}").run() for i, s in enumerate("ab")]
+        await asyncio.wait_for(asyncio.gather(*runners), 120)
+        await asyncio.wait_for(task, 60)
+        return master
+
+    master = asyncio.run(go())
+    assert master.coordinator.committed == 0
+    declines = [r["data"] for r in _records(out) if r["event"] == "decline"]
+    assert declines and all("min_mask_parties=3" in d["reason"] for d in declines)
+    for slave_id in "ab":
+        ledger = PrivacyLedger.open(tmp_path / f"state-{slave_id}", budget_epsilon=3.0,
+                                    delta=1e-5, source_id=slave_id)
+        assert not ledger.mechanisms()
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
