@@ -29,12 +29,14 @@ from tests.conftest import small_plan, started, trial_slave
 SLAVES = ["a", "b", "c"]
 
 
-def federation(tmp_path: Path, protection: str, **limits: Any) -> Path:
+def federation(tmp_path: Path, protection: str, slaves: list[str] = SLAVES,
+               neighbours: int | None = None, **limits: Any) -> Path:
     fed = tmp_path / "fed"
     init_federation(fed, small_plan(
-        SLAVES, min_slaves=2,
+        slaves, min_slaves=2,
         encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1,
-                                      protection=protection),  # type: ignore[arg-type]
+                                      protection=protection,  # type: ignore[arg-type]
+                                      mask_neighbours=neighbours),
         limits=LimitSettings(join_timeout_s=limits.get("join", 60),
                              upload_deadline_s=limits.get("deadline", 120),
                              max_round_attempts=limits.get("attempts", 3),
@@ -42,11 +44,11 @@ def federation(tmp_path: Path, protection: str, **limits: Any) -> Path:
     return fed
 
 
-async def run(fed: Path, out: Path, tmp_path: Path) -> Master:
+async def run(fed: Path, out: Path, tmp_path: Path, slaves: list[str] = SLAVES) -> Master:
     master = Master(MasterBundle.load(fed / "master"), out, port=0)
     task, port = await asyncio.wait_for(started(master), 30)
-    runners = [trial_slave(fed, s, f"{i}/{len(SLAVES)}", f"wss://127.0.0.1:{port}",
-                           tmp_path / f"state-{s}").run() for i, s in enumerate(SLAVES)]
+    runners = [trial_slave(fed, s, f"{i}/{len(slaves)}", f"wss://127.0.0.1:{port}",
+                           tmp_path / f"state-{s}").run() for i, s in enumerate(slaves)]
     await asyncio.wait_for(asyncio.gather(*runners), 240)
     await asyncio.wait_for(task, 60)
     return master
@@ -127,6 +129,28 @@ def test_mask_protection_sum_is_exact_bit_for_bit(
     size = master.vector_size
     assert record["bytes"] == pc.chunk_bytes("mask", size, 0, t) * pc.chunk_count(size)
     assert record["bytes"] <= 4 * size
+
+
+def test_secagg_plus_neighbour_graph_sum_is_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = observe_ring(monkeypatch)
+    slaves = ["a", "b", "c", "d"]
+    out = tmp_path / "out"
+    master = asyncio.run(run(federation(tmp_path, "mask", slaves, neighbours=2), out, tmp_path,
+                             slaves))
+    assert master.coordinator.committed == 2
+    params = master.bundle.he_params
+    t = pc.ring_modulus(params)
+    for round_ in (1, 2):
+        rings = seen[4 * (round_ - 1): 4 * round_]
+        ring_sum = np.zeros_like(rings[0][1])
+        for _, ring in rings:
+            ring_sum = (ring_sum + ring) % np.uint64(t)
+        expected = pc.ring_to_average(ring_sum, sum(w for w, _ in rings), params)
+        assert np.max(np.abs(model_change(out, round_) - expected)) < 1e-6
+    decrypted = [r["data"] for r in _records(out) if r["event"] == "aggregate_decrypted"]
+    assert [d["secagg"]["neighbours"] for d in decrypted] == [2, 2]
 
 
 def test_he_mask_protection_sum_is_exact_with_a_slave_dropping_after_sharing_keys(
