@@ -219,8 +219,8 @@ def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: 
     console.print(table)
     accuracy = summary.get("final_accuracy")
     console.print(f"final accuracy {accuracy if accuracy is None else round(accuracy, 4)}; "
-                  f"mode {options.mode}; scheme {summary['scheme']}, preset "
-                  f"{summary['preset']}; {summary['reason']}")
+                  f"mode {options.mode}; protection {options.protection}; scheme "
+                  f"{summary['scheme']}, preset {summary['preset']}; {summary['reason']}")
     console.print(f"outputs: {summary_path}, {out / 'audit.jsonl'}, {out / 'checkpoints'}, "
                   f"{out / 'slaves'}")
     if not summary["rounds"] and exhausted == len(slave_ids):
