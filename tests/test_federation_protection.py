@@ -169,16 +169,21 @@ def test_he_mask_protection_sum_is_exact_with_a_slave_dropping_after_sharing_key
 
     monkeypatch.setattr(slave_client.Slave, "_protect", protect)
     out = tmp_path / "out"
-    master = asyncio.run(run(federation(tmp_path, "he+mask", deadline=25), out, tmp_path))
+    # Four slaves: after c drops, three survive, the fewest a slave unmasks for by default.
+    slaves = ["a", "b", "c", "d"]
+    master = asyncio.run(run(federation(tmp_path, "he+mask", slaves, deadline=25), out,
+                             tmp_path, slaves))
     assert master.coordinator.committed == 2
     params = master.bundle.he_params
     t = pc.ring_modulus(params)
     round1 = _updates(out, 1)
-    assert sorted(u["slave"] for u in round1) == ["a", "b"]
-    # Round 1: only a and b contributed; c's pairwise masks were rebuilt from its shares.
-    rings = seen[:2]
-    ring_sum = (rings[0][1] + rings[1][1]) % np.uint64(t)
-    expected = pc.ring_to_average(ring_sum, rings[0][0] + rings[1][0], params)
+    assert sorted(u["slave"] for u in round1) == ["a", "b", "d"]
+    # Round 1: c's pairwise masks were rebuilt from the shares it gave before dropping.
+    rings = seen[:3]
+    ring_sum = np.zeros_like(rings[0][1])
+    for _, ring in rings:
+        ring_sum = (ring_sum + ring) % np.uint64(t)
+    expected = pc.ring_to_average(ring_sum, sum(w for w, _ in rings), params)
     assert np.max(np.abs(model_change(out, 1) - expected)) < 1e-6
 
 

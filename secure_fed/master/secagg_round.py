@@ -134,6 +134,17 @@ class SecAggRound:
         except SecureFedError as exc:
             return self._abort(str(exc))
 
+    def update_problem(self, sender: str) -> str | None:
+        """Why an update of ``sender`` cannot be counted in this masked round, or ``None``: it
+        must have shared its keys, and masking must be open (checked before any chunk is
+        summed, so a stray update never reaches the sum)."""
+        if self.failed:
+            return f"secure aggregation of this round was aborted: {self.failure}"
+        if self.protocol.stage is not MasterStage.MASKING or sender not in self._shared:
+            return ("this slave did not complete the key sharing of the round's secure "
+                    "aggregation; its update cannot be unmasked")
+        return None
+
     def note_update(self, sender: str) -> None:
         """``sender``'s masked update is complete and in the aggregator's sum."""
         self.protocol.note_masked(sender)

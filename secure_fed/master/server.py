@@ -301,10 +301,18 @@ class Master:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(0.25)
+            state = self._round
+            if state is not None and state.secagg is not None:
+                # Outside the lock: a masked round's aggregation holds it while it waits for
+                # the survivors' shares, and this tick is what ends that wait at its deadline.
+                await self._send_all(state.secagg.tick(time.monotonic()))
             async with self._lock:
                 await self._apply(self.coordinator.tick(time.monotonic()))
-            if self._round is not None and self._round.secagg is not None:
-                await self._send_all(self._round.secagg.tick(time.monotonic()))
+                state = self._round
+                if (state is not None and state.secagg is not None and state.secagg.failed
+                        and self.coordinator.phase is co.Phase.COLLECTING):
+                    reason = f"secure aggregation failed: {state.secagg.failure}"
+                    await self._apply(self.coordinator.round_failed(reason, time.monotonic()))
 
     async def _send_all(self, outgoing: list[tuple[str, Any]]) -> None:
         for slave_id, message in outgoing:
@@ -483,6 +491,9 @@ class Master:
         parsed = parse_slave_message(message)
         if isinstance(parsed, UpdateHeader):
             problem = self._signature_problem(channel, parsed)
+            state = self._round
+            if problem is None and state is not None and state.secagg is not None:
+                problem = state.secagg.update_problem(channel.peer)
             if problem is not None:
                 log.warning("update of '%s' refused: %s", channel.peer, problem)
                 await self._apply(self.coordinator.refuse_update(channel.peer, parsed, problem,
@@ -491,8 +502,10 @@ class Master:
             await self._apply(self.coordinator.update_header(channel.peer, parsed, now))
         elif isinstance(parsed, Decline):
             await self._apply(self.coordinator.decline(channel.peer, parsed, now))
-            if self._round is not None and self._round.secagg is not None:
-                await self._send_all(self._round.secagg.note_absent(channel.peer, now))
+            state = self._round
+            if (state is not None and state.secagg is not None
+                    and parsed.nonce == state.start.nonce):
+                await self._send_all(state.secagg.note_absent(channel.peer, now))
         else:
             raise ProtocolError("'hello' may be sent only once per connection")
 
@@ -579,8 +592,25 @@ class Master:
         return []
 
     async def _aggregate_locked(self, action: co.Aggregate) -> None:
-        async with self._lock:
-            await self._apply(await self._aggregate(action))
+        """A masked round's aggregation: unmasking waits for shares that arrive outside the
+        lock, so it runs first; the commit then takes the lock (the coordinator stays in its
+        aggregating phase meanwhile, so the round cannot change)."""
+        state = self._round
+        average: np.ndarray | BaseException | None = None
+        try:
+            if state is not None:
+                average = await self._average(state, action)
+        except Exception as exc:  # noqa: BLE001 - any failure aborts the attempt below
+            average = exc
+        try:
+            async with self._lock:
+                await self._apply(await self._aggregate(action, average))
+        except Exception as exc:  # noqa: BLE001 - a background task must not fail silently
+            log.exception("round %d could not be completed", action.round)
+            async with self._lock:
+                if self.coordinator.phase in (co.Phase.AGGREGATING, co.Phase.COLLECTING):
+                    await self._apply(self.coordinator.round_failed(str(exc),
+                                                                    time.monotonic()))
 
     async def _finish_update(self, state: _RoundState, action: co.FinishUpdate) -> list[co.Action]:
         try:
@@ -645,12 +675,19 @@ class Master:
                 await self._send_quietly(channel, task, self.package.params,
                                          student.params if student is not None else b"")
 
-    async def _aggregate(self, action: co.Aggregate) -> list[co.Action]:
+    async def _aggregate(self, action: co.Aggregate,
+                         precomputed: np.ndarray | BaseException | None = None
+                         ) -> list[co.Action]:
         state = self._round
         assert state is not None
         now = time.monotonic()
         try:
-            average = await self._average(state, action)
+            if isinstance(precomputed, BaseException):
+                if isinstance(precomputed, SecureFedError | OSError):
+                    raise precomputed
+                raise SecureFedError(f"aggregation failed: {precomputed!r}") from precomputed
+            average = (precomputed if precomputed is not None
+                       else await self._average(state, action))
             decrypted: dict[str, Any] = {
                 "round": action.round, "attempt": action.attempt,
                 "contributors": list(action.contributors), "total_weight": action.total_weight,
@@ -741,14 +778,18 @@ class Master:
         unmasked = await state.secagg.unmasked_sum(total, send, time.monotonic())
         return ring_to_average(unmasked, weight, self.params)
 
-    def _open_secagg(self, state: _RoundState) -> SecAggTask:
+    def _open_secagg(self, state: _RoundState) -> SecAggTask | None:
         """Start the secure aggregation of a round; the public settings for its task."""
         certificates: dict[str, x509.Certificate] = {}
         for party in state.start.recipients:
             channel = self._channels.get(party)
-            if channel is None or channel.certificate is None:
-                raise ProtocolError(f"no certificate of '{party}' for secure aggregation")
-            certificates[party] = channel.certificate
+            if channel is not None and channel.certificate is not None:
+                certificates[party] = channel.certificate
+        if len(certificates) < 2:
+            # Slaves decline a masked task without secure aggregation; the attempt aborts.
+            log.warning("round %d: too few connected slaves to mask with each other",
+                        state.start.round)
+            return None
         state.secagg, task = open_secagg(
             self.config, state.start.round, certificates, vector_size=self.vector_size,
             modulus=ring_modulus(self.params), now=time.monotonic())

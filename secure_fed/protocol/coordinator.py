@@ -386,9 +386,10 @@ class Coordinator:
         return self._maybe_start(now)
 
     def round_failed(self, reason: str, now: float) -> list[Action]:
-        """Decryption or commit failed: abort the attempt (the model is unchanged)."""
-        if self.phase is not Phase.AGGREGATING:
-            raise RuntimeError("round_failed outside aggregation")
+        """Decryption or commit failed, or the round's secure aggregation gave up during
+        collection: abort the attempt (the model is unchanged)."""
+        if self.phase not in (Phase.AGGREGATING, Phase.COLLECTING):
+            raise RuntimeError("round_failed outside collection or aggregation")
         return self._abort(reason, now)
 
     # --- internals -------------------------------------------------------------------------

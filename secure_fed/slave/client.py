@@ -252,6 +252,10 @@ class Slave:
                 raise PrivacyError("an update for this task was already produced; training "
                                    "again would spend the budget twice")
             settings = self._plan_privacy(task)
+            masked = self.config.encryption.protection in ("mask", "he+mask")
+            if masked and task.secagg is None:
+                raise PrivacyError("the federation masks updates, but this task carries no "
+                                   "secure aggregation: declining before training")
         except (ModelError, PrivacyError) as exc:
             await self._decline(channel, task, str(exc))
             return
@@ -283,10 +287,11 @@ class Slave:
         try:
             chunks = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: self._protect(encoder, result.vector, result.samples, delivery))
-        except ProtocolError as exc:
-            # Secure aggregation refused to mask (too few peers shared keys): nothing is sent.
-            log.warning("round %d: update not sent: %s", task.round, exc)
+        except SecureFedError as exc:
+            # The ledger already holds this round (over-counting is the safe side); the master
+            # is told at once instead of waiting for the deadline.
             self._secagg = None
+            await self._decline(channel, task, f"update not sent: {exc}")
             return
         hashes = [hashlib.sha256(c).hexdigest() for c in chunks]
         signed = update_signing_bytes(fed, task.round, task.nonce, result.samples, hashes)
@@ -347,11 +352,9 @@ class Slave:
 
         key = self.bundle.key.read_bytes()
         try:
-            if len(info.parties) < self.config.min_mask_parties:
-                raise ProtocolError(
-                    f"the round masks with {len(info.parties)} parties; this slave's bundle "
-                    f"requires at least min_mask_parties={self.config.min_mask_parties} (a "
-                    "small round lets a master with one colluding slave isolate an update)")
+            self._check_mask_parties(len(info.parties), "parties")
+            if info.neighbours is not None:
+                self._check_mask_parties(info.neighbours + 1, "holders per secret (SecAgg+)")
             settings = SecAggSettings(
                 federation_id=self.config.federation_id, round=task.round,
                 parties=tuple(info.parties), vector_length=task.vector_size,
@@ -364,14 +367,30 @@ class Slave:
             key_list = await self._await_secagg(channel, KeyList)
             if key_list is None:
                 return None
+            self._check_mask_parties(len(key_list.advertisements), "slaves that advertised keys")
             await channel.send(self._secagg.share_keys(key_list))
             delivery: ShareDelivery | None = await self._await_secagg(channel, ShareDelivery)
+            if delivery is not None:
+                # Checked before training, so that a round too thin to mask spends nothing.
+                self._check_mask_parties(len(delivery.shares) + 1, "slaves that shared keys")
+                if len(delivery.shares) + 1 < settings.t:
+                    raise ProtocolError(f"only {len(delivery.shares)} peers shared keys, "
+                                        f"threshold {settings.t}")
             return delivery
         except (ProtocolError, CryptoError, IdentityError, ConfigError) as exc:
             # Declined before training: nothing is spent, and the master stops waiting for us.
             self._secagg = None
             await self._decline(channel, task, f"secure aggregation refused: {exc}")
             return None
+
+    def _check_mask_parties(self, count: int, what: str) -> None:
+        """Refuse a masked round whose ``what`` number ``count`` is below this slave's
+        ``min_mask_parties``: masking hides an update only among enough honest peers."""
+        if count < self.config.min_mask_parties:
+            raise ProtocolError(
+                f"the round has {count} {what}; this slave's bundle requires at least "
+                f"min_mask_parties={self.config.min_mask_parties} (a smaller round lets a "
+                "master with colluding slaves isolate an update)")
 
     async def _await_secagg(self, channel: Channel, kind: type[Any]) -> Any:
         timeout = self.config.limits.upload_deadline_s
@@ -400,6 +419,7 @@ class Slave:
                         message.round)
             return
         try:
+            self._check_mask_parties(len(message.survivors), "survivors")
             response = self._secagg.unmask(message)
         except SecureFedError as exc:
             log.warning("refusing to reveal shares for round %d: %s", message.round, exc)
