@@ -90,3 +90,22 @@ def test_two_slaves_two_rounds_aggregate_equals_plaintext_fedavg(
     events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
     for event in ("round_start", "update_received", "aggregate_decrypted", "model_committed"):
         assert events.count(event) >= 2, event
+
+
+def test_an_unusable_newest_checkpoint_falls_back_without_a_false_recovered_record(
+    federation_dir: Path, tmp_path: Path
+) -> None:
+    fed = tmp_path / "fed"
+    shutil.copytree(federation_dir, fed)
+    out = tmp_path / "run"
+    asyncio.run(run_federation(fed, out, {"a": tmp_path / "sa", "b": tmp_path / "sb"}))
+    params = out / "checkpoints" / "round-000002.safetensors"
+    params.write_bytes(params.read_bytes()[:-8] + b"\0" * 8)  # a bad disk
+    before = (out / "audit.jsonl").read_text()
+    again = Master(MasterBundle.load(fed / "master"), out, port=0)
+    try:
+        assert again.committed_round == 1  # round 2 will run again
+        assert (out / "audit.jsonl").read_text() == before  # nothing claimed as recovered
+    finally:
+        again.keyholder.close()
+        again.audit.close()

@@ -233,7 +233,9 @@ class Master:
             return
         for record in reversed(read_verified_records(self.audit.path)):
             if record["event"] == "model_committed":
-                if record["data"].get("round") == latest:
+                # A record for a later round means the newer checkpoint was unusable and the
+                # master fell back (docs/operations.md): nothing is missing, those rounds rerun.
+                if record["data"].get("round", 0) >= latest:
                     return
                 break
         saved = self.store.load(latest).record
