@@ -240,6 +240,7 @@ class Slave:
         if task.student is not None:
             self._check_payload(student_params, task.student.params_bytes, "student")
         fed = self.config.federation_id
+        masked = self.config.encryption.protection in ("mask", "he+mask")
         try:
             if task.plan.mode == "distill" and (task.plan.temperature is None
                                                 or task.plan.alpha is None):
@@ -252,7 +253,6 @@ class Slave:
                 raise PrivacyError("an update for this task was already produced; training "
                                    "again would spend the budget twice")
             settings = self._plan_privacy(task)
-            masked = self.config.encryption.protection in ("mask", "he+mask")
             if masked and task.secagg is None:
                 raise PrivacyError("the federation masks updates, but this task carries no "
                                    "secure aggregation: declining before training")
@@ -260,7 +260,7 @@ class Slave:
             await self._decline(channel, task, str(exc))
             return
         delivery = None
-        if task.secagg is not None:
+        if masked:  # only under this slave's own masked protection, whatever the task says
             delivery = await self._share_keys(channel, task)
             if delivery is None:
                 return
