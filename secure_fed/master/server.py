@@ -305,8 +305,8 @@ class Master:
             await asyncio.sleep(0.25)
             state = self._round
             if state is not None and state.secagg is not None:
-                # Outside the lock: a masked round's aggregation holds it while it waits for
-                # the survivors' shares, and this tick is what ends that wait at its deadline.
+                # Outside the lock, so that a phase's deadline (and the end of the wait for
+                # the survivors' shares) never depends on who holds it.
                 await self._send_all(state.secagg.tick(time.monotonic()))
             async with self._lock:
                 await self._apply(self.coordinator.tick(time.monotonic()))
@@ -323,8 +323,9 @@ class Master:
                 await self._send_quietly(channel, message)
 
     async def _secagg_message(self, channel: Channel, message: str) -> None:
-        """A secure-aggregation message: routed to the round's driver, outside the lock (the
-        master waits for unmasking shares while it holds the lock)."""
+        """A secure-aggregation message: routed to the round's driver without the lock (the
+        driver is used only from the event loop, and a masked round's unmasking awaits these
+        messages)."""
         parsed = parse_secagg_message(message)
         state = self._round
         if state is None or state.secagg is None:
