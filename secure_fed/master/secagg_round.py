@@ -53,10 +53,7 @@ class SecAggRound:
         self.timeout = phase_timeout_s
         self._deadline = now + phase_timeout_s
         self._expected: set[str] = set(settings.parties)
-        self._advertised: set[str] = set()
-        self._shared: set[str] = set()
         self._recipients: set[str] = set()
-        self._responded: set[str] = set()
         self._unmasked = asyncio.Event()
         self.failure: str | None = None
 
@@ -76,14 +73,19 @@ class SecAggRound:
         """``sender`` declined or disconnected: stop waiting for it in the current phase."""
         self._expected.discard(sender)
         stage = self.protocol.stage
-        if stage is MasterStage.ADVERTISING and self._advertised >= self._expected:
-            return self._close(now)
-        if stage is MasterStage.SHARING and self._shared >= self._advertised & self._expected:
-            return self._close(now)
         if stage is MasterStage.UNMASKING:
             self._recipients.discard(sender)
-            if self._responded >= self._recipients:
-                self._unmasked.set()
+        return self._close_if_complete(now)
+
+    def _close_if_complete(self, now: float) -> Outgoing:
+        """Close the current phase as soon as every slave still expected has answered."""
+        p = self.protocol
+        if p.stage is MasterStage.ADVERTISING and p.advertised >= self._expected:
+            return self._close(now)
+        if p.stage is MasterStage.SHARING and p.shared >= p.advertised & self._expected:
+            return self._close(now)
+        if p.stage is MasterStage.UNMASKING and p.responded >= self._recipients:
+            self._unmasked.set()
         return []
 
     def on_message(self, sender: str, message: Any, now: float) -> Outgoing:
@@ -92,25 +94,17 @@ class SecAggRound:
         try:
             if isinstance(message, AdvertiseKeys):
                 self.protocol.receive_advertisement(sender, message)
-                self._advertised.add(sender)
-                if self._advertised >= self._expected:
-                    return self._close(now)
             elif isinstance(message, ShareKeys):
                 self.protocol.receive_shares(sender, message)
-                self._shared.add(sender)
-                if self._shared >= self._advertised & self._expected:
-                    return self._close(now)
             elif isinstance(message, UnmaskResponse):
                 self.protocol.receive_unmask(sender, message)
-                self._responded.add(sender)
-                if self._responded >= self._recipients:
-                    self._unmasked.set()
             else:
                 raise ProtocolError(f"'{message.type}' is not a message a slave sends")
         except SecureFedError as exc:
             log.warning("secure aggregation message of '%s' refused at %s: %s", sender,
                         stage.value, exc)
-        return []
+            return []
+        return self._close_if_complete(now)
 
     def tick(self, now: float) -> Outgoing:
         """Close the current phase if its deadline passed."""
@@ -128,7 +122,7 @@ class SecAggRound:
         try:
             if self.protocol.stage is MasterStage.ADVERTISING:
                 key_list = self.protocol.close_advertising()
-                return [(party, key_list) for party in sorted(self._advertised)]
+                return [(party, key_list) for party in sorted(self.protocol.advertised)]
             deliveries = self.protocol.close_sharing()
             return sorted(deliveries.items())
         except SecureFedError as exc:
@@ -140,7 +134,7 @@ class SecAggRound:
         summed, so a stray update never reaches the sum)."""
         if self.failed:
             return f"secure aggregation of this round was aborted: {self.failure}"
-        if self.protocol.stage is not MasterStage.MASKING or sender not in self._shared:
+        if self.protocol.stage is not MasterStage.MASKING or sender not in self.protocol.shared:
             return ("this slave did not complete the key sharing of the round's secure "
                     "aggregation; its update cannot be unmasked")
         return None
@@ -172,7 +166,7 @@ class SecAggRound:
         await self._unmasked.wait()
         if self.failed:
             raise ProtocolError(f"secure aggregation was aborted: {self.failure}")
-        missing = sorted(self._recipients - self._responded)
+        missing = sorted(self._recipients - self.protocol.responded)
         if missing:
             log.warning("round %d: no shares from %s within %g s; unmasking with the others",
                         self.settings.round, missing, self.timeout)

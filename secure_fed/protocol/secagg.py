@@ -353,6 +353,21 @@ class MasterSecAgg:
         """Slaves whose masked input is in the sum (U3), once masking is closed."""
         return tuple(sorted(self._masked))
 
+    @property
+    def advertised(self) -> frozenset[str]:
+        """Slaves whose key advertisement was accepted (U1 once advertising is closed)."""
+        return frozenset(self._adverts)
+
+    @property
+    def shared(self) -> frozenset[str]:
+        """Slaves whose encrypted shares were accepted (U2 once sharing is closed)."""
+        return frozenset(self._share_msgs)
+
+    @property
+    def responded(self) -> frozenset[str]:
+        """Survivors whose unmasking shares were accepted."""
+        return frozenset(self._responders)
+
     def _expect(self, stage: MasterStage, sender: str | None, party: str | None) -> None:
         if self.stage is not stage:
             raise ProtocolError(
