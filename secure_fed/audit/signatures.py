@@ -23,8 +23,6 @@ attributes an update to the wrong slave, is caught even though it can re-sign th
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import hashlib
 import re
@@ -36,6 +34,7 @@ from cryptography import x509
 from secure_fed.crypto.certificates import (
     certificate_role,
     check_validity,
+    decode_signature,
     party_id_from_certificate,
     verify_issued_by,
     verify_signature,
@@ -194,10 +193,8 @@ class UpdateSignatureChecker:
         if signature is None:
             raise SignatureProblem(f"the update of '{slave}' is not signed")
         try:
-            if not isinstance(signature, str):
-                raise ValueError("not a string")
-            raw = base64.b64decode(signature, validate=True)
-        except (ValueError, binascii.Error) as exc:
+            raw = decode_signature(signature)
+        except ValueError as exc:
             raise SignatureProblem(f"signature is not base64 ({exc})") from exc
         try:
             verify_signature(recorded.certificate, signed, raw)

@@ -30,8 +30,6 @@ only the standard library and the certificate helpers of :mod:`secure_fed.crypto
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import hashlib
 import json
@@ -45,6 +43,7 @@ from cryptography import x509
 
 from secure_fed.crypto.certificates import (
     certificate_fingerprint,
+    decode_signature,
     verify_issued_by,
     verify_signature,
 )
@@ -218,10 +217,8 @@ class _Chain:
         assert self.master is not None  # set by _pin at seq 0, which every path passes first
         signature = record["sig"]
         try:
-            if not isinstance(signature, str):
-                raise ValueError("not a string")
-            raw = base64.b64decode(signature, validate=True)
-        except (ValueError, binascii.Error) as exc:
+            raw = decode_signature(signature)
+        except ValueError as exc:
             raise _Refused(f"sig is not base64 ({exc})") from exc
         unsigned = {key: value for key, value in record.items() if key != "sig"}
         try:

@@ -13,6 +13,8 @@ Keys are P-256 ECDSA with SHA-256 (``key_type="ec"``, the default) or Ed25519.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import hashlib
 import ipaddress
@@ -368,6 +370,17 @@ def sign(key_pem: bytes, data: bytes) -> bytes:
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key.sign(data)
     return key.sign(data, ec.ECDSA(hashes.SHA256()))
+
+
+def decode_signature(text: object) -> bytes:
+    """The bytes of a signature written as standard base64 text (as updates and audit records
+    carry them); :class:`ValueError` naming the problem if ``text`` is not that."""
+    if not isinstance(text, str):
+        raise ValueError("not a string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def verify_signature(cert_pem: x509.Certificate | bytes, data: bytes, signature: bytes) -> None:

@@ -8,7 +8,6 @@ decryption in :class:`secure_fed.crypto.keyholder.KeyHolder` (secret context).
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import logging
 import secrets
@@ -28,7 +27,11 @@ from secure_fed.audit.log import AuditLog, genesis_data
 from secure_fed.audit.verify import read_verified_records
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.crypto.aggregator import Aggregator
-from secure_fed.crypto.certificates import party_id_from_certificate, verify_signature
+from secure_fed.crypto.certificates import (
+    decode_signature,
+    party_id_from_certificate,
+    verify_signature,
+)
 from secure_fed.crypto.keyholder import KeyHolder
 from secure_fed.crypto.plain_codec import ring_modulus, ring_to_average, update_layout
 from secure_fed.crypto.revocation import Revocations
@@ -524,7 +527,7 @@ class Master:
             return "no certificate to verify the update's signature against"
         try:
             verify_signature(channel.certificate, self._signing_bytes(header),
-                             base64.b64decode(header.signature, validate=True))
+                             decode_signature(header.signature))
         except (IdentityError, ValueError) as exc:
             return (f"the update's signature does not verify with the certificate "
                     f"'{channel.peer}' presented at the TLS handshake: {exc}")
