@@ -15,7 +15,7 @@ from secure_fed.config.settings import (
     ModelSpec,
     TrainingPlanSettings,
 )
-from secure_fed.master.bundle import SlaveBundle
+from secure_fed.master.bundle import MasterBundle, SlaveBundle
 from secure_fed.master.provision import FederationPlan, init_federation
 from secure_fed.master.server import Master
 from secure_fed.slave.client import Slave
@@ -60,3 +60,17 @@ async def started(master: Master) -> tuple[asyncio.Task[Any], int]:
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(master.run(ready=ready))
     return task, await ready
+
+
+async def run_federation(fed: Path, out: Path, states: dict[str, Path], *,
+                         timeout_s: float = 300) -> tuple[Master, list[Any]]:
+    """Run the master of ``fed`` and one trial slave per entry of ``states`` (slave id → state
+    folder, each on its part of digits) until the federation ends; the master and the slaves'
+    reports."""
+    master = Master(MasterBundle.load(fed / "master"), out, port=0)
+    task, port = await asyncio.wait_for(started(master), 30)
+    runners = [trial_slave(fed, slave_id, f"{i}/{len(states)}", f"wss://127.0.0.1:{port}",
+                           state).run() for i, (slave_id, state) in enumerate(states.items())]
+    reports = await asyncio.wait_for(asyncio.gather(*runners), timeout_s)
+    await asyncio.wait_for(task, 60)
+    return master, list(reports)

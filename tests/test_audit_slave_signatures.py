@@ -280,7 +280,7 @@ def test_real_federation_log_verifies_every_slave_signature(
     federation_dir: Path, tmp_path: Path
 ) -> None:
     """A master and two slaves over mutual TLS; the auditor re-checks all four signatures."""
-    from test_federation_e2e import run_federation
+    from conftest import run_federation
 
     from secure_fed.master.bundle import MasterBundle
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import started, trial_slave
+from conftest import run_federation
 
 from secure_fed.audit.recompute import check_log
 from secure_fed.audit.verify import verify_log
@@ -24,20 +24,6 @@ from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
 from secure_fed.slave import updates as slave_updates
-
-
-async def run_federation(
-    fed_dir: Path, out: Path, slaves: dict[str, Path]
-) -> tuple[Master, list[Any]]:
-    master = Master(MasterBundle.load(fed_dir / "master"), out, port=0)
-    master_task, port = await asyncio.wait_for(started(master), 30)
-    runners = []
-    for index, (slave_id, state) in enumerate(slaves.items()):
-        runners.append(trial_slave(fed_dir, slave_id, f"{index}/{len(slaves)}",
-                                   f"wss://127.0.0.1:{port}", state).run())
-    reports = await asyncio.wait_for(asyncio.gather(*runners), 300)
-    await asyncio.wait_for(master_task, 60)
-    return master, list(reports)
 
 
 def test_two_slaves_two_rounds_aggregate_equals_plaintext_fedavg(

@@ -30,7 +30,7 @@ from secure_fed.master.strategy import ServerOptimizer, ServerOptimizerSettings
 from secure_fed.models.package import parameters_vector
 from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.slave import updates as slave_updates
-from tests.conftest import started, trial_slave
+from tests.conftest import run_federation, started
 
 STUDENT = ModelSpec(architecture="mlp",
                     kwargs={"in_features": 64, "num_classes": 10, "hidden": [8]})
@@ -46,16 +46,6 @@ def configure(federation_dir: Path, tmp_path: Path, **training: Any) -> Path:
     write_config(path, MasterConfig.model_validate(
         {**config.model_dump(), "training": updated.model_dump()}))
     return fed
-
-
-async def run(fed: Path, out: Path, states: dict[str, Path]) -> Master:
-    master = Master(MasterBundle.load(fed / "master"), out, port=0)
-    task, port = await asyncio.wait_for(started(master), 30)
-    runners = [trial_slave(fed, slave_id, f"{i}/{len(states)}", f"wss://127.0.0.1:{port}",
-                           state).run() for i, (slave_id, state) in enumerate(states.items())]
-    await asyncio.wait_for(asyncio.gather(*runners), 300)
-    await asyncio.wait_for(task, 60)
-    return master
 
 
 def observe(monkeypatch: pytest.MonkeyPatch, name: str, field: str) -> list[tuple[int, Any]]:
@@ -94,7 +84,7 @@ def test_gradient_mode_applies_minus_lr_times_the_average_noisy_gradient(
     fed = configure(federation_dir, tmp_path, mode="gradient", lr=0.5)
     seen = observe(monkeypatch, "train_gradient", "gradient")
     states = {"a": tmp_path / "sa", "b": tmp_path / "sb"}
-    master = asyncio.run(run(fed, tmp_path / "out", states))
+    master, _ = asyncio.run(run_federation(fed, tmp_path / "out", states))
     assert master.coordinator.committed == 2
     params = master.bundle.he_params
     step = params.clip / 2 ** (params.quant_bits - 1)
@@ -113,7 +103,8 @@ def test_distill_mode_with_the_same_architecture_averages_the_students(
 ) -> None:
     fed = configure(federation_dir, tmp_path, mode="distill", epochs=2)
     seen = observe(monkeypatch, "train_distill", "params_vector")
-    master = asyncio.run(run(fed, tmp_path / "out", {"a": tmp_path / "sa", "b": tmp_path / "sb"}))
+    master, _ = asyncio.run(run_federation(fed, tmp_path / "out",
+                                          {"a": tmp_path / "sa", "b": tmp_path / "sb"}))
     assert master.coordinator.committed == 2
     params = master.bundle.he_params
     step = params.clip / 2 ** (params.quant_bits - 1)
@@ -134,7 +125,7 @@ def test_distill_mode_with_a_student_architecture_distils_it_into_the_master_mod
                     distill=DistillSettings(student=STUDENT, proxy_epochs=2))
     seen = observe(monkeypatch, "train_distill", "params_vector")
     out = tmp_path / "out"
-    master = asyncio.run(run(fed, out, {"a": tmp_path / "sa", "b": tmp_path / "sb"}))
+    master, _ = asyncio.run(run_federation(fed, out, {"a": tmp_path / "sa", "b": tmp_path / "sb"}))
     assert master.coordinator.committed == 2
     params = master.bundle.he_params
     step = params.clip / 2 ** (params.quant_bits - 1)
@@ -161,7 +152,7 @@ def test_fedadam_state_is_checkpointed_and_restored(
 ) -> None:
     fed = configure(federation_dir, tmp_path, server_optimizer="fedadam", server_lr=0.05)
     out = tmp_path / "out"
-    master = asyncio.run(run(fed, out, {"a": tmp_path / "sa", "b": tmp_path / "sb"}))
+    master, _ = asyncio.run(run_federation(fed, out, {"a": tmp_path / "sa", "b": tmp_path / "sb"}))
     assert master.coordinator.committed == 2
     checkpoint = ModelStore(out / "checkpoints").load(2)
     assert int(checkpoint.state["steps"][0]) == 2

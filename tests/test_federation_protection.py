@@ -24,7 +24,7 @@ from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
 from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.slave import client as slave_client
-from tests.conftest import small_plan, started, trial_slave
+from tests.conftest import run_federation, small_plan, started, trial_slave
 
 SLAVES = ["a", "b", "c"]
 
@@ -44,13 +44,10 @@ def federation(tmp_path: Path, protection: str, slaves: list[str] = SLAVES,
     return fed
 
 
-async def run(fed: Path, out: Path, tmp_path: Path, slaves: list[str] = SLAVES) -> Master:
-    master = Master(MasterBundle.load(fed / "master"), out, port=0)
-    task, port = await asyncio.wait_for(started(master), 30)
-    runners = [trial_slave(fed, s, f"{i}/{len(slaves)}", f"wss://127.0.0.1:{port}",
-                           tmp_path / f"state-{s}").run() for i, s in enumerate(slaves)]
-    await asyncio.wait_for(asyncio.gather(*runners), 240)
-    await asyncio.wait_for(task, 60)
+def run(fed: Path, out: Path, tmp_path: Path, slaves: list[str] = SLAVES) -> Master:
+    """Run the federation with every slave of ``slaves``, states under ``tmp_path``."""
+    states = {s: tmp_path / f"state-{s}" for s in slaves}
+    master, _ = asyncio.run(run_federation(fed, out, states, timeout_s=240))
     return master
 
 
@@ -93,7 +90,7 @@ def test_plain_protection_sums_the_clipped_float_updates(
 
     monkeypatch.setattr(slave_client.Slave, "_protect", protect)
     out = tmp_path / "out"
-    master = asyncio.run(run(federation(tmp_path, "plain"), out, tmp_path))
+    master = run(federation(tmp_path, "plain"), out, tmp_path)
     assert master.coordinator.committed == 2
     for round_ in (1, 2):
         updates = [seen[(round_, s)] for s in SLAVES]
@@ -109,7 +106,7 @@ def test_mask_protection_sum_is_exact_bit_for_bit(
 ) -> None:
     seen = observe_ring(monkeypatch)
     out = tmp_path / "out"
-    master = asyncio.run(run(federation(tmp_path, "mask"), out, tmp_path))
+    master = run(federation(tmp_path, "mask"), out, tmp_path)
     assert master.coordinator.committed == 2
     params = master.bundle.he_params
     t = pc.ring_modulus(params)
@@ -137,8 +134,7 @@ def test_secagg_plus_neighbour_graph_sum_is_exact(
     seen = observe_ring(monkeypatch)
     slaves = ["a", "b", "c", "d"]
     out = tmp_path / "out"
-    master = asyncio.run(run(federation(tmp_path, "mask", slaves, neighbours=2), out, tmp_path,
-                             slaves))
+    master = run(federation(tmp_path, "mask", slaves, neighbours=2), out, tmp_path, slaves)
     assert master.coordinator.committed == 2
     params = master.bundle.he_params
     t = pc.ring_modulus(params)
@@ -171,8 +167,7 @@ def test_he_mask_protection_sum_is_exact_with_a_slave_dropping_after_sharing_key
     out = tmp_path / "out"
     # Four slaves: after c drops, three survive, the fewest a slave unmasks for by default.
     slaves = ["a", "b", "c", "d"]
-    master = asyncio.run(run(federation(tmp_path, "he+mask", slaves, deadline=25), out,
-                             tmp_path, slaves))
+    master = run(federation(tmp_path, "he+mask", slaves, deadline=25), out, tmp_path, slaves)
     assert master.coordinator.committed == 2
     params = master.bundle.he_params
     t = pc.ring_modulus(params)
