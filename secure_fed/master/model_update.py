@@ -140,8 +140,9 @@ class ModelUpdater:
             raise ConfigError("distill mode with a student architecture needs the student "
                               "model and the master's proxy set")
         self.proxy = proxy
-        self.optimizer = ServerOptimizer(server_optimizer_settings(config),
-                                         int(parameters_vector(self.target.build()).size))
+        self.vector_size = int(parameters_vector(self.target.build()).size)
+        """Values of every update: the parameters of :attr:`target`."""
+        self.optimizer = ServerOptimizer(server_optimizer_settings(config), self.vector_size)
         if state:
             self.optimizer.load_state(state)
 

@@ -51,7 +51,7 @@ from secure_fed.master.model_update import ModelUpdater, initial_student, split_
 from secure_fed.master.secagg_round import SecAggRound, open_secagg
 from secure_fed.master.store import ModelStore
 from secure_fed.master.summary import RunSummary
-from secure_fed.models.package import ModelPackage, parameters_vector
+from secure_fed.models.package import ModelPackage
 from secure_fed.models.registry import build_model
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import (
@@ -148,7 +148,7 @@ class Master:
                 test_fraction=self.config.evaluation.test_fraction)
         self.evaluation, proxy = split_proxy(self.config, holdout)
         self.updater = self._initial_models(proxy)
-        self.vector_size = int(parameters_vector(self.updater.target.build()).size)
+        self.vector_size = self.updater.vector_size
         self.protection = self.config.encryption.protection
         self.chunks, max_chunk = update_layout(self.protection, self.params, self.vector_size)
         self.summary = RunSummary.load_or_create(
