@@ -374,7 +374,7 @@ def sign(key_pem: bytes, data: bytes) -> bytes:
 
 def decode_signature(text: object) -> bytes:
     """The bytes of a signature written as standard base64 text (as updates and audit records
-    carry them); :class:`ValueError` naming the problem if ``text`` is not that."""
+    carry them); ``ValueError`` naming the problem if ``text`` is not that."""
     if not isinstance(text, str):
         raise ValueError("not a string")
     try:
