@@ -313,3 +313,17 @@ def test_close_deletes_the_spool(
     assert list((tmp_path / "spool").iterdir()) == []
     with pytest.raises(CryptoError, match="aggregator is closed"):
         agg.add_chunk("a", 1, updates["a"][1][1])
+
+
+def test_twenty_contributions_with_discards_in_between_sum_exactly(
+    keyholder: KeyHolder, updates: dict[str, tuple[np.ndarray, list[bytes]]],
+    aggregator: Aggregator,
+) -> None:
+    names = ["a", "b", "c"]
+    for k in range(20):
+        _send(aggregator, f"s{k}", updates[names[k % 3]][1])
+        if k % 4 == 0:  # an unfinished update, then discarded (subtracted modulo q)
+            _send(aggregator, f"gone{k}", updates["c"][1], weight=None)
+            aggregator.discard(f"gone{k}")
+    expected = np.mean([updates[names[k % 3]][0] for k in range(20)], axis=0)
+    assert np.max(np.abs(_decrypt(keyholder, aggregator) - expected)) < 2e-4

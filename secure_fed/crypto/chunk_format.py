@@ -309,11 +309,16 @@ class ChunkReader:
                 f"output buffer must be C-contiguous uint64 of shape {layout.planar_shape}")
         self.layout = layout
         self.out = out
-        self._primes: list[tuple[int, int, int, np.ndarray, _FastPlan | None]] = []
+        self._size = layout.chunk_size
+        # the header of every valid chunk but its index: bytes 0–8 and 12–52
+        expected = _HEADER.pack(MAGIC, FORMAT_VERSION, SCHEME_CODES[layout.scheme], 0, 0,
+                                layout.key_id, *layout.parms_id)
+        self._prefix, self._ident = expected[:8], expected[12:]
+        self._primes: list[tuple[int, int, np.uint64, np.ndarray, _FastPlan | None]] = []
         pos = HEADER_SIZE
         for j, (width, q) in enumerate(zip(layout.widths, layout.moduli, strict=True)):
             rows = out[j].reshape(_plan(width)[0], -1)
-            self._primes.append((pos, width, q, rows, _fast_plan(rows, width)))
+            self._primes.append((pos, width, np.uint64(q), rows, _fast_plan(rows, width)))
             pos += POLYS * layout.poly_modulus_degree * width // 8
 
     def read(self, data: bytes, *, index: int | None = None) -> np.ndarray:
@@ -322,11 +327,14 @@ class ChunkReader:
         Raises:
             ChunkFormatError: wrong length, header field, or a coefficient not below its prime.
         """
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise ChunkFormatError(f"chunk must be bytes, got {type(data).__name__}")
         if type(data) is not bytes:
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise ChunkFormatError(f"chunk must be bytes, got {type(data).__name__}")
             data = bytes(data)
-        _check_header(data, self.layout, index)
+        if not (len(data) == self._size and data[:8] == self._prefix
+                and data[12:HEADER_SIZE] == self._ident
+                and (index is None or int.from_bytes(data[8:12], "little") == index)):
+            _check_header(data, self.layout, index)  # raises, naming the field
         for j, (pos, width, q, rows, fast) in enumerate(self._primes):
             if fast is None:
                 _unpack_rows(data, pos, rows, width)
@@ -334,7 +342,7 @@ class ChunkReader:
                 fast.unpack(data, pos)
             values = self.out[j]
             if values.max() >= q:
-                bad = int(np.flatnonzero(values >= np.uint64(q))[0])
+                bad = int(np.flatnonzero(values >= q)[0])
                 row, group = divmod(bad, rows.shape[1])
                 poly, k = divmod(group * rows.shape[0] + row, self.layout.poly_modulus_degree)
                 raise ChunkFormatError(
@@ -349,24 +357,29 @@ class _FastPlan:
     rows: np.ndarray  # (P, groups) uint64, C-contiguous
     step: int  # bytes between the first bytes of successive period positions
     group_bytes: int
-    fixes: tuple[tuple[np.ndarray, int, np.uint64 | None], ...]  # (row, right shift, mask)
+    # (row, right shift or None, mask or None), numpy scalars made once
+    fixes: tuple[tuple[np.ndarray, np.uint64 | None, np.uint64 | None], ...]
+
+    def __post_init__(self) -> None:
+        self.target = self.rows.view("V8")
 
     def unpack(self, data: bytes, pos: int) -> None:
         period, groups = self.rows.shape
+        target = self.target
         # groups whose last window ends inside ``data``; the rest read from a padded copy
         room = len(data) - pos - (period - 1) * self.step - 8
         fit = max(0, min(groups, room // self.group_bytes + 1))
-        target = self.rows.view("V8")
-        np.copyto(target[:, :fit], np.ndarray((period, fit), dtype="V8", buffer=data, offset=pos,
-                                              strides=(self.step, self.group_bytes)))
+        np.copyto(target if fit == groups else target[:, :fit],
+                  np.ndarray((period, fit), dtype="V8", buffer=data, offset=pos,
+                             strides=(self.step, self.group_bytes)))
         if fit < groups:
             tail = data[pos + fit * self.group_bytes : pos + groups * self.group_bytes]
             np.copyto(target[:, fit:], np.ndarray((period, groups - fit), dtype="V8",
                                                   buffer=tail + bytes(16),
                                                   strides=(self.step, self.group_bytes)))
         for row, shift, mask in self.fixes:
-            if shift:
-                np.right_shift(row, np.uint64(shift), out=row)
+            if shift is not None:
+                np.right_shift(row, shift, out=row)
             if mask is not None:
                 np.bitwise_and(row, mask, out=row)
 
@@ -382,7 +395,8 @@ def _fast_plan(rows: np.ndarray, width: int) -> _FastPlan | None:
         return None
     mask = np.uint64((1 << width) - 1)
     return _FastPlan(rows=rows, step=step, group_bytes=group_bytes, fixes=tuple(
-        (rows[k], shifts[k], mask if shifts[k] + width < 64 else None) for k in range(period)))
+        (rows[k], np.uint64(shifts[k]) if shifts[k] else None,
+         mask if shifts[k] + width < 64 else None) for k in range(period)))
 
 
 def _check_header(data: bytes, layout: CiphertextLayout, index: int | None) -> None:
