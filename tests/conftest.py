@@ -63,14 +63,15 @@ async def started(master: Master) -> tuple[asyncio.Task[Any], int]:
 
 
 async def run_federation(fed: Path, out: Path, states: dict[str, Path], *,
-                         timeout_s: float = 300) -> tuple[Master, list[Any]]:
+                         timeout_s: float = 300, **slave_options: Any) -> tuple[Master, list[Any]]:
     """Run the master of ``fed`` and one trial slave per entry of ``states`` (slave id → state
-    folder, each on its part of digits) until the federation ends; the master and the slaves'
-    reports."""
+    folder, each on its part of digits; ``slave_options`` as for :func:`trial_slave`) until the
+    federation ends; the master and the slaves' reports."""
     master = Master(MasterBundle.load(fed / "master"), out, port=0)
     task, port = await asyncio.wait_for(started(master), 30)
     runners = [trial_slave(fed, slave_id, f"{i}/{len(states)}", f"wss://127.0.0.1:{port}",
-                           state).run() for i, (slave_id, state) in enumerate(states.items())]
+                           state, **slave_options).run()
+               for i, (slave_id, state) in enumerate(states.items())]
     reports = await asyncio.wait_for(asyncio.gather(*runners), timeout_s)
     await asyncio.wait_for(task, 60)
     return master, list(reports)

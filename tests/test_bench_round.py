@@ -84,3 +84,23 @@ def test_round_bench_reports_the_federations_real_bytes_and_times(
     for name in ("round-seconds.png", "round-bytes.png"):
         png = (tmp_path / "plots" / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+
+
+def test_the_no_dp_baseline_is_plaintext_fedavg_with_the_slaves_consent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["bench", "round", "--modes", "no-dp,plain", "--sizes", "2000", "--slaves", "2",
+                 "--rounds", "1", "--json", "--keep", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = {r["mode"]: r for r in json.loads(out.strip().splitlines()[-1])}
+    assert set(rows) == {"no-dp", "plain"}
+    for mode, dp in (("no-dp", False), ("plain", True)):
+        run = tmp_path / "runs" / f"{mode}-none-2000-2"
+        genesis = json.loads((run / "run" / "audit.jsonl").read_text().splitlines()[0])["data"]
+        assert (genesis["protection"], genesis["dp"]) == ("plain", dp)
+        ledger = json.loads((run / "state" / "slave-1" / "ledger.json").read_text())
+        sigmas = [e["noise_multiplier"] for e in ledger["entries"]]
+        assert len(sigmas) == 1 and (sigmas[0] == 0.0) == (not dp)
+        assert rows[mode]["upload_bytes_per_slave"] == 4 * rows[mode]["params"]
+    assert "except in the no-dp rows" in out

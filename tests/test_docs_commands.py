@@ -86,6 +86,15 @@ PARSED_ONLY: dict[str, str] = {
     "secure-fed bench round --modes plain,mask,he,he+mask --sizes small,medium,large "
     "--slaves 4,8,16 --rounds 3 --wire --json --plot round-plots":
         "federations over three model sizes and three slave counts (minutes)",
+    "secure-fed bench round --modes no-dp,plain --sizes small,medium,large --slaves 4 "
+    "--rounds 2 --json":
+        "six federations, up to 1M parameters (tests/test_bench_round.py runs both modes small)",
+    "secure-fed bench round --modes no-dp,plain,mask,he,he+mask --presets bfv-fast "
+    "--sizes xlarge --slaves 4 --rounds 2 --wire --json --plot round-plots":
+        "five federations of a 10M-parameter model (minutes, GBs of ciphertext)",
+    "secure-fed bench round --modes he --presets bfv-fast,ckks,compat --sizes xlarge "
+    "--slaves 2,4 --rounds 2 --json":
+        "six federations of a 10M-parameter model (about 10 minutes, 10 GB of memory)",
     "secure-fed audit empirical --dataset digits --epsilon 3 --canaries 200":
         "20 FedAvg rounds with canaries (10-20 s on two free cores)",
     "secure-fed audit empirical --dataset digits --canaries 200 --no-dp":

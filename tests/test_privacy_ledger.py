@@ -218,3 +218,17 @@ def test_has_task_and_stated_delta(tmp_path: Path) -> None:
     assert reopened.entries[0].delta == DELTA
     with pytest.raises(PrivacyError, match=r"states δ=1e-06 but ledger .* accounts at δ=1e-05"):
         reopened.record([LedgerEntry(1.8, 0.1, 7, "demo", 1, "delta", delta=1e-6)])
+
+
+def test_a_release_without_dp_is_recorded_past_the_budget_and_exhausts_it(tmp_path: Path) -> None:
+    ledger = _open(tmp_path)
+    ledger.record([_entry(0)])
+    with pytest.raises(PrivacyError, match="only runs without noise"):
+        ledger.record([_entry(1)], without_dp=True)
+    assert len(ledger.entries) == 1
+    ledger.record([_entry(1, Mechanism(0.0, 0.1, 11))], without_dp=True)
+    reopened = _open(tmp_path)
+    assert [e.noise_multiplier for e in reopened.entries] == [ROUND_MECH.noise_multiplier, 0.0]
+    assert reopened.spent() == float("inf") and reopened.remaining() == 0.0
+    with pytest.raises(BudgetExhausted, match="would reach ∞"):
+        reopened.record([_entry(2)])  # no DP run can follow: nothing bounds this source any more

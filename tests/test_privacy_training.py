@@ -323,3 +323,38 @@ def test_batchnorm_models_are_refused_with_a_privacy_error(
     settings = DPSettings(1.0, 1.0, 10, 1, 0.1)
     with pytest.raises(PrivacyError, match="cannot be trained with DP-SGD.*GroupNorm"):
         train_delta(model, small, settings, seed=0, grad_sample_mode=mode)
+
+
+def test_without_dp_the_update_is_plain_sgd_without_clipping(small: Dataset) -> None:
+    # B = N: one plain SGD step on all records, no clipping: Δ = −lr · mean gradient exactly,
+    # far larger than the clipped DP step would allow.
+    settings = DPSettings(noise_multiplier=0.0, max_grad_norm=0.05, batch_size=60, epochs=1,
+                          lr=1.0, dp=False)
+    model = _mlp()
+    result = train_delta(model, small, settings, seed=0)
+    assert result.mechanism == Mechanism(0.0, 1.0, 1)
+    model.zero_grad()
+    F.cross_entropy(model(torch.from_numpy(small.features)),
+                    torch.from_numpy(small.labels)).backward()
+    expected = -torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+    assert np.allclose(result.delta_vector, expected, atol=1e-6)
+    assert float(np.linalg.norm(result.delta_vector)) > 0.05
+    gradient = train_gradient(model, small, settings, seed=0)
+    assert np.allclose(gradient.gradient, -expected, atol=1e-6)
+
+
+def test_without_dp_every_record_is_used_once_per_epoch(part: Dataset) -> None:
+    settings = DPSettings(noise_multiplier=0.0, max_grad_norm=1.0, batch_size=64, epochs=3,
+                          lr=0.3, dp=False)
+    model = _mlp()
+    result = train_delta(model, part, settings, seed=2)
+    assert result.mechanism == Mechanism(0.0, 64 / 480, 3 * int(480 / 64))
+    trained = _mlp()
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(
+            torch.nn.utils.parameters_to_vector(trained.parameters())
+            + torch.from_numpy(result.delta_vector), trained.parameters())
+    assert evaluate(trained, part)[0] > evaluate(model, part)[0] + 0.3
+    with pytest.raises(PrivacyError, match="noise_multiplier must be 0"):
+        train_delta(model, part, DPSettings(noise_multiplier=1.0, max_grad_norm=1.0,
+                                            batch_size=64, epochs=1, lr=0.3, dp=False))

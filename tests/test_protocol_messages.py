@@ -68,3 +68,18 @@ def test_an_update_header_of_a_ten_million_parameter_model_fits_the_header_limit
     text = encode(header)
     assert 64 * 1024 < len(text) < MAX_HEADER_BYTES
     assert parse_slave_message(text) == header
+
+
+def test_plan_sends_dp_only_when_off_and_epsilon_may_be_unbounded() -> None:
+    from secure_fed.protocol.messages import Decline, Plan
+
+    plan = Plan(mode="delta", epochs=1, batch_size=8, lr=1.0, momentum=0.0, max_grad_norm=1.0,
+                epsilon=3.0, delta=1e-5, rounds_total=2)
+    assert "dp" not in json.loads(plan.model_dump_json())  # as a build without the field sent
+    assert plan.dp and Plan.model_validate_json(plan.model_dump_json()) == plan
+    off = plan.model_copy(update={"dp": False})
+    assert json.loads(off.model_dump_json())["dp"] is False
+    assert Plan.model_validate_json(off.model_dump_json()).dp is False
+    decline = Decline(round=1, nonce="a" * 32, reason="x", epsilon_spent=None,
+                      epsilon_remaining=0.0)
+    assert parse_slave_message(encode(decline)) == decline  # null: no ε bounds this slave

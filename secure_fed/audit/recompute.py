@@ -465,7 +465,10 @@ class _ClaimChecker:
         round_ = _integer(data.get("round"), "round", 1)
         attempt = _integer(data.get("attempt"), "attempt", 1)
         weight = _integer(data.get("weight"), "weight", 1)
-        reported = _number(data.get("epsilon"), "epsilon")
+        # null: the slave claims no bound (its ledger holds a release without DP); a missing
+        # key is no claim at all and fails below
+        reported = (math.inf if "epsilon" in data and data["epsilon"] is None
+                    else _number(data.get("epsilon"), "epsilon"))
         delta = _number(data.get("delta"), "delta")
         if reported < 0:
             raise ClaimError(f"epsilon is {reported}, expected ε ≥ 0")

@@ -69,6 +69,11 @@ def _eps(value: Any) -> str:
     return "∞ (not recomputable: no noise)" if value is None else _num(value)
 
 
+def _claimed(value: Any) -> str:
+    """ε a slave reported; ``None`` is its claim of no bound (a release without DP)."""
+    return "∞ (no DP)" if value is None else _num(value)
+
+
 def _bytes(value: Any) -> str:
     if value is None:
         return "–"
@@ -123,6 +128,9 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
         ("slaves", _names(fed["slaves"])),
         ("rounds planned", _text(fed["rounds_planned"])),
         ("min slaves per aggregate", _text(fed["min_slaves"])),
+        ("protection", _text(fed["protection"])),
+        ("differential privacy", "DP-SGD at every slave" if fed["dp"] else
+         "OFF: the plan asked the slaves to train without DP (a baseline; ε unbounded)"),
         ("HE scheme / preset", f"{_text(fed['scheme'])} / {_text(fed['preset'])}"),
         ("HE parameters", ", ".join(f"{k}={val}" for k, val in (fed["he_params"] or {}).items())
          or "–"),
@@ -134,7 +142,8 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
     slaves = Table(("slave", "rounds contributed", "declines", "ε reported", "ε recomputed",
                     "δ", "accountant", "budget ε", "check"),
                    [(s["slave"], _names([str(r) for r in s["rounds_contributed"]]),
-                     str(s["declines"]), _num(s["epsilon_reported"]),
+                     str(s["declines"]),
+                     _claimed(s["epsilon_reported"]) if s["updates"] else "–",
                      _eps(s["epsilon_recomputed"]) if s["updates"] else "–", _num(s["delta"]),
                      _text(s["accountant"]), _num(s["budget_epsilon"]),
                      ("ok" if s["ok"] else "UNDER-STATED or invalid") if s["updates"] else "–")
@@ -160,8 +169,8 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
                     [(str(r["round"]), _text(r["model_digest_before"]), _text(r["model_digest"]))
                      for r in report["rounds"]])
     declines = Table(("round", "slave", "reason", "ε spent", "ε remaining"),
-                     [(str(r["round"]), d["slave"], _text(d["reason"]), _num(d["epsilon_spent"]),
-                       _num(d["epsilon_remaining"]))
+                     [(str(r["round"]), d["slave"], _text(d["reason"]),
+                       _claimed(d["epsilon_spent"]), _num(d["epsilon_remaining"]))
                       for r in report["rounds"] for d in r["declines"]])
     incidents = Table(("round", "what", "detail"),
                       [(str(r["round"]), what, detail) for r in report["rounds"] for what, detail in
@@ -175,7 +184,7 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
     checks = Table(("line", "slave", "round", "attempt", "ε reported", "ε recomputed", "ratio",
                     "δ", "accountant", "steps", "ok"),
                    [(str(c["line"]), c["slave"], str(c["round"]), str(c["attempt"]),
-                     _num(c["reported"]), _eps(c["recomputed"]), _num(c["ratio"], 3),
+                     _claimed(c["reported"]), _eps(c["recomputed"]), _num(c["ratio"], 3),
                      _num(c["delta"]), c["accountant"], str(c["steps"]),
                      "yes" if c["ok"] else "NO") for c in v["epsilon_checks"]])
     failures = Table(("line", "event", "problem"),

@@ -69,6 +69,10 @@ def _strs(value: object) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
+def _epsilon_text(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else "∞ (no DP)"
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -97,6 +101,9 @@ def _federation(genesis: dict[str, Any]) -> dict[str, Any]:
         "slaves": _strs(genesis.get("slaves")),
         "rounds_planned": _int(genesis.get("rounds")),
         "min_slaves": _int(genesis.get("min_slaves")),
+        "protection": _str(genesis.get("protection")),
+        # absent in logs of builds that always trained with DP
+        "dp": genesis.get("dp") is not False,
         "software": _str(genesis.get("software")),
     }
 
@@ -377,10 +384,11 @@ def render_text_summary(verdict: AuditVerdict) -> str:
         for slave in sorted(last):
             c = last[slave]
             bad = sum(1 for x in verdict.epsilon_checks if x.slave == slave and not x.ok)
+            ratio = f", ratio {c.ratio:.3f}" if math.isfinite(c.ratio) else ""
             lines.append(
-                f"  {slave}: round {c.round}: ε={c.reported:.4f} / {c.recomputed:.4f} at "
-                f"δ={c.delta:g} ({c.accountant}, {c.steps} steps, ratio {c.ratio:.3f})"
-                + (f"  UNDER-STATED in {bad} update(s)" if bad else ""))
+                f"  {slave}: round {c.round}: ε={_epsilon_text(c.reported)} / "
+                f"{_epsilon_text(c.recomputed)} at δ={c.delta:g} ({c.accountant}, {c.steps} "
+                f"steps{ratio})" + (f"  UNDER-STATED in {bad} update(s)" if bad else ""))
     first = verdict.first_failure
     if first is None:
         lines.append("result: OK: chain, signatures, slave signatures and every ε claim hold")

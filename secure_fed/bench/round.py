@@ -7,6 +7,11 @@ objects over mutual TLS on 127.0.0.1, DP-SGD at every slave on its part of the b
 training split, encryption in one worker process per slave. The model is an MLP on digits
 (64 features, 10 classes) whose hidden widths are chosen to reach a parameter target.
 
+The ``no-dp`` mode is the baseline of plaintext FedAvg: protection ``plain`` and a plan with
+``dp = false``, run by slaves started with ``allow_no_dp`` (plain SGD, the same
+epochs and batch size, no clipping or noise). The audit log of that run records ``dp: false``
+and every slave's ε as unbounded.
+
 Figures come from what the master records, not from estimates:
 
 * ``seconds_per_round``: the master's round time (task sent → aggregate committed: training,
@@ -52,8 +57,10 @@ __all__ = ["MODES", "SIZE_NAMES", "RoundOptions", "mlp_hidden_for", "mlp_paramet
            "parse_sizes", "run_round_bench", "format_round_table", "round_plots",
            "write_round_plots"]
 
-MODES = ("plain", "mask", "he", "he+mask")
-"""Protection modes, from least to most protected."""
+BASELINE = "no-dp"
+MODES = (BASELINE, "plain", "mask", "he", "he+mask")
+"""Modes, from least to most protected: plaintext FedAvg (``no-dp``), then DP-SGD at every
+slave under each protection."""
 HE_MODES = frozenset({"he", "he+mask"})
 SIZE_NAMES = {"small": 10_000, "medium": 100_000, "large": 1_000_000, "xlarge": 10_000_000}
 """Named parameter targets of ``--sizes``."""
@@ -78,7 +85,7 @@ class RoundOptions:
         slaves: numbers of slaves.
         rounds: rounds per federation (≥ 1; with ≥ 2 the first is left out of the mean).
         seed: seed of the data split and of the initial model.
-        plan: the training plan every slave runs (DP-SGD always on).
+        plan: the training plan every slave runs (DP-SGD on, except in the ``no-dp`` mode).
         workers: encryption worker processes per slave.
         wire: relay each slave's connection through a byte-counting loopback relay
             (:class:`~secure_fed.bench.relay.ByteCountingRelay`) and report the bytes on the
@@ -180,6 +187,18 @@ def _recorded_protection(out_dir: Path, master_protection: str | None) -> str | 
     return master_protection
 
 
+def _protection(mode: str) -> str:
+    """The ``[encryption] protection`` a mode runs under."""
+    return "plain" if mode == BASELINE else mode
+
+
+def _recorded_dp(out_dir: Path) -> bool:
+    """Whether the federation's audit log (its genesis record) says the slaves ran DP-SGD."""
+    with (out_dir / "audit.jsonl").open(encoding="utf-8") as log:
+        genesis = json.loads(log.readline()).get("data", {})
+    return genesis.get("dp", True) is not False
+
+
 def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options: RoundOptions,
                 work: Path) -> _Run:
     """Run one federation; with ``options.wire`` count each slave's bytes on the wire."""
@@ -192,13 +211,15 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
 
     ids = [f"slave-{i + 1}" for i in range(slaves)]
     model_bytes = 4 * mlp_parameter_count(hidden)
+    baseline = mode == BASELINE
     init_federation(work / "fed", FederationPlan(
         federation_id="bench-round", slaves=ids, host="127.0.0.1", port=0,
         rounds=options.rounds, min_slaves=slaves, seed=options.seed,
         model=ModelSpec(architecture="mlp", kwargs={"in_features": IN_FEATURES,
                                                     "num_classes": CLASSES, "hidden": hidden}),
-        training=options.plan,
-        encryption=EncryptionSettings(protection=mode, preset=preset,  # type: ignore[arg-type]
+        training=options.plan.model_copy(update={"dp": False}) if baseline else options.plan,
+        encryption=EncryptionSettings(protection=_protection(mode),  # type: ignore[arg-type]
+                                      preset=preset,
                                       max_weight_per_slave=MAX_RECORDS_PER_SLAVE,
                                       workers=options.workers),
         limits=LimitSettings(join_timeout_s=300, upload_deadline_s=3600,
@@ -219,8 +240,9 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
             bundle = SlaveBundle.load(work / "fed" / "slaves" / slave_id).with_master_url(
                 f"wss://127.0.0.1:{ports[index]}")
             part = bundled_part(DATASET, f"{index}/{slaves}", seed=options.seed)
+            # in the baseline, every data source consents to training without DP
             runners.append(Slave(bundle, part, state_dir=work / "state" / slave_id,
-                                 workers=options.workers).run())
+                                 workers=options.workers, allow_no_dp=baseline).run())
         await asyncio.gather(*runners)
         await serving
         for relay in relays:
@@ -260,11 +282,16 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
     wall = time.monotonic() - started
     summary, wire = run.summary, run.wire
     recorded = _recorded_protection(work / "run", run.protection)
-    if recorded != mode and not (recorded is None and mode == "he"):
+    protection = _protection(mode)
+    if recorded != protection and not (recorded is None and protection == "he"):
         raise SecureFedError(
-            f"bench round asked for protection '{mode}' but the federation recorded "
+            f"bench round asked for protection '{protection}' but the federation recorded "
             f"'{recorded or 'nothing (encryption only)'}': this build of the master and slave "
-            f"does not run '{mode}'; measure the modes it supports (e.g. --modes he)")
+            f"does not run '{protection}'; measure the modes it supports (e.g. --modes he)")
+    if _recorded_dp(work / "run") != (mode != BASELINE):
+        raise SecureFedError(f"bench round asked for mode '{mode}' but the audit log of the "
+                             "federation records another DP setting; see "
+                             f"{work / 'run' / 'audit.jsonl'}")
     rows = summary["rounds"]
     if len(rows) != options.rounds or any(len(r["participants"]) != slaves for r in rows):
         raise SecureFedError(
@@ -344,7 +371,8 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
         which = ("rounds after the first (round 1 also starts the encryption workers)"
                  if rows[0]["rounds"] > 1 else "round 1, which includes worker start-up")
         lines.append(f"s/round: master's round time (task → commit), mean of {which}; "
-                     "vs plain: upload against float32 parameters; DP-SGD at every slave")
+                     "vs plain: upload against float32 parameters; DP-SGD at every slave "
+                     "except in the no-dp rows (plaintext FedAvg)")
         if wire:
             lines.append("wire: every byte of each slave's connection (TLS, framing, "
                          "handshake, all messages), total of the run divided by its rounds")
@@ -370,7 +398,7 @@ def round_plots(rows: Sequence[dict[str, Any]]) -> dict[str, bytes]:
     out = {}
     for name, key, ylabel, title in (
             ("round-seconds.png", "seconds_per_round", "seconds per round",
-             "Round time against model size (DP-SGD at every slave)"),
+             "Round time against model size (no-dp: plaintext FedAvg; others DP-SGD)"),
             ("round-bytes.png", "upload_bytes_per_slave", "update bytes per slave per round",
              "Update bytes against model size")):
         fig = Figure(figsize=(8.0, 4.6), dpi=100, layout="constrained")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 from pathlib import Path
 
@@ -125,11 +126,12 @@ def cmd_slave(args: argparse.Namespace) -> int:
         console.log(f"{bundle.config.slave_id}: {kind} {json.dumps(info, default=str)}")
 
     slave = Slave(bundle, data, state_dir=args.state, workers=args.workers,
-                  threads=args.threads, on_event=show, insecure_loopback=args.insecure_loopback)
+                  threads=args.threads, on_event=show, insecure_loopback=args.insecure_loopback,
+                  allow_no_dp=args.allow_no_dp)
     report = asyncio.run(slave.run())
+    spent = f"{report.epsilon:.3f}" if math.isfinite(report.epsilon) else "∞ (no DP)"
     console.print(f"slave '{report.slave_id}': trained rounds {report.rounds_trained}, declined "
-                  f"{report.rounds_declined}; ε spent {report.epsilon:.3f}; "
-                  f"{report.finished_reason}")
+                  f"{report.rounds_declined}; ε spent {spent}; {report.finished_reason}")
     return 0
 
 

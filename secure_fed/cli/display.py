@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
@@ -19,6 +20,11 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _epsilons(by_slave: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.2f}" if math.isfinite(v) else f"{k}=∞ (no DP)"
+                    for k, v in sorted(by_slave.items()))
+
+
 def round_table(rows: list[dict[str, Any]], epsilons: dict[int, dict[str, float]]) -> Table:
     """A table of committed rounds, as the demo and ``secure-fed master`` show it."""
     table = Table(title="rounds", show_lines=False)
@@ -30,7 +36,7 @@ def round_table(rows: list[dict[str, Any]], epsilons: dict[int, dict[str, float]
             str(row["round"]),
             f"{row['accuracy']:.3f}" if "accuracy" in row else "-",
             f"{row['loss']:.3f}" if "loss" in row else "-",
-            " ".join(f"{k}={v:.2f}" for k, v in sorted(eps.items())) or "-",
+            _epsilons(eps) or "-",
             _bytes(row.get("upload_bytes", 0)),
             f"{row.get('seconds', 0):.1f}",
             ", ".join(row.get("participants", [])),
@@ -73,7 +79,9 @@ class MasterDisplay:
             self.progress.update(self.task, description=f"round {data['round']}: training at "
                                  f"{len(data['participants'])} slaves")
         elif kind == "update_received":
-            self._eps_now[data["slave"]] = data["epsilon"]
+            # None: a release without DP, which no ε bounds
+            self._eps_now[data["slave"]] = (math.inf if data["epsilon"] is None
+                                            else data["epsilon"])
             self.progress.update(self.task, description=f"round {data['round']}: update from "
                                  f"'{data['slave']}' ({_bytes(data['bytes'])})")
         elif kind == "decline":
@@ -87,7 +95,7 @@ class MasterDisplay:
             self.rows.append(data)
             self.epsilons[data["round"]] = dict(self._eps_now)
             self.progress.advance(self.task)
-            eps = " ".join(f"{k}={v:.2f}" for k, v in sorted(self._eps_now.items()))
+            eps = _epsilons(self._eps_now)
             self.console.log(
                 f"round {data['round']:>3}  accuracy {data.get('accuracy', float('nan')):.3f}  "
                 f"loss {data.get('loss', float('nan')):.3f}  ε {eps}  "

@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-loopback", action="store_true",
                    help="EXPERIMENTS ONLY: allow --master-url ws://127.0.0.1:PORT (no TLS) for "
                    "a master started with --insecure-loopback on this machine")
+    p.add_argument("--allow-no-dp", action="store_true",
+                   help="BASELINES ONLY: train tasks whose plan turns differential privacy off "
+                   "(plain SGD); the ledger then records ε = ∞ and this data source declines "
+                   "every DP task afterwards. Without it such tasks are declined")
 
     p = sub.add_parser("demo", help="run a whole federation on 127.0.0.1",
                        description="Create a federation, start one master process and N slave "
@@ -229,15 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true", help="end with one JSON line")
     r = bench.add_parser("round", help="seconds and bytes of a federation round per protection",
                          description="Run a real federation on 127.0.0.1 (mutual TLS, DP-SGD at "
-                         "every slave, one encryption worker per slave) for every combination "
+                         "every slave except in the no-dp baseline, one encryption worker per "
+                         "slave) for every combination "
                          "of protection mode, HE preset, model size (an MLP on digits) and "
                          "number of slaves, and report seconds per round, update bytes per "
                          "slave and at the master, and model bytes sent to each slave. The "
                          "first round also starts the encryption workers: with --rounds 2 or "
                          "more, it is left out of the mean.")
     r.add_argument("--modes", default="he",
-                   help="comma list of protection modes among plain, mask, he, he+mask "
-                   "(default he)")
+                   help="comma list of modes among no-dp (plaintext FedAvg: no DP, no "
+                   "protection; the baseline), plain (DP only), mask (DP + masking), he (DP + "
+                   "HE) and he+mask (DP + HE + masking) (default he)")
     r.add_argument("--presets", default="bfv-fast",
                    help="comma list of HE presets for the modes that encrypt (default bfv-fast)")
     r.add_argument("--sizes", default="small,medium",

@@ -89,6 +89,11 @@ class TrainingPlanSettings(_Strict):
             adaptive ones).
         server_beta1, server_beta2, server_tau: β₁, β₂, τ of FedAdam and FedYogi.
         distill: settings of ``distill`` mode.
+        dp: ``False`` asks the slaves to train with plain SGD, without differential privacy
+            (no clipping, no noise): a baseline for measuring what DP costs, never for private
+            data. A slave takes such a task only if its data owner started it with
+            ``--allow-no-dp``; its ledger then holds a release that no ε bounds, so it
+            declines every DP task afterwards.
     """
 
     # Defaults from a grid search on digits (3 slaves, 10 rounds, ε=3): large Poisson batches
@@ -107,6 +112,7 @@ class TrainingPlanSettings(_Strict):
     server_beta2: float = Field(default=0.99, ge=0, lt=1)
     server_tau: float = Field(default=1e-3, gt=0, le=1)
     distill: DistillSettings = Field(default_factory=DistillSettings)
+    dp: bool = True
 
 
 class EncryptionSettings(_Strict):

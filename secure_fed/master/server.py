@@ -167,6 +167,7 @@ class Master:
                 protection=self.config.encryption.protection,
                 mode=self.config.training.mode,
                 server_optimizer=self.config.training.server_optimizer,
+                dp=self.config.training.dp,
                 he_params=self.params.model_dump(mode="json"),
                 slaves=list(self.config.slaves),
                 rounds=self.config.rounds,
@@ -810,7 +811,7 @@ class Master:
                     epsilon=training.epsilon, delta=training.delta,
                     rounds_total=self.config.rounds,
                     temperature=training.distill.temperature if distill else None,
-                    alpha=training.distill.alpha if distill else None)
+                    alpha=training.distill.alpha if distill else None, dp=training.dp)
 
     def _close_round(self) -> None:
         if self._round is not None:

@@ -9,6 +9,8 @@ Schema (keys always present)::
      "slaves": {id: {"epsilon", "delta", "accountant", "mechanisms": [
                      {"noise_multiplier", "sample_rate", "steps"}, ...]}}}
 
+``epsilon`` is null for a slave whose ledger holds a run without DP (no ε bounds it).
+
 ``slaves`` mirrors what each slave reported with its last update: ε of its whole ledger and
 every mechanism that ledger composes, so anyone can recompute ε from the file.
 """

@@ -343,11 +343,17 @@ class PrivacyLedger:
             )
         return total
 
-    def record(self, entries: Sequence[LedgerEntry]) -> float:
+    def record(self, entries: Sequence[LedgerEntry], *, without_dp: bool = False) -> float:
         """Durably append ``entries`` — before the update they describe is sent.
 
         Re-reads the file under a lock, refuses (BudgetExhausted, nothing written) if the
         budget would be exceeded, then replaces the file atomically.
+
+        Args:
+            entries: what was run.
+            without_dp: the entries are releases without differential privacy (σ = 0, which
+                the data owner allowed): recorded past the budget, which they exhaust for good
+                (ε = ∞). Every entry must then have σ = 0.
 
         Returns:
             ε spent after recording.
@@ -356,6 +362,9 @@ class PrivacyLedger:
         for e in new:
             if not isinstance(e, LedgerEntry):
                 raise PrivacyError(f"record() takes LedgerEntry objects, got {type(e).__name__}")
+            if without_dp and e.noise_multiplier != 0:
+                raise PrivacyError(f"entry for round {e.round} has σ={e.noise_multiplier:g}: "
+                                   "only runs without noise are recorded as without DP")
             if e.delta is not None and e.delta != self.delta:
                 raise PrivacyError(
                     f"entry for round {e.round} states δ={e.delta:g} but ledger "
@@ -365,7 +374,12 @@ class PrivacyLedger:
             if self.path.exists():
                 current = self._read(self.path)
                 self._entries = current._entries
-            self.check([e.mechanism for e in new])
+            if without_dp:
+                logger.warning("privacy ledger %s: recording %d release(s) WITHOUT differential "
+                               "privacy; no ε bounds this data source from now on", self.path,
+                               len(new))
+            else:
+                self.check([e.mechanism for e in new])
             self._entries.extend(new)
             try:
                 self._write()

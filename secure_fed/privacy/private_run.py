@@ -1,5 +1,8 @@
 """One DP-SGD run on a private copy of a model: Poisson batches and clipped, noised steps.
 
+:class:`PlainRun` is its non-private counterpart (shuffled batches, plain SGD) for plans that
+turn DP off (baselines only; see ``TrainingPlanSettings.dp``).
+
 :class:`PrivateRun` is the machinery behind :mod:`secure_fed.privacy.training`: it deep-copies
 the caller's module (which is never modified), draws Poisson batches with rate q exactly, and
 runs each step either with :class:`~secure_fed.privacy.linear_clipping.LinearClippingStep` (the
@@ -208,3 +211,48 @@ class PrivateRun:
         remove = getattr(self.wrapped, "_close", None)
         if callable(remove):
             remove()
+
+
+class PlainRun:
+    """Plain mini-batch SGD on a deep copy of ``module``: no clipping, no noise.
+
+    The same interface as :class:`PrivateRun`: ``epochs × int(1/q)`` batches of
+    ``B = settings.expected_batch`` records each, drawn without replacement from a fresh
+    permutation every epoch (the usual non-private loader).
+
+    Args: as for :class:`PrivateRun` (no ``grad_sample_mode``).
+    """
+
+    def __init__(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 settings: DPSettings, q: float, seed: int | None) -> None:
+        sampling_seed, _ = seeds(seed)
+        self.x, self.y, self.q = x, y, q
+        self.batch = settings.expected_batch(len(y))
+        self.sampler = torch.Generator().manual_seed(sampling_seed)
+        self.module = copy.deepcopy(module)
+        self.module.train()
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=settings.lr,
+                                         momentum=settings.momentum)
+
+    def batches(self, epochs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``int(1/q)`` disjoint batches of B records per epoch, a new permutation each."""
+        n = len(self.y)
+        per_epoch = max(1, int(1.0 / self.q))
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=self.sampler)
+            for k in range(per_epoch):
+                index = order[k * self.batch : (k + 1) * self.batch]
+                yield self.x.index_select(0, index), self.y.index_select(0, index)
+
+    def step(self, loss_fn: LossFn, xb: torch.Tensor, yb: torch.Tensor, *,
+             apply: bool = True) -> float:
+        """One SGD step on the batch's mean loss; with ``apply=False`` only the gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(self.module(xb), yb, xb)
+        loss.backward()
+        if apply:
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def close(self) -> None:
+        """Nothing to release (no hooks); for symmetry with :class:`PrivateRun`."""

@@ -48,6 +48,7 @@ from secure_fed.privacy.accounting import Mechanism, check_delta
 from secure_fed.privacy.private_run import (
     DEFAULT_GRAD_SAMPLE_MODE,
     GRAD_SAMPLE_MODES,
+    PlainRun,
     PrivateRun,
 )
 
@@ -82,6 +83,9 @@ class DPSettings:
         epochs: passes over the data per round; each is ``int(N / B)`` steps (≥ 1).
         lr: learning rate of the local SGD (> 0).
         momentum: SGD momentum (0 ≤ m < 1).
+        dp: ``False`` trains with plain SGD instead (shuffled batches of B, no clipping, no
+            noise; ``noise_multiplier`` must then be 0): the run is recorded as σ = 0, which
+            no accountant bounds (ε = ∞). For baselines only.
     """
 
     noise_multiplier: float
@@ -90,6 +94,7 @@ class DPSettings:
     epochs: int
     lr: float
     momentum: float = 0.0
+    dp: bool = True
 
     def sample_rate(self, records: int) -> float:
         """q = batch_size / records, after validating every setting against ``records``."""
@@ -103,6 +108,9 @@ class DPSettings:
         if records < 1:
             raise PrivacyError("the dataset is empty; DP-SGD needs at least one record")
         _integer("batch_size", self.batch_size, 1, MAX_BATCH)
+        if not self.dp and self.noise_multiplier != 0:
+            raise PrivacyError(f"a run without DP adds no noise; noise_multiplier must be 0, got "
+                               f"{self.noise_multiplier}")
         return min(1.0, self.batch_size / records)
 
     def expected_batch(self, records: int) -> int:
@@ -194,13 +202,23 @@ def _prepare(
         check_delta(delta, records=n)
     if threads is not None:
         torch.set_num_threads(_integer("threads", threads, 1, 1024))
-    if settings.noise_multiplier == 0:
+    if not settings.dp:
+        logger.warning("plain SGD without DP: this training run is not differentially private")
+    elif settings.noise_multiplier == 0:
         logger.warning("noise_multiplier is 0: this training run is not differentially private")
     return torch.from_numpy(data.features), torch.from_numpy(data.labels), q
 
 
+def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: DPSettings, q: float,
+         seed: int | None, grad_sample_mode: str) -> PrivateRun | PlainRun:
+    """The run the settings ask for: DP-SGD, or plain SGD when ``settings.dp`` is False."""
+    if not settings.dp:
+        return PlainRun(model, x, y, settings, q, seed)
+    return PrivateRun(model, x, y, settings, q, seed, grad_sample_mode)
+
+
 def _epoch_loop(
-    run: PrivateRun,
+    run: PrivateRun | PlainRun,
     settings: DPSettings,
     records: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -244,7 +262,7 @@ def train_delta(
             ``functorch``); see the module doc.
     """
     x, y, q = _prepare(data, settings, delta, threads)
-    run = PrivateRun(model, x, y, settings, q, seed, grad_sample_mode)
+    run = _run(model, x, y, settings, q, seed, grad_sample_mode)
     try:
         before = parameters_vector(run.module)
         steps, loss = _epoch_loop(run, settings, len(data), _cross_entropy)
@@ -275,7 +293,7 @@ def train_gradient(
     Args: as for :func:`train_delta`.
     """
     x, y, q = _prepare(data, settings, delta, threads)
-    run = PrivateRun(model, x, y, settings, q, seed, grad_sample_mode)
+    run = _run(model, x, y, settings, q, seed, grad_sample_mode)
     try:
         xb, yb = next(run.batches(1))
         loss = run.step(_cross_entropy, xb, yb, apply=False)
@@ -332,7 +350,7 @@ def train_distill(
         kl = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean")
         return a * t * t * kl + (1.0 - a) * F.cross_entropy(out, yb)
 
-    run = PrivateRun(student, x, y, settings, q, seed, grad_sample_mode)
+    run = _run(student, x, y, settings, q, seed, grad_sample_mode)
     try:
         steps, loss = _epoch_loop(run, settings, len(data), distill_loss)
         params = parameters_vector(run.module)

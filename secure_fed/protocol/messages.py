@@ -11,7 +11,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 from secure_fed.errors import ProtocolError
 
@@ -72,7 +80,8 @@ class UpdateHeader(_Message):
         chunk_bytes: size of each chunk in bytes, in sending order.
         loss: mean training loss of the slave's last local epoch.
         mechanisms: the DP mechanisms run for this update (already in the slave's ledger).
-        epsilon_spent: the slave's total ε after this update, at ``delta``.
+        epsilon_spent: the slave's total ε after this update, at ``delta``; ``None`` when no
+            ε bounds it (its ledger holds a release without DP, σ = 0 in ``mechanisms``).
         signature: base64 signature by the slave's certificate key over
             :func:`update_signing_bytes` of this update.
     """
@@ -87,7 +96,7 @@ class UpdateHeader(_Message):
     )
     loss: float = Field(allow_inf_nan=False)
     mechanisms: list[MechanismRecord] = Field(min_length=1, max_length=1000)
-    epsilon_spent: float = Field(ge=0, allow_inf_nan=False)
+    epsilon_spent: float | None = Field(ge=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
     accountant: Literal["prv", "rdp"]
     # Optional in the schema so that the coordinator can be exercised without keys; the master
@@ -109,13 +118,14 @@ def update_signing_bytes(federation_id: str, round_: int, nonce: str, weight: in
 
 
 class Decline(_Message):
-    """A slave refuses a round (budget, policy) and says why."""
+    """A slave refuses a round (budget, policy) and says why (``epsilon_spent`` as in
+    :class:`UpdateHeader`)."""
 
     type: Literal["decline"] = "decline"
     round: Round
     nonce: Nonce
     reason: Text
-    epsilon_spent: float = Field(ge=0, allow_inf_nan=False)
+    epsilon_spent: float | None = Field(ge=0, allow_inf_nan=False)
     epsilon_remaining: float = Field(allow_inf_nan=False)
 
 
@@ -147,6 +157,8 @@ class Plan(_Message):
     ``mode`` names what the slave returns: ``delta`` (parameter change), ``gradient`` (one
     noisy averaged DP-SGD gradient) or ``distill`` (a student's parameters, sent as their
     change from the student the task carried; ``temperature`` and ``alpha`` set the loss).
+    ``dp`` false asks for plain SGD without differential privacy (a baseline; a slave takes
+    it only if its configuration allows it).
     """
 
     mode: Literal["delta", "gradient", "distill"]
@@ -160,6 +172,16 @@ class Plan(_Message):
     rounds_total: int = Field(ge=1)
     temperature: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
     alpha: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    dp: bool = True
+
+    @model_serializer(mode="wrap")
+    def _dp_only_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # ``dp`` is sent only when false: a slave of a build without the field then takes DP
+        # tasks as before and refuses (as an unknown field) a task without DP.
+        data: dict[str, Any] = handler(self)
+        if self.dp:
+            data.pop("dp", None)
+        return data
 
 
 class SecAggTask(_Message):

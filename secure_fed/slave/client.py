@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import math
 import random
 import secrets
 from collections.abc import Callable
@@ -108,6 +109,12 @@ class Slave:
         on_event: progress callback for a display.
         insecure_loopback: allow a plain ``ws://`` master URL whose host is a loopback address
             (a master started with ``--insecure-loopback``); any other ``ws://`` URL is refused.
+        allow_no_dp: the data owner's consent to tasks whose plan turns differential privacy
+            off (``dp = false``, for baselines). Off by default: such a task is declined before
+            training. When on, it trains with plain SGD and the ledger records the release as
+            unbounded (ε = ∞), after which this data source declines every DP task, of any
+            federation. It is an argument of the process the data owner starts, never a
+            setting of the bundle the federation's operator writes.
     """
 
     def __init__(
@@ -121,8 +128,14 @@ class Slave:
         reconnect_give_up_s: float = 300.0,
         on_event: EventSink | None = None,
         insecure_loopback: bool = False,
+        allow_no_dp: bool = False,
     ) -> None:
         self.bundle = bundle
+        self.allow_no_dp = allow_no_dp
+        if allow_no_dp:
+            log.warning("slave '%s' takes tasks WITHOUT differential privacy (--allow-no-dp): "
+                        "one such round leaves this data source with no ε bound",
+                        bundle.config.slave_id)
         self.config = bundle.config
         self._plain = _plain_url(self.config.master_url, insecure_loopback)
         self.data = data
@@ -252,7 +265,7 @@ class Slave:
             if self.ledger.has_task(fed, task.nonce):
                 raise PrivacyError("an update for this task was already produced; training "
                                    "again would spend the budget twice")
-            settings = self._plan_privacy(task)
+            settings = self._plan_privacy(task) if task.plan.dp else self._plan_without_dp(task)
             if masked and task.secagg is None:
                 raise PrivacyError("the federation masks updates, but this task carries no "
                                    "secure aggregation: declining before training")
@@ -281,7 +294,7 @@ class Slave:
             noise_multiplier=result.mechanism.noise_multiplier,
             sample_rate=result.mechanism.sample_rate, steps=result.mechanism.steps,
             delta=self.config.delta, federation_id=fed, round=task.round, mode=task.plan.mode,
-            task_nonce=task.nonce)])
+            task_nonce=task.nonce)], without_dp=not settings.dp)
         crash_point("slave.after_ledger")
         spent = self.ledger.spent()
         try:
@@ -303,7 +316,8 @@ class Slave:
             mechanisms=[MechanismRecord(noise_multiplier=m.noise_multiplier,
                                         sample_rate=m.sample_rate, steps=m.steps)
                         for m in self.ledger.mechanisms()],
-            epsilon_spent=spent, delta=self.config.delta, accountant=self.config.accountant)
+            epsilon_spent=_bounded(spent), delta=self.config.delta,
+            accountant=self.config.accountant)
         await channel.send(header)
         for chunk in chunks:
             await channel.send_bytes(chunk)
@@ -311,7 +325,7 @@ class Slave:
         crash_point("slave.after_upload")
         self.report.rounds_trained.append(task.round)
         self._on_event("uploaded", {"round": task.round, "bytes": sum(len(c) for c in chunks),
-                                    "epsilon": spent, "loss": result.loss})
+                                    "epsilon": _bounded(spent), "loss": result.loss})
 
     def _protect(self, encoder: UpdateEncoder, vector: np.ndarray, weight: int,
                  delivery: ShareDelivery | None) -> list[bytes]:
@@ -467,14 +481,26 @@ class Slave:
             raise BudgetExhausted(f"{exc} (round {task.round} of {plan.rounds_total})") from exc
         return replace(draft, noise_multiplier=sigma)
 
+    def _plan_without_dp(self, task: Task) -> DPSettings:
+        """Plain SGD settings for a task whose plan turns DP off, if this slave allows it."""
+        if not self.allow_no_dp:
+            raise PrivacyError("the task asks for training without differential privacy (plan "
+                               "dp = false); this slave takes such tasks only if its data owner "
+                               "started it with --allow-no-dp")
+        plan = task.plan
+        records = len(self.data.labels)
+        return DPSettings(noise_multiplier=0.0, max_grad_norm=plan.max_grad_norm,
+                          batch_size=min(plan.batch_size, records), epochs=plan.epochs,
+                          lr=plan.lr, momentum=plan.momentum, dp=False)
+
     async def _decline(self, channel: Channel, task: Task, reason: str) -> None:
         spent = self.ledger.spent()
         log.warning("declining round %d: %s", task.round, reason)
         self.report.rounds_declined.append(task.round)
         self._on_event("declined", {"round": task.round, "reason": reason})
         await channel.send(Decline(round=task.round, nonce=task.nonce, reason=reason[:2000],
-                                   epsilon_spent=spent,
-                                   epsilon_remaining=self.config.budget_epsilon - spent))
+                                   epsilon_spent=_bounded(spent),
+                                   epsilon_remaining=max(0.0, self.config.budget_epsilon - spent)))
 
 
 def _plain_url(url: str, insecure_loopback: bool) -> bool:
@@ -495,3 +521,8 @@ def _plain_url(url: str, insecure_loopback: bool) -> bool:
 
 
 __all__ = ["Slave", "SlaveReport", "SecureFedError"]
+
+
+def _bounded(epsilon: float) -> float | None:
+    """ε as the protocol carries it: ``None`` when nothing bounds it (a release without DP)."""
+    return epsilon if math.isfinite(epsilon) else None
