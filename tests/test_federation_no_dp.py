@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from secure_fed.audit.recompute import check_log
+from secure_fed.audit.report import write_report
 from secure_fed.config.settings import MasterConfig, load_master_config, write_config
 from secure_fed.master.server import Master
 from secure_fed.privacy.ledger import PrivacyLedger
@@ -77,6 +78,9 @@ def test_with_consent_slaves_train_plain_sgd_and_the_log_records_unbounded_epsil
     verdict = check_log(tmp_path / "out")
     assert verdict.ok, verdict.first_failure
     assert all(math.isinf(c.recomputed) and c.ok for c in verdict.epsilon_checks)
+    write_report(tmp_path / "out", tmp_path / "report" / "r.md", "md")
+    text = (tmp_path / "report" / "r.md").read_text(encoding="utf-8")
+    assert "**differential privacy**: OFF" in text and "| a | 1, 2 | 0 | ∞ (no DP) |" in text
 
 
 def test_without_consent_the_task_is_declined_before_training_and_nothing_is_spent(

@@ -56,6 +56,9 @@ def epsilon_plot(report: dict[str, Any]) -> bytes:
     fig, (ax,) = _figure()
     drawn = False
     values: list[float] = []
+    # updates whose ε is unbounded (null: a run without DP), which no axis can show
+    unbounded = sum(1 for slave in report["slaves"] for update in slave["updates"]
+                    if update["epsilon_reported"] is None)
     colors = [f"C{i % 10}" for i in range(len(report["slaves"]))]
     for color, slave in zip(colors, report["slaves"], strict=True):
         by_round: dict[int, dict[str, Any]] = {}
@@ -82,8 +85,12 @@ def epsilon_plot(report: dict[str, Any]) -> bytes:
         ax.step(*zip(*budget, strict=True), "--", color="black", where="mid",
                 label="budget ε (plan)")
     if not drawn:
-        _empty(ax, "no updates in the log: no ε to show")
+        _empty(ax, f"ε unbounded: {unbounded} update(s) trained without DP" if unbounded
+               else "no updates in the log: no ε to show")
     else:
+        if unbounded:
+            ax.text(0.02, 0.97, f"not drawn: {unbounded} update(s) without DP (ε = ∞)",
+                    transform=ax.transAxes, va="top", fontsize="small")
         ax.set_xlabel("round")
         ax.set_ylabel("ε (at each slave's δ)")
         ax.set_title("Privacy spent per slave")
