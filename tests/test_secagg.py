@@ -572,3 +572,17 @@ def test_masked_vectors_summed_outside_the_master(
     with pytest.raises(ProtocolError, match="needs the masked sum"):
         run.master.finish()
     assert [int(v) for v in run.master.finish(external)] == run.expected()
+
+
+def test_nothing_of_one_attempt_is_valid_in_another_attempt_of_the_round(
+        identities: dict[str, tuple[bytes, bytes]]) -> None:
+    # Same federation, round and parties: only the task nonce of the attempt differs. A master
+    # replaying an advertisement of an earlier attempt (whose secrets it may have rebuilt from
+    # the shares of that attempt's survivors) is refused.
+    first, second = settings_for(task_nonce="a" * 32), settings_for(task_nonce="b" * 32)
+    assert first.digest != second.digest
+    verify = _verifier(identities)
+    earlier = SlaveSecAgg(first, "s1", verify=verify,
+                          sign=functools.partial(sign, identities["s1"][1]))
+    with pytest.raises(ProtocolError, match="invalid signature"):
+        MasterSecAgg(second, verify=verify).receive_advertisement("s1", earlier.advertise())

@@ -173,13 +173,15 @@ class SecAggRound:
         return self.protocol.finish(masked_sum)
 
 
-def open_secagg(config: MasterConfig, round_: int, certificates: dict[str, x509.Certificate], *,
+def open_secagg(config: MasterConfig, round_: int, nonce: str,
+                certificates: dict[str, x509.Certificate], *,
                 vector_size: int, modulus: int, now: float) -> tuple[SecAggRound, SecAggTask]:
     """Start one round's secure aggregation among the slaves whose certificates are given.
 
     Args:
         config: the master's configuration (threshold, neighbours, phase timeout).
         round_: the round.
+        nonce: the nonce of the attempt's task (bound into the settings' digest).
         certificates: each tasked slave's TLS certificate; its key must sign the slave's key
             advertisement, and the slaves check each other's certificate against the CA.
         vector_size: values of every update.
@@ -195,7 +197,7 @@ def open_secagg(config: MasterConfig, round_: int, certificates: dict[str, x509.
     settings = SecAggSettings(
         federation_id=config.federation_id, round=round_, parties=tuple(parties),
         vector_length=vector_size, modulus=modulus, threshold=enc.mask_threshold,
-        neighbours=enc.mask_neighbours, graph_seed=seed)
+        neighbours=enc.mask_neighbours, graph_seed=seed, task_nonce=nonce)
 
     def verify(party: str, data: bytes, signature: bytes) -> None:
         verify_signature(certificates[party], data, signature)

@@ -798,7 +798,8 @@ class Master:
                         state.start.round)
             return None
         state.secagg, task = open_secagg(
-            self.config, state.start.round, certificates, vector_size=self.vector_size,
+            self.config, state.start.round, state.start.nonce, certificates,
+            vector_size=self.vector_size,
             modulus=ring_modulus(self.params), now=time.monotonic())
         return task
 

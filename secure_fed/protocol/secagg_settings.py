@@ -43,6 +43,10 @@ class SecAggSettings:
             neighbours only, on a Harary graph whose ring order is a pseudo-random
             permutation from ``graph_seed``.
         graph_seed: 32 public bytes fixing the SecAgg+ graph (required with ``neighbours``).
+        task_nonce: the nonce of the task (one attempt of the round) these settings serve. It
+            is part of the :attr:`digest` that every signature, key derivation and share
+            encryption is bound to, so a key advertisement or share of one attempt is refused
+            in any other attempt of the same round, even with the same parties.
     """
 
     federation_id: str
@@ -54,6 +58,7 @@ class SecAggSettings:
     allow_minority_threshold: bool = False
     neighbours: int | None = None
     graph_seed: bytes = field(default=b"", repr=False)
+    task_nonce: str = ""
 
     def __post_init__(self) -> None:
         for name, value in [("federation id", self.federation_id), *[
@@ -123,7 +128,7 @@ class SecAggSettings:
             "federation": self.federation_id, "round": self.round, "parties": self.parties,
             "vector_length": self.vector_length, "modulus": self.modulus,
             "threshold": self.threshold, "neighbours": self.neighbours,
-            "graph_seed": self.graph_seed.hex(),
+            "graph_seed": self.graph_seed.hex(), "task_nonce": self.task_nonce,
         }, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 

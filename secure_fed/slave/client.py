@@ -374,7 +374,8 @@ class Slave:
                 parties=tuple(info.parties), vector_length=task.vector_size,
                 modulus=pc.ring_modulus(self.bundle.he_params), threshold=info.threshold,
                 neighbours=info.neighbours,
-                graph_seed=bytes.fromhex(info.graph_seed) if info.graph_seed else b"")
+                graph_seed=bytes.fromhex(info.graph_seed) if info.graph_seed else b"",
+                task_nonce=task.nonce)
             self._secagg = SlaveSecAgg(settings, self.config.slave_id,
                                        sign=lambda data: sign(key, data), verify=verify)
             await channel.send(self._secagg.advertise())
