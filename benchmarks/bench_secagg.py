@@ -47,7 +47,8 @@ def run_round(parties: int, length: int, modulus: int, neighbours: int | None = 
 
     settings = SecAggSettings(
         federation_id="bench", round=1, parties=ids, vector_length=length, modulus=modulus,
-        neighbours=neighbours, graph_seed=b"\x01" * 32 if neighbours else b"")
+        neighbours=neighbours, graph_seed=b"\x01" * 32 if neighbours else b"",
+        task_nonce="0" * 32)
     master = MasterSecAgg(settings, verify=verify)
     slaves = {p: SlaveSecAgg(settings, p, verify=verify,
                              sign=functools.partial(sign, identity[p][1])) for p in ids}

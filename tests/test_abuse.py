@@ -27,7 +27,7 @@ from secure_fed.crypto.certificates import generate_ca, issue_certificate, sign
 from secure_fed.errors import ConfigError
 from secure_fed.master.bundle import MasterBundle, SlaveBundle, context_digest
 from secure_fed.master.server import Master
-from secure_fed.protocol.messages import SUBPROTOCOL, update_signing_bytes
+from secure_fed.protocol.messages import PROTOCOL_VERSION, SUBPROTOCOL, update_signing_bytes
 from secure_fed.slave.client import Slave
 from secure_fed.slave.sources import bundled_part
 
@@ -40,7 +40,7 @@ def client_context(bundle: Path) -> ssl.SSLContext:
 
 def hello(bundle: Path) -> str:
     digest = context_digest((bundle / "he-public.ctx").read_bytes())
-    return json.dumps({"type": "hello", "protocol": 1, "software": "attacker",
+    return json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "software": "attacker",
                        "public_context_sha256": digest})
 
 

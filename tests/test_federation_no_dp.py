@@ -18,6 +18,7 @@ import pytest
 from secure_fed.audit.recompute import check_log
 from secure_fed.audit.report import write_report
 from secure_fed.config.settings import MasterConfig, load_master_config, write_config
+from secure_fed.errors import ProtocolError
 from secure_fed.master.server import Master
 from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.slave import updates as slave_updates
@@ -111,7 +112,13 @@ def test_the_auditor_takes_null_as_an_unbounded_claim_and_a_missing_epsilon_as_n
     update = {"slave": "a", "round": 1, "attempt": 1, "weight": 10, "delta": 1e-5,
               "accountant": "prv",
               "mechanisms": [{"noise_multiplier": 0.0, "sample_rate": 0.1, "steps": 3}]}
-    checker = _ClaimChecker({"slaves": ["a"]}, 0.02, PLDRecomputer())
+    start = {"event": "round_start", "data": {"round": 1, "attempt": 1}}
+    # in a federation whose first record does not say dp: false, the same claim is refused
+    in_dp = _ClaimChecker({"slaves": ["a"]}, 0.02, PLDRecomputer())
+    in_dp.check(1, start)
+    with pytest.raises(ClaimError, match="plan asks for DP"):
+        in_dp.check(2, {"event": "update_received", "data": {**update, "epsilon": None}})
+    checker = _ClaimChecker({"slaves": ["a"], "dp": False}, 0.02, PLDRecomputer())
     checker.check(1, {"event": "round_start", "data": {"round": 1, "attempt": 1}})
     checker.check(2, {"event": "update_received", "data": {**update, "epsilon": None}})
     (check,) = checker.epsilon_checks
@@ -121,3 +128,26 @@ def test_the_auditor_takes_null_as_an_unbounded_claim_and_a_missing_epsilon_as_n
     with pytest.raises(ClaimError, match="under-stated"):  # a finite claim for σ = 0
         checker.check(4, {"event": "update_received", "data": {
             **update, "epsilon": 3.0, "mechanisms": [*update["mechanisms"]] * 2}})
+
+
+def test_a_dp_federation_refuses_an_update_that_reports_no_noise(
+    federation_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A modified slave that trains without DP although the plan asks for it: the master
+    # refuses its update (and the audit would refuse the claim), so the round cannot commit.
+    from secure_fed.slave.client import Slave
+
+    fed = configure(federation_dir, tmp_path)
+    path = fed / "master" / "federation.toml"
+    config = load_master_config(path)
+    write_config(path, MasterConfig.model_validate(
+        {**config.model_dump(), "rounds": 1, "limits": {**config.limits.model_dump(),
+                                                        "max_round_attempts": 1}}))
+    monkeypatch.setattr(Slave, "_plan_privacy", Slave._plan_without_dp)
+    with pytest.raises(ProtocolError):  # the master refused the update and closed on its chunks
+        _run(fed, tmp_path, allow_no_dp=True)
+
+    records = _records(tmp_path / "out")
+    refused = [r["data"] for r in records if r["event"] == "update_refused"]
+    assert refused and all("plan asks for DP" in r["reason"] for r in refused)
+    assert not [r for r in records if r["event"] == "model_committed"]

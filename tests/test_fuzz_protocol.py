@@ -31,6 +31,7 @@ from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.protocol.messages import (
     MESSAGE_TYPES,
+    PROTOCOL_VERSION,
     SUBPROTOCOL,
     Decline,
     Hello,
@@ -45,7 +46,7 @@ CASES: Counter[str] = Counter()
 
 HEX = "0123456789abcdef"
 VALID: dict[str, dict[str, Any]] = {
-    "hello": {"type": "hello", "protocol": 1, "software": "fuzz",
+    "hello": {"type": "hello", "protocol": PROTOCOL_VERSION, "software": "fuzz",
               "public_context_sha256": "a" * 64},
     "update": {"type": "update", "round": 1, "nonce": "b" * 32, "weight": 10,
                "chunk_sha256": ["c" * 64, "d" * 64], "chunk_bytes": [100, 100], "loss": 0.5,
@@ -195,7 +196,7 @@ def test_live_master_under_fuzz_commits_the_honest_round(tmp_path: Path) -> None
                              max_round_attempts=100)))
     mallory = fed / "slaves" / "mallory"
     context = attacker_context(mallory)
-    hello = json.dumps({"type": "hello", "protocol": 1, "software": "fuzz",
+    hello = json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "software": "fuzz",
                         "public_context_sha256": context_digest(
                             (mallory / "he-public.ctx").read_bytes())})
     loop = asyncio.new_event_loop()

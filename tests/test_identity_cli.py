@@ -24,7 +24,7 @@ from secure_fed.crypto.certificates import load_certificate
 from secure_fed.master.bundle import MasterBundle, context_digest
 from secure_fed.master.provision import add_slave_bundle, revoke_slave
 from secure_fed.master.server import Master
-from secure_fed.protocol.messages import SUBPROTOCOL
+from secure_fed.protocol.messages import PROTOCOL_VERSION, SUBPROTOCOL
 
 INIT = ["--port", "0", "--rounds", "1", "--features", "64", "--eval-dataset", "none"]
 
@@ -136,7 +136,7 @@ def test_live_master_refuses_a_revoked_certificate(
     add_slave_bundle(fed, "a")  # re-admitted with a new certificate
     readmitted = fed / "slaves" / "a"
     digest = context_digest((readmitted / "he-public.ctx").read_bytes())
-    hello = json.dumps({"type": "hello", "protocol": 1, "software": "t",
+    hello = json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "software": "t",
                         "public_context_sha256": digest})
 
     async def welcome(url: str) -> object:

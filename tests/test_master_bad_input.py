@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from secure_fed.crypto.certificates import generate_ca, issue_certificate
 from secure_fed.master.bundle import MasterBundle, context_digest
 from secure_fed.master.server import Master
-from secure_fed.protocol.messages import SUBPROTOCOL
+from secure_fed.protocol.messages import PROTOCOL_VERSION, SUBPROTOCOL
 from secure_fed.slave.client import Slave
 
 
@@ -66,7 +66,7 @@ def test_bad_peers_are_refused_and_the_honest_round_completes(
     foreign = client_context(tmp_path / "o.pem", tmp_path / "o.key", slave_a / "ca.pem")
     no_cert = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(slave_a / "ca.pem"))
     digest = context_digest((slave_a / "he-public.ctx").read_bytes())
-    hello = json.dumps({"type": "hello", "protocol": 1, "software": "x",
+    hello = json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "software": "x",
                         "public_context_sha256": digest})
 
     async def scenario() -> tuple[Master, dict[str, object]]:
@@ -145,7 +145,7 @@ def test_a_slave_connecting_twice_replaces_its_older_connection(
     shutil.copytree(federation_dir, fed)
     slave_a = fed / "slaves" / "a"
     context = client_context(slave_a / "slave.pem", slave_a / "slave.key", slave_a / "ca.pem")
-    hello = json.dumps({"type": "hello", "protocol": 1, "software": "x",
+    hello = json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "software": "x",
                         "public_context_sha256": context_digest(
                             (slave_a / "he-public.ctx").read_bytes())})
 

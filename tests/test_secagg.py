@@ -77,7 +77,7 @@ def wire(message: M) -> M:
 
 def settings_for(**overrides: Any) -> SecAggSettings:
     values: dict[str, Any] = dict(federation_id="fed-1", round=3, parties=PARTIES,
-                                  vector_length=LENGTH, modulus=M61)
+                                  vector_length=LENGTH, modulus=M61, task_nonce="0" * 32)
     values.update(overrides)
     return SecAggSettings(**values)
 

@@ -56,15 +56,16 @@ def epsilon_plot(report: dict[str, Any]) -> bytes:
     fig, (ax,) = _figure()
     drawn = False
     values: list[float] = []
-    # updates whose ε is unbounded (null: a run without DP), which no axis can show
-    unbounded = sum(1 for slave in report["slaves"] for update in slave["updates"]
-                    if update["epsilon_reported"] is None)
+    # last updates of each round whose ε is unbounded (a run without DP), which no axis shows
+    unbounded = 0
     colors = [f"C{i % 10}" for i in range(len(report["slaves"]))]
     for color, slave in zip(colors, report["slaves"], strict=True):
         by_round: dict[int, dict[str, Any]] = {}
         for update in slave["updates"]:
             by_round[update["round"]] = update  # the last attempt of a round counts
         rounds = sorted(by_round)
+        if not report["federation"]["dp"]:
+            unbounded += sum(1 for r in rounds if by_round[r]["epsilon_reported"] is None)
         reported = [(r, by_round[r]["epsilon_reported"]) for r in rounds
                      if by_round[r]["epsilon_reported"] is not None]
         recomputed = [(r, by_round[r]["epsilon_recomputed"]) for r in rounds

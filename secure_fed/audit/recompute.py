@@ -435,6 +435,8 @@ class _ClaimChecker:
         self.slaves = set(slaves) if isinstance(slaves, list) else None
         min_slaves = genesis.get("min_slaves")
         self.min_slaves = min_slaves if isinstance(min_slaves, int) else None
+        # only a federation whose first record says dp: false may carry runs without noise
+        self.dp = genesis.get("dp") is not False
         self.tolerance = tolerance
         self.recomputer = recomputer
         self.histories: dict[str, tuple[int, tuple[RecordedMechanism, ...]]] = {}
@@ -503,6 +505,10 @@ class _ClaimChecker:
                 f"ε={recomputed:.4f} with the PLD accountant: under-stated by "
                 f"{(1 - reported / recomputed) * 100 if math.isfinite(recomputed) else 100:.1f}%"
                 f", more than the {self.tolerance * 100:g}% tolerance")
+        if self.dp and (math.isinf(reported) or any(m.noise_multiplier == 0 for m in history)):
+            raise ClaimError(
+                f"slave '{slave}' reports a run without noise (σ = 0) or an unbounded ε in a "
+                "federation whose plan asks for DP (its first record does not say dp: false)")
 
     def _aggregate(self, data: dict[str, Any]) -> None:
         round_ = _integer(data.get("round"), "round", 1)

@@ -69,9 +69,10 @@ def _eps(value: Any) -> str:
     return "∞ (not recomputable: no noise)" if value is None else _num(value)
 
 
-def _claimed(value: Any) -> str:
-    """ε a slave reported; ``None`` is its claim of no bound (a release without DP)."""
-    return "∞ (no DP)" if value is None else _num(value)
+def _claimed(value: Any, dp: bool) -> str:
+    """ε a slave reported: ``None`` is its claim of no bound (a release without DP) in a
+    federation that ran without DP, and a missing or invalid value otherwise."""
+    return "∞ (no DP)" if value is None and not dp else _num(value)
 
 
 def _bytes(value: Any) -> str:
@@ -143,7 +144,7 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
                     "δ", "accountant", "budget ε", "check"),
                    [(s["slave"], _names([str(r) for r in s["rounds_contributed"]]),
                      str(s["declines"]),
-                     _claimed(s["epsilon_reported"]) if s["updates"] else "–",
+                     _claimed(s["epsilon_reported"], fed["dp"]) if s["updates"] else "–",
                      _eps(s["epsilon_recomputed"]) if s["updates"] else "–", _num(s["delta"]),
                      _text(s["accountant"]), _num(s["budget_epsilon"]),
                      ("ok" if s["ok"] else "UNDER-STATED or invalid") if s["updates"] else "–")
@@ -170,7 +171,7 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
                      for r in report["rounds"]])
     declines = Table(("round", "slave", "reason", "ε spent", "ε remaining"),
                      [(str(r["round"]), d["slave"], _text(d["reason"]),
-                       _claimed(d["epsilon_spent"]), _num(d["epsilon_remaining"]))
+                       _claimed(d["epsilon_spent"], fed["dp"]), _num(d["epsilon_remaining"]))
                       for r in report["rounds"] for d in r["declines"]])
     incidents = Table(("round", "what", "detail"),
                       [(str(r["round"]), what, detail) for r in report["rounds"] for what, detail in
@@ -184,7 +185,7 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
     checks = Table(("line", "slave", "round", "attempt", "ε reported", "ε recomputed", "ratio",
                     "δ", "accountant", "steps", "ok"),
                    [(str(c["line"]), c["slave"], str(c["round"]), str(c["attempt"]),
-                     _claimed(c["reported"]), _eps(c["recomputed"]), _num(c["ratio"], 3),
+                     _claimed(c["reported"], fed["dp"]), _eps(c["recomputed"]), _num(c["ratio"], 3),
                      _num(c["delta"]), c["accountant"], str(c["steps"]),
                      "yes" if c["ok"] else "NO") for c in v["epsilon_checks"]])
     failures = Table(("line", "event", "problem"),

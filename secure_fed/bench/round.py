@@ -8,9 +8,9 @@ training split, encryption in one worker process per slave. The model is an MLP 
 (64 features, 10 classes) whose hidden widths are chosen to reach a parameter target.
 
 The ``no-dp`` mode is the baseline of plaintext FedAvg: protection ``plain`` and a plan with
-``dp = false``, run by slaves started with ``allow_no_dp`` (plain SGD, the same
-epochs and batch size, no clipping or noise). The audit log of that run records ``dp: false``
-and every slave's ε as unbounded.
+``dp = false``, run by slaves started with ``allow_no_dp`` (plain SGD, the same epochs and
+batch size, no per-example clipping or noise). The audit log of that run records
+``dp: false`` and every slave's ε as unbounded.
 
 Figures come from what the master records, not from estimates:
 

@@ -90,8 +90,8 @@ class TrainingPlanSettings(_Strict):
         server_beta1, server_beta2, server_tau: β₁, β₂, τ of FedAdam and FedYogi.
         distill: settings of ``distill`` mode.
         dp: ``False`` asks the slaves to train with plain SGD, without differential privacy
-            (no clipping, no noise): a baseline for measuring what DP costs, never for private
-            data. A slave takes such a task only if its data owner started it with
+            (no per-example clipping, no noise): a baseline for measuring what DP costs, never
+            for private data. A slave takes such a task only if its data owner started it with
             ``--allow-no-dp``; its ledger then holds a release that no ε bounds, so it
             declines every DP task afterwards.
     """

@@ -309,6 +309,8 @@ class ChunkReader:
                 f"output buffer must be C-contiguous uint64 of shape {layout.planar_shape}")
         self.layout = layout
         self.out = out
+        if len(layout.key_id) != 8:
+            raise ChunkFormatError(f"a key id has 8 bytes, got {len(layout.key_id)}")
         self._size = layout.chunk_size
         # the header of every valid chunk but its index: bytes 0–8 and 12–52
         expected = _HEADER.pack(MAGIC, FORMAT_VERSION, SCHEME_CODES[layout.scheme], 0, 0,
@@ -335,6 +337,7 @@ class ChunkReader:
                 and data[12:HEADER_SIZE] == self._ident
                 and (index is None or int.from_bytes(data[8:12], "little") == index)):
             _check_header(data, self.layout, index)  # raises, naming the field
+            raise ChunkFormatError("chunk header differs from the expected one")
         for j, (pos, width, q, rows, fast) in enumerate(self._primes):
             if fast is None:
                 _unpack_rows(data, pos, rows, width)

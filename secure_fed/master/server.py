@@ -497,7 +497,7 @@ class Master:
             return
         parsed = parse_slave_message(message)
         if isinstance(parsed, UpdateHeader):
-            problem = self._signature_problem(channel, parsed)
+            problem = self._signature_problem(channel, parsed) or self._privacy_problem(parsed)
             state = self._round
             if problem is None and state is not None and state.secagg is not None:
                 problem = state.secagg.update_problem(channel.peer)
@@ -515,6 +515,14 @@ class Master:
                 await self._send_all(state.secagg.note_absent(channel.peer, now))
         else:
             raise ProtocolError("'hello' may be sent only once per connection")
+
+    def _privacy_problem(self, header: UpdateHeader) -> str | None:
+        """Why a DP federation cannot take this update (a run without noise), or ``None``."""
+        if self.config.training.dp and (header.epsilon_spent is None or any(
+                m.noise_multiplier == 0 for m in header.mechanisms)):
+            return ("the update reports a run without noise (σ = 0) or an unbounded ε, but "
+                    "this federation's plan asks for DP")
+        return None
 
     def _signing_bytes(self, header: UpdateHeader) -> bytes:
         return update_signing_bytes(self.config.federation_id, header.round, header.nonce,

@@ -23,7 +23,10 @@ from pydantic import (
 
 from secure_fed.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""Version 2 binds the attempt's task nonce into the secure-aggregation settings digest, and
+adds ``plan.dp`` and a null ε for runs without DP; a slave of version 1 is refused at
+``hello`` (close code 4002) instead of failing a masked round's signatures."""
 SUBPROTOCOL = "secure-fed.v1"
 MAX_CERTIFICATE_CHARS = 8192
 """Longest PEM certificate a ``hello`` may carry (plain ws:// on loopback only)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -58,9 +59,12 @@ class SecAggSettings:
     allow_minority_threshold: bool = False
     neighbours: int | None = None
     graph_seed: bytes = field(default=b"", repr=False)
-    task_nonce: str = ""
+    task_nonce: str = field(kw_only=True)
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"[0-9a-f]{32}", self.task_nonce):
+            raise ConfigError(f"task_nonce must be the task's nonce (32 lower-case hex digits), "
+                              f"got {self.task_nonce!r}")
         for name, value in [("federation id", self.federation_id), *[
                 ("party id", p) for p in self.parties]]:
             if not isinstance(value, str) or not PARTY_ID_PATTERN.fullmatch(value):
