@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import secrets
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -30,7 +31,7 @@ from secure_fed.crypto.presets import HEParams, data_moduli
 from secure_fed.crypto.seal_blob import extract_coefficients
 from secure_fed.errors import CryptoError
 
-__all__ = ["UpdateEncoder", "encode_plain", "decode_plain_sum", "encrypt_chunk"]
+__all__ = ["UpdateEncoder", "encode_plain", "decode_plain_sum", "encrypt_chunk", "worker_pool"]
 
 
 def _check_weight(weight: int, params: HEParams) -> int:
@@ -159,9 +160,15 @@ def _worker_encrypt_ring(task: tuple[int, np.ndarray]) -> bytes:
                          values.astype(np.int64))
 
 
-def _start_method() -> str:
+def worker_pool(workers: int, initializer: Callable[..., None],
+                initargs: tuple[Any, ...]) -> ProcessPoolExecutor:
+    """Worker processes for TenSEAL work (which holds the GIL): ``forkserver`` where available,
+    else ``spawn``, never ``fork`` from a process that may run threads; ``initializer`` loads
+    the context once per worker (contexts cannot be pickled, so their bytes are passed)."""
     methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if "forkserver" in methods else "spawn"
+    method = "forkserver" if "forkserver" in methods else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                               initializer=initializer, initargs=initargs)
 
 
 class UpdateEncoder:
@@ -189,12 +196,8 @@ class UpdateEncoder:
         ctx = load_public_context(public_context, params)
         self.layout = ciphertext_layout(params, ctx)
         self.workers = count
-        self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
-            max_workers=count,
-            mp_context=multiprocessing.get_context(_start_method()),
-            initializer=_worker_init,
-            initargs=(params.model_dump_json(), bytes(public_context)),
-        )
+        self._pool: ProcessPoolExecutor | None = worker_pool(
+            count, _worker_init, (params.model_dump_json(), bytes(public_context)))
 
     @staticmethod
     def chunk_count_for(params: HEParams, size: int) -> int:

@@ -9,14 +9,13 @@ more total weight than the parameters were sized for (the sum could have wrapped
 from __future__ import annotations
 
 import math
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from secure_fed.crypto.chunk_format import ChunkFormatError, CiphertextLayout, parse_chunk
-from secure_fed.crypto.codec import decode_plain_sum
+from secure_fed.crypto.codec import decode_plain_sum, worker_pool
 from secure_fed.crypto.keys import ciphertext_layout, load_secret_context
 from secure_fed.crypto.presets import HEParams
 from secure_fed.crypto.seal_blob import CiphertextTemplate
@@ -112,14 +111,8 @@ class KeyHolder:
         self.layout = self._decrypter.layout
         self._pool: ProcessPoolExecutor | None = None
         if workers > 1:
-            methods = multiprocessing.get_all_start_methods()
-            method = "forkserver" if "forkserver" in methods else "spawn"
-            self._pool = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context(method),
-                initializer=_worker_init,
-                initargs=(params.model_dump_json(), bytes(secret_context)),
-            )
+            self._pool = worker_pool(workers, _worker_init,
+                                     (params.model_dump_json(), bytes(secret_context)))
 
     def decrypt_average(
         self,
