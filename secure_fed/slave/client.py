@@ -55,6 +55,7 @@ from secure_fed.protocol.messages import (
     Hello,
     MechanismRecord,
     ModelHeader,
+    Plan,
     Rejected,
     RoundEnd,
     Task,
@@ -466,9 +467,7 @@ class Slave:
         if self.config.delta >= 1.0 / records:
             raise PrivacyError(f"δ={self.config.delta:g} is not below 1/records=1/{records}; "
                                "choose a smaller δ for this slave")
-        draft = DPSettings(noise_multiplier=1.0, max_grad_norm=plan.max_grad_norm,
-                           batch_size=min(plan.batch_size, records), epochs=plan.epochs,
-                           lr=plan.lr, momentum=plan.momentum)
+        draft = self._local_settings(plan)
         rounds_left = max(1, plan.rounds_total - task.round + 1)
         # The federation asks for plan.epsilon; the data source never exceeds its own budget.
         budget = min(self.config.budget_epsilon, self.ledger.spent() + plan.epsilon)
@@ -488,11 +487,13 @@ class Slave:
             raise PrivacyError("the task asks for training without differential privacy (plan "
                                "dp = false); this slave takes such tasks only if its data owner "
                                "started it with --allow-no-dp")
-        plan = task.plan
-        records = len(self.data.labels)
-        return DPSettings(noise_multiplier=0.0, max_grad_norm=plan.max_grad_norm,
-                          batch_size=min(plan.batch_size, records), epochs=plan.epochs,
-                          lr=plan.lr, momentum=plan.momentum, dp=False)
+        return replace(self._local_settings(task.plan), noise_multiplier=0.0, dp=False)
+
+    def _local_settings(self, plan: Plan) -> DPSettings:
+        """The plan's local training settings on this slave's data (σ still to calibrate)."""
+        return DPSettings(noise_multiplier=1.0, max_grad_norm=plan.max_grad_norm,
+                          batch_size=min(plan.batch_size, len(self.data.labels)),
+                          epochs=plan.epochs, lr=plan.lr, momentum=plan.momentum)
 
     async def _decline(self, channel: Channel, task: Task, reason: str) -> None:
         spent = self.ledger.spent()
