@@ -48,6 +48,15 @@ def configure(federation_dir: Path, tmp_path: Path, **training: Any) -> Path:
     return fed
 
 
+def single_attempt(fed: Path) -> None:
+    """Make the master of ``fed`` run one round with one attempt (a failed round ends it)."""
+    path = fed / "master" / "federation.toml"
+    config = load_master_config(path)
+    write_config(path, MasterConfig.model_validate(
+        {**config.model_dump(), "rounds": 1, "limits": {**config.limits.model_dump(),
+                                                        "max_round_attempts": 1}}))
+
+
 def observe(monkeypatch: pytest.MonkeyPatch, name: str, field: str) -> list[tuple[int, Any]]:
     """Record (samples, returned vector) of every call of ``slave_updates.<name>``."""
     seen: list[tuple[int, Any]] = []
@@ -196,11 +205,7 @@ def test_a_student_the_slave_does_not_allow_is_declined_and_nothing_is_spent(
     cnn = ModelSpec(architecture="cnn8", kwargs={"num_classes": 10})
     fed = configure(federation_dir, tmp_path, mode="distill",
                     distill=DistillSettings(student=cnn, proxy_epochs=1))
-    path = fed / "master" / "federation.toml"
-    config = load_master_config(path)
-    write_config(path, MasterConfig.model_validate(
-        {**config.model_dump(), "rounds": 1, "limits": {**config.limits.model_dump(),
-                                                        "max_round_attempts": 1}}))
+    single_attempt(fed)
 
     async def go() -> Any:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "out", port=0)
@@ -223,11 +228,12 @@ def test_a_student_the_slave_does_not_allow_is_declined_and_nothing_is_spent(
     for report in reports:
         assert report.rounds_declined == [1] and report.rounds_trained == []
         assert report.epsilon == 0.0
-    declines = [r for r in _records(tmp_path / "out") if r["event"] == "decline"]
+    declines = [r for r in audit_records(tmp_path / "out") if r["event"] == "decline"]
     assert declines and all("cnn8" in d["data"]["reason"] for d in declines)
 
 
-def _records(out: Path) -> list[dict[str, Any]]:
+def audit_records(out: Path) -> list[dict[str, Any]]:
+    """Every record of the audit log in ``out``, in order."""
     import json
 
     return [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]

@@ -7,7 +7,6 @@ then record the release as unbounded, the audit log says so, and ``audit verify`
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,23 +16,24 @@ import pytest
 
 from secure_fed.audit.recompute import check_log
 from secure_fed.audit.report import write_report
-from secure_fed.config.settings import MasterConfig, load_master_config, write_config
 from secure_fed.errors import ProtocolError
 from secure_fed.master.server import Master
 from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.slave import updates as slave_updates
 from tests.conftest import run_federation
-from tests.test_federation_modes import configure, vectors, weighted_clipped_average
+from tests.test_federation_modes import (
+    audit_records,
+    configure,
+    single_attempt,
+    vectors,
+    weighted_clipped_average,
+)
 
 
 def _run(fed: Path, tmp_path: Path, *, allow_no_dp: bool) -> tuple[Master, list[Any]]:
     states = {slave_id: tmp_path / f"s{slave_id}" for slave_id in ("a", "b")}
     return asyncio.run(run_federation(fed, tmp_path / "out", states, timeout_s=120,
                                       allow_no_dp=allow_no_dp))
-
-
-def _records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
 
 
 def _ledger(tmp_path: Path, slave_id: str) -> PrivacyLedger:
@@ -71,7 +71,7 @@ def test_with_consent_slaves_train_plain_sgd_and_the_log_records_unbounded_epsil
         assert [e.noise_multiplier for e in ledger.entries] == [0.0, 0.0]
         assert math.isinf(ledger.spent())
 
-    records = _records(tmp_path / "out")
+    records = audit_records(tmp_path / "out")
     assert records[0]["data"]["dp"] is False
     assert all(r["data"]["plan"]["dp"] is False for r in records if r["event"] == "round_start")
     updates = [r["data"] for r in records if r["event"] == "update_received"]
@@ -88,11 +88,7 @@ def test_without_consent_the_task_is_declined_before_training_and_nothing_is_spe
     federation_dir: Path, tmp_path: Path
 ) -> None:
     fed = configure(federation_dir, tmp_path, dp=False)
-    path = fed / "master" / "federation.toml"
-    config = load_master_config(path)
-    write_config(path, MasterConfig.model_validate(
-        {**config.model_dump(), "rounds": 1, "limits": {**config.limits.model_dump(),
-                                                        "max_round_attempts": 1}}))
+    single_attempt(fed)
     master, reports = _run(fed, tmp_path, allow_no_dp=False)
 
     assert master.coordinator.committed == 0
@@ -101,7 +97,7 @@ def test_without_consent_the_task_is_declined_before_training_and_nothing_is_spe
         assert report.epsilon == 0.0
     for slave_id in ("a", "b"):
         assert _ledger(tmp_path, slave_id).entries == ()
-    declines = [r["data"] for r in _records(tmp_path / "out") if r["event"] == "decline"]
+    declines = [r["data"] for r in audit_records(tmp_path / "out") if r["event"] == "decline"]
     assert len(declines) == 2
     assert all("--allow-no-dp" in d["reason"] and d["epsilon_spent"] == 0.0 for d in declines)
 
@@ -138,16 +134,12 @@ def test_a_dp_federation_refuses_an_update_that_reports_no_noise(
     from secure_fed.slave.client import Slave
 
     fed = configure(federation_dir, tmp_path)
-    path = fed / "master" / "federation.toml"
-    config = load_master_config(path)
-    write_config(path, MasterConfig.model_validate(
-        {**config.model_dump(), "rounds": 1, "limits": {**config.limits.model_dump(),
-                                                        "max_round_attempts": 1}}))
+    single_attempt(fed)
     monkeypatch.setattr(Slave, "_plan_privacy", Slave._plan_without_dp)
     with pytest.raises(ProtocolError):  # the master refused the update and closed on its chunks
         _run(fed, tmp_path, allow_no_dp=True)
 
-    records = _records(tmp_path / "out")
+    records = audit_records(tmp_path / "out")
     refused = [r["data"] for r in records if r["event"] == "update_refused"]
     assert refused and all("plan asks for DP" in r["reason"] for r in refused)
     assert not [r for r in records if r["event"] == "model_committed"]
