@@ -209,21 +209,30 @@ def test_linear_clipping_fedsgd_gradient_and_distillation_match_opacus(small: Da
     assert np.allclose(a.params_vector, b.params_vector, atol=1e-5)
 
 
-def test_poisson_batches_are_opacus_sampler_draws(small: Dataset) -> None:
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-    from secure_fed.privacy.private_run import PrivateRun, seeds
+def test_poisson_batches_are_coins_of_the_sampling_stream(small: Dataset) -> None:
+    from secure_fed.privacy.noise import RandomStream, seed_from_int
+    from secure_fed.privacy.private_run import SAMPLING_STREAM, PrivateRun
 
     settings = DPSettings(1.0, 1.0, batch_size=20, epochs=2, lr=0.1)
     x, y = torch.from_numpy(small.features), torch.from_numpy(small.labels)
     run = PrivateRun(_mlp(), x, y, settings, 1 / 3, 21, "auto")
     ours = [yb for _, yb in run.batches(2)]
     run.close()
-    generator = torch.Generator().manual_seed(seeds(21)[0])
-    sampler = UniformWithReplacementSampler(num_samples=60, sample_rate=1 / 3, generator=generator)
-    expected = [y[idx] for _ in range(2) for idx in sampler]
+    # Each batch: one ChaCha20 word per record, kept when below ⌊q·2⁶⁴⌋.
+    stream = RandomStream(seed_from_int(21), SAMPLING_STREAM)
+    threshold = np.uint64(int((1 / 3) * 2**64))
+    expected = [y[torch.from_numpy(np.flatnonzero(stream.words(60) < threshold))] for _ in range(6)]
     assert len(ours) == len(expected) == 6
     assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
+    # Every record joins each batch independently with probability q.
+    run = PrivateRun(_mlp(), x, y, DPSettings(1.0, 1.0, batch_size=6, epochs=100, lr=0.1),
+                     0.1, 22, "auto")
+    counts = np.array([len(yb) for _, yb in run.batches(100)])
+    run.close()
+    assert len(counts) == 1000
+    # Binomial(60, 0.1): mean 6, variance 5.4; the mean of 1000 batches within 4 standard errors.
+    assert abs(counts.mean() - 6.0) < 4 * np.sqrt(5.4 / 1000)
+    assert counts.var() == pytest.approx(5.4, rel=0.15)
 
 
 def test_models_outside_the_linear_step_go_through_opacus(part: Dataset, small: Dataset) -> None:
@@ -252,6 +261,12 @@ def test_empty_poisson_batches_still_get_noise(mode: str) -> None:
     tiny = select(load_bundled("digits"), np.arange(3))
     # seed 11 draws at least one empty batch among the 12 steps at q = 1/3
     settings = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, batch_size=1, epochs=4, lr=0.1)
+    from secure_fed.privacy.private_run import PrivateRun
+
+    x, y = torch.from_numpy(tiny.features), torch.from_numpy(tiny.labels)
+    run = PrivateRun(_mlp(), x, y, settings, 1 / 3, 11, mode)
+    assert any(len(yb) == 0 for _, yb in run.batches(4))
+    run.close()
     result = train_delta(_mlp(), tiny, settings, seed=11, grad_sample_mode=mode)
     assert result.mechanism == Mechanism(1.0, 1 / 3, 12)
     assert np.isfinite(result.delta_vector).all()

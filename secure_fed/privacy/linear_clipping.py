@@ -2,11 +2,11 @@
 
 The mechanism is Opacus's ``DPOptimizer`` step, term for term: with ``g_i`` the gradient of
 record i's loss, clip factor ``f_i = min(1, C / (‖g_i‖₂ + 1e-6))`` (``‖g_i‖`` over all trainable
-parameters together), gradient ``(Σ_i f_i g_i + z) / B`` with ``z ~ N(0, σ²C²)`` drawn per
-parameter by ``torch.normal`` from the run's noise generator, in the optimizer's parameter
-order (Opacus's draws without ``secure_mode``; scaled by σC/B at once instead of σC then 1/B,
-which changes only the rounding), and nothing drawn when σ = 0. An empty batch gives
-``z / B``. The update is then the wrapped optimizer's own ``step``.
+parameters together), gradient ``(Σ_i f_i g_i + z) / B``, and nothing added when σ = 0. The
+noise z is the run's :class:`~secure_fed.privacy.noise.GridGaussian` (the discrete Gaussian
+on a fine grid, standard deviation ≈ σC, one draw for all parameters in the optimizer's
+order), exactly as the Opacus path of :mod:`secure_fed.privacy.private_run` adds it. An empty
+batch gives ``z / B``. The update is then the wrapped optimizer's own ``step``.
 
 Only the way ``‖g_i‖`` and ``Σ f_i g_i`` are computed differs. For a Linear layer
 ``y = a Wᵀ + bias`` applied once to a 2-D batch ``a`` (records × features), with
@@ -16,7 +16,8 @@ Only the way ``‖g_i‖`` and ``Σ f_i g_i`` are computed differs. For a Linear
 backward pass to the layers' outputs gives every ``b``; no per-sample gradient is ever stored,
 so memory stays O(batch × width) and the step costs a few tensor operations per layer instead
 of Opacus's per-parameter bookkeeping. ``tests/test_privacy_training.py`` checks the result
-against Opacus's ``hooks`` mode (σ = 0: same update to 1e-6; σ > 0: the same noise draws).
+against Opacus's ``hooks`` mode (σ = 0: same update to 1e-6; σ > 0: the same noise draws for
+the same seed).
 
 A model qualifies when every module holding trainable parameters is exactly ``nn.Linear``,
 each called once per forward on a 2-D input whose first dimension is the batch, with no
@@ -33,6 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from secure_fed.errors import PrivacyError
+from secure_fed.privacy.noise import GridGaussian
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -86,10 +88,10 @@ class LinearClippingStep:
     Args:
         module: the model (forward hooks are added; call :meth:`close` to remove them).
         optimizer: a plain torch optimizer over ``module``'s parameters.
-        noise_multiplier: σ.
         max_grad_norm: C.
         expected_batch: B, the divisor of the noisy sum.
-        generator: the noise generator.
+        noise: the noise of σ > 0 for exactly the optimizer's trainable parameters, or None
+            for σ = 0 (no noise: not private).
     """
 
     def __init__(
@@ -97,10 +99,9 @@ class LinearClippingStep:
         module: nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        noise_multiplier: float,
         max_grad_norm: float,
         expected_batch: int,
-        generator: torch.Generator,
+        noise: GridGaussian | None,
     ) -> None:
         layers = _trainable_linears(module)
         if not layers:
@@ -111,13 +112,14 @@ class LinearClippingStep:
         self.module = module
         self.optimizer = optimizer
         self.layers = layers
-        self.noise_std = float(noise_multiplier) * float(max_grad_norm) / expected_batch
         self.max_grad_norm = float(max_grad_norm)
         self.expected_batch = expected_batch
-        self.generator = generator
+        self.noise = noise
         self.params = [
             p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
         ]
+        if noise is not None and noise.dimension != sum(p.numel() for p in self.params):
+            raise PrivacyError("the noise must be set up for the optimizer's trainable parameters")
         owned = {id(p) for layer in layers for p in layer.parameters() if p.requires_grad}
         if {id(p) for p in self.params} != owned:
             raise PrivacyError("the optimizer must train exactly the model's trainable parameters")
@@ -147,7 +149,7 @@ class LinearClippingStep:
         self._outputs[i] = out
 
     def _clipped_sums(self, loss: torch.Tensor, n: int) -> dict[int, torch.Tensor]:
-        """``Σ_i f_i g_i / B`` for every trainable parameter, keyed by ``id(parameter)``."""
+        """``Σ_i f_i g_i`` (÷ B when there is no noise) per trainable parameter, by ``id``."""
         outputs = [o for o in self._outputs if o is not None]
         inputs = [a for a in self._inputs if a is not None]
         if len(outputs) != len(self.layers):
@@ -166,9 +168,12 @@ class LinearClippingStep:
             total = squared if total is None else total + squared
         if total is None:
             return {}
-        # f_i = min(1, C / (‖g_i‖ + 1e-6)), then the 1/B of the average folded in.
+        # f_i = min(1, C / (‖g_i‖ + 1e-6)); without noise the 1/B of the average folded in
+        # (with noise it comes after the noise, as in Opacus).
         factor = (self.max_grad_norm / (total.sqrt_() + 1e-6)).clamp_(max=1.0)
-        weights = factor.mul_(1.0 / self.expected_batch).unsqueeze(1)
+        if self.noise is None:
+            factor.mul_(1.0 / self.expected_batch)
+        weights = factor.unsqueeze(1)
         sums: dict[int, torch.Tensor] = {}
         for layer, (weight, bias), a, b in zip(
             self.layers, self._trained, inputs, backprops, strict=True
@@ -203,16 +208,11 @@ class LinearClippingStep:
                 self._inputs = [None] * len(self.layers)
                 self._outputs = [None] * len(self.layers)
             value = float(loss.detach())
-        for p in self.params:
-            grad = sums.get(id(p))
-            if self.noise_std > 0:
-                # Opacus's draw (torch.normal per parameter, in optimizer order) scaled by σC/B
-                # instead of σC then divided by B: the same numbers up to rounding.
-                noise = torch.normal(
-                    0.0, self.noise_std, size=p.shape, generator=self.generator, dtype=p.dtype
-                )
-                grad = noise if grad is None else grad.add_(noise)
-            p.grad = torch.zeros_like(p) if grad is None else grad
+        grads = [sums[id(p)] if id(p) in sums else torch.zeros_like(p) for p in self.params]
+        if self.noise is not None:
+            grads = self.noise.release(grads, divisor=self.expected_batch)
+        for p, grad in zip(self.params, grads, strict=True):
+            p.grad = grad
         if apply:
             self.optimizer.step()
         return value

@@ -10,8 +10,12 @@ default for models whose trainable layers are all ``nn.Linear``) or with a fresh
 ``PrivacyEngine`` (``make_private`` with the chosen ``grad_sample_mode``). Both release
 ``(Σ clip_C(g_i) + N(0, σ²C²)) / B`` per step, an empty batch included.
 
-Randomness: two seeds derived from one (:func:`seeds`) drive the sampling and the noise
-generators; see :mod:`secure_fed.privacy.training` for what a fixed seed implies.
+Randomness: one 32-byte key (:func:`run_key`: fresh from :mod:`secrets` unless a test seed is
+given) keys two independent ChaCha20 streams (:class:`~secure_fed.privacy.noise.RandomStream`),
+one for the Poisson sampling and one for the noise, which is the discrete Gaussian on a fine
+grid of :class:`~secure_fed.privacy.noise.GridGaussian` in both kinds of step; see
+:mod:`secure_fed.privacy.noise` for the privacy argument and
+:mod:`secure_fed.privacy.training` for what a fixed seed implies.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -35,6 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from secure_fed.errors import PrivacyError
 from secure_fed.privacy.linear_clipping import LinearClippingStep, supports
+from secure_fed.privacy.noise import SEED_BYTES, GridGaussian, RandomStream, seed_from_int
 
 if TYPE_CHECKING:
     from secure_fed.privacy.training import DPSettings
@@ -67,18 +73,57 @@ def _opacus_errors() -> Iterator[None]:
         ) from exc
 
 
-def seeds(seed: int | None) -> tuple[int, int]:
-    """(sampling seed, noise seed) derived from ``seed``; None draws a fresh OS-random one.
+#: Stream numbers of a run's key: the Poisson sampling and the noise never share words.
+SAMPLING_STREAM = 0
+NOISE_STREAM = 1
+
+
+def run_key(seed: int | None) -> bytes:
+    """The 32-byte key of a run's random streams: fresh from :mod:`secrets` when ``seed`` is None.
 
     Args:
-        seed: an integer ≥ 0, or None.
+        seed: None (every real run), or an integer ≥ 0 for a reproducible test or benchmark,
+            which makes the noise predictable to anyone who knows it
+            (:func:`~secure_fed.privacy.noise.seed_from_int`).
     """
     if seed is None:
-        seed = secrets.randbits(63)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise PrivacyError(f"seed must be an integer ≥ 0 or None, got {seed!r}")
-    sampling, noise = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
-    return int(sampling), int(noise)
+        return secrets.token_bytes(SEED_BYTES)
+    return seed_from_int(seed)
+
+
+def poisson_batch(stream: RandomStream, records: int, q: float) -> torch.Tensor:
+    """Indices of one Poisson batch: each record joins independently with probability q.
+
+    Args:
+        stream: the run's sampling stream (one 64-bit word per record).
+        records: N.
+        q: the sample rate, 0 < q ≤ 1 (rounded down by at most 2⁻⁶⁴).
+    """
+    return torch.from_numpy(np.flatnonzero(stream.bernoulli(records, q)))
+
+
+def _add_grid_noise(optimizer: DPOptimizer, noise: GridGaussian) -> Callable[[], None]:
+    """A replacement for ``optimizer.add_noise`` that adds our noise instead of torch.normal.
+
+    Relied on (opacus 1.6, ``opacus/optimizers/optimizer.py``): ``DPOptimizer.pre_step`` runs
+    ``clip_and_accumulate`` (the clipped sum in ``p.summed_grad``), then ``add_noise``, then
+    ``scale_grad`` (÷ B); ``add_noise`` checks ``p.summed_grad`` is unprocessed, sets
+    ``p.grad = (p.summed_grad + _generate_noise(σC, p.summed_grad)).view_as(p)`` for each of
+    ``optimizer.params`` and marks it processed. This does the same with
+    :meth:`GridGaussian.release` in place of the sum with ``_generate_noise``: clipping and
+    scaling stay Opacus's.
+    """
+
+    def add_noise() -> None:
+        params = optimizer.params
+        for p in params:
+            _check_processed_flag(p.summed_grad)
+        released = noise.release([p.summed_grad for p in params])
+        for p, grad in zip(params, released, strict=True):
+            p.grad = grad.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    return add_noise
 
 
 class PrivateRun:
@@ -90,7 +135,7 @@ class PrivateRun:
         y: the matching labels.
         settings: the DP-SGD plan (σ, C, B, lr, momentum).
         q: the Poisson sample rate.
-        seed: see :func:`seeds`.
+        seed: see :func:`run_key`.
         grad_sample_mode: one of :data:`GRAD_SAMPLE_MODES`.
     """
 
@@ -108,9 +153,9 @@ class PrivateRun:
             raise PrivacyError(
                 f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
             )
-        sampling_seed, noise_seed = seeds(seed)
+        key = run_key(seed)
         self.x, self.y, self.q = x, y, q
-        self.sampler = torch.Generator().manual_seed(sampling_seed)
+        self.sampler = RandomStream(key, SAMPLING_STREAM)
         self.module = copy.deepcopy(module)
         self.module.train()
         if any(isinstance(m, _BatchNorm) for m in self.module.modules()):
@@ -121,18 +166,25 @@ class PrivateRun:
         optimizer = torch.optim.SGD(
             self.module.parameters(), lr=settings.lr, momentum=settings.momentum
         )
-        noise = torch.Generator().manual_seed(noise_seed)
         expected = settings.expected_batch(len(y))
+        trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        noise = None
+        if settings.noise_multiplier > 0 and trainable > 0:
+            noise = GridGaussian(
+                float(settings.noise_multiplier),
+                float(settings.max_grad_norm),
+                int(trainable),
+                RandomStream(key, NOISE_STREAM),
+            )
         self.fast: LinearClippingStep | None = None
         if grad_sample_mode in ("auto", "linear"):
             if supports(self.module, x[:1]):
                 self.fast = LinearClippingStep(
                     self.module,
                     optimizer,
-                    noise_multiplier=float(settings.noise_multiplier),
                     max_grad_norm=float(settings.max_grad_norm),
                     expected_batch=expected,
-                    generator=noise,
+                    noise=noise,
                 )
                 self.wrapped = self.module
                 return
@@ -153,24 +205,25 @@ class PrivateRun:
                 noise_multiplier=float(settings.noise_multiplier),
                 max_grad_norm=float(settings.max_grad_norm),
                 poisson_sampling=False,  # batches() samples with rate q exactly
-                noise_generator=noise,
                 grad_sample_mode=grad_sample_mode,
             )
         # make_private derives the expected batch size from len(loader); use B exactly.
         dp_optimizer.expected_batch_size = expected
+        if noise is not None:
+            setattr(dp_optimizer, "add_noise", _add_grid_noise(dp_optimizer, noise))  # noqa: B010
         self.optimizer: DPOptimizer = dp_optimizer
 
     def batches(self, epochs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Poisson batches: ``epochs × int(1/q)`` of them (some may be empty).
 
-        Each record joins a batch independently with probability q: the draws of Opacus's
-        ``UniformWithReplacementSampler`` (``torch.rand(N) < q`` on the sampling generator),
-        kept as an index tensor instead of a Python list.
+        Each record joins a batch independently with probability q (:func:`poisson_batch`, on
+        the run's ChaCha20 sampling stream: who is in a batch is as unpredictable as the noise,
+        which the amplification by subsampling assumes).
         """
         n = len(self.y)
         per_epoch = max(1, int(1.0 / self.q))
         for _ in range(epochs * per_epoch):
-            index = (torch.rand(n, generator=self.sampler) < self.q).nonzero().reshape(-1)
+            index = poisson_batch(self.sampler, n, self.q)
             yield self.x.index_select(0, index), self.y.index_select(0, index)
 
     def step(
@@ -186,7 +239,7 @@ class PrivateRun:
             return self.fast.step(loss_fn, xb, yb, apply=apply)
         self.optimizer.zero_grad(set_to_none=True)
         if xb.shape[0] == 0:
-            # An empty Poisson batch still releases noise: the step adds N(0, σ²C²)/B alone.
+            # An empty Poisson batch still releases noise: the step releases the noise / B alone.
             # Empty per-sample gradients make the DP optimizer do exactly that, in every mode.
             for p in self.module.parameters():
                 if p.requires_grad:
@@ -225,10 +278,10 @@ class PlainRun:
 
     def __init__(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  settings: DPSettings, q: float, seed: int | None) -> None:
-        sampling_seed, _ = seeds(seed)
+        words = RandomStream(run_key(seed), SAMPLING_STREAM).words(1)
         self.x, self.y, self.q = x, y, q
         self.batch = settings.expected_batch(len(y))
-        self.sampler = torch.Generator().manual_seed(sampling_seed)
+        self.sampler = torch.Generator().manual_seed(int(words[0] >> np.uint64(1)))
         self.module = copy.deepcopy(module)
         self.module.train()
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=settings.lr,
