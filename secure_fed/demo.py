@@ -50,7 +50,8 @@ class DemoOptions:
         epsilon: ε budget of each slave (δ = 1e-5).
         dataset: bundled dataset split across the slaves (the master keeps a hold-out split).
         preset: HE preset.
-        protection: ``he``, ``he+mask``, ``mask`` or ``plain`` (see ``EncryptionSettings``).
+        protection: ``he+mask`` (default), ``he``, ``mask`` or ``plain`` (see
+            ``EncryptionSettings``; ``he`` lets the master process open each update).
         out: output folder.
         timeout_s: the whole demo is stopped after this many seconds.
     """
@@ -61,7 +62,7 @@ class DemoOptions:
     epsilon: float = 3.0
     dataset: str = "digits"
     preset: str = "bfv-fast"
-    protection: str = "he"
+    protection: str = "he+mask"
     out: Path = Path("demo-run")
     timeout_s: float = 1800.0
 
@@ -143,7 +144,6 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         limits=LimitSettings(join_timeout_s=120, upload_deadline_s=300, keepalive_interval_s=10,
                              keepalive_timeout_s=30),
         evaluation=EvaluationSettings(dataset=options.dataset),
-        budget_epsilon=options.epsilon,
     )
     bundle_dir = out / "bundle"
     init_federation(bundle_dir, plan, force=True)
@@ -171,7 +171,8 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             slaves.append(subprocess.Popen(  # noqa: S603 - our own command line
                 _cli("slave", bundle_dir / "slaves" / slave_id, "--dataset", options.dataset,
                      "--partition", f"{index}/{options.slaves}", "--state",
-                     out / "slaves" / slave_id, "--master-url", url, "--workers", "1",
+                     out / "slaves" / slave_id, "--source-id", slave_id,
+                     "--budget", str(options.epsilon), "--master-url", url, "--workers", "1",
                      "--threads", "1"),
                 stdout=log_file, stderr=subprocess.STDOUT, env=env))
         master_code = master.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -207,7 +208,7 @@ def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: 
         table.add_column(column)
     exhausted = 0
     for slave_id in slave_ids:
-        ledger = PrivacyLedger.open(out / "slaves" / slave_id, budget_epsilon=options.epsilon,
+        ledger = PrivacyLedger.open(out / "slaves" / slave_id, budget_epsilon=None,
                                     delta=DEMO_DELTA, source_id=slave_id)
         report = ledger.to_summary()
         if ledger.remaining() < 0.01 * options.epsilon:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,13 @@ from secure_fed.master.provision import FederationPlan, init_federation
 from secure_fed.master.server import Master
 from secure_fed.slave.client import Slave
 from secure_fed.slave.sources import bundled_part
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep every data source's default ledger folder (and the list of them) out of the
+    user's own $XDG_DATA_HOME: one folder for the session, inherited by subprocesses."""
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="secure-fed-data-home-")
+
 
 TINY_MODEL = ModelSpec(architecture="mlp",
                        kwargs={"in_features": 64, "num_classes": 10, "hidden": [16]})
@@ -48,9 +57,13 @@ def federation_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def trial_slave(fed: Path, slave_id: str, partition: str, url: str, state: Path,
                 **options: Any) -> Slave:
-    """Slave ``slave_id`` of the bundles in ``fed``, dialing ``url``, on a part of digits."""
+    """Slave ``slave_id`` of the bundles in ``fed``, dialing ``url``, on a part of digits (its
+    data source named ``slave_id``, its owner's lifetime budget the ε the bundle grants the
+    federation, unless given)."""
     bundle = SlaveBundle.load(fed / "slaves" / slave_id).with_master_url(url)
-    settings: dict[str, Any] = {"state_dir": state, "workers": 1, "reconnect_give_up_s": 20}
+    settings: dict[str, Any] = {"state_dir": state, "workers": 1, "reconnect_give_up_s": 20,
+                                "budget_epsilon": bundle.config.federation_epsilon,
+                                "source_id": slave_id}
     settings.update(options)
     return Slave(bundle, bundled_part("digits", partition), **settings)
 

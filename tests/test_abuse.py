@@ -77,7 +77,7 @@ def forged_header(task: dict[str, Any], weight: int, signer_key: bytes,
                                   signed_weight if signed_weight is not None else weight, hashes)
     return json.dumps({
         "type": "update", "round": task["round"], "nonce": task["nonce"], "weight": weight,
-        "chunk_sha256": hashes, "chunk_bytes": [1] * task["chunks"], "loss": 0.1,
+        "chunk_sha256": hashes, "chunk_bytes": [1] * task["chunks"], "weight_source": "dp-count",
         "mechanisms": [{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1}],
         "epsilon_spent": 0.1, "delta": 1e-5, "accountant": "prv",
         "signature": base64.b64encode(sign(signer_key, signed)).decode("ascii"),
@@ -276,7 +276,8 @@ def test_plain_ws_is_refused_unless_explicitly_on_loopback(federation_dir: Path,
         plain = SlaveBundle(slave_bundle.directory, slave_bundle.config.model_copy(
             update={"master_url": url}), slave_bundle.he_params)
         with pytest.raises(ConfigError, match=message):
-            Slave(plain, data, state_dir=tmp_path / "s", insecure_loopback=flag)
+            Slave(plain, data, state_dir=tmp_path / "s", budget_epsilon=3.0,
+                  insecure_loopback=flag)
 
 
 def test_insecure_loopback_federation_still_checks_certificates_and_signatures(

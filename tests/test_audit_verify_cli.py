@@ -39,7 +39,7 @@ from secure_fed.protocol.messages import update_signing_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
-BUDGET = 6.0
+BUDGET = 8.0
 # (σ, q) of each slave's DP-SGD; 16 optimizer steps per round.
 SLAVES = {"clinic-a": (1.1, 0.13), "clinic-b": (1.1, 0.1), "clinic-c": (1.3, 0.13)}
 STEPS = 16
@@ -165,7 +165,7 @@ def build_log(
                 append(log, "update_received", round_, {
                     "slave": slave, "round": round_, "attempt": 1, "weight": weights[slave],
                     "bytes": 1_250_000 + 1000 * round_, "chunk_sha256": chunks,
-                    "loss": 1.9 - 0.3 * round_, "epsilon": eps, "delta": DELTA,
+                    "weight_source": "dp-count", "epsilon": eps, "delta": DELTA,
                     "accountant": "prv",
                     "mechanisms": [{"noise_multiplier": s, "sample_rate": r, "steps": n}
                                    for s, r, n in histories[slave]],
@@ -448,3 +448,25 @@ def test_installed_command_when_wired(good_log: BuiltLog) -> None:
         capture_output=True, text=True, timeout=120, env=env, check=False)
     assert done.returncode == 0, done.stderr
     assert "result: OK" in done.stdout
+
+
+def test_a_slave_charged_more_than_the_plans_epsilon_fails(identities: Identities,
+                                                          tmp_path: Path) -> None:
+    # the master's plan grants ε=2, but every slave's rounds compose to more than that
+    def stingy_plan(event: str, round_: int, data: dict[str, Any]) -> None:
+        if event == "round_start":
+            data["plan"]["epsilon"] = 2.0
+
+    verdict = check_log(build_log(tmp_path / "run", identities, tamper=stingy_plan).directory)
+    assert verdict.chain.ok and not verdict.ok
+    assert "more than the plan's ε=2" in verdict.failures[0].reason
+
+
+def test_a_plan_whose_epsilon_changes_between_rounds_fails(identities: Identities,
+                                                           tmp_path: Path) -> None:
+    def regrant(event: str, round_: int, data: dict[str, Any]) -> None:
+        if event == "round_start" and round_ == 2:
+            data["plan"]["epsilon"] = BUDGET + 1
+
+    verdict = check_log(build_log(tmp_path / "run", identities, tamper=regrant).directory)
+    assert not verdict.ok and "fixed for the federation" in verdict.failures[0].reason

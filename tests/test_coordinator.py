@@ -40,7 +40,7 @@ def header(start: StartRound, weight: int = 10, chunks: list[bytes] = CHUNKS) ->
     return UpdateHeader(
         round=start.round, nonce=start.nonce, weight=weight,
         chunk_sha256=[hashlib.sha256(c).hexdigest() for c in chunks],
-        chunk_bytes=[len(c) for c in chunks], loss=0.5,
+        chunk_bytes=[len(c) for c in chunks], weight_source="dp-count",
         mechanisms=[MechanismRecord(noise_multiplier=1.0, sample_rate=0.1, steps=10)],
         epsilon_spent=0.3, delta=1e-5, accountant="prv",
     )
@@ -170,3 +170,38 @@ def test_resume_skips_committed_rounds() -> None:
     assert start.round == 2
     finished = make(next_round=3)
     assert isinstance(finished.start(0.0)[0], FederationDone)
+
+
+def _decline(start: StartRound, *, final: bool) -> Decline:
+    return Decline(round=start.round, nonce=start.nonce, reason="budget exhausted",
+                   epsilon_spent=1.0, epsilon_remaining=0.0, final=final)
+
+
+def test_a_final_decline_is_not_tasked_again_within_the_federation() -> None:
+    coord = make(rounds=3)
+    start = started(coord)
+    notes = coord.decline("c", _decline(start, final=True), 1.0)
+    assert any(getattr(n, "data", {}).get("final") is True for n in notes)
+    upload(coord, "a", start)
+    upload(coord, "b", start)
+    (nxt,) = [a for a in coord.round_committed(2.0) if isinstance(a, StartRound)]
+    assert nxt.recipients == ("a", "b")  # no wait for 'c', no task for it
+    # without the mechanism, 'c' would be tasked again: a plain decline does not withdraw
+    other = make(rounds=3)
+    first = started(other)
+    other.decline("c", _decline(first, final=False), 1.0)
+    upload(other, "a", first)
+    upload(other, "b", first)
+    (again,) = [a for a in other.round_committed(2.0) if isinstance(a, StartRound)]
+    assert again.recipients == ("a", "b", "c")
+
+
+def test_the_federation_ends_when_too_few_slaves_can_still_take_part() -> None:
+    coord = make(rounds=3)
+    start = started(coord)
+    coord.decline("b", _decline(start, final=True), 1.0)
+    coord.decline("c", _decline(start, final=True), 1.0)
+    actions = upload(coord, "a", start)
+    assert any(isinstance(a, AbortRound) for a in actions)  # 1 of 2 complete updates
+    done = [a for a in actions if isinstance(a, FederationDone)]
+    assert done and "declined for good" in done[0].reason and "b, c" in done[0].reason

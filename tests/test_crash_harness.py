@@ -54,7 +54,7 @@ def make_federation(fed: Path, slaves: list[str], *, rounds: int, min_slaves: in
         training=TrainingPlanSettings(epochs=1, batch_size=64, epsilon=8.0),
         limits=LimitSettings(join_timeout_s=join_timeout_s, upload_deadline_s=upload_deadline_s,
                              open_timeout_s=10, max_round_attempts=max_round_attempts),
-        evaluation=EvaluationSettings(dataset=None), budget_epsilon=50.0))
+        evaluation=EvaluationSettings(dataset=None)))
     # RDP calibrates σ in milliseconds where PRV takes seconds; accounting is not under test.
     for slave_id in slaves:
         toml = fed / "slaves" / slave_id / "slave.toml"
@@ -260,7 +260,8 @@ def master_args(fed: Path, out: Path, port: int) -> list[str | Path]:
 def slave_args(fed: Path, slave_id: str, part: str, state: Path,
                port: int) -> list[str | Path]:
     return ["-v", "slave", fed / "slaves" / slave_id, "--dataset", "digits", "--partition", part,
-            "--state", state, "--master-url", f"wss://127.0.0.1:{port}", "--workers", "1",
+            "--state", state, "--budget", "50", "--master-url", f"wss://127.0.0.1:{port}",
+            "--workers", "1",
             "--threads", "1"]
 
 

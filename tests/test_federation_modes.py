@@ -104,7 +104,9 @@ def test_gradient_mode_applies_minus_lr_times_the_average_noisy_gradient(
         assert np.max(np.abs(expected)) > 10 * step
     for slave_id, state in states.items():
         ledger = PrivacyLedger.open(state, budget_epsilon=3.0, delta=1e-5, source_id=slave_id)
-        assert [m.steps for m in ledger.mechanisms()] == [1, 1]  # one DP-SGD step per round
+        # the record count's release, then one DP-SGD step per round
+        assert [m.steps for m in ledger.mechanisms()] == [1, 1, 1]
+        assert [e.mode for e in ledger.entries] == ["count", "gradient", "gradient"]
 
 
 def test_distill_mode_with_the_same_architecture_averages_the_students(
@@ -218,7 +220,7 @@ def test_a_student_the_slave_does_not_allow_is_declined_and_nothing_is_spent(
             slaves.append(Slave(SlaveBundle(loaded.directory, only_mlp, loaded.he_params),
                                 bundled_part("digits", f"{index}/2"),
                                 state_dir=tmp_path / f"s{slave_id}", workers=1,
-                                reconnect_give_up_s=20).run())
+                                budget_epsilon=3.0, reconnect_give_up_s=20).run())
         reports = await asyncio.wait_for(asyncio.gather(*slaves), 120)
         await asyncio.wait_for(task, 60)
         return master, reports

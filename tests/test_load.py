@@ -123,7 +123,7 @@ async def _one_slave(bundle_dir: Path, index: int, url: str, encoder: Any) -> in
                       ] * message.round
         await channel.send(UpdateHeader(
             round=message.round, nonce=message.nonce, weight=weight, chunk_sha256=hashes,
-            chunk_bytes=[len(c) for c in chunks], loss=0.0, mechanisms=mechanisms,
+            chunk_bytes=[len(c) for c in chunks], weight_source="dp-count", mechanisms=mechanisms,
             epsilon_spent=1.0, delta=1e-5, accountant="rdp", signature=signature))
         for chunk in chunks:
             await channel.send_bytes(chunk)

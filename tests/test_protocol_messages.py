@@ -62,7 +62,7 @@ def test_an_update_header_of_a_ten_million_parameter_model_fits_the_header_limit
 
     chunks = 1222  # 10M values in 8,192-slot bfv-fast ciphertexts
     header = UpdateHeader(round=1, nonce="0" * 32, weight=5, chunk_sha256=["a" * 64] * chunks,
-                          chunk_bytes=[122_932] * chunks, loss=0.5,
+                          chunk_bytes=[122_932] * chunks, weight_source="dp-count",
                           mechanisms=[{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 3}],
                           epsilon_spent=1.0, delta=1e-5, accountant="prv")
     text = encode(header)

@@ -3,14 +3,19 @@
 :func:`secure_fed.audit.verify.verify_log` proves that the records are the master's and
 untouched. This module checks that what they say holds together:
 
-- **ε of every update.** Each ``update_received`` record carries the slave's whole DP
-  history (``mechanisms``: ``(noise_multiplier, sample_rate, steps)`` triples, this update's
-  last) and the ε the slave reported for it at ``delta`` (computed with Opacus's PRV
+- **ε of every update.** Each ``update_received`` record carries the slave's DP history in
+  this federation (``mechanisms``: ``(noise_multiplier, sample_rate, steps)`` triples — its
+  count release and every DP-SGD round, this update's last) and the ε the slave reported for
+  it at ``delta`` (computed with Opacus's PRV
   accountant, or RDP). ε is recomputed from the history with Google's ``dp_accounting``
   privacy-loss-distribution (PLD) accountant — a different implementation of a different
   method — and the reported value must not be below it by more than :data:`TOLERANCE`
   (2 %): ``reported ≥ recomputed × (1 − tolerance)``. Under-stating ε is a failure;
   over-stating it (e.g. the looser RDP accountant) is allowed and shown.
+- **The plan's ε bounds the federation.** The plan of the first ``round_start`` fixes the ε
+  the federation may take from each slave; a later plan with another ε fails, and so does a
+  slave whose reported ε exceeds it, or whose recomputed ε exceeds it by more than the
+  tolerance.
 - **Histories only grow.** A slave's history must extend its previous one in the log: the
   previous mechanisms, unchanged, followed by at least one new mechanism. A ledger that
   shrinks or is rewritten is a failure.
@@ -442,6 +447,8 @@ class _ClaimChecker:
         self.histories: dict[str, tuple[int, tuple[RecordedMechanism, ...]]] = {}
         self.current: _Attempt | None = None
         self.epsilon_checks: list[EpsilonCheck] = []
+        self.plan_epsilon: float | None = None
+        """The ε the federation's plan grants each slave (fixed by its first round_start)."""
 
     def check(self, line: int, record: dict[str, Any]) -> None:
         data = record["data"]
@@ -449,6 +456,7 @@ class _ClaimChecker:
         if event == "round_start":
             self.current = _Attempt(_integer(data.get("round"), "round", 1),
                                     _integer(data.get("attempt"), "attempt", 1))
+            self._plan(data)
         elif event == "update_received":
             self._update(line, data)
         elif event == "aggregate_decrypted":
@@ -458,6 +466,18 @@ class _ClaimChecker:
             if self.current is None or self.current.round != round_ or not self.current.aggregated:
                 raise ClaimError(f"model of round {round_} committed without an "
                                  "aggregate_decrypted of that round before it")
+
+    def _plan(self, data: dict[str, Any]) -> None:
+        plan = data.get("plan")
+        if not isinstance(plan, dict) or "epsilon" not in plan:
+            return
+        granted = _number(plan.get("epsilon"), "plan.epsilon")
+        if self.plan_epsilon is None:
+            self.plan_epsilon = granted
+        elif granted != self.plan_epsilon:
+            raise ClaimError(f"round {data.get('round')} plans ε={granted:g}, but the "
+                             f"federation's first round planned ε={self.plan_epsilon:g}: the ε "
+                             "a federation may take from each slave is fixed for the federation")
 
     def _update(self, line: int, data: dict[str, Any]) -> None:
         slave = _text(data.get("slave"), "slave")
@@ -505,6 +525,14 @@ class _ClaimChecker:
                 f"ε={recomputed:.4f} with the PLD accountant: under-stated by "
                 f"{(1 - reported / recomputed) * 100 if math.isfinite(recomputed) else 100:.1f}%"
                 f", more than the {self.tolerance * 100:g}% tolerance")
+        granted = self.plan_epsilon
+        if self.dp and granted is not None and (
+                reported > granted * (1.0 + 1e-9)
+                or recomputed > granted * (1.0 + self.tolerance)):
+            raise ClaimError(
+                f"slave '{slave}' round {round_}: this federation took ε={reported:.4f} "
+                f"(recomputed {recomputed:.4f}) at δ={delta:g} from it, more than the plan's "
+                f"ε={granted:g}; a federation never takes more than its plan grants")
         if self.dp and (math.isinf(reported) or any(m.noise_multiplier == 0 for m in history)):
             raise ClaimError(
                 f"slave '{slave}' reports a run without noise (σ = 0) or an unbounded ε in a "

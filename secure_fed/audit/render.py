@@ -75,6 +75,14 @@ def _claimed(value: Any, dp: bool) -> str:
     return "∞ (no DP)" if value is None and not dp else _num(value)
 
 
+RECORD_COUNT_SOURCES = {
+    "dp-count": "DP release (in ε)",
+    "declared-public": "declared public by the data owner",
+    "exact-no-dp": "exact (run without DP)",
+}
+"""How a slave's record count (its FedAvg weight) became public, as a reader says it."""
+
+
 def _bytes(value: Any) -> str:
     if value is None:
         return "–"
@@ -141,12 +149,13 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
         ("head hash", _text(report["log"]["head"])),
     ])
     slaves = Table(("slave", "rounds contributed", "declines", "ε reported", "ε recomputed",
-                    "δ", "accountant", "budget ε", "check"),
+                    "δ", "accountant", "budget ε", "record count", "check"),
                    [(s["slave"], _names([str(r) for r in s["rounds_contributed"]]),
                      str(s["declines"]),
                      _claimed(s["epsilon_reported"], fed["dp"]) if s["updates"] else "–",
                      _eps(s["epsilon_recomputed"]) if s["updates"] else "–", _num(s["delta"]),
                      _text(s["accountant"]), _num(s["budget_epsilon"]),
+                     RECORD_COUNT_SOURCES.get(s["record_count"] or "", _text(s["record_count"])),
                      ("ok" if s["ok"] else "UNDER-STATED or invalid") if s["updates"] else "–")
                     for s in report["slaves"]])
     privacy: list[Block] = [

@@ -42,7 +42,7 @@ ROUND_KEYS = ("round", "attempts", "committed", "started_at", "plan", "budget_ep
               "loss", "upload_bytes", "seconds")
 SLAVE_KEYS = ("slave", "connections", "updates", "rounds_contributed", "declines",
               "epsilon_reported", "epsilon_recomputed", "delta", "accountant",
-              "budget_epsilon", "mechanisms", "ok")
+              "budget_epsilon", "record_count", "mechanisms", "ok")
 
 Clock = Callable[[], dt.datetime]
 
@@ -120,8 +120,8 @@ def _new_round(number: int) -> dict[str, Any]:
 def _new_slave(slave: str) -> dict[str, Any]:
     return {"slave": slave, "connections": 0, "updates": [], "rounds_contributed": [],
             "declines": 0, "epsilon_reported": None, "epsilon_recomputed": None,
-            "delta": None, "accountant": None, "budget_epsilon": None, "mechanisms": [],
-            "ok": True}
+            "delta": None, "accountant": None, "budget_epsilon": None, "record_count": None,
+            "mechanisms": [], "ok": True}
 
 
 class _Builder:
@@ -178,7 +178,8 @@ class _Builder:
         check = self.checks.get(line)
         update = {"round": row["round"], "attempt": _int(data.get("attempt")), "line": line,
                   "slave": slave["slave"], "weight": _int(data.get("weight")),
-                  "bytes": _int(data.get("bytes")), "loss": _num(data.get("loss")),
+                  "bytes": _int(data.get("bytes")),
+                  "weight_source": _str(data.get("weight_source")),
                   "epsilon_reported": _num(data.get("epsilon")),
                   "epsilon_recomputed": _finite(check.recomputed) if check else None,
                   "delta": _num(data.get("delta")), "accountant": _str(data.get("accountant")),
@@ -187,7 +188,8 @@ class _Builder:
         slave["updates"].append(update)
         slave.update(epsilon_reported=update["epsilon_reported"],
                      epsilon_recomputed=update["epsilon_recomputed"], delta=update["delta"],
-                     accountant=update["accountant"], budget_epsilon=self.budget)
+                     accountant=update["accountant"], budget_epsilon=self.budget,
+                     record_count=update["weight_source"])
         slave["ok"] = slave["ok"] and update["ok"]
         mechanisms = data.get("mechanisms")
         if isinstance(mechanisms, list):

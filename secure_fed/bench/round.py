@@ -225,7 +225,6 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
         limits=LimitSettings(join_timeout_s=300, upload_deadline_s=3600,
                              max_message_bytes=max(4 * 2**20, model_bytes + 2**20)),
         evaluation=EvaluationSettings(dataset=DATASET, seed=options.seed),
-        budget_epsilon=options.plan.epsilon,
     ), force=True)
 
     async def run() -> _Run:
@@ -242,6 +241,7 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
             part = bundled_part(DATASET, f"{index}/{slaves}", seed=options.seed)
             # in the baseline, every data source consents to training without DP
             runners.append(Slave(bundle, part, state_dir=work / "state" / slave_id,
+                                 budget_epsilon=options.plan.epsilon,
                                  workers=options.workers, allow_no_dp=baseline).run())
         await asyncio.gather(*runners)
         await serving

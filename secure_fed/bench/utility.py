@@ -138,7 +138,6 @@ def federated(options: UtilityOptions, plan: TrainingPlanSettings, rounds: int,
         training=plan, encryption=EncryptionSettings(max_weight_per_slave=65536, workers=1),
         limits=LimitSettings(join_timeout_s=120, upload_deadline_s=600),
         evaluation=EvaluationSettings(dataset=options.dataset, seed=options.seed),
-        budget_epsilon=options.epsilon,
     ), force=True)
 
     async def run() -> dict[str, Any]:
@@ -152,7 +151,7 @@ def federated(options: UtilityOptions, plan: TrainingPlanSettings, rounds: int,
                 f"wss://127.0.0.1:{port}")
             part = bundled_part(options.dataset, f"{index}/{options.slaves}", seed=options.seed)
             runners.append(Slave(bundle, part, state_dir=work / "state" / slave_id,
-                                 workers=1).run())
+                                 budget_epsilon=options.epsilon, workers=1).run())
         await asyncio.gather(*runners)
         await task
         return master.summary.data

@@ -7,7 +7,9 @@ import asyncio
 import json
 import math
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -30,10 +32,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         model=ModelSpec.for_data(args.architecture, args.features, args.classes),
         training=TrainingPlanSettings(epsilon=args.epsilon, delta=args.delta),
         encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records,
-                                      protection=args.protection),
+                                      protection=_protection(args, len(args.slaves))),
         evaluation=EvaluationSettings(
             dataset=None if args.eval_dataset == "none" else args.eval_dataset),
-        budget_epsilon=args.epsilon, key_type=args.key_type,
+        key_type=args.key_type,
     )
     bundle = init_federation(args.fed_dir, plan, force=args.force, offline_ca=args.offline_ca)
     console = Console(highlight=False, soft_wrap=True)
@@ -56,7 +58,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_add_slave(args: argparse.Namespace) -> int:
     from secure_fed.master.provision import add_slave_bundle
 
-    slave_dir = add_slave_bundle(args.fed_dir, args.slave_id, budget_epsilon=args.epsilon,
+    slave_dir = add_slave_bundle(args.fed_dir, args.slave_id, federation_epsilon=args.epsilon,
                                  delta=args.delta, key_type=args.key_type)
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"slave '{args.slave_id}' added: bundle {slave_dir} (copy it to "
@@ -111,6 +113,7 @@ def cmd_slave(args: argparse.Namespace) -> int:
     import torch
 
     from secure_fed.master.bundle import SlaveBundle
+    from secure_fed.privacy.data_source import file_source_id
     from secure_fed.slave.client import Slave
     from secure_fed.slave.sources import load_private_data
 
@@ -125,13 +128,22 @@ def cmd_slave(args: argparse.Namespace) -> int:
     def show(kind: str, info: dict[str, object]) -> None:
         console.log(f"{bundle.config.slave_id}: {kind} {json.dumps(info, default=str)}")
 
-    slave = Slave(bundle, data, state_dir=args.state, workers=args.workers,
+    source_id = args.source_id
+    if source_id is None and args.data is not None:
+        source_id = file_source_id(args.data)
+    slave = Slave(bundle, data, state_dir=args.state, budget_epsilon=args.budget,
+                  source_id=source_id, public_count=args.public_count, workers=args.workers,
                   threads=args.threads, on_event=show, insecure_loopback=args.insecure_loopback,
                   allow_no_dp=args.allow_no_dp)
     report = asyncio.run(slave.run())
-    spent = f"{report.epsilon:.3f}" if math.isfinite(report.epsilon) else "∞ (no DP)"
+    def eps(value: float) -> str:
+        return f"{value:.2f}" if math.isfinite(value) else "∞ (no DP)"
+
     console.print(f"slave '{report.slave_id}': trained rounds {report.rounds_trained}, declined "
-                  f"{report.rounds_declined}; ε spent {spent}; {report.finished_reason}")
+                  f"{report.rounds_declined}; ε spent on this federation "
+                  f"{eps(report.federation_epsilon)}, over this data source's lifetime "
+                  f"{eps(report.epsilon)} of {slave.ledger.budget_epsilon:g}; "
+                  f"{report.finished_reason}")
     return 0
 
 
@@ -141,9 +153,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options = DemoOptions(slaves=args.slaves, rounds=args.rounds, mode=args.mode,
                           epsilon=args.epsilon,
                           dataset=args.dataset, preset=args.preset,
-                          protection=args.protection, out=args.out,
+                          protection=_protection(args, args.slaves), out=args.out,
                           timeout_s=args.timeout)
     return run_demo(options, Console(highlight=False, soft_wrap=True))
+
+
+def _protection(args: argparse.Namespace, slaves: int) -> Any:
+    """``--protection``, or the default for ``slaves`` slaves (warning when it is ``he``)."""
+    from secure_fed.config.settings import HE_ALONE_WARNING, default_protection
+
+    protection: str = args.protection or default_protection(slaves)
+    if protection == "he":
+        print(f"warning: {HE_ALONE_WARNING}", file=sys.stderr)
+    return protection
 
 
 def parse_modes(text: str) -> tuple[str, ...]:

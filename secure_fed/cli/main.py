@@ -40,10 +40,12 @@ def _slave_list(text: str) -> list[str]:
     return names
 
 
-PROTECTION_HELP = ("how updates are protected: he (homomorphic encryption; the key holder "
-                   "decrypts only sums; default), he+mask (encryption and pairwise masking: not "
-                   "even the key holder sees one update), mask (pairwise masking alone) or "
-                   "plain (the master sees each update; baselines only)")
+PROTECTION_HELP = ("how updates are protected: he+mask (encryption and pairwise masking: the "
+                   "master obtains only the sum of a round's updates; the default with 3 or "
+                   "more slaves), he (homomorphic encryption alone: the master process holds "
+                   "the secret key and CAN decrypt each slave's update; the default with 2), "
+                   "mask (pairwise masking alone) or plain (the master sees each update; "
+                   "baselines only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,12 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-slaves", type=int, default=None,
                    help="complete updates needed to decrypt a round (default: a majority)")
     p.add_argument("--epsilon", type=float, default=3.0,
-                   help="privacy budget ε of each slave over the whole federation (default 3)")
+                   help="the ε this federation may take from each slave, over all its rounds "
+                   "(default 3); each data owner's lifetime budget is set at the slave "
+                   "(`secure-fed slave --budget`)")
     p.add_argument("--delta", type=float, default=1e-5, help="δ of the budget (default 1e-5)")
     p.add_argument("--preset", default="bfv-fast",
                    help="HE parameter preset (default bfv-fast; see `secure-fed bench codec "
                    "--compare`)")
-    p.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default="he",
+    p.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default=None,
                    help=PROTECTION_HELP)
     p.add_argument("--architecture", default="mlp", help="model architecture (default mlp)")
     p.add_argument("--features", type=int, default=64,
@@ -107,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "must be revoked first. Restart the master to admit the new slave.")
     p.add_argument("fed_dir", type=Path, metavar="FED_DIR")
     p.add_argument("slave_id", metavar="ID")
-    p.add_argument("--epsilon", type=float, default=3.0,
-                   help="the slave's lifetime privacy budget ε (default 3)")
-    p.add_argument("--delta", type=float, default=1e-5, help="δ of the budget (default 1e-5)")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="the most ε the new slave's bundle lets this federation take from it "
+                   "(default: the plan's ε); its data owner sets the lifetime budget")
+    p.add_argument("--delta", type=float, default=None, help="δ of that ε (default: the plan's)")
     p.add_argument("--key-type", choices=("ec", "ed25519"), default="ec",
                    help="key type of the new certificate (default ec, P-256)")
 
@@ -152,8 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="bundled dataset: digits, breast_cancer, wine")
     p.add_argument("--partition", default=None, metavar="I/K",
                    help="use part I of K of --dataset's training split (default 0/1)")
+    p.add_argument("--budget", type=float, default=None, metavar="EPS",
+                   help="this data source's lifetime privacy budget: the most ε (at the "
+                   "bundle's δ) its records may ever spend, over every federation. Required "
+                   "the first time a data source is used; later it keeps the ledger's value "
+                   "unless given again. The bundle's ε is only what this federation asks for")
+    p.add_argument("--source-id", default=None, metavar="ID",
+                   help="name of this data source; its privacy ledger is found by it, in "
+                   "$XDG_DATA_HOME/secure-fed/sources/ID/ (default: 'data-' and a "
+                   "fingerprint of the data file's content), so that any bundle over the same "
+                   "data spends from the same ledger")
     p.add_argument("--state", type=Path, default=None,
-                   help="folder of this data source's privacy ledger (default: SLAVE_DIR)")
+                   help="folder of this data source's privacy ledger (default: the per-user "
+                   "folder of --source-id)")
+    p.add_argument("--public-count", type=int, default=None, metavar="N",
+                   help="declare the exact record count N public: it is then sent as the "
+                   "FedAvg weight and used for the sample rate, and recorded as declared "
+                   "public in the ledger and the master's audit log. Without it the count "
+                   "leaves only as a DP release (a small share of the federation's ε)")
     p.add_argument("--master-url", default=None,
                    help="override the master address of the bundle (wss://host:port)")
     p.add_argument("--workers", type=int, default=None,
@@ -185,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=3.0, help="ε budget per slave (default 3)")
     p.add_argument("--dataset", default="digits", help="bundled dataset (default digits)")
     p.add_argument("--preset", default="bfv-fast", help="HE preset (default bfv-fast)")
-    p.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default="he",
+    p.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default=None,
                    help=PROTECTION_HELP)
     p.add_argument("--out", type=Path, default=Path("demo-run"),
                    help="output folder (default demo-run)")

@@ -119,9 +119,11 @@ class EncryptionSettings(_Strict):
     """How updates are protected on their way to the master's sum.
 
     Args:
-        protection: ``he`` (homomorphic encryption: the aggregator adds ciphertexts, the key
-            holder decrypts only the sum), ``he+mask`` (encryption and pairwise masking: even
-            the key holder sees only the sum), ``mask`` (pairwise masking alone, secure
+        protection: ``he`` (homomorphic encryption: the aggregator adds ciphertexts and the
+            key holder decrypts their sum — but the key holder, the master process, holds
+            the secret key and could decrypt each update), ``he+mask`` (encryption and
+            pairwise masking: even the key holder sees only the sum; what ``secure-fed init``
+            chooses for 3 or more slaves), ``mask`` (pairwise masking alone, secure
             aggregation without encryption) or ``plain`` (no protection of individual updates
             beyond TLS and DP: the master sees each one; for baselines). Every slave's own
             bundle must name the same protection, so a slave never sends less protected
@@ -282,8 +284,12 @@ class SlaveConfig(_Strict):
         federation_id: the federation this bundle belongs to.
         slave_id: this slave's id (also the subject of its certificate).
         master_url: ``wss://host:port`` of the master.
-        budget_epsilon: the most ε this data source will ever spend, over all federations.
-        delta: δ at which the budget is accounted.
+        federation_epsilon: the most ε this bundle agrees that *this federation* may take
+            from the slave (the plan's offer, written by ``secure-fed init``): a task whose
+            plan asks for more is held to this. The data source's lifetime budget over every
+            federation is its owner's, set with ``secure-fed slave --budget`` and kept in its
+            privacy ledger, never in a bundle.
+        delta: δ at which ε is accounted.
         accountant: ``prv`` (default) or ``rdp``.
         allowed_architectures: architectures this slave agrees to train (empty: all it knows).
         min_mask_parties: ``mask`` and ``he+mask``: the fewest slaves a masked round may have
@@ -294,7 +300,7 @@ class SlaveConfig(_Strict):
     federation_id: str
     slave_id: str
     master_url: str
-    budget_epsilon: float = Field(default=3.0, gt=0)
+    federation_epsilon: float = Field(default=3.0, gt=0)
     delta: float = Field(default=1e-5, gt=0, lt=1)
     accountant: Literal["prv", "rdp"] = "prv"
     allowed_architectures: list[str] = Field(default_factory=list)
@@ -318,6 +324,19 @@ class SlaveConfig(_Strict):
         if not value.startswith("wss://"):
             raise ValueError(f"master_url must start with wss:// (got {value!r})")
         return value
+
+
+HE_ALONE_WARNING = ("protection 'he': whoever holds the HE secret key (the master process) can "
+                    "decrypt and read each slave's update; with 3 or more slaves, he+mask lets "
+                    "it open only their sum")
+"""One line that says who can open an update under ``he``."""
+
+
+def default_protection(slave_count: int) -> Literal["he", "he+mask"]:
+    """The protection ``secure-fed init`` and ``secure-fed demo`` choose: ``he+mask`` (the
+    key holder obtains only sums) when there are at least 3 slaves, which masking needs;
+    ``he`` below that (see :data:`HE_ALONE_WARNING`)."""
+    return "he+mask" if slave_count >= 3 else "he"
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})

@@ -83,7 +83,6 @@ class FederationPlan:
     encryption: EncryptionSettings = EncryptionSettings()
     limits: LimitSettings = LimitSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
-    budget_epsilon: float = 3.0
     seed: int = 0
     key_type: KeyType = "ec"
 
@@ -142,7 +141,8 @@ def init_federation(fed_dir: Path, plan: FederationPlan, *, force: bool = False,
     _write_crl(master_dir, Revocations(master_dir / REVOCATIONS_FILE), ca_key)
     for slave_id in plan.slaves:
         _write_slave_bundle(fed_dir, MasterBundle.load(master_dir), slave_id, ca_key,
-                            budget_epsilon=plan.budget_epsilon, delta=plan.training.delta,
+                            federation_epsilon=plan.training.epsilon,
+                            delta=plan.training.delta,
                             key_type=plan.key_type)
     return MasterBundle.load(master_dir)
 
@@ -168,8 +168,8 @@ def _write_crl(master_dir: Path, revocations: Revocations, ca_key: bytes) -> Non
     atomic_write_bytes(master_dir / CRL_FILE, crl)
 
 
-def add_slave_bundle(fed_dir: Path, slave_id: str, *, budget_epsilon: float = 3.0,
-                     delta: float = 1e-5, key_type: KeyType = "ec") -> Path:
+def add_slave_bundle(fed_dir: Path, slave_id: str, *, federation_epsilon: float | None = None,
+                     delta: float | None = None, key_type: KeyType = "ec") -> Path:
     """Add a party (or re-admit a revoked one) without touching the others.
 
     Issues a new slave certificate from the federation CA, writes ``FED_DIR/slaves/<id>/`` and
@@ -180,8 +180,9 @@ def add_slave_bundle(fed_dir: Path, slave_id: str, *, budget_epsilon: float = 3.
     Args:
         fed_dir: the federation folder made by :func:`init_federation`.
         slave_id: the new party's id (its certificate's subject).
-        budget_epsilon: the slave's lifetime ε budget, written to its ``slave.toml``.
-        delta: δ of that budget.
+        federation_epsilon: the ε the slave's bundle agrees this federation may take from it
+            (``None``: the plan's ε), written to its ``slave.toml``.
+        delta: δ of that ε (``None``: the plan's δ).
         key_type: ``"ec"`` (P-256) or ``"ed25519"``.
 
     Returns:
@@ -197,7 +198,10 @@ def add_slave_bundle(fed_dir: Path, slave_id: str, *, budget_epsilon: float = 3.
             f"slave '{slave_id}' already holds a certificate that is not revoked ({current}); "
             f"run `secure-fed revoke-slave {fed_dir} {slave_id}` first to replace it")
     slave_dir = _write_slave_bundle(fed_dir, master, slave_id, ca_key,
-                                    budget_epsilon=budget_epsilon, delta=delta,
+                                    federation_epsilon=(master.config.training.epsilon
+                                                        if federation_epsilon is None
+                                                        else federation_epsilon),
+                                    delta=master.config.training.delta if delta is None else delta,
                                     key_type=key_type)
     if slave_id not in master.config.slaves:
         config = master.config.model_copy(update={"slaves": [*master.config.slaves, slave_id]})
@@ -241,7 +245,7 @@ def revoke_slave(fed_dir: Path, slave_id: str, *, reason: str = "revoked by the 
 
 
 def _write_slave_bundle(fed_dir: Path, master: MasterBundle, slave_id: str, ca_key: bytes, *,
-                        budget_epsilon: float, delta: float, key_type: KeyType) -> Path:
+                        federation_epsilon: float, delta: float, key_type: KeyType) -> Path:
     ca_cert = master.ca_cert.read_bytes()
     # Issued before anything is written: issue_certificate validates the id (no path tricks).
     cert, key = issue_certificate(ca_cert, ca_key, slave_id, role="slave", key_type=key_type)
@@ -255,7 +259,7 @@ def _write_slave_bundle(fed_dir: Path, master: MasterBundle, slave_id: str, ca_k
     config = master.config
     slave_config = SlaveConfig(
         federation_id=config.federation_id, slave_id=slave_id,
-        master_url=config.public_url, budget_epsilon=budget_epsilon, delta=delta,
+        master_url=config.public_url, federation_epsilon=federation_epsilon, delta=delta,
         encryption=config.encryption, limits=config.limits,
     )
     write_config(slave_dir / "slave.toml", slave_config)

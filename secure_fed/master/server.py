@@ -517,11 +517,16 @@ class Master:
             raise ProtocolError("'hello' may be sent only once per connection")
 
     def _privacy_problem(self, header: UpdateHeader) -> str | None:
-        """Why a DP federation cannot take this update (a run without noise), or ``None``."""
-        if self.config.training.dp and (header.epsilon_spent is None or any(
+        """Why a DP federation cannot take this update (a run without noise, or more ε than
+        the plan grants), or ``None``."""
+        plan = self.config.training
+        if plan.dp and (header.epsilon_spent is None or any(
                 m.noise_multiplier == 0 for m in header.mechanisms)):
             return ("the update reports a run without noise (σ = 0) or an unbounded ε, but "
                     "this federation's plan asks for DP")
+        if plan.dp and header.epsilon_spent is not None and header.epsilon_spent > plan.epsilon:
+            return (f"the update reports ε={header.epsilon_spent:.4f} spent on this federation, "
+                    f"more than its plan's ε={plan.epsilon:g}")
         return None
 
     def _signing_bytes(self, header: UpdateHeader) -> bytes:
@@ -640,7 +645,7 @@ class Master:
             "slave": action.slave_id, "round": header.round,
             "attempt": state.start.attempt, "weight": header.weight,
             "bytes": state.bytes_by_slave.get(action.slave_id, 0),
-            "chunk_sha256": header.chunk_sha256, "loss": header.loss,
+            "weight_source": header.weight_source, "chunk_sha256": header.chunk_sha256,
             "epsilon": header.epsilon_spent, "delta": header.delta,
             "accountant": header.accountant,
             "mechanisms": [m.model_dump() for m in header.mechanisms],

@@ -191,8 +191,9 @@ def clear_caches() -> None:
     composition.clear_caches()
 
 
-def _who(source_id: str | None) -> str:
-    return f"slave '{source_id}'" if source_id else "this data source"
+def _who(source_id: str | None, scope: str | None = None) -> str:
+    who = f"slave '{source_id}'" if source_id else "this data source"
+    return f"{who} in {scope}" if scope else who
 
 
 def calibrate_noise(
@@ -207,6 +208,7 @@ def calibrate_noise(
     max_sigma: float = 50.0,
     tolerance: float = 1e-3,
     source_id: str | None = None,
+    scope: str | None = None,
 ) -> float:
     """Smallest noise multiplier σ that keeps ``rounds`` more rounds within ``budget``.
 
@@ -228,6 +230,8 @@ def calibrate_noise(
         max_sigma: largest σ considered; if even it does not fit, BudgetExhausted.
         tolerance: absolute precision of σ (> 0).
         source_id: name of the data source, used in error messages.
+        scope: what ``budget`` is the budget of, for error messages (e.g. ``"federation
+            'demo'"``; ``None``: the data source's lifetime budget).
 
     Returns:
         σ (dimensionless), a multiple of ``tolerance`` unless ``max_sigma`` itself is returned.
@@ -248,7 +252,7 @@ def calibrate_noise(
         )
     past = list(history)
     spent = epsilon(past, delta, accountant)
-    who = _who(source_id)
+    who = _who(source_id, scope)
     if spent >= budget_f:
         raise BudgetExhausted(
             f"budget exhausted for {who}: ε={spent:.3f} spent of {budget_f:g} at δ={delta:g}; "

@@ -15,15 +15,28 @@ Rules it enforces:
 - Recording the same (federation, round) twice is allowed and counted twice: a release is
   never under-counted. Use :meth:`PrivacyLedger.has_round` / :meth:`PrivacyLedger.has_task`
   to avoid training a round (or answering a task) twice.
+- A federation sees only its own entries (:meth:`PrivacyLedger.federation_mechanisms`); the
+  lifetime composition stays here, with the data owner.
+
+Besides DP-SGD runs, an entry may be a Gaussian release of a count (``mode = "count"``,
+``sample_rate = 1``, ``steps = 1``): its ``value`` is the released (noisy) number, kept so
+that the federation reuses it instead of releasing it again. A *declaration* records
+metadata the data owner stated to be public (e.g. the exact record count): it spends no ε
+but is part of the record of what left the data source.
 
 File layout (JSON)::
 
-    {"format": "secure_fed.privacy_ledger", "version": 1, "source_id": "clinic-a",
+    {"format": "secure_fed.privacy_ledger", "version": 2, "source_id": "clinic-a",
      "delta": 1e-05, "accountant": "prv", "budget_epsilon": 3.0,
      "entries": [{"noise_multiplier": 1.1, "sample_rate": 0.13, "steps": 7,
                   "federation_id": "demo", "round": 0, "mode": "delta",
                   "recorded_at": "2026-01-01T00:00:00+00:00",
-                  "task_nonce": "…" or null, "delta": 1e-05 or null}, ...]}
+                  "task_nonce": "…" or null, "delta": 1e-05 or null,
+                  "value": null or the released number}, ...],
+     "declarations": [{"federation_id": "demo", "name": "record_count", "value": 500,
+                       "recorded_at": "…"}, ...]}
+
+Version 1 files (no ``value``, no ``declarations``) are read and rewritten as version 2.
 """
 
 from __future__ import annotations
@@ -55,12 +68,15 @@ logger = logging.getLogger(__name__)
 LEDGER_FILE = "ledger.json"
 LOCK_FILE = "ledger.lock"
 FORMAT = "secure_fed.privacy_ledger"
-VERSION = 1
+VERSION = 2
 #: Largest ledger file read (bytes).
 MAX_LEDGER_BYTES = 32 * 2**20
-_TOP_KEYS = frozenset(
+_TOP_KEYS_V1 = frozenset(
     {"format", "version", "source_id", "delta", "accountant", "budget_epsilon", "entries"}
 )
+_TOP_KEYS = _TOP_KEYS_V1 | {"declarations"}
+#: The ``mode`` of an entry that releases a count with the Gaussian mechanism.
+COUNT_MODE = "count"
 
 
 def _text(name: str, value: Any, max_length: int) -> str:
@@ -90,6 +106,7 @@ class LedgerEntry:
         task_nonce: the master's nonce of the task this run answered, if any (see
             :meth:`PrivacyLedger.has_task`).
         delta: the δ the run was planned at, if stated; must equal the ledger's δ.
+        value: for a count release (``mode == "count"``), the released noisy count.
     """
 
     noise_multiplier: float
@@ -101,6 +118,7 @@ class LedgerEntry:
     recorded_at: str = field(default_factory=_now)
     task_nonce: str | None = None
     delta: float | None = None
+    value: float | None = None
 
     def __post_init__(self) -> None:
         mechanism = Mechanism(self.noise_multiplier, self.sample_rate, self.steps)
@@ -122,6 +140,10 @@ class LedgerEntry:
             _text("task_nonce", self.task_nonce, 256)
         if self.delta is not None:
             object.__setattr__(self, "delta", check_delta(self.delta))
+        if self.value is not None and (
+                isinstance(self.value, bool) or not isinstance(self.value, int | float)
+                or not math.isfinite(self.value)):
+            raise PrivacyError(f"value must be a finite number or null, got {self.value!r}")
 
     @classmethod
     def create(
@@ -133,6 +155,7 @@ class LedgerEntry:
         mode: str,
         task_nonce: str | None = None,
         delta: float | None = None,
+        value: float | None = None,
     ) -> LedgerEntry:
         """An entry for ``mechanism`` stamped with the current UTC time."""
         return cls(
@@ -145,6 +168,7 @@ class LedgerEntry:
             _now(),
             task_nonce,
             delta,
+            value,
         )
 
     @property
@@ -159,15 +183,49 @@ class LedgerEntry:
     @classmethod
     def from_json(cls, obj: Any) -> LedgerEntry:
         """Parse and validate one entry object."""
-        if not isinstance(obj, Mapping) or set(obj) != _ENTRY_KEYS:
+        if not isinstance(obj, Mapping) or not _ENTRY_KEYS_V1 <= set(obj) <= _ENTRY_KEYS:
             keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
             raise PrivacyError(
-                f"ledger entry must have exactly the keys {sorted(_ENTRY_KEYS)}, got {keys}"
+                f"ledger entry must have the keys {sorted(_ENTRY_KEYS)} (value optional), "
+                f"got {keys}"
             )
-        return cls(**{k: obj[k] for k in _ENTRY_KEYS})
+        return cls(**{k: obj[k] for k in _ENTRY_KEYS if k in obj})
 
 
 _ENTRY_KEYS = frozenset(f.name for f in dataclasses.fields(LedgerEntry))
+_ENTRY_KEYS_V1 = _ENTRY_KEYS - {"value"}
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """Metadata the data owner declared public for one federation (spends no ε).
+
+    Args:
+        federation_id: the federation it was declared to.
+        name: what was declared (``"record_count"``).
+        value: the declared value.
+        recorded_at: ISO 8601 UTC time of the declaration.
+    """
+
+    federation_id: str
+    name: str
+    value: int
+    recorded_at: str = field(default_factory=_now)
+
+    def __post_init__(self) -> None:
+        _text("federation_id", self.federation_id, 256)
+        _text("name", self.name, 64)
+        if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 0:
+            raise PrivacyError(f"declared {self.name} must be an integer ≥ 0, got {self.value!r}")
+        _text("recorded_at", self.recorded_at, 64)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Declaration:
+        """Parse and validate one declaration object."""
+        keys = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(obj, Mapping) or set(obj) != keys:
+            raise PrivacyError(f"a declaration must have exactly the keys {sorted(keys)}")
+        return cls(**{k: obj[k] for k in keys})
 
 
 class PrivacyLedger:
@@ -193,6 +251,7 @@ class PrivacyLedger:
         delta: float,
         accountant: Accountant,
         entries: Sequence[LedgerEntry],
+        declarations: Sequence[Declaration] = (),
     ) -> None:
         self.path = Path(path)
         self.source_id = source_id
@@ -200,13 +259,14 @@ class PrivacyLedger:
         self.delta = delta
         self.accountant: Accountant = accountant
         self._entries: list[LedgerEntry] = list(entries)
+        self._declarations: list[Declaration] = list(declarations)
 
     @classmethod
     def open(
         cls,
         state_dir: Path,
         *,
-        budget_epsilon: float,
+        budget_epsilon: float | None,
         delta: float,
         accountant: Accountant = "prv",
         source_id: str,
@@ -218,13 +278,15 @@ class PrivacyLedger:
 
         Args:
             state_dir: the data source's state folder (created if missing).
-            budget_epsilon: total ε allowed at ``delta`` (finite, > 0).
+            budget_epsilon: the data owner's lifetime ε at ``delta`` (finite, > 0), over every
+                federation; ``None`` keeps an existing ledger's budget (a new ledger then
+                refuses to be created: the owner must choose a budget).
             delta: δ (0 < δ < 1).
             accountant: ``"prv"`` or ``"rdp"``.
             source_id: name of the data source.
         """
         _text("source_id", source_id, 128)
-        budget = _budget(budget_epsilon)
+        budget = None if budget_epsilon is None else _budget(budget_epsilon)
         d = check_delta(delta)
         if accountant not in ACCOUNTANTS:
             raise PrivacyError(f"unknown accountant {accountant!r}; expected one of {ACCOUNTANTS}")
@@ -233,6 +295,12 @@ class PrivacyLedger:
         path = directory / LEDGER_FILE
         with _locked(directory):
             if not path.exists():
+                if budget is None:
+                    raise PrivacyError(
+                        f"data source '{source_id}' has no privacy ledger yet ({path}): its "
+                        "owner sets the lifetime budget once, e.g. `secure-fed slave ... "
+                        "--budget 10` (the most ε this data may ever spend, over every "
+                        "federation)")
                 ledger = cls(
                     path,
                     source_id=source_id,
@@ -248,7 +316,7 @@ class PrivacyLedger:
             _same(path, "source_id", stored.source_id, source_id)
             _same(path, "delta", stored.delta, d)
             _same(path, "accountant", stored.accountant, accountant)
-            if stored.budget_epsilon != budget:
+            if budget is not None and stored.budget_epsilon != budget:
                 logger.warning(
                     "privacy ledger %s: budget changed from ε=%g to ε=%g",
                     path,
@@ -274,12 +342,15 @@ class PrivacyLedger:
                 "backup — deleting it would forget the privacy budget already spent"
             ) from exc
         try:
-            if not isinstance(obj, dict) or set(obj) != _TOP_KEYS:
-                raise PrivacyError(f"expected exactly the keys {sorted(_TOP_KEYS)}")
-            if obj["format"] != FORMAT or obj["version"] != VERSION:
-                raise PrivacyError(f"expected format {FORMAT!r} version {VERSION}")
-            if not isinstance(obj["entries"], list):
-                raise PrivacyError("'entries' must be a list")
+            version = obj.get("version") if isinstance(obj, dict) else None
+            keys = _TOP_KEYS_V1 if version == 1 else _TOP_KEYS
+            if not isinstance(obj, dict) or set(obj) != keys:
+                raise PrivacyError(f"expected exactly the keys {sorted(keys)}")
+            if obj["format"] != FORMAT or version not in (1, VERSION):
+                raise PrivacyError(f"expected format {FORMAT!r} version 1 or {VERSION}")
+            declarations = obj.get("declarations", [])
+            if not isinstance(obj["entries"], list) or not isinstance(declarations, list):
+                raise PrivacyError("'entries' and 'declarations' must be lists")
             if obj["accountant"] not in ACCOUNTANTS:
                 raise PrivacyError(f"unknown accountant {obj['accountant']!r}")
             return cls(
@@ -289,6 +360,7 @@ class PrivacyLedger:
                 delta=check_delta(obj["delta"]),
                 accountant=obj["accountant"],
                 entries=[LedgerEntry.from_json(e) for e in obj["entries"]],
+                declarations=[Declaration.from_json(d) for d in declarations],
             )
         except PrivacyError as exc:
             raise PrivacyError(
@@ -307,6 +379,7 @@ class PrivacyLedger:
                 "accountant": self.accountant,
                 "budget_epsilon": self.budget_epsilon,
                 "entries": [e.to_json() for e in self._entries],
+                "declarations": [dataclasses.asdict(d) for d in self._declarations],
             },
             mode=0o600,
         )
@@ -321,8 +394,63 @@ class PrivacyLedger:
         return [e.mechanism for e in self._entries]
 
     def spent(self) -> float:
-        """ε spent so far at :attr:`delta` (0.0 for an empty ledger)."""
+        """ε spent so far at :attr:`delta` over every federation (0.0 for an empty ledger)."""
         return epsilon(self.mechanisms(), self.delta, self.accountant)
+
+    def federation_entries(self, federation_id: str) -> list[LedgerEntry]:
+        """The entries recorded for one federation, oldest first."""
+        return [e for e in self._entries if e.federation_id == federation_id]
+
+    def federation_mechanisms(self, federation_id: str) -> list[Mechanism]:
+        """The (σ, q, steps) of one federation's entries: all that federation may be told."""
+        return [e.mechanism for e in self.federation_entries(federation_id)]
+
+    def spent_in(self, federation_id: str) -> float:
+        """ε at :attr:`delta` of one federation's entries alone."""
+        return epsilon(self.federation_mechanisms(federation_id), self.delta, self.accountant)
+
+    def released_count(self, federation_id: str) -> LedgerEntry | None:
+        """The count this data source already released to a federation, if any."""
+        for e in self._entries:
+            if e.federation_id == federation_id and e.mode == COUNT_MODE and e.value is not None:
+                return e
+        return None
+
+    @property
+    def declarations(self) -> tuple[Declaration, ...]:
+        """Metadata the data owner declared public, oldest first."""
+        return tuple(self._declarations)
+
+    def declared(self, federation_id: str, name: str) -> Declaration | None:
+        """The declaration of ``name`` to a federation, if one was recorded."""
+        for d in self._declarations:
+            if d.federation_id == federation_id and d.name == name:
+                return d
+        return None
+
+    def declare(self, declaration: Declaration) -> None:
+        """Durably record a declaration of public metadata (once per federation and name).
+
+        A second declaration of the same name to the same federation must carry the same
+        value: a value once public cannot be taken back, and two values would each be public.
+        """
+        with _locked(self.path.parent):
+            if self.path.exists():
+                current = self._read(self.path)
+                self._entries, self._declarations = current._entries, current._declarations
+            before = self.declared(declaration.federation_id, declaration.name)
+            if before is not None:
+                if before.value != declaration.value:
+                    raise PrivacyError(
+                        f"{declaration.name} was declared public to federation "
+                        f"'{declaration.federation_id}' as {before.value} on "
+                        f"{before.recorded_at}; it cannot now be declared as "
+                        f"{declaration.value}")
+                return
+            self._declarations.append(declaration)
+            self._write()
+        logger.info("privacy ledger %s: %s=%s declared public to federation '%s'", self.path,
+                    declaration.name, declaration.value, declaration.federation_id)
 
     def remaining(self) -> float:
         """ε still available: ``budget − spent``, never below 0."""
@@ -373,7 +501,7 @@ class PrivacyLedger:
         with _locked(self.path.parent):
             if self.path.exists():
                 current = self._read(self.path)
-                self._entries = current._entries
+                self._entries, self._declarations = current._entries, current._declarations
             if without_dp:
                 logger.warning("privacy ledger %s: recording %d release(s) WITHOUT differential "
                                "privacy; no ε bounds this data source from now on", self.path,

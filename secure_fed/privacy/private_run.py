@@ -137,6 +137,9 @@ class PrivateRun:
         q: the Poisson sample rate.
         seed: see :func:`run_key`.
         grad_sample_mode: one of :data:`GRAD_SAMPLE_MODES`.
+        records: the public record count q was derived from (``None``: ``len(y)``); the
+            noisy sum is divided by the expected batch ``min(B, records)``, never by a count
+            that only the slave knows.
     """
 
     def __init__(
@@ -148,6 +151,7 @@ class PrivateRun:
         q: float,
         seed: int | None,
         grad_sample_mode: str,
+        records: int | None = None,
     ) -> None:
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise PrivacyError(
@@ -166,7 +170,7 @@ class PrivateRun:
         optimizer = torch.optim.SGD(
             self.module.parameters(), lr=settings.lr, momentum=settings.momentum
         )
-        expected = settings.expected_batch(len(y))
+        expected = settings.expected_batch(len(y) if records is None else records)
         trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
         noise = None
         if settings.noise_multiplier > 0 and trainable > 0:

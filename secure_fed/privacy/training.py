@@ -149,8 +149,9 @@ class TrainResult:
     Args:
         delta_vector: new − old trainable parameters, float32, in ``parameters_vector`` order.
         mechanism: (σ, q, steps) that was run — record it before sending.
-        loss: mean training loss over the last epoch (nats).
-        samples: N, the number of records trained on (the FedAvg weight).
+        loss: mean training loss over the last epoch (nats). Computed from the records
+            without noise: for the data owner's own log, never to be sent.
+        samples: N, the record count the run was planned with (``records``, if given).
     """
 
     delta_vector: np.ndarray
@@ -194,9 +195,10 @@ class DistillResult:
 
 
 def _prepare(
-    data: Dataset, settings: DPSettings, delta: float | None, threads: int | None
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    n = len(data)
+    data: Dataset, settings: DPSettings, delta: float | None, threads: int | None,
+    records: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    n = _public_records(data, records)
     q = settings.sample_rate(n)
     if delta is not None:
         check_delta(delta, records=n)
@@ -206,15 +208,24 @@ def _prepare(
         logger.warning("plain SGD without DP: this training run is not differentially private")
     elif settings.noise_multiplier == 0:
         logger.warning("noise_multiplier is 0: this training run is not differentially private")
-    return torch.from_numpy(data.features), torch.from_numpy(data.labels), q
+    return torch.from_numpy(data.features), torch.from_numpy(data.labels), q, n
+
+
+def _public_records(data: Dataset, records: int | None) -> int:
+    """The record count the sample rate and the steps derive from: ``records`` when given
+    (a public count: a DP release or one the data owner declared), else ``len(data)``."""
+    if records is None:
+        return len(data)
+    return _integer("records", records, 1, MAX_BATCH)
 
 
 def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: DPSettings, q: float,
-         seed: int | None, grad_sample_mode: str) -> PrivateRun | PlainRun:
-    """The run the settings ask for: DP-SGD, or plain SGD when ``settings.dp`` is False."""
+         seed: int | None, grad_sample_mode: str, records: int) -> PrivateRun | PlainRun:
+    """The run the settings ask for: DP-SGD, or plain SGD when ``settings.dp`` is False
+    (``records``: the public count ``q`` was derived from)."""
     if not settings.dp:
         return PlainRun(model, x, y, settings, q, seed)
-    return PrivateRun(model, x, y, settings, q, seed, grad_sample_mode)
+    return PrivateRun(model, x, y, settings, q, seed, grad_sample_mode, records=records)
 
 
 def _epoch_loop(
@@ -248,6 +259,7 @@ def train_delta(
     threads: int | None = None,
     delta: float | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+    records: int | None = None,
 ) -> TrainResult:
     """Train a copy of ``model`` with DP-SGD for ``settings.epochs`` and return the change.
 
@@ -260,18 +272,21 @@ def train_delta(
         delta: if given, checked to be below 1/N.
         grad_sample_mode: ``auto``, ``linear``, or an Opacus mode (``ew``, ``hooks``,
             ``functorch``); see the module doc.
+        records: the *public* record count N that the sample rate ``B / N``, the steps per
+            epoch and δ's check derive from (a slave passes its DP-released or declared
+            count; ``None``: ``len(data)``, for callers to whom the count is not private).
     """
-    x, y, q = _prepare(data, settings, delta, threads)
-    run = _run(model, x, y, settings, q, seed, grad_sample_mode)
+    x, y, q, n = _prepare(data, settings, delta, threads, records)
+    run = _run(model, x, y, settings, q, seed, grad_sample_mode, n)
     try:
         before = parameters_vector(run.module)
-        steps, loss = _epoch_loop(run, settings, len(data), _cross_entropy)
+        steps, loss = _epoch_loop(run, settings, n, _cross_entropy)
         after = parameters_vector(run.module)
     finally:
         run.close()
     mechanism = Mechanism(float(settings.noise_multiplier), q, steps)
     logger.debug("train_delta: %s, last-epoch loss %.4f", mechanism, loss)
-    return TrainResult(after - before, mechanism, loss, len(data))
+    return TrainResult(after - before, mechanism, loss, n)
 
 
 def train_gradient(
@@ -283,6 +298,7 @@ def train_gradient(
     threads: int | None = None,
     delta: float | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+    records: int | None = None,
 ) -> GradientResult:
     """FedSGD: one DP-SGD step on one Poisson batch; return the noisy averaged gradient.
 
@@ -292,8 +308,8 @@ def train_gradient(
 
     Args: as for :func:`train_delta`.
     """
-    x, y, q = _prepare(data, settings, delta, threads)
-    run = _run(model, x, y, settings, q, seed, grad_sample_mode)
+    x, y, q, n = _prepare(data, settings, delta, threads, records)
+    run = _run(model, x, y, settings, q, seed, grad_sample_mode, n)
     try:
         xb, yb = next(run.batches(1))
         loss = run.step(_cross_entropy, xb, yb, apply=False)
@@ -303,7 +319,7 @@ def train_gradient(
     finally:
         run.close()
     return GradientResult(
-        gradient.copy(), Mechanism(float(settings.noise_multiplier), q, 1), loss, len(data)
+        gradient.copy(), Mechanism(float(settings.noise_multiplier), q, 1), loss, n
     )
 
 
@@ -319,6 +335,7 @@ def train_distill(
     threads: int | None = None,
     delta: float | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+    records: int | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into a copy of ``student`` on private data with DP-SGD.
 
@@ -333,13 +350,13 @@ def train_distill(
         settings: the DP-SGD plan.
         temperature: T (> 0).
         alpha: α, weight of the distillation term (0 ≤ α ≤ 1).
-        seed, threads, delta, grad_sample_mode: as for :func:`train_delta`.
+        seed, threads, delta, grad_sample_mode, records: as for :func:`train_delta`.
     """
     t = _number("temperature", temperature, low=0.0)
     a = _number("alpha", alpha, low=0.0, low_inclusive=True)
     if a > 1.0:
         raise PrivacyError(f"alpha must be between 0 and 1, got {alpha}")
-    x, y, q = _prepare(data, settings, delta, threads)
+    x, y, q, n = _prepare(data, settings, delta, threads, records)
     frozen = copy.deepcopy(teacher).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
@@ -350,14 +367,14 @@ def train_distill(
         kl = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean")
         return a * t * t * kl + (1.0 - a) * F.cross_entropy(out, yb)
 
-    run = _run(student, x, y, settings, q, seed, grad_sample_mode)
+    run = _run(student, x, y, settings, q, seed, grad_sample_mode, n)
     try:
-        steps, loss = _epoch_loop(run, settings, len(data), distill_loss)
+        steps, loss = _epoch_loop(run, settings, n, distill_loss)
         params = parameters_vector(run.module)
     finally:
         run.close()
     return DistillResult(
-        params, Mechanism(float(settings.noise_multiplier), q, steps), loss, len(data)
+        params, Mechanism(float(settings.noise_multiplier), q, steps), loss, n
     )
 
 

@@ -207,6 +207,8 @@ class Coordinator:
         self.attempt = 0
         self.committed = next_round - 1
         self.connected: set[str] = set()
+        self.withdrawn: set[str] = set()
+        """Slaves whose decline was final (budget exhausted): never tasked again."""
         self.phase = Phase.WAITING if next_round <= rounds else Phase.FINISHED
         self._wait_since: float | None = None
         self._current: _Attempt | None = None
@@ -347,10 +349,13 @@ class Coordinator:
             return []
         upload.status = SlaveStatus.DECLINED
         current.declines[slave_id] = message
+        if message.final:
+            self.withdrawn.add(slave_id)
         return [
             Note("decline", {"slave": slave_id, "round": current.round, "reason": message.reason,
                              "epsilon_spent": message.epsilon_spent,
-                             "epsilon_remaining": message.epsilon_remaining}),
+                             "epsilon_remaining": message.epsilon_remaining,
+                             "final": message.final}),
             *self._maybe_close_collection(now),
         ]
 
@@ -421,19 +426,27 @@ class Coordinator:
     def _maybe_start(self, now: float) -> list[Action]:
         if self.phase is not Phase.WAITING or self._wait_since is None:
             return []
-        everyone = all(s in self.connected for s in self.slaves)
+        candidates = [s for s in self.slaves if s not in self.withdrawn]
+        if len(candidates) < self.min_slaves:
+            self.phase = Phase.FINISHED
+            return [FederationDone(self.committed, (
+                f"only {len(candidates)} slave(s) can still take part, {self.min_slaves} needed: "
+                f"{', '.join(sorted(self.withdrawn))} declined for good (privacy budget "
+                "exhausted)"))]
+        connected = [s for s in candidates if s in self.connected]
+        everyone = len(connected) == len(candidates)
         waited = now - self._wait_since >= self.join_timeout_s
         if not everyone and not waited:
             return []
-        if len(self.connected) < self.min_slaves:
+        if len(connected) < self.min_slaves:
             self.attempt += 1
             self._current = _Attempt(self.round, self.attempt, self._new_nonce(), now)
             self.phase = Phase.AGGREGATING
             return self._abort(
-                f"only {len(self.connected)} of the {self.min_slaves} slaves needed were "
+                f"only {len(connected)} of the {self.min_slaves} slaves needed were "
                 f"connected after {self.join_timeout_s:g} s", now)
         self.attempt += 1
-        recipients = tuple(s for s in self.slaves if s in self.connected)
+        recipients = tuple(connected)
         current = _Attempt(self.round, self.attempt, self._new_nonce(),
                            now + self.upload_deadline_s)
         current.uploads = {s: _Upload() for s in recipients}

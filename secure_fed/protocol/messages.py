@@ -1,4 +1,4 @@
-"""Wire messages of protocol version 1.
+"""Wire messages of protocol version 3.
 
 Every control message is one websocket *text* message holding a JSON object with a ``type``
 field; bulk data (model parameters, ciphertext chunks) travels as *binary* messages whose
@@ -23,10 +23,12 @@ from pydantic import (
 
 from secure_fed.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
-"""Version 2 binds the attempt's task nonce into the secure-aggregation settings digest, and
-adds ``plan.dp`` and a null ε for runs without DP; a slave of version 1 is refused at
-``hello`` (close code 4002) instead of failing a masked round's signatures."""
+PROTOCOL_VERSION = 3
+"""Version 3 narrows what a slave releases: no training loss in the update header, the
+FedAvg weight is a public count (a DP release or one its data owner declared public), only
+this federation's mechanisms and ε, and a decline can say that it is final. Version 2 bound
+the attempt's task nonce into the secure-aggregation settings digest and added ``plan.dp``.
+A slave of an older version is refused at ``hello`` (close code 4002)."""
 SUBPROTOCOL = "secure-fed.v1"
 MAX_CERTIFICATE_CHARS = 8192
 """Longest PEM certificate a ``hello`` may carry (plain ws:// on loopback only)."""
@@ -43,6 +45,8 @@ Text = Annotated[str, Field(max_length=2000)]
 Signature = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{8,200}={0,2}$")]
 """Standard base64 (with padding) of a DER ECDSA-SHA256 or a 64-byte Ed25519 signature."""
 UPDATE_SIGNATURE_CONTEXT = "secure-fed-update-v1"
+WeightSource = Literal["dp-count", "declared-public", "exact-no-dp"]
+"""How a slave's FedAvg weight (its record count) became public; see :class:`UpdateHeader`."""
 
 
 class _Message(BaseModel):
@@ -50,11 +54,17 @@ class _Message(BaseModel):
 
 
 class MechanismRecord(_Message):
-    """One DP-SGD run as the accountant sees it: (σ, sample rate, steps)."""
+    """One release as the accountant sees it: (σ, sample rate, steps).
+
+    ``kind`` says what was released: ``dp-sgd`` (a round of DP-SGD steps) or ``count`` (the
+    record count with the Gaussian mechanism, sensitivity 1: ``sample_rate`` 1, one step).
+    Both compose in the same accountant.
+    """
 
     noise_multiplier: float = Field(ge=0, le=1e6, allow_inf_nan=False)
     sample_rate: float = Field(gt=0, le=1, allow_inf_nan=False)
     steps: int = Field(ge=1, le=10**9)
+    kind: Literal["dp-sgd", "count"] = "dp-sgd"
 
 
 # --- slave -> master -------------------------------------------------------------------------
@@ -75,16 +85,25 @@ class Hello(_Message):
 class UpdateHeader(_Message):
     """Announces an encrypted update; exactly ``chunks`` binary messages follow.
 
+    Every field is classified in :mod:`secure_fed.protocol.release` (DP output, public or
+    protocol); nothing computed from the slave's records leaves un-noised.
+
     Args:
         round: the round being answered.
         nonce: the nonce of that round's task (an update for another task is refused).
-        weight: FedAvg weight (the slave's record count), already multiplied into the update.
+        weight: FedAvg weight, already multiplied into the update: the slave's *public*
+            record count (see ``weight_source``), never its exact count unless its data owner
+            declared that public.
+        weight_source: ``dp-count`` (a Gaussian release of the record count, once per
+            federation, recorded in the slave's ledger and listed in ``mechanisms``),
+            ``declared-public`` (the data owner declared the exact count public) or
+            ``exact-no-dp`` (the exact count, only in a run without DP, which no ε bounds).
         chunk_sha256: SHA-256 of each binary chunk, in sending order.
         chunk_bytes: size of each chunk in bytes, in sending order.
-        loss: mean training loss of the slave's last local epoch.
-        mechanisms: the DP mechanisms run for this update (already in the slave's ledger).
-        epsilon_spent: the slave's total ε after this update, at ``delta``; ``None`` when no
-            ε bounds it (its ledger holds a release without DP, σ = 0 in ``mechanisms``).
+        mechanisms: every release this slave made to *this* federation, this update's
+            included (already in its ledger); other federations' releases stay at the slave.
+        epsilon_spent: ε of ``mechanisms`` at ``delta`` (this federation's share of the
+            slave's budget); ``None`` when no ε bounds it (a release without DP, σ = 0).
         signature: base64 signature by the slave's certificate key over
             :func:`update_signing_bytes` of this update.
     """
@@ -93,11 +112,11 @@ class UpdateHeader(_Message):
     round: Round
     nonce: Nonce
     weight: int = Field(ge=1, le=2**31)
+    weight_source: WeightSource
     chunk_sha256: list[Hex64] = Field(min_length=1, max_length=100_000)
     chunk_bytes: list[Annotated[int, Field(ge=1, le=2**30)]] = Field(
         min_length=1, max_length=100_000
     )
-    loss: float = Field(allow_inf_nan=False)
     mechanisms: list[MechanismRecord] = Field(min_length=1, max_length=1000)
     epsilon_spent: float | None = Field(ge=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
@@ -121,15 +140,25 @@ def update_signing_bytes(federation_id: str, round_: int, nonce: str, weight: in
 
 
 class Decline(_Message):
-    """A slave refuses a round (budget, policy) and says why (``epsilon_spent`` as in
-    :class:`UpdateHeader`)."""
+    """A slave refuses a round (budget, policy) and says why.
+
+    Args:
+        round, nonce: the task declined.
+        reason: one line for the operator.
+        epsilon_spent: ε this slave spent on *this* federation (as in :class:`UpdateHeader`).
+        epsilon_remaining: what is left of the ε this federation's plan grants (never the
+            slave's lifetime budget, which stays with its data owner).
+        final: the slave will decline every further task of this federation (its budget
+            for it is exhausted); the master stops tasking it.
+    """
 
     type: Literal["decline"] = "decline"
     round: Round
     nonce: Nonce
     reason: Text
     epsilon_spent: float | None = Field(ge=0, allow_inf_nan=False)
-    epsilon_remaining: float = Field(allow_inf_nan=False)
+    epsilon_remaining: float = Field(ge=0, allow_inf_nan=False)
+    final: bool = False
 
 
 # --- master -> slave -------------------------------------------------------------------------

@@ -43,8 +43,21 @@ from secure_fed.errors import (
 from secure_fed.faults import crash_point
 from secure_fed.master.bundle import SlaveBundle, context_digest
 from secure_fed.models.package import ModelPackage
-from secure_fed.privacy.accounting import calibrate_noise
-from secure_fed.privacy.ledger import LedgerEntry, PrivacyLedger
+from secure_fed.privacy.accounting import calibrate_noise, epsilon
+from secure_fed.privacy.count import count_mechanism, release_count
+from secure_fed.privacy.data_source import (
+    arrays_source_id,
+    check_source_id,
+    default_ledger_dir,
+    register_ledger,
+)
+from secure_fed.privacy.ledger import (
+    COUNT_MODE,
+    LEDGER_FILE,
+    Declaration,
+    LedgerEntry,
+    PrivacyLedger,
+)
 from secure_fed.privacy.training import DPSettings
 from secure_fed.protocol.messages import (
     PROTOCOL_VERSION,
@@ -60,6 +73,7 @@ from secure_fed.protocol.messages import (
     RoundEnd,
     Task,
     UpdateHeader,
+    WeightSource,
     Welcome,
     parse_master_message,
     update_signing_bytes,
@@ -84,12 +98,18 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 @dataclass
 class SlaveReport:
-    """What a slave did in one run of :meth:`Slave.run`."""
+    """What a slave did in one run of :meth:`Slave.run`.
+
+    Args:
+        epsilon: the data source's lifetime ε (every federation), from its ledger.
+        federation_epsilon: the ε this federation took (what its master was told).
+    """
 
     slave_id: str
     rounds_trained: list[int] = field(default_factory=list)
     rounds_declined: list[int] = field(default_factory=list)
     epsilon: float = 0.0
+    federation_epsilon: float = 0.0
     finished_reason: str = ""
 
 
@@ -103,7 +123,16 @@ class Slave:
     Args:
         bundle: this slave's bundle (certificate, key, public HE context, settings).
         data: the private training data; it never leaves this process.
-        state_dir: where the privacy ledger lives (default: the bundle directory).
+        state_dir: where the privacy ledger lives (default: the per-user folder of
+            ``source_id``, see :mod:`secure_fed.privacy.data_source`).
+        budget_epsilon: the data owner's lifetime budget for this data source (ε at the
+            bundle's δ, over every federation); ``None`` keeps the ledger's (a data source
+            without a ledger yet needs one).
+        source_id: the data source's name, which keys its ledger (default: a fingerprint of
+            ``data``'s content).
+        public_count: the data owner declares the exact record count public (it must equal
+            ``len(data)``); ``None``: the count leaves only as a DP release, once per
+            federation.
         workers: encryption worker processes (``None``: the bundle's setting).
         threads: torch threads for local training.
         reconnect_give_up_s: stop reconnecting after this many seconds without a connection.
@@ -124,6 +153,9 @@ class Slave:
         data: Dataset,
         *,
         state_dir: Path | None = None,
+        budget_epsilon: float | None = None,
+        source_id: str | None = None,
+        public_count: int | None = None,
         workers: int | None = None,
         threads: int = 1,
         reconnect_give_up_s: float = 300.0,
@@ -140,8 +172,16 @@ class Slave:
         self.config = bundle.config
         self._plain = _plain_url(self.config.master_url, insecure_loopback)
         self.data = data
-        self.state_dir = Path(state_dir) if state_dir is not None else bundle.directory
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.source_id = check_source_id(
+            source_id if source_id is not None else arrays_source_id(data.features, data.labels))
+        self.state_dir = (Path(state_dir) if state_dir is not None
+                          else default_ledger_dir(self.source_id))
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if public_count is not None and public_count != len(data.labels):
+            raise ConfigError(
+                f"--public-count {public_count} does not match the {len(data.labels)} records "
+                "of this data source; declare its exact count, or leave the count private")
+        self.public_count = public_count
         self.threads = threads
         self.reconnect_give_up_s = reconnect_give_up_s
         self._on_event = on_event or (lambda kind, data: None)
@@ -151,9 +191,16 @@ class Slave:
                 f"slave '{self.config.slave_id}' holds {weight} records, more than the "
                 f"federation's max_weight_per_slave={self.config.encryption.max_weight_per_slave};"
                 " re-run `secure-fed init` with a larger --max-records")
+        new_ledger = not (self.state_dir / LEDGER_FILE).exists()
         self.ledger = PrivacyLedger.open(
-            self.state_dir, budget_epsilon=self.config.budget_epsilon, delta=self.config.delta,
-            accountant=self.config.accountant, source_id=self.config.slave_id)
+            self.state_dir, budget_epsilon=budget_epsilon, delta=self.config.delta,
+            accountant=self.config.accountant, source_id=self.source_id)
+        elsewhere = register_ledger(self.source_id, self.state_dir)
+        if new_ledger and elsewhere:
+            log.warning("NEW privacy ledger for data source '%s' in %s, but this source already "
+                        "has a ledger in %s: ε spent there is NOT counted here. Use --state %s "
+                        "to spend from the same budget", self.source_id, self.state_dir,
+                        ", ".join(map(str, elsewhere)), elsewhere[0])
         self._public_context = bundle.public_context.read_bytes()
         self._workers = workers if workers is not None else self.config.encryption.workers
         self.report = SlaveReport(self.config.slave_id)
@@ -194,6 +241,7 @@ class Slave:
                     await channel.close()
                 give_up_at = asyncio.get_running_loop().time() + self.reconnect_give_up_s
         self.report.epsilon = self.ledger.spent()
+        self.report.federation_epsilon = self.ledger.spent_in(self.config.federation_id)
         return self.report
 
     async def _session(self, channel: Channel, encoder: UpdateEncoder) -> bool:
@@ -266,12 +314,20 @@ class Slave:
             if self.ledger.has_task(fed, task.nonce):
                 raise PrivacyError("an update for this task was already produced; training "
                                    "again would spend the budget twice")
-            settings = self._plan_privacy(task) if task.plan.dp else self._plan_without_dp(task)
             if masked and task.secagg is None:
                 raise PrivacyError("the federation masks updates, but this task carries no "
                                    "secure aggregation: declining before training")
+            if task.plan.dp:
+                records, weight_source = self._public_count(task)
+                settings = self._plan_privacy(task, records)
+            else:
+                settings = self._plan_without_dp(task)
+                # a release without DP is unbounded anyway: the exact count adds nothing to it
+                records, weight_source = len(self.data.labels), "exact-no-dp"
+            source: WeightSource = weight_source
         except (ModelError, PrivacyError) as exc:
-            await self._decline(channel, task, str(exc))
+            await self._decline(channel, task, str(exc),
+                                final=isinstance(exc, BudgetExhausted))
             return
         delivery = None
         if masked:  # only under this slave's own masked protection, whatever the task says
@@ -285,19 +341,25 @@ class Slave:
         seed = secrets.randbits(63)
         result = await asyncio.to_thread(train_update, task.plan, model, student, self.data,
                                          settings, seed=seed, threads=self.threads,
-                                         delta=self.config.delta)
+                                         delta=self.config.delta, records=records)
         if result.vector.size != task.vector_size:
             raise ProtocolError(f"the update has {result.vector.size} values, the task "
                                 f"announced {task.vector_size}")
         crash_point("slave.training")
         # The ledger is written before anything derived from the data leaves this process.
-        self.ledger.record([LedgerEntry(
-            noise_multiplier=result.mechanism.noise_multiplier,
-            sample_rate=result.mechanism.sample_rate, steps=result.mechanism.steps,
-            delta=self.config.delta, federation_id=fed, round=task.round, mode=task.plan.mode,
-            task_nonce=task.nonce)], without_dp=not settings.dp)
+        try:
+            self.ledger.record([LedgerEntry(
+                noise_multiplier=result.mechanism.noise_multiplier,
+                sample_rate=result.mechanism.sample_rate, steps=result.mechanism.steps,
+                delta=self.config.delta, federation_id=fed, round=task.round,
+                mode=task.plan.mode, task_nonce=task.nonce)], without_dp=not settings.dp)
+        except BudgetExhausted as exc:
+            # another process spent from the same ledger meanwhile: nothing was sent
+            self._secagg = None
+            await self._decline(channel, task, str(self._lifetime_exhausted(exc)), final=True)
+            return
         crash_point("slave.after_ledger")
-        spent = self.ledger.spent()
+        spent = self.ledger.spent_in(fed)
         try:
             chunks = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: self._protect(encoder, result.vector, result.samples, delivery))
@@ -312,11 +374,12 @@ class Slave:
         signature = base64.b64encode(sign(self.bundle.key.read_bytes(), signed)).decode("ascii")
         header = UpdateHeader(
             round=task.round, nonce=task.nonce, weight=result.samples,
-            chunk_sha256=hashes, signature=signature,
-            chunk_bytes=[len(c) for c in chunks], loss=float(result.loss),
-            mechanisms=[MechanismRecord(noise_multiplier=m.noise_multiplier,
-                                        sample_rate=m.sample_rate, steps=m.steps)
-                        for m in self.ledger.mechanisms()],
+            weight_source=source, chunk_sha256=hashes, signature=signature,
+            chunk_bytes=[len(c) for c in chunks],
+            mechanisms=[MechanismRecord(noise_multiplier=e.noise_multiplier,
+                                        sample_rate=e.sample_rate, steps=e.steps,
+                                        kind="count" if e.mode == COUNT_MODE else "dp-sgd")
+                        for e in self.ledger.federation_entries(fed)],
             epsilon_spent=_bounded(spent), delta=self.config.delta,
             accountant=self.config.accountant)
         await channel.send(header)
@@ -460,26 +523,94 @@ class Slave:
             raise ModelError(f"no parameters for '{header.architecture}'")
         return ModelPackage.from_parts(header.model_dump(exclude={"params_bytes"}), params)
 
-    def _plan_privacy(self, task: Task) -> DPSettings:
-        """Calibrate σ so that this data source's budget lasts the rounds still to come."""
+    def _federation_epsilon(self, plan: Plan) -> float:
+        """The ε this federation may take from this data source: its plan's, never more than
+        this slave's bundle agreed to (a master cannot raise it by changing the plan)."""
+        return min(plan.epsilon, self.config.federation_epsilon)
+
+    def _public_count(self, task: Task) -> tuple[int, WeightSource]:
+        """The record count this federation may be told, and how it became public.
+
+        The data owner's declared count, or this federation's DP count release: drawn once
+        (the first task that needs it), recorded in the ledger before it is used, reused for
+        every later round.
+        """
+        fed = self.config.federation_id
+        if self.public_count is not None:
+            self.ledger.declare(Declaration(fed, "record_count", self.public_count))
+            return self.public_count, "declared-public"
+        released = self.ledger.released_count(fed)
+        if released is not None and released.value is not None:
+            return int(released.value), "dp-count"
+        mechanism = count_mechanism(self._federation_epsilon(task.plan), self.config.delta,
+                                    self.config.accountant)
+        after = epsilon([*self.ledger.federation_mechanisms(fed), mechanism],
+                        self.config.delta, self.config.accountant)
+        if after > self._federation_epsilon(task.plan):
+            raise BudgetExhausted(
+                f"budget of federation '{fed}' exhausted for slave '{self.config.slave_id}': "
+                f"releasing the record count would bring its ε to {after:.2f} of "
+                f"{self._federation_epsilon(task.plan):g}")
+        try:
+            self.ledger.check([mechanism])
+        except BudgetExhausted as exc:
+            raise self._lifetime_exhausted(exc) from exc
+        value = release_count(len(self.data.labels), mechanism.noise_multiplier,
+                              upper=self.config.encryption.max_weight_per_slave)
+        self.ledger.record([LedgerEntry(
+            noise_multiplier=mechanism.noise_multiplier, sample_rate=1.0, steps=1,
+            federation_id=fed, round=task.round, mode=COUNT_MODE, delta=self.config.delta,
+            value=float(value))])
+        log.info("released the record count to federation '%s' with Gaussian noise σ=%.1f",
+                 fed, mechanism.noise_multiplier)
+        return value, "dp-count"
+
+    def _plan_privacy(self, task: Task, records: int) -> DPSettings:
+        """Calibrate σ so that the rounds still to come keep this federation within its plan's
+        ε and this data source within its owner's lifetime budget.
+
+        Only public values enter: the public record count, the plan, and the ledger. When
+        every round runs as planned this gives the same σ each round; a repeated or extra
+        round (a new release) raises σ for the rest, never the federation's total.
+        """
         plan = task.plan
-        records = len(self.data.labels)
+        fed = self.config.federation_id
         if self.config.delta >= 1.0 / records:
-            raise PrivacyError(f"δ={self.config.delta:g} is not below 1/records=1/{records}; "
-                               "choose a smaller δ for this slave")
-        draft = self._local_settings(plan)
+            raise PrivacyError(f"δ={self.config.delta:g} is not below 1/records=1/{records} "
+                               "(the public record count); choose a smaller δ")
+        draft = self._local_settings(plan, records)
         rounds_left = max(1, plan.rounds_total - task.round + 1)
-        # The federation asks for plan.epsilon; the data source never exceeds its own budget.
-        budget = min(self.config.budget_epsilon, self.ledger.spent() + plan.epsilon)
+        shape = {"sample_rate": draft.sample_rate(records),
+                 "steps_per_round": steps_per_round(plan.mode, draft, records),
+                 "rounds": rounds_left, "delta": self.config.delta,
+                 "accountant": self.config.accountant}
+        federation = self.ledger.federation_mechanisms(fed)
+        lifetime = self.ledger.mechanisms()
+        limit = self._federation_epsilon(plan)
         try:
             sigma = calibrate_noise(
-                self.ledger.mechanisms(), sample_rate=draft.sample_rate(records),
-                steps_per_round=steps_per_round(plan.mode, draft, records),
-                rounds=rounds_left, delta=self.config.delta, budget=budget,
-                accountant=self.config.accountant, source_id=self.config.slave_id)
+                federation, budget=min(limit, self.ledger.budget_epsilon),
+                source_id=self.config.slave_id, scope=f"federation '{fed}'",
+                **shape)  # type: ignore[arg-type]
         except BudgetExhausted as exc:
             raise BudgetExhausted(f"{exc} (round {task.round} of {plan.rounds_total})") from exc
+        if len(lifetime) > len(federation):
+            try:
+                sigma = max(sigma, calibrate_noise(
+                    lifetime, budget=self.ledger.budget_epsilon,
+                    source_id=self.source_id, **shape))  # type: ignore[arg-type]
+            except BudgetExhausted as exc:
+                raise self._lifetime_exhausted(exc) from exc
         return replace(draft, noise_multiplier=sigma)
+
+    def _lifetime_exhausted(self, exc: BudgetExhausted) -> BudgetExhausted:
+        """The decline to send when the *lifetime* budget stops a round: its figures are the
+        data owner's (they reflect other federations) and stay in this slave's log."""
+        log.warning("%s", exc)
+        # Not even the source id: by default it is a fingerprint of the data's content.
+        return BudgetExhausted(
+            "the lifetime privacy budget of this data source (set by its data owner, over "
+            "every federation) does not allow another round; details in the slave's log")
 
     def _plan_without_dp(self, task: Task) -> DPSettings:
         """Plain SGD settings for a task whose plan turns DP off, if this slave allows it."""
@@ -487,22 +618,30 @@ class Slave:
             raise PrivacyError("the task asks for training without differential privacy (plan "
                                "dp = false); this slave takes such tasks only if its data owner "
                                "started it with --allow-no-dp")
-        return replace(self._local_settings(task.plan), noise_multiplier=0.0, dp=False)
+        return replace(self._local_settings(task.plan, len(self.data.labels)),
+                       noise_multiplier=0.0, dp=False)
 
-    def _local_settings(self, plan: Plan) -> DPSettings:
-        """The plan's local training settings on this slave's data (σ still to calibrate)."""
+    def _local_settings(self, plan: Plan, records: int) -> DPSettings:
+        """The plan's local training settings for ``records`` records (the public count;
+        σ still to calibrate)."""
         return DPSettings(noise_multiplier=1.0, max_grad_norm=plan.max_grad_norm,
-                          batch_size=min(plan.batch_size, len(self.data.labels)),
+                          batch_size=min(plan.batch_size, records),
                           epochs=plan.epochs, lr=plan.lr, momentum=plan.momentum)
 
-    async def _decline(self, channel: Channel, task: Task, reason: str) -> None:
-        spent = self.ledger.spent()
-        log.warning("declining round %d: %s", task.round, reason)
+    async def _decline(self, channel: Channel, task: Task, reason: str, *,
+                       final: bool = False) -> None:
+        """Tell the master this task is declined: this federation's ε and what is left of it,
+        never the lifetime ledger. ``final``: every later task of the federation will be too."""
+        fed = self.config.federation_id
+        spent = self.ledger.spent_in(fed)
+        left = self._federation_epsilon(task.plan) - spent if math.isfinite(spent) else 0.0
+        log.warning("declining round %d%s: %s", task.round, " for good" if final else "",
+                    reason)
         self.report.rounds_declined.append(task.round)
-        self._on_event("declined", {"round": task.round, "reason": reason})
+        self._on_event("declined", {"round": task.round, "reason": reason, "final": final})
         await channel.send(Decline(round=task.round, nonce=task.nonce, reason=reason[:2000],
                                    epsilon_spent=_bounded(spent),
-                                   epsilon_remaining=max(0.0, self.config.budget_epsilon - spent)))
+                                   epsilon_remaining=max(0.0, left), final=final))
 
 
 def _plain_url(url: str, insecure_loopback: bool) -> bool:
@@ -525,6 +664,6 @@ def _plain_url(url: str, insecure_loopback: bool) -> bool:
 __all__ = ["Slave", "SlaveReport", "SecureFedError"]
 
 
-def _bounded(epsilon: float) -> float | None:
+def _bounded(value: float) -> float | None:
     """ε as the protocol carries it: ``None`` when nothing bounds it (a release without DP)."""
-    return epsilon if math.isfinite(epsilon) else None
+    return value if math.isfinite(value) else None

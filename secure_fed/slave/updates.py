@@ -33,8 +33,9 @@ class UpdateResult:
     Args:
         vector: float32 values in ``parameters_vector`` order (length ``task.vector_size``).
         mechanism: the DP mechanism that produced it (recorded in the ledger before sending).
-        loss: mean training loss of the last local epoch (nats).
-        samples: the slave's record count (its FedAvg weight).
+        loss: mean training loss of the last local epoch (nats), computed from the records
+            without noise: for the data owner's own display, never sent.
+        samples: the public record count the run was planned with (the FedAvg weight).
     """
 
     vector: np.ndarray
@@ -52,7 +53,7 @@ def steps_per_round(mode: str, settings: DPSettings, records: int) -> int:
 
 def train_update(plan: Plan, model: nn.Module, student: nn.Module | None, data: Dataset,
                  settings: DPSettings, *, seed: int, threads: int,
-                 delta: float) -> UpdateResult:
+                 delta: float, records: int | None = None) -> UpdateResult:
     """Train on ``data`` as ``plan.mode`` asks and return the update to encrypt.
 
     Args:
@@ -62,19 +63,23 @@ def train_update(plan: Plan, model: nn.Module, student: nn.Module | None, data: 
             ``model``).
         data: this slave's private records.
         settings: the calibrated DP-SGD settings.
-        seed, threads, delta: as for :func:`secure_fed.privacy.training.train_delta`.
+        seed, threads, delta, records: as for :func:`secure_fed.privacy.training.train_delta`
+            (``records``: the slave's public record count).
     """
     if plan.mode == "delta":
-        result = train_delta(model, data, settings, seed=seed, threads=threads, delta=delta)
+        result = train_delta(model, data, settings, seed=seed, threads=threads, delta=delta,
+                             records=records)
         return UpdateResult(result.delta_vector, result.mechanism, result.loss, result.samples)
     if plan.mode == "gradient":
-        grad = train_gradient(model, data, settings, seed=seed, threads=threads, delta=delta)
+        grad = train_gradient(model, data, settings, seed=seed, threads=threads, delta=delta,
+                              records=records)
         return UpdateResult(grad.gradient, grad.mechanism, grad.loss, grad.samples)
     start = student if student is not None else copy.deepcopy(model)
     before = parameters_vector(start)
     if plan.temperature is None or plan.alpha is None:
         raise ModelError("a distill plan must carry a temperature and an alpha")
     distilled = train_distill(model, start, data, settings, temperature=plan.temperature,
-                              alpha=plan.alpha, seed=seed, threads=threads, delta=delta)
+                              alpha=plan.alpha, seed=seed, threads=threads, delta=delta,
+                              records=records)
     return UpdateResult(distilled.params_vector - before, distilled.mechanism, distilled.loss,
                         distilled.samples)
