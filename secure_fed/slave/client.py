@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from secure_fed import __version__
+from secure_fed.config.schema import require_same_schema
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.crypto import plain_codec as pc
 from secure_fed.crypto.certificates import party_id_from_certificate, sign, verify_signature
@@ -33,6 +34,7 @@ from secure_fed.errors import (
     BudgetExhausted,
     ConfigError,
     CryptoError,
+    DataError,
     IdentityError,
     ModelError,
     PrivacyError,
@@ -259,6 +261,7 @@ class Slave:
             if task.plan.mode == "distill" and (task.plan.temperature is None
                                                 or task.plan.alpha is None):
                 raise ModelError("a distill task must carry a temperature and an alpha")
+            require_same_schema(self.config.data_schema, task.plan.data_schema, where="the task")
             model = self._accept_model(task.model, params).build()
             student = (self._accept_model(task.student, student_params).build()
                        if task.student is not None and isinstance(student_params, bytes)
@@ -270,7 +273,7 @@ class Slave:
             if masked and task.secagg is None:
                 raise PrivacyError("the federation masks updates, but this task carries no "
                                    "secure aggregation: declining before training")
-        except (ModelError, PrivacyError) as exc:
+        except (ModelError, PrivacyError, DataError) as exc:
             await self._decline(channel, task, str(exc))
             return
         delivery = None
