@@ -401,6 +401,16 @@ def load_slave_config(path: Path) -> SlaveConfig:
     return result
 
 
+def _without_none(value: Any) -> Any:
+    """``value`` with every ``None`` left out of its dicts (after the fields' serializers ran,
+    so a ``None`` written as a word stays)."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
 def write_config(path: Path, config: BaseModel) -> None:
     """Write a configuration model as TOML, durably.
 
@@ -408,7 +418,7 @@ def write_config(path: Path, config: BaseModel) -> None:
     as a word, like ``evaluation.dataset = "none"``). The text is read back before it is
     written, and :class:`ConfigError` is raised if it would load as another configuration.
     """
-    text = tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+    text = tomli_w.dumps(_without_none(config.model_dump(mode="json")))
     try:
         again = type(config).model_validate(tomllib.loads(text))
     except ValidationError as exc:
