@@ -38,7 +38,7 @@ def test_bundled_datasets(name: str, n: int, f: int, c: int, prep: str) -> None:
     assert (len(ds), ds.num_features, ds.num_classes, ds.preprocessing) == (n, f, c, prep)
     assert ds.features.dtype == np.float32 and ds.labels.dtype == np.int64
     assert len(ds.feature_names) == f and len(ds.class_names) == c
-    assert ds.features.min() == 0.0 and ds.features.max() == 1.0
+    assert ds.features.min() == (0.0 if name == "digits" else -1.0) and ds.features.max() == 1.0
     if name == "digits":  # pixels 0…16 over the public range [0, 16]: exactly x / 16
         raw = load_bundled(name, scaled=False)
         assert np.array_equal(ds.features, raw.features / np.float32(16.0))
@@ -104,7 +104,7 @@ def test_tabular_demo_parts_are_scaled_with_public_ranges_only() -> None:
     schema = bundled_schema("wine")
     part = slave_partition("wine", index=0, count=2, seed=0)
     assert part.preprocessing == "scaled:public-range"
-    assert part.features.min() >= 0.0 and part.features.max() <= 1.0
+    assert part.features.min() >= -1.0 and part.features.max() <= 1.0
     # Each record's features are a function of that record and the public ranges alone.
     whole, _ = scale_features(raw_train.features, schema)
     parts = partition_iid(len(raw_train), 2, 0)

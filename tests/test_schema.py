@@ -142,6 +142,9 @@ def test_a_different_schema_is_named_and_refused() -> None:
     with pytest.raises(DataError, match="classes"):
         require_same_schema(schema, schema.model_copy(update={"classes": ["a", "b", "c"]}),
                             where="the task")
+    with pytest.raises(DataError, match="features mapped to 0..1 instead of -1..1"):
+        require_same_schema(schema, schema.model_copy(update={"scale_to": "0..1"}),
+                            where="the task")
 
 
 def test_the_plan_carries_the_whole_schema_only_when_there_is_one() -> None:
@@ -179,6 +182,9 @@ def test_builtin_ranges_are_the_published_ones_and_fit_the_data(name: str) -> No
 def test_digits_pixels_scale_by_their_constructed_range() -> None:
     schema = bundled_schema("digits")
     assert {(f.low, f.high) for f in schema.features} == {(0.0, 16.0)}
+    assert schema.scale_to == "0..1"
+    assert np.array_equal(scale_features(np.array([[0.0] * 63 + [16.0]]), schema)[0],
+                          [[0.0] * 63 + [1.0]])
     assert schema.classes == [str(i) for i in range(10)] and schema.num_features == 64
 
 
@@ -218,7 +224,7 @@ def test_columns_in_another_order_are_matched_by_name(tmp_path: Path, schema: Da
     a, b = load_checked(ordered, schema), load_checked(shuffled, schema)
     assert np.array_equal(a.features, b.features) and a.feature_names == b.feature_names
     assert a.labels.tolist() == [0, 2]  # positions in the schema's class list
-    assert np.allclose(a.features[0], [30 / 120, 80 / 200, 0.5])
+    assert np.allclose(a.features[0], [2 * 30 / 120 - 1, 2 * 80 / 200 - 1, 0.5])  # to [-1, 1]
     assert a.preprocessing == "scaled:public-range" and a.class_names == schema.classes
 
 
@@ -255,8 +261,8 @@ def test_values_outside_a_range_are_clipped_and_counted_in_the_local_log(
                  "-5,250,0.5,low-risk\n60,140,0.5,unknown\n")
     with caplog.at_level(logging.WARNING, logger="secure_fed.data.scaling"):
         ds = load_checked(table, schema)
-    assert ds.features[:, 0].tolist() == [1.0, 0.0, 0.5]
-    assert ds.features[:, 1].tolist() == [0.0, 1.0, 0.5]
+    assert ds.features[:, 0].tolist() == [1.0, -1.0, 0.0]
+    assert ds.features[:, 1].tolist() == [-1.0, 1.0, 0.0]
     assert ds.features[:, 2].tolist() == [7.0, 0.5, 0.5]  # scaled = true: as given
     lines = [r.getMessage() for r in caplog.records]
     assert "t.csv: 2 value(s) of column 'age' clipped to the schema's range [0, 120]" in lines
@@ -270,7 +276,7 @@ def test_npz_tables_must_fit_the_column_count_and_the_classes(
     np.savez(good, features=np.array([[60.0, 140.0, 0.5], [30.0, 40.0, 0.1]]),
              labels=np.array([2, 0]))
     ds = load_checked(good, schema)
-    assert ds.labels.tolist() == [2, 0] and ds.features[0, 0] == pytest.approx(0.5)
+    assert ds.labels.tolist() == [2, 0] and ds.features[0, 0] == pytest.approx(0.0)
     named = tmp_path / "named.npz"
     np.savez(named, features=np.array([[0.5, 60.0, 140.0]]), labels=np.array([1]),
              feature_names=np.array(["score", "age", "pressure"]))

@@ -5,7 +5,8 @@ bound holds only if preparing the data does not let one record move the others: 
 standardized its features with its own mean and deviation, or mapped labels from the labels
 present in its own file, would let one outlier (or one record of a rare class) change every
 other record's input. So every slave of a federation scales each feature with the same
-*public* range ``[low, high]`` written in the schema (clip, then map to ``[0, 1]``), and maps
+*public* range ``[low, high]`` written in the schema (clip, then map to ``[-1, 1]``, or
+``[0, 1]`` with ``scale_to = "0..1"``), and maps
 labels by their position in the schema's class list. Nothing about a slave's own records
 enters either step.
 
@@ -18,6 +19,7 @@ A schema file (``secure-fed init --schema schema.toml``) holds the same fields::
 
     label = "diagnosis"
     classes = ["malignant", "benign"]      # class i is the i-th label value
+    scale_to = "-1..1"                     # the default; "0..1" maps to [0, 1] instead
 
     [[features]]                           # one table per feature column, in model order
     name = "mean radius"
@@ -40,7 +42,7 @@ import json
 import math
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -112,6 +114,9 @@ class DataSchema(BaseModel):
             of its label in this list (never derived from the labels a file holds).
         features: the feature columns in the model's input order, each with its public range.
         scaled: every feature given without a range arrives already scaled (used as is).
+        scale_to: the interval each ranged feature is mapped to: ``"-1..1"`` (the default:
+            centred inputs, which SGD trains faster on for measurements such as lab values)
+            or ``"0..1"`` (e.g. pixel intensities, as the built-in ``digits`` schema uses).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -120,6 +125,7 @@ class DataSchema(BaseModel):
     classes: list[str] = Field(min_length=2, max_length=MAX_SCHEMA_CLASSES)
     features: list[FeatureSpec] = Field(min_length=1, max_length=MAX_SCHEMA_FEATURES)
     scaled: bool = False
+    scale_to: Literal["-1..1", "0..1"] = "-1..1"
 
     @model_validator(mode="before")
     @classmethod
@@ -202,6 +208,8 @@ def schema_difference(ours: DataSchema, theirs: DataSchema) -> str | None:
     for a, b in zip(ours.features, theirs.features, strict=True):
         if a != b:
             return f"feature {a.name!r} is scaled {_scaling(b)} instead of {_scaling(a)}"
+    if ours.scale_to != theirs.scale_to:
+        return f"features mapped to {theirs.scale_to} instead of {ours.scale_to}"
     return "the scaled flag differs"
 
 
@@ -343,9 +351,9 @@ def schema_toml(schema: DataSchema) -> str:
     """The schema as a TOML file :func:`load_schema` reads back to an equal schema."""
     import tomli_w
 
-    data = schema.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
-    data["features"] = [{k: v for k, v in f.items() if not (k == "scaled" and v is False)}
-                        for f in data["features"]]
+    data = schema.model_dump(mode="json", exclude_none=True)
+    features = [{k: v for k, v in f.items() if not (k == "scaled" and v is False)}
+                for f in data.pop("features")]
     if not data["scaled"]:
         del data["scaled"]
-    return tomli_w.dumps(data)
+    return tomli_w.dumps({**data, "features": features})

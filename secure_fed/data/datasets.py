@@ -36,7 +36,8 @@ class Dataset:
         feature_names: F column names.
         class_names: C original label values (``class_names[i]`` is the label mapped to i).
         preprocessing: what was done to the features (``"raw"``, or ``"scaled:public-range"``
-            for features clipped and mapped to [0, 1] with a schema's public ranges).
+            for features clipped and mapped to [-1, 1] or [0, 1] with a schema's public
+            ranges).
     """
 
     name: str
@@ -109,8 +110,9 @@ def load_bundled(name: str, *, scaled: bool = True) -> Dataset:
 
     Args:
         name: one of :data:`BUNDLED_DATASETS`.
-        scaled: scale the features to [0, 1] with the dataset's built-in schema
-            (:func:`secure_fed.data.scaling.bundled_schema`: public ranges only); ``False``
+        scaled: scale the features with the dataset's built-in schema (to [0, 1] for
+            ``digits``, [-1, 1] for the others;
+            :func:`secure_fed.data.scaling.bundled_schema`: public ranges only); ``False``
             returns them in their own units.
     """
     from sklearn import datasets as sk

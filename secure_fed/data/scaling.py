@@ -1,11 +1,12 @@
 """Feature scaling with public ranges only, and the built-in schemas of the bundled datasets.
 
-Every feature is clipped to its schema range ``[low, high]`` and mapped to ``[0, 1]`` by
-``(x − low) / (high − low)``; a feature marked ``scaled`` is used as given. The result for one
-record depends on that record and on public constants only, so changing one record leaves
-every other record's features bitwise identical: the per-record sensitivity DP-SGD assumes
-holds for the prepared data too. How many values were clipped is logged per column at the
-party that holds the data; the counts never leave it.
+Every feature is clipped to its schema range ``[low, high]`` and mapped linearly onto the
+schema's ``scale_to`` interval, ``[-1, 1]`` by default (``[0, 1]`` for ``digits``): ``low`` to
+the interval's start, ``high`` to its end. A feature marked ``scaled`` is used as given. The
+result for one record depends on that record and on public constants only, so changing one
+record leaves every other record's features bitwise identical: the per-record sensitivity
+DP-SGD assumes holds for the prepared data too. How many values were clipped is logged per
+column at the party that holds the data; the counts never leave it.
 
 The bundled datasets' ranges are public facts about them, not statistics of anyone's part:
 ``digits`` pixels are 0…16 by construction; ``breast_cancer`` and ``wine`` use the per-feature
@@ -65,12 +66,13 @@ def bundled_schema(name: str) -> DataSchema:
         ranges = list(_BREAST_CANCER_RANGES if name == "breast_cancer" else _WINE_RANGES)
     return DataSchema(
         label=BUNDLED_LABEL, classes=list(raw.class_names),
+        scale_to="0..1" if name == "digits" else "-1..1",
         features=[FeatureSpec(name=n, low=lo, high=hi)
                   for n, (lo, hi) in zip(raw.feature_names, ranges, strict=True)])
 
 
 def scale_features(features: np.ndarray, schema: DataSchema) -> tuple[np.ndarray, list[int]]:
-    """Clip each column to its public range and map it to ``[0, 1]``.
+    """Clip each column to its public range and map it onto the schema's ``scale_to`` interval.
 
     Args:
         features: N×F values in the schema's feature order, in the columns' own units.
@@ -83,6 +85,7 @@ def scale_features(features: np.ndarray, schema: DataSchema) -> tuple[np.ndarray
     if x.ndim != 2 or x.shape[1] != schema.num_features:
         raise DataError(f"features of shape {x.shape} do not fit the schema's "
                         f"{schema.num_features} feature columns")
+    start, width = (0.0, 1.0) if schema.scale_to == "0..1" else (-1.0, 2.0)
     out = np.empty(x.shape, dtype=np.float32)
     clipped: list[int] = []
     for j, spec in enumerate(schema.features):
@@ -94,7 +97,7 @@ def scale_features(features: np.ndarray, schema: DataSchema) -> tuple[np.ndarray
         # Bounds at float32 precision, the precision of the data: 6.981 must not clip 6.981.
         low, high = float(np.float32(spec.low)), float(np.float32(spec.high))
         clipped.append(int(np.count_nonzero((column < low) | (column > high))))
-        out[:, j] = (np.clip(column, low, high) - low) / (high - low)
+        out[:, j] = start + width * ((np.clip(column, low, high) - low) / (high - low))
     return out, clipped
 
 
