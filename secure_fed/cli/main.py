@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("slave", help="take part in a federation as a data owner",
                        description="Connect to the master named in SLAVE_DIR/slave.toml and "
                        "train on private data that never leaves this machine. Give your own "
-                       "table with --data FILE --label-column NAME, or a bundled dataset part "
-                       "with --dataset NAME --partition I/K for trials.")
+                       "table with --data FILE (checked against the federation's data schema "
+                       "before connecting, and scaled with its public ranges), or a bundled "
+                       "dataset part with --dataset NAME --partition I/K for trials.")
     p.add_argument("bundle", type=Path, metavar="SLAVE_DIR")
     p.add_argument("--data", type=Path, default=None, help="CSV (or NPZ) file of private data")
     p.add_argument("--label-column", default=None,
