@@ -416,7 +416,8 @@ def write_config(path: Path, config: BaseModel) -> None:
 
     TOML has no null: a ``None`` is left out, so it must be the field's default (or be written
     as a word, like ``evaluation.dataset = "none"``). The text is read back before it is
-    written, and :class:`ConfigError` is raised if it would load as another configuration.
+    written, and :class:`secure_fed.errors.ConfigError` is raised if it would load as another
+    configuration.
     """
     text = tomli_w.dumps(_without_none(config.model_dump(mode="json")))
     try:

@@ -61,8 +61,8 @@ def load_csv(
     """Load a CSV file whose first row names the columns; all but the label must be numeric.
 
     A record's class is the position of its label in ``classes`` (the federation's class list,
-    e.g. :attr:`secure_fed.config.schema.DataSchema.classes`), never derived from the labels
-    the file holds: one record of a rare class must not renumber the others, and every slave
+    the ``classes`` of a :class:`secure_fed.config.schema.DataSchema`), never derived from the
+    labels the file holds: one record of a rare class must not renumber the others, and every slave
     must number the classes alike even if its part lacks one. A label outside ``classes`` is
     an error naming its line.
 
