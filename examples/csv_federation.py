@@ -1,14 +1,19 @@
 """A federation over CSV files, run with exactly the commands of the README.
 
-Two "clinics" each hold a CSV table of the breast-cancer data (a disjoint half each, with the
-label in a column named ``outcome``); the master evaluates on a hold-out split that neither
-clinic holds. The script runs, as separate processes::
+Two "clinics" each hold a CSV table of the breast-cancer data (a disjoint half each, in its
+own units, with the label ``malignant`` or ``benign`` in a column named ``diagnosis``); the
+federation's data schema is ``examples/schema.toml`` (the columns, the classes in order and
+each column's public range), and the master evaluates on a hold-out split that neither clinic
+holds. The script runs, as separate processes::
 
     secure-fed init FED --slaves clinic-a,clinic-b --host 127.0.0.1 --port PORT \
-        --features 30 --classes 2 --eval-dataset breast_cancer --rounds R
+        --schema examples/schema.toml --eval-dataset breast_cancer --rounds R
     secure-fed master FED/master --out OUT
-    secure-fed slave FED/slaves/clinic-a --data clinic-a.csv --label-column outcome
-    secure-fed slave FED/slaves/clinic-b --data clinic-b.csv --label-column outcome
+    secure-fed slave FED/slaves/clinic-a --data clinic-a.csv --budget 10
+    secure-fed slave FED/slaves/clinic-b --data clinic-b.csv --budget 10
+
+Each slave checks its table against the schema before it connects, and scales every column
+with the schema's public range (never with its own records' statistics).
 
 Usage: ``python examples/csv_federation.py [--rounds R] [--work DIR]``
 """
@@ -24,7 +29,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from secure_fed.data.partition import slave_partition
+from secure_fed.data.datasets import load_bundled
+from secure_fed.data.partition import partition_iid, select, split_holdout
+
+SCHEMA = Path(__file__).resolve().parent / "schema.toml"
 
 
 def free_port() -> int:
@@ -34,17 +42,16 @@ def free_port() -> int:
 
 
 def write_table(path: Path, index: int) -> None:
-    """One clinic's table: 30 numeric columns and the label column ``outcome`` (0/1).
-
-    Labels are written as the bundled dataset's class numbers, so that the slaves' label
-    mapping (sorted distinct values) matches the master's evaluation split.
-    """
-    part = slave_partition("breast_cancer", index=index, count=2, seed=0)
+    """One clinic's table: the 30 measurements in their own units and the label column
+    ``diagnosis`` (``malignant`` or ``benign``), from the part of the training split that
+    ``secure-fed slave --dataset breast_cancer --partition INDEX/2`` would hold."""
+    train, _ = split_holdout(load_bundled("breast_cancer", scaled=False), 0.2, seed=0)
+    part = select(train, partition_iid(len(train), 2, seed=0)[index])
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*part.feature_names, "outcome"])
+        writer.writerow([*part.feature_names, "diagnosis"])
         for row, label in zip(part.features.tolist(), part.labels.tolist(), strict=True):
-            writer.writerow([*(f"{v:.6g}" for v in row), label])
+            writer.writerow([*(f"{v:.6g}" for v in row), part.class_names[label]])
 
 
 def main() -> int:
@@ -58,7 +65,7 @@ def main() -> int:
     port = free_port()
     fed = work / "fed"
     subprocess.run([*cli, "init", str(fed), "--slaves", "clinic-a,clinic-b", "--host",
-                    "127.0.0.1", "--port", str(port), "--features", "30", "--classes", "2",
+                    "127.0.0.1", "--port", str(port), "--schema", str(SCHEMA),
                     "--eval-dataset", "breast_cancer", "--rounds", str(args.rounds),
                     "--force"], check=True)
     for index, clinic in enumerate(("clinic-a", "clinic-b")):
@@ -66,8 +73,7 @@ def main() -> int:
     master = subprocess.Popen([*cli, "master", str(fed / "master"), "--out", str(work / "out")])
     slaves = [
         subprocess.Popen([*cli, "slave", str(fed / "slaves" / clinic), "--data",
-                          str(work / f"{clinic}.csv"), "--label-column", "outcome",
-                          "--workers", "1"])
+                          str(work / f"{clinic}.csv"), "--budget", "10", "--workers", "1"])
         for clinic in ("clinic-a", "clinic-b")
     ]
     codes = [master.wait(timeout=600)] + [s.wait(timeout=120) for s in slaves]

@@ -31,6 +31,7 @@ from secure_fed.config.settings import (
     ModelSpec,
     TrainingPlanSettings,
 )
+from secure_fed.data.scaling import bundled_schema
 from secure_fed.errors import SecureFedError
 from secure_fed.master.provision import FederationPlan, init_federation
 
@@ -114,10 +115,8 @@ def _archive_previous(out: Path) -> None:
 
 
 def _features(dataset: str) -> tuple[int, int]:
-    from secure_fed.data.datasets import load_bundled
-
-    data = load_bundled(dataset)
-    return int(data.features.shape[1]), int(data.num_classes)
+    schema = bundled_schema(dataset)
+    return schema.num_features, schema.num_classes
 
 
 def run_demo(options: DemoOptions, console: Console) -> int:
@@ -144,6 +143,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         limits=LimitSettings(join_timeout_s=120, upload_deadline_s=300, keepalive_interval_s=10,
                              keepalive_timeout_s=30),
         evaluation=EvaluationSettings(dataset=options.dataset),
+        data_schema=bundled_schema(options.dataset),
     )
     bundle_dir = out / "bundle"
     init_federation(bundle_dir, plan, force=True)

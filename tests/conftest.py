@@ -17,6 +17,7 @@ from secure_fed.config.settings import (
     ModelSpec,
     TrainingPlanSettings,
 )
+from secure_fed.data.scaling import bundled_schema
 from secure_fed.master.bundle import MasterBundle, SlaveBundle
 from secure_fed.master.provision import FederationPlan, init_federation
 from secure_fed.master.server import Master
@@ -42,6 +43,7 @@ def small_plan(slaves: list[str], **overrides: object) -> FederationPlan:
         encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1),
         limits=LimitSettings(join_timeout_s=60, upload_deadline_s=120, open_timeout_s=10),
         evaluation=EvaluationSettings(dataset="digits"),
+        data_schema=bundled_schema("digits"),
     )
     settings.update(overrides)
     return FederationPlan(**settings)  # type: ignore[arg-type]

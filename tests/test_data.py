@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secure_fed.data.datasets import BUNDLED_DATASETS, Dataset, load_bundled, standardize
+from secure_fed.data.datasets import BUNDLED_DATASETS, Dataset, load_bundled
 from secure_fed.data.partition import (
     master_holdout,
     parse_partition,
@@ -19,6 +19,7 @@ from secure_fed.data.partition import (
     slave_partition,
     split_holdout,
 )
+from secure_fed.data.scaling import bundled_schema, scale_features
 from secure_fed.data.tabular import load_csv, load_npz
 from secure_fed.errors import DataError
 
@@ -26,9 +27,9 @@ from secure_fed.errors import DataError
 @pytest.mark.parametrize(
     ("name", "n", "f", "c", "prep"),
     [
-        ("digits", 1797, 64, 10, "scaled:1/16"),
-        ("breast_cancer", 569, 30, 2, "raw"),
-        ("wine", 178, 13, 3, "raw"),
+        ("digits", 1797, 64, 10, "scaled:public-range"),
+        ("breast_cancer", 569, 30, 2, "scaled:public-range"),
+        ("wine", 178, 13, 3, "scaled:public-range"),
     ],
 )
 def test_bundled_datasets(name: str, n: int, f: int, c: int, prep: str) -> None:
@@ -37,24 +38,15 @@ def test_bundled_datasets(name: str, n: int, f: int, c: int, prep: str) -> None:
     assert (len(ds), ds.num_features, ds.num_classes, ds.preprocessing) == (n, f, c, prep)
     assert ds.features.dtype == np.float32 and ds.labels.dtype == np.int64
     assert len(ds.feature_names) == f and len(ds.class_names) == c
-    if name == "digits":
-        assert ds.features.min() == 0.0 and ds.features.max() == 1.0
+    assert ds.features.min() == (0.0 if name == "digits" else -1.0) and ds.features.max() == 1.0
+    if name == "digits":  # pixels 0…16 over the public range [0, 16]: exactly x / 16
+        raw = load_bundled(name, scaled=False)
+        assert np.array_equal(ds.features, raw.features / np.float32(16.0))
 
 
 def test_unknown_bundled_dataset() -> None:
     with pytest.raises(DataError, match=r"unknown bundled dataset 'mnist'; choose one of digits"):
         load_bundled("mnist")
-
-
-def test_standardize_uses_only_own_statistics() -> None:
-    ds = load_bundled("wine")
-    part = select(ds, np.arange(0, 60))
-    z = standardize(part)
-    assert z.preprocessing == "standardized:per-partition"
-    assert np.allclose(z.features.mean(axis=0), 0.0, atol=1e-5)
-    assert np.allclose(z.features.std(axis=0), 1.0, atol=1e-4)
-    # The statistics of another partition do not enter: standardising a superset differs.
-    assert not np.allclose(standardize(ds).features[:60], z.features)
 
 
 def test_dataset_validation() -> None:
@@ -107,11 +99,18 @@ def test_demo_partitions_cover_the_train_split_exactly() -> None:
     assert np.array_equal(again.labels, parts[1].labels)
 
 
-def test_tabular_demo_partitions_are_standardized_locally() -> None:
+def test_tabular_demo_parts_are_scaled_with_public_ranges_only() -> None:
+    raw_train, raw_test = split_holdout(load_bundled("wine", scaled=False), 0.2, seed=0)
+    schema = bundled_schema("wine")
     part = slave_partition("wine", index=0, count=2, seed=0)
-    assert part.preprocessing == "standardized:per-partition"
-    assert np.allclose(part.features.mean(axis=0), 0.0, atol=1e-5)
-    assert master_holdout("wine", seed=0).preprocessing == "standardized:per-partition"
+    assert part.preprocessing == "scaled:public-range"
+    assert part.features.min() >= -1.0 and part.features.max() <= 1.0
+    # Each record's features are a function of that record and the public ranges alone.
+    whole, _ = scale_features(raw_train.features, schema)
+    parts = partition_iid(len(raw_train), 2, 0)
+    assert np.array_equal(part.features, whole[parts[0]])
+    holdout = master_holdout("wine", seed=0)
+    assert np.array_equal(holdout.features, scale_features(raw_test.features, schema)[0])
 
 
 @settings(max_examples=50, deadline=None)
@@ -193,17 +192,22 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_load_csv_maps_labels_in_sorted_order(tmp_path: Path) -> None:
+def test_load_csv_numbers_classes_by_the_class_list(tmp_path: Path) -> None:
     csv_path = _write(tmp_path / "d.csv", "a,b,label\n1,2,yes\n3,4.5,no\n\n5,6,yes\n")
-    ds = load_csv(csv_path, "label")
+    ds = load_csv(csv_path, "label", classes=["no", "yes"])
     assert ds.class_names == ["no", "yes"]
     assert ds.labels.tolist() == [1, 0, 1]
     assert ds.features.tolist() == [[1, 2], [3, 4.5], [5, 6]]
     assert ds.feature_names == ["a", "b"]
-    numeric = load_csv(_write(tmp_path / "n.csv", "x,y\n0,10\n1,2\n2,10\n"), "y")
-    assert numeric.class_names == ["2", "10"]  # numeric order, not text order
     fixed = load_csv(csv_path, "label", classes=["yes", "no", "maybe"])
     assert fixed.labels.tolist() == [0, 1, 0] and fixed.num_classes == 3
+    # One record of another class does not renumber the others (it did when classes were
+    # derived from the labels present in the file).
+    more = _write(tmp_path / "m.csv", "a,label\n1,c\n2,c\n3,a\n")
+    with_b = _write(tmp_path / "b.csv", "a,label\n1,c\n2,c\n3,a\n4,b\n")
+    classes = ["a", "b", "c"]
+    assert load_csv(more, "label", classes=classes).labels.tolist()[:3] == \
+        load_csv(with_b, "label", classes=classes).labels.tolist()[:3] == [2, 2, 0]
 
 
 @pytest.mark.parametrize(
@@ -218,7 +222,8 @@ def test_load_csv_maps_labels_in_sorted_order(tmp_path: Path) -> None:
             r"line 4, column 'a': 'foo' is not a finite number",
         ),
         ("a,label\n1,x\nnan,y\n", "label", "line 3, column 'a': 'nan'"),
-        ("a,label\n1,x\n2,x\n", "label", "only one class"),
+        ("a,label\n1,x\n2,z\n", "label",
+         r"line 3, column 'label': label 'z' is not among the federation's classes"),
         ("a,label\n1,x\n2\n", "label", "line 3: 1 fields, expected 2"),
         ("a,a,label\n1,2,x\n", "label", "duplicate column names"),
         ("label\nx\ny\n", "label", "no feature columns"),
@@ -227,20 +232,20 @@ def test_load_csv_maps_labels_in_sorted_order(tmp_path: Path) -> None:
 )
 def test_load_csv_errors(tmp_path: Path, content: str, label: str, message: str) -> None:
     with pytest.raises(DataError, match=message):
-        load_csv(_write(tmp_path / "bad.csv", content), label)
+        load_csv(_write(tmp_path / "bad.csv", content), label, classes=["x", "y"])
 
 
 def test_load_csv_limits_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
-        load_csv(tmp_path / "missing.csv", "label")
+        load_csv(tmp_path / "missing.csv", "label", classes=["x", "y"])
     big = _write(tmp_path / "big.csv", "a,label\n" + "1,x\n2,y\n" * 10)
     with pytest.raises(DataError, match="more than 5 data rows"):
-        load_csv(big, "label", max_rows=5)
+        load_csv(big, "label", classes=["x", "y"], max_rows=5)
     with pytest.raises(DataError, match="the limit is 10 bytes"):
-        load_csv(big, "label", max_bytes=10)
+        load_csv(big, "label", classes=["x", "y"], max_bytes=10)
     (tmp_path / "latin1.csv").write_bytes(b"a,label\n1,\xe9\n")
     with pytest.raises(DataError, match="not UTF-8"):
-        load_csv(tmp_path / "latin1.csv", "label")
+        load_csv(tmp_path / "latin1.csv", "label", classes=["x", "y"])
 
 
 def test_load_npz(tmp_path: Path) -> None:

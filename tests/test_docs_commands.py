@@ -9,7 +9,8 @@ docs/*.md (in ```console blocks, the lines that start with ``$ ``). By program:
   then **run for real** with its exit status checked, unless :data:`PARSED_ONLY` lists it with
   the reason. The commands of one document run in order in one scratch folder that stands for
   the repository root, so a document's later commands use what its earlier ones made; a
-  prepared federation run is there as ``demo-run/`` (what ``make demo`` leaves).
+  prepared federation run is there as ``demo-run/`` (what ``make demo`` leaves), and a copy of
+  ``examples/`` (the schema files the docs use).
 * ``python -m pytest ARGS``: collected (``--collect-only``) from the repository root: the
   files exist, the options are known and the modules import. Benchmarks are not run.
 * ``python SCRIPT`` / ``python -m MODULE``: the script or module must exist; run for real from
@@ -53,13 +54,13 @@ PARSED_ONLY: dict[str, str] = {
     # Long-running parties: each serves until a federation on other machines finishes.
     "secure-fed master fed/master": "serves a federation until its last round",
     "secure-fed master trial/master": "serves a federation until its last round",
-    "secure-fed slave clinic-a --data clinic.csv --label-column outcome":
+    "secure-fed slave clinic-a --data clinic.csv --budget 10":
         "needs a running master and the data owner's own table",
-    "secure-fed slave trial/slaves/clinic-a --dataset digits --partition 0/2":
+    "secure-fed slave trial/slaves/clinic-a --dataset digits --partition 0/2 --budget 10":
         "needs the master of the same page running",
-    "secure-fed slave trial/slaves/clinic-b --dataset digits --partition 1/2":
+    "secure-fed slave trial/slaves/clinic-b --dataset digits --partition 1/2 --budget 10":
         "needs the master of the same page running",
-    "secure-fed slave clinics/slaves/clinic-a --data clinic-a.csv --label-column outcome":
+    "secure-fed slave clinics/slaves/clinic-a --data clinic-a.csv --budget 10":
         "needs a running master and the data owner's own table",
     "secure-fed audit verify trial/master/run":
         "needs the run of the three-terminal federation of the same page",
@@ -378,6 +379,7 @@ AFTER_RUN = {"docs/deployment.md": _check_deployment_layout,
 def test_commands_of_each_page_run(doc: Path, tmp_path: Path,
                                    request: pytest.FixtureRequest) -> None:
     commands = _real_commands(doc)
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
     if any("demo-run" in c.argv for c in commands):
         api_run, _ = request.getfixturevalue("api_guide_run")
         _prepare_demo_run(api_run, tmp_path)

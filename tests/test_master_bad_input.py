@@ -113,7 +113,8 @@ def test_slave_with_a_budget_too_small_declines_and_spends_nothing(
     fed = tmp_path / "fed"
     shutil.copytree(federation_dir, fed)
     toml = fed / "slaves" / "b" / "slave.toml"
-    toml.write_text(toml.read_text().replace("budget_epsilon = 3.0", "budget_epsilon = 0.001"))
+    toml.write_text(toml.read_text().replace("federation_epsilon = 3.0",
+                                         "federation_epsilon = 0.001"))
 
     async def scenario() -> tuple[Master, list[object]]:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)

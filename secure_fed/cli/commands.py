@@ -22,20 +22,54 @@ from secure_fed.config.settings import (
 from secure_fed.errors import ConfigError
 
 
+def _class_list(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",")]
+    if len(names) < 2 or not all(names):
+        raise ConfigError(f"--classes {text!r}: give the label values in class order, separated "
+                          "by commas, e.g. --classes malignant,benign")
+    return names
+
+
+def _class_count(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--classes {text!r}: without --schema-from, give the number of "
+                          "classes (e.g. --classes 2); label values are listed in the schema"
+                          ) from None
+
+
 def cmd_init(args: argparse.Namespace) -> int:
-    from secure_fed.master.provision import FederationPlan, init_federation
+    from secure_fed.master.provision import (
+        FederationPlan,
+        federation_schema,
+        init_federation,
+        model_shape,
+    )
 
     fed_id = args.federation_id or args.fed_dir.resolve().name.lower()
+    own_schema = args.schema is not None or args.schema_from is not None
+    eval_dataset = args.eval_dataset or ("none" if own_schema else "digits")
+    evaluation = EvaluationSettings(dataset=None if eval_dataset == "none" else eval_dataset)
+    schema = federation_schema(
+        schema_file=args.schema, header_csv=args.schema_from, label_column=args.label_column,
+        classes=_class_list(args.classes) if args.schema_from is not None else None,
+        eval_dataset=evaluation.dataset)
+    features, classes = model_shape(
+        schema, args.features, None if args.schema_from is not None else _class_count(args.classes))
     plan = FederationPlan(
         federation_id=fed_id, slaves=args.slaves, host=args.host, port=args.port,
         listen_host=args.listen, rounds=args.rounds, min_slaves=args.min_slaves,
-        model=ModelSpec.for_data(args.architecture, args.features, args.classes),
+        model=ModelSpec.for_data(args.architecture, features, classes),
         training=TrainingPlanSettings(epsilon=args.epsilon, delta=args.delta),
         encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records,
                                       protection=_protection(args, len(args.slaves))),
-        evaluation=EvaluationSettings(
-            dataset=None if args.eval_dataset == "none" else args.eval_dataset),
-        key_type=args.key_type,
+        evaluation=evaluation, key_type=args.key_type,
+        data_schema=schema,
     )
     bundle = init_federation(args.fed_dir, plan, force=args.force, offline_ca=args.offline_ca)
     console = Console(highlight=False, soft_wrap=True)
@@ -51,6 +85,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     for slave_id in args.slaves:
         console.print(f"  slave bundle:  {args.fed_dir / 'slaves' / slave_id}  (copy to "
                       f"'{slave_id}')")
+    if schema is not None:
+        console.print(f"data schema: {schema.num_features} features, classes "
+                      f"{', '.join(schema.classes)}, label column '{schema.label}' (sha256 "
+                      f"{schema.digest[:12]}…); each slave's table is checked against it")
     console.print(f"slaves will dial {bundle.config.public_url}")
     return 0
 
@@ -120,8 +158,10 @@ def cmd_slave(args: argparse.Namespace) -> int:
     bundle = SlaveBundle.load(args.bundle)
     if args.master_url:
         bundle = bundle.with_master_url(args.master_url)
+    # Checked against the federation's schema before anything connects or spends budget.
     data = load_private_data(data=args.data, label_column=args.label_column,
-                             dataset=args.dataset, partition=args.partition)
+                             dataset=args.dataset, partition=args.partition,
+                             schema=bundle.config.data_schema)
     torch.set_num_threads(max(1, args.threads))
     console = Console(highlight=False, soft_wrap=True)
 

@@ -24,9 +24,9 @@ encrypts its update homomorphically (TenSEAL) and sends it over mutual-TLS webso
 master adds the ciphertexts and decrypts only the sum.
 
 Typical use:
-  secure-fed init fed --slaves a,b,c --host master.example.org --offline-ca  # keys, bundles
+  secure-fed init fed --slaves a,b,c --host master.example.org --schema schema.toml --offline-ca
   secure-fed master fed/master                                   # on the master's machine
-  secure-fed slave fed/slaves/a --data clinic.csv --label-column outcome   # at each slave
+  secure-fed slave fed/slaves/a --data clinic.csv                # at each slave
   secure-fed add-slave fed d  /  secure-fed revoke-slave fed b   # change the parties
   secure-fed demo                                                # all of it on 127.0.0.1
 See docs/deployment.md for a deployment across organisations.
@@ -88,12 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default=None,
                    help=PROTECTION_HELP)
     p.add_argument("--architecture", default="mlp", help="model architecture (default mlp)")
-    p.add_argument("--features", type=int, default=64,
-                   help="input features of the model (default 64, the digits images)")
-    p.add_argument("--classes", type=int, default=10, help="output classes (default 10)")
-    p.add_argument("--eval-dataset", default="digits",
+    p.add_argument("--schema", type=Path, default=None, metavar="FILE.toml",
+                   help="the federation's data schema: label column, classes in order, and "
+                   "each feature column with its public range (see docs/deployment.md); the "
+                   "model's inputs and classes follow from it")
+    p.add_argument("--schema-from", type=Path, default=None, metavar="HEADER.csv",
+                   help="make the schema from a CSV holding the column names and two rows of "
+                   "public bounds, marked 'low' and 'high' in the label column (no records); "
+                   "needs --label-column and --classes A,B,...")
+    p.add_argument("--label-column", default=None,
+                   help="with --schema-from: the column holding the label")
+    p.add_argument("--features", type=int, default=None,
+                   help="input features of the model (default: the schema's; without one 64, "
+                   "the digits images)")
+    p.add_argument("--classes", default=None,
+                   help="output classes (default: the schema's; without one 10); with "
+                   "--schema-from, the label values in class order: A,B,...")
+    p.add_argument("--eval-dataset", default=None,
                    help="bundled dataset whose hold-out split the master evaluates on, or "
-                   "'none' (default digits)")
+                   "'none' (default digits; none with --schema or --schema-from). Without a "
+                   "schema option its built-in schema is the federation's")
     p.add_argument("--max-records", type=int, default=65536,
                    help="most records one slave may hold; sizes the HE plain modulus "
                    "(default 65536)")
@@ -149,11 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("slave", help="take part in a federation as a data owner",
                        description="Connect to the master named in SLAVE_DIR/slave.toml and "
                        "train on private data that never leaves this machine. Give your own "
-                       "table with --data FILE --label-column NAME, or a bundled dataset part "
-                       "with --dataset NAME --partition I/K for trials.")
+                       "table with --data FILE (checked against the federation's data schema "
+                       "before connecting, and scaled with its public ranges), or a bundled "
+                       "dataset part with --dataset NAME --partition I/K for trials.")
     p.add_argument("bundle", type=Path, metavar="SLAVE_DIR")
     p.add_argument("--data", type=Path, default=None, help="CSV (or NPZ) file of private data")
-    p.add_argument("--label-column", default=None, help="column of --data holding the label")
+    p.add_argument("--label-column", default=None,
+                   help="column of --data holding the label (default: the schema's label column)")
     p.add_argument("--dataset", default=None, help="bundled dataset: digits, breast_cancer, wine")
     p.add_argument("--partition", default=None, metavar="I/K",
                    help="use part I of K of --dataset's training split (default 0/1)")

@@ -1,5 +1,6 @@
-"""Typed configuration: TOML in, validated pydantic models out."""
+"""Typed configuration: TOML in, validated pydantic models out; the federation's data schema."""
 
+from secure_fed.config.schema import DataSchema, FeatureSpec, load_schema, schema_from_csv_header
 from secure_fed.config.settings import (
     EncryptionSettings,
     EvaluationSettings,
@@ -14,6 +15,8 @@ from secure_fed.config.settings import (
 )
 
 __all__ = [
+    "DataSchema",
+    "FeatureSpec",
     "EncryptionSettings",
     "EvaluationSettings",
     "LimitSettings",
@@ -22,6 +25,8 @@ __all__ = [
     "SlaveConfig",
     "TrainingPlanSettings",
     "load_master_config",
+    "load_schema",
     "load_slave_config",
+    "schema_from_csv_header",
     "write_config",
 ]

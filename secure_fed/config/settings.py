@@ -12,8 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
+from secure_fed.config.schema import DataSchema
 from secure_fed.durable import atomic_write_bytes
 from secure_fed.errors import ConfigError
 
@@ -196,7 +205,9 @@ class EvaluationSettings(_Strict):
     """The master's own held-out data for evaluation (never sent to anyone).
 
     Args:
-        dataset: a bundled dataset whose hold-out split the master evaluates on, or ``None``.
+        dataset: a bundled dataset whose hold-out split the master evaluates on, or ``None``
+            (written ``"none"`` in TOML, which has no null). The hold-out is scaled with the
+            federation's data schema, like every slave's data.
         seed: seed of the hold-out split (must match the slaves' partition seed).
         test_fraction: fraction of the dataset held out.
     """
@@ -204,6 +215,15 @@ class EvaluationSettings(_Strict):
     dataset: str | None = "digits"
     seed: int = 0
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _none_word(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
+    @field_serializer("dataset", when_used="json")
+    def _write_none(self, value: str | None) -> str:
+        return "none" if value is None else value
 
 
 def _check_party_id(value: str) -> str:
@@ -224,6 +244,9 @@ class MasterConfig(_Strict):
         public_url: the address slaves dial (``wss://`` + a name in the master certificate).
         slaves: ids of every slave; min_slaves: complete updates needed per aggregate.
         rounds: rounds to run; seed: seed of the initial model and of each round's plan.
+        data_schema: the federation's data schema (columns, classes, public feature ranges),
+            sent with every round's plan; ``None`` for a federation without one (slaves then
+            accept only bundled datasets, scaled with their built-in schemas).
     """
 
     federation_id: str
@@ -239,6 +262,7 @@ class MasterConfig(_Strict):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     seed: int = 0
+    data_schema: DataSchema | None = None
 
     @field_validator("federation_id")
     @classmethod
@@ -265,6 +289,20 @@ class MasterConfig(_Strict):
                 "of its round: it needs at least 3 slaves and min_slaves >= 2 (in a round of "
                 "two, a master with one colluding slave would see the other's update, and "
                 "slaves refuse such rounds by default: min_mask_parties)")
+        return self
+
+    @model_validator(mode="after")
+    def _model_fits_schema(self) -> MasterConfig:
+        schema = self.data_schema
+        if schema is None:
+            return self
+        kwargs = self.model.kwargs
+        for key, expected in (("in_features", schema.num_features),
+                              ("num_classes", schema.num_classes)):
+            if key in kwargs and kwargs[key] != expected:
+                raise ValueError(
+                    f"model.kwargs.{key}={kwargs[key]} does not fit the data schema, which has "
+                    f"{expected}; let `secure-fed init --schema` derive the model's shape")
         return self
 
     @model_validator(mode="after")
@@ -295,6 +333,9 @@ class SlaveConfig(_Strict):
         min_mask_parties: ``mask`` and ``he+mask``: the fewest slaves a masked round may have
             for this slave to take part; masking hides an update only among honest peers, so a
             round of two lets a master with one colluding slave isolate this slave's update.
+        data_schema: the federation's data schema: this slave's table is checked against it
+            and scaled with its public ranges, and a task whose plan names another schema is
+            declined before training.
     """
 
     federation_id: str
@@ -307,6 +348,7 @@ class SlaveConfig(_Strict):
     min_mask_parties: int = Field(default=3, ge=2)
     encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    data_schema: DataSchema | None = None
 
     @field_validator("slave_id", "federation_id")
     @classmethod
@@ -378,7 +420,30 @@ def load_slave_config(path: Path) -> SlaveConfig:
     return result
 
 
+def _without_none(value: Any) -> Any:
+    """``value`` with every ``None`` left out of its dicts (after the fields' serializers ran,
+    so a ``None`` written as a word stays)."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
 def write_config(path: Path, config: BaseModel) -> None:
-    """Write a configuration model as TOML, durably."""
-    data = config.model_dump(mode="json", exclude_none=True)
-    atomic_write_bytes(Path(path), tomli_w.dumps(data).encode("utf-8"))
+    """Write a configuration model as TOML, durably.
+
+    TOML has no null: a ``None`` is left out, so it must be the field's default (or be written
+    as a word, like ``evaluation.dataset = "none"``). The text is read back before it is
+    written, and :class:`secure_fed.errors.ConfigError` is raised if it would load as another
+    configuration.
+    """
+    text = tomli_w.dumps(_without_none(config.model_dump(mode="json")))
+    try:
+        again = type(config).model_validate(tomllib.loads(text))
+    except ValidationError as exc:
+        raise ConfigError(f"{path} would not load back: {validation_problems(exc)}") from exc
+    if again != config:
+        raise ConfigError(f"{path} would load back as another configuration; a setting whose "
+                          "value is None differs from its default (TOML has no null)")
+    atomic_write_bytes(Path(path), text.encode("utf-8"))

@@ -1,19 +1,12 @@
 """Datasets in memory, and the demo datasets bundled with scikit-learn.
 
-Preprocessing must not leak information between data owners. Statistics computed on pooled
-data (for example a mean over all slaves' records) would reveal something about every slave
-to every other, and they are not covered by the DP guarantee. So:
-
-- ``digits`` is scaled by the *fixed* factor 1/16 (pixel values are 0…16 by construction):
-  no statistic of the data is used.
-- ``breast_cancer`` and ``wine`` are returned **raw** by :func:`load_bundled`
-  (``preprocessing == "raw"``); each party standardises *its own* part with
-  :func:`standardize` (per-partition statistics, computed where the data lives). The
-  partition helpers in :mod:`secure_fed.data.partition` do that for the demo.
-
-Standardising with a partition's own statistics is not covered by the DP guarantee of the
-training either (the means and deviations are never sent, but they shape the update); the
-deviation from a fixed scaling is bounded and documented here rather than hidden.
+Preprocessing must not let one record change the others: a statistic of the data (a mean or a
+deviation, over a slave's part or over everyone's) would move every record's features when one
+record changes, which breaks the sensitivity bound DP-SGD relies on. So every feature is scaled
+with a *public* range only (:mod:`secure_fed.data.scaling`): the federation's data schema gives
+it for a user's own table, and the bundled datasets have built-in schemas (``digits`` pixels
+are 0…16 by construction; ``breast_cancer`` and ``wine`` use the published per-feature minimum
+and maximum of the whole public dataset). :func:`load_bundled` returns them scaled that way.
 """
 
 from __future__ import annotations
@@ -42,8 +35,9 @@ class Dataset:
         num_classes: number of classes C (≥ 2).
         feature_names: F column names.
         class_names: C original label values (``class_names[i]`` is the label mapped to i).
-        preprocessing: what was done to the features (``"raw"``, ``"scaled:1/16"``,
-            ``"standardized:per-partition"``).
+        preprocessing: what was done to the features (``"raw"``, or ``"scaled:public-range"``
+            for features clipped and mapped to [-1, 1] or [0, 1] with a schema's public
+            ranges).
     """
 
     name: str
@@ -111,15 +105,15 @@ class Dataset:
         return np.bincount(self.labels, minlength=self.num_classes)
 
 
-def load_bundled(name: str) -> Dataset:
+def load_bundled(name: str, *, scaled: bool = True) -> Dataset:
     """Load a dataset bundled with scikit-learn (no network access).
 
     Args:
         name: one of :data:`BUNDLED_DATASETS`.
-
-    Returns:
-        ``digits`` scaled to [0, 1] by the fixed factor 1/16; ``breast_cancer`` and ``wine``
-        raw (standardise each partition with :func:`standardize`).
+        scaled: scale the features with the dataset's built-in schema (to [0, 1] for
+            ``digits``, [-1, 1] for the others;
+            :func:`secure_fed.data.scaling.bundled_schema`: public ranges only); ``False``
+            returns them in their own units.
     """
     from sklearn import datasets as sk
 
@@ -136,44 +130,22 @@ def load_bundled(name: str) -> Dataset:
         )
     bunch = loader()
     features = np.asarray(bunch.data, dtype=np.float32)
-    preprocessing = "raw"
-    if name == "digits":
-        features = features / np.float32(16.0)
-        preprocessing = "scaled:1/16"
     raw_names = getattr(bunch, "feature_names", None)
     feature_names = [str(n) for n in raw_names] if raw_names is not None else []
     if len(feature_names) != features.shape[1]:
         feature_names = [f"x{i}" for i in range(features.shape[1])]
     target_names = [str(t) for t in bunch.target_names]
-    return Dataset(
+    raw = Dataset(
         name=name,
         features=features,
         labels=np.asarray(bunch.target, dtype=np.int64),
         num_classes=len(target_names),
         feature_names=feature_names,
         class_names=target_names,
-        preprocessing=preprocessing,
+        preprocessing="raw",
     )
+    if not scaled:
+        return raw
+    from secure_fed.data.scaling import bundled_schema, scale_with_schema
 
-
-def standardize(ds: Dataset) -> Dataset:
-    """Standardise each feature with this dataset's *own* mean and standard deviation.
-
-    Meant to run where the data lives (one slave's partition, or the master's holdout), so
-    that no statistic crosses between parties. Constant columns are centred only.
-    """
-    if len(ds) == 0:
-        raise DataError(f"dataset {ds.name!r} is empty; nothing to standardise")
-    mean = ds.features.mean(axis=0, dtype=np.float64)
-    std = ds.features.std(axis=0, dtype=np.float64)
-    std[std == 0] = 1.0
-    scaled = ((ds.features - mean) / std).astype(np.float32)
-    return Dataset(
-        name=ds.name,
-        features=scaled,
-        labels=ds.labels.copy(),
-        num_classes=ds.num_classes,
-        feature_names=list(ds.feature_names),
-        class_names=list(ds.class_names),
-        preprocessing="standardized:per-partition",
-    )
+    return scale_with_schema(raw, bundled_schema(name))

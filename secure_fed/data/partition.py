@@ -6,7 +6,8 @@ master started with ``--dataset digits`` exactly the holdout. Both are pure func
 (dataset, seed, index, count); see :func:`slave_partition` and :func:`master_holdout`.
 
 All randomness comes from ``numpy.random.default_rng(seed)`` (PCG64, stable across NumPy
-versions); index arrays are returned sorted.
+versions); index arrays are returned sorted. Each part is scaled after the split, with the
+public ranges of a schema only (:mod:`secure_fed.data.scaling`), never with its own statistics.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import re
 
 import numpy as np
 
-from secure_fed.data.datasets import Dataset, load_bundled, standardize
+from secure_fed.config.schema import DataSchema, schema_difference
+from secure_fed.data.datasets import Dataset, load_bundled
+from secure_fed.data.scaling import bundled_schema, scale_with_schema
 from secure_fed.errors import DataError
 
 #: Most parts a dataset may be split into.
@@ -175,32 +178,52 @@ def parse_partition(text: str) -> tuple[int, int]:
     return index, count
 
 
-def _finish(ds: Dataset) -> Dataset:
-    return ds if ds.preprocessing != "raw" else standardize(ds)
+def schema_for_bundled(name: str, schema: DataSchema | None) -> DataSchema:
+    """The schema that scales bundled dataset ``name``: ``schema`` (the federation's), or the
+    dataset's built-in one when ``schema`` is ``None``.
+
+    Raises:
+        DataError: ``schema`` names other columns or classes than the dataset (its ranges may
+            differ: they are the federation's public choice).
+    """
+    builtin = bundled_schema(name)
+    if schema is None:
+        return builtin
+    if schema.feature_names != builtin.feature_names or schema.classes != builtin.classes:
+        difference = schema_difference(builtin, schema)
+        raise DataError(
+            f"the federation's data schema does not describe the bundled dataset {name!r} "
+            f"({difference}); its columns and classes must be {name!r}'s, in its order")
+    return schema
 
 
-def master_holdout(name: str, *, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
+def master_holdout(name: str, *, seed: int = 0, test_fraction: float = 0.2,
+                   schema: DataSchema | None = None) -> Dataset:
     """The master's test set for a bundled dataset: the holdout of :func:`split_holdout`.
 
-    Raw tabular features are standardised with the holdout's own statistics.
+    Scaled exactly as the slaves scale their parts: with the public ranges of ``schema`` (the
+    federation's; ``None``: the dataset's built-in schema).
     """
-    _, test = split_holdout(load_bundled(name), test_fraction, seed)
-    return _finish(test)
+    _, test = split_holdout(load_bundled(name, scaled=False), test_fraction, seed)
+    return scale_with_schema(test, schema_for_bundled(name, schema))
 
 
 def slave_partition(
-    name: str, *, index: int, count: int, seed: int = 0, test_fraction: float = 0.2
+    name: str, *, index: int, count: int, seed: int = 0, test_fraction: float = 0.2,
+    schema: DataSchema | None = None,
 ) -> Dataset:
     """Slave ``index`` of ``count``'s private part of a bundled dataset.
 
     Pipeline: :func:`load_bundled` → :func:`split_holdout` (``seed``) → the train split cut
-    by :func:`partition_iid` (``count`` parts, same ``seed``) → part ``index`` → per-part
-    standardisation for raw tabular data. Deterministic in (name, seed, index, count).
+    by :func:`partition_iid` (``count`` parts, same ``seed``) → part ``index`` → scaled with the
+    public ranges of ``schema`` (``None``: the dataset's built-in schema). Deterministic in
+    (name, seed, index, count, schema).
     """
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_PARTS:
         raise DataError(f"partition count must be an integer in 1…{MAX_PARTS}, got {count!r}")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
         raise DataError(f"partition index must be between 0 and {count - 1}, got {index!r}")
-    train, _ = split_holdout(load_bundled(name), test_fraction, seed)
+    scaling = schema_for_bundled(name, schema)
+    train, _ = split_holdout(load_bundled(name, scaled=False), test_fraction, seed)
     parts = partition_iid(len(train), count, seed)
-    return _finish(select(train, parts[index]))
+    return scale_with_schema(select(train, parts[index]), scaling)

@@ -27,7 +27,8 @@ DEFAULT_MAX_BYTES = 256 * 2**20
 DEFAULT_MAX_ROWS = 1_000_000
 
 
-def _check_file(path: Path, max_bytes: int) -> int:
+def check_data_file(path: Path, max_bytes: int) -> int:
+    """The size of ``path`` in bytes; DataError if it is missing, not a file or too large."""
     if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist; check the path")
     if not path.is_file():
@@ -41,53 +42,42 @@ def _check_file(path: Path, max_bytes: int) -> int:
     return size
 
 
-def _label_mapping(values: Sequence[str], classes: Sequence[str] | None, path: Path) -> list[str]:
-    if classes is not None:
-        names = [str(c) for c in classes]
-        if len(names) < 2 or len(set(names)) != len(names):
-            raise DataError(f"classes must list at least 2 distinct labels, got {list(classes)}")
-        return names
-    distinct = sorted(set(values))
-    if len(distinct) < 2:
-        raise DataError(
-            f"{str(path)!r}: the label column holds only one class ({distinct!r}); "
-            "a classifier needs at least two"
-        )
-    try:
-        numbers = [float(v) for v in distinct]
-    except ValueError:
-        return distinct
-    if all(math.isfinite(x) for x in numbers):
-        return [v for _, v in sorted(zip(numbers, distinct, strict=True))]
-    return distinct
+def _check_classes(classes: Sequence[str]) -> list[str]:
+    names = [str(c) for c in classes]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise DataError(f"classes must list at least 2 distinct labels, got {list(classes)}")
+    return names
 
 
 def load_csv(
     path: str | Path,
     label_column: str,
     *,
+    classes: Sequence[str],
     max_rows: int = DEFAULT_MAX_ROWS,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    classes: Sequence[str] | None = None,
     delimiter: str = ",",
 ) -> Dataset:
     """Load a CSV file whose first row names the columns; all but the label must be numeric.
 
-    Labels are mapped to ``0 … C−1`` in sorted order of their distinct values (numeric order
-    when every value is a number, text order otherwise); the original values are kept in
-    ``Dataset.class_names``. Pass ``classes`` to fix the mapping instead (all slaves of a
-    federation must agree on it even if a part lacks a class).
+    A record's class is the position of its label in ``classes`` (the federation's class list,
+    the ``classes`` of a :class:`secure_fed.config.schema.DataSchema`), never derived from the
+    labels the file holds: one record of a rare class must not renumber the others, and every slave
+    must number the classes alike even if its part lacks one. A label outside ``classes`` is
+    an error naming its line.
 
     Args:
         path: the CSV file (UTF-8).
         label_column: name of the label column.
+        classes: the label values in class order.
         max_rows: most data rows accepted.
         max_bytes: largest file accepted (bytes).
-        classes: the label values in class order, or None to derive them from the file.
         delimiter: field separator.
     """
     p = Path(path)
-    _check_file(p, max_bytes)
+    names = _check_classes(classes)
+    index = {name: i for i, name in enumerate(names)}
+    check_data_file(p, max_bytes)
     try:
         with p.open("r", encoding="utf-8", newline="") as handle:
             reader = csv.reader(handle, delimiter=delimiter)
@@ -107,7 +97,7 @@ def load_csv(
             if not feature_cols:
                 raise DataError(f"{str(p)!r} has no feature columns besides {label_column!r}")
             rows: list[list[float]] = []
-            raw_labels: list[str] = []
+            labels_in_order: list[int] = []
             for row in reader:
                 if not row or all(not cell.strip() for cell in row):
                     continue
@@ -138,20 +128,21 @@ def load_csv(
                     raise DataError(
                         f"{str(p)!r} line {line}, column {label_column!r}: the label is empty"
                     )
+                if label not in index:
+                    raise DataError(
+                        f"{str(p)!r} line {line}, column {label_column!r}: label {label!r} is "
+                        f"not among the federation's classes {names}; correct the record or "
+                        "leave it out"
+                    )
                 rows.append(values)
-                raw_labels.append(label)
+                labels_in_order.append(index[label])
     except UnicodeDecodeError as exc:
         raise DataError(f"{str(p)!r} is not UTF-8 text: {exc}") from exc
     except csv.Error as exc:
         raise DataError(f"{str(p)!r} is not valid CSV: {exc}") from exc
     if not rows:
         raise DataError(f"{str(p)!r} has a header but no data rows")
-    names = _label_mapping(raw_labels, classes, p)
-    index = {name: i for i, name in enumerate(names)}
-    unknown = sorted(set(raw_labels) - set(index))
-    if unknown:
-        raise DataError(f"{str(p)!r}: label values {unknown[:10]} are not among classes {names}")
-    labels = np.fromiter((index[v] for v in raw_labels), dtype=np.int64, count=len(raw_labels))
+    labels = np.asarray(labels_in_order, dtype=np.int64)
     logger.info(
         "loaded %s: %d rows, %d features, %d classes", p, len(rows), len(feature_cols), len(names)
     )
@@ -181,7 +172,7 @@ def load_npz(
         num_classes: number of classes C, or None to derive it from the labels.
     """
     p = Path(path)
-    _check_file(p, max_bytes)
+    check_data_file(p, max_bytes)
     try:
         with zipfile.ZipFile(p) as archive:
             inflated = sum(info.file_size for info in archive.infolist())
@@ -228,6 +219,11 @@ def load_npz(
         count = int(labels.max()) + 1
     else:
         count = int(num_classes)
+        if labels.max() >= count:
+            raise DataError(
+                f"{str(p)!r}: label {labels.max()} is outside the {count} classes 0…{count - 1} "
+                "(class i is label value i); correct the records or leave them out"
+            )
     names_f = (
         [str(x) for x in feature_names.tolist()]
         if feature_names is not None and feature_names.ndim == 1

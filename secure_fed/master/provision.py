@@ -25,6 +25,7 @@ from secure_fed.config import (
     TrainingPlanSettings,
     write_config,
 )
+from secure_fed.config.schema import DataSchema, load_schema, schema_from_csv_header
 from secure_fed.config.settings import EvaluationSettings, LimitSettings, ModelSpec
 from secure_fed.crypto.certificates import (
     KeyType,
@@ -69,6 +70,8 @@ class FederationPlan:
         rounds: rounds to run.
         min_slaves: updates needed for an aggregate (default: a majority of the slaves).
         training: the training plan; encryption, limits, model and evaluation likewise.
+        data_schema: the federation's data schema, written to ``federation.toml`` and every
+            ``slave.toml`` (``None``: none; slaves then take only bundled datasets).
     """
 
     federation_id: str
@@ -85,6 +88,59 @@ class FederationPlan:
     evaluation: EvaluationSettings = EvaluationSettings()
     seed: int = 0
     key_type: KeyType = "ec"
+    data_schema: DataSchema | None = None
+
+
+def federation_schema(*, schema_file: Path | None = None, header_csv: Path | None = None,
+                      label_column: str | None = None, classes: Sequence[str] | None = None,
+                      eval_dataset: str | None = None) -> DataSchema | None:
+    """The data schema ``secure-fed init`` writes, from at most one source.
+
+    Args:
+        schema_file: a schema TOML file (``--schema``).
+        header_csv: a CSV of column names and the rows ``low`` and ``high`` (``--schema-from``),
+            read with ``label_column`` and ``classes``.
+        label_column: the label column of ``header_csv``.
+        classes: the label values in class order, for ``header_csv``.
+        eval_dataset: without a file, the built-in schema of this bundled dataset (``None``:
+            no schema).
+    """
+    if schema_file is not None and header_csv is not None:
+        raise ConfigError("give either --schema FILE.toml or --schema-from HEADER.csv, not both")
+    if schema_file is not None:
+        return load_schema(schema_file)
+    if header_csv is not None:
+        if not label_column:
+            raise ConfigError(f"--schema-from {header_csv} needs --label-column NAME: the column "
+                              "that holds the label")
+        if not classes:
+            raise ConfigError(f"--schema-from {header_csv} needs --classes A,B,...: the label "
+                              "values in class order")
+        return schema_from_csv_header(header_csv, label=label_column, classes=list(classes))
+    if eval_dataset is not None:
+        from secure_fed.data.scaling import bundled_schema
+
+        return bundled_schema(eval_dataset)
+    return None
+
+
+def model_shape(schema: DataSchema | None, features: int | None,
+                classes: int | None) -> tuple[int, int]:
+    """(inputs, classes) of the model: the schema's, or the given numbers (default 64, 10).
+
+    Raises:
+        ConfigError: a number given differs from the schema's.
+    """
+    if schema is None:
+        return (64 if features is None else features), (10 if classes is None else classes)
+    for flag, given, expected in (("--features", features, schema.num_features),
+                                  ("--classes", classes, schema.num_classes)):
+        if given is not None and given != expected:
+            raise ConfigError(
+                f"{flag} {given} does not fit the data schema, which has {expected} (schema "
+                f"features {schema.feature_names[:5]}…, classes {schema.classes}); leave "
+                f"{flag} out: it is derived from the schema")
+    return schema.num_features, schema.num_classes
 
 
 def init_federation(fed_dir: Path, plan: FederationPlan, *, force: bool = False,
@@ -108,12 +164,16 @@ def init_federation(fed_dir: Path, plan: FederationPlan, *, force: bool = False,
         shutil.rmtree(fed_dir / "slaves", ignore_errors=True)
         shutil.rmtree(fed_dir / OFFLINE_CA_DIR, ignore_errors=True)
     min_slaves = plan.min_slaves or len(plan.slaves) // 2 + 1
+    if plan.evaluation.dataset and plan.data_schema is not None:
+        from secure_fed.data.partition import schema_for_bundled
+
+        schema_for_bundled(plan.evaluation.dataset, plan.data_schema)  # the master can scale it
     config = MasterConfig(
         federation_id=plan.federation_id, host=plan.listen_host or plan.host, port=plan.port,
         public_url=f"wss://{_url_host(plan.host)}:{plan.port}",
         slaves=list(plan.slaves), rounds=plan.rounds, min_slaves=min_slaves, model=plan.model,
         training=plan.training, encryption=plan.encryption, limits=plan.limits,
-        evaluation=plan.evaluation, seed=plan.seed,
+        evaluation=plan.evaluation, seed=plan.seed, data_schema=plan.data_schema,
     )
     he_params = resolve_params(
         plan.encryption.preset, clip=plan.encryption.clip,
@@ -260,7 +320,7 @@ def _write_slave_bundle(fed_dir: Path, master: MasterBundle, slave_id: str, ca_k
     slave_config = SlaveConfig(
         federation_id=config.federation_id, slave_id=slave_id,
         master_url=config.public_url, federation_epsilon=federation_epsilon, delta=delta,
-        encryption=config.encryption, limits=config.limits,
+        encryption=config.encryption, limits=config.limits, data_schema=config.data_schema,
     )
     write_config(slave_dir / "slave.toml", slave_config)
     return slave_dir

@@ -145,7 +145,8 @@ class Master:
         if self.config.evaluation.dataset:
             holdout = master_holdout(
                 self.config.evaluation.dataset, seed=self.config.evaluation.seed,
-                test_fraction=self.config.evaluation.test_fraction)
+                test_fraction=self.config.evaluation.test_fraction,
+                schema=self.config.data_schema)
         self.evaluation, proxy = split_proxy(self.config, holdout)
         self.updater = self._initial_models(proxy)
         self.vector_size = self.updater.vector_size
@@ -825,7 +826,8 @@ class Master:
                     epsilon=training.epsilon, delta=training.delta,
                     rounds_total=self.config.rounds,
                     temperature=training.distill.temperature if distill else None,
-                    alpha=training.distill.alpha if distill else None, dp=training.dp)
+                    alpha=training.distill.alpha if distill else None, dp=training.dp,
+                    data_schema=self.config.data_schema)
 
     def _close_round(self) -> None:
         if self._round is not None:

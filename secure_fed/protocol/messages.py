@@ -21,6 +21,7 @@ from pydantic import (
     model_serializer,
 )
 
+from secure_fed.config.schema import DataSchema
 from secure_fed.errors import ProtocolError
 
 PROTOCOL_VERSION = 3
@@ -190,7 +191,9 @@ class Plan(_Message):
     noisy averaged DP-SGD gradient) or ``distill`` (a student's parameters, sent as their
     change from the student the task carried; ``temperature`` and ``alpha`` set the loss).
     ``dp`` false asks for plain SGD without differential privacy (a baseline; a slave takes
-    it only if its configuration allows it).
+    it only if its configuration allows it). ``data_schema`` is the federation's data schema
+    (columns, classes, public feature ranges), whole so that a slave whose bundle names
+    another one can say how they differ; it is sent only when the federation has one.
     """
 
     mode: Literal["delta", "gradient", "distill"]
@@ -205,14 +208,18 @@ class Plan(_Message):
     temperature: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
     alpha: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     dp: bool = True
+    data_schema: DataSchema | None = None
 
     @model_serializer(mode="wrap")
     def _dp_only_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # ``dp`` is sent only when false: a slave of a build without the field then takes DP
-        # tasks as before and refuses (as an unknown field) a task without DP.
+        # tasks as before and refuses (as an unknown field) a task without DP. Likewise
+        # ``data_schema`` only when the federation has one.
         data: dict[str, Any] = handler(self)
         if self.dp:
             data.pop("dp", None)
+        if self.data_schema is None:
+            data.pop("data_schema", None)
         return data
 
 

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from secure_fed import __version__
+from secure_fed.config.schema import require_same_schema
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.crypto import plain_codec as pc
 from secure_fed.crypto.certificates import party_id_from_certificate, sign, verify_signature
@@ -33,6 +34,7 @@ from secure_fed.errors import (
     BudgetExhausted,
     ConfigError,
     CryptoError,
+    DataError,
     IdentityError,
     ModelError,
     PrivacyError,
@@ -43,7 +45,7 @@ from secure_fed.errors import (
 from secure_fed.faults import crash_point
 from secure_fed.master.bundle import SlaveBundle, context_digest
 from secure_fed.models.package import ModelPackage
-from secure_fed.privacy.accounting import calibrate_noise, epsilon
+from secure_fed.privacy.accounting import Mechanism, calibrate_noise, epsilon
 from secure_fed.privacy.count import count_mechanism, release_count
 from secure_fed.privacy.data_source import (
     arrays_source_id,
@@ -307,6 +309,7 @@ class Slave:
             if task.plan.mode == "distill" and (task.plan.temperature is None
                                                 or task.plan.alpha is None):
                 raise ModelError("a distill task must carry a temperature and an alpha")
+            require_same_schema(self.config.data_schema, task.plan.data_schema, where="the task")
             model = self._accept_model(task.model, params).build()
             student = (self._accept_model(task.student, student_params).build()
                        if task.student is not None and isinstance(student_params, bytes)
@@ -325,7 +328,7 @@ class Slave:
                 # a release without DP is unbounded anyway: the exact count adds nothing to it
                 records, weight_source = len(self.data.labels), "exact-no-dp"
             source: WeightSource = weight_source
-        except (ModelError, PrivacyError) as exc:
+        except (ModelError, PrivacyError, DataError) as exc:
             await self._decline(channel, task, str(exc),
                                 final=isinstance(exc, BudgetExhausted))
             return
@@ -544,6 +547,10 @@ class Slave:
             return int(released.value), "dp-count"
         mechanism = count_mechanism(self._federation_epsilon(task.plan), self.config.delta,
                                     self.config.accountant)
+        # Before anything is drawn: could any count at all leave room for the plan's rounds?
+        # (a decision on public values only, so a hopeless plan is declined for free)
+        most = self.config.encryption.max_weight_per_slave
+        self._plan_privacy(task, most, before=[mechanism])
         after = epsilon([*self.ledger.federation_mechanisms(fed), mechanism],
                         self.config.delta, self.config.accountant)
         if after > self._federation_epsilon(task.plan):
@@ -565,11 +572,13 @@ class Slave:
                  fed, mechanism.noise_multiplier)
         return value, "dp-count"
 
-    def _plan_privacy(self, task: Task, records: int) -> DPSettings:
+    def _plan_privacy(self, task: Task, records: int, *,
+                      before: Sequence[Mechanism] = ()) -> DPSettings:
         """Calibrate σ so that the rounds still to come keep this federation within its plan's
         ε and this data source within its owner's lifetime budget.
 
-        Only public values enter: the public record count, the plan, and the ledger. When
+        Only public values enter: the public record count, the plan, the ledger, and
+        ``before`` (releases about to be recorded, counted as if they were). When
         every round runs as planned this gives the same σ each round; a repeated or extra
         round (a new release) raises σ for the rest, never the federation's total.
         """
@@ -584,8 +593,8 @@ class Slave:
                  "steps_per_round": steps_per_round(plan.mode, draft, records),
                  "rounds": rounds_left, "delta": self.config.delta,
                  "accountant": self.config.accountant}
-        federation = self.ledger.federation_mechanisms(fed)
-        lifetime = self.ledger.mechanisms()
+        federation = [*self.ledger.federation_mechanisms(fed), *before]
+        lifetime = [*self.ledger.mechanisms(), *before]
         limit = self._federation_epsilon(plan)
         try:
             sigma = calibrate_noise(

@@ -1,0 +1,142 @@
+"""A data owner's table, checked against the federation's data schema and scaled with it.
+
+:func:`load_checked` is what ``secure-fed slave --data FILE`` runs before it connects: the
+table must hold exactly the schema's feature columns (in any order: they are reordered by
+name) and its label column, every value must be a number and every label one of the schema's
+classes. Each violation is one :class:`~secure_fed.errors.DataError` naming the file, the
+column and what was expected. Values outside a column's public range are not an error: they
+are clipped, and the count per column goes to this party's log only.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+from secure_fed.config.schema import DataSchema
+from secure_fed.data.datasets import Dataset
+from secure_fed.data.scaling import scale_with_schema
+from secure_fed.data.tabular import DEFAULT_MAX_BYTES, check_data_file, load_csv, load_npz
+from secure_fed.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def _header(path: Path, max_bytes: int, delimiter: str) -> list[str]:
+    check_data_file(path, max_bytes)
+    try:
+        with path.open("r", encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(handle, delimiter=delimiter), None)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{str(path)!r} is not UTF-8 text: {exc}") from exc
+    except csv.Error as exc:
+        raise DataError(f"{str(path)!r} is not valid CSV: {exc}") from exc
+    if header is None or not any(h.strip() for h in header):
+        raise DataError(f"{str(path)!r} is empty; expected a header row and data rows")
+    return [h.strip() for h in header]
+
+
+def check_columns(path: Path, columns: list[str], schema: DataSchema, label_column: str) -> None:
+    """Raise :class:`DataError` if ``columns`` (a file's header, label included) are not the
+    schema's feature columns plus ``label_column``; another order is fine.
+
+    Args:
+        path: the file, for the message.
+        columns: the file's column names.
+        schema: the federation's schema.
+        label_column: the file's label column.
+    """
+    where = str(path)
+    if label_column not in columns:
+        raise DataError(
+            f"{where!r} has no label column {label_column!r}; its columns are {columns}. Name "
+            "the column holding the label with --label-column (the schema calls it "
+            f"{schema.label!r})")
+    expected = set(schema.feature_names)
+    present = [c for c in columns if c != label_column]
+    missing = [n for n in schema.feature_names if n not in present]
+    if missing:
+        raise DataError(
+            f"{where!r}: column(s) {missing[:10]} of the federation schema are missing; the "
+            f"schema expects {schema.num_features} feature columns "
+            f"{schema.feature_names[:10]}{'…' if schema.num_features > 10 else ''} plus the "
+            f"label {label_column!r}")
+    extra = [c for c in present if c not in expected]
+    if extra:
+        raise DataError(
+            f"{where!r}: column(s) {extra[:10]} are not in the federation schema; remove them "
+            "from the file (the model's inputs are the schema's columns only)")
+
+
+def _in_schema_order(ds: Dataset, schema: DataSchema) -> Dataset:
+    if ds.feature_names == schema.feature_names:
+        return ds
+    order = [ds.feature_names.index(n) for n in schema.feature_names]
+    logger.info("%s: columns reordered by name to the schema's order", ds.name)
+    return Dataset(name=ds.name, features=ds.features[:, order], labels=ds.labels,
+                   num_classes=ds.num_classes, feature_names=list(schema.feature_names),
+                   class_names=list(schema.classes), preprocessing=ds.preprocessing)
+
+
+def load_table(path: str | Path, schema: DataSchema, *, label_column: str | None = None,
+               max_bytes: int = DEFAULT_MAX_BYTES, delimiter: str = ",") -> Dataset:
+    """A CSV or NPZ table in the schema's column order and class numbering, unscaled.
+
+    Args:
+        path: the file (``.npz``: arrays ``features``, ``labels`` and optionally
+            ``feature_names``, ``class_names``; anything else is read as CSV).
+        schema: the federation's schema.
+        label_column: the CSV's label column (default: the schema's ``label``).
+        max_bytes: largest file accepted (bytes).
+        delimiter: CSV field separator.
+
+    Raises:
+        DataError: a column is missing or extra, a value is not a number, a label is not
+            one of the schema's classes.
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".npz":
+        return _load_npz(p, schema, max_bytes)
+    label = label_column or schema.label
+    check_columns(p, _header(p, max_bytes, delimiter), schema, label)
+    table = load_csv(p, label, classes=schema.classes, max_bytes=max_bytes, delimiter=delimiter)
+    return _in_schema_order(table, schema)
+
+
+def _load_npz(path: Path, schema: DataSchema, max_bytes: int) -> Dataset:
+    table = load_npz(path, max_bytes=max_bytes, num_classes=schema.num_classes)
+    if table.num_features != schema.num_features:
+        raise DataError(
+            f"{str(path)!r}: 'features' has {table.num_features} columns, the federation schema "
+            f"{schema.num_features} ({schema.feature_names[:10]}"
+            f"{'…' if schema.num_features > 10 else ''})")
+    default_classes = [str(i) for i in range(schema.num_classes)]
+    if table.class_names not in (default_classes, schema.classes):
+        raise DataError(
+            f"{str(path)!r}: 'class_names' {table.class_names} differ from the federation's "
+            f"classes {schema.classes} (class i is label value i)")
+    if table.feature_names == [f"x{i}" for i in range(table.num_features)]:
+        table.feature_names = list(schema.feature_names)  # no names: columns in schema order
+    else:
+        check_columns(path, [*table.feature_names, schema.label], schema, schema.label)
+    table.class_names = list(schema.classes)
+    return _in_schema_order(table, schema)
+
+
+def load_checked(path: str | Path, schema: DataSchema, *, label_column: str | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> Dataset:
+    """:func:`load_table`, then scaled with the schema's public ranges (clipping logged here).
+
+    Args:
+        path: the CSV or NPZ file.
+        schema: the federation's schema.
+        label_column: the CSV's label column (default: the schema's ``label``).
+        max_bytes: largest file accepted (bytes).
+    """
+    table = load_table(path, schema, label_column=label_column, max_bytes=max_bytes)
+    scaled = scale_with_schema(table, schema)
+    logger.info("%s: %d records checked against schema sha256 %s… and scaled with its public "
+                "ranges", table.name, len(table), schema.digest[:12])
+    return scaled
+
