@@ -20,14 +20,20 @@ def test_gradient_inversion_recovers_plaintext_but_not_ciphertext_or_dp_sum(
     observers = result["observers"]
     plain = observers["plaintext"]
     assert plain["correlation"] > 0.9 and plain["mse"] < 0.02
-    for name in ("aggregator", "keyholder"):
+    # one slave's DP update (what the master opens under plain and he), the ciphertext and
+    # the DP average give nothing back
+    for name in ("dp_update", "aggregator", "keyholder"):
         assert observers[name]["correlation"] < 0.4, name
         assert observers[name]["mse"] > 10 * plain["mse"], name
         assert abs(result["observed_vs_true_gradient_correlation"][name]) < 0.1, name
+    # the same average without the noise does: the noise is what protects it
+    no_noise = observers["keyholder_no_noise"]
+    assert no_noise["correlation"] > observers["keyholder"]["correlation"] + 0.3
+    assert result["observed_vs_true_gradient_correlation"]["keyholder_no_noise"] > 0.3
     assert math.isclose(result["epsilon"], 3.0) and result["sigma"] > 1.0
     png = tmp_path / "gradient_inversion.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "plaintext" in capsys.readouterr().out  # type: ignore[attr-defined]
+    assert "dp_update" in capsys.readouterr().out  # type: ignore[attr-defined]
 
 
 def test_crafted_model_reveals_records_unless_dp_noise(tmp_path: Path, capsys: object) -> None:
@@ -58,16 +64,23 @@ def test_crafted_model_is_a_registered_architecture_the_slave_accepts() -> None:
     assert [p.shape for p in model.parameters()] == [p.shape for p in honest.parameters()]
 
 
-def test_membership_inference_leaks_without_dp_and_stays_within_epsilon_with_dp(
+def test_membership_inference_on_the_update_leaks_without_noise_not_with_it(
         tmp_path: Path) -> None:
     assert membership_inference.main(["--small", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "membership_inference.json").read_text())
-    no_dp, dp = result["no_dp"], result["dp"]
-    assert no_dp["epsilon_lower_bound"] > 0.0
-    assert no_dp["attack_accuracy"] > dp["attack_accuracy"]
-    assert no_dp["loss_excluded"] - no_dp["loss_included"] > 1.0
-    assert dp["consistent"] and dp["epsilon_lower_bound"] <= dp["accountant_epsilon"] <= 3.0
-    assert no_dp["accountant_epsilon"] is None  # ∞: no DP
+    dp, silent = result["update"]["dp"], result["update"]["no_noise"]
+    # the same plan and calibrated σ in both; only the noise added differs
+    for key in ("sigma", "sample_rate", "steps", "records", "accountant_epsilon"):
+        assert dp[key] == silent[key], key
+    assert silent["trained_sigma"] == 0.0 and dp["trained_sigma"] == dp["sigma"] > 3.0
+    assert silent["attack_advantage"] >= 0.9
+    assert silent["epsilon_lower_bound"] > 2.0 * silent["accountant_epsilon"]
+    assert dp["attack_advantage"] < 0.5
+    assert dp["consistent"] and dp["epsilon_lower_bound"] <= dp["accountant_epsilon"] <= 1.0
+    model_dp, model_silent = result["final_model"]["dp"], result["final_model"]["no_noise"]
+    assert model_dp["consistent"] and model_dp["accountant_epsilon"] <= 1.0
+    assert model_silent["noise"] is False and model_dp["noise"] is True
+    assert model_silent["accountant_epsilon"] == model_dp["accountant_epsilon"]
 
 
 def test_every_piece_of_evidence_the_threat_model_cites_exists() -> None:

@@ -167,3 +167,17 @@ def test_cli_defaults_are_the_library_defaults() -> None:
             defaults.rounds, defaults.seed) == ("digits", 3.0, 200, 3, 20, 0)
     args = build_parser().parse_args(["audit", "empirical", "--no-dp", "--guesses", "7"])
     assert empirical_options(args) == {"dp": False, "guesses": 7}
+
+
+def test_noise_removed_keeps_the_plan_and_the_ledger_of_the_calibrated_sigma(
+        tmp_path: Path) -> None:
+    options = EmpiricalOptions(epsilon=1.0, canaries=40, rounds=2, seed=0, noise=False)
+    result = run_empirical_audit(options, state_dir=tmp_path)
+    assert not result.noise and result.dp and result.sigma > 1.0
+    ledger = PrivacyLedger.open(tmp_path / "slave-1", budget_epsilon=1.0, delta=1e-5,
+                                source_id="slave-1")
+    assert {entry.mechanism.noise_multiplier for entry in ledger.entries} == {result.sigma}
+    assert 0.99 < result.accountant_epsilon <= 1.0
+    assert "NOISE REMOVED" in format_empirical(result)
+    with pytest.raises(AuditError, match="without DP"):
+        EmpiricalOptions(dp=False, noise=False).validate()

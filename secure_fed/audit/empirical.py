@@ -7,7 +7,9 @@ probability ½ (the coins are the audit's secret). The federation trains ``round
 each slave runs DP-SGD (Opacus; σ calibrated once so its ledger reaches ``epsilon`` at
 δ = 1e-5 after the last round), the master averages the deltas weighted by record counts.
 With ``dp=False`` the slaves run plain mini-batch SGD on the same model instead (no noise,
-no clipping: ε = ∞), as the control that shows the attack works.
+no clipping: ε = ∞), as the control that shows the attack works. With ``noise=False`` they
+run the DP-SGD plan with σ = 0 (same batches, clipping and learning rate) while their
+ledgers record the calibrated σ: a federation whose noise went missing.
 
 The adversary sees only the final model. It scores every canary by minus its loss under
 the canary's wrong label (a memorized canary has low loss), guesses "included" for the
@@ -26,7 +28,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ from secure_fed.data.partition import master_holdout, select, slave_partition
 from secure_fed.errors import AuditError
 from secure_fed.models.package import add_to_parameters, parameter_count, parameters_vector
 from secure_fed.models.registry import build_model
-from secure_fed.privacy.accounting import calibrate_noise
+from secure_fed.privacy.accounting import Mechanism, calibrate_noise
 from secure_fed.privacy.ledger import LedgerEntry, PrivacyLedger
 from secure_fed.privacy.training import DPSettings, evaluate, train_delta
 
@@ -63,6 +65,8 @@ class EmpiricalOptions:
         epsilon: ε budget of every slave at δ = 1e-5 for the whole run (ignored without DP).
         canaries: m, canaries drawn from slave 1's part (at most half of it).
         dp: DP-SGD at the slaves (True) or plain SGD (False, the no-privacy control).
+        noise: False trains the DP-SGD plan with σ = 0 while the ledgers keep the calibrated
+            σ (needs ``dp``).
         slaves: slaves of the federation (≥ 1).
         rounds: FedAvg rounds (≥ 1).
         seed: seed of split, canaries, coins, model initialization and training.
@@ -79,6 +83,7 @@ class EmpiricalOptions:
     seed: int = 0
     guesses: int | None = None
     confidence: float = DEFAULT_CONFIDENCE
+    noise: bool = True
 
     def per_side(self) -> int:
         """k, the guesses made on each side."""
@@ -86,6 +91,9 @@ class EmpiricalOptions:
 
     def validate(self) -> None:
         """Raise :class:`AuditError` naming the first bad option."""
+        if not (self.dp or self.noise):
+            raise AuditError("noise=False removes the noise of the DP-SGD plan; without DP "
+                             "there is none to remove")
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise AuditError(f"--epsilon must be finite and > 0, got {self.epsilon}")
         for name, value, low in (("canaries", self.canaries, 2), ("slaves", self.slaves, 1),
@@ -111,7 +119,8 @@ class EmpiricalResult:
         epsilon_lower_bound: ε the run exceeds with probability ``confidence`` (from this
             attack); ``accountant_epsilon``: slave 1's ledger ε (``math.inf`` without DP).
         delta: δ of both.
-        sigma: slave 1's noise multiplier (0 without DP).
+        sigma: slave 1's noise multiplier as its ledger records it (0 without DP).
+        noise: whether the training added that noise (False: σ = 0 was run).
         accuracy: hold-out accuracy of the final model.
         loss_included, loss_excluded: mean canary loss (nats) of included / excluded canaries.
         seconds: wall time of the run.
@@ -135,6 +144,7 @@ class EmpiricalResult:
     loss_included: float
     loss_excluded: float
     seconds: float
+    noise: bool = True
 
     @property
     def consistent(self) -> bool:
@@ -214,14 +224,18 @@ def _train(options: EmpiricalOptions, parts: list[Dataset], state: Path
                                     rounds=options.rounds, delta=DELTA, budget=options.epsilon)
             ledgers.append(ledger)
             plans.append(DPSettings(sigma, DP_CLIP, DP_BATCH, DP_EPOCHS, DP_LR))
+    trained = [replace(plan, noise_multiplier=plan.noise_multiplier if options.noise else 0.0)
+               for plan in plans]
     for round_ in range(options.rounds):
         total = np.zeros(parameter_count(model), dtype=np.float64)
         weights = 0
         for i, part in enumerate(parts):
             seed = 1_000_003 * options.seed + 1000 * round_ + i
             if options.dp:
-                result = train_delta(model, part, plans[i], seed=seed, delta=DELTA)
-                ledgers[i].record([LedgerEntry.create(result.mechanism, federation_id="audit",
+                result = train_delta(model, part, trained[i], seed=seed, delta=DELTA)
+                mechanism = Mechanism(plans[i].noise_multiplier, result.mechanism.sample_rate,
+                                      result.mechanism.steps)
+                ledgers[i].record([LedgerEntry.create(mechanism, federation_id="audit",
                                                       round=round_, mode="delta")])
                 delta_vector = result.delta_vector
             else:
@@ -272,7 +286,7 @@ def run_empirical_audit(options: EmpiricalOptions, *, state_dir: Path | None = N
         sigma=sigma, accuracy=float(accuracy),
         loss_included=float(losses[included].mean()) if n_in else math.nan,
         loss_excluded=float(losses[~included].mean()) if n_in < options.canaries else math.nan,
-        seconds=time.monotonic() - started)
+        seconds=time.monotonic() - started, noise=options.noise)
     if not result.consistent:
         logger.error("empirical ε lower bound %.4f exceeds the accountant's ε %.4f",
                      bound, accountant_eps)
@@ -283,6 +297,9 @@ def format_empirical(result: EmpiricalResult) -> str:
     """A short human summary of :func:`run_empirical_audit`'s result."""
     training = (f"DP-SGD (σ = {result.sigma:.3f}) at every slave" if result.dp
                 else "plain SGD, NO differential privacy (control run)")
+    if result.dp and not result.noise:
+        training = (f"DP-SGD with σ = 0 at every slave (NOISE REMOVED; the ledgers record "
+                    f"σ = {result.sigma:.3f})")
     accountant = (f"{result.accountant_epsilon:.3f}" if result.dp else "∞ (no DP)")
     lines = [
         f"empirical privacy audit on {result.dataset}: {result.slaves} slaves, "

@@ -62,6 +62,12 @@ a plaintext FedAvg federation trains with DP-SGD at every slave (or plain SGD wi
 (k most confident guesses each way, abstaining on the rest) and the number of correct
 guesses becomes a lower bound on epsilon at 95% confidence, printed next to slave-1's
 accountant epsilon. A lower bound from one attack: it never certifies privacy.
+With --mode delta|gradient|distill the adversary is instead the master that opens one
+slave's update (plain, or he with its secret key): crafted gradient canaries (random
+inputs, random labels) in the slave's data, one round of that mode with sigma calibrated to
+--epsilon (default 1), scores from regressing the update on the canaries' clipped gradients.
+--no-noise trains that round with sigma = 0 while the accountant keeps the calibrated sigma:
+the control that shows the audit sees missing noise (it exits 1).
 Exit status: 0 done (and, with DP, bound <= accountant epsilon); 1 the bound EXCEEDS the
 accountant's epsilon (the DP implementation or accounting is broken); 2 error.
 """
@@ -121,6 +127,12 @@ def _add_empirical_parser(commands: argparse._SubParsersAction) -> None:
                      help="seed of data, canaries, coins and training (default 0)")
     emp.add_argument("--guesses", type=int, metavar="G",
                      help="guesses each way (G 'in' + G 'out'; default M // 4)")
+    emp.add_argument("--mode", choices=("delta", "gradient", "distill"),
+                     help="audit one slave's update of this mode as the master sees it, "
+                     "instead of the final model (default ε 1, see above)")
+    emp.add_argument("--no-noise", action="store_true",
+                     help="with --mode: train with σ = 0 while the accountant keeps the "
+                     "calibrated σ (the control; the bound then exceeds it: exit 1)")
     emp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -130,6 +142,23 @@ def empirical_options(args: argparse.Namespace) -> dict[str, Any]:
              ("dataset", "epsilon", "canaries", "slaves", "rounds", "seed", "guesses")}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     options["dp"] = not args.no_dp
+    return options
+
+
+def update_audit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``UpdateAuditOptions`` keyword arguments of ``audit empirical --mode``."""
+    for flag, name in (("--slaves", "slaves"), ("--rounds", "rounds")):
+        if getattr(args, name) is not None:
+            raise AuditError(f"{flag} has no meaning with --mode (one slave, one round); "
+                             "leave it out")
+    if args.no_dp:
+        raise AuditError("--no-dp has no meaning with --mode; use --no-noise to train with "
+                         "σ = 0 while the accountant keeps the calibrated σ")
+    given = {name: getattr(args, name) for name in
+             ("dataset", "epsilon", "canaries", "seed", "guesses")}
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    options["mode"] = args.mode
+    options["noise"] = not args.no_noise
     return options
 
 
@@ -151,15 +180,40 @@ def _read_ca(path: Path | None, directory: Path, quiet: bool) -> bytes | None:
 
 def cmd_empirical(args: argparse.Namespace) -> int:
     """Run ``secure-fed audit empirical``; 1 if the lower bound exceeds the accountant's ε."""
-    from secure_fed.audit.empirical import EmpiricalOptions, format_empirical, run_empirical_audit
+    result: Any
+    if args.mode is not None:
+        from secure_fed.audit.update_audit import (
+            UpdateAuditOptions,
+            format_update_audit,
+            run_update_audit,
+        )
 
-    result = run_empirical_audit(EmpiricalOptions(**empirical_options(args)))
+        result = run_update_audit(UpdateAuditOptions(**update_audit_options(args)))
+        text = format_update_audit(result)
+    else:
+        if args.no_noise:
+            raise AuditError("--no-noise needs --mode; without it use --no-dp (plain SGD)")
+        from secure_fed.audit.empirical import (
+            EmpiricalOptions,
+            format_empirical,
+            run_empirical_audit,
+        )
+
+        result = run_empirical_audit(EmpiricalOptions(**empirical_options(args)))
+        text = format_empirical(result)
     if args.json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
     else:
-        sys.stdout.write(format_empirical(result) + "\n")
+        sys.stdout.write(text + "\n")
     if result.consistent:
         return 0
+    if args.mode is not None and args.no_noise:
+        sys.stderr.write(
+            f"the ε lower bound {result.epsilon_lower_bound:.3f} exceeds the accountant's ε "
+            f"{result.accountant_epsilon:.3f}: --no-noise removed the noise the accountant "
+            "counts, and the audit sees it (exit 1, as it would for a slave that lost its "
+            "noise)\n")
+        return 1
     sys.stderr.write(
         "!" * 78 + "\nERROR: the empirical ε lower bound "
         f"{result.epsilon_lower_bound:.4f} EXCEEDS the accountant's ε "

@@ -4,9 +4,13 @@ A slave computes the gradient of the demo model (``mlp`` 64 → 64 → 10, as in
 a small batch of its private ``digits`` images. The attacker knows the model and optimises
 dummy images and soft labels with L-BFGS until their gradient matches the observed one; the
 best of a few random restarts (lowest gradient distance, a criterion the attacker can compute)
-is kept. Three observers are attacked with the same optimiser:
+is kept. Five observers are attacked with the same optimiser:
 
 * **plaintext** — the slave's own update as plain FedSGD would send it: the images come back;
+* **dp update** — the same slave's DP-SGD update
+  (:func:`~secure_fed.privacy.training.train_gradient`, σ calibrated for ε = 3 at δ = 1e-5):
+  what the master sees of one slave under ``plain``, and under ``he``, where it holds the
+  secret key that opens each update;
 * **aggregator** — what secure_fed's aggregation process holds: the update encrypted with the
   real codec (``bfv-fast``, :class:`~secure_fed.crypto.codec.UpdateEncoder`); its ciphertext
   coefficients, centred and scaled to the gradient's norm (a generous gift), are attacked as
@@ -14,7 +18,9 @@ is kept. Three observers are attacked with the same optimiser:
 * **key holder** — what the key holder decrypts: the record-weighted average of several slaves'
   DP-SGD updates (:func:`~secure_fed.privacy.training.train_gradient`, σ calibrated for
   ε = 3 at δ = 1e-5 as ``bench utility`` does), quantized by the codec as the real
-  decryption returns it.
+  decryption returns it;
+* **key holder, no noise** — the control of the previous row: the same plan and slaves with
+  σ = 0 (clipping kept), averaged and quantized the same way.
 
 Each reconstruction is scored by the Pearson correlation (and the MSE) between each true image
 and its best-matching reconstruction. Run ``python -m threat_model.attacks.gradient_inversion``.
@@ -27,7 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +84,8 @@ class ObserverResult:
     """The attack against one observer.
 
     Args:
-        observer: ``plaintext``, ``aggregator`` or ``keyholder``.
+        observer: ``plaintext``, ``dp_update``, ``aggregator``, ``keyholder`` or
+            ``keyholder_no_noise``.
         correlation: mean Pearson correlation, true image vs its matched reconstruction.
         mse: mean squared pixel error (pixels in [0, 1]) of the matched reconstructions.
         per_image_correlation: the correlation of each true image.
@@ -177,28 +184,39 @@ def ciphertext_view(update: np.ndarray, weight: int, seed: int) -> np.ndarray:
     return view * (np.linalg.norm(update) / np.linalg.norm(view))
 
 
-def keyholder_view(model: torch.nn.Module, parts: list[Dataset], batch: int, seed: int
-                   ) -> tuple[np.ndarray, float, float]:
+def dp_settings(batch: int) -> DPSettings:
+    """The slaves' FedSGD plan: one full batch, clip 0.75, σ calibrated for ε = 3, δ = 1e-5."""
+    draft = DPSettings(1.0, CLIP, batch, 1, 1.0)
+    sigma = calibrate_noise([], sample_rate=draft.sample_rate(batch), steps_per_round=1,
+                            rounds=1, delta=DELTA, budget=EPSILON)
+    return DPSettings(sigma, CLIP, batch, 1, 1.0)
+
+
+def dp_update_view(model: torch.nn.Module, victim: Dataset, settings: DPSettings, seed: int
+                   ) -> np.ndarray:
+    """One slave's DP-SGD gradient, as the master reads it under ``plain`` or opens under ``he``."""
+    # the seed of the DP noise is the slave's own (None: fresh OS randomness in real use)
+    result = train_gradient(model, victim, settings, seed=seed * 100, delta=DELTA)
+    return result.gradient.astype(np.float64)
+
+
+def keyholder_view(model: torch.nn.Module, parts: list[Dataset], settings: DPSettings,
+                   seed: int) -> np.ndarray:
     """The decrypted aggregate: record-weighted average of every slave's DP-SGD gradient.
 
     Returns:
-        (average quantized as the BFV codec decrypts it, σ, ε of each slave at δ = 1e-5).
+        The average, quantized as the BFV codec decrypts it.
     """
-    draft = DPSettings(1.0, CLIP, batch, 1, 1.0)
-    q = draft.sample_rate(batch)
-    sigma = calibrate_noise([], sample_rate=q, steps_per_round=1, rounds=1, delta=DELTA,
-                            budget=EPSILON)
-    settings = DPSettings(sigma, CLIP, batch, 1, 1.0)
+    batch = len(parts[0])
     params = resolve_params("bfv-fast", clip=1.0, max_total_weight=64 * len(parts),
                             max_contributions=len(parts))
     rng = np.random.default_rng(seed)
     total = np.zeros(0, dtype=np.int64)
     for i, part in enumerate(parts):
-        # the seed of the DP noise is the slave's own (None: fresh OS randomness in real use)
         result = train_gradient(model, part, settings, seed=seed * 100 + i, delta=DELTA)
         plain = encode_plain(result.gradient, len(part), params, rng)
         total = plain if total.size == 0 else total + plain
-    return decode_plain_sum(total, batch * len(parts), params).astype(np.float64), sigma, EPSILON
+    return decode_plain_sum(total, batch * len(parts), params).astype(np.float64)
 
 
 def run_inversion(options: InversionOptions, out: Path) -> InversionResult:
@@ -213,18 +231,23 @@ def run_inversion(options: InversionOptions, out: Path) -> InversionResult:
     victim = parts[0]
     truth = victim.features.astype(np.float64)
     plain = plain_gradient(model, victim)
-    cipher = ciphertext_view(plain, options.batch, options.seed)
-    aggregate, sigma, epsilon = keyholder_view(model, parts, options.batch, options.seed)
+    settings = dp_settings(options.batch)
+    observed_by: dict[str, np.ndarray] = {
+        "plaintext": plain,
+        "dp_update": dp_update_view(model, victim, settings, options.seed),
+        "aggregator": ciphertext_view(plain, options.batch, options.seed),
+        "keyholder": keyholder_view(model, parts, settings, options.seed),
+        "keyholder_no_noise": keyholder_view(model, parts, replace(settings, noise_multiplier=0.0),
+                                             options.seed),
+    }
     result = InversionResult(
-        options=asdict(options), sigma=sigma, epsilon=epsilon, parameters=int(plain.shape[0]),
+        options=asdict(options), sigma=settings.noise_multiplier, epsilon=EPSILON,
+        parameters=int(plain.shape[0]),
         observed_vs_true_gradient_correlation={
-            "plaintext": 1.0,
-            "aggregator": float(np.corrcoef(plain, cipher)[0, 1]),
-            "keyholder": float(np.corrcoef(plain, aggregate)[0, 1]),
-        })
+            name: float(np.corrcoef(plain, observed)[0, 1])
+            for name, observed in observed_by.items()})
     rows: list[tuple[str, np.ndarray]] = [("true", truth)]
-    for name, observed in (("plaintext", plain), ("aggregator", cipher),
-                           ("keyholder", aggregate)):
+    for name, observed in observed_by.items():
         images, distance = invert(model, observed, options.batch, restarts=options.restarts,
                                   iterations=options.iterations, seed=options.seed)
         corr, mse, matched = match_images(truth, images)
@@ -235,9 +258,9 @@ def run_inversion(options: InversionOptions, out: Path) -> InversionResult:
         logger.info("%s: correlation %.3f", name, corr.mean())
     out.mkdir(parents=True, exist_ok=True)
     png = save_grid(out / "gradient_inversion.png", rows,
-                    f"DLG on a batch of {options.batch} digits: plaintext update vs what\n"
-                    f"secure_fed's aggregator (ciphertext) and key holder (DP ε={epsilon:g}, "
-                    f"{options.slaves} slaves) see")
+                    f"DLG on a batch of {options.batch} digits: plaintext and DP (ε={EPSILON:g}) "
+                    f"update of one slave,\naggregator (ciphertext), key holder (average of "
+                    f"{options.slaves} slaves, DP and σ = 0)")
     result.png = str(png)
     result.seconds = time.monotonic() - started
     (out / "gradient_inversion.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
@@ -251,13 +274,13 @@ def format_inversion(result: InversionResult) -> str:
         f"gradient inversion (DLG, L-BFGS, {o['restarts']} restarts × {o['iterations']} "
         f"iterations) on a batch of {o['batch']} digits, mlp with {result.parameters} "
         "parameters",
-        f"key holder sees the average of {o['slaves']} slaves' DP-SGD gradients "
-        f"(σ = {result.sigma:.3f}, clip {CLIP}, ε = {result.epsilon:g} at δ = {DELTA:g})",
-        f"{'observer':<12} {'corr(update, true grad)':>24} {'image corr':>11} {'image MSE':>10}",
+        f"DP-SGD of every slave: σ = {result.sigma:.3f}, clip {CLIP}, ε = {result.epsilon:g} at "
+        f"δ = {DELTA:g}; the key holder sees the average of {o['slaves']} slaves",
+        f"{'observer':<19} {'corr(update, true grad)':>24} {'image corr':>11} {'image MSE':>10}",
     ]
     for name, r in result.observers.items():
         g = result.observed_vs_true_gradient_correlation[name]
-        lines.append(f"{name:<12} {g:>24.3f} {r.correlation:>11.3f} {r.mse:>10.4f}")
+        lines.append(f"{name:<19} {g:>24.3f} {r.correlation:>11.3f} {r.mse:>10.4f}")
     lines.append(f"images: {result.png}  ({result.seconds:.1f} s)")
     return "\n".join(lines)
 
