@@ -102,6 +102,9 @@ PARSED_ONLY: dict[str, str] = {
         "20 FedAvg rounds with canaries (10-20 s on two free cores)",
     "secure-fed audit empirical --epsilon 3 --slaves 3 --rounds 20 --seed 0 --guesses 50 --json":
         "20 FedAvg rounds with canaries (10-20 s on two free cores)",
+    "secure-fed audit empirical --mode distill --no-noise":
+        "exits 1 by design (the audit sees the removed noise); "
+        "tests/test_audit_update.py::test_cli_mode_without_noise_exits_one runs it",
 }
 
 # Commands that are neither secure-fed, python nor make, and so can be neither parsed nor
