@@ -60,7 +60,7 @@ def test_update_audit_sees_the_noise_removed(mode: str) -> None:
     assert silent.accountant_epsilon == noisy.accountant_epsilon
     assert silent.trained_sigma == 0.0
     # without noise a canary's score is its inclusion, up to the drift of the local steps
-    assert silent.score_included == pytest.approx(1.0, abs=0.1)
+    assert silent.score_included == pytest.approx(1.0, abs=0.25)
     assert silent.score_excluded == pytest.approx(0.0, abs=0.1)
     assert silent.correct >= 95
     assert silent.epsilon_lower_bound > 2.0 * silent.accountant_epsilon
