@@ -100,7 +100,9 @@ def test_the_no_dp_baseline_is_plaintext_fedavg_with_the_slaves_consent(
         genesis = json.loads((run / "run" / "audit.jsonl").read_text().splitlines()[0])["data"]
         assert (genesis["protection"], genesis["dp"]) == ("plain", dp)
         ledger = json.loads((run / "state" / "slave-1" / "ledger.json").read_text())
-        sigmas = [e["noise_multiplier"] for e in ledger["entries"]]
+        sigmas = [e["noise_multiplier"] for e in ledger["entries"] if e["mode"] != "count"]
         assert len(sigmas) == 1 and (sigmas[0] == 0.0) == (not dp)
+        # the record count: a DP release under DP, the exact count in the baseline
+        assert [e["mode"] for e in ledger["entries"]].count("count") == (1 if dp else 0)
         assert rows[mode]["upload_bytes_per_slave"] == 4 * rows[mode]["params"]
     assert "except in the no-dp rows" in out

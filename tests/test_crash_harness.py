@@ -297,12 +297,15 @@ def events(out: Path, name: str) -> list[dict[str, Any]]:
 
 
 def ledger_entries(state: Path) -> list[dict[str, Any]]:
-    """The entries of a slave's privacy ledger."""
+    """The DP-SGD entries of a slave's privacy ledger (one per task answered), after checking
+    that its record count was released at most once, whatever crashed."""
     path = state / "ledger.json"
     if not path.exists():
         return []
     entries: list[dict[str, Any]] = json.loads(path.read_text())["entries"]
-    return entries
+    counts = [e for e in entries if e["mode"] == "count"]
+    assert len(counts) <= 1, counts  # released once per federation, reused after a restart
+    return [e for e in entries if e["mode"] != "count"]
 
 
 def audit_verify(out: Path) -> subprocess.CompletedProcess[str]:

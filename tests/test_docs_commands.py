@@ -62,6 +62,8 @@ PARSED_ONLY: dict[str, str] = {
         "needs the master of the same page running",
     "secure-fed slave clinics/slaves/clinic-a --data clinic-a.csv --budget 10":
         "needs a running master and the data owner's own table",
+    "secure-fed slave clinic-a --data clinic.csv --label-column outcome --budget 10 "
+    "--public-count 512": "needs a running master and the data owner's own table",
     "secure-fed audit verify trial/master/run":
         "needs the run of the three-terminal federation of the same page",
     "secure-fed audit verify fed/master/run --ca fed/master/ca.pem":
