@@ -74,6 +74,23 @@ def test_discrete_gaussian_is_right_over_a_wide_range_of_scales(sigma: float) ->
         assert stats.kstest((draws + jitter) / sigma, "norm").pvalue > P_VALUE
 
 
+@pytest.mark.parametrize("sigma", [noise.BUCKET_MIN_SCALE, 5000.3, 2.0**33 + 12345.0])
+def test_bucket_sampler_matches_the_pmf_and_reaches_the_tail(sigma: float) -> None:
+    # The bucket sampler (every DP-SGD scale): chi-square on bins of width σ/8 out to 4σ, and
+    # the tail beyond 4σ, drawn by its own envelope, as often as N_Z puts mass there.
+    draws = noise.DiscreteGaussian(RandomStream(KEY, 9), sigma).sample(1_000_000)
+    edges = np.concatenate([[-np.inf], np.linspace(-4, 4, 65) * sigma, [np.inf]])
+    observed, _ = np.histogram(draws, bins=edges)
+    # N_Z's bin masses from the continuous Gaussian: the difference is e^{−2π²σ²}, nothing.
+    cdf = stats.norm.cdf(edges / sigma)
+    expected = np.diff(cdf) * draws.size
+    _, p_value = stats.chisquare(observed, expected)
+    assert p_value > P_VALUE
+    beyond = int((np.abs(draws) >= 4 * sigma).sum())
+    mean = 2 * stats.norm.sf(4) * draws.size  # ≈ 63
+    assert abs(beyond - mean) < 5 * math.sqrt(mean)
+
+
 def test_discrete_gaussian_at_the_largest_scale() -> None:
     draws = sample_discrete_gaussian(RandomStream(KEY), noise.MAX_SCALE, 50_000)
     assert float(draws.std()) == pytest.approx(noise.MAX_SCALE, rel=0.03)

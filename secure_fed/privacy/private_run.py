@@ -7,8 +7,9 @@ turn DP off (baselines only; see ``TrainingPlanSettings.dp``).
 the caller's module (which is never modified), draws Poisson batches with rate q exactly, and
 runs each step either with :class:`~secure_fed.privacy.linear_clipping.LinearClippingStep` (the
 default for models whose trainable layers are all ``nn.Linear``) or with a fresh Opacus
-``PrivacyEngine`` (``make_private`` with the chosen ``grad_sample_mode``). Both release
-``(Σ clip_C(g_i) + N(0, σ²C²)) / B`` per step, an empty batch included.
+``PrivacyEngine`` (``make_private`` with the chosen ``grad_sample_mode``, its ``add_noise``
+replaced by ours). Both release ``(Σ clip_C(g_i) + z) / B`` per step, an empty batch included,
+z the same discrete Gaussian on a fine grid (:class:`~secure_fed.privacy.noise.GridGaussian`).
 
 Randomness: one 32-byte key (:func:`run_key`: fresh from :mod:`secrets` unless a test seed is
 given) keys two independent ChaCha20 streams (:class:`~secure_fed.privacy.noise.RandomStream`),

@@ -4,19 +4,23 @@ Each call trains a *deep copy* of the given module
 (:class:`~secure_fed.privacy.private_run.PrivateRun`), so the caller's module is never
 modified and no hooks leak out. Batches are drawn by Poisson sampling with rate
 ``q = batch_size / N`` exactly: each step every record joins the batch independently
-with probability q (the draws of Opacus's ``UniformWithReplacementSampler``). An epoch is
-``int(1 / q)`` steps, as in Opacus. Each step releases ``(Σ clip_C(g_i) + N(0, σ²C²)) / B``;
-an empty batch still releases the noise.
+with probability q (as Opacus's ``UniformWithReplacementSampler`` does, with coins from the
+run's ChaCha20 stream). An epoch is ``int(1 / q)`` steps, as in Opacus. Each step releases
+``(Σ clip_C(g_i) + z) / B`` with z the discrete Gaussian on a fine grid of standard deviation
+σC(1 + at most 2⁻²⁰), whose privacy is that of N(0, σ²C²) (see
+:mod:`secure_fed.privacy.noise`); an empty batch still releases the noise.
 
 The Opacus accountant is not used: every function returns the :class:`Mechanism` it ran
 (σ, q, steps) so that the caller records it in its
 :class:`~secure_fed.privacy.ledger.PrivacyLedger` *before* anything is sent.
 
-Randomness: ``seed=None`` (the default for real use) draws a fresh seed from the operating
-system. A fixed seed makes a run reproducible, **and makes its noise predictable to anyone
-who knows the seed** — never let the seed come from the master or be shared. Even with a
-fresh seed the noise comes from torch's (non-cryptographic) generator, like Opacus without
-``secure_mode``.
+Randomness: ``seed=None`` (the default for real use) keys the run's ChaCha20 streams with 32
+fresh bytes from :mod:`secrets`; every Poisson batch and every noise coordinate comes from
+them (:mod:`secure_fed.privacy.noise`: the noise is the discrete Gaussian on a grid finer than
+2⁻²⁰·C/√d, sampled exactly from integers, so neither a recovered generator state nor the
+floating-point attacks on Gaussian samplers apply). A fixed integer seed is for tests and
+benchmarks: it makes a run reproducible, **and makes its noise predictable to anyone who knows
+the seed** — never let the seed come from the master or be shared.
 
 Per-sample clipping: ``grad_sample_mode="auto"`` (the default) trains a model whose trainable
 layers are all ``nn.Linear`` on 2-D inputs (the ``mlp`` models) with
