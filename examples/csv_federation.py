@@ -73,7 +73,8 @@ def main() -> int:
     master = subprocess.Popen([*cli, "master", str(fed / "master"), "--out", str(work / "out")])
     slaves = [
         subprocess.Popen([*cli, "slave", str(fed / "slaves" / clinic), "--data",
-                          str(work / f"{clinic}.csv"), "--budget", "10", "--workers", "1"])
+                          str(work / f"{clinic}.csv"), "--budget", "10", "--state",
+                          str(work / "state" / clinic), "--workers", "1"])
         for clinic in ("clinic-a", "clinic-b")
     ]
     codes = [master.wait(timeout=600)] + [s.wait(timeout=120) for s in slaves]

@@ -22,5 +22,6 @@ def test_csv_federation_example_trains_over_csv_tables(tmp_path: Path) -> None:
     assert outcome["final_accuracy"] > 0.8  # breast cancer hold-out, ε = 3 per clinic
     assert set(outcome["epsilon"]) == {"clinic-a", "clinic-b"}
     assert all(0 < eps <= 3.0 for eps in outcome["epsilon"].values())
-    ledger = json.loads((tmp_path / "fed" / "slaves" / "clinic-a" / "ledger.json").read_text())
-    assert len(ledger["entries"]) == 2
+    ledger = json.loads((tmp_path / "state" / "clinic-a" / "ledger.json").read_text())
+    # the record count's DP release, then the two rounds
+    assert [e["mode"] for e in ledger["entries"]] == ["count", "delta", "delta"]

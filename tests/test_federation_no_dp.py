@@ -136,7 +136,7 @@ def test_a_dp_federation_refuses_an_update_that_reports_no_noise(
     fed = configure(federation_dir, tmp_path)
     single_attempt(fed)
     monkeypatch.setattr(Slave, "_plan_privacy",
-                        lambda self, task, records: self._plan_without_dp(task))
+                        lambda self, task, records, **_: self._plan_without_dp(task))
     with pytest.raises(ProtocolError):  # the master refused the update and closed on its chunks
         _run(fed, tmp_path, allow_no_dp=True)
 

@@ -211,7 +211,7 @@ def test_a_slave_refuses_a_master_whose_protection_differs_from_its_bundle(
             "encryption": loaded.config.encryption.model_copy(update={"protection": "he+mask"})})
         slave = Slave(SlaveBundle(loaded.directory, stricter, loaded.he_params),
                       bundled_part("digits", "0/3"), state_dir=tmp_path / "state-a", workers=1,
-                      budget_epsilon=3.0, reconnect_give_up_s=5)
+                      budget_epsilon=3.0, source_id="a", reconnect_give_up_s=5)
         try:
             with pytest.raises(ProtocolError, match="protects updates with 'plain'"):
                 await asyncio.wait_for(slave.run(), 60)

@@ -86,7 +86,8 @@ def _answer(federation_dir: Path, state: Path, data: Dataset, *, epsilon: float 
                 model=ModelHeader(architecture="mlp", kwargs=package.kwargs,
                                   digest=package.digest, params_bytes=len(package.params)),
                 plan=Plan(mode="delta", epochs=1, batch_size=64, lr=0.5, momentum=0.0,
-                          max_grad_norm=1.0, epsilon=epsilon, delta=1e-5, rounds_total=2),
+                          max_grad_norm=1.0, epsilon=epsilon, delta=1e-5, rounds_total=2,
+                          data_schema=bundle.config.data_schema),
                 vector_size=size, chunks=UpdateEncoder.chunk_count_for(bundle.he_params, size))
     channel = _Capture()
     with UpdateEncoder(bundle.he_params, bundle.public_context.read_bytes(),

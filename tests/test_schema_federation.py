@@ -25,6 +25,7 @@ from secure_fed.data.scaling import bundled_schema
 from secure_fed.master.bundle import SlaveBundle
 from secure_fed.master.provision import init_federation
 from secure_fed.master.store import ModelStore
+from secure_fed.privacy.data_source import default_ledger_dir, file_source_id
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,7 +138,9 @@ def test_own_csv_files_with_a_schema_federate_from_the_command_line(tmp_path: Pa
     model = ModelStore(out / "checkpoints").load(2).package.build()
     first = next(m for m in model.modules() if hasattr(m, "in_features"))
     assert first.in_features == 30
-    # The ledger of each clinic holds both rounds; its table was checked before it joined.
-    for slave_id in slaves:
-        ledger = json.loads((fed / "slaves" / slave_id / "ledger.json").read_text())
-        assert len(ledger["entries"]) == 2
+    # The ledger of each clinic, found by its table's fingerprint in the per-user folder,
+    # holds the count's release and both rounds; its table was checked before it joined.
+    for table in tables:
+        ledger = json.loads((default_ledger_dir(file_source_id(table)) / "ledger.json")
+                            .read_text())
+        assert [e["mode"] for e in ledger["entries"]] == ["count", "delta", "delta"]

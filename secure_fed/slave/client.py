@@ -320,14 +320,12 @@ class Slave:
             if masked and task.secagg is None:
                 raise PrivacyError("the federation masks updates, but this task carries no "
                                    "secure aggregation: declining before training")
+            planned: DPSettings | None = None
+            without_dp: DPSettings | None = None
             if task.plan.dp:
-                records, weight_source = self._public_count(task)
-                settings = self._plan_privacy(task, records)
+                planned = self._plan_before_release(task)
             else:
-                settings = self._plan_without_dp(task)
-                # a release without DP is unbounded anyway: the exact count adds nothing to it
-                records, weight_source = len(self.data.labels), "exact-no-dp"
-            source: WeightSource = weight_source
+                without_dp = self._plan_without_dp(task)
         except (ModelError, PrivacyError, DataError) as exc:
             await self._decline(channel, task, str(exc),
                                 final=isinstance(exc, BudgetExhausted))
@@ -336,6 +334,20 @@ class Slave:
         if masked:  # only under this slave's own masked protection, whatever the task says
             delivery = await self._share_keys(channel, task)
             if delivery is None:
+                return
+        source: WeightSource
+        if without_dp is not None:
+            # a release without DP is unbounded anyway: the exact count adds nothing to it
+            settings, records, source = without_dp, len(self.data.labels), "exact-no-dp"
+        else:
+            # Released only now, when nothing but training is left to decline the round for.
+            try:
+                records, source = self._public_count(task)
+                settings = planned or self._plan_privacy(task, records)
+            except PrivacyError as exc:
+                self._secagg = None
+                await self._decline(channel, task, str(exc),
+                                    final=isinstance(exc, BudgetExhausted))
                 return
         self._on_event("training", {"round": task.round, "sigma": settings.noise_multiplier,
                                     "mode": task.plan.mode})
@@ -531,13 +543,10 @@ class Slave:
         this slave's bundle agreed to (a master cannot raise it by changing the plan)."""
         return min(plan.epsilon, self.config.federation_epsilon)
 
-    def _public_count(self, task: Task) -> tuple[int, WeightSource]:
-        """The record count this federation may be told, and how it became public.
-
-        The data owner's declared count, or this federation's DP count release: drawn once
-        (the first task that needs it), recorded in the ledger before it is used, reused for
-        every later round.
-        """
+    def _known_count(self) -> tuple[int, WeightSource] | None:
+        """The record count this federation may already be told, and how it became public:
+        the data owner's declaration, or this federation's earlier DP release; ``None`` when
+        the count is still to be released."""
         fed = self.config.federation_id
         if self.public_count is not None:
             self.ledger.declare(Declaration(fed, "record_count", self.public_count))
@@ -545,12 +554,34 @@ class Slave:
         released = self.ledger.released_count(fed)
         if released is not None and released.value is not None:
             return int(released.value), "dp-count"
+        return None
+
+    def _plan_before_release(self, task: Task) -> DPSettings | None:
+        """The round's DP settings when the count is already public; otherwise check, on
+        public values only, that some count could leave room for the plan's rounds (so that a
+        hopeless plan is declined before anything is drawn) and return ``None``."""
+        known = self._known_count()
+        if known is not None:
+            return self._plan_privacy(task, known[0])
         mechanism = count_mechanism(self._federation_epsilon(task.plan), self.config.delta,
                                     self.config.accountant)
-        # Before anything is drawn: could any count at all leave room for the plan's rounds?
-        # (a decision on public values only, so a hopeless plan is declined for free)
-        most = self.config.encryption.max_weight_per_slave
-        self._plan_privacy(task, most, before=[mechanism])
+        self._plan_privacy(task, self.config.encryption.max_weight_per_slave,
+                           before=[mechanism])
+        return None
+
+    def _public_count(self, task: Task) -> tuple[int, WeightSource]:
+        """The record count this federation may be told, and how it became public.
+
+        The data owner's declared count, or this federation's DP count release: drawn once
+        (the first task that trains), recorded in the ledger before it is used, reused for
+        every later round.
+        """
+        known = self._known_count()
+        if known is not None:
+            return known
+        fed = self.config.federation_id
+        mechanism = count_mechanism(self._federation_epsilon(task.plan), self.config.delta,
+                                    self.config.accountant)
         after = epsilon([*self.ledger.federation_mechanisms(fed), mechanism],
                         self.config.delta, self.config.accountant)
         if after > self._federation_epsilon(task.plan):
