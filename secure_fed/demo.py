@@ -203,7 +203,7 @@ def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: 
         return 1
     summary = json.loads(summary_path.read_text())
     table = Table(title="privacy budget per slave (from each slave's own ledger)")
-    for column in ("slave", "ε spent", "budget", "δ", "accountant", "DP-SGD runs",
+    for column in ("slave", "ε spent", "budget", "δ", "accountant", "releases",
                    "federations"):
         table.add_column(column)
     exhausted = 0
