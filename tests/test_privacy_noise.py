@@ -14,7 +14,7 @@ from secure_fed.data.datasets import load_bundled
 from secure_fed.data.partition import select
 from secure_fed.errors import PrivacyError
 from secure_fed.models.registry import build_model
-from secure_fed.privacy import noise
+from secure_fed.privacy import discrete_gaussian, noise, random_stream
 from secure_fed.privacy.noise import (
     GRID_MARGIN,
     GridGaussian,
@@ -124,7 +124,7 @@ def test_stream_is_the_chacha20_keystream_and_moves_to_a_new_nonce(
     assert words.tobytes() == keystream(0, 800)
     # A short segment stands in for the cipher's 2³² blocks: the words continue on the next
     # nonce, never wrapping the counter (which would repeat the keystream).
-    monkeypatch.setattr(noise, "_SEGMENT_BYTES", 128)
+    monkeypatch.setattr(random_stream, "_SEGMENT_BYTES", 128)
     stream = RandomStream(KEY, 3)
     got = stream.words(20).tobytes() + stream.words(20).tobytes()
     want = b"".join(keystream(i, 128) for i in range(3))[:320]
@@ -171,6 +171,13 @@ def test_release_is_on_the_grid_with_the_calibrated_scale() -> None:
     assert float((units - offset).std()) == pytest.approx(grid.scale, rel=0.05)
     with pytest.raises(PrivacyError, match="the step has 10 coordinates but the noise"):
         grid.release([torch.zeros(10)])
+    # float32 sums (what training passes): the float64 release cast once, bit for bit
+    values = torch.linspace(-2.0, 2.0, 3000, dtype=torch.float32)
+    single = GridGaussian(1.5, 0.5, 3000, RandomStream(KEY, 7)).release([values], divisor=7.0)
+    double = GridGaussian(1.5, 0.5, 3000, RandomStream(KEY, 7)).release(
+        [values.to(torch.float64)], divisor=7.0)
+    assert single[0].dtype == torch.float32
+    assert torch.equal(single[0], double[0].to(torch.float32))
 
 
 @pytest.mark.parametrize("mode", ["linear", "ew"])
@@ -194,3 +201,36 @@ def test_dp_sgd_step_has_the_expected_noise_std(mode: str) -> None:
     assert float(residual.std()) == pytest.approx(sigma * clip / batch, rel=0.05)
     assert abs(float(residual.mean())) < 5 * sigma * clip / batch / math.sqrt(4810)
     assert stats.kstest(residual / (sigma * clip / batch), "norm").pvalue > P_VALUE
+
+
+def _reference_propose(buckets: discrete_gaussian._Buckets, stream: RandomStream,
+                       m: int) -> np.ndarray:
+    """The bucket proposal written with numpy array operations, word for word the decisions
+    that :func:`secure_fed.privacy.discrete_gaussian._bucket_pass` compiles."""
+    first, second, third = stream.words(3 * m).reshape(3, m)
+    top = (first >> np.uint64(56)).astype(np.intp)
+    keep = second < buckets.thresholds.take(top)
+    signed = buckets.signed_starts.take(2 * top + keep)
+    start = np.abs(signed)
+    r = (first & np.uint64(buckets.width - 1)).view(np.int64).astype(np.float64)
+    limit = (np.exp(-(r * (2 * start + r) * buckets.inv_two_var))
+             * math.ldexp(1.0 - 2.0**-53, 64)).astype(np.uint64)
+    accept = third < limit
+    magnitude = start + r
+    tail = np.flatnonzero(start == buckets.start)
+    if tail.size:
+        magnitude[tail], accept[tail] = buckets._tail(stream, tail.size)
+    zero = np.flatnonzero(magnitude == 0)
+    accept[zero[np.signbit(signed[zero])]] = False
+    return np.copysign(magnitude, signed)[accept]
+
+
+@pytest.mark.parametrize("sigma", [noise.BUCKET_MIN_SCALE, 2.0**30 + 7.0])
+def test_the_compiled_bucket_pass_decides_as_the_numpy_reference(sigma: float) -> None:
+    buckets = discrete_gaussian._Buckets(sigma)
+    m = 300_000  # enough candidates for some to fall in the tail beyond 4s
+    compiled = buckets.propose(RandomStream(KEY, 5), m)
+    reference = _reference_propose(buckets, RandomStream(KEY, 5), m)
+    assert compiled.size > 0.9 * m
+    np.testing.assert_array_equal(compiled, reference)
+    assert np.abs(compiled).max() >= buckets.start  # the tail was exercised

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 from secure_fed.errors import PrivacyError
 from secure_fed.privacy.accounting import Accountant, Mechanism, calibrate_noise
-from secure_fed.privacy.noise import RandomStream, sample_discrete_gaussian
+from secure_fed.privacy.discrete_gaussian import sample_discrete_gaussian
+from secure_fed.privacy.random_stream import RandomStream
 
 #: Share of a federation's ε that the count release costs on its own.
 COUNT_EPSILON_SHARE = 0.05

@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from secure_fed.errors import PrivacyError
 from secure_fed.privacy.linear_clipping import LinearClippingStep, supports
-from secure_fed.privacy.noise import SEED_BYTES, GridGaussian, RandomStream, seed_from_int
+from secure_fed.privacy.noise import GridGaussian
+from secure_fed.privacy.random_stream import SEED_BYTES, RandomStream, seed_from_int
 
 if TYPE_CHECKING:
     from secure_fed.privacy.training import DPSettings
