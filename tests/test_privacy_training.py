@@ -102,6 +102,22 @@ def test_fedsgd_gradient_equals_true_mean_gradient_without_noise(small: Dataset)
     assert result.loss == pytest.approx(float(loss.detach()), rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["linear", "ew"])
+def test_a_public_record_count_is_the_divisor_never_the_exact_one(small: Dataset,
+                                                                 mode: str) -> None:
+    # A full batch (q = 1): the noisy sum is divided by the expected batch min(B, count). With
+    # the slave's public count (here 70 for 60 records) that is 70, never the 60 only the
+    # slave knows; the sample rate and the released mechanism follow the same count.
+    settings = DPSettings(noise_multiplier=0.0, max_grad_norm=1e6, batch_size=70, epochs=1,
+                          lr=0.1)
+    exact = train_gradient(_mlp(), small, settings, seed=0, grad_sample_mode=mode)
+    public = train_gradient(_mlp(), small, settings, seed=0, grad_sample_mode=mode, records=70)
+    assert exact.mechanism == public.mechanism == Mechanism(0.0, 1.0, 1)
+    assert public.samples == 70 and exact.samples == 60
+    assert np.allclose(public.gradient * 70, exact.gradient * 60, atol=1e-5)
+    assert np.abs(exact.gradient).max() > 1e-3  # the comparison is not of zeros
+
+
 def test_fedsgd_mechanism_is_one_step(part: Dataset) -> None:
     settings = DPSettings(noise_multiplier=1.1, max_grad_norm=1.0, batch_size=32, epochs=3, lr=0.1)
     result = train_gradient(_mlp(), part, settings, seed=0)

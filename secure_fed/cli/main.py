@@ -20,8 +20,8 @@ log = logging.getLogger("secure_fed.cli")
 DESCRIPTION = """\
 secure-fed trains a neural network from private data that never leaves its owners.
 A master sends the model; each slave trains it with differential privacy (Opacus DP-SGD),
-encrypts its update homomorphically (TenSEAL) and sends it over mutual-TLS websockets; the
-master adds the ciphertexts and decrypts only the sum.
+encrypts and pairwise-masks its update (TenSEAL, secure aggregation) and sends it over
+mutual-TLS websockets; the master adds the ciphertexts and obtains only the sum.
 
 Typical use:
   secure-fed init fed --slaves a,b,c --host master.example.org --schema schema.toml --offline-ca
