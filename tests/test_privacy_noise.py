@@ -234,3 +234,38 @@ def test_the_compiled_bucket_pass_decides_as_the_numpy_reference(sigma: float) -
     assert compiled.size > 0.9 * m
     np.testing.assert_array_equal(compiled, reference)
     assert np.abs(compiled).max() >= buckets.start  # the tail was exercised
+
+
+@pytest.mark.parametrize("sigma", [noise.BUCKET_MIN_SCALE, 5000.3, 2.0**20 + 3.0])
+def test_the_bucket_sampler_is_exact_by_its_tables(sigma: float) -> None:
+    """The probability of every value, read off the sampler's own tables (alias columns,
+    offsets, coins, the tail's discrete Laplace), is the same constant times N_Z's, for every
+    bucket and for the tail: a wrong weight anywhere (the tail's was once 0.63 of what it must
+    be) shows here, where no sample size would show it reliably."""
+    b = discrete_gaussian._Buckets(sigma)
+    full = 2.0**64
+    width, start, t = b.width, b.start, b.tail_t
+    columns = discrete_gaussian._COLUMNS
+    chosen: dict[int, float] = {}  # bucket start (kL, or A for the tail) → P(chosen)
+    for c in range(columns):
+        keep = float(b.thresholds[c]) / full
+        alias, own = b.signed_starts[2 * c], b.signed_starts[2 * c + 1]
+        chosen[own] = chosen.get(own, 0.0) + keep / columns
+        chosen[alias] = chosen.get(alias, 0.0) + (1 - keep) / columns
+    two_var = 2 * sigma * sigma
+    ratios = []
+    for begin, probability in chosen.items():
+        if probability == 0.0:
+            continue
+        if begin == start:  # the tail: D = U + tV, kept with (1 − e^{−1})/t · e^{−D(2A+D)/2s²}
+            d = np.arange(0, int(40 * sigma), dtype=np.float64)
+            made = probability * (1 - math.exp(-1)) / t * np.exp(-d * (2 * start + d) / two_var)
+            target = np.exp(-((start + d) ** 2) / two_var)
+        else:  # a bucket: offset r uniform on L values, kept with e^{−r(2kL+r)/2s²}
+            r = np.arange(width, dtype=np.float64)
+            made = probability / width * np.exp(-r * (2 * begin + r) / two_var)
+            target = np.exp(-((begin + r) ** 2) / two_var)
+        ratios.append(made.sum() / target.sum())
+    ratios_array = np.array(ratios)
+    assert len(ratios) == len([p for p in chosen.values() if p > 0]) >= 60
+    assert np.allclose(ratios_array, ratios_array[0], rtol=1e-12, atol=0.0)

@@ -175,7 +175,11 @@ class _Buckets:
         two_var = 2 * s * s
         weights = [self.width * math.exp(-((k * self.width) ** 2) / two_var)
                    for k in range(self.count)]
-        weights.append(math.exp(-(self.start**2) / two_var) / -math.expm1(-1.0 / self.tail_t))
+        # The tail's mass as its proposal draws it: D = U + tV is made with probability
+        # (1 − e^{−1})/t · e^{−D/t} (U uniform on t values kept with e^{−U/t}, V geometric),
+        # so the tail column needs e^{−A²/2s²}·t/(1 − e^{−1}) for every accepted value
+        # A + D to come out with the same constant as the buckets' (∝ e^{−(A+D)²/2s²}).
+        weights.append(math.exp(-(self.start**2) / two_var) * self.tail_t / -math.expm1(-1.0))
         weights += [0.0] * (_COLUMNS - len(weights))
         full = 1 << 64
         total = sum(weights)
