@@ -30,6 +30,11 @@ class BudgetExhausted(PrivacyError):
     """Training as planned would take a data source past its privacy budget."""
 
 
+class FederationBudgetExhausted(BudgetExhausted):
+    """Another release would take one federation past the ε its plan grants (its figures are
+    that federation's, not the data source's lifetime ones)."""
+
+
 class CryptoError(SecureFedError):
     """Homomorphic-encryption parameters, keys or ciphertexts are invalid."""
 

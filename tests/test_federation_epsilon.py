@@ -79,7 +79,7 @@ def test_a_data_owner_with_budget_10_spends_at_most_the_plans_epsilon_1(tmp_path
         path = default_ledger_dir(f"records-{slave_id}") / "ledger.json"
         ledger = json.loads(path.read_text())
         assert ledger["budget_epsilon"] == 10.0  # the owner's, not the bundle's
-        entries = [e for e in ledger["entries"] if e["federation_id"] == "fed"]
+        entries = [e for e in ledger["entries"] if e["federation_id"].startswith("fed@")]
         assert [e["mode"] for e in entries] == ["count"] + ["delta"] * 4
         recomputed = pld_epsilon(entries, 1e-5)
         assert 0.8 < recomputed <= 1.0, recomputed
@@ -119,3 +119,33 @@ def test_a_data_source_without_a_ledger_needs_its_owners_budget(
         Slave(SlaveBundle.load(federation_dir / "slaves" / "a"), bundled_part("digits", "1/2"),
               state_dir=tmp_path / "new", workers=1)
     assert not (tmp_path / "new" / "ledger.json").exists()
+
+
+def test_a_changed_data_file_does_not_silently_get_a_fresh_budget(
+    federation_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from secure_fed.cli.main import main
+    from secure_fed.data.scaling import bundled_schema
+
+    schema = bundled_schema("digits")
+    part = bundled_part("digits", "0/2")
+    table = tmp_path / "clinic.csv"
+
+    def write(rows: int) -> None:
+        lines = [",".join([*schema.feature_names, schema.label])]
+        for x, y in zip(part.features[:rows], part.labels[:rows], strict=True):
+            lines.append(",".join([*(f"{v * 16:g}" for v in x), schema.classes[int(y)]]))
+        table.write_text("\n".join(lines) + "\n")
+
+    # plain ws:// without --insecure-loopback: refused before connecting, after the data
+    # file was read and recorded
+    slave = ["slave", str(federation_dir / "slaves" / "a"), "--data", str(table),
+             "--budget", "5", "--master-url", "ws://127.0.0.1:9"]
+    write(20)
+    assert main(slave) == 2 and "plain ws://" in capsys.readouterr().err
+    write(21)  # one record added: another fingerprint
+    assert main(slave) == 2
+    err = capsys.readouterr().err
+    assert "would start a fresh privacy ledger" in err and "--source-id data-" in err
+    assert main([*slave, "--source-id", "clinic-records"]) == 2  # named: no refusal
+    assert "plain ws://" in capsys.readouterr().err

@@ -232,3 +232,24 @@ def test_a_release_without_dp_is_recorded_past_the_budget_and_exhausts_it(tmp_pa
     assert reopened.spent() == float("inf") and reopened.remaining() == 0.0
     with pytest.raises(BudgetExhausted, match="would reach ∞"):
         reopened.record([_entry(2)])  # no DP run can follow: nothing bounds this source any more
+
+
+def test_a_federations_cap_is_checked_under_the_lock(tmp_path: Path) -> None:
+    # Two processes over one data source in one federation: each calibrated against what it
+    # read, but the second record would take the federation past its plan's ε. Refused.
+    from secure_fed.errors import FederationBudgetExhausted
+    from secure_fed.privacy.accounting import Mechanism, epsilon
+
+    first = _open(tmp_path, budget_epsilon=10.0)
+    second = _open(tmp_path, budget_epsilon=10.0)
+    run = LedgerEntry(1.0, 0.1, 50, "fed@abc", 1, "delta")
+    one = epsilon([run.mechanism], 1e-5)
+    first.record([run], federation_epsilon=1.05 * one)
+    with pytest.raises(FederationBudgetExhausted, match="budget of federation 'fed' exhausted"):
+        second.record([LedgerEntry(1.0, 0.1, 50, "fed@abc", 2, "delta")],
+                      federation_epsilon=1.05 * one)
+    # another federation, or no cap, is not held to it
+    second.record([LedgerEntry(1.0, 0.1, 50, "other@def", 1, "delta")],
+                  federation_epsilon=1.05 * one)
+    assert len(_open(tmp_path, budget_epsilon=10.0).entries) == 2
+    assert Mechanism(1.0, 0.1, 50) == run.mechanism

@@ -135,7 +135,7 @@ def test_every_dp_output_has_its_mechanism_in_the_ledger(
         (run.noise_multiplier, run.sample_rate, run.steps, "dp-sgd")]
     # the sample rate follows the released count, not the exact one
     assert run.sample_rate == pytest.approx(64 / header.weight)
-    assert header.epsilon_spent == pytest.approx(ledger.spent_in(slave.config.federation_id))
+    assert header.epsilon_spent == pytest.approx(ledger.spent_in(slave.ledger_federation))
 
 
 def test_a_decline_names_no_fingerprint_of_the_data(federation_dir: Path, tmp_path: Path) -> None:
@@ -149,3 +149,53 @@ def test_a_decline_names_no_fingerprint_of_the_data(federation_dir: Path, tmp_pa
     assert first == second  # reason, ε spent and remaining: nothing of the records
     assert isinstance(first, Decline) and first.final and "budget" in first.reason
     assert "data-" not in first.reason  # the default source id is a hash of the data
+
+
+def test_a_federation_that_takes_another_ones_name_sees_nothing_of_it(
+    federation_dir: Path, tmp_path: Path
+) -> None:
+    # Two federations named 'test-fed' (two `secure-fed init`, two CAs) over the same data
+    # source: the second is told only its own releases, and draws its own count.
+    from conftest import small_plan
+
+    from secure_fed.master.provision import init_federation
+
+    other = tmp_path / "other-fed"
+    init_federation(other, small_plan(["a", "b"]))
+    data, _ = _neighbours()
+    first, _ = _answer(federation_dir, tmp_path / "state", data, source_id="clinic")
+    second, slave = _answer(other, tmp_path / "state", data, source_id="clinic")
+    for sent in (first, second):
+        header = sent[0]
+        assert isinstance(header, UpdateHeader)
+        assert [m.kind for m in header.mechanisms] == ["count", "dp-sgd"]  # its own only
+    ledger = PrivacyLedger.open(tmp_path / "state", budget_epsilon=None, delta=1e-5,
+                                source_id="clinic")
+    keys = {e.federation_id for e in ledger.entries}
+    assert len(ledger.entries) == 4 and len(keys) == 2
+    assert all(k.startswith("test-fed@") for k in keys) and slave.ledger_federation in keys
+    # the lifetime composes both
+    assert ledger.spent() > ledger.spent_in(slave.ledger_federation)
+
+
+def test_add_remove_neighbours_with_the_same_released_count_send_the_same_header(
+    federation_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # D has N records, D' has N + 1. When their DP count releases come out equal (pinned
+    # here), every field of the update but the chunks and what signs them is identical:
+    # nothing that leaves depends on the exact N except through the released count.
+    import secure_fed.slave.client as client
+
+    monkeypatch.setattr(client, "release_count", lambda records, sigma, *, upper: 250)
+    data, _ = _neighbours()
+    other = bundled_part("digits", "1/2")
+    larger = Dataset(data.name, np.concatenate([data.features, other.features[:1]]),
+                     np.concatenate([data.labels, other.labels[:1]]), data.num_classes,
+                     data.feature_names, data.class_names, data.preprocessing)
+    assert len(larger) == len(data) + 1
+    headers = [_answer(federation_dir, tmp_path / name, d, source_id="clinic")[0][0]
+               for name, d in (("d", data), ("d2", larger))]
+    assert all(isinstance(h, UpdateHeader) for h in headers)
+    fields = [h.model_dump(exclude={"chunk_sha256", "signature"}) for h in headers]
+    assert fields[0] == fields[1]
+    assert fields[0]["weight"] == 250

@@ -151,7 +151,7 @@ def cmd_slave(args: argparse.Namespace) -> int:
     import torch
 
     from secure_fed.master.bundle import SlaveBundle
-    from secure_fed.privacy.data_source import file_source_id
+    from secure_fed.privacy.data_source import file_source_id, remember_data_file
     from secure_fed.slave.client import Slave
     from secure_fed.slave.sources import load_private_data
 
@@ -171,6 +171,14 @@ def cmd_slave(args: argparse.Namespace) -> int:
     source_id = args.source_id
     if source_id is None and args.data is not None:
         source_id = file_source_id(args.data)
+        previous = remember_data_file(args.data, source_id)
+        if previous is not None:
+            raise ConfigError(
+                f"{args.data} was data source '{previous}' when it was last used, and its "
+                f"content now makes it '{source_id}', which would start a fresh privacy ledger: "
+                "records in both versions would get a second budget. Pass --source-id "
+                f"{previous} to keep spending from the same budget (or --source-id NEW-NAME "
+                "if this really is new data)")
     slave = Slave(bundle, data, state_dir=args.state, budget_epsilon=args.budget,
                   source_id=source_id, public_count=args.public_count, workers=args.workers,
                   threads=args.threads, on_event=show, insecure_loopback=args.insecure_loopback,

@@ -5,13 +5,17 @@ all follow the record count N. Under the add/remove-one neighbouring relation th
 accountants use, an exact N tells two neighbouring datasets apart with certainty, so the
 exact N never leaves a slave by default. Instead, once per federation, the slave releases
 
-    Ñ = clamp(N + Z, 1, upper),   Z ~ N_Z(0, σ_c²)   (a discrete Gaussian on the integers)
+    Ñ = clamp(N + Z, 1, upper),   Z ~ N_Z(0, σ_c² + τ²)   (a discrete Gaussian on the integers)
 
-— the discrete Gaussian mechanism with sensitivity 1 (adding or removing one record changes
-N by one; Canonne, Kamath and Steinke 2020 show that it is at least as private as the
-continuous Gaussian mechanism of the same σ at integer sensitivity), which composes with
-DP-SGD in the same accountant as the mechanism ``(σ_c, q = 1, steps = 1)``. Its randomness
-is the ChaCha20 stream of :mod:`secure_fed.privacy.noise`. Everything else that depends on
+with τ = :data:`~secure_fed.privacy.noise.SMOOTHING`. Adding or removing one record changes N
+by one, and by the Poisson-summation argument of :mod:`secure_fed.privacy.noise` (N is an
+integer, so no rounding enters), N + Z is, to within a factor ``e^{±3β}`` (β < 2·10⁻³⁴) on
+every probability, a data-independent post-processing of N + N(0, σ_c²): the continuous
+Gaussian mechanism of noise multiplier σ_c and sensitivity 1. (The plain discrete Gaussian of
+scale σ_c is *not* always as private as the continuous one: δ(ε) differs slightly both ways;
+the added τ² makes the argument exact.) It composes with DP-SGD in the same accountant as
+the mechanism ``(σ_c, q = 1, steps = 1)``. Its randomness is the ChaCha20 stream of
+:mod:`secure_fed.privacy.random_stream`. Everything else that depends on
 N is computed from Ñ: the sample rate, the steps, the batch size, the weight. Clamping is
 post-processing.
 
@@ -24,9 +28,12 @@ the ledger and shown to the federation as declared public.
 
 from __future__ import annotations
 
+import math
+
 from secure_fed.errors import PrivacyError
 from secure_fed.privacy.accounting import Accountant, Mechanism, calibrate_noise
 from secure_fed.privacy.discrete_gaussian import sample_discrete_gaussian
+from secure_fed.privacy.noise import SMOOTHING
 from secure_fed.privacy.random_stream import RandomStream
 
 #: Share of a federation's ε that the count release costs on its own.
@@ -51,7 +58,8 @@ def release_count(records: int, noise_multiplier: float, *, upper: int,
 
     Args:
         records: the exact count N (private).
-        noise_multiplier: σ_c (the sensitivity is 1 record).
+        noise_multiplier: σ_c (the sensitivity is 1 record); the draw's scale is
+            ``hypot(σ_c, τ)`` (module doc).
         upper: the largest value released (the federation's ``max_weight_per_slave``).
         stream: the randomness (``None``: a fresh ChaCha20 stream keyed from :mod:`secrets`;
             a fixed key in tests only).
@@ -62,5 +70,6 @@ def release_count(records: int, noise_multiplier: float, *, upper: int,
         raise PrivacyError(f"a count is released with noise σ > 0, got {noise_multiplier!r}")
     if upper < 1:
         raise PrivacyError(f"upper must be ≥ 1, got {upper!r}")
-    noise = sample_discrete_gaussian(stream or RandomStream.fresh(), noise_multiplier, 1)
+    scale = math.hypot(noise_multiplier, SMOOTHING)
+    noise = sample_discrete_gaussian(stream or RandomStream.fresh(), scale, 1)
     return int(min(upper, max(1, records + int(noise[0]))))

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REGISTRY_FILE = "sources.json"
+DATA_FILES = "data-files.json"
+"""Per-user map of data files (absolute paths) to the source id their content gave."""
 #: Largest registry file read (bytes); a larger one is ignored with a warning.
 MAX_REGISTRY_BYTES = 4 * 2**20
 
@@ -89,6 +91,24 @@ def register_ledger(source_id: str, ledger_dir: Path) -> list[Path]:
             logger.warning("could not record the ledger folder of '%s' in %s: %s", source_id,
                            registry, exc)
     return others
+
+
+def remember_data_file(path: Path, source_id: str) -> str | None:
+    """Record that the data file at ``path`` is data source ``source_id``; return the source id
+    it had before, if that was another one (its content changed since)."""
+    registry = data_home() / DATA_FILES
+    known = _read_registry(registry)
+    key = str(Path(path).resolve())
+    before = known.get(key)
+    previous = before[-1] if before and isinstance(before[-1], str) else None
+    if previous != source_id:
+        known[key] = [*(before or []), source_id]
+        try:
+            registry.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write_json(registry, known, mode=0o600)
+        except OSError as exc:
+            logger.warning("could not record data file %s in %s: %s", key, registry, exc)
+    return previous if previous != source_id else None
 
 
 def _read_registry(path: Path) -> dict[str, list[str]]:

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_fed.durable import atomic_write_json
-from secure_fed.errors import BudgetExhausted, PrivacyError
+from secure_fed.errors import BudgetExhausted, FederationBudgetExhausted, PrivacyError
 from secure_fed.privacy.accounting import (
     ACCOUNTANTS,
     Accountant,
@@ -471,7 +471,8 @@ class PrivacyLedger:
             )
         return total
 
-    def record(self, entries: Sequence[LedgerEntry], *, without_dp: bool = False) -> float:
+    def record(self, entries: Sequence[LedgerEntry], *, without_dp: bool = False,
+               federation_epsilon: float | None = None) -> float:
         """Durably append ``entries`` — before the update they describe is sent.
 
         Re-reads the file under a lock, refuses (BudgetExhausted, nothing written) if the
@@ -482,6 +483,9 @@ class PrivacyLedger:
             without_dp: the entries are releases without differential privacy (σ = 0, which
                 the data owner allowed): recorded past the budget, which they exhaust for good
                 (ε = ∞). Every entry must then have σ = 0.
+            federation_epsilon: the ε the entries' federation may take in all; checked under
+                the same lock (FederationBudgetExhausted), so that two processes over the same
+                data source cannot together take a federation past it.
 
         Returns:
             ε spent after recording.
@@ -507,6 +511,8 @@ class PrivacyLedger:
                                "privacy; no ε bounds this data source from now on", self.path,
                                len(new))
             else:
+                if federation_epsilon is not None:
+                    self._check_federation(new, federation_epsilon)
                 self.check([e.mechanism for e in new])
             self._entries.extend(new)
             try:
@@ -524,6 +530,19 @@ class PrivacyLedger:
             self.budget_epsilon,
         )
         return total
+
+    def _check_federation(self, new: Sequence[LedgerEntry], limit: float) -> None:
+        federations = {e.federation_id for e in new}
+        for federation_id in federations:
+            mine = [e.mechanism for e in new if e.federation_id == federation_id]
+            total = epsilon([*self.federation_mechanisms(federation_id), *mine], self.delta,
+                            self.accountant)
+            if not total <= limit:
+                raise FederationBudgetExhausted(
+                    f"budget of federation '{federation_id.split('@')[0]}' exhausted: "
+                    f"ε={self.spent_in(federation_id):.2f} spent of "
+                    f"{limit:g} (δ={self.delta:g}); recording this release would reach "
+                    f"{_fmt(total)}")
 
     def has_round(self, federation_id: str, round: int) -> bool:
         """Whether an entry for this federation's round is already recorded."""

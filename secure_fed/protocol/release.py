@@ -5,17 +5,19 @@ record by at most (ε, δ). This module is the one place that says, for every fi
 slave → master message and for the binary payloads, which of three classes it belongs to:
 
 * **DP output** — computed from the records *through a mechanism recorded in the slave's
-  ledger* (and composed into its ε), or a post-processing of such outputs;
+  ledger* (and composed into its ε), or a post-processing of such outputs (everything that
+  follows from the released record count: σ, the sample rate, the steps, ε);
 * **public** — a function of the plan, the bundle, the ledger's public mechanisms, or of
   metadata the data owner explicitly declared public; never computed from the records;
 * **protocol** — nonces, hashes, keys, signatures and shares of fresh randomness, which are
   independent of the records (hashes and signatures of DP outputs are post-processing).
 
 ``tests/test_release_boundary.py`` walks the message schemas and fails on any field that is
-not classified here, so a field added later must be placed; it also checks, per class, that
-two datasets differing in one record give bitwise identical public fields, and that every
-DP-output field has its mechanism in the ledger. ``docs/privacy.md`` shows
-:func:`boundary_table`.
+not classified here, so a field added later must be placed; it also checks that two datasets
+differing in one record give bitwise identical public fields, that two datasets of N and N+1
+records whose count releases came out equal give identical headers (so nothing but the
+released count carries N), and that every DP-output field has its mechanism in the ledger.
+``docs/privacy.md`` shows :func:`boundary_table`.
 """
 
 from __future__ import annotations
@@ -80,28 +82,30 @@ FIELDS: dict[tuple[str, str], Classified] = {
     ("UpdateHeader", "chunk_bytes"): Classified(PUBLIC, "chunk sizes, fixed by the model's "
                                                 "size and the preset"),
     ("UpdateHeader", "mechanisms"): Classified(
-        PUBLIC, "this federation's mechanisms: σ, q and steps follow from the plan, the "
-        "public count and the ledger's earlier public mechanisms"),
-    ("UpdateHeader", "epsilon_spent"): Classified(PUBLIC, "ε of `mechanisms` (a function of "
-                                                  "them)"),
+        DP, "post-processing of the count release: σ, q and steps follow from the plan, the "
+        "released (or declared) count and the ledger's earlier such mechanisms"),
+    ("UpdateHeader", "epsilon_spent"): Classified(DP, "ε of `mechanisms` (post-processing "
+                                                  "of them)"),
     ("UpdateHeader", "delta"): Classified(PUBLIC, "δ of the bundle"),
     ("UpdateHeader", "accountant"): Classified(PUBLIC, "the accountant of the bundle"),
     ("UpdateHeader", "signature"): Classified(PROTOCOL, "signature over the fields above"),
-    ("MechanismRecord", "noise_multiplier"): Classified(PUBLIC, "σ, calibrated from public "
-                                                        "values only"),
-    ("MechanismRecord", "sample_rate"): Classified(PUBLIC, "q = batch / public count (1 for "
+    ("MechanismRecord", "noise_multiplier"): Classified(DP, "σ, calibrated from the plan "
+                                                        "and the released count"),
+    ("MechanismRecord", "sample_rate"): Classified(DP, "q = batch / released count (1 for "
                                                    "the count release)"),
-    ("MechanismRecord", "steps"): Classified(PUBLIC, "steps from the plan and the public count"),
+    ("MechanismRecord", "steps"): Classified(DP, "steps from the plan and the released count"),
     ("MechanismRecord", "kind"): Classified(PUBLIC, "which release the mechanism is"),
     ("Decline", "type"): _TYPE,
     ("Decline", "round"): _ROUND,
     ("Decline", "nonce"): _NONCE,
     ("Decline", "reason"): Classified(
-        PUBLIC, "why, from the task, the bundle and this federation's ledger entries (a "
-        "lifetime budget is named without its figures)"),
-    ("Decline", "epsilon_spent"): Classified(PUBLIC, "ε of this federation's mechanisms"),
-    ("Decline", "epsilon_remaining"): Classified(PUBLIC, "the plan's ε minus `epsilon_spent`"),
-    ("Decline", "final"): Classified(PUBLIC, "whether this federation's budget is exhausted"),
+        DP, "why, from the task, the bundle, the released count and this federation's ledger "
+        "entries (a lifetime budget is named without its figures)"),
+    ("Decline", "epsilon_spent"): Classified(DP, "ε of this federation's mechanisms "
+                                             "(post-processing)"),
+    ("Decline", "epsilon_remaining"): Classified(DP, "the plan's ε minus `epsilon_spent`"),
+    ("Decline", "final"): Classified(DP, "whether this federation's budget is exhausted "
+                                     "(post-processing)"),
     ("AdvertiseKeys", "type"): _TYPE,
     ("AdvertiseKeys", "round"): _ROUND,
     ("AdvertiseKeys", "party"): _PARTY,

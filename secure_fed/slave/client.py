@@ -35,6 +35,7 @@ from secure_fed.errors import (
     ConfigError,
     CryptoError,
     DataError,
+    FederationBudgetExhausted,
     IdentityError,
     ModelError,
     PrivacyError,
@@ -184,15 +185,22 @@ class Slave:
                 f"--public-count {public_count} does not match the {len(data.labels)} records "
                 "of this data source; declare its exact count, or leave the count private")
         self.public_count = public_count
+        # The ledger knows a federation by its id *and* its CA: another federation that took
+        # the same name (a new `secure-fed init`, or an operator choosing it on purpose) shares
+        # neither its history, nor its count release, nor its ε.
+        ca_digest = hashlib.sha256(bundle.ca_cert.read_bytes()).hexdigest()[:16]
+        self.ledger_federation = f"{self.config.federation_id}@{ca_digest}"
         self.threads = threads
         self.reconnect_give_up_s = reconnect_give_up_s
         self._on_event = on_event or (lambda kind, data: None)
-        weight = len(data.labels)
-        if weight > self.config.encryption.max_weight_per_slave:
+        # Only a declared count is checked against the limit here: refusing to start because of
+        # the exact count would tell N = max from N = max + 1 (a DP count is clamped instead).
+        most = self.config.encryption.max_weight_per_slave
+        if public_count is not None and public_count > most:
             raise ConfigError(
-                f"slave '{self.config.slave_id}' holds {weight} records, more than the "
-                f"federation's max_weight_per_slave={self.config.encryption.max_weight_per_slave};"
-                " re-run `secure-fed init` with a larger --max-records")
+                f"the declared count {public_count} is more than the federation's "
+                f"max_weight_per_slave={most}; re-run `secure-fed init` with a larger "
+                "--max-records, or leave the count private (its DP release is clamped)")
         new_ledger = not (self.state_dir / LEDGER_FILE).exists()
         self.ledger = PrivacyLedger.open(
             self.state_dir, budget_epsilon=budget_epsilon, delta=self.config.delta,
@@ -203,6 +211,11 @@ class Slave:
                         "has a ledger in %s: ε spent there is NOT counted here. Use --state %s "
                         "to spend from the same budget", self.source_id, self.state_dir,
                         ", ".join(map(str, elsewhere)), elsewhere[0])
+        elif new_ledger and source_id is None:
+            log.warning("new privacy ledger for data source '%s', named by a fingerprint of its "
+                        "content: data that changes (a record added) is then another source with "
+                        "a budget of its own. Name the source with --source-id to keep one "
+                        "budget for it", self.source_id)
         self._public_context = bundle.public_context.read_bytes()
         self._workers = workers if workers is not None else self.config.encryption.workers
         self.report = SlaveReport(self.config.slave_id)
@@ -243,7 +256,7 @@ class Slave:
                     await channel.close()
                 give_up_at = asyncio.get_running_loop().time() + self.reconnect_give_up_s
         self.report.epsilon = self.ledger.spent()
-        self.report.federation_epsilon = self.ledger.spent_in(self.config.federation_id)
+        self.report.federation_epsilon = self.ledger.spent_in(self.ledger_federation)
         return self.report
 
     async def _session(self, channel: Channel, encoder: UpdateEncoder) -> bool:
@@ -314,7 +327,7 @@ class Slave:
             student = (self._accept_model(task.student, student_params).build()
                        if task.student is not None and isinstance(student_params, bytes)
                        else None)
-            if self.ledger.has_task(fed, task.nonce):
+            if self.ledger.has_task(self.ledger_federation, task.nonce):
                 raise PrivacyError("an update for this task was already produced; training "
                                    "again would spend the budget twice")
             if masked and task.secagg is None:
@@ -366,15 +379,18 @@ class Slave:
             self.ledger.record([LedgerEntry(
                 noise_multiplier=result.mechanism.noise_multiplier,
                 sample_rate=result.mechanism.sample_rate, steps=result.mechanism.steps,
-                delta=self.config.delta, federation_id=fed, round=task.round,
-                mode=task.plan.mode, task_nonce=task.nonce)], without_dp=not settings.dp)
+                delta=self.config.delta, federation_id=self.ledger_federation, round=task.round,
+                mode=task.plan.mode, task_nonce=task.nonce)], without_dp=not settings.dp,
+                federation_epsilon=self._federation_epsilon(task.plan) if settings.dp else None)
         except BudgetExhausted as exc:
             # another process spent from the same ledger meanwhile: nothing was sent
             self._secagg = None
-            await self._decline(channel, task, str(self._lifetime_exhausted(exc)), final=True)
+            reason = (str(exc) if isinstance(exc, FederationBudgetExhausted)
+                      else str(self._lifetime_exhausted(exc)))
+            await self._decline(channel, task, reason, final=True)
             return
         crash_point("slave.after_ledger")
-        spent = self.ledger.spent_in(fed)
+        spent = self.ledger.spent_in(self.ledger_federation)
         try:
             chunks = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: self._protect(encoder, result.vector, result.samples, delivery))
@@ -394,7 +410,7 @@ class Slave:
             mechanisms=[MechanismRecord(noise_multiplier=e.noise_multiplier,
                                         sample_rate=e.sample_rate, steps=e.steps,
                                         kind="count" if e.mode == COUNT_MODE else "dp-sgd")
-                        for e in self.ledger.federation_entries(fed)],
+                        for e in self.ledger.federation_entries(self.ledger_federation)],
             epsilon_spent=_bounded(spent), delta=self.config.delta,
             accountant=self.config.accountant)
         await channel.send(header)
@@ -547,11 +563,11 @@ class Slave:
         """The record count this federation may already be told, and how it became public:
         the data owner's declaration, or this federation's earlier DP release; ``None`` when
         the count is still to be released."""
-        fed = self.config.federation_id
         if self.public_count is not None:
-            self.ledger.declare(Declaration(fed, "record_count", self.public_count))
+            self.ledger.declare(Declaration(self.ledger_federation, "record_count",
+                                            self.public_count))
             return self.public_count, "declared-public"
-        released = self.ledger.released_count(fed)
+        released = self.ledger.released_count(self.ledger_federation)
         if released is not None and released.value is not None:
             return int(released.value), "dp-count"
         return None
@@ -582,7 +598,7 @@ class Slave:
         fed = self.config.federation_id
         mechanism = count_mechanism(self._federation_epsilon(task.plan), self.config.delta,
                                     self.config.accountant)
-        after = epsilon([*self.ledger.federation_mechanisms(fed), mechanism],
+        after = epsilon([*self.ledger.federation_mechanisms(self.ledger_federation), mechanism],
                         self.config.delta, self.config.accountant)
         if after > self._federation_epsilon(task.plan):
             raise BudgetExhausted(
@@ -595,10 +611,16 @@ class Slave:
             raise self._lifetime_exhausted(exc) from exc
         value = release_count(len(self.data.labels), mechanism.noise_multiplier,
                               upper=self.config.encryption.max_weight_per_slave)
-        self.ledger.record([LedgerEntry(
-            noise_multiplier=mechanism.noise_multiplier, sample_rate=1.0, steps=1,
-            federation_id=fed, round=task.round, mode=COUNT_MODE, delta=self.config.delta,
-            value=float(value))])
+        try:
+            self.ledger.record([LedgerEntry(
+                noise_multiplier=mechanism.noise_multiplier, sample_rate=1.0, steps=1,
+                federation_id=self.ledger_federation, round=task.round, mode=COUNT_MODE,
+                delta=self.config.delta, value=float(value))],
+                federation_epsilon=self._federation_epsilon(task.plan))
+        except FederationBudgetExhausted:
+            raise
+        except BudgetExhausted as exc:
+            raise self._lifetime_exhausted(exc) from exc
         log.info("released the record count to federation '%s' with Gaussian noise σ=%.1f",
                  fed, mechanism.noise_multiplier)
         return value, "dp-count"
@@ -624,17 +646,18 @@ class Slave:
                  "steps_per_round": steps_per_round(plan.mode, draft, records),
                  "rounds": rounds_left, "delta": self.config.delta,
                  "accountant": self.config.accountant}
-        federation = [*self.ledger.federation_mechanisms(fed), *before]
+        federation = [*self.ledger.federation_mechanisms(self.ledger_federation), *before]
         lifetime = [*self.ledger.mechanisms(), *before]
         limit = self._federation_epsilon(plan)
         try:
             sigma = calibrate_noise(
-                federation, budget=min(limit, self.ledger.budget_epsilon),
-                source_id=self.config.slave_id, scope=f"federation '{fed}'",
-                **shape)  # type: ignore[arg-type]
+                federation, budget=limit, source_id=self.config.slave_id,
+                scope=f"federation '{fed}'", **shape)  # type: ignore[arg-type]
         except BudgetExhausted as exc:
             raise BudgetExhausted(f"{exc} (round {task.round} of {plan.rounds_total})") from exc
-        if len(lifetime) > len(federation):
+        # The lifetime budget binds too when it is below the plan's ε or other federations
+        # spent from it; its figures never leave (see _lifetime_exhausted).
+        if self.ledger.budget_epsilon < limit or len(lifetime) > len(federation):
             try:
                 sigma = max(sigma, calibrate_noise(
                     lifetime, budget=self.ledger.budget_epsilon,
@@ -672,8 +695,7 @@ class Slave:
                        final: bool = False) -> None:
         """Tell the master this task is declined: this federation's ε and what is left of it,
         never the lifetime ledger. ``final``: every later task of the federation will be too."""
-        fed = self.config.federation_id
-        spent = self.ledger.spent_in(fed)
+        spent = self.ledger.spent_in(self.ledger_federation)
         left = self._federation_epsilon(task.plan) - spent if math.isfinite(spent) else 0.0
         log.warning("declining round %d%s: %s", task.round, " for good" if final else "",
                     reason)
