@@ -571,6 +571,8 @@ class Master:
             state.bytes_by_slave[action.slave_id] = (
                 state.bytes_by_slave.get(action.slave_id, 0) + len(action.data))
             crash_point("master.collecting")
+            return self.coordinator.chunk_stored(action.slave_id, action.index,
+                                                 time.monotonic())
         elif isinstance(action, co.FinishUpdate):
             assert state is not None
             return await self._finish_update(state, action)
@@ -656,7 +658,8 @@ class Master:
         self.audit.append("update_received", record)
         self.summary.record_slave(action.slave_id, header)
         self._on_event("update_received", record)
-        return []
+        # Only now does the update count, and is the slave told so.
+        return self.coordinator.update_stored(action.slave_id, time.monotonic())
 
     async def _start_round(self, start: co.StartRound) -> None:
         self._close_round()
