@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import small_plan, started, trial_slave
-from test_abuse import client_context, hello, open_raw
+from test_abuse import client_context, hello, next_json, open_raw
 
 from secure_fed.crypto.certificates import sign
 from secure_fed.crypto.codec import UpdateEncoder
@@ -28,7 +29,14 @@ from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
-from secure_fed.protocol.messages import update_signing_bytes
+from secure_fed.privacy.accounting import Mechanism, epsilon
+from secure_fed.protocol.messages import (
+    Decline,
+    MechanismRecord,
+    UpdateHeader,
+    encode,
+    signing_bytes,
+)
 from secure_fed.slave import updates as slave_updates
 
 LIE = 4000  # the attacker's declared weight: near max_weight_per_slave (4096)
@@ -60,15 +68,14 @@ async def _attacker(url: str, bundle: Path, out: Path, encoder: UpdateEncoder) -
         None, lambda: encoder.encrypt(vector, weight=LIE))
     chunks[-1] = chunks[-1][:-1]
     hashes = [hashlib.sha256(c).hexdigest() for c in chunks]
-    signed = update_signing_bytes("test-fed", task["round"], task["nonce"], LIE, hashes)
-    await ws.send(json.dumps({
-        "type": "update", "round": task["round"], "nonce": task["nonce"], "weight": LIE,
-        "weight_source": "dp-count", "chunk_sha256": hashes,
-        "chunk_bytes": [len(c) for c in chunks],
-        "mechanisms": [{"noise_multiplier": 1.0, "sample_rate": 1.0, "steps": 1}],
-        "epsilon_spent": 1.0, "delta": 1e-5, "accountant": "prv",
-        "signature": base64.b64encode(sign((bundle / "slave.key").read_bytes(), signed))
-        .decode("ascii")}))
+    header = UpdateHeader(
+        round=task["round"], nonce=task["nonce"], weight=LIE, weight_source="dp-count",
+        chunk_sha256=hashes, chunk_bytes=[len(c) for c in chunks],
+        mechanisms=[MechanismRecord(noise_multiplier=5.0, sample_rate=1.0, steps=1)],
+        epsilon_spent=epsilon([Mechanism(5.0, 1.0, 1)], 1e-5), delta=1e-5, accountant="prv")
+    signature = sign((bundle / "slave.key").read_bytes(), signing_bytes("test-fed", header))
+    await ws.send(encode(header.model_copy(
+        update={"signature": base64.b64encode(signature).decode("ascii")})))
     for chunk in chunks:
         await ws.send(chunk)
     answers = []
@@ -129,3 +136,55 @@ def test_a_refused_last_update_never_counts(tmp_path: Path,
     step = clip / 2 ** (bundle.he_params.quant_bits - 1)
     assert np.max(np.abs(change - expected)) <= step + 1e-6
     assert np.max(np.abs(expected)) > 10 * step
+
+
+def _header(task: dict[str, Any], epsilon_spent: float) -> UpdateHeader:
+    return UpdateHeader(
+        round=task["round"], nonce=task["nonce"], weight=100, weight_source="dp-count",
+        chunk_sha256=["ab" * 32] * task["chunks"], chunk_bytes=[1] * task["chunks"],
+        mechanisms=[MechanismRecord(noise_multiplier=1.0, sample_rate=0.1, steps=10)],
+        epsilon_spent=epsilon_spent, delta=1e-5, accountant="prv")
+
+
+def test_an_understated_epsilon_and_an_unsigned_decline_are_refused_live(
+    federation_dir: Path, tmp_path: Path
+) -> None:
+    """What `audit verify` would refuse later, the master refuses at once: an update whose ε
+    is below what its mechanisms give (recomputed with dp-accounting's PLD), and a decline
+    that its slave did not sign."""
+    fed = tmp_path / "fed"
+    shutil.copytree(federation_dir, fed)
+    true = epsilon([Mechanism(1.0, 0.1, 10)], 1e-5)
+
+    async def scenario() -> tuple[dict[str, Any], str]:
+        master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)
+        task, port = await started(master)
+        url = f"wss://127.0.0.1:{port}"
+        a, b = fed / "slaves" / "a", fed / "slaves" / "b"
+        ws_a, ws_b = await open_raw(url, client_context(a)), await open_raw(url, client_context(b))
+        try:
+            await ws_a.send(hello(a))
+            await ws_b.send(hello(b))
+            first = await next_json(ws_a, "task")
+            header = _header(first, 0.8 * true)
+            signature = sign((a / "slave.key").read_bytes(), signing_bytes("test-fed", header))
+            await ws_a.send(encode(header.model_copy(
+                update={"signature": base64.b64encode(signature).decode("ascii")})))
+            rejected = await next_json(ws_a, "rejected")
+            second = await next_json(ws_b, "task")
+            await ws_b.send(encode(Decline(round=second["round"], nonce=second["nonce"],
+                                           reason="no", epsilon_spent=0.0,
+                                           epsilon_remaining=3.0)))
+            error = await next_json(ws_b, "error")
+            return rejected, error["message"]
+        finally:
+            await ws_a.close()
+            await ws_b.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    rejected, error = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert "under-statement" in rejected["reason"] and f"ε={0.8 * true:.4f}" in rejected["reason"]
+    assert "decline refused: the decline is not signed" in error
+    refused = [r["data"] for r in _audit(tmp_path / "run") if r["event"] == "update_refused"]
+    assert refused and refused[0]["slave"] == "a" and "under-statement" in refused[0]["reason"]

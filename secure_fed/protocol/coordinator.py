@@ -380,10 +380,11 @@ class Coordinator:
         if message.final:
             self.withdrawn.add(slave_id)
         return [
-            Note("decline", {"slave": slave_id, "round": current.round, "reason": message.reason,
+            Note("decline", {"slave": slave_id, "round": current.round,
+                             "attempt": current.attempt, "reason": message.reason,
                              "epsilon_spent": message.epsilon_spent,
                              "epsilon_remaining": message.epsilon_remaining,
-                             "final": message.final}),
+                             "final": message.final, "signature": message.signature}),
             *self._maybe_close_collection(now),
         ]
 

@@ -102,6 +102,7 @@ FIELDS: dict[tuple[str, str], Classified] = {
     ("Decline", "epsilon_spent"): Classified(PUBLIC, "ε of this federation's mechanisms"),
     ("Decline", "epsilon_remaining"): Classified(PUBLIC, "the plan's ε minus `epsilon_spent`"),
     ("Decline", "final"): Classified(PUBLIC, "whether this federation's budget is exhausted"),
+    ("Decline", "signature"): Classified(PROTOCOL, "signature over the fields above"),
     ("AdvertiseKeys", "type"): _TYPE,
     ("AdvertiseKeys", "round"): _ROUND,
     ("AdvertiseKeys", "party"): _PARTY,
