@@ -27,7 +27,15 @@ from secure_fed.crypto.certificates import generate_ca, issue_certificate, sign
 from secure_fed.errors import ConfigError
 from secure_fed.master.bundle import MasterBundle, SlaveBundle, context_digest
 from secure_fed.master.server import Master
-from secure_fed.protocol.messages import PROTOCOL_VERSION, SUBPROTOCOL, update_signing_bytes
+from secure_fed.privacy.accounting import Mechanism, epsilon
+from secure_fed.protocol.messages import (
+    PROTOCOL_VERSION,
+    SUBPROTOCOL,
+    MechanismRecord,
+    UpdateHeader,
+    encode,
+    signing_bytes,
+)
 from secure_fed.slave.client import Slave
 from secure_fed.slave.sources import bundled_part
 
@@ -72,16 +80,19 @@ async def stop(task: asyncio.Task[Any], *others: asyncio.Task[Any]) -> None:
 
 def forged_header(task: dict[str, Any], weight: int, signer_key: bytes,
                   signed_weight: int | None = None) -> str:
-    hashes = [hashlib.sha256(bytes([i])).hexdigest() for i in range(task["chunks"])]
-    signed = update_signing_bytes("test-fed", task["round"], task["nonce"],
-                                  signed_weight if signed_weight is not None else weight, hashes)
-    return json.dumps({
-        "type": "update", "round": task["round"], "nonce": task["nonce"], "weight": weight,
-        "chunk_sha256": hashes, "chunk_bytes": [1] * task["chunks"], "weight_source": "dp-count",
-        "mechanisms": [{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 1}],
-        "epsilon_spent": 0.1, "delta": 1e-5, "accountant": "prv",
-        "signature": base64.b64encode(sign(signer_key, signed)).decode("ascii"),
-    })
+    """An update header for ``task`` signed with ``signer_key`` (over ``signed_weight``, when
+    given, instead of the weight it carries); its ε is what its mechanism gives."""
+    mechanism = MechanismRecord(noise_multiplier=1.0, sample_rate=0.1, steps=1)
+    header = UpdateHeader(
+        round=task["round"], nonce=task["nonce"], weight=weight, weight_source="dp-count",
+        chunk_sha256=[hashlib.sha256(bytes([i])).hexdigest() for i in range(task["chunks"])],
+        chunk_bytes=[1] * task["chunks"], mechanisms=[mechanism],
+        epsilon_spent=epsilon([Mechanism(1.0, 0.1, 1)], 1e-5), delta=1e-5, accountant="prv")
+    claimed = header if signed_weight is None else header.model_copy(
+        update={"weight": signed_weight})
+    signature = sign(signer_key, signing_bytes("test-fed", claimed))
+    return encode(header.model_copy(update={
+        "signature": base64.b64encode(signature).decode("ascii")}))
 
 
 def test_update_signed_by_another_slave_or_tampered_is_refused(

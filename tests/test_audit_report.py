@@ -166,7 +166,8 @@ def test_json_report_follows_the_documented_schema(hostile_log: BuiltLog, tmp_pa
     assert (c["declines"], c["rounds_contributed"], c["budget_epsilon"]) == (1, [1, 2], BUDGET)
     assert c["epsilon_reported"] == hostile_log.epsilons[("clinic-c", 2)]
     assert c["epsilon_recomputed"] == pytest.approx(c["epsilon_reported"], rel=0.02)
-    assert c["mechanisms"] == [{"noise_multiplier": 1.3, "sample_rate": 0.13, "steps": 16}] * 2
+    assert c["mechanisms"] == [{"noise_multiplier": 1.3, "sample_rate": 0.13, "steps": 16,
+                               "kind": "dp-sgd"}] * 2
     assert [u["round"] for u in by_id["clinic-a"]["updates"]] == [1, 2, 3]
     assert report["outcome"]["rounds_committed"] == 3
     assert report["events"]["update_received"] == 8 and report["events"]["decline"] == 1

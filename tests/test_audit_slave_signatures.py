@@ -24,16 +24,16 @@ from test_audit_verify_cli import (
     BuiltLog,
     Identities,
     build_log,
-    signed_update,
+    signed_record,
 )
 from test_audit_verify_cli import good_log as good_log  # the session fixtures
 from test_audit_verify_cli import identities as identities
 
-from secure_fed.audit.recompute import AuditVerdict, check_log
+from secure_fed.audit.recompute import AuditVerdict, PLDRecomputer, check_log, parse_mechanisms
 from secure_fed.audit.verify import ZERO_HASH, canonical_bytes, verify_log
 from secure_fed.cli.audit import cmd_audit
 from secure_fed.crypto.certificates import issue_certificate, party_id_from_certificate, sign
-from secure_fed.protocol.messages import update_signing_bytes
+from secure_fed.protocol.messages import UpdateHeader, signing_bytes
 
 Records = list[dict[str, Any]]
 
@@ -83,18 +83,19 @@ def test_genuine_log_verifies_every_update_signature(
 
 
 def _replayed(ids: Identities, data: dict[str, Any]) -> None:
-    """clinic-b's genuine signature of its round-1 update, replayed on its round-2 update."""
-    data["signature"] = signed_update(ids, "clinic-b", 1, f"{1:032x}", data["weight"],
-                                      data["chunk_sha256"])["signature"]
+    """clinic-b's genuine signature of the same statement for round 1's task, replayed on its
+    round-2 update."""
+    data["signature"] = signed_record(ids, "clinic-b", "update_received", data,
+                                      round_=1)["signature"]
 
 
 def _other_slaves_key(ids: Identities, data: dict[str, Any]) -> None:
-    signed = update_signing_bytes("fed-audit", 2, f"{2:032x}", data["weight"],
-                                  data["chunk_sha256"])
-    data["signature"] = base64.b64encode(sign(ids.slave_keys["clinic-a"], signed)).decode()
+    data["signature"] = signed_record(ids, "clinic-b", "update_received", data,
+                                      key=ids.slave_keys["clinic-a"])["signature"]
 
 
 def _flipped(ids: Identities, data: dict[str, Any]) -> None:
+    data.update(signed_record(ids, "clinic-b", "update_received", data))
     raw = bytearray(base64.b64decode(data["signature"]))
     raw[-1] ^= 1
     data["signature"] = base64.b64encode(bytes(raw)).decode()
@@ -142,18 +143,25 @@ def _swap_chunk(records: Records, line: int) -> None:
     records[line - 1]["data"]["chunk_sha256"][0] = "cd" * 32
 
 
+def _rehash(records: Records, line: int) -> None:
+    """The master also rewrites ``signed_sha256`` to match what it changed."""
+    data = records[line - 1]["data"]
+    header = UpdateHeader(
+        round=data["round"], nonce=f"{data['round']:032x}", weight=data["weight"],
+        weight_source=data["weight_source"], chunk_sha256=data["chunk_sha256"],
+        chunk_bytes=data["chunk_bytes"], mechanisms=data["mechanisms"],
+        epsilon_spent=data["epsilon"], delta=data["delta"], accountant=data["accountant"])
+    data["signed_sha256"] = hashlib.sha256(signing_bytes("fed-audit", header)).hexdigest()
+
+
 def _raise_weight_and_rehash(records: Records, line: int) -> None:
     _raise_weight(records, line)
-    data = records[line - 1]["data"]
-    nonce = next(r["data"]["nonce"] for r in reversed(records[:line])
-                 if r["event"] == "round_start")
-    data["signed_sha256"] = hashlib.sha256(update_signing_bytes(
-        "fed-audit", data["round"], nonce, data["weight"], data["chunk_sha256"])).hexdigest()
+    _rehash(records, line)
 
 
 @pytest.mark.parametrize(("edit", "reason"), [
-    (_raise_weight, "the weight or chunk hashes were changed after the slave signed"),
-    (_swap_chunk, "the weight or chunk hashes were changed after the slave signed"),
+    (_raise_weight, "a field the slave signed was changed afterwards"),
+    (_swap_chunk, "a field the slave signed was changed afterwards"),
     (_raise_weight_and_rehash, "signature of slave 'clinic-a' does not verify"),
 ], ids=["weight", "chunk-hash", "weight-and-signed-hash"])
 def test_master_rewriting_an_update_is_caught_by_the_slave_signature(
@@ -166,6 +174,33 @@ def test_master_rewriting_an_update_is_caught_by_the_slave_signature(
     verdict = check_log(built.directory, ca_cert_pem=identities.ca_cert)
     assert failures(verdict) == [(line, "update_received")]  # ε and aggregates hold too
     assert reason in verdict.failures[0].reason
+
+
+def test_a_master_rewriting_a_slaves_whole_dp_history_is_caught(
+    identities: Identities, tmp_path: Path
+) -> None:
+    """Every σ of clinic-a's history ×10 in every update, its ε set to what an independent
+    accountant gives for the forged history, signed_sha256 rehashed and the chain re-signed:
+    every claim holds together, and only clinic-a's signatures show that it never said so."""
+    built = build_log(tmp_path / "run", identities)
+    lines = update_lines(built, "clinic-a")
+
+    def forge(records: Records) -> None:
+        for line in lines:
+            data = records[line - 1]["data"]
+            for mechanism in data["mechanisms"]:
+                mechanism["noise_multiplier"] *= 10
+            data["epsilon"] = PLDRecomputer().epsilon(parse_mechanisms(data["mechanisms"]),
+                                                      data["delta"])
+            _rehash(records, line)
+
+    resign(built.log, identities.master_key, forge)
+    verdict = check_log(built.directory, ca_cert_pem=identities.ca_cert)
+    assert verdict.chain.ok and all(c.ok for c in verdict.epsilon_checks)
+    assert failures(verdict) == [(line, "update_received") for line in lines]
+    for failure in verdict.failures:
+        assert "signature of slave 'clinic-a' does not verify" in failure.reason
+        assert "mechanisms, epsilon, delta, accountant" in failure.reason  # what is bound
 
 
 def _not_yet_valid(ids: Identities) -> bytes:
@@ -217,9 +252,7 @@ def test_impostor_with_its_own_ca_fails_although_its_signatures_verify(
         if event == "slave_connected":
             data["certificate"] = cert.decode()
         elif event == "update_received":
-            signed = update_signing_bytes("fed-audit", round_, f"{round_:032x}",
-                                          data["weight"], data["chunk_sha256"])
-            data["signature"] = base64.b64encode(sign(key, signed)).decode()
+            data.update(signed_record(identities, "clinic-a", event, data, key=key))
 
     built = build_log(tmp_path / "run", identities, tamper=impostor)
     verdict = check_log(built.directory)
@@ -241,9 +274,9 @@ def test_log_without_certificates_fails_at_each_update(
     built = build_log(tmp_path / "run", identities, tamper=older)
     verdict = check_log(built.directory, ca_cert_pem=identities.ca_cert)
     assert verdict.chain.ok and all(c.ok for c in verdict.epsilon_checks)
-    lines = sorted(line for (event, _, _), line in built.lines.items()
-                   if event == "update_received")
-    assert failures(verdict) == [(line, "update_received") for line in lines]
+    signed = sorted((line, event) for (event, _, _), line in built.lines.items()
+                    if event in ("update_received", "decline"))
+    assert failures(verdict) == signed  # every signed statement: 8 updates and a decline
     for failure in verdict.failures:
         assert "carries no certificate" in failure.reason
         assert "before slave certificates were recorded" in failure.reason
@@ -258,8 +291,8 @@ def test_log_without_a_ca_certificate_verifies_with_the_given_ca(
            lambda records: records[0]["data"].pop("ca_certificate"))
     verdict = check_log(built.directory)
     assert verdict.chain.ok and not verdict.ok
-    assert [event for _, event in failures(verdict)] == ["slave_connected"] * 3 + [
-        "update_received"] * 8
+    assert sorted(event for _, event in failures(verdict)) == sorted(
+        ["slave_connected"] * 3 + ["update_received"] * 8 + ["decline"])
     assert "no CA certificate to check it against" in verdict.failures[0].reason
     given = check_log(built.directory, ca_cert_pem=identities.ca_cert)
     assert given.ok and given.signatures_verified == 8
@@ -309,4 +342,4 @@ def test_real_federation_log_verifies_every_slave_signature(
     tampered = check_log(out, ca_cert_pem=ca)
     assert tampered.chain.ok and tampered.first_failure is not None
     assert tampered.first_failure.line == first
-    assert "changed after the slave signed" in tampered.first_failure.reason
+    assert "a field the slave signed was changed afterwards" in tampered.first_failure.reason

@@ -35,7 +35,7 @@ from secure_fed.audit.recompute import (
 from secure_fed.cli.audit import add_audit_parser, cmd_audit
 from secure_fed.crypto.certificates import generate_ca, issue_certificate, sign
 from secure_fed.errors import AuditError
-from secure_fed.protocol.messages import update_signing_bytes
+from secure_fed.protocol.messages import Decline, UpdateHeader, signing_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -82,12 +82,31 @@ def identities() -> Identities:
                       {s: key for s, (_, key) in slaves.items()})
 
 
-def signed_update(ids: Identities, slave: str, round_: int, nonce: str, weight: int,
-                  chunks: list[str]) -> dict[str, str]:
-    """The ``signature`` and ``signed_sha256`` of an update, as the slave and master make them."""
-    signed = update_signing_bytes("fed-audit", round_, nonce, weight, chunks)
-    return {"signature": base64.b64encode(sign(ids.slave_keys[slave], signed)).decode(),
-            "signed_sha256": hashlib.sha256(signed).hexdigest()}
+def signed_record(ids: Identities, slave: str, event: str, data: dict[str, Any], *,
+                  key: bytes | None = None, round_: int | None = None) -> dict[str, str]:
+    """The ``signature`` (and for an update ``signed_sha256``) of an ``update_received`` or
+    ``decline`` record's message, as the slave and the master make them: the slave signs every
+    field it states (signing format v2). ``key`` defaults to the slave's own; ``round_`` to
+    the record's (another round signs the message of another task)."""
+    round_ = data["round"] if round_ is None else round_
+    nonce = f"{round_:032x}"  # build_log's attempt-1 nonce of the round
+    message: UpdateHeader | Decline
+    if event == "update_received":
+        message = UpdateHeader(
+            round=round_, nonce=nonce, weight=data["weight"], weight_source=data["weight_source"],
+            chunk_sha256=data["chunk_sha256"], chunk_bytes=data["chunk_bytes"],
+            mechanisms=data["mechanisms"], epsilon_spent=data["epsilon"], delta=data["delta"],
+            accountant=data["accountant"])
+    else:
+        message = Decline(round=round_, nonce=nonce, reason=data["reason"],
+                          epsilon_spent=data["epsilon_spent"],
+                          epsilon_remaining=data["epsilon_remaining"], final=data["final"])
+    signed = signing_bytes("fed-audit", message)
+    signature = {"signature": base64.b64encode(
+        sign(key or ids.slave_keys[slave], signed)).decode()}
+    if event == "update_received":
+        signature["signed_sha256"] = hashlib.sha256(signed).hexdigest()
+    return signature
 
 
 @dataclass
@@ -118,8 +137,9 @@ def build_log(
     """Write the log of a 3-round, 3-slave federation as Master would.
 
     clinic-c declines round 3. Each slave_connected carries the slave's certificate and each
-    update the slave's signature. ``tamper(event, round, data)`` may change a record's data
-    before the master signs it (what a lying slave or a buggy master would produce).
+    update and decline the slave's signature. ``tamper(event, round, data)`` may change a
+    record's data before the master signs it: a change to what a slave states is signed by the
+    slave (a lying slave), unless ``tamper`` sets ``signature`` itself (a forged signature).
     """
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "checkpoints").mkdir(exist_ok=True)
@@ -139,6 +159,11 @@ def build_log(
                slave: str = "") -> None:
         if tamper is not None:
             tamper(event, round_, data)
+        if event in ("update_received", "decline"):
+            made = signed_record(ids, slave, event, data)
+            data.setdefault("signature", made["signature"])
+            if event == "update_received":  # the master's hash of what it verified
+                data.setdefault("signed_sha256", made["signed_sha256"])
         record = log.append(event, data)
         built.lines[(event, slave, round_)] = record["seq"] + 1
 
@@ -165,17 +190,17 @@ def build_log(
                 append(log, "update_received", round_, {
                     "slave": slave, "round": round_, "attempt": 1, "weight": weights[slave],
                     "bytes": 1_250_000 + 1000 * round_, "chunk_sha256": chunks,
+                    "chunk_bytes": [625_000, 625_000 + 1000 * round_],
                     "weight_source": "dp-count", "epsilon": eps, "delta": DELTA,
                     "accountant": "prv",
-                    "mechanisms": [{"noise_multiplier": s, "sample_rate": r, "steps": n}
-                                   for s, r, n in histories[slave]],
-                    **signed_update(ids, slave, round_, f"{round_:032x}", weights[slave],
-                                    chunks)}, slave)
+                    "mechanisms": [{"noise_multiplier": s, "sample_rate": r, "steps": n,
+                                    "kind": "dp-sgd"} for s, r, n in histories[slave]]}, slave)
             if round_ == 3:
                 append(log, "decline", round_, {
-                    "slave": "clinic-c", "round": round_, "reason": decline_reason,
-                    "epsilon_spent": built.epsilons[("clinic-c", 2)],
-                    "epsilon_remaining": BUDGET - built.epsilons[("clinic-c", 2)]}, "clinic-c")
+                    "slave": "clinic-c", "round": round_, "attempt": 1,
+                    "reason": decline_reason, "epsilon_spent": built.epsilons[("clinic-c", 2)],
+                    "epsilon_remaining": BUDGET - built.epsilons[("clinic-c", 2)],
+                    "final": False}, "clinic-c")
             append(log, "aggregate_decrypted", round_, {
                 "round": round_, "attempt": 1, "contributors": contributors,
                 "total_weight": sum(weights[s] for s in contributors)})

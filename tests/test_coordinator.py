@@ -46,10 +46,30 @@ def header(start: StartRound, weight: int = 10, chunks: list[bytes] = CHUNKS) ->
     )
 
 
-def upload(coord: Coordinator, slave: str, start: StartRound, now: float = 1.0) -> list[object]:
+def shell(coord: Coordinator, actions: list[object], now: float = 1.0, *,
+          fail_on: tuple[str, int] | None = None) -> list[object]:
+    """Carry out ``actions`` as the master does: adding a chunk (which fails for ``fail_on``
+    = (slave, index)) and finishing an update are reported back; returns every action."""
+    done: list[object] = []
+    queue = list(actions)
+    while queue:
+        action = queue.pop(0)
+        done.append(action)
+        if isinstance(action, AddChunk):
+            if fail_on == (action.slave_id, action.index):
+                queue[0:0] = coord.update_failed(action.slave_id, "chunk unusable", now)
+            else:
+                queue[0:0] = coord.chunk_stored(action.slave_id, action.index, now)
+        elif isinstance(action, FinishUpdate):
+            queue[0:0] = coord.update_stored(action.slave_id, now)
+    return done
+
+
+def upload(coord: Coordinator, slave: str, start: StartRound, now: float = 1.0, *,
+           fail_on: tuple[str, int] | None = None) -> list[object]:
     actions: list[object] = list(coord.update_header(slave, header(start), now))
     for chunk in CHUNKS:
-        actions += coord.chunk(slave, chunk, now)
+        actions += shell(coord, list(coord.chunk(slave, chunk, now)), now, fail_on=fail_on)
     return actions
 
 
@@ -205,3 +225,34 @@ def test_the_federation_ends_when_too_few_slaves_can_still_take_part() -> None:
     assert any(isinstance(a, AbortRound) for a in actions)  # 1 of 2 complete updates
     done = [a for a in actions if isinstance(a, FederationDone)]
     assert done and "declined for good" in done[0].reason and "b, c" in done[0].reason
+
+
+def test_an_update_whose_last_chunk_fails_is_rejected_and_never_counts() -> None:
+    # The last slave's last chunk passes the header's checks but cannot be added to the sum:
+    # the update is rejected, never accepted, and the aggregate leaves it out with its weight.
+    coord = make()
+    start = started(coord)
+    upload(coord, "a", start)
+    upload(coord, "b", start)
+    actions = upload(coord, "c", start, fail_on=("c", len(CHUNKS) - 1))
+    sent = [a.message.type for a in actions if isinstance(a, Send)]
+    assert sent == ["rejected"]
+    assert not any(isinstance(a, FinishUpdate) for a in actions)
+    (agg,) = [a for a in actions if isinstance(a, Aggregate)]
+    assert agg.contributors == ("a", "b") and agg.total_weight == 20
+    assert coord.status_of("c") is SlaveStatus.FAILED
+
+
+def test_accepted_is_sent_only_after_the_update_was_finished() -> None:
+    coord = make()
+    start = started(coord)
+    coord.update_header("a", header(start), 1.0)
+    coord.chunk("a", CHUNKS[0], 1.0)
+    last = coord.chunk("a", CHUNKS[1], 1.0)
+    assert [type(a) for a in last] == [AddChunk]  # nothing counts before the shell confirms
+    (finish,) = coord.chunk_stored("a", 1, 1.0)
+    assert isinstance(finish, FinishUpdate)
+    assert coord.status_of("a") is SlaveStatus.STORING
+    (accepted,) = coord.update_stored("a", 1.0)
+    assert isinstance(accepted, Send) and accepted.message.type == "accepted"
+    assert coord.status_of("a") is SlaveStatus.DONE

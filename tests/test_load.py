@@ -68,6 +68,7 @@ def weight_of(index: int) -> int:
 async def _one_slave(bundle_dir: Path, index: int, url: str, encoder: Any) -> int:
     from secure_fed import __version__
     from secure_fed.crypto.certificates import sign
+    from secure_fed.privacy.accounting import Mechanism, epsilon
     from secure_fed.protocol.messages import (
         PROTOCOL_VERSION,
         Finished,
@@ -77,7 +78,7 @@ async def _one_slave(bundle_dir: Path, index: int, url: str, encoder: Any) -> in
         UpdateHeader,
         Welcome,
         parse_master_message,
-        update_signing_bytes,
+        signing_bytes,
     )
     from secure_fed.transport.channel import Channel, open_connection
     from secure_fed.transport.tls import client_ssl_context
@@ -117,14 +118,16 @@ async def _one_slave(bundle_dir: Path, index: int, url: str, encoder: Any) -> in
         chunks = await asyncio.get_running_loop().run_in_executor(
             None, lambda v=vector, w=weight: encoder.encrypt(v, weight=w))
         hashes = [hashlib.sha256(c).hexdigest() for c in chunks]
-        signed = update_signing_bytes(fed, message.round, message.nonce, weight, hashes)
-        signature = base64.b64encode(sign(bundle.key.read_bytes(), signed)).decode()
-        mechanisms = [MechanismRecord(noise_multiplier=1.0, sample_rate=0.1, steps=10)
+        mechanisms = [MechanismRecord(noise_multiplier=2.0, sample_rate=0.1, steps=10)
                       ] * message.round
-        await channel.send(UpdateHeader(
+        header = UpdateHeader(
             round=message.round, nonce=message.nonce, weight=weight, chunk_sha256=hashes,
             chunk_bytes=[len(c) for c in chunks], weight_source="dp-count", mechanisms=mechanisms,
-            epsilon_spent=1.0, delta=1e-5, accountant="rdp", signature=signature))
+            epsilon_spent=epsilon([Mechanism(2.0, 0.1, 10)] * message.round, 1e-5, "rdp"),
+            delta=1e-5, accountant="rdp")
+        signature = base64.b64encode(
+            sign(bundle.key.read_bytes(), signing_bytes(fed, header))).decode()
+        await channel.send(header.model_copy(update={"signature": signature}))
         for chunk in chunks:
             await channel.send_bytes(chunk)
         uploads += 1

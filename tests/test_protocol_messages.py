@@ -83,3 +83,23 @@ def test_plan_sends_dp_only_when_off_and_epsilon_may_be_unbounded() -> None:
     decline = Decline(round=1, nonce="a" * 32, reason="x", epsilon_spent=None,
                       epsilon_remaining=0.0)
     assert parse_slave_message(encode(decline)) == decline  # null: no ε bounds this slave
+
+
+def test_the_worked_signing_example_of_protocol_md_is_what_the_code_signs() -> None:
+    import hashlib
+
+    from secure_fed.protocol.messages import UpdateHeader, signing_bytes
+
+    text = DOC.read_text(encoding="utf-8")
+    example = text[text.index("Worked example"):]
+    header_json = re.search(r"```json\n(.*?)\n```", example, re.S).group(1)  # type: ignore[union-attr]
+    signed = re.search(r"```\n(secure-fed-update-v2\n.*?)\n```", example, re.S).group(1)  # type: ignore[union-attr]
+    digest = re.search(r"whose SHA-256 is `([0-9a-f]{64})`", example).group(1)  # type: ignore[union-attr]
+    fields = json.loads(header_json)
+    fields.pop("signature")
+    ours = signing_bytes("demo", UpdateHeader.model_validate(fields))
+    assert ours == signed.encode("utf-8")
+    assert hashlib.sha256(ours).hexdigest() == digest
+    # a change to any stated field changes what is signed
+    for change in ({"weight": 518}, {"epsilon_spent": 0.8813}, {"chunk_bytes": [122933]}):
+        assert signing_bytes("demo", UpdateHeader.model_validate({**fields, **change})) != ours

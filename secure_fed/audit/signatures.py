@@ -1,24 +1,30 @@
-"""Re-check every slave's signature on its update, from the audit log alone.
+"""Re-check every slave's signature on its updates and declines, from the audit log alone.
 
-A slave signs each update it sends (:func:`secure_fed.protocol.messages.update_signing_bytes`:
-federation id, round, the round's nonce, weight and the SHA-256 of every ciphertext chunk)
-with the key of its certificate; the master checks that signature at receipt and records it.
-The log carries everything needed to check it again without the master:
+A slave signs each update header and each decline it sends
+(:func:`secure_fed.protocol.messages.signing_bytes`: the federation id and every field of the
+message but the signature — for an update its round, the round's nonce, weight and how the
+weight became public, the SHA-256 and size of every chunk, this federation's DP mechanisms,
+ε, δ and accountant; for a decline its reason and budget state) with the key of its
+certificate; the master checks that signature at receipt and records it. The log carries
+everything needed to check it again without the master:
 
 - the first record holds the federation CA certificate (``ca_certificate``, matching the
   pinned ``ca_fingerprint``; :mod:`secure_fed.audit.verify` checks that match);
 - each ``slave_connected`` record holds the certificate the slave presented
   (``certificate``, PEM);
 - each ``round_start`` holds the round's ``nonce``;
-- each ``update_received`` holds ``weight``, ``chunk_sha256``, the base64 ``signature`` and
-  ``signed_sha256``, the SHA-256 of the bytes the master verified.
+- each ``update_received`` holds every signed field of the header (``epsilon`` standing for
+  ``epsilon_spent``), the base64 ``signature`` and ``signed_sha256``, the SHA-256 of the bytes
+  the master verified;
+- each ``decline`` holds ``round``, ``attempt``, the signed fields and ``signature``.
 
 For every ``update_received`` the auditor takes the certificate recorded by the slave's last
 ``slave_connected`` before it, checks that it is a slave certificate issued by the federation
 CA for that party id and valid at the record's time, rebuilds the signed bytes from the log,
 compares their hash with ``signed_sha256`` and verifies the signature with the certificate's
-key. So a master that changes a slave's weight or chunk hashes after the fact, or that
-attributes an update to the wrong slave, is caught even though it can re-sign the chain.
+key. So a master that changes anything a slave stated after the fact — its weight, chunk
+hashes, DP mechanisms, ε — or that attributes an update to the wrong slave, is caught even
+though it can re-sign the chain.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from pydantic import ValidationError
 
 from secure_fed.crypto.certificates import (
     certificate_role,
@@ -40,13 +47,12 @@ from secure_fed.crypto.certificates import (
     verify_signature,
 )
 from secure_fed.errors import IdentityError
-from secure_fed.protocol.messages import update_signing_bytes
+from secure_fed.protocol.messages import Decline, UpdateHeader, signing_bytes
 
 MAX_CHUNKS = 100_000
 """Most chunk hashes accepted in one ``update_received`` record (as in the protocol)."""
 MAX_CERTIFICATE_CHARS = 16_384
 """Longest certificate PEM accepted in a ``slave_connected`` record (characters)."""
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -91,6 +97,8 @@ class UpdateSignatureChecker:
         self.nonces: dict[tuple[int, int], str] = {}
         self.verified = 0
         """Updates whose signature verified."""
+        self.declines_verified = 0
+        """Declines whose signature verified."""
 
     def check(self, line: int, record: dict[str, Any]) -> None:
         """Check one verified record (``line`` counts from 1).
@@ -104,8 +112,11 @@ class UpdateSignatureChecker:
         elif event == "slave_connected":
             self._slave_connected(line, record)
         elif event == "update_received":
-            self._update(record)
+            self._check_signed(record, "update")
             self.verified += 1
+        elif event == "decline":
+            self._check_signed(record, "decline")
+            self.declines_verified += 1
 
     def _round_start(self, data: dict[str, Any]) -> None:
         round_, attempt, nonce = data.get("round"), data.get("attempt"), data.get("nonce")
@@ -162,7 +173,7 @@ class UpdateSignatureChecker:
                                    "certificate")
         return certificate
 
-    def _update(self, record: dict[str, Any]) -> None:
+    def _check_signed(self, record: dict[str, Any], what: str) -> None:
         data = record["data"]
         slave = data.get("slave")
         if not isinstance(slave, str):
@@ -179,19 +190,18 @@ class UpdateSignatureChecker:
             check_validity(recorded.certificate, _when(record))
         except IdentityError as exc:
             raise SignatureProblem(f"the certificate of '{slave}' recorded at line "
-                                   f"{recorded.line} was not valid at this update: {exc}") from exc
-        signed = self._signed_bytes(slave, data)
+                                   f"{recorded.line} was not valid at this {what}: {exc}") from exc
+        signed = self._signed_bytes(slave, data, what)
         claimed = data.get("signed_sha256")
         actual = hashlib.sha256(signed).hexdigest()
-        if claimed != actual:
+        if what == "update" and claimed != actual:
             raise SignatureProblem(
-                f"the bytes slave '{slave}' signed, rebuilt from the log (federation, round, "
-                f"the round's nonce, weight, chunk_sha256), hash to {actual[:16]}…, but the "
-                f"record's signed_sha256 is {str(claimed)[:16]}…: the weight or chunk hashes "
-                "were changed after the slave signed them")
+                f"the bytes slave '{slave}' signed, rebuilt from the log ({_UPDATE_FIELDS}), "
+                f"hash to {actual[:16]}…, but the record's signed_sha256 is "
+                f"{str(claimed)[:16]}…: a field the slave signed was changed afterwards")
         signature = data.get("signature")
         if signature is None:
-            raise SignatureProblem(f"the update of '{slave}' is not signed")
+            raise SignatureProblem(f"the {what} of '{slave}' is not signed")
         try:
             raw = decode_signature(signature)
         except ValueError as exc:
@@ -199,25 +209,52 @@ class UpdateSignatureChecker:
         try:
             verify_signature(recorded.certificate, signed, raw)
         except IdentityError as exc:
+            fields = _UPDATE_FIELDS if what == "update" else _DECLINE_FIELDS
             raise SignatureProblem(
                 f"the signature of slave '{slave}' does not verify with its certificate "
-                f"recorded at line {recorded.line}: the update was not signed by that slave, "
-                f"or its signature was altered ({exc})") from exc
+                f"recorded at line {recorded.line} over the {what} rebuilt from the log "
+                f"({fields}): the {what} was not signed by that slave, or one of those fields "
+                f"or the signature was altered ({exc})") from exc
 
-    def _signed_bytes(self, slave: str, data: dict[str, Any]) -> bytes:
+    def _signed_bytes(self, slave: str, data: dict[str, Any], what: str) -> bytes:
         round_ = _int(data.get("round"), "round", 1)
         attempt = _int(data.get("attempt"), "attempt", 1)
-        weight = _int(data.get("weight"), "weight", 1)
-        chunks = data.get("chunk_sha256")
-        if (not isinstance(chunks, list) or not chunks or len(chunks) > MAX_CHUNKS
-                or not all(isinstance(c, str) and _HEX64.fullmatch(c) for c in chunks)):
-            raise SignatureProblem("chunk_sha256 is not a non-empty list of SHA-256 hex digests")
         nonce = self.nonces.get((round_, attempt))
         if nonce is None:
             raise SignatureProblem(
                 f"no round_start of round {round_} attempt {attempt} with a nonce before this "
-                f"update of '{slave}': the nonce it signed is unknown")
+                f"{what} of '{slave}': the nonce it signed is unknown")
         if self.federation_id is None or not self.federation_id.isascii():
             raise SignatureProblem("the first record's federation_id is not ASCII: no slave "
                                    "could have signed it")
-        return update_signing_bytes(self.federation_id, round_, nonce, weight, chunks)
+        message: UpdateHeader | Decline
+        try:
+            if what == "update":
+                chunks = data.get("chunk_sha256")
+                if not isinstance(chunks, list) or len(chunks) > MAX_CHUNKS:
+                    raise SignatureProblem(f"chunk_sha256 is not a list of at most {MAX_CHUNKS}")
+                message = UpdateHeader.model_validate({
+                    "round": round_, "nonce": nonce, "weight": data.get("weight"),
+                    "weight_source": data.get("weight_source"), "chunk_sha256": chunks,
+                    "chunk_bytes": data.get("chunk_bytes"), "mechanisms": data.get("mechanisms"),
+                    "epsilon_spent": data.get("epsilon"), "delta": data.get("delta"),
+                    "accountant": data.get("accountant")})
+            else:
+                message = Decline.model_validate({
+                    "round": round_, "nonce": nonce, "reason": data.get("reason"),
+                    "epsilon_spent": data.get("epsilon_spent"),
+                    "epsilon_remaining": data.get("epsilon_remaining"),
+                    "final": data.get("final")})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise SignatureProblem(f"the recorded {what} is not a valid {what} message "
+                                   f"({where}: {first['msg']}): it cannot be what the slave "
+                                   "signed") from exc
+        return signing_bytes(self.federation_id, message)
+
+
+_UPDATE_FIELDS = ("federation, round, the round's nonce, weight, weight_source, chunk_sha256, "
+                  "chunk_bytes, mechanisms, epsilon, delta, accountant")
+_DECLINE_FIELDS = ("federation, round, the round's nonce, reason, epsilon_spent, "
+                   "epsilon_remaining, final")

@@ -24,6 +24,8 @@ from cryptography import x509
 
 from secure_fed import __version__
 from secure_fed.audit.log import AuditLog, genesis_data
+from secure_fed.audit.recompute import TOLERANCE as EPSILON_TOLERANCE
+from secure_fed.audit.recompute import PLDRecomputer, parse_mechanisms
 from secure_fed.audit.verify import read_verified_records
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.crypto.aggregator import Aggregator
@@ -68,7 +70,7 @@ from secure_fed.protocol.messages import (
     UpdateHeader,
     Welcome,
     parse_slave_message,
-    update_signing_bytes,
+    signing_bytes,
 )
 from secure_fed.protocol.secagg_messages import is_secagg_text, parse_secagg_message
 from secure_fed.transport.channel import Channel, start_server
@@ -197,6 +199,7 @@ class Master:
         self._lock = asyncio.Lock()
         self._round: _RoundState | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._recomputer = PLDRecomputer()
         self._done = asyncio.Event()
         self._outcome: co.FederationDone | None = None
         self.bound_port: int | None = None
@@ -498,7 +501,8 @@ class Master:
             return
         parsed = parse_slave_message(message)
         if isinstance(parsed, UpdateHeader):
-            problem = self._signature_problem(channel, parsed) or self._privacy_problem(parsed)
+            problem = (self._signature_problem(channel, parsed) or self._privacy_problem(parsed)
+                       or await self._epsilon_problem(parsed))
             state = self._round
             if problem is None and state is not None and state.secagg is not None:
                 problem = state.secagg.update_problem(channel.peer)
@@ -509,6 +513,9 @@ class Master:
                 return
             await self._apply(self.coordinator.update_header(channel.peer, parsed, now))
         elif isinstance(parsed, Decline):
+            problem = self._signature_problem(channel, parsed)
+            if problem is not None:
+                raise ProtocolError(f"decline refused: {problem}", 1008)
             await self._apply(self.coordinator.decline(channel.peer, parsed, now))
             state = self._round
             if (state is not None and state.secagg is not None
@@ -530,21 +537,36 @@ class Master:
                     f"more than its plan's ε={plan.epsilon:g}")
         return None
 
-    def _signing_bytes(self, header: UpdateHeader) -> bytes:
-        return update_signing_bytes(self.config.federation_id, header.round, header.nonce,
-                                    header.weight, header.chunk_sha256)
+    async def _epsilon_problem(self, header: UpdateHeader) -> str | None:
+        """Why the update's ε is an under-statement, or ``None``: ε is recomputed from the
+        header's mechanisms with the auditor's independent accountant (dp-accounting's PLD),
+        so that what the master accepts live is what ``audit verify`` accepts later."""
+        if header.epsilon_spent is None:
+            return None  # no bound claimed: _privacy_problem decides whether that is allowed
+        mechanisms = parse_mechanisms([m.model_dump() for m in header.mechanisms])
+        recomputed = await asyncio.to_thread(self._recomputer.epsilon, mechanisms, header.delta)
+        if header.epsilon_spent < recomputed * (1.0 - EPSILON_TOLERANCE):
+            return (f"the update reports ε={header.epsilon_spent:.4f} at δ={header.delta:g}, but "
+                    f"its {len(mechanisms)} mechanism(s) give ε={recomputed:.4f} with the PLD "
+                    f"accountant: an under-statement beyond the {EPSILON_TOLERANCE:.0%} "
+                    "tolerance")
+        return None
 
-    def _signature_problem(self, channel: Channel, header: UpdateHeader) -> str | None:
-        """Why the update's signature does not prove it came from the TLS peer, or ``None``."""
-        if header.signature is None:
-            return "the update is not signed; sign it with the slave's certificate key"
+    def _signing_bytes(self, message: UpdateHeader | Decline) -> bytes:
+        return signing_bytes(self.config.federation_id, message)
+
+    def _signature_problem(self, channel: Channel, message: UpdateHeader | Decline) -> str | None:
+        """Why the message's signature does not prove it came from the TLS peer, or ``None``."""
+        what = "update" if isinstance(message, UpdateHeader) else "decline"
+        if message.signature is None:
+            return f"the {what} is not signed; sign it with the slave's certificate key"
         if channel.certificate is None:
-            return "no certificate to verify the update's signature against"
+            return f"no certificate to verify the {what}'s signature against"
         try:
-            verify_signature(channel.certificate, self._signing_bytes(header),
-                             decode_signature(header.signature))
+            verify_signature(channel.certificate, self._signing_bytes(message),
+                             decode_signature(message.signature))
         except (IdentityError, ValueError) as exc:
-            return (f"the update's signature does not verify with the certificate "
+            return (f"the {what}'s signature does not verify with the certificate "
                     f"'{channel.peer}' presented at the TLS handshake: {exc}")
         return None
 
@@ -571,6 +593,8 @@ class Master:
             state.bytes_by_slave[action.slave_id] = (
                 state.bytes_by_slave.get(action.slave_id, 0) + len(action.data))
             crash_point("master.collecting")
+            return self.coordinator.chunk_stored(action.slave_id, action.index,
+                                                 time.monotonic())
         elif isinstance(action, co.FinishUpdate):
             assert state is not None
             return await self._finish_update(state, action)
@@ -650,13 +674,14 @@ class Master:
             "epsilon": header.epsilon_spent, "delta": header.delta,
             "accountant": header.accountant,
             "mechanisms": [m.model_dump() for m in header.mechanisms],
-            "signature": header.signature,
+            "chunk_bytes": header.chunk_bytes, "signature": header.signature,
             "signed_sha256": hashlib.sha256(self._signing_bytes(header)).hexdigest(),
         }
         self.audit.append("update_received", record)
         self.summary.record_slave(action.slave_id, header)
         self._on_event("update_received", record)
-        return []
+        # Only now does the update count, and is the slave told so.
+        return self.coordinator.update_stored(action.slave_id, time.monotonic())
 
     async def _start_round(self, start: co.StartRound) -> None:
         self._close_round()

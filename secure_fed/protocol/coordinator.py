@@ -12,6 +12,11 @@ Round policy:
   ``join_timeout_s`` has passed with at least ``min_slaves`` connected.
 * Collection ends when every tasked slave has finished, declined or failed, or at
   ``upload_deadline_s`` after the task was sent; late uploads are discarded.
+* An update counts only once the shell has confirmed that every chunk went into the running
+  sum (:meth:`Coordinator.chunk_stored`) and that the update was finished and recorded
+  (:meth:`Coordinator.update_stored`): only then is ``accepted`` sent and the update included
+  in an aggregate. A chunk or a finish that fails (:meth:`Coordinator.update_failed`) rejects
+  the update, whatever else was under way.
 * With at least ``min_slaves`` complete updates the aggregate is decrypted and committed.
   Otherwise the attempt is aborted (the model is unchanged) and the same round is tried again,
   up to ``max_round_attempts`` attempts in total; then the federation stops.
@@ -42,9 +47,15 @@ class SlaveStatus(enum.Enum):
 
     TASKED = "tasked"
     UPLOADING = "uploading"
+    STORING = "storing"
+    """Every chunk arrived and checked out; the shell is adding it and finishing the update."""
     DONE = "done"
     DECLINED = "declined"
     FAILED = "failed"
+
+
+_PENDING = (SlaveStatus.TASKED, SlaveStatus.UPLOADING, SlaveStatus.STORING)
+"""A slave in one of these has not finished the attempt yet."""
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -72,7 +83,8 @@ class AddChunk:
 
 @dataclass(frozen=True)
 class FinishUpdate:
-    """All chunks of ``slave_id`` arrived: count its contribution with ``header.weight``."""
+    """All chunks of ``slave_id`` are in the running sum: count its contribution with
+    ``header.weight`` and record it; then report :meth:`Coordinator.update_stored`."""
 
     slave_id: str
     header: UpdateHeader
@@ -252,10 +264,10 @@ class Coordinator:
     def slave_disconnected(self, slave_id: str, now: float) -> list[Action]:
         self.connected.discard(slave_id)
         upload = self._upload(slave_id)
-        if upload is None or upload.status not in (SlaveStatus.TASKED, SlaveStatus.UPLOADING):
+        if upload is None or upload.status not in _PENDING:
             return []
         actions: list[Action] = []
-        if upload.status is SlaveStatus.UPLOADING:
+        if upload.status in (SlaveStatus.UPLOADING, SlaveStatus.STORING):
             actions.append(DiscardUpdate(slave_id, "disconnected during upload"))
         upload.status = SlaveStatus.FAILED
         actions.append(Note("slave_lost", {"slave": slave_id, "round": self.round}))
@@ -299,19 +311,35 @@ class Coordinator:
             return self.update_failed(slave_id, f"chunk {index} does not match its SHA-256", now)
         upload.received += 1
         upload.bytes += len(data)
-        actions: list[Action] = [AddChunk(slave_id, index, data)]
         if upload.received == len(header.chunk_sha256):
-            upload.status = SlaveStatus.DONE
-            assert self._current is not None
-            actions.append(FinishUpdate(slave_id, header))
-            actions.append(Send(slave_id, Accepted(round=header.round, nonce=header.nonce)))
-            actions += self._maybe_close_collection(now)
-        return actions
+            upload.status = SlaveStatus.STORING
+        return [AddChunk(slave_id, index, data)]
+
+    def chunk_stored(self, slave_id: str, index: int, now: float) -> list[Action]:
+        """The shell added chunk ``index`` of ``slave_id`` to the running sum; after the last
+        one, the update is to be finished (:class:`FinishUpdate`)."""
+        upload = self._upload(slave_id)
+        if (upload is None or upload.status is not SlaveStatus.STORING or upload.header is None
+                or index != len(upload.header.chunk_sha256) - 1):
+            return []
+        return [FinishUpdate(slave_id, upload.header)]
+
+    def update_stored(self, slave_id: str, now: float) -> list[Action]:
+        """The shell finished and recorded the update of ``slave_id``: it counts from now on,
+        and the slave is told so."""
+        upload = self._upload(slave_id)
+        if upload is None or upload.status is not SlaveStatus.STORING or upload.header is None:
+            return []
+        upload.status = SlaveStatus.DONE
+        header = upload.header
+        return [Send(slave_id, Accepted(round=header.round, nonce=header.nonce)),
+                *self._maybe_close_collection(now)]
 
     def update_failed(self, slave_id: str, reason: str, now: float) -> list[Action]:
-        """The master could not use a slave's update (a chunk failed validation)."""
+        """The master could not use a slave's update (a chunk or its finish failed); it is
+        rejected and never counts."""
         upload = self._upload(slave_id)
-        if upload is None or upload.status not in (SlaveStatus.UPLOADING, SlaveStatus.DONE):
+        if upload is None or upload.status not in (SlaveStatus.UPLOADING, SlaveStatus.STORING):
             return []
         upload.status = SlaveStatus.FAILED
         current = self._current
@@ -352,10 +380,11 @@ class Coordinator:
         if message.final:
             self.withdrawn.add(slave_id)
         return [
-            Note("decline", {"slave": slave_id, "round": current.round, "reason": message.reason,
+            Note("decline", {"slave": slave_id, "round": current.round,
+                             "attempt": current.attempt, "reason": message.reason,
                              "epsilon_spent": message.epsilon_spent,
                              "epsilon_remaining": message.epsilon_remaining,
-                             "final": message.final}),
+                             "final": message.final, "signature": message.signature}),
             *self._maybe_close_collection(now),
         ]
 
@@ -367,9 +396,9 @@ class Coordinator:
         if self.phase is Phase.COLLECTING and current is not None and now >= current.deadline:
             actions: list[Action] = []
             for slave_id, upload in current.uploads.items():
-                if upload.status is SlaveStatus.UPLOADING:
+                if upload.status in (SlaveStatus.UPLOADING, SlaveStatus.STORING):
                     actions.append(DiscardUpdate(slave_id, "upload deadline passed"))
-                if upload.status in (SlaveStatus.TASKED, SlaveStatus.UPLOADING):
+                if upload.status in _PENDING:
                     upload.status = SlaveStatus.FAILED
                     actions.append(Note("slave_late", {"slave": slave_id, "round": current.round}))
             return actions + self._close_collection(now)
@@ -459,8 +488,7 @@ class Coordinator:
         current = self._current
         if self.phase is not Phase.COLLECTING or current is None:
             return []
-        pending = (SlaveStatus.TASKED, SlaveStatus.UPLOADING)
-        if any(up.status in pending for up in current.uploads.values()):
+        if any(up.status in _PENDING for up in current.uploads.values()):
             return []
         return self._close_collection(now)
 

@@ -1,4 +1,4 @@
-"""Wire messages of protocol version 3.
+"""Wire messages of protocol version 4.
 
 Every control message is one websocket *text* message holding a JSON object with a ``type``
 field; bulk data (model parameters, ciphertext chunks) travels as *binary* messages whose
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+import rfc8785
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,10 +25,12 @@ from pydantic import (
 from secure_fed.config.schema import DataSchema
 from secure_fed.errors import ProtocolError
 
-PROTOCOL_VERSION = 3
-"""Version 3 narrows what a slave releases: no training loss in the update header, the
-FedAvg weight is a public count (a DP release or one its data owner declared public), only
-this federation's mechanisms and ε, and a decline can say that it is final. Version 2 bound
+PROTOCOL_VERSION = 4
+"""Version 4 signs every field of an update header and of a decline (signing format v2, RFC
+8785 canonical JSON). Version 3 narrows what a slave releases: no training loss in the
+update header, the FedAvg weight is a public count (a DP release or one its data owner
+declared public), only this federation's mechanisms and ε, and a decline can say that it is
+final. Version 2 bound
 the attempt's task nonce into the secure-aggregation settings digest and added ``plan.dp``.
 A slave of an older version is refused at ``hello`` (close code 4002)."""
 SUBPROTOCOL = "secure-fed.v1"
@@ -45,7 +48,8 @@ Round = Annotated[int, Field(ge=1, le=10**9)]
 Text = Annotated[str, Field(max_length=2000)]
 Signature = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{8,200}={0,2}$")]
 """Standard base64 (with padding) of a DER ECDSA-SHA256 or a 64-byte Ed25519 signature."""
-UPDATE_SIGNATURE_CONTEXT = "secure-fed-update-v1"
+UPDATE_SIGNATURE_CONTEXT = "secure-fed-update-v2"
+DECLINE_SIGNATURE_CONTEXT = "secure-fed-decline-v1"
 WeightSource = Literal["dp-count", "declared-public", "exact-no-dp"]
 """How a slave's FedAvg weight (its record count) became public; see :class:`UpdateHeader`."""
 
@@ -106,7 +110,7 @@ class UpdateHeader(_Message):
         epsilon_spent: ε of ``mechanisms`` at ``delta`` (this federation's share of the
             slave's budget); ``None`` when no ε bounds it (a release without DP, σ = 0).
         signature: base64 signature by the slave's certificate key over
-            :func:`update_signing_bytes` of this update.
+            :func:`signing_bytes` of this update (every other field).
     """
 
     type: Literal["update"] = "update"
@@ -127,17 +131,22 @@ class UpdateHeader(_Message):
     signature: Signature | None = None
 
 
-def update_signing_bytes(federation_id: str, round_: int, nonce: str, weight: int,
-                         chunk_sha256: list[str]) -> bytes:
-    """The exact bytes a slave signs for an update (ASCII, one ``name=value`` per line).
+def signing_bytes(federation_id: str, message: UpdateHeader | Decline) -> bytes:
+    """The exact bytes a slave signs for an ``update`` header or a ``decline``.
 
-    ``secure-fed-update-v1\nfederation=<id>\nround=<decimal>\nnonce=<hex32>\n``
-    ``weight=<decimal>\nchunks=<hex64>,<hex64>,...\n``. Every field is restricted to ASCII
-    by validation, so the encoding is unambiguous; the nonce binds the signature to one task.
+    ``<context>\n`` followed by the RFC 8785 (JSON Canonicalization Scheme) encoding of
+    ``{"federation_id": <id>, "message": <every field of the message but signature>}``, where
+    the context is :data:`UPDATE_SIGNATURE_CONTEXT` or :data:`DECLINE_SIGNATURE_CONTEXT`.
+    Every field the slave states is bound: for an update its round, nonce, weight and how it
+    became public, chunk hashes and sizes, this federation's mechanisms, ε, δ and accountant;
+    for a decline its reason and budget state. The nonce binds the signature to one task.
+    docs/protocol.md gives a worked example a third party can check with any JCS library.
     """
-    lines = [UPDATE_SIGNATURE_CONTEXT, f"federation={federation_id}", f"round={round_}",
-             f"nonce={nonce}", f"weight={weight}", f"chunks={','.join(chunk_sha256)}"]
-    return ("\n".join(lines) + "\n").encode("ascii")
+    context = (UPDATE_SIGNATURE_CONTEXT if isinstance(message, UpdateHeader)
+               else DECLINE_SIGNATURE_CONTEXT)
+    body = message.model_dump(mode="json", exclude={"signature"})
+    return context.encode("ascii") + b"\n" + rfc8785.dumps(
+        {"federation_id": federation_id, "message": body})
 
 
 class Decline(_Message):
@@ -151,6 +160,9 @@ class Decline(_Message):
             slave's lifetime budget, which stays with its data owner).
         final: the slave will decline every further task of this federation (its budget
             for it is exhausted); the master stops tasking it.
+        signature: base64 signature by the slave's certificate key over
+            :func:`signing_bytes` of this decline; the master refuses a decline without a
+            valid one.
     """
 
     type: Literal["decline"] = "decline"
@@ -160,6 +172,7 @@ class Decline(_Message):
     epsilon_spent: float | None = Field(ge=0, allow_inf_nan=False)
     epsilon_remaining: float = Field(ge=0, allow_inf_nan=False)
     final: bool = False
+    signature: Signature | None = None
 
 
 # --- master -> slave -------------------------------------------------------------------------

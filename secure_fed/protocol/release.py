@@ -106,6 +106,7 @@ FIELDS: dict[tuple[str, str], Classified] = {
     ("Decline", "epsilon_remaining"): Classified(DP, "the plan's ε minus `epsilon_spent`"),
     ("Decline", "final"): Classified(DP, "whether this federation's budget is exhausted "
                                      "(post-processing)"),
+    ("Decline", "signature"): Classified(PROTOCOL, "signature over the fields above"),
     ("AdvertiseKeys", "type"): _TYPE,
     ("AdvertiseKeys", "round"): _ROUND,
     ("AdvertiseKeys", "party"): _PARTY,

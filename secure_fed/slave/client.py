@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -79,7 +79,7 @@ from secure_fed.protocol.messages import (
     WeightSource,
     Welcome,
     parse_master_message,
-    update_signing_bytes,
+    signing_bytes,
 )
 from secure_fed.protocol.secagg import SlaveSecAgg
 from secure_fed.protocol.secagg_messages import (
@@ -95,6 +95,8 @@ from secure_fed.transport.channel import Channel, open_connection
 from secure_fed.transport.tls import client_ssl_context, load_presented_certificate
 
 log = logging.getLogger(__name__)
+
+SignedMessage = TypeVar("SignedMessage", UpdateHeader, Decline)
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -316,7 +318,6 @@ class Slave:
         self._check_payload(params, task.model.params_bytes, "model")
         if task.student is not None:
             self._check_payload(student_params, task.student.params_bytes, "student")
-        fed = self.config.federation_id
         masked = self.config.encryption.protection in ("mask", "he+mask")
         try:
             if task.plan.mode == "distill" and (task.plan.temperature is None
@@ -401,18 +402,16 @@ class Slave:
             await self._decline(channel, task, f"update not sent: {exc}")
             return
         hashes = [hashlib.sha256(c).hexdigest() for c in chunks]
-        signed = update_signing_bytes(fed, task.round, task.nonce, result.samples, hashes)
-        signature = base64.b64encode(sign(self.bundle.key.read_bytes(), signed)).decode("ascii")
-        header = UpdateHeader(
+        header = self._signed(UpdateHeader(
             round=task.round, nonce=task.nonce, weight=result.samples,
-            weight_source=source, chunk_sha256=hashes, signature=signature,
+            weight_source=source, chunk_sha256=hashes,
             chunk_bytes=[len(c) for c in chunks],
             mechanisms=[MechanismRecord(noise_multiplier=e.noise_multiplier,
                                         sample_rate=e.sample_rate, steps=e.steps,
                                         kind="count" if e.mode == COUNT_MODE else "dp-sgd")
                         for e in self.ledger.federation_entries(self.ledger_federation)],
             epsilon_spent=_bounded(spent), delta=self.config.delta,
-            accountant=self.config.accountant)
+            accountant=self.config.accountant))
         await channel.send(header)
         for chunk in chunks:
             await channel.send_bytes(chunk)
@@ -701,9 +700,15 @@ class Slave:
                     reason)
         self.report.rounds_declined.append(task.round)
         self._on_event("declined", {"round": task.round, "reason": reason, "final": final})
-        await channel.send(Decline(round=task.round, nonce=task.nonce, reason=reason[:2000],
-                                   epsilon_spent=_bounded(spent),
-                                   epsilon_remaining=max(0.0, left), final=final))
+        await channel.send(self._signed(Decline(
+            round=task.round, nonce=task.nonce, reason=reason[:2000],
+            epsilon_spent=_bounded(spent), epsilon_remaining=max(0.0, left), final=final)))
+
+    def _signed(self, message: SignedMessage) -> SignedMessage:
+        """``message`` with this slave's signature over every other field of it."""
+        signed = signing_bytes(self.config.federation_id, message)
+        signature = base64.b64encode(sign(self.bundle.key.read_bytes(), signed)).decode("ascii")
+        return message.model_copy(update={"signature": signature})
 
 
 def _plain_url(url: str, insecure_loopback: bool) -> bool:
