@@ -18,6 +18,8 @@ returns. Named points (see ``docs/operations.md`` for what each one leaves behin
                                         JSON commit marker is not
 ``master.before_commit_record``         the checkpoint is committed, the audit record
                                         ``model_committed`` is not written yet
+``master.summary_write``                the audit record ``model_committed`` is written,
+                                        ``summary.json`` is not rewritten yet
 ``slave.training``                      local training ran; nothing is in the privacy ledger and
                                         nothing was sent
 ``slave.after_ledger``                  the ledger holds the round's entry; nothing was sent
