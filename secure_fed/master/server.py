@@ -853,6 +853,7 @@ class Master:
             if channel is not None:
                 await self._send_quietly(channel, message)
 
+        crash_point("master.unmasking")
         unmasked = await state.secagg.unmasked_sum(total, send, time.monotonic())
         return ring_to_average(unmasked, weight, self.params)
 
