@@ -2,8 +2,8 @@
 
 The summary is derived, never a source. On every start the master rebuilds it from the
 verified audit log and the checkpoint it resumes from (:meth:`RunSummary.rebuild`); while it
-runs, the summary follows each record the master appends (:meth:`AuditLog.observe
-<secure_fed.audit.log.AuditLog.observe>`) and is rewritten atomically when a round is
+runs, the summary follows each record the master appends
+(:meth:`secure_fed.audit.log.AuditLog.observe`) and is rewritten atomically when a round is
 committed and when the federation ends. A crash between a record and the rewrite loses
 nothing: the next start writes the summary that the log implies. The log is read by the same
 fold as the auditor's report (:class:`secure_fed.audit.report.RecordFold`).
@@ -103,7 +103,7 @@ class RunSummary:
 
     def add(self, record: dict[str, Any]) -> None:
         """Follow one record the master appended to the audit log (an observer of
-        :class:`~secure_fed.audit.log.AuditLog`); rewrites the file at a commit and at the
+        :class:`secure_fed.audit.log.AuditLog`); rewrites the file at a commit and at the
         end of the federation."""
         self._fold_record(record)
         event = record["event"]
