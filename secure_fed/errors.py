@@ -18,6 +18,11 @@ class ModelError(SecureFedError):
     """An architecture name is unknown, or a model package does not match its architecture."""
 
 
+class CheckpointError(ModelError):
+    """The master's checkpoints cannot be resumed from (none usable although the run has
+    committed rounds)."""
+
+
 class DataError(SecureFedError):
     """A dataset cannot be loaded or partitioned as asked."""
 

@@ -18,6 +18,12 @@ returns. Named points (see ``docs/operations.md`` for what each one leaves behin
                                         JSON commit marker is not
 ``master.before_commit_record``         the checkpoint is committed, the audit record
                                         ``model_committed`` is not written yet
+``master.summary_write``                the audit record ``model_committed`` is written,
+                                        ``summary.json`` is not rewritten yet
+``master.unmasking``                    a masked round's sum is decrypted (``he+mask``) or added
+                                        (``mask``); the survivors' shares are not yet asked for
+``slave.secagg_shared``                 the slave sent its encrypted key shares (secure
+                                        aggregation phase 1); it has not trained yet
 ``slave.training``                      local training ran; nothing is in the privacy ledger and
                                         nothing was sent
 ``slave.after_ledger``                  the ledger holds the round's entry; nothing was sent

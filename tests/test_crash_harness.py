@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -31,6 +32,7 @@ from typing import Any
 from conftest import small_plan
 
 from secure_fed.config.settings import (
+    EncryptionSettings,
     EvaluationSettings,
     LimitSettings,
     ModelSpec,
@@ -47,18 +49,29 @@ CRASH_MODEL = ModelSpec(architecture="mlp",
 
 def make_federation(fed: Path, slaves: list[str], *, rounds: int, min_slaves: int,
                     join_timeout_s: float = 40, upload_deadline_s: float = 60,
-                    max_round_attempts: int = 3) -> None:
-    """Bundles of a small federation in ``fed`` (TLS certificates, HE keys, short deadlines)."""
+                    max_round_attempts: int = 3, protection: str = "he", mode: str = "delta",
+                    min_mask_parties: int | None = None) -> None:
+    """Bundles of a small federation in ``fed`` (TLS certificates, HE keys, short deadlines).
+
+    ``protection`` and ``mode`` are the plan's; ``min_mask_parties``, if given, is written
+    into every slave's ``slave.toml`` (the fewest slaves of a masked round it takes part in).
+    """
     init_federation(fed, small_plan(
         slaves, rounds=rounds, min_slaves=min_slaves, model=CRASH_MODEL,
-        training=TrainingPlanSettings(epochs=1, batch_size=64, epsilon=8.0),
+        training=TrainingPlanSettings(epochs=1, batch_size=64, epsilon=8.0, mode=mode),
+        encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1,
+                                      protection=protection),
         limits=LimitSettings(join_timeout_s=join_timeout_s, upload_deadline_s=upload_deadline_s,
                              open_timeout_s=10, max_round_attempts=max_round_attempts),
         evaluation=EvaluationSettings(dataset=None)))
     # RDP calibrates σ in milliseconds where PRV takes seconds; accounting is not under test.
     for slave_id in slaves:
         toml = fed / "slaves" / slave_id / "slave.toml"
-        toml.write_text(toml.read_text().replace('accountant = "prv"', 'accountant = "rdp"'))
+        text = toml.read_text().replace('accountant = "prv"', 'accountant = "rdp"')
+        if min_mask_parties is not None:
+            text = re.sub(r"(?m)^min_mask_parties = \d+$",
+                          f"min_mask_parties = {min_mask_parties}", text)
+        toml.write_text(text)
 
 
 def free_port() -> int:

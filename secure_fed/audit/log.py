@@ -119,6 +119,7 @@ class AuditLog:
         self._clock = clock
         self._max_record_bytes = max_record_bytes
         self._mutex = threading.Lock()
+        self._observers: list[Callable[[dict[str, Any]], None]] = []
 
     @classmethod
     def open(
@@ -286,7 +287,21 @@ class AuditLog:
             if event == GENESIS_EVENT:
                 self.genesis = record["data"]
         logger.debug("audit record %d: %s", record["seq"], event)
+        for observer in self._observers:
+            observer(record)
         return record
+
+    def observe(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback`` with every record appended from now on, once it is durable.
+
+        The files derived from the log (the master's ``summary.json``) are kept this way, so
+        that they show what the log shows. The callback runs in the appending thread and must
+        not raise: the record is written whatever it does.
+
+        Args:
+            callback: receives each record as :meth:`append` returns it.
+        """
+        self._observers.append(callback)
 
     def append_slave_connected(
         self, slave: str, certificate: x509.Certificate | None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from secure_fed.crypto.certificates import certificate_fingerprint
 from secure_fed.durable import atomic_write_bytes
 from secure_fed.errors import AuditError
 
-from .recompute import TOLERANCE, AuditVerdict, check_log
+from .recompute import TOLERANCE, AuditVerdict, EpsilonCheck, check_log
 
 REPORT_SCHEMA = "secure-fed/audit-report"
 REPORT_SCHEMA_VERSION = 1
@@ -124,11 +124,27 @@ def _new_slave(slave: str) -> dict[str, Any]:
             "mechanisms": [], "ok": True}
 
 
-class _Builder:
-    """Folds the verified records into rounds and slaves."""
+class RecordFold:
+    """Folds verified records, in log order, into rounds and slaves.
 
-    def __init__(self, verdict: AuditVerdict) -> None:
-        self.checks = {c.line: c for c in verdict.epsilon_checks}
+    The auditor's report is built from it, and so is the master's ``summary.json``
+    (:mod:`secure_fed.master.summary`), so that the two never read the log differently.
+
+    Args:
+        checks: the ε check of each ``update_received`` record, by line (1-based); without
+            it the updates' recomputed ε is ``None`` and they count as not checked.
+
+    Attributes:
+        commits: for each round with a ``model_committed`` record, the round as its last such
+            record shows it: ``round``, ``accuracy``, ``loss``, ``participants``,
+            ``upload_bytes``, ``seconds``, ``declined`` (the slaves that declined the attempt
+            that was committed) and ``model_digest``.
+    """
+
+    def __init__(self, checks: Mapping[int, EpsilonCheck] | None = None) -> None:
+        self.checks = dict(checks or {})
+        self.commits: dict[int, dict[str, Any]] = {}
+        self._attempt_declines: dict[int, list[str]] = {}
         self.rounds: dict[int, dict[str, Any]] = {}
         self.slaves: dict[str, dict[str, Any]] = {}
         self.events: dict[str, int] = {}
@@ -162,6 +178,7 @@ class _Builder:
         row = self.round(data)
         if row is None:
             return
+        self._attempt_declines[row["round"]] = []
         plan = data.get("plan") if isinstance(data.get("plan"), dict) else None
         row.update(attempts=max(row["attempts"], _int(data.get("attempt")) or 1),
                    started_at=row["started_at"] or record["time"], plan=plan,
@@ -200,6 +217,7 @@ class _Builder:
         if row is None or slave is None:
             return
         slave["declines"] += 1
+        self._attempt_declines.setdefault(row["round"], []).append(slave["slave"])
         row["declines"].append({"slave": slave["slave"], "reason": _str(data.get("reason")),
                                 "epsilon_spent": _num(data.get("epsilon_spent")),
                                 "epsilon_remaining": _num(data.get("epsilon_remaining"))})
@@ -241,6 +259,12 @@ class _Builder:
             slave = self.slave(name)
             if slave is not None and row["round"] not in slave["rounds_contributed"]:
                 slave["rounds_contributed"].append(row["round"])
+        self.commits[row["round"]] = {
+            "round": row["round"], "accuracy": row["accuracy"], "loss": row["loss"],
+            "participants": participants, "upload_bytes": row["upload_bytes"],
+            "seconds": row["seconds"],
+            "declined": sorted(set(self._attempt_declines.get(row["round"], []))),
+            "model_digest": row["model_digest"]}
 
     def _on_round_aborted(self, line: int, record: dict[str, Any], data: dict[str, Any]) -> None:
         row = self.round(data)
@@ -264,7 +288,7 @@ def build_report(verdict: AuditVerdict, *, clock: Clock = _utc_now) -> dict[str,
     """
     records = verdict.records
     genesis = records[0]["data"] if records else {}
-    builder = _Builder(verdict)
+    builder = RecordFold({c.line: c for c in verdict.epsilon_checks})
     for name in _strs(genesis.get("slaves")):
         builder.slave(name)
     for index, record in enumerate(records):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import math
 import os
@@ -125,7 +126,17 @@ def cmd_master(args: argparse.Namespace) -> int:
     out = args.out or (args.bundle / "run")
     display = MasterDisplay(bundle.config.rounds)
     master = Master(bundle, out, host=args.host, port=args.port, on_event=display,
-                    insecure_loopback=args.insecure_loopback)
+                    insecure_loopback=args.insecure_loopback,
+                    restart_from_initial_model=args.restart_from_initial_model)
+    finished = master.already_finished
+    if finished is not None:
+        master.close()
+        when = dt.datetime.fromisoformat(finished["time"]).astimezone(dt.UTC)
+        Console(highlight=False, soft_wrap=True).print(
+            f"federation '{bundle.config.federation_id}' already finished: "
+            f"{finished['reason']} at {when:%Y-%m-%d %H:%M:%S} UTC; nothing to do (outputs in "
+            f"{out})", markup=False)
+        return 0
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-loopback", action="store_true",
                    help="EXPERIMENTS ONLY: serve plain ws:// without TLS; refused unless the "
                    "master binds 127.0.0.1 (or ::1, localhost)")
+    p.add_argument("--restart-from-initial-model", action="store_true",
+                   help="when no checkpoint in OUT/checkpoints is usable although the run "
+                   "committed rounds, run every round again from the initial model (recorded "
+                   "in the audit log) instead of refusing to start; no effect while a "
+                   "checkpoint is usable")
 
     p = sub.add_parser("slave", help="take part in a federation as a data owner",
                        description="Connect to the master named in SLAVE_DIR/slave.toml and "

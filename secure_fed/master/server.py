@@ -41,6 +41,7 @@ from secure_fed.crypto.vector_sum import VectorSum
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout
 from secure_fed.errors import (
+    CheckpointError,
     ConfigError,
     IdentityError,
     ProtocolError,
@@ -51,7 +52,7 @@ from secure_fed.faults import crash_point
 from secure_fed.master.bundle import MasterBundle, context_digest
 from secure_fed.master.model_update import ModelUpdater, initial_student, split_proxy
 from secure_fed.master.secagg_round import SecAggRound, open_secagg
-from secure_fed.master.store import ModelStore
+from secure_fed.master.store import CheckpointScan, ModelStore, UnusableCheckpoint
 from secure_fed.master.summary import RunSummary
 from secure_fed.models.package import ModelPackage
 from secure_fed.models.registry import build_model
@@ -110,6 +111,18 @@ class Master:
             refused unless ``host`` is a loopback address. A slave then identifies itself by
             sending its certificate in ``hello``, and its updates are still verified against
             that certificate's key, but nothing stops an eavesdropper on the machine.
+        restart_from_initial_model: when checkpoints exist (or the audit log records committed
+            rounds) but none is usable, start every round again from the initial model and
+            record that in the audit log, instead of refusing with :class:`CheckpointError`.
+            Without effect while a checkpoint is usable.
+
+    Raises:
+        CheckpointError: no checkpoint is usable although the run committed rounds, and
+            ``restart_from_initial_model`` is not set.
+
+    A master whose federation already finished (every round committed, ``federation_done``
+    after the last commit) has :attr:`already_finished` set; :meth:`run` then returns at once
+    and appends nothing.
     """
 
     def __init__(
@@ -121,6 +134,7 @@ class Master:
         port: int | None = None,
         on_event: EventSink | None = None,
         insecure_loopback: bool = False,
+        restart_from_initial_model: bool = False,
     ) -> None:
         self.bundle = bundle
         self.config = bundle.config
@@ -143,6 +157,7 @@ class Master:
         )
         self.revocations = Revocations(bundle.revocations)
         self.store = ModelStore(self.out_dir / "checkpoints")
+        found = self.store.scan()
         holdout: Dataset | None = None
         if self.config.evaluation.dataset:
             holdout = master_holdout(
@@ -150,14 +165,6 @@ class Master:
                 test_fraction=self.config.evaluation.test_fraction,
                 schema=self.config.data_schema)
         self.evaluation, proxy = split_proxy(self.config, holdout)
-        self.updater = self._initial_models(proxy)
-        self.vector_size = self.updater.vector_size
-        self.protection = self.config.encryption.protection
-        self.chunks, max_chunk = update_layout(self.protection, self.params, self.vector_size)
-        self.summary = RunSummary.load_or_create(
-            self.out_dir / "summary.json", federation_id=self.config.federation_id,
-            scheme=self.params.scheme, preset=self.params.preset,
-        )
         self.audit = AuditLog.open(
             self.out_dir / "audit.jsonl",
             signing_key_pem=bundle.key.read_bytes(),
@@ -178,7 +185,24 @@ class Master:
                 software=f"secure-fed {__version__}",
             ),
         )
-        self._record_recovered_commit()
+        try:
+            records = read_verified_records(self.audit.path)
+            self.updater = self._initial_models(found, proxy, records,
+                                                restart=restart_from_initial_model)
+        except BaseException:
+            self.audit.close()
+            raise
+        self.vector_size = self.updater.vector_size
+        self.protection = self.config.encryption.protection
+        self.chunks, max_chunk = update_layout(self.protection, self.params, self.vector_size)
+        records += self._record_recovered_commit(records)
+        self.summary = RunSummary.rebuild(
+            self.out_dir / "summary.json", records, federation_id=self.config.federation_id,
+            scheme=self.params.scheme, preset=self.params.preset,
+            committed_round=self.committed_round, rounds_planned=self.config.rounds)
+        self.audit.observe(self.summary.add)
+        self.already_finished: dict[str, Any] | None = (
+            self.summary.outcome if self.committed_round >= self.config.rounds else None)
         limits = self.config.limits
         self.coordinator = co.Coordinator(
             self.config.slaves,
@@ -211,13 +235,25 @@ class Master:
         """The master's current (last committed) model."""
         return self.updater.package
 
-    def _initial_models(self, proxy: Dataset | None) -> ModelUpdater:
-        latest = self.store.latest()
+    def _initial_models(self, found: CheckpointScan, proxy: Dataset | None,
+                        records: list[dict[str, Any]], *, restart: bool) -> ModelUpdater:
+        """The model to resume from: the newest usable checkpoint, or the initial model
+        (committed as round 0) when the run has none; ``records`` is the verified log, to
+        which a start-over record is added."""
+        latest = found.latest
         if latest is not None:
             self.committed_round = latest.round
             log.info("resuming from the checkpoint of round %d", latest.round)
+            if restart:
+                log.warning("--restart-from-initial-model not needed: the checkpoint of round "
+                            "%d is usable, and the run resumes from it", latest.round)
             return ModelUpdater(self.config, latest.package, latest.student, latest.state,
                                 proxy)
+        logged = max((r["data"].get("round", 0) for r in records
+                      if r["event"] == "model_committed"), default=0)
+        if (found.unusable or logged) and not restart:
+            raise CheckpointError(_no_usable_checkpoint(self.store.directory, self.out_dir,
+                                                        found.unusable, logged))
         self.committed_round = 0
         spec = self.config.model
         torch.manual_seed(self.config.seed)
@@ -227,10 +263,18 @@ class Master:
         metrics = self._evaluate(package)
         self.store.commit(0, package, {"metrics": metrics, "participants": []},
                           student=student)
+        if found.unusable or logged:
+            log.warning("no checkpoint is usable; starting over from the initial model "
+                        "(--restart-from-initial-model): every round runs again")
+            records.append(self.audit.append("restarted_from_initial_model", {
+                "unusable": [{"round": u.round, "file": u.marker.name, "reason": u.reason}
+                             for u in found.unusable],
+                "last_logged_round": logged, "model_digest": package.digest}))
         return ModelUpdater(self.config, package, student, {}, proxy)
 
-    def _record_recovered_commit(self) -> None:
-        """Write the ``model_committed`` record of the latest checkpoint if the log lacks it.
+    def _record_recovered_commit(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write the ``model_committed`` record of the latest checkpoint if the log lacks it;
+        returns the records written.
 
         The checkpoint's JSON marker is what commits a round; a crash between it and its audit
         record leaves a committed round that the log does not show. On restart the record is
@@ -238,13 +282,13 @@ class Master:
         """
         latest = self.committed_round
         if latest == 0:
-            return
-        for record in reversed(read_verified_records(self.audit.path)):
+            return []
+        for record in reversed(records):
             if record["event"] == "model_committed":
                 # A record for a later round means the newer checkpoint was unusable and the
                 # master fell back (docs/operations.md): nothing is missing, those rounds rerun.
                 if record["data"].get("round", 0) >= latest:
-                    return
+                    return []
                 break
         saved = self.store.load(latest).record
         row = {"round": latest, **saved.get("metrics", {}),
@@ -253,8 +297,7 @@ class Master:
                "model_digest": self.package.digest}
         log.warning("round %d was checkpointed but its audit record is missing (a crash "
                     "between the two); writing it now from the checkpoint", latest)
-        self.audit.append("model_committed", {**row, "recovered": True})
-        self.summary.record_round({**row, "declined": []})
+        return [self.audit.append("model_committed", {**row, "recovered": True})]
 
     def _evaluate(self, package: ModelPackage) -> dict[str, float]:
         if self.evaluation is None:
@@ -269,7 +312,18 @@ class Master:
     # --- serving -------------------------------------------------------------------------------
 
     async def run(self, *, ready: asyncio.Future[int] | None = None) -> RunSummary:
-        """Serve until the federation is done; returns the run summary (also on disk)."""
+        """Serve until the federation is done; returns the run summary (also on disk).
+
+        A federation that already finished is not served: ``ready`` is cancelled, nothing is
+        appended, and the summary is returned at once.
+        """
+        if self.already_finished is not None:
+            log.info("federation '%s' already finished: %s", self.config.federation_id,
+                     self.already_finished["reason"])
+            if ready is not None and not ready.done():
+                ready.cancel()
+            self.close()
+            return self.summary
         ssl_context = None
         if self.insecure_loopback:
             log.warning("INSECURE: serving plain ws:// on %s (--insecure-loopback); updates "
@@ -301,6 +355,12 @@ class Master:
             self.audit.close()
             shutil.rmtree(self.out_dir / "spool", ignore_errors=True)
         return self.summary
+
+    def close(self) -> None:
+        """Release the audit log and the key holder's workers without serving (for a master
+        that is not run, e.g. one whose federation already finished)."""
+        self.keyholder.close()
+        self.audit.close()
 
     def _usable_crl(self) -> Path | None:
         for entry in self.revocations.entries:
@@ -632,7 +692,6 @@ class Master:
             self._outcome = action
             self.audit.append("federation_done", {"rounds_committed": action.rounds_committed,
                                                   "reason": action.reason})
-            self.summary.finish(action.reason)
             self._done.set()
         return []
 
@@ -678,7 +737,6 @@ class Master:
             "signed_sha256": hashlib.sha256(self._signing_bytes(header)).hexdigest(),
         }
         self.audit.append("update_received", record)
-        self.summary.record_slave(action.slave_id, header)
         self._on_event("update_received", record)
         # Only now does the update count, and is the slave told so.
         return self.coordinator.update_stored(action.slave_id, time.monotonic())
@@ -785,7 +843,6 @@ class Master:
         row = {"round": action.round, **metrics, "participants": list(action.contributors),
                "upload_bytes": upload, "seconds": round(seconds, 3),
                "declined": sorted(action.declines), "model_digest": package.digest}
-        self.summary.record_round(row)
         self._on_event("round_end", row)
         self._close_round()
         await self._broadcast(RoundEnd(round=action.round, committed=True, reason="committed",
@@ -821,6 +878,7 @@ class Master:
             if channel is not None:
                 await self._send_quietly(channel, message)
 
+        crash_point("master.unmasking")
         unmasked = await state.secagg.unmasked_sum(total, send, time.monotonic())
         return ring_to_average(unmasked, weight, self.params)
 
@@ -879,6 +937,24 @@ class Master:
         for channel in list(self._channels.values()):
             await self._send_quietly(channel, message)
             await channel.close(1000, "federation finished")
+
+
+def _no_usable_checkpoint(directory: Path, out_dir: Path,
+                          unusable: tuple[UnusableCheckpoint, ...], logged: int) -> str:
+    """Why the master will not start over by itself, and the operator's three ways out."""
+    if unusable:
+        shown = ", ".join(u.marker.name for u in unusable[:8])
+        more = f" and {len(unusable) - 8} more" if len(unusable) > 8 else ""
+        what = (f"no checkpoint in {directory} is usable: {shown}{more} failed (the newest "
+                f"with: {unusable[0].reason})")
+    else:
+        what = (f"the audit log records round {logged} as committed, but {directory} holds no "
+                "checkpoint")
+    return (f"{what}; the master does not start over from the initial model by itself. "
+            f"Restore the checkpoints from a backup and restart; or start a new run in another "
+            f"folder (move this one aside: mv {out_dir} {out_dir}.old); or restart with "
+            f"--restart-from-initial-model to run every round again in this folder from the "
+            f"initial model (the audit log records it, and the slaves pay for the rounds again)")
 
 
 def _header(package: ModelPackage) -> ModelHeader:

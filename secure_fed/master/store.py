@@ -44,6 +44,30 @@ class Checkpoint:
     state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class UnusableCheckpoint:
+    """A checkpoint whose commit marker exists but whose files do not load or verify.
+
+    Args:
+        round: the round of the checkpoint.
+        marker: its JSON commit marker.
+        reason: why it is unusable.
+    """
+
+    round: int
+    marker: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class CheckpointScan:
+    """What :meth:`ModelStore.scan` found: the newest usable checkpoint, and every newer
+    checkpoint that was skipped because it is unusable (newest first)."""
+
+    latest: Checkpoint | None
+    unusable: tuple[UnusableCheckpoint, ...]
+
+
 class ModelStore:
     """Atomic per-round checkpoints in ``directory``.
 
@@ -91,17 +115,29 @@ class ModelStore:
 
     def latest(self) -> Checkpoint | None:
         """The newest committed round whose files are complete and consistent, or ``None``."""
+        return self.scan().latest
+
+    def scan(self) -> CheckpointScan:
+        """Find the newest usable checkpoint, noting each newer one that is unusable.
+
+        A parameters file without its JSON marker (a crash during the write) is not a
+        checkpoint and is not listed; a marker whose files are missing, unreadable or do not
+        match its digests is.
+        """
         rounds = sorted(
             (int(m.group(1)) for p in self.directory.iterdir() if (m := _NAME.match(p.name))),
             reverse=True,
         )
+        unusable: list[UnusableCheckpoint] = []
         for round_ in rounds:
             try:
-                return self.load(round_)
+                return CheckpointScan(self.load(round_), tuple(unusable))
             except (ModelError, OSError, ValueError, KeyError) as exc:
+                reason = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
                 log.warning("checkpoint of round %d is unusable (%s); trying the previous one",
-                            round_, exc)
-        return None
+                            round_, reason)
+                unusable.append(UnusableCheckpoint(round_, self._paths(round_)[1], reason))
+        return CheckpointScan(None, tuple(unusable))
 
     def load(self, round_: int) -> Checkpoint:
         """Load and verify the checkpoint of ``round_``."""

@@ -478,6 +478,7 @@ class Slave:
                 return None
             self._check_mask_parties(len(key_list.advertisements), "slaves that advertised keys")
             await channel.send(self._secagg.share_keys(key_list))
+            crash_point("slave.secagg_shared")
             delivery: ShareDelivery | None = await self._await_secagg(channel, ShareDelivery)
             if delivery is not None:
                 # Checked before training, so that a round too thin to mask spends nothing.
