@@ -1,13 +1,14 @@
 """A slave poisons its ciphertexts; the master's key holder refuses the aggregate and retries.
 
-A real federation over mutual TLS on 127.0.0.1 (protection ``he``, real TenSEAL, real
-training): slave ``b`` sends, in the first attempt of each round, one poisoned update the
-aggregator cannot tell from a valid one — random coefficients, an honest encryption under
-another key with the federation key's id copied into its chunk headers, and values encoded
-with weight 65536 under its declared weight — and an honest update in the second attempt.
-Every poisoned attempt must end in an ``aggregate_refused`` record naming the contributors and
-the check, without a model committed; every round must then be committed from its honest
-attempt, and ``audit verify`` must accept the log.
+A real federation over mutual TLS on 127.0.0.1 (real TenSEAL, real secure aggregation, real
+training), under ``he`` and under ``he+mask`` (where the noise budget is checked before
+unmasking and the range after it). Slave ``b`` sends, in the first attempt of each round, one
+poisoned update the aggregator cannot tell from a valid one — random coefficients, an honest
+encryption under another key with the federation key's id copied into its chunk headers, and
+values encoded with weight 65536 under its declared weight — and an honest update in the
+second attempt. Every poisoned attempt must end in an ``aggregate_refused`` record naming the
+contributors and the check, without a model committed; every round must then be committed
+from its honest attempt, and ``audit verify`` must accept the log.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from conftest import small_plan, started, trial_slave
 
 from secure_fed.audit.recompute import check_log
 from secure_fed.audit.report import build_report
-from secure_fed.config.settings import EncryptionSettings, LimitSettings
+from secure_fed.config.settings import EncryptionSettings, LimitSettings, TrainingPlanSettings
 from secure_fed.crypto.chunk_format import pack_chunk
 from secure_fed.crypto.codec import UpdateEncoder, encode_plain, encrypt_chunk
 from secure_fed.crypto.keys import ciphertext_layout, generate_contexts, load_public_context
@@ -64,14 +66,25 @@ class PoisoningSlave(Slave):
         if attack == "another-key":
             other = load_public_context(generate_contexts(params)[1], params)
             forged = dataclasses.replace(ciphertext_layout(params, other), key_id=layout.key_id)
-            plain = encode_plain(vector, weight, params, rng)
+            plain = self._plaintext(vector, weight, 1, rng, delivery).astype(np.int64)
             return [encrypt_chunk(other, params, forged, i, plain[i * slots:(i + 1) * slots])
                     for i in range(count)]
-        if attack == "weight-lie":
-            t = int(params.plain_modulus or 0)
-            lie = np.mod(encode_plain(vector, 1, params, rng) * LIE, t).astype(np.uint64)
-            return encoder.encrypt_ring(lie)
+        if attack == "weight-lie":  # encoded with weight LIE, declared with the true weight
+            return encoder.encrypt_ring(self._plaintext(vector, 1, LIE, rng, delivery))
         return super()._protect(encoder, vector, weight, delivery)
+
+    def _plaintext(self, vector: np.ndarray, weight: int, factor: int,
+                   rng: np.random.Generator, delivery: Any) -> np.ndarray:
+        """``factor``·(what an honest slave of weight ``weight`` encodes), in the ring Z_t,
+        masked under ``he+mask`` as an honest slave masks it."""
+        params = self.bundle.he_params
+        t = int(params.plain_modulus or 0)
+        ring = np.mod(encode_plain(vector, weight, params, rng) * factor, t).astype(np.uint64)
+        if self.config.encryption.protection == "he+mask":
+            assert self._secagg is not None and delivery is not None
+            _, payload = self._secagg.mask(delivery, ring)
+            ring = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
+        return ring
 
 
 def poisoning_slave(fed: Path, slave_id: str, partition: str, url: str, state: Path,
@@ -86,14 +99,19 @@ def _records(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
 
 
-def test_poisoned_aggregates_are_refused_named_and_retried(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("protection", "slaves"), [("he", ["a", "b"]),
+                                                  ("he+mask", ["a", "b", "c"])])
+def test_poisoned_aggregates_are_refused_named_and_retried(
+        tmp_path: Path, protection: str, slaves: list[str]) -> None:
     fed = tmp_path / "fed"
     init_federation(fed, small_plan(
-        ["a", "b"], rounds=3,
-        encryption=EncryptionSettings(preset="bfv-fast", protection="he",
-                                      max_weight_per_slave=4096, workers=1),
+        slaves, rounds=3,
+        # six releases of DP-SGD (a refused attempt is paid for) on a third of digits each
+        training=TrainingPlanSettings(epochs=1, batch_size=64, epsilon=10.0),
+        encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1,
+                                      protection=protection),  # type: ignore[arg-type]
         limits=LimitSettings(join_timeout_s=60, upload_deadline_s=120, open_timeout_s=10,
-                             max_round_attempts=2)))
+                             max_round_attempts=2, secagg_phase_timeout_s=30)))
     out = tmp_path / "run"
     # one poisoned update in the first attempt of each round, an honest one in the second
     plan = [step for attack in ATTACKS for step in (attack, "honest")]
@@ -102,24 +120,27 @@ def test_poisoned_aggregates_are_refused_named_and_retried(tmp_path: Path) -> No
         master = Master(MasterBundle.load(fed / "master"), out, port=0)
         task, port = await asyncio.wait_for(started(master), 30)
         url = f"wss://127.0.0.1:{port}"
-        honest = trial_slave(fed, "a", "0/2", url, tmp_path / "state-a")
-        mallory = poisoning_slave(fed, "b", "1/2", url, tmp_path / "state-b", plan)
-        await asyncio.wait_for(asyncio.gather(honest.run(), mallory.run()), 300)
+        parts = len(slaves)
+        mallory = poisoning_slave(fed, "b", f"1/{parts}", url, tmp_path / "state-b", plan)
+        honest = [trial_slave(fed, s, f"{i}/{parts}", url, tmp_path / f"state-{s}")
+                  for i, s in enumerate(slaves) if s != "b"]
+        await asyncio.wait_for(asyncio.gather(mallory.run(), *(h.run() for h in honest)), 300)
         await asyncio.wait_for(task, 60)
         return master, mallory
 
     master, mallory = asyncio.run(scenario())
-    assert mallory.sent == plan
-    assert master.coordinator.committed == 3
     records = _records(out)
     refused = [r["data"] for r in records if r["event"] == "aggregate_refused"]
     assert [(d["round"], d["attempt"]) for d in refused] == [(1, 1), (2, 1), (3, 1)]
+    assert mallory.sent == plan
+    assert master.coordinator.committed == 3
     weights = {(d["round"], d["attempt"], d["slave"]): d["weight"]
                for r in records if r["event"] == "update_received" for d in [r["data"]]}
     for data, attack in zip(refused, ATTACKS, strict=True):
         assert data["check"] == EXPECTED_CHECK[attack], (attack, data["reason"])
-        assert data["contributors"] == ["a", "b"]
-        assert data["total_weight"] == sum(weights[(data["round"], 1, s)] for s in "ab")
+        assert data["contributors"] == slaves
+        assert data["total_weight"] == sum(weights[(data["round"], 1, s)] for s in slaves)
+        assert data["protection"] == protection
     # each refused attempt is aborted and retried; only the second attempt is decrypted and
     # committed
     for round_ in (1, 2, 3):
@@ -130,7 +151,8 @@ def test_poisoned_aggregates_are_refused_named_and_retried(tmp_path: Path) -> No
         assert events == [("aggregate_refused", 1), ("round_aborted", 1),
                           ("aggregate_decrypted", 2), ("model_committed", None)], events
     aborts = [r["data"] for r in records if r["event"] == "round_aborted"]
-    assert all(a["will_retry"] and "contributors: a, b" in a["reason"] for a in aborts)
+    named = "contributors: " + ", ".join(slaves)
+    assert len(aborts) == 3 and all(a["will_retry"] and named in a["reason"] for a in aborts)
     store = ModelStore(out / "checkpoints")
     params = master.bundle.he_params
     for round_ in (1, 2, 3):
