@@ -3,8 +3,8 @@
 The aggregator can validate a chunk's format but not its plaintext: a ciphertext under the
 federation's key and parameters cannot be told from a valid one without the secret key. The
 key holder has the secret key, so after decrypting it checks two things that every sum of
-honest updates satisfies, and refuses the aggregate (:class:`~secure_fed.errors.
-UnusableAggregate`) otherwise:
+honest updates satisfies, and refuses the aggregate otherwise
+(:class:`~secure_fed.errors.UnusableAggregate`):
 
 1. **Noise budget (BFV).** SEAL's invariant noise budget of every decrypted chunk must be
    positive. For a BFV ciphertext (c0, c1) under secret key s with data modulus q and plain
@@ -46,9 +46,9 @@ __all__ = [
 ]
 
 NOISE_BUDGET_CHECK = "noise_budget"
-"""Name of the noise-budget check in :attr:`UnusableAggregate.check` and the audit log."""
+"""Name of the noise-budget check in ``UnusableAggregate.check`` and the audit log."""
 RANGE_CHECK = "range"
-"""Name of the range check in :attr:`UnusableAggregate.check` and the audit log."""
+"""Name of the range check in ``UnusableAggregate.check`` and the audit log."""
 
 _SHOWN = 5  # offending indices named in a message
 
