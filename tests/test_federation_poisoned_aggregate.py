@@ -24,6 +24,7 @@ import pytest
 from conftest import small_plan, started, trial_slave
 
 from secure_fed.audit.recompute import check_log
+from secure_fed.audit.render import Table, report_sections
 from secure_fed.audit.report import build_report
 from secure_fed.config.settings import EncryptionSettings, LimitSettings, TrainingPlanSettings
 from secure_fed.crypto.chunk_format import pack_chunk
@@ -167,3 +168,8 @@ def test_poisoned_aggregates_are_refused_named_and_retried(
     report = build_report(verdict)
     assert [[x["check"] for x in r["aggregates_refused"]] for r in report["rounds"]] == [
         ["noise_budget"], ["noise_budget"], ["range"]]
+    incidents = [row[1] for section in report_sections(report) for block in section.blocks
+                 if isinstance(block, Table) and block.headers == ("round", "what", "detail")
+                 for row in block.rows]
+    assert (f"aggregate of attempt 1 refused (range check; contributors {', '.join(slaves)})"
+            in incidents)
