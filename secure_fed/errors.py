@@ -61,6 +61,25 @@ class MalformedUpdate(CryptoError):
         self.reason = reason
 
 
+class UnusableAggregate(CryptoError):
+    """The key holder decrypted an aggregate that cannot be the sum of honest updates.
+
+    Raised after decryption and before the aggregate is used: the round's attempt is refused.
+
+    Args:
+        check: the check that failed: ``"noise_budget"`` (a decrypted chunk had no invariant
+            noise budget left, so its plaintext is meaningless) or ``"range"`` (a value of the
+            weighted average lies outside [−clip, clip], which a weighted average of clipped
+            updates cannot).
+        reason: what was found, with the numbers.
+    """
+
+    def __init__(self, check: str, reason: str) -> None:
+        super().__init__(reason)
+        self.check = check
+        self.reason = reason
+
+
 class IdentityError(SecureFedError):
     """A certificate, key or federation bundle is missing, invalid, expired or revoked."""
 

@@ -22,7 +22,10 @@ untouched. This module checks that what they say holds together:
 - **Aggregates.** Each ``aggregate_decrypted`` names at least ``min_slaves`` (from the first
   record) contributors, each of which has an ``update_received`` in the same round and
   attempt, and its ``total_weight`` is the sum of their weights. Each ``model_committed``
-  follows an aggregate of its round.
+  follows an aggregate of its round. An ``aggregate_refused`` (the key holder decrypted the
+  aggregate and found it unusable) is checked like an aggregate, names the check that failed,
+  and ends its attempt: no aggregate may be decrypted and no model committed after it until
+  the next ``round_start``.
 - **Slave signatures.** Each update's signature is checked against the certificate the
   slave presented, issued by the federation CA (:mod:`secure_fed.audit.signatures`).
 
@@ -52,6 +55,8 @@ TOLERANCE = 0.02
 VALUE_DISCRETIZATION = 1e-3
 """Privacy-loss grid of the PLD accountant. Coarser grids give larger (still upper-bound) ε;
 1e-3 is within 1e-4 of the 1e-4 default on DP-SGD histories and about 8 times faster."""
+REFUSAL_CHECKS = frozenset({"noise_budget", "range"})
+"""Checks of the key holder an ``aggregate_refused`` record may name."""
 MAX_HISTORY = 100_000
 """Most mechanisms accepted in one record's history."""
 LOG_FILE = "audit.jsonl"
@@ -429,6 +434,7 @@ class _Attempt:
     attempt: int
     weights: dict[str, int] = field(default_factory=dict)
     aggregated: bool = False
+    refused: bool = False
 
 
 class _ClaimChecker:
@@ -461,6 +467,8 @@ class _ClaimChecker:
             self._update(line, data)
         elif event == "aggregate_decrypted":
             self._aggregate(data)
+        elif event == "aggregate_refused":
+            self._refused(data)
         elif event == "model_committed":
             round_ = _integer(data.get("round"), "round", 1)
             if self.current is None or self.current.round != round_ or not self.current.aggregated:
@@ -549,6 +557,10 @@ class _ClaimChecker:
         if current is None or (current.round, current.attempt) != (round_, attempt):
             raise ClaimError(f"aggregate of round {round_} attempt {attempt} does not follow "
                              "a round_start of that round and attempt")
+        if current.refused:
+            raise ClaimError(f"aggregate of round {round_} attempt {attempt} follows an "
+                             "aggregate_refused of that attempt: a refused attempt ends "
+                             "without an aggregate")
         if self.min_slaves is not None and len(set(contributors)) < self.min_slaves:
             raise ClaimError(f"aggregate of round {round_} decrypted with "
                              f"{len(set(contributors))} contributor(s), fewer than "
@@ -563,3 +575,18 @@ class _ClaimChecker:
             raise ClaimError(f"aggregate of round {round_} has total_weight {total}, but the "
                              f"contributors' updates weigh {expected}")
         current.aggregated = True
+
+    def _refused(self, data: dict[str, Any]) -> None:
+        """An aggregate the key holder decrypted and refused: it was decrypted, so it is held
+        to the same rules as an aggregate; it ends the attempt without a model."""
+        check = _text(data.get("check"), "check")
+        if check not in REFUSAL_CHECKS:
+            raise ClaimError(f"aggregate_refused names check {check!r}, expected one of "
+                             f"{sorted(REFUSAL_CHECKS)}")
+        if not isinstance(data.get("reason"), str) or not data["reason"]:
+            raise ClaimError("aggregate_refused carries no reason, expected a non-empty string")
+        self._aggregate(data)
+        current = self.current
+        if current is not None:  # _aggregate refused a record without a current attempt
+            current.aggregated = False
+            current.refused = True

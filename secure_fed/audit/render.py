@@ -188,6 +188,9 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
                           for a in r["aborts"]),
                         *((f"update of {x['slave']} refused", _text(x["reason"]))
                           for x in r["refused"]),
+                        *((f"aggregate of attempt {x['attempt']} refused ({x['check']} check; "
+                           f"contributors {_names(x['contributors'])})", _text(x["reason"]))
+                          for x in r["aggregates_refused"]),
                         *((f"{name} lost", "connection lost during the round")
                           for name in r["lost"]),
                         *((f"{name} late", "missed the upload deadline") for name in r["late"])]])

@@ -38,8 +38,8 @@ REPORT_KEYS = ("schema", "schema_version", "generated_at", "log", "verification"
 """Top-level keys of a report, all always present."""
 ROUND_KEYS = ("round", "attempts", "committed", "started_at", "plan", "budget_epsilon",
               "invited", "updates", "contributors", "total_weight", "declines", "refused",
-              "lost", "late", "aborts", "model_digest_before", "model_digest", "accuracy",
-              "loss", "upload_bytes", "seconds")
+              "lost", "late", "aborts", "aggregates_refused", "model_digest_before",
+              "model_digest", "accuracy", "loss", "upload_bytes", "seconds")
 SLAVE_KEYS = ("slave", "connections", "updates", "rounds_contributed", "declines",
               "epsilon_reported", "epsilon_recomputed", "delta", "accountant",
               "budget_epsilon", "record_count", "mechanisms", "ok")
@@ -112,7 +112,8 @@ def _new_round(number: int) -> dict[str, Any]:
     return {"round": number, "attempts": 0, "committed": False, "started_at": None,
             "plan": None, "budget_epsilon": None, "invited": [], "updates": [],
             "contributors": [], "total_weight": None, "declines": [], "refused": [],
-            "lost": [], "late": [], "aborts": [], "model_digest_before": None,
+            "lost": [], "late": [], "aborts": [], "aggregates_refused": [],
+            "model_digest_before": None,
             "model_digest": None, "accuracy": None, "loss": None, "upload_bytes": None,
             "seconds": None}
 
@@ -244,6 +245,15 @@ class RecordFold:
         if row is not None:
             row.update(contributors=_strs(data.get("contributors")),
                        total_weight=_int(data.get("total_weight")))
+
+    def _on_aggregate_refused(self, line: int, record: dict[str, Any],
+                              data: dict[str, Any]) -> None:
+        row = self.round(data)
+        if row is not None:
+            row["aggregates_refused"].append({
+                "attempt": _int(data.get("attempt")), "check": _str(data.get("check")),
+                "reason": _str(data.get("reason")),
+                "contributors": _strs(data.get("contributors"))})
 
     def _on_model_committed(self, line: int, record: dict[str, Any],
                             data: dict[str, Any]) -> None:

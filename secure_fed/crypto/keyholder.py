@@ -3,7 +3,9 @@
 Kept apart from :mod:`secure_fed.crypto.aggregator` (which never imports this module) so that
 the separation is visible in the imports and the two can run in separate processes. The key
 holder refuses to decrypt an aggregate of fewer than ``min_contributions`` contributions or of
-more total weight than the parameters were sized for (the sum could have wrapped).
+more total weight than the parameters were sized for (the sum could have wrapped), and refuses
+what it opened when a decrypted chunk has no noise budget left or the weighted average leaves
+the clip (:mod:`secure_fed.crypto.aggregate_checks`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from secure_fed.crypto.aggregate_checks import (
+    check_average_in_clip,
+    check_noise_budgets,
+    check_sum_in_clip,
+)
 from secure_fed.crypto.chunk_format import ChunkFormatError, CiphertextLayout, parse_chunk
 from secure_fed.crypto.codec import decode_plain_sum, worker_pool
 from secure_fed.crypto.keys import ciphertext_layout, load_secret_context
@@ -53,7 +60,19 @@ class _Decrypter:
 
     def slots(self, coeffs: np.ndarray) -> np.ndarray:
         """Decrypted slots: centred integers in (−t/2, t/2] (BFV) or float64 (CKKS)."""
-        values = self.load(coeffs).decrypt()
+        return self._slots_of(self.load(coeffs))
+
+    def open(self, coeffs: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """Decrypted slots (as :meth:`slots`) and, for BFV, SEAL's invariant noise budget of
+        the ciphertext in bits (``None`` for CKKS, which has no such budget)."""
+        vector = self.load(coeffs)
+        budget = None
+        if self.params.scheme == "bfv":
+            budget = int(self.ctx.data.decryptor().invariant_noise_budget(vector.ciphertext()[0]))
+        return self._slots_of(vector), budget
+
+    def _slots_of(self, vector: Any) -> np.ndarray:
+        values = vector.decrypt()
         if self.params.scheme == "ckks":
             return np.asarray(values, dtype=np.float64)
         t = int(self.params.plain_modulus or 0)
@@ -74,8 +93,8 @@ def _worker_init(params_json: str, secret_context: bytes) -> None:
     _WORKER["decrypter"] = _Decrypter(HEParams.model_validate_json(params_json), secret_context)
 
 
-def _worker_slots(coeffs: np.ndarray) -> np.ndarray:
-    return _WORKER["decrypter"].slots(coeffs)
+def _worker_open(coeffs: np.ndarray) -> tuple[np.ndarray, int | None]:
+    return _WORKER["decrypter"].open(coeffs)
 
 
 class KeyHolder:
@@ -124,11 +143,22 @@ class KeyHolder:
     ) -> np.ndarray:
         """Decrypt an aggregate and divide by its total weight.
 
-        Checks and arguments as for :meth:`decrypt_sum`.
+        Checks and arguments as for :meth:`decrypt_sum`; in addition every value of the
+        weighted average must lie within [−clip, clip] (exactly, on the integer sum, for BFV;
+        within the codec's error bound for CKKS).
+
+        Raises:
+            UnusableAggregate: as for :meth:`decrypt_sum`, or a value of the average lies
+                outside the clip (``check == "range"``).
         """
         total = self.decrypt_sum(sum_chunks, contributors=contributors,
                                  total_weight=total_weight, vector_size=vector_size)
-        return decode_plain_sum(total, total_weight, self.params)
+        if self.params.scheme == "bfv":
+            check_sum_in_clip(total, total_weight, self.params)
+        average = decode_plain_sum(total, total_weight, self.params)
+        if self.params.scheme == "ckks":
+            check_average_in_clip(average, self.params)
+        return average
 
     def decrypt_sum(
         self,
@@ -154,6 +184,9 @@ class KeyHolder:
         Raises:
             CryptoError: fewer than ``min_contributions`` contributions, total weight above
                 ``max_total_weight`` (the sum could have wrapped), or malformed chunks.
+            UnusableAggregate: (BFV) a decrypted chunk has no invariant noise budget left
+                (``check == "noise_budget"``): the sum holds a ciphertext that is not an
+                encryption under this key with small noise.
         """
         if contributors < self.min_contributions:
             raise CryptoError(
@@ -187,10 +220,12 @@ class KeyHolder:
             except ChunkFormatError as exc:
                 raise CryptoError(f"aggregate chunk {index} refused: {exc}") from exc
         if self._pool is not None:
-            parts = list(self._pool.map(_worker_slots, coeffs))
+            opened = list(self._pool.map(_worker_open, coeffs))
         else:
-            parts = [self._decrypter.slots(c) for c in coeffs]
-        result: np.ndarray = np.concatenate(parts)[:vector_size]
+            opened = [self._decrypter.open(c) for c in coeffs]
+        if self.params.scheme == "bfv":
+            check_noise_budgets([budget or 0 for _, budget in opened])
+        result: np.ndarray = np.concatenate([slots for slots, _ in opened])[:vector_size]
         return result
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from secure_fed.crypto.aggregate_checks import check_sum_in_clip
 from secure_fed.crypto.codec import UpdateEncoder, decode_plain_sum, encode_plain
 from secure_fed.crypto.presets import HEParams
 from secure_fed.errors import CryptoError
@@ -82,10 +83,16 @@ def to_ring(vector: np.ndarray, weight: int, params: HEParams,
 
 
 def ring_to_average(ring_sum: np.ndarray, total_weight: int, params: HEParams) -> np.ndarray:
-    """The weighted average from the unmasked ring sum (centred lift, then the BFV decode)."""
+    """The weighted average from the unmasked ring sum (centred lift, then the BFV decode).
+
+    Raises:
+        UnusableAggregate: a value of the average lies outside [−clip, clip] (checked exactly
+            on the integer sum: :func:`~secure_fed.crypto.aggregate_checks.check_sum_in_clip`).
+    """
     t = ring_modulus(params)
     signed = np.asarray(ring_sum, dtype=np.uint64).astype(np.int64)
     signed[signed > t // 2] -= t
+    check_sum_in_clip(signed, total_weight, params)
     return decode_plain_sum(signed, total_weight, params)
 
 

@@ -47,6 +47,7 @@ from secure_fed.errors import (
     ProtocolError,
     SecureFedError,
     TransportError,
+    UnusableAggregate,
 )
 from secure_fed.faults import crash_point
 from secure_fed.master.bundle import MasterBundle, context_digest
@@ -819,6 +820,8 @@ class Master:
                                     student=proposal.student,
                                     state=proposal.optimizer.state())
         except (SecureFedError, OSError) as exc:  # OSError: e.g. disk full at the checkpoint
+            if isinstance(exc, UnusableAggregate):
+                return self._refuse_aggregate(action, exc, now)
             log.error("round %d could not be committed: %s", action.round, exc)
             self.audit.append("aggregate_failed", {"round": action.round, "reason": str(exc)})
             return self.coordinator.round_failed(str(exc), now)
@@ -848,6 +851,20 @@ class Master:
         await self._broadcast(RoundEnd(round=action.round, committed=True, reason="committed",
                                        model_digest=package.digest))
         return self.coordinator.round_committed(time.monotonic())
+
+    def _refuse_aggregate(self, action: co.Aggregate, exc: UnusableAggregate,
+                          now: float) -> list[co.Action]:
+        """The key holder found the decrypted aggregate unusable: record which slaves
+        contributed to it and abort the attempt (it is retried while attempts remain)."""
+        contributors = sorted(action.contributors)
+        reason = (f"the decrypted aggregate is unusable ({exc.check} check): {exc.reason}; "
+                  f"contributors: {', '.join(contributors)}")
+        log.error("round %d attempt %d: %s", action.round, action.attempt, reason)
+        self.audit.append("aggregate_refused", {
+            "round": action.round, "attempt": action.attempt, "check": exc.check,
+            "reason": exc.reason, "contributors": contributors,
+            "total_weight": action.total_weight, "protection": self.protection})
+        return self.coordinator.round_failed(reason, now)
 
     async def _average(self, state: _RoundState, action: co.Aggregate) -> np.ndarray:
         """The weighted average of the round's contributions, under each protection."""
