@@ -47,7 +47,10 @@ from secure_fed.protocol.secagg_messages import (
     UnmaskRequest,
     UnmaskResponse,
     advertisement_signing_bytes,
+    contribution_commitment,
+    graph_seed,
     parse_secagg_message,
+    self_mask_commitment,
 )
 from secure_fed.protocol.secagg_settings import SecAggSettings, harary_graph
 
@@ -681,3 +684,13 @@ def test_each_secagg_plus_round_derives_a_fresh_graph_seed(
     # Fresh contributions every round: another seed, another graph.
     assert first.master.settings.graph_seed != second.master.settings.graph_seed
     assert first.master.settings.digest != second.master.settings.digest
+
+
+def test_the_worked_example_of_docs_secagg_md() -> None:
+    # docs/secagg.md gives these values so that another implementation can be checked.
+    assert graph_seed("0" * 64, {"b": "22" * 32, "a": "11" * 32}).hex() == (
+        "caa774a45baa2398a315a079b9e154542dbe013d36d780848db1c3236e1e7539")
+    assert contribution_commitment(b"\x11" * 32) == (
+        "e0310cb5457241cfc7555da9d2ba7a1f1bd10fd3c5a58c1e42ddee97ce71e4db")
+    assert self_mask_commitment(bytes(32)) == (
+        "26c8b46f05b7c5a0648e780e7a49da7dc1ab998e605acdd03a46a3e236ba2eb5")
