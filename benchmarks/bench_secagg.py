@@ -47,8 +47,7 @@ def run_round(parties: int, length: int, modulus: int, neighbours: int | None = 
 
     settings = SecAggSettings(
         federation_id="bench", round=1, parties=ids, vector_length=length, modulus=modulus,
-        neighbours=neighbours, graph_seed=b"\x01" * 32 if neighbours else b"",
-        task_nonce="0" * 32)
+        neighbours=neighbours, task_nonce="0" * 32)
     master = MasterSecAgg(settings, verify=verify)
     slaves = {p: SlaveSecAgg(settings, p, verify=verify,
                              sign=functools.partial(sign, identity[p][1])) for p in ids}
@@ -63,8 +62,13 @@ def run_round(parties: int, length: int, modulus: int, neighbours: int | None = 
     for p in ids:
         master.receive_advertisement(p, note(slaves[p].advertise()))
     key_list = note(master.close_advertising())
+    reveals = None
+    if neighbours is not None:
+        for p in ids:
+            master.receive_reveal(p, note(slaves[p].reveal_seed(key_list)))
+        reveals = note(master.close_revealing())
     for p in ids:
-        master.receive_shares(p, note(slaves[p].share_keys(key_list)))
+        master.receive_shares(p, note(slaves[p].share_keys(key_list, reveals)))
     deliveries = master.close_sharing()
     payload_bytes = 0
     for p in ids:

@@ -8,6 +8,8 @@ master's committed model must differ from the previous one by exactly the decode
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,14 +17,20 @@ from typing import Any
 import numpy as np
 import pytest
 
+from secure_fed.audit.recompute import check_log
+from secure_fed.audit.verify import ZERO_HASH, canonical_bytes
 from secure_fed.config.settings import EncryptionSettings, LimitSettings
 from secure_fed.crypto import plain_codec as pc
+from secure_fed.crypto.certificates import sign
 from secure_fed.master.bundle import MasterBundle
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
 from secure_fed.privacy.ledger import PrivacyLedger
+from secure_fed.protocol.secagg import MasterSecAgg
+from secure_fed.protocol.secagg_messages import SeedReveals, contribution_commitment, graph_seed
+from secure_fed.protocol.secagg_settings import SecAggSettings
 from secure_fed.slave import client as slave_client
 from tests.conftest import run_federation, small_plan, started, trial_slave
 
@@ -147,6 +155,99 @@ def test_secagg_plus_neighbour_graph_sum_is_exact(
         assert np.max(np.abs(model_change(out, round_) - expected)) < 1e-6
     decrypted = [r["data"] for r in _records(out) if r["event"] == "aggregate_decrypted"]
     assert [d["secagg"]["neighbours"] for d in decrypted] == [2, 2]
+    # Each round's graph seed came from all four slaves' contributions, fresh every round.
+    derivations = [d["secagg"]["seed_derivation"] for d in decrypted]
+    assert all(sorted(x["contributions"]) == slaves for x in derivations)
+    assert decrypted[0]["secagg"]["graph_seed"] != decrypted[1]["secagg"]["graph_seed"]
+    _audit_recomputes_the_graph_seed(out, tmp_path)
+
+
+def _audit_recomputes_the_graph_seed(out: Path, tmp_path: Path) -> None:
+    """``audit verify`` passes the genuine log and fails each rewrite a master could make of
+    a recorded graph seed, even after re-signing the whole chain with its own key."""
+    ca = (tmp_path / "fed" / "master" / "ca.pem").read_bytes()
+    master_key = (tmp_path / "fed" / "master" / "master.key").read_bytes()
+    assert check_log(out, ca_cert_pem=ca).ok
+
+    def seed_of(data: dict[str, Any]) -> dict[str, Any]:
+        secagg: dict[str, Any] = data["secagg"]
+        return secagg
+
+    def other_seed(secagg: dict[str, Any]) -> None:
+        secagg["graph_seed"] = "00" * 32
+
+    def other_contribution(secagg: dict[str, Any]) -> None:
+        # The forgery that keeps the seed consistent with the contributions it records.
+        derivation = secagg["seed_derivation"]
+        derivation["contributions"]["a"] = "11" * 32
+        digest = SecAggSettings(**{**derivation["settings"], "parties": tuple(
+            derivation["settings"]["parties"])}).digest
+        secagg["graph_seed"] = graph_seed(digest, derivation["contributions"]).hex()
+
+    def other_commitment(secagg: dict[str, Any]) -> None:
+        other_contribution(secagg)
+        advert = secagg["seed_derivation"]["advertisements"][0]
+        assert advert["party"] == "a"
+        advert["seed_commitment"] = contribution_commitment(bytes.fromhex("11" * 32))
+
+    cases = [(other_seed, "recorded graph seed"),
+             (other_contribution, "contribution recorded for 'a' does not match"),
+             (other_commitment, "advertisement of 'a' does not verify")]
+    for edit, reason in cases:
+        forged = tmp_path / f"forged-{edit.__name__}"
+        forged.mkdir()
+        records = _records(out)
+        line = next(i for i, r in enumerate(records) if r["event"] == "aggregate_decrypted")
+        edit(seed_of(records[line]["data"]))
+        _resign(forged / "audit.jsonl", records, master_key)
+        verdict = check_log(forged, ca_cert_pem=ca)
+        assert [(f.line, f.event) for f in verdict.failures] == [
+            (line + 1, "aggregate_decrypted")], verdict.failures
+        assert reason in verdict.failures[0].reason
+
+
+def _resign(path: Path, records: list[dict[str, Any]], master_key: bytes) -> None:
+    """Write ``records`` as their master could: re-chained and re-signed with its own key."""
+    prev, lines = ZERO_HASH, []
+    for record in records:
+        unsigned = {k: v for k, v in record.items() if k not in ("sig", "prev")}
+        unsigned["prev"] = prev
+        line = canonical_bytes({**unsigned, "sig": base64.b64encode(
+            sign(master_key, canonical_bytes(unsigned))).decode()})
+        prev = hashlib.sha256(line).hexdigest()
+        lines.append(line + b"\n")
+    path.write_bytes(b"".join(lines))
+
+
+def test_slaves_refuse_a_graph_seed_the_master_chose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A master that replaces the derived seed by one of its choice (one that surrounds a
+    # slave with colluders, say) and tells every slave so: each slave derives the seed itself,
+    # refuses the round before training, and spends nothing.
+    real = MasterSecAgg.close_revealing
+
+    def choose_the_seed(self: MasterSecAgg) -> SeedReveals:
+        honest = real(self)
+        chosen = b"\x42" * 32
+        self.settings = self.advertised_settings.with_graph_seed(chosen)
+        return honest.model_copy(update={"graph_seed": chosen.hex()})
+
+    monkeypatch.setattr(MasterSecAgg, "close_revealing", choose_the_seed)
+    slaves = ["a", "b", "c", "d"]
+    out = tmp_path / "out"
+    master = run(federation(tmp_path, "mask", slaves, neighbours=2, attempts=1, deadline=20),
+                 out, tmp_path, slaves)
+    assert master.coordinator.committed == 0
+    declines = [r["data"] for r in _records(out) if r["event"] == "decline"]
+    assert sorted(d["slave"] for d in declines) == slaves
+    assert all("master's graph seed 4242424242424242… differs" in d["reason"]
+               for d in declines)
+    assert not [r for r in _records(out) if r["event"] == "update_received"]
+    for slave_id in slaves:
+        ledger = PrivacyLedger.open(tmp_path / f"state-{slave_id}", budget_epsilon=3.0,
+                                    delta=1e-5, source_id=slave_id)
+        assert not ledger.mechanisms()
 
 
 def test_he_mask_protection_sum_is_exact_with_a_slave_dropping_after_sharing_keys(

@@ -84,6 +84,9 @@ def test_bad_peers_are_refused_and_the_honest_round_completes(
         outcomes["binary_first"] = await raw_session(url, good, [b"\x00" * 100])
         outcomes["wrong_context"] = await raw_session(url, good, [hello.replace(digest, "0" * 64)])
         outcomes["double_hello"] = await raw_session(url, good, [hello, hello])
+        # A slave of protocol 3 (key advertisements without commitments) is refused at hello.
+        outcomes["version_3"] = await raw_session(url, good, [hello.replace(
+            f'"protocol": {PROTOCOL_VERSION}', '"protocol": 3')])
         reports = await asyncio.gather(
             honest_slave(fed, "a", 0, port, tmp_path / "sa").run(),
             honest_slave(fed, "b", 1, port, tmp_path / "sb").run())
@@ -98,6 +101,9 @@ def test_bad_peers_are_refused_and_the_honest_round_completes(
     assert "not valid JSON" in garbage[0]["message"]  # type: ignore[index]
     assert garbage[-1] == ("closed", 1008)
     assert outcomes["binary_first"][-1] == ("closed", 1008)  # type: ignore[index]
+    version_3 = outcomes["version_3"]
+    assert isinstance(version_3, list) and version_3[-1] == ("closed", 4002)
+    assert "protocol version 3 is not supported" in version_3[0]["message"]
     wrong = outcomes["wrong_context"]
     assert wrong[0]["type"] == "error" and wrong[-1] == ("closed", 4004)  # type: ignore[index]
     double = outcomes["double_hello"]

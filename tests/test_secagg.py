@@ -41,11 +41,16 @@ from secure_fed.protocol.secagg_messages import (
     EncryptedShares,
     KeyList,
     MaskedInput,
+    SeedReveal,
+    SeedReveals,
     ShareDelivery,
     UnmaskRequest,
     UnmaskResponse,
     advertisement_signing_bytes,
+    contribution_commitment,
+    graph_seed,
     parse_secagg_message,
+    self_mask_commitment,
 )
 from secure_fed.protocol.secagg_settings import SecAggSettings, harary_graph
 
@@ -97,6 +102,7 @@ class Round:
     payloads: dict[str, bytes] = field(default_factory=dict)
     tolerate_refusals: bool = False
     refused: set[str] = field(default_factory=set)
+    reveals: SeedReveals | None = None
 
     def __post_init__(self) -> None:
         verify = _verifier(self.identities)
@@ -125,13 +131,20 @@ class Round:
             return None
 
     def advertise(self) -> KeyList:
+        """Phase 0, and with SecAgg+ phase 0b (every slave reveals its seed contribution)."""
         for p in self._phase("advertise"):
             self.master.receive_advertisement(p, wire(self.slaves[p].advertise()))
-        return wire(self.master.close_advertising())
+        key_list = wire(self.master.close_advertising())
+        if self.settings.needs_graph_seed:
+            for p in self._phase("reveal"):
+                self.master.receive_reveal(p, wire(self.slaves[p].reveal_seed(key_list)))
+            self.reveals = wire(self.master.close_revealing())
+        return key_list
 
     def share(self, key_list: KeyList) -> dict[str, ShareDelivery]:
         for p in self._phase("share"):
-            shares = self._slave(p, functools.partial(self.slaves[p].share_keys, key_list))
+            shares = self._slave(p, functools.partial(self.slaves[p].share_keys, key_list,
+                                                      self.reveals))
             if shares is not None:
                 self.master.receive_shares(p, wire(shares))
         return {p: wire(d) for p, d in self.master.close_sharing().items()}
@@ -206,7 +219,7 @@ def test_random_dropouts_give_the_exact_sum_or_abort(
     """Each slave drops at a random phase (or never). Complete graph: the round succeeds
     exactly when at least t slaves complete every phase. SecAgg+: either the exact sum or an
     abort (slaves whose neighbourhood fell below t refuse); never a wrong sum."""
-    plus: dict[str, Any] = {"neighbours": 4, "graph_seed": b"\x09" * 32} if graph else {}
+    plus: dict[str, Any] = {"neighbours": 4} if graph else {}
     s = settings_for(**plus)
     drops = {phase: {p for p, f in zip(PARTIES, fate, strict=True) if f == phase}
              for phase in PHASES}
@@ -375,7 +388,7 @@ def test_wrong_signatures_are_refused(identities: dict[str, tuple[bytes, bytes]]
     genuine = run.slaves["s1"].advertise()
     # The right bytes, signed by another slave's certificate key.
     signed = advertisement_signing_bytes(run.settings.digest, 3, "s1", genuine.c_pk,
-                                         genuine.s_pk)
+                                         genuine.s_pk, genuine.b_commitment, None)
     forged = genuine.model_copy(update={"signature": base64.b64encode(
         sign(identities["s2"][1], signed)).decode()})
     with pytest.raises(ProtocolError, match="invalid signature"):
@@ -407,7 +420,7 @@ def test_master_refuses_bad_messages(identities: dict[str, tuple[bytes, bytes]])
     deliveries = run.share(run.advertise())
     m = run.master
     late = AdvertiseKeys(round=3, party="s0", c_pk="A" * 43 + "=", s_pk="B" * 43 + "=",
-                         signature="C" * 8)
+                         b_commitment="0" * 64, seed_commitment=None, signature="C" * 8)
     with pytest.raises(ProtocolError, match="not advertising"):
         m.receive_advertisement("s0", late)
     header, payload = run.slaves["s0"].mask(deliveries["s0"], run.inputs["s0"])
@@ -487,7 +500,7 @@ def test_settings_validation() -> None:
         ({"round": 0}, "round"),
         ({"neighbours": 3, "graph_seed": b"\x00" * 32}, "even k"),
         ({"neighbours": 8, "graph_seed": b"\x00" * 32}, "even k"),
-        ({"neighbours": 4}, "graph_seed"),
+        ({"neighbours": 4, "graph_seed": b"\x00" * 31}, "graph_seed"),
         ({"graph_seed": b"\x00" * 32}, "without neighbours"),
     ]
     for bad, match in cases:
@@ -512,11 +525,11 @@ def test_harary_graph_is_regular_symmetric_and_seeded() -> None:
 @pytest.mark.parametrize("drops", [{}, {"share": {"s2"}, "mask": {"s5"}}])
 def test_secagg_plus_gives_the_exact_sum(identities: dict[str, tuple[bytes, bytes]],
                                          drops: dict[str, set[str]]) -> None:
-    settings = settings_for(neighbours=4, graph_seed=b"\x05" * 32)
-    run = Round(settings, identities, drops=drops)
+    run = Round(settings_for(neighbours=4), identities, drops=drops)
     deliveries = run.share(run.advertise())
+    graph = run.master.settings.graph  # fixed by the slaves' contributions
     for p, delivery in deliveries.items():  # shares travel along graph edges only
-        assert {e.sender for e in delivery.shares} == settings.graph[p] - drops.get("share", set())
+        assert {e.sender for e in delivery.shares} == graph[p] - drops.get("share", set())
     assert [int(v) for v in run.unmask(run.mask(deliveries))] == run.expected()
 
 
@@ -586,3 +599,98 @@ def test_nothing_of_one_attempt_is_valid_in_another_attempt_of_the_round(
                           sign=functools.partial(sign, identities["s1"][1]))
     with pytest.raises(ProtocolError, match="invalid signature"):
         MasterSecAgg(second, verify=verify).receive_advertisement("s1", earlier.advertise())
+
+
+def test_a_flipped_bit_in_a_self_mask_share_is_caught_with_exactly_t_responders(
+        identities: dict[str, tuple[bytes, bytes]]) -> None:
+    # t = 5 of 8 and only 5 slaves answer the unmask request: every self-mask seed is rebuilt
+    # from exactly t shares, so no spare share can show the corruption. The commitment each
+    # slave signed in its advertisement does.
+    run, request = _masked_round(identities)
+    responders = PARTIES[3:]
+    assert len(responders) == run.settings.t
+    for p in responders:
+        response = run.slaves[p].unmask(request)
+        if p == "s6":
+            first = response.self_mask_shares[0]
+            bad = first.model_copy(update={"value": f"{int(first.value, 16) ^ 1:066x}"})
+            response = response.model_copy(
+                update={"self_mask_shares": [bad, *response.self_mask_shares[1:]]})
+        run.master.receive_unmask(p, wire(response))
+    with pytest.raises(CryptoError, match=r"self-mask seed of 's0' rebuilt .* does not match "
+                                          "the commitment 's0' signed"):
+        run.master.finish()
+    assert run.master.stage is MasterStage.ABORTED
+
+
+def test_the_graph_seed_is_fixed_by_every_slave_and_not_by_the_master(
+        identities: dict[str, tuple[bytes, bytes]]) -> None:
+    run = Round(settings_for(neighbours=4), identities)
+    key_list = run.advertise()
+    reveals = run.reveals
+    assert reveals is not None and {r.party for r in reveals.reveals} == set(PARTIES)
+    assert run.master.settings.graph_seed.hex() == reveals.graph_seed
+    # A master that substitutes a seed of its own (one that surrounds s0 with its colluders,
+    # say) is refused by each slave, which derives the seed itself.
+    chosen = reveals.model_copy(update={"graph_seed": "ab" * 32})
+    with pytest.raises(ProtocolError, match="master's graph seed abababab.* differs"):
+        run.slaves["s0"].share_keys(key_list, wire(chosen))
+    # Steering the seed through a contribution, or leaving one out, is refused as well.
+    forged = reveals.reveals[1].model_copy(update={"contribution": "cd" * 32})
+    steered = reveals.model_copy(update={"reveals": [reveals.reveals[0], forged,
+                                                     *reveals.reveals[2:]]})
+    with pytest.raises(ProtocolError, match="contribution of 's1' does not match"):
+        run.slaves["s2"].share_keys(key_list, wire(steered))
+    partial = reveals.model_copy(update={"reveals": reveals.reveals[1:]})
+    with pytest.raises(ProtocolError, match="every advertising slave"):
+        run.slaves["s3"].share_keys(key_list, wire(partial))
+    assert all(run.slaves[p].stage is SlaveStage.FAILED for p in ("s0", "s2", "s3"))
+
+
+def test_the_master_cannot_fix_or_steer_the_graph_seed_itself(
+        identities: dict[str, tuple[bytes, bytes]]) -> None:
+    verify = _verifier(identities)
+    with pytest.raises(ConfigError, match="starts with its graph seed open"):
+        MasterSecAgg(settings_for(neighbours=4, graph_seed=b"\x05" * 32), verify=verify)
+    with pytest.raises(ConfigError, match="starts with its graph seed open"):
+        SlaveSecAgg(settings_for(neighbours=4, graph_seed=b"\x05" * 32), "s0", verify=verify,
+                    sign=functools.partial(sign, identities["s0"][1]))
+    run = Round(settings_for(neighbours=4), identities, drops={"reveal": {"s5"}})
+    # A contribution that does not match the signed commitment is refused.
+    run.master.receive_advertisement("s0", wire(run.slaves["s0"].advertise()))
+    for p in PARTIES[1:]:
+        run.master.receive_advertisement(p, wire(run.slaves[p].advertise()))
+    key_list = run.master.close_advertising()
+    other = SeedReveal(round=3, party="s0", contribution="ef" * 32)
+    with pytest.raises(ProtocolError, match="contribution of 's0' does not match"):
+        run.master.receive_reveal("s0", other)
+    for p in PARTIES:
+        if p != "s5":
+            run.master.receive_reveal(p, wire(run.slaves[p].reveal_seed(key_list)))
+    # A slave that advertised but did not reveal ends the round: a seed over a subset would let
+    # the master choose among seeds by calling slaves late.
+    with pytest.raises(ProtocolError, match=r"round aborted at revealing: \['s5'\]"):
+        run.master.close_revealing()
+    assert run.master.stage is MasterStage.ABORTED
+    assert run.master.dropped_at == {"s5": MasterStage.REVEALING}
+
+
+def test_each_secagg_plus_round_derives_a_fresh_graph_seed(
+        identities: dict[str, tuple[bytes, bytes]]) -> None:
+    first = Round(settings_for(neighbours=4), identities)
+    assert [int(v) for v in first.run()] == first.expected()
+    second = Round(settings_for(neighbours=4), identities)
+    second.run()
+    # Fresh contributions every round: another seed, another graph.
+    assert first.master.settings.graph_seed != second.master.settings.graph_seed
+    assert first.master.settings.digest != second.master.settings.digest
+
+
+def test_the_worked_example_of_docs_secagg_md() -> None:
+    # docs/secagg.md gives these values so that another implementation can be checked.
+    assert graph_seed("0" * 64, {"b": "22" * 32, "a": "11" * 32}).hex() == (
+        "caa774a45baa2398a315a079b9e154542dbe013d36d780848db1c3236e1e7539")
+    assert contribution_commitment(b"\x11" * 32) == (
+        "e0310cb5457241cfc7555da9d2ba7a1f1bd10fd3c5a58c1e42ddee97ce71e4db")
+    assert self_mask_commitment(bytes(32)) == (
+        "26c8b46f05b7c5a0648e780e7a49da7dc1ab998e605acdd03a46a3e236ba2eb5")

@@ -28,6 +28,8 @@ untouched. This module checks that what they say holds together:
   the next ``round_start``.
 - **Slave signatures.** Each update's signature is checked against the certificate the
   slave presented, issued by the federation CA (:mod:`secure_fed.audit.signatures`).
+- **SecAgg+ graph seeds.** Each recorded graph seed is recomputed from the slaves' signed key
+  advertisements and revealed contributions (:mod:`secure_fed.audit.secagg_seed`).
 
 :func:`check_log` runs the chain verification and these checks, and reports the first bad
 record by line number. Record content is untrusted: every field is type-checked before use.
@@ -47,6 +49,7 @@ from typing import Any, NamedTuple
 
 from secure_fed.errors import AuditError
 
+from .secagg_seed import GraphSeedChecker, SeedProblem
 from .signatures import SignatureProblem, UpdateSignatureChecker
 from .verify import MAX_RECORD_BYTES, VerifyReport, scan_log
 
@@ -416,12 +419,13 @@ def check_log(
                            records=scan.records)
     checker = _ClaimChecker(scan.genesis or {}, tolerance, recomputer or _DEFAULT_RECOMPUTER)
     signatures = UpdateSignatureChecker(scan.report.federation_id, scan.ca_certificate)
+    seeds = GraphSeedChecker(scan.report.federation_id, signatures)
     for index, record in enumerate(scan.records):
         line = index + 1
-        for check in (checker.check, signatures.check):
+        for check in (checker.check, signatures.check, seeds.check):
             try:
                 check(line, record)
-            except (ClaimError, SignatureProblem) as exc:
+            except (ClaimError, SignatureProblem, SeedProblem) as exc:
                 verdict.failures.append(Failure(line, record.get("event"), str(exc)))
     verdict.epsilon_checks = checker.epsilon_checks
     verdict.signatures_verified = signatures.verified

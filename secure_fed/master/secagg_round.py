@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,7 +25,12 @@ from secure_fed.crypto.certificates import verify_signature
 from secure_fed.errors import ProtocolError, SecureFedError
 from secure_fed.protocol.messages import SecAggTask
 from secure_fed.protocol.secagg import MasterSecAgg, MasterStage, Verifier
-from secure_fed.protocol.secagg_messages import AdvertiseKeys, ShareKeys, UnmaskResponse
+from secure_fed.protocol.secagg_messages import (
+    AdvertiseKeys,
+    SeedReveal,
+    ShareKeys,
+    UnmaskResponse,
+)
 from secure_fed.protocol.secagg_settings import SecAggSettings
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,9 @@ class SecAggRound:
         p = self.protocol
         if p.stage is MasterStage.ADVERTISING and p.advertised >= self._expected:
             return self._close(now)
+        if p.stage is MasterStage.REVEALING and (
+                p.revealed >= p.advertised or not p.advertised - p.revealed <= self._expected):
+            return self._close(now)  # all revealed, or one never will: the seed is fixed or lost
         if p.stage is MasterStage.SHARING and p.shared >= p.advertised & self._expected:
             return self._close(now)
         if p.stage is MasterStage.UNMASKING and p.responded >= self._recipients:
@@ -94,6 +101,8 @@ class SecAggRound:
         try:
             if isinstance(message, AdvertiseKeys):
                 self.protocol.receive_advertisement(sender, message)
+            elif isinstance(message, SeedReveal):
+                self.protocol.receive_reveal(sender, message)
             elif isinstance(message, ShareKeys):
                 self.protocol.receive_shares(sender, message)
             elif isinstance(message, UnmaskResponse):
@@ -111,7 +120,7 @@ class SecAggRound:
         if self.failed or now < self._deadline:
             return []
         stage = self.protocol.stage
-        if stage in (MasterStage.ADVERTISING, MasterStage.SHARING):
+        if stage in (MasterStage.ADVERTISING, MasterStage.REVEALING, MasterStage.SHARING):
             return self._close(now)
         if stage is MasterStage.UNMASKING:
             self._unmasked.set()
@@ -123,10 +132,45 @@ class SecAggRound:
             if self.protocol.stage is MasterStage.ADVERTISING:
                 key_list = self.protocol.close_advertising()
                 return [(party, key_list) for party in sorted(self.protocol.advertised)]
+            if self.protocol.stage is MasterStage.REVEALING:
+                reveals = self.protocol.close_revealing()
+                return [(party, reveals) for party in sorted(self.protocol.advertised)]
             deliveries = self.protocol.close_sharing()
             return sorted(deliveries.items())
         except SecureFedError as exc:
             return self._abort(str(exc))
+
+    def audit_record(self) -> dict[str, Any]:
+        """What the audit log keeps of this secure aggregation (in ``aggregate_decrypted``).
+
+        ``threshold`` (t), ``neighbours`` (k, or null for the complete graph), ``dropped``
+        (each slave that dropped out, with the phase it failed to complete) and, with
+        SecAgg+, ``graph_seed`` (hex) with ``seed_derivation``: the settings the
+        advertisements were signed over (``settings``, the constructor arguments of
+        :class:`SecAggSettings`), every signed advertisement of the key list
+        (``advertisements``) and every revealed contribution (``contributions``), from which
+        ``secure-fed audit verify`` checks the signatures and recomputes the seed.
+        """
+        p = self.protocol
+        record: dict[str, Any] = {
+            "threshold": self.settings.t, "neighbours": self.settings.neighbours,
+            "dropped": {k: v.value for k, v in sorted(p.dropped_at.items())},
+            "graph_seed": None,
+        }
+        if p.settings.graph_seed:
+            a = p.advertised_settings
+            record["graph_seed"] = p.settings.graph_seed.hex()
+            record["seed_derivation"] = {
+                "settings": {
+                    "federation_id": a.federation_id, "round": a.round,
+                    "parties": list(a.parties), "vector_length": a.vector_length,
+                    "modulus": a.modulus, "threshold": a.t, "neighbours": a.neighbours,
+                    "task_nonce": a.task_nonce},
+                "advertisements": [adv.model_dump(exclude={"type", "round"})
+                                   for _, adv in sorted(p.advertisements.items())],
+                "contributions": dict(sorted(p.contributions.items())),
+            }
+        return record
 
     def update_problem(self, sender: str) -> str | None:
         """Why an update of ``sender`` cannot be counted in this masked round, or ``None``: it
@@ -193,11 +237,11 @@ def open_secagg(config: MasterConfig, round_: int, nonce: str,
     """
     enc = config.encryption
     parties = sorted(certificates)
-    seed = secrets.token_bytes(32) if enc.mask_neighbours is not None else b""
+    # With SecAgg+ the graph seed is left open: the slaves' contributions fix it (phase 0b).
     settings = SecAggSettings(
         federation_id=config.federation_id, round=round_, parties=tuple(parties),
         vector_length=vector_size, modulus=modulus, threshold=enc.mask_threshold,
-        neighbours=enc.mask_neighbours, graph_seed=seed, task_nonce=nonce)
+        neighbours=enc.mask_neighbours, task_nonce=nonce)
 
     def verify(party: str, data: bytes, signature: bytes) -> None:
         verify_signature(certificates[party], data, signature)
@@ -206,7 +250,6 @@ def open_secagg(config: MasterConfig, round_: int, nonce: str,
                          phase_timeout_s=config.limits.secagg_phase_timeout_s, now=now)
     task = SecAggTask(
         parties=parties, threshold=enc.mask_threshold, neighbours=enc.mask_neighbours,
-        graph_seed=seed.hex() if seed else None,
         certificates={p: c.public_bytes(Encoding.PEM).decode("ascii")
                       for p, c in certificates.items()})
     return driver, task

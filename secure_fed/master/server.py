@@ -799,12 +799,7 @@ class Master:
                 "protection": self.protection,
             }
             if state.secagg is not None:
-                decrypted["secagg"] = {
-                    "threshold": state.secagg.settings.t,
-                    "neighbours": state.secagg.settings.neighbours,
-                    "dropped": {k: v.value for k, v in
-                                sorted(state.secagg.protocol.dropped_at.items())},
-                }
+                decrypted["secagg"] = state.secagg.audit_record()
             self.audit.append("aggregate_decrypted", decrypted)
             crash_point("master.decrypted")
             proposal = await asyncio.to_thread(self.updater.propose, average,

@@ -27,12 +27,14 @@ from secure_fed.errors import ProtocolError
 
 PROTOCOL_VERSION = 4
 """Version 4 signs every field of an update header and of a decline (signing format v2, RFC
-8785 canonical JSON). Version 3 narrows what a slave releases: no training loss in the
-update header, the FedAvg weight is a public count (a DP release or one its data owner
-declared public), only this federation's mechanisms and ε, and a decline can say that it is
-final. Version 2 bound
+8785 canonical JSON), and changes secure aggregation: a key advertisement commits to the
+self-mask seed and (SecAgg+) to a contribution to the graph seed, which the slaves reveal in
+a new phase (``secagg_reveal``, ``secagg_reveals``); the task no longer carries a graph
+seed. Version 3 narrows what a slave releases: no training loss in the update header, the
+FedAvg weight is a public count (a DP release or one its data owner declared public), only
+this federation's mechanisms and ε, and a decline can say that it is final. Version 2 bound
 the attempt's task nonce into the secure-aggregation settings digest and added ``plan.dp``.
-A slave of an older version is refused at ``hello`` (close code 4002)."""
+A slave of another version is refused at ``hello`` (close code 4002)."""
 SUBPROTOCOL = "secure-fed.v1"
 MAX_CERTIFICATE_CHARS = 8192
 """Longest PEM certificate a ``hello`` may carry (plain ws:// on loopback only)."""
@@ -243,7 +245,6 @@ class SecAggTask(_Message):
         parties: the slaves tasked in this attempt (each masks with the others).
         threshold: shares needed to rebuild a secret (``None``: a strict majority).
         neighbours: SecAgg+ neighbours per slave (``None``: every other slave).
-        graph_seed: 64 hex characters fixing the SecAgg+ graph (``None`` without it).
         certificates: each party's certificate (PEM), so that a slave can check its peers'
             signed key advertisements against the federation CA it already holds.
     """
@@ -251,7 +252,6 @@ class SecAggTask(_Message):
     parties: list[PartyId] = Field(min_length=2, max_length=1000)
     threshold: int | None = Field(default=None, ge=2)
     neighbours: int | None = Field(default=None, ge=2)
-    graph_seed: Hex64 | None = None
     certificates: dict[PartyId, Annotated[str, Field(max_length=MAX_CERTIFICATE_CHARS)]]
 
 

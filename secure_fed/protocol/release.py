@@ -51,7 +51,7 @@ DP, PUBLIC, PROTOCOL = Release.DP_OUTPUT, Release.PUBLIC, Release.PROTOCOL
 
 SLAVE_MESSAGES: tuple[type[BaseModel], ...] = (
     m.Hello, m.UpdateHeader, m.MechanismRecord, m.Decline, sm.AdvertiseKeys, sm.ShareKeys,
-    sm.EncryptedShares, sm.MaskedInput, sm.UnmaskResponse, sm.RevealedShare,
+    sm.EncryptedShares, sm.MaskedInput, sm.UnmaskResponse, sm.RevealedShare, sm.SeedReveal,
 )
 """Every message (and nested model) a slave sends to the master."""
 
@@ -112,7 +112,17 @@ FIELDS: dict[tuple[str, str], Classified] = {
     ("AdvertiseKeys", "party"): _PARTY,
     ("AdvertiseKeys", "c_pk"): Classified(PROTOCOL, "a fresh X25519 public key"),
     ("AdvertiseKeys", "s_pk"): Classified(PROTOCOL, "a fresh X25519 public key"),
-    ("AdvertiseKeys", "signature"): Classified(PROTOCOL, "signature over the keys"),
+    ("AdvertiseKeys", "b_commitment"): Classified(PROTOCOL, "hash of a fresh random "
+                                                  "self-mask seed"),
+    ("AdvertiseKeys", "seed_commitment"): Classified(PROTOCOL, "hash of fresh randomness "
+                                                     "for the graph seed"),
+    ("AdvertiseKeys", "signature"): Classified(PROTOCOL, "signature over the keys and "
+                                               "commitments"),
+    ("SeedReveal", "type"): _TYPE,
+    ("SeedReveal", "round"): _ROUND,
+    ("SeedReveal", "party"): _PARTY,
+    ("SeedReveal", "contribution"): Classified(PROTOCOL, "fresh randomness for the graph "
+                                               "seed"),
     ("ShareKeys", "type"): _TYPE,
     ("ShareKeys", "round"): _ROUND,
     ("ShareKeys", "party"): _PARTY,

@@ -11,7 +11,11 @@ phase                     slave u                                      master
 0 advertise keys          ``advertise()`` -> AdvertiseKeys             ``receive_advertisement``
                                                                        ``close_advertising()``
                                                                        -> KeyList to U1
-1 share keys              ``share_keys(KeyList)`` -> ShareKeys         ``receive_shares``
+0b graph seed (SecAgg+)   ``reveal_seed(KeyList)`` -> SeedReveal       ``receive_reveal``
+                                                                       ``close_revealing()``
+                                                                       -> SeedReveals to U1
+1 share keys              ``share_keys(KeyList[, SeedReveals])``       ``receive_shares``
+                          -> ShareKeys
                                                                        ``close_sharing()`` ->
                                                                        ShareDelivery per U2
 2 masked input            ``mask(ShareDelivery, x)`` -> MaskedInput,   ``receive_masked``
@@ -60,7 +64,10 @@ from secure_fed.protocol.secagg_messages import (
     EncryptedShares,
     KeyList,
     MaskedInput,
+    RevealedContribution,
     RevealedShare,
+    SeedReveal,
+    SeedReveals,
     ShareDelivery,
     ShareKeys,
     UnmaskRequest,
@@ -68,7 +75,10 @@ from secure_fed.protocol.secagg_messages import (
     advertisement_signing_bytes,
     b64decode,
     b64encode,
+    contribution_commitment,
     decode_key,
+    graph_seed,
+    self_mask_commitment,
     share_associated_data,
 )
 from secure_fed.protocol.secagg_settings import SecAggSettings
@@ -85,6 +95,7 @@ class SlaveStage(enum.Enum):
 
     READY = "ready"
     ADVERTISED = "advertised"
+    REVEALED = "revealed"
     SHARED = "shared"
     MASKED = "masked"
     DONE = "done"
@@ -95,6 +106,7 @@ class MasterStage(enum.Enum):
     """Which phase the master is collecting (also the phase at which a slave dropped)."""
 
     ADVERTISING = "advertising"
+    REVEALING = "revealing"
     SHARING = "sharing"
     MASKING = "masking"
     UNMASKING = "unmasking"
@@ -106,6 +118,8 @@ class MasterStage(enum.Enum):
 class _PeerKeys:
     c_pk: bytes
     s_pk: bytes
+    b_commitment: str = ""
+    seed_commitment: str | None = None
 
 
 def _check_round(settings: SecAggSettings, round_: int, what: str) -> None:
@@ -114,9 +128,16 @@ def _check_round(settings: SecAggSettings, round_: int, what: str) -> None:
 
 
 def _verified_keys(settings: SecAggSettings, adv: AdvertiseKeys, verify: Verifier) -> _PeerKeys:
+    """``adv``'s keys and commitments once its signature over ``settings`` (the settings
+    before the graph seed) verifies."""
     _check_round(settings, adv.round, f"key advertisement of '{adv.party}'")
+    if (adv.seed_commitment is None) == settings.needs_graph_seed:
+        raise ProtocolError(
+            f"key advertisement of '{adv.party}' "
+            + ("lacks the graph-seed commitment SecAgg+ needs" if settings.needs_graph_seed
+               else "carries a graph-seed commitment, but this round has no SecAgg+ graph"))
     data = advertisement_signing_bytes(settings.digest, adv.round, adv.party, adv.c_pk,
-                                       adv.s_pk)
+                                       adv.s_pk, adv.b_commitment, adv.seed_commitment)
     try:
         verify(adv.party, data, base64.b64decode(adv.signature, validate=True))
     except (SecureFedError, binascii.Error) as exc:
@@ -124,13 +145,50 @@ def _verified_keys(settings: SecAggSettings, adv: AdvertiseKeys, verify: Verifie
             f"key advertisement of '{adv.party}' has an invalid signature ({exc}); refusing "
             "the round: the keys were altered or signed for other settings"
         ) from exc
-    return _PeerKeys(decode_key(adv.c_pk, "c_pk"), decode_key(adv.s_pk, "s_pk"))
+    return _PeerKeys(decode_key(adv.c_pk, "c_pk"), decode_key(adv.s_pk, "s_pk"),
+                     adv.b_commitment, adv.seed_commitment)
+
+
+def derive_graph_seed(settings: SecAggSettings, key_list: KeyList,
+                      reveals: SeedReveals) -> bytes:
+    """The SecAgg+ graph seed from every slave of ``key_list``'s revealed contribution.
+
+    Args:
+        settings: the settings the advertisements were signed over (no seed yet).
+        key_list: the advertisements (their signatures checked by the caller).
+        reveals: one contribution per slave of the key list.
+
+    Raises:
+        ProtocolError: a slave of the key list has no contribution, a contribution is not
+            for a slave of the key list, or one does not match its signed commitment.
+    """
+    _check_round(settings, reveals.round, "graph-seed contributions")
+    listed = {a.party: a for a in key_list.advertisements}
+    revealed = _distinct([r.party for r in reveals.reveals], "graph-seed contributions")
+    if revealed != set(listed):
+        raise ProtocolError(
+            f"graph-seed contributions are for {sorted(revealed)}, but the key list has "
+            f"{sorted(listed)}: the seed must depend on every advertising slave")
+    for item in reveals.reveals:
+        if contribution_commitment(bytes.fromhex(item.contribution)) \
+                != listed[item.party].seed_commitment:
+            raise ProtocolError(
+                f"the graph-seed contribution of '{item.party}' does not match the commitment "
+                "it signed in its key advertisement; refusing the round")
+    return graph_seed(settings.digest, {r.party: r.contribution for r in reveals.reveals})
 
 
 def _pairwise_mask(settings: SecAggSettings, s_sk: bytes, peer_s_pk: bytes) -> mk.MaskVector:
     shared = mk.agree(s_sk, peer_s_pk)
     seed = mk.derive_key(shared, mk.PURPOSE_MASK, settings.digest.encode("ascii"))
     return mk.expand_mask(seed, settings.vector_length, settings.modulus)
+
+
+def _check_open_seed(settings: SecAggSettings) -> None:
+    if settings.neighbours is not None and not settings.needs_graph_seed:
+        raise ConfigError("a SecAgg+ round starts with its graph seed open: every advertising "
+                          "slave's contribution fixes it during the round, so that no party "
+                          "chooses the graph; build the settings without graph_seed")
 
 
 def _distinct(items: list[str], what: str) -> set[str]:
@@ -154,6 +212,7 @@ class SlaveSecAgg:
                  verify: Verifier) -> None:
         if party_id not in settings.parties:
             raise ConfigError(f"slave '{party_id}' is not among the parties of this round")
+        _check_open_seed(settings)
         self.settings = settings
         self.party_id = party_id
         self.stage = SlaveStage.READY
@@ -162,6 +221,10 @@ class SlaveSecAgg:
         self._c_sk, self._c_pk = mk.generate_keypair()
         self._s_sk, self._s_pk = mk.generate_keypair()
         self._b = os.urandom(mk.SEED_BYTES)
+        self._contribution = os.urandom(mk.SEED_BYTES) if settings.needs_graph_seed else b""
+        self._advertised_settings = settings
+        self._advertisement: AdvertiseKeys | None = None
+        self._key_list: KeyList | None = None
         self._keys: dict[str, _PeerKeys] = {}
         self._shares: dict[str, tuple[int, int]] = {}  # owner -> (b share, s_sk share) I hold
 
@@ -176,7 +239,7 @@ class SlaveSecAgg:
             yield
         except BaseException:
             self.stage = SlaveStage.FAILED
-            self._c_sk = self._s_sk = self._b = b""
+            self._c_sk = self._s_sk = self._b = self._contribution = b""
             self._shares.clear()
             raise
 
@@ -185,30 +248,82 @@ class SlaveSecAgg:
         return mk.derive_key(shared, mk.PURPOSE_SHARES, self.settings.digest.encode("ascii"))
 
     def advertise(self) -> AdvertiseKeys:
-        """Phase 0: this slave's two fresh public keys, signed."""
+        """Phase 0: this slave's two fresh public keys and its commitments, signed."""
         with self._step(SlaveStage.READY, "advertise keys"):
+            s = self.settings
             c_pk, s_pk = b64encode(self._c_pk), b64encode(self._s_pk)
-            data = advertisement_signing_bytes(self.settings.digest, self.settings.round,
-                                               self.party_id, c_pk, s_pk)
-            message = AdvertiseKeys(round=self.settings.round, party=self.party_id, c_pk=c_pk,
-                                    s_pk=s_pk, signature=b64encode(self._sign(data)))
+            b_commitment = self_mask_commitment(self._b)
+            seed_commitment = (contribution_commitment(self._contribution)
+                               if self._contribution else None)
+            data = advertisement_signing_bytes(s.digest, s.round, self.party_id, c_pk, s_pk,
+                                               b_commitment, seed_commitment)
+            message = AdvertiseKeys(round=s.round, party=self.party_id, c_pk=c_pk, s_pk=s_pk,
+                                    b_commitment=b_commitment, seed_commitment=seed_commitment,
+                                    signature=b64encode(self._sign(data)))
+            self._advertisement = message
             self.stage = SlaveStage.ADVERTISED
             return message
 
-    def share_keys(self, key_list: KeyList) -> ShareKeys:
-        """Phase 1: check the peers' keys, share b_u and s_sk, encrypt the shares to each peer."""
-        with self._step(SlaveStage.ADVERTISED, "share keys"):
+    def _check_key_list(self, key_list: KeyList) -> dict[str, AdvertiseKeys]:
+        s = self._advertised_settings
+        _check_round(s, key_list.round, "key list")
+        adverts = {a.party: a for a in key_list.advertisements}
+        _distinct([a.party for a in key_list.advertisements], "key list")
+        unknown = set(adverts) - set(s.parties)
+        if unknown:
+            raise ProtocolError(f"key list names parties outside the round: {sorted(unknown)}")
+        if adverts.get(self.party_id) != self._advertisement:
+            raise ProtocolError("key list does not carry this slave's own advertisement "
+                                "unchanged")
+        if len(adverts) < s.t:
+            raise ProtocolError(f"only {len(adverts)} slaves advertised keys, threshold {s.t}: "
+                                "the round cannot succeed; refusing to share")
+        return adverts
+
+    def reveal_seed(self, key_list: KeyList) -> SeedReveal:
+        """Phase 0b (SecAgg+): check every advertisement of the key list, then reveal this
+        slave's contribution to the graph seed. Every commitment is fixed before any
+        contribution is revealed, so no party can steer the seed."""
+        with self._step(SlaveStage.ADVERTISED, "reveal its graph-seed contribution"):
+            if not self._contribution:
+                raise ProtocolError("this round has the complete graph: there is no graph "
+                                    "seed to reveal")
+            adverts = self._check_key_list(key_list)
+            for party in sorted(set(adverts) - {self.party_id}):
+                _verified_keys(self._advertised_settings, adverts[party], self._verify)
+            self._key_list = key_list
+            self.stage = SlaveStage.REVEALED
+            return SeedReveal(round=self.settings.round, party=self.party_id,
+                              contribution=self._contribution.hex())
+
+    def share_keys(self, key_list: KeyList, reveals: SeedReveals | None = None) -> ShareKeys:
+        """Phase 1: check the peers' keys, share b_u and s_sk, encrypt the shares to each peer.
+
+        Args:
+            key_list: the advertisements the master collected (U1).
+            reveals: with SecAgg+, every slave of ``key_list``'s graph-seed contribution and
+                the seed the master derived; this slave derives the seed itself and refuses
+                the round if the master's differs.
+        """
+        plus = self._advertised_settings.needs_graph_seed
+        expected = SlaveStage.REVEALED if plus else SlaveStage.ADVERTISED
+        with self._step(expected, "share keys"):
+            if plus:
+                if reveals is None or key_list != self._key_list:
+                    raise ProtocolError("SecAgg+ shares keys only with the key list whose "
+                                        "graph-seed contributions were revealed")
+                seed = derive_graph_seed(self._advertised_settings, key_list, reveals)
+                if seed.hex() != reveals.graph_seed:
+                    raise ProtocolError(
+                        f"the master's graph seed {reveals.graph_seed[:16]}… differs from the "
+                        f"seed {seed.hex()[:16]}… this slave derived from every advertising "
+                        "slave's contribution: a master-chosen graph could surround this slave "
+                        "with colluders; refusing the round")
+                self.settings = self._advertised_settings.with_graph_seed(seed)
+            elif reveals is not None:
+                raise ProtocolError("graph-seed contributions in a round without SecAgg+")
             s = self.settings
-            _check_round(s, key_list.round, "key list")
-            adverts = {a.party: a for a in key_list.advertisements}
-            _distinct([a.party for a in key_list.advertisements], "key list")
-            unknown = set(adverts) - set(s.parties)
-            if unknown:
-                raise ProtocolError(f"key list names parties outside the round: {sorted(unknown)}")
-            mine = adverts.get(self.party_id)
-            if mine is None or (mine.c_pk, mine.s_pk) != (b64encode(self._c_pk),
-                                                         b64encode(self._s_pk)):
-                raise ProtocolError("key list does not carry this slave's own keys unchanged")
+            adverts = self._check_key_list(key_list)
             holders = s.holders(self.party_id) & set(adverts)
             if len(holders) < s.t:
                 raise ProtocolError(
@@ -216,7 +331,8 @@ class SlaveSecAgg:
                     f"threshold {s.t}: the round cannot succeed; refusing to share"
                 )
             for party in sorted(holders - {self.party_id}):
-                self._keys[party] = _verified_keys(s, adverts[party], self._verify)
+                self._keys[party] = _verified_keys(self._advertised_settings, adverts[party],
+                                                   self._verify)
             self._keys[self.party_id] = _PeerKeys(self._c_pk, self._s_pk)
             all_keys = [k for pk in self._keys.values() for k in (pk.c_pk, pk.s_pk)]
             if len(set(all_keys)) != len(all_keys):
@@ -333,8 +449,15 @@ class MasterSecAgg:
     """
 
     def __init__(self, settings: SecAggSettings, *, verify: Verifier) -> None:
+        _check_open_seed(settings)
         self.settings = settings
+        """The round's settings; with SecAgg+ they gain the graph seed at
+        :meth:`close_revealing`."""
+        self.advertised_settings = settings
+        """The settings the key advertisements are signed over (no graph seed)."""
         self.stage = MasterStage.ADVERTISING
+        self.contributions: dict[str, str] = {}
+        """SecAgg+: each advertising slave's revealed graph-seed contribution (hex)."""
         self.dropped_at: dict[str, MasterStage] = {}
         """Each slave that dropped out, with the phase it failed to complete."""
         self._verify = verify
@@ -357,6 +480,16 @@ class MasterSecAgg:
     def advertised(self) -> frozenset[str]:
         """Slaves whose key advertisement was accepted (U1 once advertising is closed)."""
         return frozenset(self._adverts)
+
+    @property
+    def advertisements(self) -> dict[str, AdvertiseKeys]:
+        """The accepted key advertisements, by slave."""
+        return dict(self._adverts)
+
+    @property
+    def revealed(self) -> frozenset[str]:
+        """SecAgg+: slaves whose graph-seed contribution was accepted."""
+        return frozenset(self.contributions)
 
     @property
     def shared(self) -> frozenset[str]:
@@ -398,7 +531,7 @@ class MasterSecAgg:
         self._expect(MasterStage.ADVERTISING, sender, message.party)
         if sender not in self.settings.parties or sender in self._adverts:
             raise ProtocolError(f"unexpected or repeated key advertisement from '{sender}'")
-        keys = _verified_keys(self.settings, message, self._verify)
+        keys = _verified_keys(self.advertised_settings, message, self._verify)
         used = {k for pk in self._keys.values() for k in (pk.c_pk, pk.s_pk)}
         if keys.c_pk == keys.s_pk or {keys.c_pk, keys.s_pk} & used:
             raise ProtocolError(f"'{sender}' advertised a public key already in use; refused")
@@ -409,9 +542,49 @@ class MasterSecAgg:
         """End phase 0: the key list (U1) to send to every slave that advertised."""
         self._expect(MasterStage.ADVERTISING, None, None)
         self._close(MasterStage.ADVERTISING, set(self._adverts), set(self.settings.parties))
-        self.stage = MasterStage.SHARING
+        plus = self.advertised_settings.needs_graph_seed
+        self.stage = MasterStage.REVEALING if plus else MasterStage.SHARING
         return KeyList(round=self.settings.round,
                        advertisements=[self._adverts[p] for p in sorted(self._adverts)])
+
+    def receive_reveal(self, sender: str, message: SeedReveal) -> None:
+        """Phase 0b (SecAgg+): keep ``sender``'s graph-seed contribution if it matches the
+        commitment of its advertisement."""
+        self._expect(MasterStage.REVEALING, sender, message.party)
+        _check_round(self.settings, message.round, f"graph-seed contribution of '{sender}'")
+        if sender not in self._adverts or sender in self.contributions:
+            raise ProtocolError(f"unexpected or repeated graph-seed contribution from "
+                                f"'{sender}'")
+        if contribution_commitment(bytes.fromhex(message.contribution)) \
+                != self._keys[sender].seed_commitment:
+            raise ProtocolError(f"the graph-seed contribution of '{sender}' does not match "
+                                "the commitment it signed; refused")
+        self.contributions[sender] = message.contribution
+
+    def close_revealing(self) -> SeedReveals:
+        """End phase 0b (SecAgg+): fix the graph seed from every advertising slave's
+        contribution; the contributions and the seed go to every slave of U1.
+
+        Every slave of the key list must have revealed: a seed over a subset would let
+        whoever chooses the subset (the master, by claiming a slave was late) choose among
+        seeds. A slave that did not reveal aborts the round.
+        """
+        self._expect(MasterStage.REVEALING, None, None)
+        missing = sorted(set(self._adverts) - set(self.contributions))
+        if missing:
+            for party in missing:
+                self.dropped_at[party] = MasterStage.REVEALING
+            self.stage = MasterStage.ABORTED
+            raise ProtocolError(
+                f"round aborted at revealing: {missing} advertised keys but did not reveal "
+                "their graph-seed contribution, and the seed must depend on every advertising "
+                "slave's; nothing was shared", 1000)
+        reveals = [RevealedContribution(party=p, contribution=self.contributions[p])
+                   for p in sorted(self.contributions)]
+        seed = graph_seed(self.advertised_settings.digest, self.contributions)
+        self.settings = self.advertised_settings.with_graph_seed(seed)
+        self.stage = MasterStage.SHARING
+        return SeedReveals(round=self.settings.round, graph_seed=seed.hex(), reveals=reveals)
 
     def receive_shares(self, sender: str, message: ShareKeys) -> None:
         """Phase 1: keep ``sender``'s encrypted shares, one for each of its neighbours in U1."""
@@ -544,6 +717,12 @@ class MasterSecAgg:
             total = self._sum
             for u in sorted(self._masked):
                 b_u = self._reconstruct(self._b_shares, u, "self-mask seed")
+                if self_mask_commitment(b_u) != self._keys[u].b_commitment:
+                    raise CryptoError(
+                        f"the self-mask seed of '{u}' rebuilt from the shares revealed by "
+                        f"{sorted(self._responders & s.holders(u))} does not match the "
+                        f"commitment '{u}' signed in its key advertisement: a revealed share "
+                        "is corrupted; round aborted, nothing unmasked")
                 total = mk.sub_mod(total, mk.expand_mask(b_u, s.vector_length, s.modulus),
                                    s.modulus)
             for v in sorted(set(self._share_msgs) - self._masked):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -20,7 +22,7 @@ from secure_fed.crypto.shamir import SHARE_BYTES
 from secure_fed.errors import ProtocolError
 from secure_fed.protocol.messages import Hex64, PartyId, Round, Signature, parse_json_message
 
-SECAGG_CONTEXT = "secure-fed-secagg-v1"
+SECAGG_CONTEXT = "secure-fed-secagg-v2"
 MAX_PARTIES = 10_000
 """Most slaves one secure-aggregation round accepts."""
 MAX_SECAGG_MESSAGE_BYTES = 4 * 2**20
@@ -51,6 +53,11 @@ class AdvertiseKeys(_Message):
         party: the advertising slave.
         c_pk: X25519 public key for encrypting shares (base64, 32 bytes).
         s_pk: X25519 public key for pairwise masks (base64, 32 bytes).
+        b_commitment: :func:`self_mask_commitment` of the slave's self-mask seed b_u (hex):
+            the master refuses a b_u rebuilt from revealed shares that does not match it.
+        seed_commitment: with SecAgg+, :func:`contribution_commitment` of the slave's fresh
+            32-byte contribution to the neighbour graph's seed (hex); ``None`` with the
+            complete graph, which needs no seed.
         signature: base64 signature of the slave's certificate key over
             :func:`advertisement_signing_bytes`.
     """
@@ -60,6 +67,8 @@ class AdvertiseKeys(_Message):
     party: PartyId
     c_pk: Key32
     s_pk: Key32
+    b_commitment: Hex64
+    seed_commitment: Hex64 | None
     signature: Signature
 
 
@@ -69,6 +78,34 @@ class KeyList(_Message):
     type: Literal["secagg_keys"] = "secagg_keys"
     round: Round
     advertisements: list[AdvertiseKeys] = Field(min_length=1, max_length=MAX_PARTIES)
+
+
+class SeedReveal(_Message):
+    """SecAgg+ only, slave -> master after the key list: the contribution to the graph seed
+    whose commitment the slave signed in its advertisement (hex of 32 bytes)."""
+
+    type: Literal["secagg_reveal"] = "secagg_reveal"
+    round: Round
+    party: PartyId
+    contribution: Hex64
+
+
+class RevealedContribution(_Message):
+    """One slave's revealed contribution to the graph seed, inside :class:`SeedReveals`."""
+
+    party: PartyId
+    contribution: Hex64
+
+
+class SeedReveals(_Message):
+    """SecAgg+ only, master -> every slave of the key list: every listed slave's revealed
+    contribution, and the graph seed the master derived from them (:func:`graph_seed`),
+    which each slave recomputes and refuses if it differs."""
+
+    type: Literal["secagg_reveals"] = "secagg_reveals"
+    round: Round
+    graph_seed: Hex64
+    reveals: list[RevealedContribution] = Field(min_length=1, max_length=MAX_PARTIES)
 
 
 class EncryptedShares(_Message):
@@ -144,8 +181,8 @@ class UnmaskResponse(_Message):
 
 
 SecAggMessage = Annotated[
-    AdvertiseKeys | KeyList | ShareKeys | ShareDelivery | MaskedInput | UnmaskRequest
-    | UnmaskResponse,
+    AdvertiseKeys | KeyList | SeedReveal | SeedReveals | ShareKeys | ShareDelivery | MaskedInput
+    | UnmaskRequest | UnmaskResponse,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(SecAggMessage)
@@ -190,17 +227,52 @@ def decode_key(text: str, what: str) -> bytes:
 
 
 def advertisement_signing_bytes(settings_digest: str, round_: int, party: str, c_pk: str,
-                                s_pk: str) -> bytes:
+                                s_pk: str, b_commitment: str,
+                                seed_commitment: str | None) -> bytes:
     """The exact bytes a slave signs to advertise its keys (ASCII, one ``name=value`` a line).
 
-    ``secure-fed-secagg-v1 advertise\\nsettings=<hex64>\\nround=<decimal>\\nparty=<id>\\n``
-    ``c_pk=<base64>\\ns_pk=<base64>\\n``. ``settings`` is the digest of the round's
-    :class:`~secure_fed.protocol.secagg_settings.SecAggSettings` (federation, parties, threshold,
-    ring, graph), so a slave accepts only keys of peers that were told the same settings.
+    ``secure-fed-secagg-v2 advertise\\nsettings=<hex64>\\nround=<decimal>\\nparty=<id>\\n``
+    ``c_pk=<base64>\\ns_pk=<base64>\\nb_commitment=<hex64>\\nseed_commitment=<hex64>\\n``
+    (``seed_commitment=-`` with the complete graph). ``settings`` is the digest of the round's
+    :class:`~secure_fed.protocol.secagg_settings.SecAggSettings` before the graph seed is known
+    (federation, parties, threshold, ring, neighbours, task nonce, empty seed), so a slave
+    accepts only keys of peers that were told the same settings.
     """
     lines = [f"{SECAGG_CONTEXT} advertise", f"settings={settings_digest}", f"round={round_}",
-             f"party={party}", f"c_pk={c_pk}", f"s_pk={s_pk}"]
+             f"party={party}", f"c_pk={c_pk}", f"s_pk={s_pk}", f"b_commitment={b_commitment}",
+             f"seed_commitment={seed_commitment if seed_commitment is not None else '-'}"]
     return ("\n".join(lines) + "\n").encode("ascii")
+
+
+def self_mask_commitment(b: bytes) -> str:
+    """SHA-256 (hex) of ``secure-fed-secagg-v2 self-mask-seed\\n`` followed by the 32 bytes of
+    a self-mask seed b_u: what a slave signs so that a b_u rebuilt from corrupted shares is
+    detected even from exactly t shares."""
+    return hashlib.sha256(f"{SECAGG_CONTEXT} self-mask-seed\n".encode("ascii") + b).hexdigest()
+
+
+def contribution_commitment(contribution: bytes) -> str:
+    """SHA-256 (hex) of ``secure-fed-secagg-v2 graph-seed-contribution\\n`` followed by the 32
+    bytes of a slave's contribution to the SecAgg+ graph seed."""
+    return hashlib.sha256(f"{SECAGG_CONTEXT} graph-seed-contribution\n".encode("ascii")
+                          + contribution).hexdigest()
+
+
+def graph_seed(settings_digest: str, contributions: Mapping[str, str]) -> bytes:
+    """The SecAgg+ graph seed: 32 bytes that no party chose alone.
+
+    SHA-256 of the ASCII text ``secure-fed-secagg-v2 graph-seed\\nsettings=<hex64>\\n``
+    followed by one line ``<party>=<contribution hex64>\\n`` per slave of the key list, in
+    sorted party order. ``settings_digest`` is the digest the advertisements were signed
+    over (the settings before the seed).
+
+    Args:
+        settings_digest: hex digest of the settings without a graph seed.
+        contributions: each slave of the key list and its revealed contribution (hex).
+    """
+    lines = [f"{SECAGG_CONTEXT} graph-seed", f"settings={settings_digest}",
+             *(f"{party}={contributions[party]}" for party in sorted(contributions))]
+    return hashlib.sha256(("\n".join(lines) + "\n").encode("ascii")).digest()
 
 
 def share_associated_data(settings_digest: str, round_: int, sender: str,

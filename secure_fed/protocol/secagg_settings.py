@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from secure_fed.crypto.certificates import PARTY_ID_PATTERN
 from secure_fed.crypto.masking import MAX_MASK_LENGTH, check_modulus
 from secure_fed.crypto.shamir import party_x_coordinates
-from secure_fed.errors import ConfigError, SecureFedError
+from secure_fed.errors import ConfigError, ProtocolError, SecureFedError
 from secure_fed.protocol.secagg_messages import MAX_PARTIES
 
 GRAPH_SEED_BYTES = 32
@@ -43,7 +43,10 @@ class SecAggSettings:
             ``2 <= k <= n - 2`` for SecAgg+: each slave masks with and shares to its k
             neighbours only, on a Harary graph whose ring order is a pseudo-random
             permutation from ``graph_seed``.
-        graph_seed: 32 public bytes fixing the SecAgg+ graph (required with ``neighbours``).
+        graph_seed: 32 public bytes fixing the SecAgg+ graph. Empty while the keys are
+            advertised: the seed is then derived from every advertising slave's contribution
+            (:func:`~secure_fed.protocol.secagg_messages.graph_seed`), and
+            :meth:`with_graph_seed` gives the settings of the rest of the round.
         task_nonce: the nonce of the task (one attempt of the round) these settings serve. It
             is part of the :attr:`digest` that every signature, key derivation and share
             encryption is bound to, so a key advertisement or share of one attempt is refused
@@ -116,8 +119,10 @@ class SecAggSettings:
                 f"neighbours={k!r} is not possible with {n} slaves: expected an even k with "
                 f"2 <= k <= {n - 2} (or neighbours=None for the complete graph)"
             )
-        if not isinstance(self.graph_seed, bytes) or len(self.graph_seed) != GRAPH_SEED_BYTES:
-            raise ConfigError(f"SecAgg+ needs a public graph_seed of {GRAPH_SEED_BYTES} bytes")
+        if not isinstance(self.graph_seed, bytes) or len(self.graph_seed) not in (
+                0, GRAPH_SEED_BYTES):
+            raise ConfigError(f"SecAgg+ needs a graph_seed of {GRAPH_SEED_BYTES} bytes, or none "
+                              "until the slaves' contributions fix it")
 
     @property
     def t(self) -> int:
@@ -136,6 +141,19 @@ class SecAggSettings:
         }, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
+    @property
+    def needs_graph_seed(self) -> bool:
+        """SecAgg+ settings whose graph seed is not fixed yet (keys are being advertised)."""
+        return self.neighbours is not None and not self.graph_seed
+
+    def with_graph_seed(self, seed: bytes) -> SecAggSettings:
+        """These settings with the SecAgg+ graph seed fixed (a new :attr:`digest`)."""
+        if not self.needs_graph_seed:
+            raise ConfigError("the graph seed is already fixed, or the complete graph needs none")
+        if not isinstance(seed, bytes) or len(seed) != GRAPH_SEED_BYTES:
+            raise ConfigError(f"a graph seed has {GRAPH_SEED_BYTES} bytes")
+        return replace(self, graph_seed=seed)
+
     @cached_property
     def x_coordinates(self) -> dict[str, int]:
         """Shamir x-coordinate of each party (1..n in sorted order)."""
@@ -147,6 +165,9 @@ class SecAggSettings:
         if self.neighbours is None:
             everyone = frozenset(self.parties)
             return {p: everyone - {p} for p in self.parties}
+        if not self.graph_seed:
+            raise ProtocolError("the SecAgg+ graph is not known before every advertising "
+                                "slave's seed contribution is revealed")
         return harary_graph(self.parties, self.neighbours, self.graph_seed)
 
     def holders(self, party: str) -> frozenset[str]:

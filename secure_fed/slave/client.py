@@ -84,6 +84,7 @@ from secure_fed.protocol.messages import (
 from secure_fed.protocol.secagg import SlaveSecAgg
 from secure_fed.protocol.secagg_messages import (
     KeyList,
+    SeedReveals,
     ShareDelivery,
     UnmaskRequest,
     is_secagg_text,
@@ -467,9 +468,7 @@ class Slave:
                 federation_id=self.config.federation_id, round=task.round,
                 parties=tuple(info.parties), vector_length=task.vector_size,
                 modulus=pc.ring_modulus(self.bundle.he_params), threshold=info.threshold,
-                neighbours=info.neighbours,
-                graph_seed=bytes.fromhex(info.graph_seed) if info.graph_seed else b"",
-                task_nonce=task.nonce)
+                neighbours=info.neighbours, task_nonce=task.nonce)
             self._secagg = SlaveSecAgg(settings, self.config.slave_id,
                                        sign=lambda data: sign(key, data), verify=verify)
             await channel.send(self._secagg.advertise())
@@ -477,7 +476,13 @@ class Slave:
             if key_list is None:
                 return None
             self._check_mask_parties(len(key_list.advertisements), "slaves that advertised keys")
-            await channel.send(self._secagg.share_keys(key_list))
+            reveals = None
+            if settings.needs_graph_seed:
+                await channel.send(self._secagg.reveal_seed(key_list))
+                reveals = await self._await_secagg(channel, SeedReveals)
+                if reveals is None:
+                    return None
+            await channel.send(self._secagg.share_keys(key_list, reveals))
             crash_point("slave.secagg_shared")
             delivery: ShareDelivery | None = await self._await_secagg(channel, ShareDelivery)
             if delivery is not None:
