@@ -53,6 +53,7 @@ from secure_fed.master.store import ModelStore
 from secure_fed.master.summary import RunSummary
 from secure_fed.models.package import ModelPackage
 from secure_fed.models.registry import build_model
+from secure_fed.private_files import read_private_file
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import (
     PROTOCOL_VERSION,
@@ -135,8 +136,10 @@ class Master:
         self.params = bundle.he_params
         self._public_context = bundle.public_context.read_bytes()
         self._public_digest = context_digest(self._public_context)
+        # Both private files are checked before any checkpoint or log record is written.
+        signing_key = read_private_file(bundle.key, what="the master's key")
         self.keyholder = KeyHolder(
-            self.params, bundle.secret_context.read_bytes(),
+            self.params, read_private_file(bundle.secret_context, what="the HE secret context"),
             min_contributions=self.config.min_slaves,
         )
         self.revocations = Revocations(bundle.revocations)
@@ -158,7 +161,7 @@ class Master:
         )
         self.audit = AuditLog.open(
             self.out_dir / "audit.jsonl",
-            signing_key_pem=bundle.key.read_bytes(),
+            signing_key_pem=signing_key,
             genesis=genesis_data(
                 self.config.federation_id,
                 ca_cert_pem=bundle.ca_cert.read_bytes(),

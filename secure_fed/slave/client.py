@@ -61,6 +61,7 @@ from secure_fed.privacy.ledger import (
     PrivacyLedger,
 )
 from secure_fed.privacy.training import DPSettings
+from secure_fed.private_files import read_private_file
 from secure_fed.protocol.messages import (
     PROTOCOL_VERSION,
     Accepted,
@@ -166,6 +167,7 @@ class Slave:
         allow_no_dp: bool = False,
     ) -> None:
         self.bundle = bundle
+        self._private_key()  # a key that others can read is refused before any ledger is opened
         self.allow_no_dp = allow_no_dp
         if allow_no_dp:
             log.warning("slave '%s' takes tasks WITHOUT differential privacy (--allow-no-dp): "
@@ -208,6 +210,9 @@ class Slave:
         self.report = SlaveReport(self.config.slave_id)
         self._pushback: list[str | bytes] = []
         self._secagg: SlaveSecAgg | None = None
+
+    def _private_key(self) -> bytes:
+        return read_private_file(self.bundle.key, what="the slave's key")
 
     async def run(self) -> SlaveReport:
         """Take part until the master says the federation is finished."""
@@ -386,7 +391,7 @@ class Slave:
             return
         hashes = [hashlib.sha256(c).hexdigest() for c in chunks]
         signed = update_signing_bytes(fed, task.round, task.nonce, result.samples, hashes)
-        signature = base64.b64encode(sign(self.bundle.key.read_bytes(), signed)).decode("ascii")
+        signature = base64.b64encode(sign(self._private_key(), signed)).decode("ascii")
         header = UpdateHeader(
             round=task.round, nonce=task.nonce, weight=result.samples,
             weight_source=source, chunk_sha256=hashes, signature=signature,
@@ -443,7 +448,7 @@ class Slave:
                 raise IdentityError(f"the certificate given for '{party}' names another party")
             verify_signature(certificate, data, signature)
 
-        key = self.bundle.key.read_bytes()
+        key = self._private_key()
         try:
             self._check_mask_parties(len(info.parties), "parties")
             if info.neighbours is not None:
