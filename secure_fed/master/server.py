@@ -38,6 +38,7 @@ from secure_fed.crypto.revocation import Revocations
 from secure_fed.crypto.vector_sum import VectorSum
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout
+from secure_fed.durable import remove_stale_temporaries
 from secure_fed.errors import (
     ConfigError,
     IdentityError,
@@ -179,6 +180,9 @@ class Master:
                 software=f"secure-fed {__version__}",
             ),
         )
+        # Only the holder of the audit log's lock writes here: temporaries now are stale.
+        remove_stale_temporaries(self.out_dir, ("summary.json",))
+        remove_stale_temporaries(self.out_dir / "checkpoints", ("round-*",))
         self._record_recovered_commit()
         limits = self.config.limits
         self.coordinator = co.Coordinator(
