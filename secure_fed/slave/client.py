@@ -16,7 +16,7 @@ import math
 import random
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -90,6 +90,7 @@ from secure_fed.protocol.secagg_messages import (
     parse_secagg_message,
 )
 from secure_fed.protocol.secagg_settings import SecAggSettings
+from secure_fed.slave.report import SlaveReport, TrainedAttempt
 from secure_fed.slave.updates import steps_per_round, train_update
 from secure_fed.transport.channel import Channel, open_connection
 from secure_fed.transport.tls import client_ssl_context, load_presented_certificate
@@ -97,23 +98,6 @@ from secure_fed.transport.tls import client_ssl_context, load_presented_certific
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass
-class SlaveReport:
-    """What a slave did in one run of :meth:`Slave.run`.
-
-    Args:
-        epsilon: the data source's lifetime ε (every federation), from its ledger.
-        federation_epsilon: the ε this federation took (what its master was told).
-    """
-
-    slave_id: str
-    rounds_trained: list[int] = field(default_factory=list)
-    rounds_declined: list[int] = field(default_factory=list)
-    epsilon: float = 0.0
-    federation_epsilon: float = 0.0
-    finished_reason: str = ""
 
 
 class _Retry(Exception):
@@ -297,6 +281,9 @@ class Slave:
                                         message.code)
                 elif isinstance(message, Accepted | Rejected | RoundEnd):
                     self._on_event(message.type, message.model_dump())
+                    if isinstance(message, Accepted | Rejected):
+                        self.report.record_verdict(message.nonce,
+                                                   accepted=isinstance(message, Accepted))
                     if isinstance(message, Rejected):
                         log.warning("round %d: the master refused our update: %s",
                                     message.round, message.reason)
@@ -378,6 +365,8 @@ class Slave:
             self._secagg = None
             await self._decline(channel, task, str(self._lifetime_exhausted(exc)), final=True)
             return
+        paid = TrainedAttempt(round=task.round, attempt=task.attempt, nonce=task.nonce)
+        self.report.attempts.append(paid)
         crash_point("slave.after_ledger")
         spent = self.ledger.spent_in(fed)
         try:
@@ -407,7 +396,7 @@ class Slave:
             await channel.send_bytes(chunk)
             crash_point("slave.mid_upload")
         crash_point("slave.after_upload")
-        self.report.rounds_trained.append(task.round)
+        paid.sent = True
         self._on_event("uploaded", {"round": task.round, "bytes": sum(len(c) for c in chunks),
                                     "epsilon": _bounded(spent), "loss": result.loss})
 
