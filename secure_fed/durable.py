@@ -1,16 +1,27 @@
 """Durable file writes: after a crash or power cut a file holds either its old or its new content.
 
 Recipe: write a temporary file in the same directory, ``fsync`` it, ``os.replace`` it over the
-target, then ``fsync`` the directory so that the rename itself is on disk.
+target, then ``fsync`` the directory so that the rename itself is on disk. A crash before the
+rename leaves the temporary file; :func:`remove_stale_temporaries` removes it at the next start.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import logging
 import os
+import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+"""Name of the temporary file of :func:`atomic_write_bytes` for target ``NAME``:
+``.NAME.XXXXXXXX.tmp`` (``tempfile.mkstemp`` draws 8 characters from ``[a-z0-9_]``)."""
 
 
 def fsync_directory(directory: Path) -> None:
@@ -43,6 +54,39 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def remove_stale_temporaries(directory: Path, targets: Iterable[str]) -> int:
+    """Remove the temporary files that interrupted atomic writes left in ``directory``.
+
+    A process killed between ``mkstemp`` and ``os.replace`` in :func:`atomic_write_bytes`
+    leaves ``.NAME.XXXXXXXX.tmp`` behind forever. Call this at start, when no other process
+    can be writing there (the caller holds the folder's lock, or owns it alone).
+
+    Args:
+        directory: the folder to clean; nothing happens if it does not exist.
+        targets: ``fnmatch`` patterns of the target names whose temporaries may be removed
+            (``"ledger.json"``, ``"round-*"``): a file of someone else is never touched.
+
+    Returns:
+        How many files were removed (also logged, when any were).
+    """
+    directory = Path(directory)
+    patterns = tuple(targets)
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for entry in directory.iterdir():
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or not entry.is_file() or entry.is_symlink():
+            continue
+        if any(fnmatch.fnmatchcase(match["target"], pattern) for pattern in patterns):
+            entry.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        logger.warning("removed %d stale temporary file(s) of interrupted writes from %s",
+                       removed, directory)
+    return removed
 
 
 def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o644) -> None:

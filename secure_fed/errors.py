@@ -84,6 +84,11 @@ class IdentityError(SecureFedError):
     """A certificate, key or federation bundle is missing, invalid, expired or revoked."""
 
 
+class InsecureKeyFile(IdentityError):
+    """A private key file (TLS/party key, CA key, HE secret context) is accessible to group or
+    others; the message gives the ``chmod 600`` that fixes it."""
+
+
 class ProtocolError(SecureFedError):
     """A peer sent a message that breaks the wire protocol.
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import secrets
+import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +28,111 @@ from secure_fed.master.server import Master
 from secure_fed.slave.client import Slave
 from secure_fed.slave.sources import bundled_part
 
+SESSION_MARK = "SECURE_FED_TEST_SESSION"
+"""Environment variable set for the test session and inherited by every process it starts
+(subprocesses, zygote children, their encryption workers): how leftovers are found."""
+LEFTOVER_GRACE_S = 5.0
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Keep every data source's default ledger folder (and the list of them) out of the
-    user's own $XDG_DATA_HOME: one folder for the session, inherited by subprocesses."""
+    user's own $XDG_DATA_HOME: one folder for the session, inherited by subprocesses; and mark
+    the session's processes."""
     os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="secure-fed-data-home-")
+    os.environ[SESSION_MARK] = f"{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def process_table() -> dict[int, tuple[int, str, int]]:
+    """Every process of /proc: pid → (parent pid, state letter, start time in clock ticks)."""
+    table: dict[int, tuple[int, str, int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces
+        table[int(name)] = (int(fields[1]), fields[0], int(fields[19]))
+    return table
+
+
+def descendants(root: int) -> dict[int, int]:
+    """The live processes whose parent chain leads to ``root``: pid → start time."""
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[int, int] = {}
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found and table[child][1] != "Z":
+                found[child] = table[child][2]
+                stack.append(child)
+    return found
+
+
+def still_running(processes: dict[int, int]) -> dict[int, int]:
+    """Those of ``processes`` (pid → start time) that still run (not ended, not a zombie)."""
+    table = process_table()
+    return {pid: start for pid, start in processes.items()
+            if pid in table and table[pid][2] == start and table[pid][1] != "Z"}
+
+
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "(ended)"
+
+
+def _session_processes() -> dict[int, int]:
+    """Processes started by this test session (they carry its mark) that outlive it, except
+    this process and the multiprocessing resource tracker it owns (it ends with it)."""
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    me = os.getpid()
+    found: dict[int, int] = {}
+    for pid, (ppid, state, start) in process_table().items():
+        if pid == me or state == "Z":
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                if mark not in handle.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        if ppid == me and "resource_tracker" in command_line(pid):
+            continue
+        found[pid] = start
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session if a process it started is still running at its end (an encryption
+    worker, a fork server, a slave or master of a test), after a short grace period; those
+    processes are then killed, by pid."""
+    if not os.path.isdir("/proc") or SESSION_MARK not in os.environ:
+        return
+    leftovers = _session_processes()
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while leftovers and time.monotonic() < deadline:
+        time.sleep(0.2)
+        leftovers = still_running(leftovers)
+    if not leftovers:
+        return
+    lines = [f"  {pid}: {command_line(pid)[:160]}" for pid in sorted(leftovers)]
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = (f"{len(leftovers)} process(es) started by the tests outlived them (now killed):"
+               "\n" + "\n".join(lines))
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 TINY_MODEL = ModelSpec(architecture="mlp",

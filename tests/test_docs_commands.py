@@ -329,7 +329,7 @@ def test_api_guide_programs_run_a_federation_and_check_it(
         ledger = json.loads((work / "fed" / "slaves" / slave_id / "ledger.json").read_text())
         # the record count's release, then the one round
         assert [e["mode"] for e in ledger["entries"]] == ["count", "delta"]
-        assert f"{slave_id}: trained rounds [1]" in outputs[0]
+        assert f"{slave_id}: trained 1 attempt of round 1," in outputs[0]
         reported = re.search(rf"{slave_id} round 1: reported ε=([0-9.]+), recomputed ([0-9.]+)",
                              outputs[1])
         assert reported, outputs[1]

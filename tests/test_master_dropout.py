@@ -84,3 +84,12 @@ def test_slave_dropping_mid_upload_is_discarded_and_the_round_retried(
     by_id = {r.slave_id: r for r in reports}
     assert by_id["b"].epsilon <= 3.0
     assert verify_log(tmp_path / "run" / "audit.jsonl").ok
+    # b's report lists every attempt it paid for, the one cut mid-upload included, with the
+    # nonces of its ledger entries; the summary line says which round it trained twice.
+    b_attempts = by_id["b"].attempts
+    assert [(t.round, t.attempt, t.accepted) for t in b_attempts] == [
+        (1, 1, None), (1, 2, True), (2, 1, True)]
+    assert [t.nonce for t in b_attempts] == [
+        e["task_nonce"] for e in ledger_b["entries"] if e["mode"] == "delta"]
+    assert by_id["b"].attempts_line() == (
+        "trained 3 attempts of rounds 1-2 (round 1 twice; 1 not accepted)")

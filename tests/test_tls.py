@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import socket
 import ssl
 import threading
@@ -22,7 +21,7 @@ from secure_fed.crypto.certificates import (
     issue_certificate,
     write_private_key,
 )
-from secure_fed.errors import IdentityError
+from secure_fed.errors import IdentityError, InsecureKeyFile
 from secure_fed.transport.tls import (
     client_ssl_context,
     peer_certificate,
@@ -308,15 +307,20 @@ def test_peer_identity_requires_tls_and_a_certificate(bundle: dict[str, Party | 
     assert isinstance(seen["serial"], int)
 
 
-def test_world_readable_key_is_warned_about(
-    bundle: dict[str, Party | Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_key_readable_by_others_is_refused_with_the_chmod_that_fixes_it(
+    bundle: dict[str, Party | Path], tmp_path: Path
 ) -> None:
     slave, ca = bundle["slave"], bundle["ca"]
     assert isinstance(slave, Party) and isinstance(ca, Path)
     loose = tmp_path / "loose.key"
     loose.write_bytes(slave.key.read_bytes())
-    loose.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="secure_fed.transport.tls"):
-        context = client_ssl_context(slave.cert, loose, ca)
-    assert "readable by other users (mode 644)" in caplog.text
-    assert context.check_hostname
+    for mode in (0o644, 0o640, 0o604, 0o620):
+        loose.chmod(mode)
+        with pytest.raises(InsecureKeyFile) as refused:
+            client_ssl_context(slave.cert, loose, ca)
+        assert f"mode {mode:04o}" in str(refused.value)
+        assert f"chmod 600 {loose}" in str(refused.value)
+        assert "\n" not in str(refused.value)
+    for mode in (0o600, 0o400):
+        loose.chmod(mode)
+        assert client_ssl_context(slave.cert, loose, ca).check_hostname

@@ -116,7 +116,6 @@ def cmd_revoke_slave(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_master(args: argparse.Namespace) -> int:
     from secure_fed.cli.display import MasterDisplay
     from secure_fed.master.bundle import MasterBundle
@@ -198,8 +197,10 @@ def cmd_slave(args: argparse.Namespace) -> int:
     def eps(value: float) -> str:
         return f"{value:.2f}" if math.isfinite(value) else "∞ (no DP)"
 
-    console.print(f"slave '{report.slave_id}': trained rounds {report.rounds_trained}, declined "
-                  f"{report.rounds_declined}; ε spent on this federation "
+    declined = sorted(set(report.rounds_declined))
+    console.print(f"slave '{report.slave_id}': {report.attempts_line()}, declined "
+                  f"{'rounds ' + ', '.join(map(str, declined)) if declined else 'none'}; "
+                  f"ε spent on this federation "
                   f"{eps(report.federation_epsilon)}, over this data source's lifetime "
                   f"{eps(report.epsilon)} of {slave.ledger.budget_epsilon:g}; "
                   f"{report.finished_reason}")

@@ -8,17 +8,16 @@ weight: the result is the weighted average of the clipped updates (see docs/code
 error bound).
 
 TenSEAL holds the GIL while it encrypts, so encryption runs in a pool of worker processes
-(``forkserver`` or ``spawn``) whose initializer loads the public context once; the calling
+(:func:`~secure_fed.crypto.processes.worker_pool`: they end with the process that started
+them, even when it is killed) whose initializer loads the public context once; the calling
 process only slices the vector and collects bytes, so an asyncio loop in it stays responsive.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import secrets
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 from secure_fed.crypto.chunk_format import CiphertextLayout, chunk_size_for, pack_chunk
 from secure_fed.crypto.keys import ciphertext_layout, load_public_context
 from secure_fed.crypto.presets import HEParams, data_moduli
+from secure_fed.crypto.processes import worker_pool
 from secure_fed.crypto.seal_blob import extract_coefficients
 from secure_fed.errors import CryptoError
 
@@ -158,17 +158,6 @@ def _worker_encrypt_ring(task: tuple[int, np.ndarray]) -> bytes:
     index, values = task
     return encrypt_chunk(_WORKER["ctx"], _WORKER["params"], _WORKER["layout"], index,
                          values.astype(np.int64))
-
-
-def worker_pool(workers: int, initializer: Callable[..., None],
-                initargs: tuple[Any, ...]) -> ProcessPoolExecutor:
-    """Worker processes for TenSEAL work (which holds the GIL): ``forkserver`` where available,
-    else ``spawn``, never ``fork`` from a process that may run threads; ``initializer`` loads
-    the context once per worker (contexts cannot be pickled, so their bytes are passed)."""
-    methods = multiprocessing.get_all_start_methods()
-    method = "forkserver" if "forkserver" in methods else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
-                               initializer=initializer, initargs=initargs)
 
 
 class UpdateEncoder:

@@ -48,6 +48,7 @@ from secure_fed.master.bundle import (
     SECRET_CONTEXT_FILE,
     MasterBundle,
 )
+from secure_fed.private_files import read_private_file
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def add_slave_bundle(fed_dir: Path, slave_id: str, *, federation_epsilon: float 
     """
     fed_dir = Path(fed_dir)
     master = MasterBundle.load(fed_dir / "master")
-    ca_key = find_ca_key(fed_dir).read_bytes()
+    ca_key = read_private_file(find_ca_key(fed_dir), what="the CA key")
     current = fed_dir / "slaves" / slave_id / "slave.pem"
     revocations = Revocations(master.revocations)
     if current.is_file() and not revocations.is_revoked(load_certificate(current)):
@@ -293,12 +294,14 @@ def revoke_slave(fed_dir: Path, slave_id: str, *, reason: str = "revoked by the 
     cert = load_certificate(cert_path)
     if party_id_from_certificate(cert) != slave_id:
         raise IdentityError(f"{cert_path} is not the certificate of '{slave_id}'")
+    try:  # an exposed CA key is refused before anything changes; an offline one is not needed
+        ca_key: bytes | None = read_private_file(find_ca_key(fed_dir), what="the CA key")
+    except ConfigError as exc:
+        ca_key, missing = None, exc
     revocations = Revocations(master.revocations)
     entry = revocations.revoke(cert, reason=reason[:200])
-    try:
-        ca_key = find_ca_key(fed_dir).read_bytes()
-    except ConfigError as exc:
-        log.warning("revoked.json updated but the CRL was not re-signed: %s", exc)
+    if ca_key is None:
+        log.warning("revoked.json updated but the CRL was not re-signed: %s", missing)
     else:
         _write_crl(master.directory, revocations, ca_key)
     return entry

@@ -40,6 +40,7 @@ from secure_fed.crypto.revocation import Revocations
 from secure_fed.crypto.vector_sum import VectorSum
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout
+from secure_fed.durable import remove_stale_temporaries
 from secure_fed.errors import (
     CheckpointError,
     ConfigError,
@@ -57,6 +58,7 @@ from secure_fed.master.store import CheckpointScan, ModelStore, UnusableCheckpoi
 from secure_fed.master.summary import RunSummary
 from secure_fed.models.package import ModelPackage
 from secure_fed.models.registry import build_model
+from secure_fed.private_files import read_private_file
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import (
     PROTOCOL_VERSION,
@@ -152,8 +154,10 @@ class Master:
         self.params = bundle.he_params
         self._public_context = bundle.public_context.read_bytes()
         self._public_digest = context_digest(self._public_context)
+        # Both private files are checked before any checkpoint or log record is written.
+        signing_key = read_private_file(bundle.key, what="the master's key")
         self.keyholder = KeyHolder(
-            self.params, bundle.secret_context.read_bytes(),
+            self.params, read_private_file(bundle.secret_context, what="the HE secret context"),
             min_contributions=self.config.min_slaves,
         )
         self.revocations = Revocations(bundle.revocations)
@@ -168,7 +172,7 @@ class Master:
         self.evaluation, proxy = split_proxy(self.config, holdout)
         self.audit = AuditLog.open(
             self.out_dir / "audit.jsonl",
-            signing_key_pem=bundle.key.read_bytes(),
+            signing_key_pem=signing_key,
             genesis=genesis_data(
                 self.config.federation_id,
                 ca_cert_pem=bundle.ca_cert.read_bytes(),
@@ -186,6 +190,9 @@ class Master:
                 software=f"secure-fed {__version__}",
             ),
         )
+        # Only the holder of the audit log's lock writes here: temporaries now are stale.
+        remove_stale_temporaries(self.out_dir, ("summary.json",))
+        remove_stale_temporaries(self.out_dir / "checkpoints", ("round-*",))
         try:
             records = read_verified_records(self.audit.path)
             self.updater = self._initial_models(found, proxy, records,

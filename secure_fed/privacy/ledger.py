@@ -53,7 +53,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from secure_fed.durable import atomic_write_json
+from secure_fed.durable import atomic_write_json, remove_stale_temporaries
 from secure_fed.errors import BudgetExhausted, FederationBudgetExhausted, PrivacyError
 from secure_fed.privacy.accounting import (
     ACCOUNTANTS,
@@ -294,6 +294,8 @@ class PrivacyLedger:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = directory / LEDGER_FILE
         with _locked(directory):
+            # Every write of the ledger holds this lock: a temporary file seen now is stale.
+            remove_stale_temporaries(directory, (LEDGER_FILE,))
             if not path.exists():
                 if budget is None:
                     raise PrivacyError(

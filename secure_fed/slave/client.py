@@ -16,7 +16,7 @@ import math
 import random
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -62,6 +62,7 @@ from secure_fed.privacy.ledger import (
     PrivacyLedger,
 )
 from secure_fed.privacy.training import DPSettings
+from secure_fed.private_files import read_private_file
 from secure_fed.protocol.messages import (
     PROTOCOL_VERSION,
     Accepted,
@@ -91,6 +92,7 @@ from secure_fed.protocol.secagg_messages import (
     parse_secagg_message,
 )
 from secure_fed.protocol.secagg_settings import SecAggSettings
+from secure_fed.slave.report import SlaveReport, TrainedAttempt
 from secure_fed.slave.updates import steps_per_round, train_update
 from secure_fed.transport.channel import Channel, open_connection
 from secure_fed.transport.tls import client_ssl_context, load_presented_certificate
@@ -100,23 +102,6 @@ log = logging.getLogger(__name__)
 SignedMessage = TypeVar("SignedMessage", UpdateHeader, Decline)
 
 EventSink = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass
-class SlaveReport:
-    """What a slave did in one run of :meth:`Slave.run`.
-
-    Args:
-        epsilon: the data source's lifetime ε (every federation), from its ledger.
-        federation_epsilon: the ε this federation took (what its master was told).
-    """
-
-    slave_id: str
-    rounds_trained: list[int] = field(default_factory=list)
-    rounds_declined: list[int] = field(default_factory=list)
-    epsilon: float = 0.0
-    federation_epsilon: float = 0.0
-    finished_reason: str = ""
 
 
 class _Retry(Exception):
@@ -170,6 +155,7 @@ class Slave:
         allow_no_dp: bool = False,
     ) -> None:
         self.bundle = bundle
+        self._private_key()  # a key that others can read is refused before any ledger is opened
         self.allow_no_dp = allow_no_dp
         if allow_no_dp:
             log.warning("slave '%s' takes tasks WITHOUT differential privacy (--allow-no-dp): "
@@ -224,6 +210,9 @@ class Slave:
         self.report = SlaveReport(self.config.slave_id)
         self._pushback: list[str | bytes] = []
         self._secagg: SlaveSecAgg | None = None
+
+    def _private_key(self) -> bytes:
+        return read_private_file(self.bundle.key, what="the slave's key")
 
     async def run(self) -> SlaveReport:
         """Take part until the master says the federation is finished."""
@@ -308,6 +297,9 @@ class Slave:
                                         message.code)
                 elif isinstance(message, Accepted | Rejected | RoundEnd):
                     self._on_event(message.type, message.model_dump())
+                    if isinstance(message, Accepted | Rejected):
+                        self.report.record_verdict(message.nonce,
+                                                   accepted=isinstance(message, Accepted))
                     if isinstance(message, Rejected):
                         log.warning("round %d: the master refused our update: %s",
                                     message.round, message.reason)
@@ -391,6 +383,8 @@ class Slave:
                       else str(self._lifetime_exhausted(exc)))
             await self._decline(channel, task, reason, final=True)
             return
+        paid = TrainedAttempt(round=task.round, attempt=task.attempt, nonce=task.nonce)
+        self.report.attempts.append(paid)
         crash_point("slave.after_ledger")
         spent = self.ledger.spent_in(self.ledger_federation)
         try:
@@ -418,7 +412,7 @@ class Slave:
             await channel.send_bytes(chunk)
             crash_point("slave.mid_upload")
         crash_point("slave.after_upload")
-        self.report.rounds_trained.append(task.round)
+        paid.sent = True
         self._on_event("uploaded", {"round": task.round, "bytes": sum(len(c) for c in chunks),
                                     "epsilon": _bounded(spent), "loss": result.loss})
 
@@ -459,7 +453,7 @@ class Slave:
                 raise IdentityError(f"the certificate given for '{party}' names another party")
             verify_signature(certificate, data, signature)
 
-        key = self.bundle.key.read_bytes()
+        key = self._private_key()
         try:
             self._check_mask_parties(len(info.parties), "parties")
             if info.neighbours is not None:
@@ -713,7 +707,7 @@ class Slave:
     def _signed(self, message: SignedMessage) -> SignedMessage:
         """``message`` with this slave's signature over every other field of it."""
         signed = signing_bytes(self.config.federation_id, message)
-        signature = base64.b64encode(sign(self.bundle.key.read_bytes(), signed)).decode("ascii")
+        signature = base64.b64encode(sign(self._private_key(), signed)).decode("ascii")
         return message.model_copy(update={"signature": signature})
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import ssl
-import stat
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +29,7 @@ from secure_fed.crypto.certificates import (
     verify_issued_by,
 )
 from secure_fed.errors import IdentityError
+from secure_fed.private_files import read_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +50,7 @@ def _check_identity_files(
             f"certificate {str(cert_path)!r} is a {actual} certificate, but a {role} "
             f"certificate is needed here; pass the {role}'s certificate"
         )
-    try:
-        key_pem = key_path.read_bytes()
-        mode = key_path.stat().st_mode
-    except OSError as exc:
-        raise IdentityError(
-            f"cannot read private key {str(key_path)!r}: {exc.strerror}; check the path"
-        ) from exc
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        logger.warning(
-            "private key %s is readable by other users (mode %o); run chmod 600 on it",
-            key_path, stat.S_IMODE(mode),
-        )
+    key_pem = read_private_file(key_path, what=f"the {role}'s TLS key")
     if not key_matches_certificate(cert, key_pem):
         raise IdentityError(
             f"private key {str(key_path)!r} does not belong to certificate {str(cert_path)!r}; "
