@@ -159,7 +159,7 @@ def test_every_message_type_has_a_heading_in_the_protocol_document() -> None:
     text = DOC.read_text(encoding="utf-8")
     for name in MESSAGE_TYPES:
         assert re.search(rf"^(`\w+` / )?`{name}`", text, re.MULTILINE), name
-    assert "secure-fed-update-v1" in text and "`signature`" in text
+    assert "secure-fed-update-v2" in text and "`signature`" in text
 
 
 # --- a live master --------------------------------------------------------------------------

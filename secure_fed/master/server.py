@@ -485,6 +485,14 @@ class Master:
         if previous is not None:
             log.info("slave '%s' connected again; closing its older connection", slave_id)
             await previous.close(4000, "replaced by a newer connection")
+            # The older connection is gone even if its reader has not noticed yet (it may be
+            # busy with the slave's last message): an upload it carried cannot go on here.
+            if self._round is not None and self._round.secagg is not None:
+                await self._send_all(self._round.secagg.note_absent(slave_id, time.monotonic()))
+            async with self._lock:
+                self.audit.append("slave_disconnected", {"slave": slave_id})
+                await self._apply(self.coordinator.slave_disconnected(slave_id,
+                                                                      time.monotonic()))
         async with self._lock:
             self.audit.append_slave_connected(slave_id, channel.certificate)
             self._on_event("slave_connected", {"slave": slave_id})
