@@ -8,20 +8,17 @@ master's committed model must differ from the previous one by exactly the decode
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from test_audit_slave_signatures import resign
 
 from secure_fed.audit.recompute import check_log
-from secure_fed.audit.verify import ZERO_HASH, canonical_bytes
 from secure_fed.config.settings import EncryptionSettings, LimitSettings
 from secure_fed.crypto import plain_codec as pc
-from secure_fed.crypto.certificates import sign
 from secure_fed.master.bundle import MasterBundle
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
@@ -198,25 +195,13 @@ def _audit_recomputes_the_graph_seed(out: Path, tmp_path: Path) -> None:
         forged.mkdir()
         records = _records(out)
         line = next(i for i, r in enumerate(records) if r["event"] == "aggregate_decrypted")
-        edit(seed_of(records[line]["data"]))
-        _resign(forged / "audit.jsonl", records, master_key)
+        (forged / "audit.jsonl").write_bytes((out / "audit.jsonl").read_bytes())
+        resign(forged / "audit.jsonl", master_key,
+               lambda rs, line=line, edit=edit: edit(seed_of(rs[line]["data"])))
         verdict = check_log(forged, ca_cert_pem=ca)
         assert [(f.line, f.event) for f in verdict.failures] == [
             (line + 1, "aggregate_decrypted")], verdict.failures
         assert reason in verdict.failures[0].reason
-
-
-def _resign(path: Path, records: list[dict[str, Any]], master_key: bytes) -> None:
-    """Write ``records`` as their master could: re-chained and re-signed with its own key."""
-    prev, lines = ZERO_HASH, []
-    for record in records:
-        unsigned = {k: v for k, v in record.items() if k not in ("sig", "prev")}
-        unsigned["prev"] = prev
-        line = canonical_bytes({**unsigned, "sig": base64.b64encode(
-            sign(master_key, canonical_bytes(unsigned))).decode()})
-        prev = hashlib.sha256(line).hexdigest()
-        lines.append(line + b"\n")
-    path.write_bytes(b"".join(lines))
 
 
 def test_slaves_refuse_a_graph_seed_the_master_chose(
