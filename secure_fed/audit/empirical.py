@@ -36,7 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from secure_fed.audit.onerun import DEFAULT_CONFIDENCE, epsilon_lower_bound, guess_membership
+from secure_fed.audit.onerun import (
+    DEFAULT_CONFIDENCE,
+    check_guess_plan,
+    epsilon_lower_bound,
+    guess_membership,
+)
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout, select, slave_partition
 from secure_fed.errors import AuditError
@@ -100,12 +105,7 @@ class EmpiricalOptions:
                                  ("rounds", self.rounds, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise AuditError(f"--{name} must be an integer ≥ {low}, got {value!r}")
-        k = self.per_side()
-        if not 1 <= 2 * k <= self.canaries:
-            raise AuditError(f"--guesses must be between 1 and canaries / 2 = "
-                             f"{self.canaries // 2}, got {k}")
-        if not 0.5 <= self.confidence < 1:
-            raise AuditError(f"confidence must be in [0.5, 1), got {self.confidence}")
+        check_guess_plan(self.per_side(), self.canaries, self.confidence)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,16 @@ def epsilon_lower_bound(m: int, r: int, v: int, *, delta: float,
     return low
 
 
+def check_guess_plan(per_side: int, canaries: int, confidence: float) -> None:
+    """Refuse a one-run audit's guessing plan that cannot work: ``per_side`` guesses "in" and
+    as many "out" among ``canaries``, at ``confidence`` (AuditError naming the option)."""
+    if not 1 <= 2 * per_side <= canaries:
+        raise AuditError(f"--guesses must be between 1 and canaries / 2 = {canaries // 2}, "
+                         f"got {per_side}")
+    if not 0.5 <= confidence < 1:
+        raise AuditError(f"confidence must be in [0.5, 1), got {confidence}")
+
+
 @dataclass(frozen=True)
 class Guesses:
     """The auditor's guesses on ``m`` canaries and how many were right.

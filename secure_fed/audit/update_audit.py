@@ -53,7 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secure_fed.audit.onerun import DEFAULT_CONFIDENCE, epsilon_lower_bound, guess_membership
+from secure_fed.audit.onerun import (
+    DEFAULT_CONFIDENCE,
+    check_guess_plan,
+    epsilon_lower_bound,
+    guess_membership,
+)
 from secure_fed.data.datasets import BUNDLED_DATASETS, Dataset
 from secure_fed.data.partition import slave_partition
 from secure_fed.errors import AuditError
@@ -119,12 +124,7 @@ class UpdateAuditOptions:
                 2 <= self.canaries <= 1000):
             raise AuditError(f"--canaries must be an integer between 2 and 1000, got "
                              f"{self.canaries!r}")
-        k = self.per_side()
-        if not 1 <= 2 * k <= self.canaries:
-            raise AuditError(f"--guesses must be between 1 and canaries / 2 = "
-                             f"{self.canaries // 2}, got {k}")
-        if not 0.5 <= self.confidence < 1:
-            raise AuditError(f"confidence must be in [0.5, 1), got {self.confidence}")
+        check_guess_plan(self.per_side(), self.canaries, self.confidence)
 
 
 @dataclass(frozen=True)
