@@ -90,3 +90,19 @@ def test_bench_codec_json_last_line_is_the_default_preset(
     for key in ("bytes_per_value", "encrypt_serialize_s_per_M", "aggregate_s_per_M_per_slave",
                 "decrypt_s_per_M", "max_abs_error", "security_bits"):
         assert row[key] > 0, key
+
+
+def test_a_master_on_a_port_in_use_says_so_in_one_line(
+    federation_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["master", str(federation_dir / "master"), "--port", str(port),
+                     "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another port" in err

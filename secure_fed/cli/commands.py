@@ -141,7 +141,15 @@ def cmd_master(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[int] = loop.create_future()
         task = asyncio.create_task(master.run(ready=ready))
-        port = await asyncio.wait_for(asyncio.shield(ready), timeout=120)
+        # The master either listens (ready) or fails first (e.g. the port is taken): then its
+        # error, not a wait for a port that never comes.
+        pending: set[asyncio.Future[Any]] = {task, ready}
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            await task  # raises the master's error
+            return
+        port = ready.result()
         if args.port_file:
             tmp = Path(f"{args.port_file}.tmp")
             tmp.write_text(str(port))

@@ -113,11 +113,18 @@ async def start_server(
     ssl_context: ssl.SSLContext | None,
     limits: LimitSettings,
 ) -> Server:
-    """Listen for slaves with mutual TLS (``ssl_context``) and the project's limits."""
-    return await serve(
-        handler, host, port, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-        server_header=None, compression=None, **_limits(limits),
-    )
+    """Listen for slaves with mutual TLS (``ssl_context``) and the project's limits; raises
+    :class:`TransportError` when the address cannot be bound (in use, not this machine's)."""
+    try:
+        return await serve(
+            handler, host, port, ssl=ssl_context,
+            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            server_header=None, compression=None, **_limits(limits),
+        )
+    except OSError as exc:
+        raise TransportError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another port "
+            "(--port, or [port] in federation.toml) or stop the process that holds it") from exc
 
 
 async def open_connection(
