@@ -58,6 +58,7 @@ BEFORE_TRAINING = {"slave.secagg_advertised", "slave.secagg_shared"}
 @pytest.mark.parametrize(("protection", "mode", "slave_point", "master_point"), [
     ("mask", "delta", "slave.secagg_advertised", "master.unmasking"),
     ("mask", "delta", "slave.secagg_shared", "master.decrypted"),
+    ("mask", "delta", "slave.unmasking", "master.unmasking"),
     # A mask upload is one chunk for this model; an he+mask one is two, so it can be cut.
     ("he+mask", "distill", "slave.mid_upload", "master.decrypted"),
     ("he+mask", "distill", "slave.unmasking", "master.unmasking"),
