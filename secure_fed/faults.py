@@ -22,6 +22,8 @@ returns. Named points (see ``docs/operations.md`` for what each one leaves behin
                                         ``summary.json`` is not rewritten yet
 ``master.unmasking``                    a masked round's sum is decrypted (``he+mask``) or added
                                         (``mask``); the survivors' shares are not yet asked for
+``slave.secagg_advertised``             the slave sent its signed key advertisement (secure
+                                        aggregation phase 0); it has sent no share yet
 ``slave.secagg_shared``                 the slave sent its encrypted key shares (secure
                                         aggregation phase 1); it has not trained yet
 ``slave.training``                      local training ran; nothing is in the privacy ledger and
@@ -29,6 +31,8 @@ returns. Named points (see ``docs/operations.md`` for what each one leaves behin
 ``slave.after_ledger``                  the ledger holds the round's entry; nothing was sent
 ``slave.mid_upload``                    the update header and a first chunk were sent
 ``slave.after_upload``                  every chunk of the update was sent
+``slave.unmasking``                     the master asked for the slave's shares of a masked
+                                        round (phase 3); none is sent yet
 ======================================  =========================================================
 """
 

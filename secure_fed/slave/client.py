@@ -466,6 +466,7 @@ class Slave:
             self._secagg = SlaveSecAgg(settings, self.config.slave_id,
                                        sign=lambda data: sign(key, data), verify=verify)
             await channel.send(self._secagg.advertise())
+            crash_point("slave.secagg_advertised")
             key_list = await self._await_secagg(channel, KeyList)
             if key_list is None:
                 return None
@@ -527,6 +528,7 @@ class Slave:
             log.warning("unmask request for round %d but no masked update was sent; ignored",
                         message.round)
             return
+        crash_point("slave.unmasking")
         try:
             self._check_mask_parties(len(message.survivors), "survivors")
             response = self._secagg.unmask(message)
