@@ -326,3 +326,35 @@ def audit_verify(out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # noqa: S603 - our own command line
         [sys.executable, "-m", "secure_fed.cli.main", "audit", "verify", str(out)],
         capture_output=True, text=True, timeout=120, check=False)
+
+
+def run_with_kills(tmp_path: Path, *, rounds: int, protection: str, mode: str,
+                   slave_point: str, master_point: str, **deadlines: float) -> tuple[Path, Path]:
+    """A federation of slaves a, b and c in which c is killed at ``slave_point`` in round 1
+    and started again, and the master the second time it reaches ``master_point`` (once per
+    masked sum: round 2) and started again; returns (federation folder, output folder) once
+    every process ended with status 0. ``deadlines`` go to :func:`make_federation`."""
+    fed, out = tmp_path / "fed", tmp_path / "run"
+    slave_ids = ("a", "b", "c")
+    make_federation(fed, list(slave_ids), rounds=rounds, min_slaves=2, protection=protection,
+                    mode=mode, min_mask_parties=2, **deadlines)  # type: ignore[arg-type]
+    port = free_port()
+
+    def slave(zygote: Zygote, slave_id: str, name: str, crash_at: str | None = None) -> Proc:
+        index = slave_ids.index(slave_id)
+        return zygote.launch(slave_args(fed, slave_id, f"{index}/3", tmp_path / slave_id, port),
+                             tmp_path / f"{name}.log", crash_at)
+
+    with Zygote() as zygote:
+        master = zygote.launch(master_args(fed, out, port), tmp_path / "master-0.log",
+                               f"{master_point}:2")
+        a, b = slave(zygote, "a", "slave-a"), slave(zygote, "b", "slave-b")
+        c = slave(zygote, "c", "slave-c-0", slave_point)
+        expect_crash(c, slave_point, timeout=120)
+        c = slave(zygote, "c", "slave-c-1")
+        expect_crash(master, master_point, timeout=180)
+        final = zygote.launch(master_args(fed, out, port), tmp_path / "master-1.log")
+        assert final.wait(timeout=240) == 0, final.output()[-3000:]
+        for proc in (a, b, c):
+            assert proc.wait(timeout=60) == 0, proc.output()[-3000:]
+    return fed, out

@@ -22,16 +22,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load as load_arrays
 from test_crash_harness import (
-    Proc,
-    Zygote,
     audit_verify,
     events,
-    expect_crash,
-    free_port,
     ledger_entries,
-    make_federation,
-    master_args,
-    slave_args,
+    run_with_kills,
 )
 
 from secure_fed.master.bundle import MasterBundle
@@ -44,29 +38,9 @@ PLAN_EPSILON = 8.0  # make_federation's plan
 def test_kills_during_secure_aggregation_lose_no_round_and_count_none_twice(
     tmp_path: Path,
 ) -> None:
-    fed, out = tmp_path / "fed", tmp_path / "run"
-    slave_ids = ("a", "b", "c")
-    make_federation(fed, list(slave_ids), rounds=ROUNDS, min_slaves=2, protection="he+mask",
-                    mode="gradient", min_mask_parties=2)
-    port = free_port()
-
-    def slave(zygote: Zygote, slave_id: str, name: str, crash_at: str | None = None) -> Proc:
-        index = slave_ids.index(slave_id)
-        return zygote.launch(slave_args(fed, slave_id, f"{index}/3", tmp_path / slave_id, port),
-                             tmp_path / f"{name}.log", crash_at)
-
-    with Zygote() as zygote:
-        master = zygote.launch(master_args(fed, out, port), tmp_path / "master-0.log",
-                               "master.unmasking:2")
-        a, b = slave(zygote, "a", "slave-a"), slave(zygote, "b", "slave-b")
-        c = slave(zygote, "c", "slave-c-0", "slave.secagg_shared")
-        expect_crash(c, "slave.secagg_shared", timeout=120)
-        c = slave(zygote, "c", "slave-c-1")
-        expect_crash(master, "master.unmasking", timeout=180)
-        final = zygote.launch(master_args(fed, out, port), tmp_path / "master-1.log")
-        assert final.wait(timeout=240) == 0, final.output()[-3000:]
-        for proc in (a, b, c):
-            assert proc.wait(timeout=60) == 0, proc.output()[-3000:]
+    slave_ids = ("a", "b", "c")  # run_with_kills' slaves
+    fed, out = run_with_kills(tmp_path, rounds=ROUNDS, protection="he+mask", mode="gradient",
+                              slave_point="slave.secagg_shared", master_point="master.unmasking")
 
     committed = events(out, "model_committed")
     assert [r["round"] for r in committed] == list(range(1, ROUNDS + 1))

@@ -35,17 +35,11 @@ from typing import Any
 
 import pytest
 from test_crash_harness import (
-    Proc,
-    Zygote,
     audit_records,
     audit_verify,
     events,
-    expect_crash,
-    free_port,
     ledger_entries,
-    make_federation,
-    master_args,
-    slave_args,
+    run_with_kills,
 )
 
 from secure_fed.master.store import ModelStore
@@ -66,31 +60,10 @@ BEFORE_TRAINING = {"slave.secagg_advertised", "slave.secagg_shared"}
 def test_kills_at_secure_aggregation_phases_lose_no_round_and_count_none_twice(
     tmp_path: Path, protection: str, mode: str, slave_point: str, master_point: str,
 ) -> None:
-    fed, out = tmp_path / "fed", tmp_path / "run"
-    slave_ids = ("a", "b", "c")
-    make_federation(fed, list(slave_ids), rounds=ROUNDS, min_slaves=2, join_timeout_s=20,
-                    upload_deadline_s=30, protection=protection, mode=mode,
-                    min_mask_parties=2)
-    port = free_port()
-
-    def slave(zygote: Zygote, slave_id: str, name: str, crash_at: str | None = None) -> Proc:
-        index = slave_ids.index(slave_id)
-        return zygote.launch(slave_args(fed, slave_id, f"{index}/3", tmp_path / slave_id, port),
-                             tmp_path / f"{name}.log", crash_at)
-
-    with Zygote() as zygote:
-        # The master's point is reached once per masked sum: the second time is in round 2.
-        master = zygote.launch(master_args(fed, out, port), tmp_path / "master-0.log",
-                               f"{master_point}:2")
-        a, b = slave(zygote, "a", "slave-a"), slave(zygote, "b", "slave-b")
-        c = slave(zygote, "c", "slave-c-0", slave_point)
-        expect_crash(c, slave_point, timeout=90)
-        c = slave(zygote, "c", "slave-c-1")
-        expect_crash(master, master_point, timeout=90)
-        final = zygote.launch(master_args(fed, out, port), tmp_path / "master-1.log")
-        assert final.wait(timeout=120) == 0, final.output()[-3000:]
-        for proc in (a, b, c):
-            assert proc.wait(timeout=60) == 0, proc.output()[-3000:]
+    slave_ids = ("a", "b", "c")  # run_with_kills' slaves
+    fed, out = run_with_kills(tmp_path, rounds=ROUNDS, protection=protection, mode=mode,
+                              slave_point=slave_point, master_point=master_point,
+                              join_timeout_s=20, upload_deadline_s=30)
 
     committed = events(out, "model_committed")
     assert [r["round"] for r in committed] == list(range(1, ROUNDS + 1))
