@@ -454,16 +454,21 @@ def test_master_refuses_bad_messages(identities: dict[str, tuple[bytes, bytes]])
                                   if p != "s0") + run.inputs["s0"].astype(object)]
 
 
+def _with_a_flipped_self_mask_share(response: Any) -> Any:
+    """``response`` with one bit of its first revealed self-mask share flipped."""
+    first = response.self_mask_shares[0]
+    bad = first.model_copy(update={"value": f"{int(first.value, 16) ^ 1:066x}"})
+    return response.model_copy(
+        update={"self_mask_shares": [bad, *response.self_mask_shares[1:]]})
+
+
 def test_corrupted_revealed_share_is_detected(
         identities: dict[str, tuple[bytes, bytes]]) -> None:
     run, request = _masked_round(identities)
     for p in PARTIES:
         response = run.slaves[p].unmask(request)
         if p == "s6":
-            first = response.self_mask_shares[0]
-            bad = first.model_copy(update={"value": f"{int(first.value, 16) ^ 1:066x}"})
-            response = response.model_copy(
-                update={"self_mask_shares": [bad, *response.self_mask_shares[1:]]})
+            response = _with_a_flipped_self_mask_share(response)
         run.master.receive_unmask(p, response)
     with pytest.raises(CryptoError, match="inconsistent"):
         run.master.finish()
@@ -612,10 +617,7 @@ def test_a_flipped_bit_in_a_self_mask_share_is_caught_with_exactly_t_responders(
     for p in responders:
         response = run.slaves[p].unmask(request)
         if p == "s6":
-            first = response.self_mask_shares[0]
-            bad = first.model_copy(update={"value": f"{int(first.value, 16) ^ 1:066x}"})
-            response = response.model_copy(
-                update={"self_mask_shares": [bad, *response.self_mask_shares[1:]]})
+            response = _with_a_flipped_self_mask_share(response)
         run.master.receive_unmask(p, wire(response))
     with pytest.raises(CryptoError, match=r"self-mask seed of 's0' rebuilt .* does not match "
                                           "the commitment 's0' signed"):
