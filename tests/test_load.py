@@ -80,7 +80,7 @@ async def _one_slave(bundle_dir: Path, index: int, url: str, encoder: Any) -> in
         parse_master_message,
         signing_bytes,
     )
-    from secure_fed.transport.channel import Channel, open_connection
+    from secure_fed.transport.channel import WebSocketChannel, open_connection
     from secure_fed.transport.tls import client_ssl_context
 
     bundle = SlaveBundle.load(bundle_dir)
@@ -97,7 +97,7 @@ async def _one_slave(bundle_dir: Path, index: int, url: str, encoder: Any) -> in
             await asyncio.sleep(0.25)
     else:
         raise RuntimeError(f"slave {index} could not connect to {url}")
-    channel = Channel(connection, "master")
+    channel = WebSocketChannel(connection, "master")
     await channel.send(Hello(protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
                              public_context_sha256=context_digest(public)))
     welcome = parse_master_message(await channel.receive(30))

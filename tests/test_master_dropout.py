@@ -45,7 +45,7 @@ def test_slave_dropping_mid_upload_is_discarded_and_the_round_retried(
         await real_send_bytes(self, data)
 
     b_channels: list[Any] = []
-    real_init = channel_module.Channel.__init__
+    real_init = channel_module.WebSocketChannel.__init__
 
     def recording_init(self: Any, connection: Any, peer: str) -> None:
         real_init(self, connection, peer)
@@ -53,7 +53,7 @@ def test_slave_dropping_mid_upload_is_discarded_and_the_round_retried(
             b_channels.append(self)
 
     monkeypatch.setattr(channel_module.Channel, "send_bytes", flaky_send_bytes)
-    monkeypatch.setattr(channel_module.Channel, "__init__", recording_init)
+    monkeypatch.setattr(channel_module.WebSocketChannel, "__init__", recording_init)
 
     async def scenario() -> tuple[Master, list[Any]]:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)

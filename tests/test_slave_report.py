@@ -57,7 +57,7 @@ def test_a_paid_attempt_whose_update_never_left_is_reported(
     fed = tmp_path / "fed"
     shutil.copytree(federation_dir, fed)
     channels: dict[str, list[Any]] = {"a": [], "b": []}
-    real_init, real_record = channel_module.Channel.__init__, PrivacyLedger.record
+    real_init, real_record = channel_module.WebSocketChannel.__init__, PrivacyLedger.record
 
     def recording_init(self: Any, connection: Any, peer: str) -> None:
         real_init(self, connection, peer)
@@ -73,7 +73,7 @@ def test_a_paid_attempt_whose_update_never_left_is_reported(
             cut.append(entries[0].round)
             channels["b"][-1].connection.transport.abort()
 
-    monkeypatch.setattr(channel_module.Channel, "__init__", recording_init)
+    monkeypatch.setattr(channel_module.WebSocketChannel, "__init__", recording_init)
     monkeypatch.setattr(PrivacyLedger, "record", record_then_cut)
 
     async def scenario() -> list[Any]:

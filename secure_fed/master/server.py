@@ -30,6 +30,7 @@ from secure_fed.audit.verify import read_verified_records
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.crypto.aggregator import Aggregator
 from secure_fed.crypto.certificates import (
+    certificate_role,
     decode_signature,
     party_id_from_certificate,
     verify_signature,
@@ -77,11 +78,9 @@ from secure_fed.protocol.messages import (
     signing_bytes,
 )
 from secure_fed.protocol.secagg_messages import is_secagg_text, parse_secagg_message
-from secure_fed.transport.channel import Channel, start_server
+from secure_fed.transport.channel import Channel, WebSocketChannel, start_server
 from secure_fed.transport.tls import (
     load_presented_certificate,
-    peer_certificate,
-    peer_party_id,
     server_ssl_context,
     usable_crl,
 )
@@ -410,12 +409,17 @@ class Master:
             return
         await self._send_all(state.secagg.on_message(channel.peer, parsed, time.monotonic()))
 
-    def _identify(self, connection: Any) -> tuple[str, x509.Certificate]:
-        """The slave id and certificate of a connection, checked right after the handshake."""
-        ssl_object = connection.transport.get_extra_info("ssl_object")
+    def _identify(self, channel: Channel) -> tuple[str, x509.Certificate]:
+        """The slave id and certificate the transport authenticated, checked right after the
+        handshake."""
         try:
-            slave_id = peer_party_id(ssl_object, expected_role="slave")
-            certificate = peer_certificate(ssl_object)
+            certificate = channel.authenticated_certificate()
+            if certificate is None:
+                raise IdentityError("the transport authenticated no certificate")
+            slave_id = party_id_from_certificate(certificate)
+            if certificate_role(certificate) != "slave":
+                raise IdentityError(f"'{slave_id}' holds a {certificate_role(certificate)} "
+                                    "certificate where a slave was expected")
         except SecureFedError as exc:
             raise ProtocolError(f"client certificate required: {exc}", 1008) from exc
         return self._admit(slave_id, certificate)
@@ -442,40 +446,47 @@ class Master:
         return slave_id, certificate
 
     async def _handle(self, connection: Any) -> None:
+        await self.accept(WebSocketChannel(connection, "(unidentified)"))
+
+    async def accept(self, channel: Channel) -> None:
+        """Admit, greet and serve one slave connection until it ends.
+
+        The websocket server calls it for every connection; an in-memory transport calls it
+        with its master end (:func:`secure_fed.transport.memory.memory_pair`).
+        """
         limit = self.config.limits.max_pending_connections
         if self._pending >= limit:
-            log.warning("refusing a connection: %d connections are already waiting for their "
-                        "'hello' (max_pending_connections=%d)", self._pending, limit)
-            await Channel(connection, "?").close(1013, "too many pending connections; retry")
+            log.warning("refusing a connection from %s: %d connections are already waiting "
+                        "for their 'hello' (max_pending_connections=%d)", channel.address,
+                        self._pending, limit)
+            await channel.close(1013, "too many pending connections; retry")
             return
         self._pending += 1
         try:
-            channel = await self._admit_connection(connection)
+            admitted = await self._admit_connection(channel)
         finally:
             self._pending -= 1
-        if channel is not None:
+        if admitted:
             await self._serve(channel)
 
-    async def _admit_connection(self, connection: Any) -> Channel | None:
-        """Identify and greet a new connection; ``None`` if it was refused (and closed)."""
-        if self.insecure_loopback:
-            channel = Channel(connection, "(unidentified)")
-        else:
+    async def _admit_connection(self, channel: Channel) -> bool:
+        """Identify and greet a new connection; ``False`` if it was refused (and closed)."""
+        if not self.insecure_loopback:
             try:
-                slave_id, certificate = self._identify(connection)
+                slave_id, certificate = self._identify(channel)
             except ProtocolError as exc:
-                log.warning("refusing a connection: %s", exc)
-                await Channel(connection, "?").close(exc.close_code, str(exc))
-                return None
-            channel = Channel(connection, slave_id)
+                log.warning("refusing a connection from %s: %s", channel.address, exc)
+                await channel.close(exc.close_code, str(exc))
+                return False
+            channel.peer = slave_id
             channel.certificate = certificate
         try:
             await self._greet(channel)
         except (ProtocolError, TransportError) as exc:
             log.warning("handshake with '%s' failed: %s", channel.peer, exc)
             await self._refuse(channel, exc)
-            return None
-        return channel
+            return False
+        return True
 
     async def _serve(self, channel: Channel) -> None:
         """Read a greeted slave's messages until it leaves or breaks a limit."""

@@ -94,7 +94,7 @@ from secure_fed.protocol.secagg_messages import (
 from secure_fed.protocol.secagg_settings import SecAggSettings
 from secure_fed.slave.report import SlaveReport, TrainedAttempt
 from secure_fed.slave.updates import steps_per_round, train_update
-from secure_fed.transport.channel import Channel, open_connection
+from secure_fed.transport.channel import Channel, WebSocketChannel, open_connection
 from secure_fed.transport.tls import client_ssl_context, load_presented_certificate
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class Slave:
                     delay = min(delay * 2, 30.0)
                     continue
                 delay = 0.5
-                channel = Channel(connection, "master")
+                channel = WebSocketChannel(connection, "master")
                 try:
                     if await self._session(channel, encoder):
                         break

@@ -7,6 +7,7 @@ loopback throughput about twentyfold (measured: ~350 MB/s → ~18 MB/s).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import ssl
@@ -22,17 +23,23 @@ from websockets.exceptions import ConnectionClosed
 from secure_fed.config import LimitSettings
 from secure_fed.errors import ProtocolError, TransportError
 from secure_fed.protocol.messages import SUBPROTOCOL, encode
+from secure_fed.transport.tls import peer_certificate, peer_party_id
 
 log = logging.getLogger(__name__)
 
 Connection = ServerConnection | ClientConnection
 
 
-class Channel:
-    """One end of a secure_fed connection.
+class Channel(abc.ABC):
+    """One end of a secure_fed connection, whatever carries it.
+
+    The round logic of both roles talks to a ``Channel`` only, so the same code runs over
+    mutual-TLS websockets (:class:`WebSocketChannel`) and over an in-memory pair in one
+    process (:mod:`secure_fed.transport.memory`). An implementation provides four things:
+    sending one message, receiving one message, closing with a code, and the certificate
+    the transport itself authenticated.
 
     Args:
-        connection: the websockets connection.
         peer: who is at the other end (a party id taken from its certificate).
 
     Attributes:
@@ -41,10 +48,37 @@ class Channel:
             to verify the slave's update signatures. ``None`` until then.
     """
 
-    def __init__(self, connection: Connection, peer: str) -> None:
-        self.connection = connection
+    def __init__(self, peer: str) -> None:
         self.peer = peer
         self.certificate: x509.Certificate | None = None
+
+    @property
+    @abc.abstractmethod
+    def address(self) -> str:
+        """Where the peer connects from, for logs (``host:port``, or a name in memory)."""
+
+    @abc.abstractmethod
+    def authenticated_certificate(self) -> x509.Certificate | None:
+        """The certificate the transport verified for the peer, or ``None`` if the transport
+        authenticates nobody (plain ws://, where a slave sends its certificate in ``hello``).
+
+        Raises:
+            IdentityError: the transport claims authentication but holds no usable
+                certificate.
+        """
+
+    @abc.abstractmethod
+    async def _send(self, payload: str | bytes) -> None:
+        """Send one message; raise :class:`TransportError` when the connection is gone."""
+
+    @abc.abstractmethod
+    async def _recv(self) -> str | bytes:
+        """Receive one message; raise :class:`TransportError` when the connection closes.
+        Cancellation must leave the channel usable (``receive_within`` relies on it)."""
+
+    @abc.abstractmethod
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close with a websocket close code and a reason the peer can log (≤ 123 bytes)."""
 
     async def send(self, message: BaseModel) -> None:
         """Send a control message as one JSON text message."""
@@ -54,6 +88,58 @@ class Channel:
         """Send one binary message (a model or a ciphertext chunk)."""
         await self._send(data)
 
+    async def receive(self, timeout_s: float | None = None) -> str | bytes:
+        """Receive one message; raise :class:`TransportError` on close or timeout."""
+        try:
+            return await asyncio.wait_for(self._recv(), timeout_s)
+        except TimeoutError as exc:
+            raise TransportError(f"no message from '{self.peer}' within {timeout_s:g} s") from exc
+
+    async def receive_within(self, timeout_s: float) -> str | bytes | None:
+        """Receive one complete message, or ``None`` if none completed within ``timeout_s``.
+
+        Raises :class:`TransportError` when the connection closes.
+        """
+        try:
+            return await asyncio.wait_for(self._recv(), timeout_s)
+        except TimeoutError:
+            return None
+
+    async def fail(self, error: ProtocolError) -> None:
+        """Close the connection because the peer broke the protocol."""
+        log.warning("closing connection to '%s': %s", self.peer, error)
+        await self.close(error.close_code, str(error))
+
+
+def close_reason(reason: str) -> str:
+    """``reason`` cut to what a websocket close frame carries (123 bytes, whole characters)."""
+    return reason.encode("utf-8")[:120].decode("utf-8", "ignore")
+
+
+class WebSocketChannel(Channel):
+    """A :class:`Channel` over a websockets connection (TLS or, on loopback, plain).
+
+    Args:
+        connection: the websockets connection.
+        peer: who is at the other end.
+    """
+
+    def __init__(self, connection: Connection, peer: str) -> None:
+        super().__init__(peer)
+        self.connection = connection
+
+    @property
+    def address(self) -> str:
+        peername = self.connection.transport.get_extra_info("peername")
+        return format_address(peername)
+
+    def authenticated_certificate(self) -> x509.Certificate | None:
+        ssl_object = self.connection.transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        peer_party_id(ssl_object)  # the handshake verified it and it names one party
+        return peer_certificate(ssl_object)
+
     async def _send(self, payload: str | bytes) -> None:
         # A connection that dies mid-send surfaces as TransportError, like one that dies
         # mid-receive, so that callers have one failure to handle (and reconnect on).
@@ -62,36 +148,22 @@ class Channel:
         except (ConnectionClosed, OSError) as exc:
             raise TransportError(f"connection to '{self.peer}' lost while sending: {exc}") from exc
 
-    async def receive(self, timeout_s: float | None = None) -> str | bytes:
-        """Receive one message; raise :class:`TransportError` on close or timeout."""
+    async def _recv(self) -> str | bytes:
         try:
-            message = await asyncio.wait_for(self.connection.recv(), timeout_s)
-        except TimeoutError as exc:
-            raise TransportError(f"no message from '{self.peer}' within {timeout_s:g} s") from exc
-        except ConnectionClosed as exc:
-            raise TransportError(f"connection to '{self.peer}' closed: {exc}") from exc
-        return message
-
-    async def receive_within(self, timeout_s: float) -> str | bytes | None:
-        """Receive one complete message, or ``None`` if none completed within ``timeout_s``.
-
-        Raises :class:`TransportError` when the connection closes.
-        """
-        try:
-            return await asyncio.wait_for(self.connection.recv(), timeout_s)
-        except TimeoutError:
-            return None
+            return await self.connection.recv()
         except ConnectionClosed as exc:
             raise TransportError(f"connection to '{self.peer}' closed: {exc}") from exc
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """Close with a websocket close code and a reason the peer can log (≤ 123 bytes)."""
-        await self.connection.close(code, reason.encode("utf-8")[:120].decode("utf-8", "ignore"))
+        await self.connection.close(code, close_reason(reason))
 
-    async def fail(self, error: ProtocolError) -> None:
-        """Close the connection because the peer broke the protocol."""
-        log.warning("closing connection to '%s': %s", self.peer, error)
-        await self.close(error.close_code, str(error))
+
+def format_address(peername: Any) -> str:
+    """``host:port`` of a socket peer name (IPv4 or IPv6), ``?`` when unknown."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "?"
 
 
 def _limits(limits: LimitSettings) -> dict[str, Any]:
