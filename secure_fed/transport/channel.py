@@ -24,6 +24,7 @@ from secure_fed.config import LimitSettings
 from secure_fed.errors import ProtocolError, TransportError
 from secure_fed.protocol.messages import SUBPROTOCOL, encode
 from secure_fed.transport.tls import peer_certificate, peer_party_id
+from secure_fed.transport.tls_accept import TLSGateFactory, format_address
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +159,6 @@ class WebSocketChannel(Channel):
         await self.connection.close(code, close_reason(reason))
 
 
-def format_address(peername: Any) -> str:
-    """``host:port`` of a socket peer name (IPv4 or IPv6), ``?`` when unknown."""
-    if isinstance(peername, tuple) and len(peername) >= 2:
-        host, port = peername[0], peername[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return "?"
-
-
 def _limits(limits: LimitSettings) -> dict[str, Any]:
     return {
         "max_size": limits.max_message_bytes,
@@ -177,6 +170,34 @@ def _limits(limits: LimitSettings) -> dict[str, Any]:
     }
 
 
+class Listener:
+    """A listening websocket server, and the TLS handshakes it runs in front of it.
+
+    Attributes:
+        sockets: the listening sockets (``sockets[0].getsockname()[1]`` is the port).
+        tls: the TLS gate (``None`` when serving plain ws://); ``tls.refusals.total`` counts
+            the clients refused at the handshake.
+    """
+
+    def __init__(self, server: Server, tls: TLSGateFactory | None) -> None:
+        self._server = server
+        self.tls = tls
+
+    @property
+    def sockets(self) -> Any:
+        return self._server.sockets
+
+    def close(self) -> None:
+        """Stop accepting, and close the open connections (as ``Server.close``)."""
+        self._server.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the server is closed, abandoning handshakes still running."""
+        await self._server.wait_closed()
+        if self.tls is not None:
+            await self.tls.close()
+
+
 async def start_server(
     handler: Callable[[ServerConnection], Awaitable[None]],
     host: str,
@@ -184,19 +205,30 @@ async def start_server(
     *,
     ssl_context: ssl.SSLContext | None,
     limits: LimitSettings,
-) -> Server:
+) -> Listener:
     """Listen for slaves with mutual TLS (``ssl_context``) and the project's limits; raises
-    :class:`TransportError` when the address cannot be bound (in use, not this machine's)."""
+    :class:`TransportError` when the address cannot be bound (in use, not this machine's).
+
+    The TLS handshake is run by :mod:`secure_fed.transport.tls_accept` rather than by
+    asyncio, so that a client refused at the handshake is logged with its address and the
+    reason.
+    """
+    tls = None
+    extra: dict[str, Any] = {}
+    if ssl_context is not None:
+        tls = TLSGateFactory(ssl_context, handshake_timeout_s=limits.open_timeout_s)
+        extra["create_connection"] = tls
     try:
-        return await serve(
-            handler, host, port, ssl=ssl_context,
+        server = await serve(
+            handler, host, port, ssl=None,
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-            server_header=None, compression=None, **_limits(limits),
+            server_header=None, compression=None, **_limits(limits), **extra,
         )
     except OSError as exc:
         raise TransportError(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another port "
             "(--port, or [port] in federation.toml) or stop the process that holds it") from exc
+    return Listener(server, tls)
 
 
 async def open_connection(
