@@ -174,7 +174,7 @@ def test_reference_builds_without_warnings(reference: tuple[Path, dict[str, list
     for module in api_modules():
         page = out / (module.replace(".", "/") + ".html")
         assert page.is_file(), page
-    assert {"secure_fed.master.server", "secure_fed.crypto.keyholder"} <= set(report["modules"])
+    assert {"secure_fed.master.server", "secure_fed.he.keyholder"} <= set(report["modules"])
     assert not any(m.startswith(("secure_fed.cli", "secure_fed.transport"))
                    for m in report["modules"]), "internal modules leaked into the reference"
 

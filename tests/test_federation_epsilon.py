@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from dp_accounting import dp_event, pld
 
-from secure_fed.master.bundle import SlaveBundle
+from secure_fed.he.bundle import SlaveBundle
 from secure_fed.privacy.data_source import data_home, default_ledger_dir
 from secure_fed.slave.client import Slave
 from secure_fed.slave.sources import bundled_part

@@ -27,20 +27,9 @@ from secure_fed.config import (
 )
 from secure_fed.config.schema import DataSchema, load_schema, schema_from_csv_header
 from secure_fed.config.settings import EvaluationSettings, LimitSettings, ModelSpec
-from secure_fed.crypto.certificates import (
-    KeyType,
-    generate_ca,
-    issue_certificate,
-    load_certificate,
-    party_id_from_certificate,
-    write_private_key,
-)
-from secure_fed.crypto.keys import generate_contexts
-from secure_fed.crypto.presets import resolve_params
-from secure_fed.crypto.revocation import Revocation, Revocations
 from secure_fed.durable import atomic_write_bytes
 from secure_fed.errors import ConfigError, IdentityError
-from secure_fed.master.bundle import (
+from secure_fed.he.bundle import (
     CRL_FILE,
     HE_PARAMS_FILE,
     PUBLIC_CONTEXT_FILE,
@@ -48,6 +37,17 @@ from secure_fed.master.bundle import (
     SECRET_CONTEXT_FILE,
     MasterBundle,
 )
+from secure_fed.he.keys import generate_contexts
+from secure_fed.he.presets import resolve_params
+from secure_fed.identity.certificates import (
+    KeyType,
+    generate_ca,
+    issue_certificate,
+    load_certificate,
+    party_id_from_certificate,
+    write_private_key,
+)
+from secure_fed.identity.revocation import Revocation, Revocations
 from secure_fed.private_files import read_private_file
 
 log = logging.getLogger(__name__)
