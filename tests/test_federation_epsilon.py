@@ -125,7 +125,7 @@ def test_a_changed_data_file_does_not_silently_get_a_fresh_budget(
     federation_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from secure_fed.cli.main import main
-    from secure_fed.data.scaling import bundled_schema
+    from secure_fed.data.datasets import bundled_schema
 
     schema = bundled_schema("digits")
     part = bundled_part("digits", "0/2")

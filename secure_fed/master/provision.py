@@ -119,7 +119,7 @@ def federation_schema(*, schema_file: Path | None = None, header_csv: Path | Non
                               "values in class order")
         return schema_from_csv_header(header_csv, label=label_column, classes=list(classes))
     if eval_dataset is not None:
-        from secure_fed.data.scaling import bundled_schema
+        from secure_fed.data.datasets import bundled_schema
 
         return bundled_schema(eval_dataset)
     return None
