@@ -275,9 +275,10 @@ def _check_ckks(params: HEParams, data_q: int, who: str) -> None:
 class HEParams(BaseModel):
     """Parameters of the homomorphic encryption of one federation's updates.
 
-    Build instances with :func:`resolve_params` (presets) or :func:`custom_params` (expert
-    path); constructing one directly runs the same security, wrap and noise checks and raises
-    :class:`~secure_fed.errors.CryptoError` naming the numbers when one fails.
+    Build instances with :func:`~secure_fed.he.presets.resolve_params` (presets) or
+    :func:`~secure_fed.he.presets.custom_params` (expert path); constructing one directly runs
+    the same security, wrap and noise checks and raises :class:`~secure_fed.errors.CryptoError`
+    naming the numbers when one fails.
 
     Args:
         preset: name of the preset these parameters came from (``"custom"`` for the expert path).

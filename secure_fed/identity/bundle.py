@@ -14,8 +14,6 @@ This module knows the files and the settings of a bundle; the HE parameters reco
 ``SlaveBundle`` extend :class:`MasterFiles` and :class:`SlaveFiles`.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import hashlib
 from dataclasses import dataclass
@@ -80,7 +78,7 @@ class MasterFiles:
     crl = property(lambda self: self.directory / CRL_FILE)
 
     @classmethod
-    def load(cls, directory: Path) -> MasterFiles:
+    def load(cls, directory: Path) -> Self:
         """The master bundle in ``directory``, refused when incomplete."""
         directory = Path(directory)
         require_files(directory, MASTER_FILES, "master bundle")
@@ -100,7 +98,7 @@ class SlaveFiles:
     public_context = property(lambda self: self.directory / PUBLIC_CONTEXT_FILE)
 
     @classmethod
-    def load(cls, directory: Path) -> SlaveFiles:
+    def load(cls, directory: Path) -> Self:
         """The slave bundle in ``directory``, refused when incomplete or holding a secret key."""
         directory = Path(directory)
         require_files(directory, SLAVE_FILES, "slave bundle")

@@ -71,7 +71,8 @@ def add_slave_bundle(fed_dir: Path, slave_id: str, *, federation_epsilon: float 
     certificates.
 
     Args:
-        fed_dir: the federation folder made by :func:`init_federation`.
+        fed_dir: the federation folder made by
+            :func:`~secure_fed.master.provision.init_federation`.
         slave_id: the new party's id (its certificate's subject).
         federation_epsilon: the ε the slave's bundle agrees this federation may take from it
             (``None``: the plan's ε), written to its ``slave.toml``.
