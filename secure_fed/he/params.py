@@ -130,7 +130,7 @@ def _log2(x: float) -> float:
 def check_params(params: HEParams) -> None:
     """Raise :class:`CryptoError` unless ``params`` are secure, cannot wrap, and decrypt exactly.
 
-    Called by the :class:`~secure_fed.he.presets.HEParams` validator; see the module
+    Called by the :class:`HEParams` validator; see the module
     docstring for the conditions.
     """
     n = params.poly_modulus_degree

@@ -1,8 +1,8 @@
 """The master role: serves slaves over mutual TLS, runs rounds, commits models.
 
 Assembly only: round logic lives in :class:`secure_fed.protocol.coordinator.Coordinator`,
-homomorphic sums in :class:`secure_fed.he.aggregator.Aggregator` (public context), and
-decryption in :class:`secure_fed.he.keyholder.KeyHolder` (secret context).
+homomorphic sums in :class:`secure_fed.crypto.aggregator.Aggregator` (public context), and
+decryption in :class:`secure_fed.crypto.keyholder.KeyHolder` (secret context).
 """
 
 from __future__ import annotations
