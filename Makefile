@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/secure-fed demo --out demo-run
 
 test: $(STAMP) chromium
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 # tests/test_audit_report.py renders the HTML audit report in headless Chromium (Debian's
@@ -46,6 +47,7 @@ chromium:
 
 lint: $(STAMP)
 	$(BIN)/ruff check secure_fed tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/mypy secure_fed
 
 bench: $(STAMP)
@@ -53,8 +55,9 @@ bench: $(STAMP)
 
 # API reference of the public Python API (see docs/api.md), HTML from the docstrings into
 # docs/api/ (generated, git-ignored); pdoc needs no network to build or to view it.
-API_MODULES := secure_fed.master secure_fed.slave secure_fed.privacy secure_fed.crypto \
-	secure_fed.audit secure_fed.config secure_fed.models secure_fed.data secure_fed.errors
+API_MODULES := secure_fed.master secure_fed.slave secure_fed.privacy secure_fed.he \
+	secure_fed.identity secure_fed.audit secure_fed.config secure_fed.models secure_fed.data \
+	secure_fed.errors
 docs: $(STAMP)
 	rm -rf docs/api
 	$(BIN)/python -m pdoc --docformat google --output-directory docs/api $(API_MODULES)

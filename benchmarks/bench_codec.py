@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from secure_fed.crypto.aggregator import Aggregator
-from secure_fed.crypto.codec import UpdateEncoder
-from secure_fed.crypto.keyholder import KeyHolder
-from secure_fed.crypto.keys import generate_contexts
-from secure_fed.crypto.presets import PRESETS, HEParams, resolve_params
+from secure_fed.he.aggregator import Aggregator
+from secure_fed.he.codec import UpdateEncoder
+from secure_fed.he.keyholder import KeyHolder
+from secure_fed.he.keys import generate_contexts
+from secure_fed.he.presets import PRESETS, HEParams, resolve_params
 
 SIZE = 50_000
 SLAVES = 3

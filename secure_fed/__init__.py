@@ -6,3 +6,7 @@ mutual-TLS websockets. The master adds ciphertexts and decrypts only their sum.
 """
 
 __version__ = "0.1.0"
+
+from secure_fed.moved import install as _install_moved_modules
+
+_install_moved_modules()

@@ -31,7 +31,7 @@ from secure_fed.config.settings import (
     ModelSpec,
     TrainingPlanSettings,
 )
-from secure_fed.data.scaling import bundled_schema
+from secure_fed.data.datasets import bundled_schema
 from secure_fed.errors import SecureFedError
 from secure_fed.master.provision import FederationPlan, init_federation
 

@@ -21,8 +21,8 @@ from secure_fed.config.settings import (
     ModelSpec,
     TrainingPlanSettings,
 )
-from secure_fed.data.scaling import bundled_schema
-from secure_fed.master.bundle import MasterBundle, SlaveBundle
+from secure_fed.data.datasets import bundled_schema
+from secure_fed.he.bundle import MasterBundle, SlaveBundle
 from secure_fed.master.provision import FederationPlan, init_federation
 from secure_fed.master.server import Master
 from secure_fed.slave.client import Slave

@@ -23,9 +23,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from secure_fed.config import SlaveConfig, load_master_config, write_config
-from secure_fed.crypto.certificates import generate_ca, issue_certificate, sign
 from secure_fed.errors import ConfigError
-from secure_fed.master.bundle import MasterBundle, SlaveBundle, context_digest
+from secure_fed.he.bundle import MasterBundle, SlaveBundle, context_digest
+from secure_fed.identity.certificates import generate_ca, issue_certificate, sign
 from secure_fed.master.server import Master
 from secure_fed.privacy.accounting import Mechanism, epsilon
 from secure_fed.protocol.messages import (

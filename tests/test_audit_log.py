@@ -23,14 +23,14 @@ from secure_fed.audit.verify import (
     record_hash,
     verify_log,
 )
-from secure_fed.crypto.certificates import (
+from secure_fed.errors import AuditError
+from secure_fed.identity.certificates import (
     certificate_fingerprint,
     generate_ca,
     issue_certificate,
     sign,
     verify_signature,
 )
-from secure_fed.errors import AuditError
 
 
 class Federation:

@@ -32,7 +32,7 @@ from test_audit_verify_cli import identities as identities
 from secure_fed.audit.recompute import AuditVerdict, PLDRecomputer, check_log, parse_mechanisms
 from secure_fed.audit.verify import ZERO_HASH, canonical_bytes, verify_log
 from secure_fed.cli.audit import cmd_audit
-from secure_fed.crypto.certificates import issue_certificate, party_id_from_certificate, sign
+from secure_fed.identity.certificates import issue_certificate, party_id_from_certificate, sign
 from secure_fed.protocol.messages import UpdateHeader, signing_bytes
 
 Records = list[dict[str, Any]]
@@ -315,7 +315,7 @@ def test_real_federation_log_verifies_every_slave_signature(
     """A master and two slaves over mutual TLS; the auditor re-checks all four signatures."""
     from conftest import run_federation
 
-    from secure_fed.master.bundle import MasterBundle
+    from secure_fed.he.bundle import MasterBundle
 
     fed = tmp_path / "fed"
     shutil.copytree(federation_dir, fed)

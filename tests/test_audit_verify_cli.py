@@ -33,8 +33,8 @@ from secure_fed.audit.recompute import (
     parse_mechanisms,
 )
 from secure_fed.cli.audit import add_audit_parser, cmd_audit
-from secure_fed.crypto.certificates import generate_ca, issue_certificate, sign
 from secure_fed.errors import AuditError
+from secure_fed.identity.certificates import generate_ca, issue_certificate, sign
 from secure_fed.protocol.messages import Decline, UpdateHeader, signing_bytes
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import pytest
 
 from secure_fed.bench.round import mlp_hidden_for, mlp_parameter_count, parse_sizes
 from secure_fed.cli.main import main
-from secure_fed.crypto.chunk_format import chunk_size_for
-from secure_fed.crypto.presets import data_moduli
 from secure_fed.errors import ConfigError
-from secure_fed.master.bundle import MasterBundle
+from secure_fed.he.bundle import MasterBundle
+from secure_fed.he.chunk_format import chunk_size_for
+from secure_fed.he.presets import data_moduli
 from secure_fed.models.registry import build_model
 
 

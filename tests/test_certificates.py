@@ -14,7 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from secure_fed.crypto.certificates import (
+from secure_fed.errors import IdentityError
+from secure_fed.identity.certificates import (
     Revocations,
     certificate_fingerprint,
     certificate_role,
@@ -29,7 +30,6 @@ from secure_fed.crypto.certificates import (
     verify_signature,
     write_private_key,
 )
-from secure_fed.errors import IdentityError
 
 
 @pytest.fixture(scope="module", params=["ec", "ed25519"])

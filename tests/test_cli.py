@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from secure_fed.cli.main import main
-from secure_fed.master.bundle import MasterBundle, SlaveBundle
+from secure_fed.he.bundle import MasterBundle, SlaveBundle
 
 
 def test_help_of_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,7 +28,7 @@ from test_crash_harness import (
     run_with_kills,
 )
 
-from secure_fed.master.bundle import MasterBundle
+from secure_fed.he.bundle import MasterBundle
 from secure_fed.master.store import ModelStore
 
 ROUNDS = 3

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secure_fed.data.datasets import BUNDLED_DATASETS, Dataset, load_bundled
+from secure_fed.data.datasets import BUNDLED_DATASETS, Dataset, bundled_schema, load_bundled
 from secure_fed.data.partition import (
     master_holdout,
     parse_partition,
@@ -19,7 +19,7 @@ from secure_fed.data.partition import (
     slave_partition,
     split_holdout,
 )
-from secure_fed.data.scaling import bundled_schema, scale_features
+from secure_fed.data.scaling import scale_features
 from secure_fed.data.tabular import load_csv, load_npz
 from secure_fed.errors import DataError
 

@@ -119,14 +119,14 @@ KNOWN_UNRESOLVED: set[str] = set()
 MAIN_CLASSES = {
     "Master": "secure_fed/master/server.html",
     "FederationPlan": "secure_fed/master/provision.html",
-    "MasterBundle": "secure_fed/master/bundle.html",
-    "SlaveBundle": "secure_fed/master/bundle.html",
+    "MasterBundle": "secure_fed/he/bundle.html",
+    "SlaveBundle": "secure_fed/he/bundle.html",
     "Slave": "secure_fed/slave/client.html",
     "PrivacyLedger": "secure_fed/privacy/ledger.html",
-    "UpdateEncoder": "secure_fed/crypto/codec.html",
-    "Aggregator": "secure_fed/crypto/aggregator.html",
-    "KeyHolder": "secure_fed/crypto/keyholder.html",
-    "HEParams": "secure_fed/crypto/presets.html",
+    "UpdateEncoder": "secure_fed/he/codec.html",
+    "Aggregator": "secure_fed/he/aggregator.html",
+    "KeyHolder": "secure_fed/he/keyholder.html",
+    "HEParams": "secure_fed/he/presets.html",
     "AuditLog": "secure_fed/audit/log.html",
     "MasterConfig": "secure_fed/config.html",
     "SlaveConfig": "secure_fed/config.html",
@@ -174,7 +174,7 @@ def test_reference_builds_without_warnings(reference: tuple[Path, dict[str, list
     for module in api_modules():
         page = out / (module.replace(".", "/") + ".html")
         assert page.is_file(), page
-    assert {"secure_fed.master.server", "secure_fed.crypto.keyholder"} <= set(report["modules"])
+    assert {"secure_fed.master.server", "secure_fed.he.keyholder"} <= set(report["modules"])
     assert not any(m.startswith(("secure_fed.cli", "secure_fed.transport"))
                    for m in report["modules"]), "internal modules leaked into the reference"
 

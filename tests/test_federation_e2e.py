@@ -19,7 +19,7 @@ from conftest import run_federation
 
 from secure_fed.audit.recompute import check_log
 from secure_fed.audit.verify import verify_log
-from secure_fed.master.bundle import MasterBundle
+from secure_fed.he.bundle import MasterBundle
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector

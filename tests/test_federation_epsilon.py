@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from dp_accounting import dp_event, pld
 
-from secure_fed.master.bundle import SlaveBundle
+from secure_fed.he.bundle import SlaveBundle
 from secure_fed.privacy.data_source import data_home, default_ledger_dir
 from secure_fed.slave.client import Slave
 from secure_fed.slave.sources import bundled_part
@@ -125,7 +125,7 @@ def test_a_changed_data_file_does_not_silently_get_a_fresh_budget(
     federation_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from secure_fed.cli.main import main
-    from secure_fed.data.scaling import bundled_schema
+    from secure_fed.data.datasets import bundled_schema
 
     schema = bundled_schema("digits")
     part = bundled_part("digits", "0/2")

@@ -23,7 +23,7 @@ from secure_fed.config.settings import (
     write_config,
 )
 from secure_fed.data.partition import master_holdout
-from secure_fed.master.bundle import MasterBundle
+from secure_fed.he.bundle import MasterBundle
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.master.strategy import ServerOptimizer, ServerOptimizerSettings
@@ -200,7 +200,7 @@ def test_fedavg_fedadam_fedyogi_steps_follow_reddi_et_al() -> None:
 def test_a_student_the_slave_does_not_allow_is_declined_and_nothing_is_spent(
     federation_dir: Path, tmp_path: Path
 ) -> None:
-    from secure_fed.master.bundle import SlaveBundle
+    from secure_fed.he.bundle import SlaveBundle
     from secure_fed.slave.client import Slave
     from secure_fed.slave.sources import bundled_part
 

@@ -27,10 +27,10 @@ from secure_fed.audit.recompute import check_log
 from secure_fed.audit.render import Table, report_sections
 from secure_fed.audit.report import build_report
 from secure_fed.config.settings import EncryptionSettings, LimitSettings, TrainingPlanSettings
-from secure_fed.crypto.chunk_format import pack_chunk
-from secure_fed.crypto.codec import UpdateEncoder, encode_plain, encrypt_chunk
-from secure_fed.crypto.keys import ciphertext_layout, generate_contexts, load_public_context
-from secure_fed.master.bundle import MasterBundle, SlaveBundle
+from secure_fed.he.bundle import MasterBundle, SlaveBundle
+from secure_fed.he.chunk_format import pack_chunk
+from secure_fed.he.codec import UpdateEncoder, encode_plain, encrypt_chunk
+from secure_fed.he.keys import ciphertext_layout, generate_contexts, load_public_context
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore

@@ -18,16 +18,16 @@ from test_audit_slave_signatures import resign
 
 from secure_fed.audit.recompute import check_log
 from secure_fed.config.settings import EncryptionSettings, LimitSettings
-from secure_fed.crypto import plain_codec as pc
-from secure_fed.master.bundle import MasterBundle
+from secure_fed.he.bundle import MasterBundle
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
 from secure_fed.privacy.ledger import PrivacyLedger
-from secure_fed.protocol.secagg import MasterSecAgg
-from secure_fed.protocol.secagg_messages import SeedReveals, contribution_commitment, graph_seed
-from secure_fed.protocol.secagg_settings import SecAggSettings
+from secure_fed.secagg import ring as pc
+from secure_fed.secagg.messages import SeedReveals, contribution_commitment, graph_seed
+from secure_fed.secagg.settings import SecAggSettings
+from secure_fed.secagg.state_machines import MasterSecAgg
 from secure_fed.slave import client as slave_client
 from tests.conftest import run_federation, small_plan, started, trial_slave
 
@@ -280,7 +280,7 @@ def test_a_slave_refuses_a_master_whose_protection_differs_from_its_bundle(
     tmp_path: Path,
 ) -> None:
     from secure_fed.errors import ProtocolError
-    from secure_fed.master.bundle import SlaveBundle
+    from secure_fed.he.bundle import SlaveBundle
     from secure_fed.privacy.ledger import PrivacyLedger
     from secure_fed.slave.client import Slave
     from secure_fed.slave.sources import bundled_part

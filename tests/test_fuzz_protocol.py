@@ -26,7 +26,7 @@ from websockets.sync.client import connect as sync_connect
 
 from secure_fed.config.settings import LimitSettings
 from secure_fed.errors import ProtocolError
-from secure_fed.master.bundle import MasterBundle, context_digest
+from secure_fed.he.bundle import MasterBundle, context_digest
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.protocol.messages import (

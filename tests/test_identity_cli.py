@@ -20,8 +20,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from secure_fed.cli.main import main
-from secure_fed.crypto.certificates import load_certificate
-from secure_fed.master.bundle import MasterBundle, context_digest
+from secure_fed.he.bundle import MasterBundle, context_digest
+from secure_fed.identity.certificates import load_certificate
 from secure_fed.master.provision import add_slave_bundle, revoke_slave
 from secure_fed.master.server import Master
 from secure_fed.protocol.messages import PROTOCOL_VERSION, SUBPROTOCOL

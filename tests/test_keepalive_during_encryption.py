@@ -14,9 +14,9 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
-from secure_fed.crypto.codec import UpdateEncoder
-from secure_fed.crypto.keys import generate_contexts
-from secure_fed.crypto.presets import resolve_params
+from secure_fed.he.codec import UpdateEncoder
+from secure_fed.he.keys import generate_contexts
+from secure_fed.he.presets import resolve_params
 
 VALUES = 3_000_000
 

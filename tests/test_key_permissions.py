@@ -11,7 +11,7 @@ import pytest
 
 from secure_fed.cli.main import main
 from secure_fed.errors import InsecureKeyFile
-from secure_fed.master.bundle import MasterBundle, SlaveBundle
+from secure_fed.he.bundle import MasterBundle, SlaveBundle
 from secure_fed.master.server import Master
 from secure_fed.private_files import read_private_file
 from secure_fed.slave.client import Slave

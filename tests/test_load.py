@@ -41,7 +41,7 @@ from secure_fed.config.settings import (
     ModelSpec,
     TrainingPlanSettings,
 )
-from secure_fed.master.bundle import MasterBundle, SlaveBundle, context_digest
+from secure_fed.he.bundle import MasterBundle, SlaveBundle, context_digest
 from secure_fed.master.provision import init_federation
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
@@ -67,7 +67,7 @@ def weight_of(index: int) -> int:
 
 async def _one_slave(bundle_dir: Path, index: int, url: str, encoder: Any) -> int:
     from secure_fed import __version__
-    from secure_fed.crypto.certificates import sign
+    from secure_fed.identity.certificates import sign
     from secure_fed.privacy.accounting import Mechanism, epsilon
     from secure_fed.protocol.messages import (
         PROTOCOL_VERSION,
@@ -135,7 +135,7 @@ async def _one_slave(bundle_dir: Path, index: int, url: str, encoder: Any) -> in
 
 def client_process_main(spec_json: str) -> None:
     """Entry of one client process: run its share of the protocol-level slaves."""
-    from secure_fed.crypto.codec import UpdateEncoder
+    from secure_fed.he.codec import UpdateEncoder
 
     spec = json.loads(spec_json)
     first = SlaveBundle.load(Path(spec["fed"]) / "slaves" / "s00")

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from secure_fed.crypto import masking as mk
 from secure_fed.errors import CryptoError
+from secure_fed.secagg import masking as mk
 
 MODULI = [2, 7, 251, 2**32, 2**61 - 1, 3 * 2**61, 2**63, 2**64]
 

@@ -18,8 +18,8 @@ from conftest import started, trial_slave
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from secure_fed.crypto.certificates import generate_ca, issue_certificate
-from secure_fed.master.bundle import MasterBundle, context_digest
+from secure_fed.he.bundle import MasterBundle, context_digest
+from secure_fed.identity.certificates import generate_ca, issue_certificate
 from secure_fed.master.server import Master
 from secure_fed.protocol.messages import PROTOCOL_VERSION, SUBPROTOCOL
 from secure_fed.slave.client import Slave

@@ -18,7 +18,7 @@ import pytest
 from conftest import started, trial_slave
 
 from secure_fed.audit.verify import verify_log
-from secure_fed.master.bundle import MasterBundle
+from secure_fed.he.bundle import MasterBundle
 from secure_fed.master.server import Master
 from secure_fed.slave.client import Slave
 from secure_fed.transport import channel as channel_module

@@ -1,6 +1,6 @@
 """A slave killed with SIGKILL leaves no process behind: its encryption workers notice that
 their parent is gone and exit, and so does the multiprocessing resource tracker; no fork
-server exists (see :mod:`secure_fed.crypto.processes`)."""
+server exists (see :mod:`secure_fed.processes`)."""
 
 from __future__ import annotations
 

@@ -22,9 +22,9 @@ import pytest
 from conftest import small_plan, started, trial_slave
 from test_abuse import client_context, hello, next_json, open_raw
 
-from secure_fed.crypto.certificates import sign
-from secure_fed.crypto.codec import UpdateEncoder
-from secure_fed.master.bundle import MasterBundle
+from secure_fed.he.bundle import MasterBundle
+from secure_fed.he.codec import UpdateEncoder
+from secure_fed.identity.certificates import sign
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore

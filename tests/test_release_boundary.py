@@ -16,9 +16,9 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from secure_fed.crypto.codec import UpdateEncoder
 from secure_fed.data.datasets import Dataset
-from secure_fed.master.bundle import SlaveBundle
+from secure_fed.he.bundle import SlaveBundle
+from secure_fed.he.codec import UpdateEncoder
 from secure_fed.models.package import ModelPackage
 from secure_fed.models.registry import build_model
 from secure_fed.privacy.ledger import PrivacyLedger

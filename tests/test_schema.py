@@ -25,9 +25,9 @@ from secure_fed.config.settings import (
     load_master_config,
     write_config,
 )
-from secure_fed.data.datasets import load_bundled
+from secure_fed.data.datasets import bundled_schema, load_bundled
 from secure_fed.data.partition import master_holdout, select
-from secure_fed.data.scaling import bundled_schema, scale_features
+from secure_fed.data.scaling import scale_features
 from secure_fed.data.schema_check import load_checked, load_table
 from secure_fed.errors import ConfigError, DataError
 from secure_fed.protocol.messages import Plan

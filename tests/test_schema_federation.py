@@ -20,9 +20,8 @@ from conftest import run_federation, small_plan
 
 from secure_fed.config.schema import DataSchema, schema_toml
 from secure_fed.config.settings import EvaluationSettings, load_master_config, write_config
-from secure_fed.data.datasets import load_bundled
-from secure_fed.data.scaling import bundled_schema
-from secure_fed.master.bundle import SlaveBundle
+from secure_fed.data.datasets import bundled_schema, load_bundled
+from secure_fed.he.bundle import SlaveBundle
 from secure_fed.master.provision import init_federation
 from secure_fed.master.store import ModelStore
 from secure_fed.privacy.data_source import default_ledger_dir, file_source_id

@@ -21,22 +21,15 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 from scipy import stats
 
-from secure_fed.crypto import masking as mk
-from secure_fed.crypto.certificates import (
+from secure_fed.errors import ConfigError, CryptoError, ProtocolError
+from secure_fed.identity.certificates import (
     generate_ca,
     issue_certificate,
     sign,
     verify_signature,
 )
-from secure_fed.crypto.shamir import Share, reconstruct_secret, secret_to_bytes
-from secure_fed.errors import ConfigError, CryptoError, ProtocolError
-from secure_fed.protocol.secagg import (
-    MasterSecAgg,
-    MasterStage,
-    SlaveSecAgg,
-    SlaveStage,
-)
-from secure_fed.protocol.secagg_messages import (
+from secure_fed.secagg import masking as mk
+from secure_fed.secagg.messages import (
     AdvertiseKeys,
     EncryptedShares,
     KeyList,
@@ -52,7 +45,14 @@ from secure_fed.protocol.secagg_messages import (
     parse_secagg_message,
     self_mask_commitment,
 )
-from secure_fed.protocol.secagg_settings import SecAggSettings, harary_graph
+from secure_fed.secagg.settings import SecAggSettings, harary_graph
+from secure_fed.secagg.shamir import Share, reconstruct_secret, secret_to_bytes
+from secure_fed.secagg.state_machines import (
+    MasterSecAgg,
+    MasterStage,
+    SlaveSecAgg,
+    SlaveStage,
+)
 
 M = TypeVar("M", bound=BaseModel)
 PARTIES = tuple(f"s{i}" for i in range(8))

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secure_fed.crypto.shamir import (
+from secure_fed.errors import CryptoError
+from secure_fed.secagg.shamir import (
     PRIME,
     SHARE_BYTES,
     Share,
@@ -21,7 +22,6 @@ from secure_fed.crypto.shamir import (
     share_to_bytes,
     split_secret,
 )
-from secure_fed.errors import CryptoError
 
 
 def _is_probable_prime(n: int, rounds: int = 40) -> bool:

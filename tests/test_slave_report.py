@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import started, trial_slave
 
-from secure_fed.master.bundle import MasterBundle
+from secure_fed.he.bundle import MasterBundle
 from secure_fed.master.server import Master
 from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.slave.report import SlaveReport, TrainedAttempt, describe_attempts

@@ -11,7 +11,7 @@ import pytest
 from conftest import trial_slave
 
 from secure_fed.durable import atomic_write_bytes, remove_stale_temporaries
-from secure_fed.master.bundle import MasterBundle
+from secure_fed.he.bundle import MasterBundle
 from secure_fed.master.server import Master
 
 

@@ -15,13 +15,13 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidMessage
 
-from secure_fed.crypto.certificates import (
+from secure_fed.errors import IdentityError, InsecureKeyFile
+from secure_fed.identity.certificates import (
     Revocations,
     generate_ca,
     issue_certificate,
     write_private_key,
 )
-from secure_fed.errors import IdentityError, InsecureKeyFile
 from secure_fed.transport.tls import (
     client_ssl_context,
     peer_certificate,

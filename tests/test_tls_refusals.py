@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from secure_fed.config import LimitSettings
-from secure_fed.crypto.certificates import (
+from secure_fed.identity.certificates import (
     Revocations,
     generate_ca,
     issue_certificate,

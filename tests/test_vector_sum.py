@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from secure_fed.crypto import plain_codec as pc
-from secure_fed.crypto.presets import resolve_params
-from secure_fed.crypto.vector_sum import VectorSum
 from secure_fed.errors import CryptoError, MalformedUpdate
+from secure_fed.he.presets import resolve_params
+from secure_fed.secagg import ring as pc
+from secure_fed.secagg.vector_sum import VectorSum
 
 PARAMS = resolve_params("bfv-fast", clip=1.0, max_total_weight=3 * 4096)
 

@@ -26,14 +26,14 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from secure_fed.crypto.certificates import (
+from secure_fed.durable import append_line_durable, fsync_directory
+from secure_fed.errors import AuditError, IdentityError
+from secure_fed.identity.certificates import (
     certificate_fingerprint,
     key_matches_certificate,
     sign,
     verify_issued_by,
 )
-from secure_fed.durable import append_line_durable, fsync_directory
-from secure_fed.errors import AuditError, IdentityError
 
 from .verify import (
     EVENT_PATTERN,

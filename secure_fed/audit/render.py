@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .plots import PLOT_NAMES
-from .report import printable
+from .text import printable
 
 
 @dataclass(frozen=True)

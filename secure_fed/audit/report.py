@@ -23,11 +23,12 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from secure_fed.crypto.certificates import certificate_fingerprint
 from secure_fed.durable import atomic_write_bytes
 from secure_fed.errors import AuditError
+from secure_fed.identity.certificates import certificate_fingerprint
 
 from .recompute import TOLERANCE, AuditVerdict, EpsilonCheck, check_log
+from .text import printable
 
 REPORT_SCHEMA = "secure-fed/audit-report"
 REPORT_SCHEMA_VERSION = 1
@@ -435,18 +436,3 @@ def render_text_summary(verdict: AuditVerdict) -> str:
             lines.append(f"  ({len(verdict.failures) + (0 if chain.ok else 1)} problems in "
                          "total; see --json)")
     return "\n".join(printable(line) for line in lines)
-
-
-def printable(text: str) -> str:
-    """``text`` with control and bidi-override characters shown as ``\\uXXXX``.
-
-    Record content is untrusted: this keeps terminal escape sequences and text-direction
-    tricks out of what people read (tabs are kept).
-    """
-    return "".join(f"\\u{ord(ch):04x}" if _hidden(ch) else ch for ch in text)
-
-
-def _hidden(ch: str) -> bool:
-    code = ord(ch)
-    return (code < 32 and ch != "\t") or 0x7F <= code <= 0x9F or 0x200B <= code <= 0x200F \
-        or 0x202A <= code <= 0x202E or 0x2066 <= code <= 0x2069

@@ -31,15 +31,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from secure_fed.crypto.certificates import decode_signature, verify_signature
 from secure_fed.errors import IdentityError, SecureFedError
-from secure_fed.protocol.secagg_messages import (
+from secure_fed.identity.certificates import decode_signature, verify_signature
+from secure_fed.secagg.messages import (
     AdvertiseKeys,
     advertisement_signing_bytes,
     contribution_commitment,
     graph_seed,
 )
-from secure_fed.protocol.secagg_settings import SecAggSettings
+from secure_fed.secagg.settings import SecAggSettings
 
 from .signatures import UpdateSignatureChecker
 

@@ -38,7 +38,8 @@ from typing import Any
 from cryptography import x509
 from pydantic import ValidationError
 
-from secure_fed.crypto.certificates import (
+from secure_fed.errors import IdentityError
+from secure_fed.identity.certificates import (
     certificate_role,
     check_validity,
     decode_signature,
@@ -46,7 +47,6 @@ from secure_fed.crypto.certificates import (
     verify_issued_by,
     verify_signature,
 )
-from secure_fed.errors import IdentityError
 from secure_fed.protocol.messages import Decline, UpdateHeader, signing_bytes
 
 MAX_CHUNKS = 100_000

@@ -25,7 +25,7 @@ cannot be seen from the chain alone: compare :attr:`VerifyReport.head` with a he
 published earlier (``pinned_head``).
 
 This module imports nothing from the master or from :mod:`secure_fed.audit.log`; it needs
-only the standard library and the certificate helpers of :mod:`secure_fed.crypto.certificates`.
+only the standard library and the certificate helpers of :mod:`secure_fed.identity.certificates`.
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ from typing import Any
 
 from cryptography import x509
 
-from secure_fed.crypto.certificates import (
+from secure_fed.errors import AuditError, IdentityError
+from secure_fed.identity.certificates import (
     certificate_fingerprint,
     decode_signature,
     verify_issued_by,
     verify_signature,
 )
-from secure_fed.errors import AuditError, IdentityError
 
 GENESIS_EVENT = "federation"
 ZERO_HASH = "0" * 64

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from secure_fed.crypto.aggregator import Aggregator
-from secure_fed.crypto.codec import UpdateEncoder
-from secure_fed.crypto.keyholder import KeyHolder
-from secure_fed.crypto.keys import generate_contexts
-from secure_fed.crypto.presets import PRESETS, resolve_params, security_bits
 from secure_fed.errors import CryptoError
+from secure_fed.he.aggregator import Aggregator
+from secure_fed.he.codec import UpdateEncoder
+from secure_fed.he.keyholder import KeyHolder
+from secure_fed.he.keys import generate_contexts
+from secure_fed.he.presets import PRESETS, resolve_params, security_bits
 
 __all__ = ["run_codec_bench", "format_table", "COLUMNS"]
 

@@ -107,7 +107,7 @@ class RoundOptions:
         if unknown or not self.modes:
             raise ConfigError(f"unknown protection mode(s) {unknown or '(none)'}; expected a "
                               f"comma list of {', '.join(MODES)}")
-        from secure_fed.crypto.presets import PRESETS
+        from secure_fed.he.presets import PRESETS
 
         bad = sorted(set(self.presets) - set(PRESETS))
         if bad or not self.presets:
@@ -203,7 +203,7 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
                 work: Path) -> _Run:
     """Run one federation; with ``options.wire`` count each slave's bytes on the wire."""
     from secure_fed.bench.relay import ByteCountingRelay
-    from secure_fed.master.bundle import MasterBundle, SlaveBundle
+    from secure_fed.he.bundle import MasterBundle, SlaveBundle
     from secure_fed.master.provision import FederationPlan, init_federation
     from secure_fed.master.server import Master
     from secure_fed.slave.client import Slave
@@ -270,8 +270,8 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
     Raises:
         SecureFedError: the federation failed, or did not record the protection asked for.
     """
-    from secure_fed.crypto.codec import UpdateEncoder
-    from secure_fed.crypto.presets import DEFAULT_PRESET
+    from secure_fed.he.codec import UpdateEncoder
+    from secure_fed.he.presets import DEFAULT_PRESET
     from secure_fed.privacy.accounting import clear_caches
 
     hidden = mlp_hidden_for(target)

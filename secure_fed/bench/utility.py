@@ -122,7 +122,7 @@ def centralized_dp(train: Dataset, test: Dataset, plan: TrainingPlanSettings, *,
 def federated(options: UtilityOptions, plan: TrainingPlanSettings, rounds: int,
               work: Path, *, model_seed: int | None = None) -> dict[str, Any]:
     """Run a real federation in this process; returns its summary."""
-    from secure_fed.master.bundle import MasterBundle, SlaveBundle
+    from secure_fed.he.bundle import MasterBundle, SlaveBundle
     from secure_fed.master.provision import FederationPlan, init_federation
     from secure_fed.master.server import Master
     from secure_fed.slave.client import Slave

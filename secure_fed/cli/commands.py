@@ -118,7 +118,7 @@ def cmd_revoke_slave(args: argparse.Namespace) -> int:
 
 def cmd_master(args: argparse.Namespace) -> int:
     from secure_fed.cli.display import MasterDisplay
-    from secure_fed.master.bundle import MasterBundle
+    from secure_fed.he.bundle import MasterBundle
     from secure_fed.master.server import Master
 
     bundle = MasterBundle.load(args.bundle)
@@ -168,7 +168,7 @@ def cmd_master(args: argparse.Namespace) -> int:
 def cmd_slave(args: argparse.Namespace) -> int:
     import torch
 
-    from secure_fed.master.bundle import SlaveBundle
+    from secure_fed.he.bundle import SlaveBundle
     from secure_fed.privacy.data_source import file_source_id, remember_data_file
     from secure_fed.slave.client import Slave
     from secure_fed.slave.sources import load_private_data
@@ -289,7 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
 
     from secure_fed.bench.codec import format_table, run_codec_bench
-    from secure_fed.crypto.presets import DEFAULT_PRESET
+    from secure_fed.he.presets import DEFAULT_PRESET
 
     preset = args.preset
     if preset is None and args.scheme is not None:

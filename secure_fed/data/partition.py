@@ -17,8 +17,7 @@ import re
 import numpy as np
 
 from secure_fed.config.schema import DataSchema, schema_difference
-from secure_fed.data.datasets import Dataset, load_bundled
-from secure_fed.data.scaling import bundled_schema, scale_with_schema
+from secure_fed.data.datasets import Dataset, bundled_schema, load_bundled, scale_with_schema
 from secure_fed.errors import DataError
 
 #: Most parts a dataset may be split into.

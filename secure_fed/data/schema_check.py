@@ -15,8 +15,7 @@ import logging
 from pathlib import Path
 
 from secure_fed.config.schema import DataSchema
-from secure_fed.data.datasets import Dataset
-from secure_fed.data.scaling import scale_with_schema
+from secure_fed.data.datasets import Dataset, scale_with_schema
 from secure_fed.data.tabular import DEFAULT_MAX_BYTES, check_data_file, load_csv, load_npz
 from secure_fed.errors import DataError
 

@@ -28,17 +28,6 @@ from secure_fed.audit.recompute import TOLERANCE as EPSILON_TOLERANCE
 from secure_fed.audit.recompute import PLDRecomputer, parse_mechanisms
 from secure_fed.audit.verify import read_verified_records
 from secure_fed.config.settings import LOOPBACK_HOSTS
-from secure_fed.crypto.aggregator import Aggregator
-from secure_fed.crypto.certificates import (
-    certificate_role,
-    decode_signature,
-    party_id_from_certificate,
-    verify_signature,
-)
-from secure_fed.crypto.keyholder import KeyHolder
-from secure_fed.crypto.plain_codec import ring_modulus, ring_to_average, update_layout
-from secure_fed.crypto.revocation import Revocations
-from secure_fed.crypto.vector_sum import VectorSum
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout
 from secure_fed.durable import remove_stale_temporaries
@@ -52,11 +41,20 @@ from secure_fed.errors import (
     UnusableAggregate,
 )
 from secure_fed.faults import crash_point
-from secure_fed.master.bundle import MasterBundle, context_digest
+from secure_fed.he.aggregator import Aggregator
+from secure_fed.he.bundle import MasterBundle, context_digest
+from secure_fed.he.keyholder import KeyHolder
+from secure_fed.identity.certificates import (
+    certificate_role,
+    decode_signature,
+    party_id_from_certificate,
+    verify_signature,
+)
+from secure_fed.identity.revocation import Revocations
 from secure_fed.master.model_update import ModelUpdater, initial_student, split_proxy
-from secure_fed.master.secagg_round import SecAggRound, open_secagg
 from secure_fed.master.store import CheckpointScan, ModelStore, UnusableCheckpoint
 from secure_fed.master.summary import RunSummary
+from secure_fed.master.update_layout import update_layout
 from secure_fed.models.package import ModelPackage
 from secure_fed.models.registry import build_model
 from secure_fed.private_files import read_private_file
@@ -77,7 +75,10 @@ from secure_fed.protocol.messages import (
     parse_slave_message,
     signing_bytes,
 )
-from secure_fed.protocol.secagg_messages import is_secagg_text, parse_secagg_message
+from secure_fed.secagg.master_round import SecAggRound, open_secagg
+from secure_fed.secagg.messages import is_secagg_text, parse_secagg_message
+from secure_fed.secagg.ring import ring_modulus, ring_to_average
+from secure_fed.secagg.vector_sum import VectorSum
 from secure_fed.transport.channel import Channel, WebSocketChannel, start_server
 from secure_fed.transport.tls import (
     load_presented_certificate,

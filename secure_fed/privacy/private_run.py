@@ -45,7 +45,7 @@ from secure_fed.privacy.noise import GridGaussian
 from secure_fed.privacy.random_stream import SEED_BYTES, RandomStream, seed_from_int
 
 if TYPE_CHECKING:
-    from secure_fed.privacy.training import DPSettings
+    from secure_fed.privacy.settings import DPSettings
 
 #: Per-sample clipping used unless told otherwise: ``linear`` where it applies, else ``ew``.
 DEFAULT_GRAD_SAMPLE_MODE = "auto"

@@ -38,7 +38,6 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +54,7 @@ from secure_fed.privacy.private_run import (
     PlainRun,
     PrivateRun,
 )
+from secure_fed.privacy.settings import MAX_BATCH, DPSettings, integer_setting, number_setting
 
 __all__ = [
     "DEFAULT_GRAD_SAMPLE_MODE",
@@ -70,81 +70,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-MAX_EPOCHS = 10_000
-MAX_BATCH = 10_000_000
-
-
-@dataclass
-class DPSettings:
-    """How a slave runs DP-SGD in one round (part of the master's training plan).
-
-    Args:
-        noise_multiplier: σ, noise standard deviation / clipping norm (≥ 0).
-        max_grad_norm: C, per-sample gradient clipping norm (L2, > 0).
-        batch_size: expected logical batch size B; the sample rate is q = min(1, B / N), so
-            a B above the number of records N means full batches (q = 1, expected batch N).
-        epochs: passes over the data per round; each is ``int(N / B)`` steps (≥ 1).
-        lr: learning rate of the local SGD (> 0).
-        momentum: SGD momentum (0 ≤ m < 1).
-        dp: ``False`` trains with plain SGD instead (shuffled batches of B, no clipping, no
-            noise; ``noise_multiplier`` must then be 0): the run is recorded as σ = 0, which
-            no accountant bounds (ε = ∞). For baselines only.
-    """
-
-    noise_multiplier: float
-    max_grad_norm: float
-    batch_size: int
-    epochs: int
-    lr: float
-    momentum: float = 0.0
-    dp: bool = True
-
-    def sample_rate(self, records: int) -> float:
-        """q = batch_size / records, after validating every setting against ``records``."""
-        _number("noise_multiplier", self.noise_multiplier, low=0.0, low_inclusive=True)
-        _number("max_grad_norm", self.max_grad_norm, low=0.0)
-        _number("lr", self.lr, low=0.0)
-        m = _number("momentum", self.momentum, low=0.0, low_inclusive=True)
-        if m >= 1.0:
-            raise PrivacyError(f"momentum must be < 1, got {self.momentum}")
-        _integer("epochs", self.epochs, 1, MAX_EPOCHS)
-        if records < 1:
-            raise PrivacyError("the dataset is empty; DP-SGD needs at least one record")
-        _integer("batch_size", self.batch_size, 1, MAX_BATCH)
-        if not self.dp and self.noise_multiplier != 0:
-            raise PrivacyError(f"a run without DP adds no noise; noise_multiplier must be 0, got "
-                               f"{self.noise_multiplier}")
-        return min(1.0, self.batch_size / records)
-
-    def expected_batch(self, records: int) -> int:
-        """The expected batch size actually used: ``min(batch_size, records)``."""
-        self.sample_rate(records)
-        return min(self.batch_size, records)
-
-    def steps_per_epoch(self, records: int) -> int:
-        """Optimizer steps in one epoch: ``int(1 / q)`` (Opacus's convention), at least 1.
-
-        Plan privacy with this (``epochs × steps_per_epoch`` steps per round), not with
-        ``round(1 / q)``: the ledger records the steps that actually ran.
-        """
-        return max(1, int(1.0 / self.sample_rate(records)))
-
-
-def _number(name: str, value: Any, *, low: float, low_inclusive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PrivacyError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (value == low and not low_inclusive):
-        bound = "≥" if low_inclusive else ">"
-        raise PrivacyError(f"{name} must be {bound} {low:g}, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise PrivacyError(f"{name} must be an integer between {low} and {high}, got {value!r}")
-    return value
-
 
 @dataclass
 class TrainResult:
@@ -207,7 +132,7 @@ def _prepare(
     if delta is not None:
         check_delta(delta, records=n)
     if threads is not None:
-        torch.set_num_threads(_integer("threads", threads, 1, 1024))
+        torch.set_num_threads(integer_setting("threads", threads, 1, 1024))
     if not settings.dp:
         logger.warning("plain SGD without DP: this training run is not differentially private")
     elif settings.noise_multiplier == 0:
@@ -220,7 +145,7 @@ def _public_records(data: Dataset, records: int | None) -> int:
     (a public count: a DP release or one the data owner declared), else ``len(data)``."""
     if records is None:
         return len(data)
-    return _integer("records", records, 1, MAX_BATCH)
+    return integer_setting("records", records, 1, MAX_BATCH)
 
 
 def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: DPSettings, q: float,
@@ -356,8 +281,8 @@ def train_distill(
         alpha: α, weight of the distillation term (0 ≤ α ≤ 1).
         seed, threads, delta, grad_sample_mode, records: as for :func:`train_delta`.
     """
-    t = _number("temperature", temperature, low=0.0)
-    a = _number("alpha", alpha, low=0.0, low_inclusive=True)
+    t = number_setting("temperature", temperature, low=0.0)
+    a = number_setting("alpha", alpha, low=0.0, low_inclusive=True)
     if a > 1.0:
         raise PrivacyError(f"alpha must be between 0 and 1, got {alpha}")
     x, y, q, n = _prepare(data, settings, delta, threads, records)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from secure_fed.protocol import messages as m
-from secure_fed.protocol import secagg_messages as sm
+from secure_fed.secagg import messages as sm
 
 
 class Release(enum.Enum):

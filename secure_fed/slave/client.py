@@ -26,9 +26,6 @@ import numpy as np
 from secure_fed import __version__
 from secure_fed.config.schema import require_same_schema
 from secure_fed.config.settings import LOOPBACK_HOSTS
-from secure_fed.crypto import plain_codec as pc
-from secure_fed.crypto.certificates import party_id_from_certificate, sign, verify_signature
-from secure_fed.crypto.codec import UpdateEncoder
 from secure_fed.data.datasets import Dataset
 from secure_fed.errors import (
     BudgetExhausted,
@@ -44,7 +41,9 @@ from secure_fed.errors import (
     TransportError,
 )
 from secure_fed.faults import crash_point
-from secure_fed.master.bundle import SlaveBundle, context_digest
+from secure_fed.he.bundle import SlaveBundle, context_digest
+from secure_fed.he.codec import UpdateEncoder
+from secure_fed.identity.certificates import party_id_from_certificate, sign, verify_signature
 from secure_fed.models.package import ModelPackage
 from secure_fed.privacy.accounting import Mechanism, calibrate_noise, epsilon
 from secure_fed.privacy.count import count_mechanism, release_count
@@ -82,8 +81,8 @@ from secure_fed.protocol.messages import (
     parse_master_message,
     signing_bytes,
 )
-from secure_fed.protocol.secagg import SlaveSecAgg
-from secure_fed.protocol.secagg_messages import (
+from secure_fed.secagg import ring as pc
+from secure_fed.secagg.messages import (
     KeyList,
     SeedReveals,
     ShareDelivery,
@@ -91,7 +90,8 @@ from secure_fed.protocol.secagg_messages import (
     is_secagg_text,
     parse_secagg_message,
 )
-from secure_fed.protocol.secagg_settings import SecAggSettings
+from secure_fed.secagg.settings import SecAggSettings
+from secure_fed.secagg.state_machines import SlaveSecAgg
 from secure_fed.slave.report import SlaveReport, TrainedAttempt
 from secure_fed.slave.updates import steps_per_round, train_update
 from secure_fed.transport.channel import Channel, WebSocketChannel, open_connection

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from secure_fed.config.schema import DataSchema, schema_difference
-from secure_fed.data.datasets import Dataset
+from secure_fed.data.datasets import Dataset, bundled_schema
 from secure_fed.data.partition import parse_partition, slave_partition
-from secure_fed.data.scaling import bundled_schema
 from secure_fed.data.schema_check import load_checked
 from secure_fed.errors import DataError
 

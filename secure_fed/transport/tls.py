@@ -20,7 +20,8 @@ from typing import Literal
 
 from cryptography import x509
 
-from secure_fed.crypto.certificates import (
+from secure_fed.errors import IdentityError
+from secure_fed.identity.certificates import (
     certificate_role,
     check_validity,
     key_matches_certificate,
@@ -28,7 +29,6 @@ from secure_fed.crypto.certificates import (
     party_id_from_certificate,
     verify_issued_by,
 )
-from secure_fed.errors import IdentityError
 from secure_fed.private_files import read_private_file
 
 logger = logging.getLogger(__name__)

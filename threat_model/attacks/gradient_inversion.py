@@ -12,7 +12,7 @@ is kept. Five observers are attacked with the same optimiser:
   what the master sees of one slave under ``plain``, and under ``he``, where it holds the
   secret key that opens each update;
 * **aggregator** — what secure_fed's aggregation process holds: the update encrypted with the
-  real codec (``bfv-fast``, :class:`~secure_fed.crypto.codec.UpdateEncoder`); its ciphertext
+  real codec (``bfv-fast``, :class:`~secure_fed.he.codec.UpdateEncoder`); its ciphertext
   coefficients, centred and scaled to the gradient's norm (a generous gift), are attacked as
   if they were the gradient;
 * **key holder** — what the key holder decrypts: the record-weighted average of several slaves'
@@ -41,12 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from secure_fed.crypto.chunk_format import parse_chunk
-from secure_fed.crypto.codec import UpdateEncoder, decode_plain_sum, encode_plain
-from secure_fed.crypto.keys import generate_contexts
-from secure_fed.crypto.presets import resolve_params
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import select, slave_partition
+from secure_fed.he.chunk_format import parse_chunk
+from secure_fed.he.codec import UpdateEncoder, decode_plain_sum, encode_plain
+from secure_fed.he.keys import generate_contexts
+from secure_fed.he.presets import resolve_params
 from secure_fed.models.registry import build_model
 from secure_fed.privacy.accounting import calibrate_noise
 from secure_fed.privacy.training import DPSettings, train_gradient

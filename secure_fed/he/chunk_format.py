@@ -1,0 +1,472 @@
+"""The wire format of one encrypted chunk, and exact arithmetic on ciphertext coefficients.
+
+A ciphertext is two polynomials with N coefficients per data-level prime q_j, each coefficient
+in [0, q_j). SEAL stores every coefficient in 8 bytes; a 60-bit prime leaves 4 bits of every
+8 bytes unused. We send each coefficient in exactly ``bit_length(q_j)`` bits:
+
+======  ====  =================================================================
+offset  size  field
+======  ====  =================================================================
+0       4     magic ``b"SFHE"``
+4       1     format version (1)
+5       1     scheme (1 = BFV, 2 = CKKS)
+6       2     reserved, zero
+8       4     chunk index (u32, little endian)
+12      8     key id (:func:`secure_fed.he.seal_blob.public_key_id`)
+20      32    SEAL ``parms_id`` of the data level (4 × u64)
+52      …     for each prime q_j in order: the N coefficients of polynomial 0, then of
+              polynomial 1, packed LSB-first at ``bit_length(q_j)`` bits each
+======  ====  =================================================================
+
+Adding two ciphertexts is adding their coefficients modulo q_j (what SEAL's ``add`` does), so
+the aggregator works on these arrays directly. :func:`parse_chunk` is the only reader of bytes
+from the network: it checks the exact length first, then every header field, then that every
+coefficient is below its prime.
+
+The aggregator keeps coefficients in *planar* order (:func:`unpack_chunk`, :func:`pack_planar`):
+for a width whose period is P values, the 2N coefficients of one prime are stored as P rows, row
+j holding values j, j + P, j + 2P, … of the wire order. Each row is then read from the packed
+bytes with one strided numpy operation and written contiguously. Addition is elementwise, so any
+fixed order works for the running sum; :func:`parse_chunk` returns the wire order.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "ChunkFormatError",
+    "CiphertextLayout",
+    "pack_chunk",
+    "parse_chunk",
+    "unpack_chunk",
+    "ChunkReader",
+    "pack_planar",
+    "add_mod",
+    "sub_mod",
+    "HEADER_SIZE",
+    "chunk_size_for",
+]
+
+MAGIC = b"SFHE"
+FORMAT_VERSION = 1
+SCHEME_CODES = {"bfv": 1, "ckks": 2}
+_HEADER = struct.Struct("<4sBBHI8s4Q")
+HEADER_SIZE = _HEADER.size
+POLYS = 2  # a fresh public-key encryption has two polynomials; additions keep two
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def chunk_size_for(poly_modulus_degree: int, moduli: tuple[int, ...]) -> int:
+    """Exact size in bytes of one serialized chunk for ring dimension N and data primes."""
+    n = poly_modulus_degree
+    return HEADER_SIZE + POLYS * sum(n * q.bit_length() // 8 for q in moduli)
+
+
+class ChunkFormatError(ValueError):
+    """A chunk's bytes do not match the layout; ``reason`` says what and what was expected."""
+
+
+@dataclass(frozen=True)
+class CiphertextLayout:
+    """Shape of every ciphertext of one parameter set and key.
+
+    Args:
+        scheme: ``"bfv"`` or ``"ckks"``.
+        poly_modulus_degree: N.
+        moduli: data-level primes q_j.
+        parms_id: SEAL's hash of the data-level parameters.
+        key_id: identifier of the public key (8 bytes).
+    """
+
+    scheme: str
+    poly_modulus_degree: int
+    moduli: tuple[int, ...]
+    parms_id: tuple[int, int, int, int]
+    key_id: bytes
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Bits per coefficient for each prime."""
+        return tuple(q.bit_length() for q in self.moduli)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(polys, primes, N)`` of the coefficient array."""
+        return (POLYS, len(self.moduli), self.poly_modulus_degree)
+
+    @property
+    def planar_shape(self) -> tuple[int, int]:
+        """``(primes, 2·N)`` of the planar coefficient array (see :func:`unpack_chunk`)."""
+        return (len(self.moduli), POLYS * self.poly_modulus_degree)
+
+    @property
+    def chunk_size(self) -> int:
+        """Exact size of one serialized chunk, in bytes."""
+        return chunk_size_for(self.poly_modulus_degree, self.moduli)
+
+    def moduli_column(self) -> np.ndarray:
+        """The primes shaped ``(1, primes, 1)`` to broadcast over a coefficient array."""
+        return np.array(self.moduli, dtype=np.uint64).reshape(1, -1, 1)
+
+    def planar_moduli(self) -> np.ndarray:
+        """The primes shaped ``(primes, 1)`` to broadcast over a planar array."""
+        return np.array(self.moduli, dtype=np.uint64).reshape(-1, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(width: int) -> tuple[int, int, int, tuple[tuple[int, int, int, bool], ...]]:
+    """Static bit layout of one period: P values of ``width`` bits fill B whole bytes.
+
+    Returns ``(P, B, words, steps)`` where the period is handled as ``words`` 64-bit words and
+    each step ``(j, word, shift, spills)`` places value j at ``shift`` bits into ``word``.
+    """
+    period = 8 // math.gcd(width, 8)
+    group_bytes = width * period // 8
+    words = -(-group_bytes // 8)
+    steps = []
+    for j in range(period):
+        word, shift = divmod(j * width, 64)
+        steps.append((j, word, shift, shift + width > 64))
+    return period, group_bytes, words, tuple(steps)
+
+
+def _pack(values: np.ndarray, width: int) -> bytes:
+    """Pack unsigned values (< 2^width, count a multiple of 8) LSB-first at ``width`` bits."""
+    return _pack_rows(values.reshape(-1, _plan(width)[0]).T, width)
+
+
+def _pack_rows(rows: np.ndarray, width: int) -> bytes:
+    """Pack planar rows (shape ``(P, groups)``, see :func:`unpack_chunk`) at ``width`` bits."""
+    period, group_bytes, words, steps = _plan(width)
+    out = np.zeros((rows.shape[1], words + 1), dtype="<u8")
+    for j, word, shift, spills in steps:
+        column = rows[j]
+        out[:, word] |= column << np.uint64(shift)
+        if spills:
+            out[:, word + 1] |= column >> np.uint64(64 - shift)
+    return out.view(np.uint8)[:, :group_bytes].tobytes()
+
+
+def _unpack(data: bytes, count: int, width: int) -> np.ndarray:
+    """Inverse of :func:`_pack` for ``count`` values (wire order)."""
+    period = _plan(width)[0]
+    rows = np.empty((period, count // period), dtype=np.uint64)
+    _unpack_rows(bytes(data), 0, rows, width)
+    return rows.T.reshape(-1)
+
+
+def _unpack_rows(buf: bytes, start: int, rows: np.ndarray, width: int) -> None:
+    """Unpack ``rows.size`` values packed at ``width`` bits from ``buf[start:]`` into ``rows``.
+
+    Args:
+        buf: the packed bytes (read in place).
+        start: offset of the first value in ``buf``.
+        rows: output, shape ``(P, groups)`` for the period P of ``width``, C-contiguous rows;
+            row j receives values j, j + P, j + 2P, …
+        width: bits per value.
+    """
+    period, group_bytes, _, _ = _plan(width)
+    groups = rows.shape[1]
+    for j in range(period):
+        first, shift = divmod(j * width, 8)
+        span = 16 if shift + width > 64 else 8
+        # each value is read through a 64-bit window at its first byte; the last windows may
+        # reach past the end of ``buf``, and those few are read from a padded copy
+        fit = max(0, min(groups, (len(buf) - start - first - span) // group_bytes + 1))
+        _unpack_column(buf, start + first, fit, group_bytes, shift, width, rows[j, :fit])
+        if fit < groups:
+            tail = buf[start + fit * group_bytes : start + groups * group_bytes] + bytes(16)
+            _unpack_column(tail, first, groups - fit, group_bytes, shift, width,
+                           rows[j, fit:])
+
+
+def _unpack_column(buf: bytes, offset: int, count: int, stride: int, shift: int, width: int,
+                   out: np.ndarray) -> None:
+    """``out[g] = bits [shift, shift + width)`` of the little-endian bytes at offset + g·stride.
+
+    The 8 bytes at each offset are first copied as they are (an ``S8`` element copy, much
+    faster than an arithmetic operation on unaligned strided data), then shifted and masked
+    in place on the contiguous, aligned ``out``.
+    """
+    if count == 0:
+        return
+    words = out if _LITTLE_ENDIAN else np.empty(count, dtype="<u8")
+    window = np.ndarray((count,), dtype="S8", buffer=buf, offset=offset, strides=(stride,))
+    np.copyto(words.view("S8"), window)
+    if shift:
+        np.right_shift(words, np.uint64(shift), out=out)
+    elif not _LITTLE_ENDIAN:
+        np.copyto(out, words)
+    if shift + width > 64:
+        upper = np.empty(count, dtype="<u8")
+        np.copyto(upper.view("S8"), np.ndarray((count,), dtype="S8", buffer=buf,
+                                                 offset=offset + 8, strides=(stride,)))
+        out |= upper << np.uint64(64 - shift)
+    if width < 64 and shift + width != 64:  # bits above the value are left over
+        np.bitwise_and(out, np.uint64((1 << width) - 1), out=out)
+
+
+def pack_chunk(coeffs: np.ndarray, layout: CiphertextLayout, index: int) -> bytes:
+    """Serialize one ciphertext's coefficients (shape ``layout.shape``, values < q_j)."""
+    if coeffs.shape != layout.shape:
+        raise ChunkFormatError(f"coefficients shaped {coeffs.shape}, expected {layout.shape}")
+    header = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, SCHEME_CODES[layout.scheme], 0, index, layout.key_id,
+        *layout.parms_id,
+    )
+    parts = [header]
+    for j, width in enumerate(layout.widths):
+        parts.append(_pack(np.ascontiguousarray(coeffs[:, j, :]).reshape(-1), width))
+    return b"".join(parts)
+
+
+def pack_planar(planar: np.ndarray, layout: CiphertextLayout, index: int) -> bytes:
+    """Serialize one ciphertext held in planar order (shape ``layout.planar_shape``)."""
+    if planar.shape != layout.planar_shape:
+        raise ChunkFormatError(
+            f"planar coefficients shaped {planar.shape}, expected {layout.planar_shape}")
+    header = _HEADER.pack(
+        MAGIC, FORMAT_VERSION, SCHEME_CODES[layout.scheme], 0, index, layout.key_id,
+        *layout.parms_id,
+    )
+    parts = [header]
+    for j, width in enumerate(layout.widths):
+        parts.append(_pack_rows(planar[j].reshape(_plan(width)[0], -1), width))
+    return b"".join(parts)
+
+
+def parse_chunk(data: bytes, layout: CiphertextLayout, *, index: int | None = None) -> np.ndarray:
+    """Validate one chunk from the network and return its coefficients (wire order).
+
+    Args:
+        data: the chunk bytes.
+        layout: what every chunk of this round must look like.
+        index: the chunk index the caller expects the header to carry (``None``: any).
+
+    Returns:
+        The coefficients, shape ``layout.shape``.
+
+    Raises:
+        ChunkFormatError: wrong length, header field, or a coefficient not below its prime.
+    """
+    planar = unpack_chunk(data, layout, np.empty(layout.planar_shape, dtype=np.uint64),
+                          index=index)
+    n = layout.poly_modulus_degree
+    coeffs = np.empty(layout.shape, dtype=np.uint64)
+    for j, width in enumerate(layout.widths):
+        coeffs[:, j, :] = planar[j].reshape(_plan(width)[0], -1).T.reshape(POLYS, n)
+    return coeffs
+
+
+def unpack_chunk(data: bytes, layout: CiphertextLayout, out: np.ndarray, *,
+                 index: int | None = None) -> np.ndarray:
+    """Validate one chunk from the network and unpack its coefficients into ``out``.
+
+    The coefficients land in planar order (see the module docstring). Nothing but ``out`` is
+    written. A caller that reads many chunks into one buffer should keep a
+    :class:`ChunkReader`, which does the same without re-planning each call.
+
+    Args:
+        data: the chunk bytes.
+        layout: what every chunk of this round must look like.
+        out: C-contiguous ``uint64`` array of shape ``layout.planar_shape`` (overwritten, also
+            when the chunk is refused).
+        index: the chunk index the caller expects the header to carry (``None``: any).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ChunkFormatError: wrong length, header field, or a coefficient not below its prime.
+    """
+    return ChunkReader(layout, out).read(data, index=index)
+
+
+class ChunkReader:
+    """Validates chunks of one layout and unpacks each into the same planar buffer.
+
+    For each prime whose values never straddle a 64-bit window and whose period positions are
+    evenly spaced (60 and 40 bits, for instance), the whole prime is read with one strided
+    8-byte copy, then each period position is shifted or masked in place; other widths go
+    value position by position.
+
+    Args:
+        layout: what every chunk must look like.
+        out: C-contiguous ``uint64`` array of shape ``layout.planar_shape``.
+    """
+
+    def __init__(self, layout: CiphertextLayout, out: np.ndarray) -> None:
+        if out.shape != layout.planar_shape or out.dtype != np.uint64 or not (
+                out.flags.c_contiguous):
+            raise ChunkFormatError(
+                f"output buffer must be C-contiguous uint64 of shape {layout.planar_shape}")
+        self.layout = layout
+        self.out = out
+        if len(layout.key_id) != 8:
+            raise ChunkFormatError(f"a key id has 8 bytes, got {len(layout.key_id)}")
+        self._size = layout.chunk_size
+        # the header of every valid chunk but its index: bytes 0–8 and 12–52
+        expected = _HEADER.pack(MAGIC, FORMAT_VERSION, SCHEME_CODES[layout.scheme], 0, 0,
+                                layout.key_id, *layout.parms_id)
+        self._prefix, self._ident = expected[:8], expected[12:]
+        self._primes: list[tuple[int, int, np.uint64, np.ndarray, _FastPlan | None]] = []
+        pos = HEADER_SIZE
+        for j, (width, q) in enumerate(zip(layout.widths, layout.moduli, strict=True)):
+            rows = out[j].reshape(_plan(width)[0], -1)
+            self._primes.append((pos, width, np.uint64(q), rows, _fast_plan(rows, width)))
+            pos += POLYS * layout.poly_modulus_degree * width // 8
+
+    def read(self, data: bytes, *, index: int | None = None) -> np.ndarray:
+        """Validate ``data`` and unpack it into :attr:`out`, which is returned.
+
+        Raises:
+            ChunkFormatError: wrong length, header field, or a coefficient not below its prime.
+        """
+        if type(data) is not bytes:
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise ChunkFormatError(f"chunk must be bytes, got {type(data).__name__}")
+            data = bytes(data)
+        if not (len(data) == self._size and data[:8] == self._prefix
+                and data[12:HEADER_SIZE] == self._ident
+                and (index is None or int.from_bytes(data[8:12], "little") == index)):
+            _check_header(data, self.layout, index)  # raises, naming the field
+            raise ChunkFormatError("chunk header differs from the expected one")
+        for j, (pos, width, q, rows, fast) in enumerate(self._primes):
+            if fast is None:
+                _unpack_rows(data, pos, rows, width)
+            else:
+                fast.unpack(data, pos)
+            values = self.out[j]
+            if values.max() >= q:
+                bad = int(np.flatnonzero(values >= q)[0])
+                row, group = divmod(bad, rows.shape[1])
+                poly, k = divmod(group * rows.shape[0] + row, self.layout.poly_modulus_degree)
+                raise ChunkFormatError(
+                    f"coefficient {k} of polynomial {poly}, prime {j} is {int(values[bad])}, "
+                    f"not below the prime {q}: not a ciphertext of these parameters"
+                )
+        return self.out
+
+
+@dataclass
+class _FastPlan:
+    rows: np.ndarray  # (P, groups) uint64, C-contiguous
+    step: int  # bytes between the first bytes of successive period positions
+    group_bytes: int
+    # (row, right shift or None, mask or None), numpy scalars made once
+    fixes: tuple[tuple[np.ndarray, np.uint64 | None, np.uint64 | None], ...]
+
+    def __post_init__(self) -> None:
+        self.target = self.rows.view("V8")
+
+    def unpack(self, data: bytes, pos: int) -> None:
+        period, groups = self.rows.shape
+        target = self.target
+        # groups whose last window ends inside ``data``; the rest read from a padded copy
+        room = len(data) - pos - (period - 1) * self.step - 8
+        fit = max(0, min(groups, room // self.group_bytes + 1))
+        np.copyto(target if fit == groups else target[:, :fit],
+                  np.ndarray((period, fit), dtype="V8", buffer=data, offset=pos,
+                             strides=(self.step, self.group_bytes)))
+        if fit < groups:
+            tail = data[pos + fit * self.group_bytes : pos + groups * self.group_bytes]
+            np.copyto(target[:, fit:], np.ndarray((period, groups - fit), dtype="V8",
+                                                  buffer=tail + bytes(16),
+                                                  strides=(self.step, self.group_bytes)))
+        for row, shift, mask in self.fixes:
+            if shift is not None:
+                np.right_shift(row, shift, out=row)
+            if mask is not None:
+                np.bitwise_and(row, mask, out=row)
+
+
+def _fast_plan(rows: np.ndarray, width: int) -> _FastPlan | None:
+    """The one-copy plan for a width, or ``None`` where it does not apply."""
+    period, group_bytes, _, _ = _plan(width)
+    firsts = [k * width // 8 for k in range(period)]
+    shifts = [k * width % 8 for k in range(period)]
+    step = firsts[1] if period > 1 else 0
+    if (not _LITTLE_ENDIAN or width == 64 or any(s + width > 64 for s in shifts)
+            or firsts != [k * step for k in range(period)]):
+        return None
+    mask = np.uint64((1 << width) - 1)
+    return _FastPlan(rows=rows, step=step, group_bytes=group_bytes, fixes=tuple(
+        (rows[k], np.uint64(shifts[k]) if shifts[k] else None,
+         mask if shifts[k] + width < 64 else None) for k in range(period)))
+
+
+def _check_header(data: bytes, layout: CiphertextLayout, index: int | None) -> None:
+    """Check the exact length and every header field of a chunk."""
+    if len(data) != layout.chunk_size:
+        raise ChunkFormatError(
+            f"chunk is {len(data)} bytes, expected exactly {layout.chunk_size} for one "
+            f"ciphertext of these parameters (truncated, padded, or other parameters)"
+        )
+    magic, version, scheme, reserved, got_index, key_id, *parms = _HEADER.unpack_from(data)
+    if magic != MAGIC or version != FORMAT_VERSION or reserved != 0:
+        raise ChunkFormatError(
+            f"not a secure_fed ciphertext chunk (magic {magic!r}, version {version}); expected "
+            f"magic {MAGIC!r} version {FORMAT_VERSION}"
+        )
+    if scheme != SCHEME_CODES[layout.scheme]:
+        names = {code: name for name, code in SCHEME_CODES.items()}
+        raise ChunkFormatError(
+            f"chunk is a {names.get(scheme, f'scheme {scheme}')} ciphertext, expected "
+            f"{layout.scheme}: the slave must use the parameters of this round"
+        )
+    if tuple(parms) != layout.parms_id:
+        raise ChunkFormatError(
+            "chunk was encrypted under other encryption parameters (parms_id differs); the "
+            "slave must use the parameters of this round"
+        )
+    if key_id != layout.key_id:
+        raise ChunkFormatError(
+            f"chunk was encrypted under another public key (key id {key_id.hex()}, expected "
+            f"{layout.key_id.hex()}); the slave must use this round's public context"
+        )
+    if index is not None and got_index != index:
+        raise ChunkFormatError(f"chunk header carries index {got_index}, sent as index {index}")
+
+
+def add_mod(acc: np.ndarray, other: np.ndarray, moduli: np.ndarray | np.uint64, *,
+            scratch: np.ndarray | None = None) -> None:
+    """``acc = (acc + other) mod q`` in place, for values already below q < 2^62.
+
+    ``acc + other − q`` wraps around to a huge value exactly when ``acc + other < q``, so the
+    minimum of the two candidates is the reduced sum.
+
+    Args:
+        acc: the running values (updated in place).
+        other: the values to add.
+        moduli: q, broadcastable to ``acc``.
+        scratch: an array shaped like ``acc`` for the intermediate (may be ``other`` itself,
+            which is then overwritten); ``None`` allocates one.
+    """
+    np.add(acc, other, out=acc)
+    if scratch is None:
+        scratch = np.empty_like(acc)
+    np.subtract(acc, moduli, out=scratch)
+    np.minimum(acc, scratch, out=acc)
+
+
+def sub_mod(acc: np.ndarray, other: np.ndarray, moduli: np.ndarray | np.uint64, *,
+            scratch: np.ndarray | None = None) -> None:
+    """``acc = (acc − other) mod q`` in place, for values already below q.
+
+    Args:
+        acc: the running values (updated in place).
+        other: the values to subtract.
+        moduli: q, broadcastable to ``acc``.
+        scratch: as for :func:`add_mod` (may be ``other``, which is then overwritten).
+    """
+    if scratch is None:
+        scratch = np.empty_like(acc)
+    np.subtract(moduli, other, out=scratch)
+    add_mod(acc, scratch, moduli, scratch=scratch)

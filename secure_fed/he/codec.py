@@ -1,0 +1,217 @@
+"""Slave side: clip, quantize, weight, and encrypt an update in worker processes.
+
+FedAvg weights each slave by an integer weight w (its sample count, or a coarser unit). For
+BFV the encoder computes ``q = stochastic_round(clip(x) / Δ)`` with ``Δ = clip / 2^(b−1)``, so
+``E[q·Δ] = clip(x)`` and ``|q·Δ − clip(x)| < Δ``, multiplies by w, and encrypts the integers;
+for CKKS it encrypts ``w·clip(x)``. The key holder divides the decrypted sum by the total
+weight: the result is the weighted average of the clipped updates (see docs/codec.md for the
+error bound).
+
+TenSEAL holds the GIL while it encrypts, so encryption runs in a pool of worker processes
+(:func:`~secure_fed.processes.worker_pool`: they end with the process that started
+them, even when it is killed) whose initializer loads the public context once; the calling
+process only slices the vector and collects bytes, so an asyncio loop in it stays responsive.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import numpy as np
+
+from secure_fed.encoding import check_vector, check_weight, decode_plain_sum, encode_plain
+from secure_fed.errors import CryptoError
+from secure_fed.he.chunk_format import CiphertextLayout, chunk_size_for, pack_chunk
+from secure_fed.he.keys import ciphertext_layout, load_public_context
+from secure_fed.he.params import HEParams, data_moduli
+from secure_fed.he.seal_blob import extract_coefficients
+from secure_fed.processes import worker_pool
+
+__all__ = ["UpdateEncoder", "encode_plain", "decode_plain_sum", "encrypt_chunk", "worker_pool"]
+
+
+def encrypt_chunk(
+    ctx: Any, params: HEParams, layout: CiphertextLayout, index: int, plain: np.ndarray
+) -> bytes:
+    """Encrypt one chunk of plaintext (at most ``params.slots`` values) and serialize it."""
+    import tenseal
+
+    padded = np.zeros(params.slots, dtype=plain.dtype)
+    padded[: plain.shape[0]] = plain
+    if params.scheme == "bfv":
+        vec = tenseal._ts_cpp.BFVVector(ctx.data, padded.tolist())
+    else:
+        vec = tenseal._ts_cpp.CKKSVector(ctx.data, padded.tolist(), ctx.global_scale)
+    coeffs, parms_id = extract_coefficients(
+        vec.serialize(), polys=2, moduli_count=len(layout.moduli),
+        poly_modulus_degree=layout.poly_modulus_degree,
+    )
+    if parms_id != layout.parms_id:
+        raise CryptoError("TenSEAL encrypted at an unexpected level (parms_id differs)")
+    return pack_chunk(coeffs, layout, index)
+
+
+# ---- worker processes ------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(params_json: str, public_context: bytes) -> None:
+    params = HEParams.model_validate_json(params_json)
+    ctx = load_public_context(public_context, params)
+    _WORKER.update(params=params, ctx=ctx, layout=ciphertext_layout(params, ctx))
+
+
+def _chunk_rng(entropy: int, index: int) -> np.random.Generator:
+    """Randomness of chunk ``index``: independent of how chunks are spread over workers."""
+    return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(index,)))
+
+
+def _worker_encrypt(task: tuple[int, np.ndarray, int, int]) -> bytes:
+    index, values, weight, entropy = task
+    params: HEParams = _WORKER["params"]
+    plain = encode_plain(values, weight, params, _chunk_rng(entropy, index))
+    return encrypt_chunk(_WORKER["ctx"], params, _WORKER["layout"], index, plain)
+
+
+def _worker_encrypt_ring(task: tuple[int, np.ndarray]) -> bytes:
+    index, values = task
+    return encrypt_chunk(_WORKER["ctx"], _WORKER["params"], _WORKER["layout"], index,
+                         values.astype(np.int64))
+
+
+class UpdateEncoder:
+    """Encrypts updates for one round's parameters and public key, in worker processes.
+
+    Use as a context manager (or call :meth:`close`) so the worker processes end.
+
+    Args:
+        params: encryption parameters of the federation.
+        public_context: the public context bytes from the master.
+        workers: worker processes (``None``: ``os.cpu_count()``); at least one, so encryption
+            never runs in (and never holds the GIL of) the calling process.
+
+    Raises:
+        CryptoError: the public context is invalid or does not match ``params``.
+    """
+
+    def __init__(
+        self, params: HEParams, public_context: bytes, *, workers: int | None = None
+    ) -> None:
+        count = (os.cpu_count() or 1) if workers is None else workers
+        if count < 1:
+            raise CryptoError(f"workers must be at least 1, got {workers}")
+        self.params = params
+        ctx = load_public_context(public_context, params)
+        self.layout = ciphertext_layout(params, ctx)
+        self.workers = count
+        self._pool: ProcessPoolExecutor | None = worker_pool(
+            count, _worker_init, (params.model_dump_json(), bytes(public_context)))
+
+    @staticmethod
+    def chunk_count_for(params: HEParams, size: int) -> int:
+        """Number of chunks a vector of ``size`` values is sent as under ``params``."""
+        if size < 0:
+            raise CryptoError(f"vector size must be non-negative, got {size}")
+        return math.ceil(size / params.slots)
+
+    @staticmethod
+    def max_chunk_bytes_for(params: HEParams) -> int:
+        """Size of every chunk under ``params``, in bytes (each chunk has exactly this size)."""
+        return chunk_size_for(params.poly_modulus_degree, data_moduli(params))
+
+    @property
+    def slots(self) -> int:
+        """Values per chunk (one ciphertext)."""
+        return self.params.slots
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Size of every serialized chunk, in bytes."""
+        return self.layout.chunk_size
+
+    def chunk_count(self, size: int) -> int:
+        """Number of chunks a vector of ``size`` values is sent as."""
+        return self.chunk_count_for(self.params, size)
+
+    def encrypt(
+        self, vector: np.ndarray, *, weight: int, seed: int | None = None
+    ) -> list[bytes]:
+        """Encrypt ``weight × clip(vector)`` (quantized for BFV) as one chunk per ciphertext.
+
+        Args:
+            vector: the update, 1-D and finite.
+            weight: the slave's integer weight, in [1, max_total_weight].
+            seed: seed of the stochastic rounding (``None``: fresh randomness); the same seed
+                gives the same plaintext for any number of workers.
+
+        Returns:
+            Serialized chunks, in index order; they never contain the context.
+
+        Raises:
+            CryptoError: non-finite value (the index is named), weight out of range, or a
+                worker process died.
+        """
+        if self._pool is None:
+            raise CryptoError("encoder is closed; create a new UpdateEncoder")
+        w = check_weight(weight, self.params)
+        values = check_vector(vector)
+        if values.shape[0] == 0:
+            raise CryptoError("update is empty; there is nothing to encrypt")
+        entropy = secrets.randbits(128) if seed is None else int(seed)
+        s = self.slots
+        tasks = [
+            (i, values[i * s : (i + 1) * s], w, entropy)
+            for i in range(self.chunk_count(values.shape[0]))
+        ]
+        batch = max(1, math.ceil(len(tasks) / (4 * self.workers)))
+        try:
+            return list(self._pool.map(_worker_encrypt, tasks, chunksize=batch))
+        except BrokenProcessPool as exc:
+            raise CryptoError(
+                f"an encryption worker process died ({exc}); close this encoder and create a "
+                "new one"
+            ) from exc
+
+    def encrypt_ring(self, values: np.ndarray) -> list[bytes]:
+        """Encrypt integers of the BFV plaintext ring (``he+mask``: a masked vector).
+
+        Args:
+            values: uint64 values in [0, t), already weighted, quantized and masked.
+
+        Returns:
+            Serialized chunks, in index order, as :meth:`encrypt` makes them.
+        """
+        if self._pool is None:
+            raise CryptoError("encoder is closed; create a new UpdateEncoder")
+        t = self.params.plain_modulus
+        ring = np.asarray(values)
+        if self.params.scheme != "bfv" or t is None:
+            raise CryptoError("ring values can only be encrypted under a BFV preset")
+        if ring.ndim != 1 or ring.size == 0 or ring.dtype != np.uint64 or int(ring.max()) >= t:
+            raise CryptoError(f"ring values must be a non-empty 1-D uint64 vector below t={t}")
+        s = self.slots
+        tasks = [(i, ring[i * s:(i + 1) * s]) for i in range(self.chunk_count(ring.shape[0]))]
+        batch = max(1, math.ceil(len(tasks) / (4 * self.workers)))
+        try:
+            return list(self._pool.map(_worker_encrypt_ring, tasks, chunksize=batch))
+        except BrokenProcessPool as exc:
+            raise CryptoError(f"an encryption worker process died ({exc}); close this encoder "
+                              "and create a new one") from exc
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> UpdateEncoder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,128 @@
+"""Updates that travel without homomorphic encryption: ``plain`` and ``mask`` protection.
+
+* ``plain``: each chunk is the clipped update as little-endian float32 (4 bytes per value);
+  the master multiplies by the slave's weight as it adds. The master sees every update.
+* ``mask`` (and the plaintext of ``he+mask``): the update is quantized exactly as the BFV
+  codec does (:func:`~secure_fed.encoding.encode_plain`: ``w·q`` with stochastic
+  rounding) and mapped into the ring Z_t of the BFV plain modulus t, where pairwise masks
+  (:mod:`secure_fed.secagg.state_machines`) are added. Masked ring values are sent bit-packed,
+  ``ceil(log2 t)`` bits per value, so the wire cost is about one plaintext float.
+
+Both are cut into chunks of :data:`VALUES_PER_CHUNK` values (the last one shorter); chunk
+``i`` of a vector of ``n`` values has exactly :func:`chunk_bytes` bytes, which the master
+checks before parsing anything.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+
+from secure_fed.encoding import FixedPoint, check_sum_in_clip, decode_plain_sum, encode_plain
+from secure_fed.errors import CryptoError
+
+VALUES_PER_CHUNK = 1 << 17
+"""Values per chunk of a ``plain`` or ``mask`` update (512 KiB of float32)."""
+PROTECTIONS = ("he", "he+mask", "mask", "plain")
+
+
+class RingParams(FixedPoint, Protocol):
+    """A parameter record that also names the ring: the BFV plain modulus (``None`` for CKKS).
+
+    :class:`~secure_fed.he.params.HEParams` is one; the ring is read from it, not imported.
+    """
+
+    @property
+    def plain_modulus(self) -> int | None: ...
+
+
+def ring_modulus(params: RingParams) -> int:
+    """The ring Z_t masked vectors live in: the BFV plain modulus of ``params``."""
+    if params.scheme != "bfv" or params.plain_modulus is None:
+        raise CryptoError(f"masking needs a BFV preset (its plain modulus is the ring); preset "
+                          f"'{params.preset}' is {params.scheme}: choose bfv-fast")
+    return int(params.plain_modulus)
+
+
+def ring_width(modulus: int) -> int:
+    """Bits per packed ring value: enough for every value in [0, modulus)."""
+    return max(1, (modulus - 1).bit_length())
+
+
+def chunk_count(size: int) -> int:
+    """Chunks of a ``plain`` or ``mask`` vector of ``size`` values."""
+    return math.ceil(size / VALUES_PER_CHUNK)
+
+
+def chunk_values(size: int, index: int) -> int:
+    """Values in chunk ``index`` of a vector of ``size`` values."""
+    if not 0 <= index < chunk_count(size):
+        raise CryptoError(f"chunk index {index} is outside 0..{chunk_count(size) - 1}")
+    return min(VALUES_PER_CHUNK, size - index * VALUES_PER_CHUNK)
+
+
+def chunk_bytes(protection: str, size: int, index: int, modulus: int | None) -> int:
+    """Exact size in bytes of chunk ``index`` of a ``plain`` or ``mask`` update."""
+    count = chunk_values(size, index)
+    if protection == "plain":
+        return 4 * count
+    if modulus is None:
+        raise CryptoError("a masked chunk needs the ring modulus")
+    return math.ceil(count * ring_width(modulus) / 8)
+
+
+def float_chunks(vector: np.ndarray, clip: float) -> list[bytes]:
+    """``plain`` chunks: ``clip(vector)`` as little-endian float32."""
+    values = np.asarray(vector, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
+        raise CryptoError("a plain update must be a non-empty 1-D vector of finite values")
+    clipped = np.clip(values, -clip, clip).astype("<f4")
+    return [clipped[i:i + VALUES_PER_CHUNK].tobytes()
+            for i in range(0, clipped.size, VALUES_PER_CHUNK)]
+
+
+def to_ring(vector: np.ndarray, weight: int, params: RingParams,
+            rng: np.random.Generator) -> np.ndarray:
+    """``w·q`` of the BFV codec, mapped into [0, t) as uint64 (the plaintext to mask)."""
+    t = ring_modulus(params)
+    signed = encode_plain(vector, weight, params, rng)
+    return np.mod(signed, np.int64(t)).astype(np.uint64)
+
+
+def ring_to_average(ring_sum: np.ndarray, total_weight: int, params: RingParams) -> np.ndarray:
+    """The weighted average from the unmasked ring sum (centred lift, then the BFV decode).
+
+    Raises:
+        UnusableAggregate: a value of the average lies outside [−clip, clip] (checked exactly
+            on the integer sum: :func:`~secure_fed.he.encoding.check_sum_in_clip`).
+    """
+    t = ring_modulus(params)
+    signed = np.asarray(ring_sum, dtype=np.uint64).astype(np.int64)
+    signed[signed > t // 2] -= t
+    check_sum_in_clip(signed, total_weight, params)
+    return decode_plain_sum(signed, total_weight, params)
+
+
+def pack_ring(values: np.ndarray, modulus: int) -> bytes:
+    """Bit-pack ring values (each < ``modulus``), ``ring_width(modulus)`` bits each, MSB first."""
+    v = np.ascontiguousarray(values, dtype=">u8")
+    width = ring_width(modulus)
+    bits = np.unpackbits(v.view(np.uint8).reshape(-1, 8), axis=1)[:, 64 - width:]
+    return np.packbits(bits.reshape(-1)).tobytes()
+
+
+def unpack_ring(data: bytes, count: int, modulus: int) -> np.ndarray:
+    """Inverse of :func:`pack_ring`; refuses a wrong length or a value ≥ ``modulus``."""
+    width = ring_width(modulus)
+    if len(data) != math.ceil(count * width / 8):
+        raise CryptoError(f"masked chunk has {len(data)} bytes, {count} values of {width} bits "
+                          f"need {math.ceil(count * width / 8)}")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: count * width]
+    padded = np.zeros((count, 64), dtype=np.uint8)
+    padded[:, 64 - width:] = bits.reshape(count, width)
+    values = np.packbits(padded, axis=1).view(">u8").reshape(-1).astype(np.uint64)
+    if values.size and int(values.max()) >= modulus:
+        raise CryptoError(f"masked chunk holds a value ≥ the ring modulus {modulus}")
+    return values

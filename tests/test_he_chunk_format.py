@@ -1,0 +1,119 @@
+"""The chunk wire format: exact bit packing, validation order, and modular arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secure_fed.he.chunk_format import (
+    HEADER_SIZE,
+    ChunkFormatError,
+    CiphertextLayout,
+    _pack,
+    _unpack,
+    add_mod,
+    chunk_size_for,
+    pack_chunk,
+    pack_planar,
+    parse_chunk,
+    sub_mod,
+    unpack_chunk,
+)
+from secure_fed.he.presets import coeff_moduli
+
+MODULI = coeff_moduli(1024, (50, 30, 40))[:-1]  # a 50-bit and a 30-bit data prime
+LAYOUT = CiphertextLayout(scheme="ckks", poly_modulus_degree=1024, moduli=MODULI,
+                          parms_id=(1, 2, 3, 4), key_id=b"K" * 8)
+
+
+@settings(max_examples=40, deadline=None)
+@given(width=st.integers(20, 64), seed=st.integers(0, 2**32 - 1))
+def test_packing_is_exact_lsb_first_bit_stream(width: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 2**63, 64, dtype=np.uint64) >> np.uint64(max(0, 63 - width))
+    if width == 64:
+        values = values * np.uint64(2) + np.uint64(1)
+    packed = _pack(values, width)
+    reference = sum(int(v) << (i * width) for i, v in enumerate(values.tolist()))
+    assert packed == reference.to_bytes(64 * width // 8, "little")
+    np.testing.assert_array_equal(_unpack(packed, 64, width), values)
+
+
+def _random_coeffs(rng: np.random.Generator) -> np.ndarray:
+    q = LAYOUT.moduli_column()
+    return (rng.integers(0, 2**62, LAYOUT.shape, dtype=np.uint64) % q).astype(np.uint64)
+
+
+def test_chunk_round_trip_and_size() -> None:
+    coeffs = _random_coeffs(np.random.default_rng(0))
+    data = pack_chunk(coeffs, LAYOUT, 5)
+    assert len(data) == LAYOUT.chunk_size == HEADER_SIZE + 2 * 1024 * (50 + 30) // 8
+    assert chunk_size_for(1024, MODULI) == len(data)
+    np.testing.assert_array_equal(parse_chunk(data, LAYOUT, index=5), coeffs)
+
+
+def test_header_fields_are_checked_in_turn() -> None:
+    data = bytearray(pack_chunk(_random_coeffs(np.random.default_rng(1)), LAYOUT, 0))
+    cases = {
+        "expected exactly": bytes(data) + b"\x00",
+        "magic": b"XXXX" + bytes(data[4:]),
+        "is a bfv ciphertext": bytes(data[:5]) + b"\x01" + bytes(data[6:]),
+        "other encryption parameters": bytes(data[:20]) + b"\x09" + bytes(data[21:]),
+        "another public key": bytes(data[:12]) + b"Z" * 8 + bytes(data[20:]),
+    }
+    for reason, bad in cases.items():
+        with pytest.raises(ChunkFormatError, match=reason):
+            parse_chunk(bad, LAYOUT)
+    with pytest.raises(ChunkFormatError, match="carries index 0, sent as index 3"):
+        parse_chunk(bytes(data), LAYOUT, index=3)
+    # the 30-bit prime's rows start after both 50-bit rows; all ones there is ≥ q
+    start = HEADER_SIZE + 2 * 1024 * 50 // 8 + 1024 * 30 // 8
+    data[start : start + 4] = b"\xff\xff\xff\xff"
+    with pytest.raises(ChunkFormatError, match="coefficient 0 of polynomial 1, prime 1"):
+        parse_chunk(bytes(data), LAYOUT)
+
+
+def test_modular_add_and_sub_match_python_integers() -> None:
+    rng = np.random.default_rng(2)
+    a, b = _random_coeffs(rng), _random_coeffs(rng)
+    q = LAYOUT.moduli_column()
+    total = a.copy()
+    add_mod(total, b, q)
+    expected = [(int(x) + int(y)) % int(m) for x, y, m in
+                zip(a[0, 0, :50], b[0, 0, :50], [MODULI[0]] * 50, strict=True)]
+    assert total[0, 0, :50].tolist() == expected
+    assert bool(np.all(total < q))
+    sub_mod(total, b, q)
+    np.testing.assert_array_equal(total, a)
+
+
+@pytest.mark.parametrize("bits", [(50, 30), (60, 40, 40), (36, 60)])
+def test_planar_unpacking_matches_the_wire_order_and_packs_back(bits: tuple[int, ...]) -> None:
+    moduli = coeff_moduli(1024, (*bits, 60))[:-1]
+    layout = CiphertextLayout(scheme="ckks", poly_modulus_degree=1024, moduli=moduli,
+                              parms_id=(1, 2, 3, 4), key_id=b"K" * 8)
+    rng = np.random.default_rng(3)
+    q = layout.moduli_column()
+    coeffs = (rng.integers(0, 2**62, layout.shape, dtype=np.uint64) % q).astype(np.uint64)
+    data = pack_chunk(coeffs, layout, 7)
+    out = np.zeros(layout.planar_shape, dtype=np.uint64)
+    for chunk in (data, bytearray(data), memoryview(data)):
+        assert unpack_chunk(chunk, layout, out, index=7) is out
+        for j, width in enumerate(layout.widths):
+            period = 8 // math.gcd(width, 8)  # values per whole number of bytes
+            wire = coeffs[:, j, :].reshape(-1)
+            np.testing.assert_array_equal(out[j].reshape(period, -1), wire.reshape(-1, period).T)
+        assert pack_planar(out, layout, 7) == data
+        np.testing.assert_array_equal(parse_chunk(chunk, layout, index=7), coeffs)
+
+
+def test_an_out_of_range_coefficient_is_named_by_its_wire_position() -> None:
+    coeffs = _random_coeffs(np.random.default_rng(4))
+    coeffs[1, 0, 5] = 2**50 - 1  # above the 50-bit prime, sixth value of polynomial 1
+    with pytest.raises(ChunkFormatError, match="coefficient 5 of polynomial 1, prime 0"):
+        unpack_chunk(pack_chunk(coeffs, LAYOUT, 0), LAYOUT,
+                     np.empty(LAYOUT.planar_shape, dtype=np.uint64))
