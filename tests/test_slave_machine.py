@@ -546,3 +546,32 @@ def test_receive_timeouts_follow_the_state() -> None:
     assert m.receive_timeout() == 60.0
 
 
+
+
+def test_the_machine_imports_no_training_encryption_transport_or_clock() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, secure_fed.protocol.slave_machine; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('torch', 'opacus', 'tenseal', 'websockets', 'asyncio') "
+            "or m.startswith(('secure_fed.privacy', 'secure_fed.transport', "
+            "'secure_fed.slave', 'secure_fed.master'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def transitions_markdown() -> str:
+    """The slave's transition table as docs/protocol.md shows it."""
+    rows = ["| state | event | next state |", "| --- | --- | --- |"]
+    for state, events in TRANSITIONS.items():
+        rows += [f"| `{state.value}` | {event.replace('_', ' ')} | `{after.value}` |"
+                 for event, after in events.items()]
+    return "\n".join(rows)
+
+
+def test_protocol_md_shows_the_slave_transition_table() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text("utf-8")
+    assert transitions_markdown() in doc

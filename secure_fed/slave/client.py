@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import logging
 import math
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +34,7 @@ from secure_fed import __version__
 from secure_fed.config.schema import require_same_schema
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.crypto import plain_codec as pc
-from secure_fed.crypto.certificates import party_id_from_certificate, sign, verify_signature
+from secure_fed.crypto.certificates import sign
 from secure_fed.crypto.codec import UpdateEncoder
 from secure_fed.data.datasets import Dataset
 from secure_fed.errors import (
@@ -41,23 +42,15 @@ from secure_fed.errors import (
     ConfigError,
     DataError,
     FederationBudgetExhausted,
-    IdentityError,
     ModelError,
     PrivacyError,
-    ProtocolError,
     SecureFedError,
     TransportError,
 )
 from secure_fed.faults import crash_point
 from secure_fed.master.bundle import SlaveBundle, context_digest
 from secure_fed.models.package import ModelPackage
-from secure_fed.privacy.data_source import (
-    arrays_source_id,
-    check_source_id,
-    default_ledger_dir,
-    register_ledger,
-)
-from secure_fed.privacy.ledger import COUNT_MODE, LEDGER_FILE, LedgerEntry, PrivacyLedger
+from secure_fed.privacy.ledger import COUNT_MODE, LedgerEntry
 from secure_fed.privacy.training import DPSettings
 from secure_fed.private_files import read_private_file
 from secure_fed.protocol import slave_actions as act
@@ -67,20 +60,20 @@ from secure_fed.protocol.messages import (
     Hello,
     MechanismRecord,
     ModelHeader,
-    SecAggTask,
     Task,
     UpdateHeader,
     WeightSource,
     signing_bytes,
 )
-from secure_fed.protocol.secagg import SlaveSecAgg, Verifier
+from secure_fed.protocol.secagg import SlaveSecAgg
 from secure_fed.protocol.secagg_messages import AdvertiseKeys, ShareDelivery, ShareKeys
 from secure_fed.protocol.slave_machine import SlaveMachine, SlaveState
 from secure_fed.slave.privacy_plan import PrivacyPlanner
+from secure_fed.slave.protection import peer_verifier, protect_update
 from secure_fed.slave.report import SlaveReport, TrainedAttempt
 from secure_fed.slave.updates import UpdateResult, train_update
 from secure_fed.transport.channel import Channel, WebSocketChannel, open_connection
-from secure_fed.transport.tls import client_ssl_context, load_presented_certificate
+from secure_fed.transport.tls import client_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -174,54 +167,21 @@ class Slave:
         self.config = bundle.config
         self._plain = _plain_url(self.config.master_url, insecure_loopback)
         self.data = data
-        self.source_id = check_source_id(
-            source_id if source_id is not None else arrays_source_id(data.features, data.labels))
-        self.state_dir = (Path(state_dir) if state_dir is not None
-                          else default_ledger_dir(self.source_id))
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if public_count is not None and public_count != len(data.labels):
-            raise ConfigError(
-                f"--public-count {public_count} does not match the {len(data.labels)} records "
-                "of this data source; declare its exact count, or leave the count private")
+        self.privacy = PrivacyPlanner.open(
+            self.config, bundle.ca_cert.read_bytes(), data, state_dir=state_dir,
+            budget_epsilon=budget_epsilon, source_id=source_id, public_count=public_count,
+            allow_no_dp=allow_no_dp)
+        self.source_id = self.privacy.source_id
+        self.state_dir = self.privacy.state_dir
         self.public_count = public_count
-        # The ledger knows a federation by its id *and* its CA: another federation that took
-        # the same name (a new `secure-fed init`, or an operator choosing it on purpose) shares
-        # neither its history, nor its count release, nor its ε.
-        ca_digest = hashlib.sha256(bundle.ca_cert.read_bytes()).hexdigest()[:16]
-        self.ledger_federation = f"{self.config.federation_id}@{ca_digest}"
+        self.ledger = self.privacy.ledger
+        self.ledger_federation = self.privacy.ledger_federation
         self.threads = threads
         self.reconnect_give_up_s = reconnect_give_up_s
         self._on_event = on_event or (lambda kind, data: None)
-        # Only a declared count is checked against the limit here: refusing to start because of
-        # the exact count would tell N = max from N = max + 1 (a DP count is clamped instead).
-        most = self.config.encryption.max_weight_per_slave
-        if public_count is not None and public_count > most:
-            raise ConfigError(
-                f"the declared count {public_count} is more than the federation's "
-                f"max_weight_per_slave={most}; re-run `secure-fed init` with a larger "
-                "--max-records, or leave the count private (its DP release is clamped)")
-        new_ledger = not (self.state_dir / LEDGER_FILE).exists()
-        self.ledger = PrivacyLedger.open(
-            self.state_dir, budget_epsilon=budget_epsilon, delta=self.config.delta,
-            accountant=self.config.accountant, source_id=self.source_id)
-        elsewhere = register_ledger(self.source_id, self.state_dir)
-        if new_ledger and elsewhere:
-            log.warning("NEW privacy ledger for data source '%s' in %s, but this source already "
-                        "has a ledger in %s: ε spent there is NOT counted here. Use --state %s "
-                        "to spend from the same budget", self.source_id, self.state_dir,
-                        ", ".join(map(str, elsewhere)), elsewhere[0])
-        elif new_ledger and source_id is None:
-            log.warning("new privacy ledger for data source '%s', named by a fingerprint of its "
-                        "content: data that changes (a record added) is then another source with "
-                        "a budget of its own. Name the source with --source-id to keep one "
-                        "budget for it", self.source_id)
         self._public_context = bundle.public_context.read_bytes()
         self._workers = workers if workers is not None else self.config.encryption.workers
         self.report = SlaveReport(self.config.slave_id)
-        self.privacy = PrivacyPlanner(
-            self.config, self.ledger, ledger_federation=self.ledger_federation,
-            source_id=self.source_id, records=len(data.labels), public_count=public_count,
-            allow_no_dp=allow_no_dp)
         self._connect = connect
         self.machine = SlaveMachine(
             hello=Hello(protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
@@ -232,7 +192,8 @@ class Slave:
             protection=self.config.encryption.protection, limits=self.config.limits,
             min_mask_parties=self.config.min_mask_parties,
             ring_modulus=lambda: pc.ring_modulus(bundle.he_params),
-            sign=lambda data: sign(self._private_key(), data), verifier=self._verifier,
+            sign=lambda data: sign(self._private_key(), data),
+            verifier=functools.partial(peer_verifier, bundle.ca_cert.read_bytes()),
             reconnect_give_up_s=reconnect_give_up_s)
 
     def _private_key(self) -> bytes:
@@ -245,7 +206,7 @@ class Slave:
 
     async def run(self) -> SlaveReport:
         """Take part until the master says the federation is finished."""
-        connect = self._connect or self._websocket_connect()
+        connect = self._connect or websocket_connect(self.bundle, plain=self._plain)
         machine = self.machine
         loop = asyncio.get_running_loop()
         with UpdateEncoder(self.bundle.he_params, self._public_context,
@@ -268,18 +229,6 @@ class Slave:
         self.report.epsilon = self.ledger.spent()
         self.report.federation_epsilon = self.ledger.spent_in(self.ledger_federation)
         return self.report
-
-    def _websocket_connect(self) -> Connect:
-        """The default connection: mutual TLS (or plain ws:// on loopback) to ``master_url``."""
-        ssl_context = None if self._plain else client_ssl_context(
-            self.bundle.certificate, self.bundle.key, self.bundle.ca_cert)
-
-        async def connect() -> Channel:
-            connection = await open_connection(self.config.master_url, ssl_context=ssl_context,
-                                               limits=self.config.limits)
-            return WebSocketChannel(connection, "master")
-
-        return connect
 
     async def _session(self, channel: Channel, encoder: UpdateEncoder) -> None:
         """One connection's worth of work, until the federation is finished or the connection
@@ -344,8 +293,9 @@ class Slave:
         task = work.task
         try:
             require_same_schema(self.config.data_schema, task.plan.data_schema, where="the task")
-            model = self._accept_model(task.model, work.params).build()
-            student = (self._accept_model(task.student, work.student_params).build()
+            model = accept_model(self.config.allowed_architectures, task.model, work.params).build()
+            student = (accept_model(self.config.allowed_architectures, task.student,
+                                          work.student_params).build()
                        if task.student is not None and work.student_params is not None
                        else None)
             if self.ledger.has_task(self.ledger_federation, task.nonce):
@@ -429,24 +379,8 @@ class Slave:
     def _protect(self, encoder: UpdateEncoder, vector: np.ndarray, weight: int,
                  delivery: ShareDelivery | None) -> list[bytes]:
         """The update's chunks under the federation's protection (runs off the event loop)."""
-        protection = self.config.encryption.protection
-        params = self.bundle.he_params
-        if protection == "he":
-            return encoder.encrypt(vector, weight=weight)
-        if protection == "plain":
-            return pc.float_chunks(vector, params.clip)
-        secagg = self._secagg
-        if secagg is None or delivery is None:
-            raise ProtocolError(f"protection '{protection}' needs the round's secure "
-                                "aggregation, which the task did not set up")
-        ring = pc.to_ring(vector, weight, params, np.random.default_rng(secrets.randbits(128)))
-        _, payload = secagg.mask(delivery, ring)
-        masked = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
-        if protection == "he+mask":
-            return encoder.encrypt_ring(masked)
-        t = pc.ring_modulus(params)
-        return [pc.pack_ring(masked[i:i + pc.VALUES_PER_CHUNK], t)
-                for i in range(0, masked.size, pc.VALUES_PER_CHUNK)]
+        return protect_update(self.config.encryption.protection, self.bundle.he_params,
+                              encoder, vector, weight, self._secagg, delivery)
 
     async def _upload(self, channel: Channel, work: act.Upload) -> None:
         """Sign and send the update header, then its chunks."""
@@ -473,31 +407,6 @@ class Slave:
                                     "epsilon": _bounded(trained.spent),
                                     "loss": trained.result.loss})
 
-    def _verifier(self, info: SecAggTask) -> Verifier:
-        """Checks a peer's signed key advertisement against the certificate the task carries
-        for it, itself checked against this slave's federation CA."""
-        ca_pem = self.bundle.ca_cert.read_bytes()
-
-        def verify(party: str, data: bytes, signature: bytes) -> None:
-            pem = info.certificates.get(party)
-            if pem is None:
-                raise IdentityError(f"the task carries no certificate of '{party}'")
-            certificate = load_presented_certificate(pem, ca_pem)
-            if party_id_from_certificate(certificate) != party:
-                raise IdentityError(f"the certificate given for '{party}' names another party")
-            verify_signature(certificate, data, signature)
-
-        return verify
-
-    def _accept_model(self, header: ModelHeader, params: bytes | str | None) -> ModelPackage:
-        allowed = self.config.allowed_architectures
-        if allowed and header.architecture not in allowed:
-            raise ModelError(f"architecture '{header.architecture}' is not in this slave's "
-                             f"allowed list {allowed}")
-        if not isinstance(params, bytes):
-            raise ModelError(f"no parameters for '{header.architecture}'")
-        return ModelPackage.from_parts(header.model_dump(exclude={"params_bytes"}), params)
-
     async def _decline(self, channel: Channel, task: Task, reason: str, *,
                        final: bool = False) -> None:
         """Tell the master this task is declined: this federation's ε and what is left of it,
@@ -518,6 +427,32 @@ class Slave:
         signed = signing_bytes(self.config.federation_id, message)
         signature = base64.b64encode(sign(self._private_key(), signed)).decode("ascii")
         return message.model_copy(update={"signature": signature})
+
+
+def websocket_connect(bundle: SlaveBundle, *, plain: bool) -> Connect:
+    """The default connection: mutual TLS (or, ``plain``, ws:// on loopback) to the bundle's
+    ``master_url``."""
+    ssl_context = None if plain else client_ssl_context(bundle.certificate, bundle.key,
+                                                        bundle.ca_cert)
+
+    async def connect() -> Channel:
+        connection = await open_connection(bundle.config.master_url, ssl_context=ssl_context,
+                                           limits=bundle.config.limits)
+        return WebSocketChannel(connection, "master")
+
+    return connect
+
+
+def accept_model(allowed: Sequence[str], header: ModelHeader,
+                 params: bytes | str | None) -> ModelPackage:
+    """The model package of ``header`` and ``params`` if this slave takes its architecture
+    (``allowed``; empty: any of its registry) and its digest matches."""
+    if allowed and header.architecture not in allowed:
+        raise ModelError(f"architecture '{header.architecture}' is not in this slave's "
+                         f"allowed list {allowed}")
+    if not isinstance(params, bytes):
+        raise ModelError(f"no parameters for '{header.architecture}'")
+    return ModelPackage.from_parts(header.model_dump(exclude={"params_bytes"}), params)
 
 
 def _plain_url(url: str, insecure_loopback: bool) -> bool:

@@ -9,15 +9,35 @@ and the data owner's lifetime budget, and whether a task without DP is allowed a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from secure_fed.config.settings import SlaveConfig
-from secure_fed.errors import BudgetExhausted, FederationBudgetExhausted, PrivacyError
+from secure_fed.data.datasets import Dataset
+from secure_fed.errors import (
+    BudgetExhausted,
+    ConfigError,
+    FederationBudgetExhausted,
+    PrivacyError,
+)
 from secure_fed.privacy.accounting import Mechanism, calibrate_noise, epsilon
 from secure_fed.privacy.count import count_mechanism, release_count
-from secure_fed.privacy.ledger import COUNT_MODE, Declaration, LedgerEntry, PrivacyLedger
+from secure_fed.privacy.data_source import (
+    arrays_source_id,
+    check_source_id,
+    default_ledger_dir,
+    register_ledger,
+)
+from secure_fed.privacy.ledger import (
+    COUNT_MODE,
+    LEDGER_FILE,
+    Declaration,
+    LedgerEntry,
+    PrivacyLedger,
+)
 from secure_fed.privacy.training import DPSettings
 from secure_fed.protocol.messages import Plan, Task, WeightSource
 from secure_fed.slave.updates import steps_per_round
@@ -36,18 +56,66 @@ class PrivacyPlanner:
         records: the exact record count (private unless ``public_count`` declares it).
         public_count: the count the data owner declared public, or ``None``.
         allow_no_dp: the data owner's consent to tasks without DP.
+        state_dir: the folder of the ledger.
     """
 
     def __init__(self, config: SlaveConfig, ledger: PrivacyLedger, *, ledger_federation: str,
                  source_id: str, records: int, public_count: int | None,
-                 allow_no_dp: bool) -> None:
+                 allow_no_dp: bool, state_dir: Path) -> None:
         self.config = config
         self.ledger = ledger
+        self.state_dir = state_dir
         self.ledger_federation = ledger_federation
         self.source_id = source_id
         self.records = records
         self.public_count = public_count
         self.allow_no_dp = allow_no_dp
+
+    @classmethod
+    def open(cls, config: SlaveConfig, ca_pem: bytes, data: Dataset, *,
+             state_dir: Path | None, budget_epsilon: float | None, source_id: str | None,
+             public_count: int | None, allow_no_dp: bool) -> PrivacyPlanner:
+        """Open the ledger of ``data`` for the federation of ``config`` (whose CA is
+        ``ca_pem``); the arguments are the data owner's, as for
+        :class:`~secure_fed.slave.client.Slave`."""
+        source_id_given = source_id is not None
+        source = check_source_id(
+            source_id if source_id is not None else arrays_source_id(data.features, data.labels))
+        folder = Path(state_dir) if state_dir is not None else default_ledger_dir(source)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if public_count is not None and public_count != len(data.labels):
+            raise ConfigError(
+                f"--public-count {public_count} does not match the {len(data.labels)} records "
+                "of this data source; declare its exact count, or leave the count private")
+        # The ledger knows a federation by its id *and* its CA: another federation that took
+        # the same name (a new `secure-fed init`, or an operator choosing it on purpose) shares
+        # neither its history, nor its count release, nor its ε.
+        ledger_federation = f"{config.federation_id}@{hashlib.sha256(ca_pem).hexdigest()[:16]}"
+        # Only a declared count is checked against the limit here: refusing to start because of
+        # the exact count would tell N = max from N = max + 1 (a DP count is clamped instead).
+        most = config.encryption.max_weight_per_slave
+        if public_count is not None and public_count > most:
+            raise ConfigError(
+                f"the declared count {public_count} is more than the federation's "
+                f"max_weight_per_slave={most}; re-run `secure-fed init` with a larger "
+                "--max-records, or leave the count private (its DP release is clamped)")
+        new_ledger = not (folder / LEDGER_FILE).exists()
+        ledger = PrivacyLedger.open(folder, budget_epsilon=budget_epsilon, delta=config.delta,
+                                    accountant=config.accountant, source_id=source)
+        elsewhere = register_ledger(source, folder)
+        if new_ledger and elsewhere:
+            log.warning("NEW privacy ledger for data source '%s' in %s, but this source already "
+                        "has a ledger in %s: ε spent there is NOT counted here. Use --state %s "
+                        "to spend from the same budget", source, folder,
+                        ", ".join(map(str, elsewhere)), elsewhere[0])
+        elif new_ledger and not source_id_given:
+            log.warning("new privacy ledger for data source '%s', named by a fingerprint of its "
+                        "content: data that changes (a record added) is then another source with "
+                        "a budget of its own. Name the source with --source-id to keep one "
+                        "budget for it", source)
+        return cls(config, ledger, ledger_federation=ledger_federation, source_id=source,
+                   records=len(data.labels), public_count=public_count,
+                   allow_no_dp=allow_no_dp, state_dir=folder)
 
     def federation_epsilon(self, plan: Plan) -> float:
         """The ε this federation may take from this data source: its plan's, never more than
