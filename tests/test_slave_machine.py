@@ -1,6 +1,6 @@
 """The slave's protocol machine alone: no sockets, no clocks, no training.
 
-Every transition of :data:`secure_fed.protocol.slave_machine.TRANSITIONS` is driven here
+Every transition of :data:`secure_fed.protocol.slave_states.TRANSITIONS` is driven here
 (the last test checks that none is missed), with real secure-aggregation messages from a
 real :class:`MasterSecAgg` where a masked round needs them.
 """
@@ -46,7 +46,8 @@ from secure_fed.protocol.secagg_messages import (
     UnmaskResponse,
 )
 from secure_fed.protocol.secagg_settings import SecAggSettings
-from secure_fed.protocol.slave_machine import TRANSITIONS, SlaveMachine, SlaveState
+from secure_fed.protocol.slave_machine import SlaveMachine
+from secure_fed.protocol.slave_states import TRANSITIONS, SlaveState
 
 S = SlaveState
 FED = "fed-1"

@@ -22,14 +22,12 @@ Every transition is listed once, in :data:`TRANSITIONS`; a step outside it raise
 
 from __future__ import annotations
 
-import enum
 import logging
-import random
 from collections.abc import Callable
 from typing import Any
 
 from secure_fed.config.settings import LimitSettings
-from secure_fed.errors import ProtocolError, TransportError
+from secure_fed.errors import ProtocolError
 from secure_fed.protocol.messages import (
     Accepted,
     ErrorMessage,
@@ -42,6 +40,7 @@ from secure_fed.protocol.messages import (
     Welcome,
     parse_master_message,
 )
+from secure_fed.protocol.reconnect import Reconnect
 from secure_fed.protocol.secagg import Signer, SlaveSecAgg, Verifier
 from secure_fed.protocol.secagg_messages import (
     KeyList,
@@ -65,33 +64,9 @@ from secure_fed.protocol.slave_actions import (
     Wait,
 )
 from secure_fed.protocol.slave_keys import REFUSALS, MaskingExchange
+from secure_fed.protocol.slave_states import MASKED, TRANSITIONS, SlaveState
 
 log = logging.getLogger(__name__)
-
-MASKED = ("mask", "he+mask")
-"""Protections under which updates are masked by secure aggregation."""
-
-
-class SlaveState(enum.Enum):
-    """Where the slave stands."""
-
-    DISCONNECTED = "disconnected"
-    AWAITING_WELCOME = "awaiting_welcome"
-    IDLE = "idle"
-    """Connected, waiting for a task (or a verdict, a round's end, the finish)."""
-    AWAITING_MODEL = "awaiting_model"
-    AWAITING_STUDENT = "awaiting_student"
-    CHECKING = "checking"
-    """The shell checks the task against this slave's policy and budget."""
-    AWAITING_KEYS = "awaiting_keys"
-    AWAITING_REVEALS = "awaiting_reveals"
-    AWAITING_SHARES = "awaiting_shares"
-    TRAINING = "training"
-    RECORDING = "recording"
-    """Training done; the shell writes the release to the ledger before anything leaves."""
-    PROTECTING = "protecting"
-    FINISHED = "finished"
-
 
 S = SlaveState
 _SECAGG_WAIT = {KeyList: S.AWAITING_KEYS, SeedReveals: S.AWAITING_REVEALS,
@@ -100,27 +75,15 @@ _SECAGG_WAIT = {KeyList: S.AWAITING_KEYS, SeedReveals: S.AWAITING_REVEALS,
 _WORKING = (S.CHECKING, S.TRAINING, S.RECORDING, S.PROTECTING)
 """States in which the shell is doing work the machine asked for."""
 
-TRANSITIONS: dict[SlaveState, dict[str, SlaveState]] = {
-    S.DISCONNECTED: {"connected": S.AWAITING_WELCOME, "connect_failed": S.DISCONNECTED},
-    S.AWAITING_WELCOME: {"welcome": S.IDLE},
-    S.IDLE: {"task": S.AWAITING_MODEL, "verdict": S.IDLE, "round_end": S.IDLE,
-             "unmask_request": S.IDLE, "finished": S.FINISHED},
-    S.AWAITING_MODEL: {"model": S.CHECKING, "model_then_student": S.AWAITING_STUDENT},
-    S.AWAITING_STUDENT: {"student": S.CHECKING},
-    S.CHECKING: {"task_checked": S.TRAINING, "task_checked_masked": S.AWAITING_KEYS,
-                 "declined": S.IDLE},
-    S.AWAITING_KEYS: {"key_list": S.AWAITING_SHARES, "key_list_graph": S.AWAITING_REVEALS,
-                      "round_over": S.IDLE, "declined": S.IDLE},
-    S.AWAITING_REVEALS: {"seed_reveals": S.AWAITING_SHARES, "round_over": S.IDLE,
-                         "declined": S.IDLE},
-    S.AWAITING_SHARES: {"share_delivery": S.TRAINING, "round_over": S.IDLE, "declined": S.IDLE},
-    S.TRAINING: {"trained": S.RECORDING, "declined": S.IDLE},
-    S.RECORDING: {"release_recorded": S.PROTECTING, "declined": S.IDLE},
-    S.PROTECTING: {"protected": S.IDLE, "declined": S.IDLE},
-    S.FINISHED: {},
-}
-"""``TRANSITIONS[state][event]``: the state after ``event`` in ``state``. Every state but
-``DISCONNECTED`` and ``FINISHED`` also goes to ``DISCONNECTED`` when the connection is lost."""
+def task_problem(task: Task, *, masked: bool) -> str | None:
+    """Why ``task`` is declined whatever this slave's policy and budget (``masked``: this
+    slave's protection masks updates), or ``None``."""
+    if task.plan.mode == "distill" and (task.plan.temperature is None or task.plan.alpha is None):
+        return "a distill task must carry a temperature and an alpha"
+    if masked and task.secagg is None:
+        return ("the federation masks updates, but this task carries no secure aggregation: "
+                "declining before training")
+    return None
 
 
 class SlaveMachine:
@@ -140,7 +103,8 @@ class SlaveMachine:
         verifier: builds the check of the peers' advertisements from a task's
             secure-aggregation settings (their certificates).
         reconnect_give_up_s: seconds without a connection after which the slave gives up.
-        jitter: picks the wait before reconnecting, in ``[0, backoff]`` seconds.
+        jitter: picks the wait before reconnecting, in ``[0, backoff]`` seconds (default:
+            uniformly at random; see :class:`~secure_fed.protocol.reconnect.Reconnect`).
     """
 
     def __init__(
@@ -156,7 +120,7 @@ class SlaveMachine:
         sign: Signer,
         verifier: Callable[[SecAggTask], Verifier],
         reconnect_give_up_s: float = 300.0,
-        jitter: Callable[[float], float] = lambda most: random.uniform(0, most),  # noqa: S311
+        jitter: Callable[[float], float] | None = None,
     ) -> None:
         self.hello = hello
         self.federation_id = federation_id
@@ -167,14 +131,12 @@ class SlaveMachine:
         self.ring_modulus = ring_modulus
         self._sign = sign
         self._verifier = verifier
-        self.reconnect_give_up_s = reconnect_give_up_s
-        self._jitter = jitter
+        self.reconnect = (Reconnect(reconnect_give_up_s) if jitter is None
+                          else Reconnect(reconnect_give_up_s, jitter=jitter))
         self.state = S.DISCONNECTED
         self.finished_reason: str | None = None
         self.exchange: MaskingExchange | None = None
         """The key exchange of the last masked task, until its shares are revealed."""
-        self._backoff = 0.5
-        self._give_up_at: float | None = None
         self._task: Task | None = None
         self._params: bytes | None = None
         self._prepared: object = None
@@ -205,26 +167,19 @@ class SlaveMachine:
 
     def start(self, now: float) -> None:
         """The slave starts: its reconnect budget runs from ``now`` (monotonic seconds)."""
-        self._give_up_at = now + self.reconnect_give_up_s
+        self.reconnect.start(now)
 
     def receive_connected(self) -> list[Action]:
         """A connection to the master is open: greet it."""
         self._go("connected")
-        self._backoff = 0.5
+        self.reconnect.connected()
         return [Send(self.hello)]
 
     def receive_connect_failed(self, error: str, now: float) -> list[Action]:
         """Connecting failed: wait a jittered, doubling backoff, or give up (raises
         :class:`TransportError`) once ``reconnect_give_up_s`` passed without a connection."""
         self._go("connect_failed")
-        if self._give_up_at is None:
-            self.start(now)
-        assert self._give_up_at is not None
-        if now >= self._give_up_at:
-            raise TransportError(f"gave up reaching the master after "
-                                 f"{self.reconnect_give_up_s:g} s: {error}")
-        wait = self._jitter(self._backoff)
-        self._backoff = min(self._backoff * 2, 30.0)
+        wait = self.reconnect.failed(error, now)
         log.info("master not reachable (%s); retrying in %.1f s", error, wait)
         return [Wait(wait)]
 
@@ -238,7 +193,7 @@ class SlaveMachine:
             self.exchange = None
         self._drop_task()
         self.state = S.DISCONNECTED
-        self._give_up_at = now + self.reconnect_give_up_s
+        self.reconnect.start(now)
         return []
 
     # --- messages from the master ----------------------------------------------------------
@@ -319,12 +274,9 @@ class SlaveMachine:
         self._go("student" if student else "model")
         params, student_params = (self._params, raw) if student else (raw, None)
         assert params is not None
-        if task.plan.mode == "distill" and (task.plan.temperature is None
-                                            or task.plan.alpha is None):
-            return self._decline("a distill task must carry a temperature and an alpha")
-        if self.masked and task.secagg is None:
-            return self._decline("the federation masks updates, but this task carries no "
-                                 "secure aggregation: declining before training")
+        problem = task_problem(task, masked=self.masked)
+        if problem is not None:
+            return self._decline(problem)
         return [CheckTask(task, params, student_params)]
 
     # --- secure aggregation ----------------------------------------------------------------
@@ -342,9 +294,11 @@ class SlaveMachine:
             except REFUSALS as exc:
                 return self._refuse_secagg(exc)
             if answer is not None:
-                self._go("key_list_graph" if isinstance(message, KeyList)
-                         and exchange.expected is SeedReveals
-                         else "key_list" if isinstance(message, KeyList) else "seed_reveals")
+                if isinstance(message, KeyList):
+                    graph = exchange.expected is SeedReveals
+                    self._go("key_list_graph" if graph else "key_list")
+                else:
+                    self._go("seed_reveals")
                 return [Send(answer)]
             self._go("share_delivery")
             return [Train(self._task, self._prepared)]
