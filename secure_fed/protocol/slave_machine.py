@@ -15,7 +15,8 @@ seed reveal, share exchange and the unmasking answer. Masking the update itself 
 on the whole vector, so it runs in the shell's :class:`Protect` work, with the
 :class:`~secure_fed.protocol.secagg.SlaveSecAgg` the action hands over.
 
-Every transition is listed once, in :data:`TRANSITIONS`; a step outside it raises
+Every transition is listed once, in
+:data:`~secure_fed.protocol.slave_states.TRANSITIONS`; a step outside it raises
 :class:`~secure_fed.errors.ProtocolError` (a message the master should not have sent now) or
 ``RuntimeError`` (a shell that reported a result nobody asked for).
 """
