@@ -131,12 +131,12 @@ def test_a_dp_federation_refuses_an_update_that_reports_no_noise(
 ) -> None:
     # A modified slave that trains without DP although the plan asks for it: the master
     # refuses its update (and the audit would refuse the claim), so the round cannot commit.
-    from secure_fed.slave.client import Slave
+    from secure_fed.slave.privacy_plan import PrivacyPlanner
 
     fed = configure(federation_dir, tmp_path)
     single_attempt(fed)
-    monkeypatch.setattr(Slave, "_plan_privacy",
-                        lambda self, task, records, **_: self._plan_without_dp(task))
+    monkeypatch.setattr(PrivacyPlanner, "plan_privacy",
+                        lambda self, task, records, **_: self.plan_without_dp(task))
     with pytest.raises(ProtocolError):  # the master refused the update and closed on its chunks
         _run(fed, tmp_path, allow_no_dp=True)
 

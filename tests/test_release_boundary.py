@@ -23,7 +23,16 @@ from secure_fed.models.package import ModelPackage
 from secure_fed.models.registry import build_model
 from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.protocol import release
-from secure_fed.protocol.messages import Decline, ModelHeader, Plan, Task, UpdateHeader
+from secure_fed.protocol.messages import (
+    PROTOCOL_VERSION,
+    Decline,
+    ModelHeader,
+    Plan,
+    Task,
+    UpdateHeader,
+    Welcome,
+    encode,
+)
 from secure_fed.slave.client import Slave
 from secure_fed.slave.sources import bundled_part
 from tests.conftest import TINY_MODEL
@@ -92,9 +101,21 @@ def _answer(federation_dir: Path, state: Path, data: Dataset, *, epsilon: float 
     channel = _Capture()
     with UpdateEncoder(bundle.he_params, bundle.public_context.read_bytes(),
                        workers=1) as encoder:
-        asyncio.run(slave._handle_task(channel, encoder, task,  # type: ignore[arg-type]
-                                       package.params, None))
+        asyncio.run(_deliver(slave, channel, encoder, [encode(task), package.params]))
     return channel.sent, slave
+
+
+async def _deliver(slave: Slave, channel: _Capture, encoder: UpdateEncoder,
+                   messages: list[str | bytes]) -> None:
+    """Feed ``messages`` to a slave just welcomed by its master, as its session would."""
+    config = slave.config
+    slave.machine.receive_connected()
+    slave.machine.receive_message(encode(Welcome(
+        protocol=PROTOCOL_VERSION, federation_id=config.federation_id, slave_id=config.slave_id,
+        preset=slave.bundle.he_params.preset, protection=config.encryption.protection,
+        next_round=1)))
+    for raw in messages:
+        await slave._deliver(channel, encoder, raw)  # type: ignore[arg-type]
 
 
 def test_public_fields_are_identical_for_neighbouring_datasets(
@@ -185,9 +206,9 @@ def test_add_remove_neighbours_with_the_same_released_count_send_the_same_header
     # D has N records, D' has N + 1. When their DP count releases come out equal (pinned
     # here), every field of the update but the chunks and what signs them is identical:
     # nothing that leaves depends on the exact N except through the released count.
-    import secure_fed.slave.client as client
+    import secure_fed.slave.privacy_plan as privacy_plan
 
-    monkeypatch.setattr(client, "release_count", lambda records, sigma, *, upper: 250)
+    monkeypatch.setattr(privacy_plan, "release_count", lambda records, sigma, *, upper: 250)
     data, _ = _neighbours()
     other = bundled_part("digits", "1/2")
     larger = Dataset(data.name, np.concatenate([data.features, other.features[:1]]),

@@ -1,0 +1,65 @@
+"""A slave's update under its federation's protection, and the check of its masking peers.
+
+``he`` encrypts the weighted update; ``plain`` sends the clipped floats; ``mask`` and
+``he+mask`` encode it on the ring, add the round's pairwise and self masks (secure
+aggregation), and, under ``he+mask``, encrypt the masked vector too.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+
+from secure_fed.errors import IdentityError, ProtocolError
+from secure_fed.he.codec import UpdateEncoder
+from secure_fed.he.presets import HEParams
+from secure_fed.identity.certificates import party_id_from_certificate, verify_signature
+from secure_fed.protocol.messages import SecAggTask
+from secure_fed.secagg import ring as pc
+from secure_fed.secagg.messages import ShareDelivery
+from secure_fed.secagg.state_machines import SlaveSecAgg, Verifier
+from secure_fed.transport.tls import load_presented_certificate
+
+
+def protect_update(protection: str, params: HEParams, encoder: UpdateEncoder,
+                   vector: np.ndarray, weight: int, secagg: SlaveSecAgg | None,
+                   delivery: ShareDelivery | None) -> list[bytes]:
+    """The chunks of ``vector`` (FedAvg weight ``weight``) under ``protection``; CPU-bound, so
+    the caller runs it off the event loop.
+
+    Raises:
+        ProtocolError: a masked protection without the round's secure aggregation.
+    """
+    if protection == "he":
+        return encoder.encrypt(vector, weight=weight)
+    if protection == "plain":
+        return pc.float_chunks(vector, params.clip)
+    if secagg is None or delivery is None:
+        raise ProtocolError(f"protection '{protection}' needs the round's secure "
+                            "aggregation, which the task did not set up")
+    ring = pc.to_ring(vector, weight, params, np.random.default_rng(secrets.randbits(128)))
+    _, payload = secagg.mask(delivery, ring)
+    masked = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
+    if protection == "he+mask":
+        return encoder.encrypt_ring(masked)
+    t = pc.ring_modulus(params)
+    return [pc.pack_ring(masked[i:i + pc.VALUES_PER_CHUNK], t)
+            for i in range(0, masked.size, pc.VALUES_PER_CHUNK)]
+
+
+def peer_verifier(ca_pem: bytes, info: SecAggTask) -> Verifier:
+    """Checks a peer's signed key advertisement against the certificate ``info`` (a task's
+    secure-aggregation settings) carries for it, itself checked against the federation CA
+    ``ca_pem``."""
+
+    def verify(party: str, data: bytes, signature: bytes) -> None:
+        pem = info.certificates.get(party)
+        if pem is None:
+            raise IdentityError(f"the task carries no certificate of '{party}'")
+        certificate = load_presented_certificate(pem, ca_pem)
+        if party_id_from_certificate(certificate) != party:
+            raise IdentityError(f"the certificate given for '{party}' names another party")
+        verify_signature(certificate, data, signature)
+
+    return verify
