@@ -26,16 +26,13 @@ from secure_fed.master.aggregation import AggregationPipeline, RoundAggregation
 from secure_fed.master.committed_model import CommittedModel
 from secure_fed.master.connections import Connections
 from secure_fed.master.summary import RunSummary
+from secure_fed.master.task import round_task
 from secure_fed.master.update_checks import UpdateChecks
-from secure_fed.models.package import ModelPackage
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import (
     Decline,
     Finished,
-    ModelHeader,
-    Plan,
     RoundEnd,
-    Task,
     UpdateHeader,
     parse_slave_message,
 )
@@ -252,15 +249,8 @@ class RoundRunner:
         self.close_round()
         self._round, secagg_task = self.pipeline.open(start)
         package, student = self.model.package, self.model.updater.student
-        task = Task(
-            round=start.round, attempt=start.attempt, nonce=start.nonce,
-            deadline_s=start.deadline_s,
-            model=model_header(package),
-            plan=training_plan(self.config),
-            student=model_header(student) if student is not None else None,
-            secagg=secagg_task,
-            vector_size=self.pipeline.vector_size, chunks=self.coordinator.chunks,
-        )
+        task = round_task(start, self.config, package, student, secagg_task,
+                          vector_size=self.pipeline.vector_size, chunks=self.coordinator.chunks)
         self.audit.append("round_start", {
             "round": start.round, "attempt": start.attempt, "nonce": start.nonce,
             "participants": list(start.recipients), "model_digest": package.digest,
@@ -279,17 +269,9 @@ class RoundRunner:
             await state.finish(action.slave_id, header.weight)
         except SecureFedError as exc:
             return self.coordinator.update_failed(action.slave_id, str(exc), time.monotonic())
-        record = {
-            "slave": action.slave_id, "round": header.round,
-            "attempt": state.start.attempt, "weight": header.weight,
-            "bytes": state.bytes_by_slave.get(action.slave_id, 0),
-            "weight_source": header.weight_source, "chunk_sha256": header.chunk_sha256,
-            "epsilon": header.epsilon_spent, "delta": header.delta,
-            "accountant": header.accountant,
-            "mechanisms": [m.model_dump() for m in header.mechanisms],
-            "chunk_bytes": header.chunk_bytes, "signature": header.signature,
-            "signed_sha256": self.checks.signed_sha256(header),
-        }
+        record = self.checks.received_record(
+            action.slave_id, header, attempt=state.start.attempt,
+            received_bytes=state.bytes_by_slave.get(action.slave_id, 0))
         self.audit.append("update_received", record)
         self._on_event("update_received", record)
         # Only now does the update count, and is the slave told so.
@@ -374,23 +356,3 @@ class RoundRunner:
                                                   reason="committed",
                                                   model_digest=package.digest))
         return self.coordinator.round_committed(time.monotonic())
-
-
-def training_plan(config: MasterConfig) -> Plan:
-    """The training plan every task of the federation carries."""
-    training = config.training
-    distill = training.mode == "distill"
-    return Plan(mode=training.mode, epochs=training.epochs,
-                batch_size=training.batch_size, lr=training.lr,
-                momentum=training.momentum, max_grad_norm=training.max_grad_norm,
-                epsilon=training.epsilon, delta=training.delta,
-                rounds_total=config.rounds,
-                temperature=training.distill.temperature if distill else None,
-                alpha=training.distill.alpha if distill else None, dp=training.dp,
-                data_schema=config.data_schema)
-
-
-def model_header(package: ModelPackage) -> ModelHeader:
-    """What a task says about a model whose parameters follow as a binary message."""
-    return ModelHeader(architecture=package.architecture, kwargs=package.kwargs,
-                       digest=package.digest, params_bytes=len(package.params))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Any
 
 from secure_fed.audit.recompute import TOLERANCE as EPSILON_TOLERANCE
 from secure_fed.audit.recompute import PLDRecomputer, parse_mechanisms
@@ -41,9 +42,22 @@ class UpdateChecks:
         return (self.signature_problem(channel, header) or self._privacy_problem(header)
                 or await self._epsilon_problem(header))
 
-    def signed_sha256(self, message: UpdateHeader | Decline) -> str:
-        """SHA-256 (hex) of the bytes the slave signed, for the audit record."""
-        return hashlib.sha256(self._signing_bytes(message)).hexdigest()
+    def received_record(self, slave_id: str, header: UpdateHeader, *, attempt: int,
+                        received_bytes: int) -> dict[str, Any]:
+        """The ``update_received`` audit record of a stored update: what the slave declared
+        and signed (its ε, mechanisms, signature and the SHA-256 of the signed bytes), and
+        the bytes that arrived."""
+        return {
+            "slave": slave_id, "round": header.round,
+            "attempt": attempt, "weight": header.weight,
+            "bytes": received_bytes,
+            "weight_source": header.weight_source, "chunk_sha256": header.chunk_sha256,
+            "epsilon": header.epsilon_spent, "delta": header.delta,
+            "accountant": header.accountant,
+            "mechanisms": [m.model_dump() for m in header.mechanisms],
+            "chunk_bytes": header.chunk_bytes, "signature": header.signature,
+            "signed_sha256": hashlib.sha256(self._signing_bytes(header)).hexdigest(),
+        }
 
     def _signing_bytes(self, message: UpdateHeader | Decline) -> bytes:
         return signing_bytes(self.federation_id, message)
