@@ -171,7 +171,8 @@ class AggregationPipeline:
     async def route_secagg(self, state: RoundAggregation | None, sender: str,
                            message: str) -> None:
         """Hand a secure-aggregation message of ``sender`` to the open round's driver (it is
-        parsed and checked first: a malformed one raises :class:`ProtocolError`)."""
+        parsed and checked first: a malformed one raises
+        :class:`~secure_fed.errors.ProtocolError`)."""
         parsed = parse_secagg_message(message)
         if state is None or state.secagg is None:
             log.info("secure aggregation message '%s' of '%s' ignored: no masked round is "

@@ -71,7 +71,8 @@ class Master:
             that certificate's key, but nothing stops an eavesdropper on the machine.
         restart_from_initial_model: when checkpoints exist (or the audit log records committed
             rounds) but none is usable, start every round again from the initial model and
-            record that in the audit log, instead of refusing with :class:`CheckpointError`.
+            record that in the audit log, instead of refusing with
+            :class:`~secure_fed.errors.CheckpointError`.
             Without effect while a checkpoint is usable.
 
     Raises:
