@@ -1,0 +1,243 @@
+"""The aggregation pipeline of the master: from the slaves' chunks to a round's average.
+
+Under each protection the pipeline is the same three steps with different parts:
+
+- **sum** as chunks stream in: ciphertexts under ``he`` and ``he+mask``
+  (:class:`~secure_fed.he.aggregator.Aggregator`, public context only), float32 values
+  under ``plain`` and ring values under ``mask``
+  (:class:`~secure_fed.secagg.vector_sum.VectorSum`);
+- **open** the sum: the :class:`~secure_fed.he.keyholder.KeyHolder` decrypts only an
+  aggregate of ``min_slaves`` contributions; under ``mask`` and ``he+mask`` the round's
+  secure aggregation (:class:`~secure_fed.secagg.master_round.SecAggRound`) then removes the
+  masks with the survivors' shares;
+- **average** by the total weight.
+
+A decrypted aggregate the key holder finds unusable is refused with a record naming its
+contributors (:meth:`AggregationPipeline.refusal`); the round logic decides what follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secure_fed.config.settings import MasterConfig
+from secure_fed.errors import SecureFedError, UnusableAggregate
+from secure_fed.faults import crash_point
+from secure_fed.he.aggregator import Aggregator
+from secure_fed.he.keyholder import KeyHolder
+from secure_fed.he.presets import HEParams
+from secure_fed.master.connections import Connections
+from secure_fed.protocol import coordinator as co
+from secure_fed.protocol.messages import SecAggTask
+from secure_fed.secagg.master_round import SecAggRound, open_secagg
+from secure_fed.secagg.messages import parse_secagg_message
+from secure_fed.secagg.ring import ring_modulus, ring_to_average
+from secure_fed.secagg.vector_sum import VectorSum
+
+log = logging.getLogger(__name__)
+
+
+class RoundAggregation:
+    """The sum of one round attempt, and its secure aggregation under a masked protection.
+
+    Args:
+        aggregator: the running sum of the attempt's chunks.
+        start: the coordinator's start of the attempt.
+        connections: where the secure aggregation's messages go.
+        now: the monotonic time the attempt started.
+    """
+
+    def __init__(self, aggregator: Aggregator | VectorSum, start: co.StartRound,
+                 connections: Connections, now: float) -> None:
+        self.aggregator = aggregator
+        self.start = start
+        self.started = now
+        self.bytes_by_slave: dict[str, int] = {}
+        self.secagg: SecAggRound | None = None
+        self._connections = connections
+
+    async def add_chunk(self, slave_id: str, index: int, data: bytes) -> None:
+        """Add chunk ``index`` of ``slave_id``'s update to the sum (in a worker thread).
+
+        Raises:
+            SecureFedError: the chunk is malformed; the sum of the others is untouched.
+        """
+        await asyncio.to_thread(self.aggregator.add_chunk, slave_id, index, data)
+        self.bytes_by_slave[slave_id] = self.bytes_by_slave.get(slave_id, 0) + len(data)
+
+    async def finish(self, slave_id: str, weight: int) -> None:
+        """Count ``slave_id``'s complete update with ``weight`` (records, or 1).
+
+        Raises:
+            SecureFedError: the update is incomplete or its weight is out of bounds.
+        """
+        await asyncio.to_thread(self.aggregator.finish, slave_id, weight)
+        if self.secagg is not None:
+            self.secagg.note_update(slave_id)
+
+    async def discard(self, slave_id: str) -> None:
+        """Remove ``slave_id``'s partial or complete update from the sum."""
+        await asyncio.to_thread(self.aggregator.discard, slave_id)
+
+    def update_problem(self, slave_id: str) -> str | None:
+        """Why a masked round cannot count an update of ``slave_id``, or ``None``."""
+        return self.secagg.update_problem(slave_id) if self.secagg is not None else None
+
+    @property
+    def secagg_failure(self) -> str | None:
+        """Why the round's secure aggregation was aborted, or ``None`` while it is not."""
+        if self.secagg is not None and self.secagg.failed:
+            return self.secagg.failure
+        return None
+
+    async def tick(self, now: float) -> None:
+        """Close the secure aggregation's current phase if its deadline passed."""
+        if self.secagg is not None:
+            await self._connections.send_all(self.secagg.tick(now))
+
+    async def note_absent(self, slave_id: str, now: float) -> None:
+        """``slave_id`` left or declined: the secure aggregation stops waiting for it."""
+        if self.secagg is not None:
+            await self._connections.send_all(self.secagg.note_absent(slave_id, now))
+
+    def close(self) -> None:
+        """Release the sum's memory and spool files."""
+        self.aggregator.close()
+
+
+class AggregationPipeline:
+    """Opens each attempt's sum and turns a closed collection into the average.
+
+    Args:
+        config: the federation's settings (protection, secure-aggregation settings).
+        params: the HE parameters (also the ring and clip bound of the plain protections).
+        public_context: the serialized HE public context the aggregator adds under.
+        keyholder: decrypts aggregates (``he`` and ``he+mask``).
+        vector_size: values of every update.
+        spool_dir: where an attempt's aggregator spools ciphertexts (one folder each).
+        connections: where the secure aggregation's messages go.
+    """
+
+    def __init__(self, config: MasterConfig, params: HEParams, public_context: bytes,
+                 keyholder: KeyHolder, *, vector_size: int, spool_dir: Path,
+                 connections: Connections) -> None:
+        self.config = config
+        self.params = params
+        self.protection = config.encryption.protection
+        self._public_context = public_context
+        self.keyholder = keyholder
+        self.vector_size = vector_size
+        self._spool_dir = spool_dir
+        self._connections = connections
+
+    def open(self, start: co.StartRound) -> tuple[RoundAggregation, SecAggTask | None]:
+        """The empty sum of an attempt and, under a masked protection, the secure-aggregation
+        settings its task carries (``None`` when too few tasked slaves are connected)."""
+        spool = self._spool_dir / f"round-{start.round:06d}-{start.attempt}"
+        aggregator: Aggregator | VectorSum
+        if self.protection in ("he", "he+mask"):
+            aggregator = Aggregator(self.params, self._public_context, self.vector_size,
+                                    spool_dir=spool)
+        else:
+            aggregator = VectorSum(self.protection, self.vector_size, clip=self.params.clip,
+                                   modulus=(ring_modulus(self.params)
+                                            if self.protection == "mask" else None))
+        state = RoundAggregation(aggregator, start, self._connections, time.monotonic())
+        task = None
+        if self.protection in ("mask", "he+mask"):
+            task = self._open_secagg(state)
+        return state, task
+
+    def _open_secagg(self, state: RoundAggregation) -> SecAggTask | None:
+        """Start the secure aggregation of a round; the public settings for its task."""
+        certificates = self._connections.certificates(state.start.recipients)
+        if len(certificates) < 2:
+            # Slaves decline a masked task without secure aggregation; the attempt aborts.
+            log.warning("round %d: too few connected slaves to mask with each other",
+                        state.start.round)
+            return None
+        state.secagg, task = open_secagg(
+            self.config, state.start.round, state.start.nonce, certificates,
+            vector_size=self.vector_size,
+            modulus=ring_modulus(self.params), now=time.monotonic())
+        return task
+
+    async def route_secagg(self, state: RoundAggregation | None, sender: str,
+                           message: str) -> None:
+        """Hand a secure-aggregation message of ``sender`` to the open round's driver (it is
+        parsed and checked first: a malformed one raises
+        :class:`~secure_fed.errors.ProtocolError`)."""
+        parsed = parse_secagg_message(message)
+        if state is None or state.secagg is None:
+            log.info("secure aggregation message '%s' of '%s' ignored: no masked round is "
+                     "open", parsed.type, sender)
+            return
+        await self._connections.send_all(state.secagg.on_message(sender, parsed,
+                                                                 time.monotonic()))
+
+    async def average(self, state: RoundAggregation, action: co.Aggregate) -> np.ndarray:
+        """The weighted average of the round's contributions, under each protection.
+
+        Raises:
+            UnusableAggregate: the key holder found the decrypted aggregate unusable.
+            SecureFedError: the sum cannot be opened (too few shares, contributors that
+                differ from the ones secure aggregation counted).
+        """
+        contributors, weight = len(action.contributors), action.total_weight
+        if isinstance(state.aggregator, VectorSum):
+            total = state.aggregator.total()
+            if self.protection == "plain":
+                result: np.ndarray = (total / float(weight)).astype(np.float32)
+                return result
+        else:
+            sums = await asyncio.to_thread(state.aggregator.sum_chunks)
+            if self.protection == "he":
+                return await asyncio.to_thread(
+                    self.keyholder.decrypt_average, sums, contributors=contributors,
+                    total_weight=weight, vector_size=self.vector_size)
+            centred = await asyncio.to_thread(
+                self.keyholder.decrypt_sum, sums, contributors=contributors,
+                total_weight=weight, vector_size=self.vector_size)
+            total = np.mod(centred, np.int64(ring_modulus(self.params))).astype(np.uint64)
+        if state.secagg is None:
+            raise SecureFedError("a masked round has no secure aggregation state")
+        if sorted(action.contributors) != list(state.secagg.protocol.survivors):
+            raise SecureFedError("the contributors of the sum differ from the slaves secure "
+                                 "aggregation counted; round aborted")
+        crash_point("master.unmasking")
+        unmasked = await state.secagg.unmasked_sum(total, self._connections.send,
+                                                   time.monotonic())
+        return ring_to_average(unmasked, weight, self.params)
+
+    def decrypted_record(self, state: RoundAggregation, action: co.Aggregate) -> dict[str, Any]:
+        """The ``aggregate_decrypted`` audit record: what was opened, from whom."""
+        decrypted: dict[str, Any] = {
+            "round": action.round, "attempt": action.attempt,
+            "contributors": list(action.contributors), "total_weight": action.total_weight,
+            "protection": self.protection,
+        }
+        if state.secagg is not None:
+            decrypted["secagg"] = state.secagg.audit_record()
+        return decrypted
+
+    def refusal(self, action: co.Aggregate, exc: UnusableAggregate) -> tuple[str, dict[str, Any]]:
+        """Why the attempt ends when its decrypted aggregate is unusable, and the
+        ``aggregate_refused`` audit record naming the slaves that contributed to it."""
+        contributors = sorted(action.contributors)
+        reason = (f"the decrypted aggregate is unusable ({exc.check} check): {exc.reason}; "
+                  f"contributors: {', '.join(contributors)}")
+        log.error("round %d attempt %d: %s", action.round, action.attempt, reason)
+        return reason, {
+            "round": action.round, "attempt": action.attempt, "check": exc.check,
+            "reason": exc.reason, "contributors": contributors,
+            "total_weight": action.total_weight, "protection": self.protection}
+
+    def close(self) -> None:
+        """Stop the key holder's workers."""
+        self.keyholder.close()

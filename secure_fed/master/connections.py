@@ -1,0 +1,92 @@
+"""The master's greeted connections: one channel per slave, and sends that never fail.
+
+A slave may vanish at any moment; its reader notices and reports it to the round. Everything
+else that sends to it (a task, a round's end, a secure-aggregation message) therefore sends
+*quietly*: a failed send is logged and forgotten, never raised into the round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from cryptography import x509
+
+from secure_fed.transport.channel import Channel
+
+log = logging.getLogger(__name__)
+
+
+class Connections:
+    """The channel of each greeted slave (at most one per slave), keyed by slave id.
+
+    Attributes:
+        channels: slave id → its current channel; read it, change it only through
+            :meth:`replace` and :meth:`release`.
+    """
+
+    def __init__(self) -> None:
+        self.channels: dict[str, Channel] = {}
+
+    def get(self, slave_id: str) -> Channel | None:
+        """The current channel of ``slave_id``, or ``None`` while it is not connected."""
+        return self.channels.get(slave_id)
+
+    def replace(self, slave_id: str, channel: Channel) -> Channel | None:
+        """Make ``channel`` the one of ``slave_id``; returns the channel it replaces."""
+        previous = self.channels.get(slave_id)
+        self.channels[slave_id] = channel
+        return previous
+
+    def release(self, slave_id: str, channel: Channel) -> bool:
+        """Forget ``channel`` if it is still the one of ``slave_id``; ``False`` when a newer
+        connection already took its place (the newer one is left alone)."""
+        if self.channels.get(slave_id) is not channel:
+            return False
+        del self.channels[slave_id]
+        return True
+
+    def certificates(self, parties: Iterable[str]) -> dict[str, x509.Certificate]:
+        """The checked certificates of those ``parties`` that are connected."""
+        found: dict[str, x509.Certificate] = {}
+        for party in parties:
+            channel = self.channels.get(party)
+            if channel is not None and channel.certificate is not None:
+                found[party] = channel.certificate
+        return found
+
+    async def send(self, slave_id: str, message: Any, *payloads: bytes) -> None:
+        """Send ``message`` and then each non-empty binary payload to ``slave_id``, if it is
+        connected."""
+        channel = self.channels.get(slave_id)
+        if channel is not None:
+            await send_quietly(channel, message, *payloads)
+
+    async def send_all(self, outgoing: list[tuple[str, Any]]) -> None:
+        """Send each ``(slave id, message)`` in order."""
+        for slave_id, message in outgoing:
+            await self.send(slave_id, message)
+
+    async def broadcast(self, message: Any) -> None:
+        """Send ``message`` to every connected slave."""
+        for channel in list(self.channels.values()):
+            await send_quietly(channel, message)
+
+    async def close_all(self, message: Any) -> None:
+        """Send ``message`` to every connected slave, then close its connection normally."""
+        for channel in list(self.channels.values()):
+            await send_quietly(channel, message)
+            await channel.close(1000, "federation finished")
+
+
+async def send_quietly(channel: Channel, message: Any, *payloads: bytes) -> None:
+    """Send ``message`` and each non-empty payload on ``channel``; a failure is logged only
+    (a vanished slave is handled by its reader)."""
+    try:
+        await channel.send(message)
+        for payload in payloads:
+            if payload:
+                await channel.send_bytes(payload)
+    except Exception as exc:  # noqa: BLE001 - a vanished slave is handled by its reader
+        log.info("could not send to '%s': %s", channel.peer, exc)

@@ -1,0 +1,104 @@
+"""The master's checks of what a slave signs: its update headers and its declines.
+
+An update is taken only if its signature proves it came from the slave the transport (or,
+over plain ws://, the checked ``hello``) identified, and, in a DP federation, if it reports
+a run with noise whose ε is within the plan and not under-stated: ε is recomputed from the
+header's mechanisms with the auditor's independent accountant (dp-accounting's PLD), so
+that what the master accepts live is what ``audit verify`` accepts later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+from secure_fed.audit.recompute import TOLERANCE as EPSILON_TOLERANCE
+from secure_fed.audit.recompute import PLDRecomputer, parse_mechanisms
+from secure_fed.config.settings import TrainingPlanSettings
+from secure_fed.errors import IdentityError
+from secure_fed.identity.certificates import decode_signature, verify_signature
+from secure_fed.protocol.messages import Decline, UpdateHeader, signing_bytes
+from secure_fed.transport.channel import Channel
+
+
+class UpdateChecks:
+    """Says why a slave's signed message cannot be taken, or ``None`` when it can.
+
+    Args:
+        federation_id: the federation a signature must name (it is part of the signed
+            bytes, so that a message signed for one federation is refused by another).
+        plan: the federation's training plan (whether it asks for DP, and its ε).
+    """
+
+    def __init__(self, federation_id: str, plan: TrainingPlanSettings) -> None:
+        self.federation_id = federation_id
+        self.plan = plan
+        self._recomputer = PLDRecomputer()
+
+    async def update_problem(self, channel: Channel, header: UpdateHeader) -> str | None:
+        """Why the update announced by ``header`` is refused (signature, noise, ε), or
+        ``None``; the first problem found is the one reported."""
+        return (self.signature_problem(channel, header) or self._privacy_problem(header)
+                or await self._epsilon_problem(header))
+
+    def received_record(self, slave_id: str, header: UpdateHeader, *, attempt: int,
+                        received_bytes: int) -> dict[str, Any]:
+        """The ``update_received`` audit record of a stored update: what the slave declared
+        and signed (its ε, mechanisms, signature and the SHA-256 of the signed bytes), and
+        the bytes that arrived."""
+        return {
+            "slave": slave_id, "round": header.round,
+            "attempt": attempt, "weight": header.weight,
+            "bytes": received_bytes,
+            "weight_source": header.weight_source, "chunk_sha256": header.chunk_sha256,
+            "epsilon": header.epsilon_spent, "delta": header.delta,
+            "accountant": header.accountant,
+            "mechanisms": [m.model_dump() for m in header.mechanisms],
+            "chunk_bytes": header.chunk_bytes, "signature": header.signature,
+            "signed_sha256": hashlib.sha256(self._signing_bytes(header)).hexdigest(),
+        }
+
+    def _signing_bytes(self, message: UpdateHeader | Decline) -> bytes:
+        return signing_bytes(self.federation_id, message)
+
+    def signature_problem(self, channel: Channel, message: UpdateHeader | Decline) -> str | None:
+        """Why the message's signature does not prove it came from the TLS peer, or ``None``."""
+        what = "update" if isinstance(message, UpdateHeader) else "decline"
+        if message.signature is None:
+            return f"the {what} is not signed; sign it with the slave's certificate key"
+        if channel.certificate is None:
+            return f"no certificate to verify the {what}'s signature against"
+        try:
+            verify_signature(channel.certificate, self._signing_bytes(message),
+                             decode_signature(message.signature))
+        except (IdentityError, ValueError) as exc:
+            return (f"the {what}'s signature does not verify with the certificate "
+                    f"'{channel.peer}' presented at the TLS handshake: {exc}")
+        return None
+
+    def _privacy_problem(self, header: UpdateHeader) -> str | None:
+        """Why a DP federation cannot take this update (a run without noise, or more ε than
+        the plan grants), or ``None``."""
+        plan = self.plan
+        if plan.dp and (header.epsilon_spent is None or any(
+                m.noise_multiplier == 0 for m in header.mechanisms)):
+            return ("the update reports a run without noise (σ = 0) or an unbounded ε, but "
+                    "this federation's plan asks for DP")
+        if plan.dp and header.epsilon_spent is not None and header.epsilon_spent > plan.epsilon:
+            return (f"the update reports ε={header.epsilon_spent:.4f} spent on this federation, "
+                    f"more than its plan's ε={plan.epsilon:g}")
+        return None
+
+    async def _epsilon_problem(self, header: UpdateHeader) -> str | None:
+        """Why the update's ε is an under-statement of its mechanisms' ε, or ``None``."""
+        if header.epsilon_spent is None:
+            return None  # no bound claimed: _privacy_problem decides whether that is allowed
+        mechanisms = parse_mechanisms([m.model_dump() for m in header.mechanisms])
+        recomputed = await asyncio.to_thread(self._recomputer.epsilon, mechanisms, header.delta)
+        if header.epsilon_spent < recomputed * (1.0 - EPSILON_TOLERANCE):
+            return (f"the update reports ε={header.epsilon_spent:.4f} at δ={header.delta:g}, but "
+                    f"its {len(mechanisms)} mechanism(s) give ε={recomputed:.4f} with the PLD "
+                    f"accountant: an under-statement beyond the {EPSILON_TOLERANCE:.0%} "
+                    "tolerance")
+        return None
