@@ -319,7 +319,7 @@ def api_guide_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
 def test_api_guide_programs_run_a_federation_and_check_it(
         api_guide_run: tuple[Path, list[str]]) -> None:
     work, outputs = api_guide_run
-    assert len(outputs) == 3
+    assert len(outputs) == 4
     summary = json.loads((work / "fed" / "master" / "run" / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1]
     assert sorted(summary["rounds"][0]["participants"]) == ["clinic-a", "clinic-b"]
@@ -336,6 +336,16 @@ def test_api_guide_programs_run_a_federation_and_check_it(
         assert 0 < float(reported.group(2)) <= float(reported.group(1)) * 1.02 <= 3.0 * 1.02
     error = float(re.search(r"max \|error\| of the decrypted average: (\S+)", outputs[2]).group(1))
     assert 0 <= error < 2 * 2**-15
+    in_memory = json.loads(
+        (work / "fed" / "master" / "run-in-memory" / "summary.json").read_text())
+    assert [r["round"] for r in in_memory["rounds"]] == [1]
+    assert sorted(in_memory["rounds"][0]["participants"]) == ["clinic-a", "clinic-b"]
+    accuracy = float(re.search(r"in one process, hold-out accuracy: ([0-9.]+)",
+                               outputs[3]).group(1))
+    assert accuracy == in_memory["final_accuracy"] and 0.0 < accuracy <= 1.0
+    for slave_id in ("clinic-a", "clinic-b"):
+        ledger = json.loads((work / "fed" / "in-memory" / slave_id / "ledger.json").read_text())
+        assert [e["mode"] for e in ledger["entries"]] == ["count", "delta"]
 
 
 def _prepare_demo_run(api_run: Path, work: Path) -> None:
