@@ -21,8 +21,9 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from secure_fed.identity.certificates import generate_ca, issue_certificate, sign, verify_signature
 from secure_fed.secagg.masking import expand_mask
+from secure_fed.secagg.master_machine import MasterSecAgg
 from secure_fed.secagg.settings import SecAggSettings
-from secure_fed.secagg.state_machines import MasterSecAgg, SlaveSecAgg
+from secure_fed.secagg.slave_machine import SlaveSecAgg
 
 MODULI = {"prime-2^61-1": 2**61 - 1, "prime-30-bit": 1_073_479_681, "2^32": 2**32}
 MASK_VALUES = 1_000_000

@@ -40,7 +40,7 @@ MOVED: dict[str, str] = {
     "secure_fed.crypto.vector_sum": "secure_fed.secagg.vector_sum",
     "secure_fed.master.bundle": "secure_fed.he.bundle",
     "secure_fed.master.secagg_round": "secure_fed.secagg.master_round",
-    "secure_fed.protocol.secagg": "secure_fed.secagg.state_machines",
+    "secure_fed.protocol.secagg": "secure_fed.secagg",
     "secure_fed.protocol.secagg_messages": "secure_fed.secagg.messages",
     "secure_fed.protocol.secagg_settings": "secure_fed.secagg.settings",
 }

@@ -25,9 +25,9 @@ from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
 from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.secagg import ring as pc
+from secure_fed.secagg.master_machine import MasterSecAgg
 from secure_fed.secagg.messages import SeedReveals, contribution_commitment, graph_seed
 from secure_fed.secagg.settings import SecAggSettings
-from secure_fed.secagg.state_machines import MasterSecAgg
 from secure_fed.slave import client as slave_client
 from tests.conftest import run_federation, small_plan, started, trial_slave
 

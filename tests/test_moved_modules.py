@@ -55,6 +55,28 @@ def test_names_keep_their_identity_through_an_old_path() -> None:
     assert OldParams is HEParams
 
 
+def test_the_old_secagg_module_still_gives_both_roles() -> None:
+    """The old module held both state machines; they now live in one module per role."""
+    _forget("secure_fed.protocol.secagg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from secure_fed.protocol.secagg import (
+            MasterSecAgg,
+            MasterStage,
+            SlaveSecAgg,
+            SlaveStage,
+            derive_graph_seed,
+        )
+    master = importlib.import_module("secure_fed.secagg.master_machine")
+    slave = importlib.import_module("secure_fed.secagg.slave_machine")
+    peer_keys = importlib.import_module("secure_fed.secagg.peer_keys")
+
+    assert (MasterSecAgg, MasterStage) == (master.MasterSecAgg, master.MasterStage)
+    assert (SlaveSecAgg, SlaveStage) == (slave.SlaveSecAgg, slave.SlaveStage)
+    assert SlaveSecAgg is slave.SlaveSecAgg and MasterSecAgg is master.MasterSecAgg
+    assert derive_graph_seed is peer_keys.derive_graph_seed
+
+
 def test_a_removed_package_warns_and_holds_the_moved_modules() -> None:
     for name in [n for n in sys.modules if n == "secure_fed.crypto"
                  or n.startswith("secure_fed.crypto.")]:

@@ -29,6 +29,7 @@ from secure_fed.identity.certificates import (
     verify_signature,
 )
 from secure_fed.secagg import masking as mk
+from secure_fed.secagg.master_machine import MasterSecAgg, MasterStage
 from secure_fed.secagg.messages import (
     AdvertiseKeys,
     EncryptedShares,
@@ -47,12 +48,7 @@ from secure_fed.secagg.messages import (
 )
 from secure_fed.secagg.settings import SecAggSettings, harary_graph
 from secure_fed.secagg.shamir import Share, reconstruct_secret, secret_to_bytes
-from secure_fed.secagg.state_machines import (
-    MasterSecAgg,
-    MasterStage,
-    SlaveSecAgg,
-    SlaveStage,
-)
+from secure_fed.secagg.slave_machine import SlaveSecAgg, SlaveStage
 
 M = TypeVar("M", bound=BaseModel)
 PARTIES = tuple(f"s{i}" for i in range(8))

@@ -35,6 +35,7 @@ from secure_fed.protocol.messages import (
 )
 from secure_fed.protocol.slave_machine import SlaveMachine
 from secure_fed.protocol.slave_states import TRANSITIONS, SlaveState
+from secure_fed.secagg.master_machine import MasterSecAgg
 from secure_fed.secagg.messages import (
     AdvertiseKeys,
     KeyList,
@@ -47,7 +48,7 @@ from secure_fed.secagg.messages import (
     UnmaskResponse,
 )
 from secure_fed.secagg.settings import SecAggSettings
-from secure_fed.secagg.state_machines import MasterSecAgg, SlaveSecAgg
+from secure_fed.secagg.slave_machine import SlaveSecAgg
 
 S = SlaveState
 FED = "fed-1"

@@ -14,7 +14,7 @@ from typing import Any
 
 from secure_fed.protocol.messages import Task
 from secure_fed.secagg.messages import ShareDelivery, UnmaskRequest
-from secure_fed.secagg.state_machines import SlaveSecAgg
+from secure_fed.secagg.slave_machine import SlaveSecAgg
 
 
 @dataclass(frozen=True)

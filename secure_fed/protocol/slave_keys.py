@@ -1,6 +1,6 @@
 """One masked task's secure-aggregation exchange, as the slave's protocol machine runs it.
 
-:class:`MaskingExchange` wraps :class:`~secure_fed.secagg.state_machines.SlaveSecAgg` with what the
+:class:`MaskingExchange` wraps :class:`~secure_fed.secagg.slave_machine.SlaveSecAgg` with what the
 slave decides on top of the cryptography: the fewest parties it masks among
 (``min_mask_parties``), which message it waits for next, and when the peers that shared keys
 are too few to train for. It holds no socket: the machine feeds it the master's messages.
@@ -20,8 +20,9 @@ from secure_fed.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from secure_fed.secagg.peer_keys import Signer, Verifier
 from secure_fed.secagg.settings import SecAggSettings
-from secure_fed.secagg.state_machines import Signer, SlaveSecAgg, Verifier
+from secure_fed.secagg.slave_machine import SlaveSecAgg
 
 REFUSALS = (ProtocolError, CryptoError, IdentityError, ConfigError)
 """What a peer's or the master's secure-aggregation messages can make this slave refuse."""

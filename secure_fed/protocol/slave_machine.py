@@ -13,7 +13,7 @@ The machine also drives this slave's side of secure aggregation (a
 :class:`~secure_fed.protocol.slave_keys.MaskingExchange` per masked task): key advertisement,
 seed reveal, share exchange and the unmasking answer. Masking the update itself is arithmetic
 on the whole vector, so it runs in the shell's :class:`Protect` work, with the
-:class:`~secure_fed.secagg.state_machines.SlaveSecAgg` the action hands over.
+:class:`~secure_fed.secagg.slave_machine.SlaveSecAgg` the action hands over.
 
 Every transition is listed once, in
 :data:`~secure_fed.protocol.slave_states.TRANSITIONS`; a step outside it raises
@@ -65,7 +65,8 @@ from secure_fed.secagg.messages import (
     is_secagg_text,
     parse_secagg_message,
 )
-from secure_fed.secagg.state_machines import Signer, SlaveSecAgg, Verifier
+from secure_fed.secagg.peer_keys import Signer, Verifier
+from secure_fed.secagg.slave_machine import SlaveSecAgg
 
 log = logging.getLogger(__name__)
 

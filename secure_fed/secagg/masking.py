@@ -10,7 +10,7 @@
   associated data that binds a ciphertext to its federation, round, sender and recipient.
 
 Everything here is a pure function of its arguments (and of the OS CSPRNG for new keys and
-nonces); the protocol that combines them is :mod:`secure_fed.secagg.state_machines`.
+nonces); the protocol that combines them is :mod:`secure_fed.secagg`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The master's driver of one round's secure aggregation (``mask`` and ``he+mask``).
 
-:class:`~secure_fed.secagg.state_machines.MasterSecAgg` holds the protocol state; this driver
+:class:`~secure_fed.secagg.master_machine.MasterSecAgg` holds the protocol state; this driver
 decides when a phase is over — every expected slave answered, or ``phase_timeout_s`` passed —
 and says what to send to whom. The masked updates themselves travel as ordinary ``update``
 messages and are summed by the round's aggregator (encrypted under ``he+mask``, as ring
@@ -24,14 +24,15 @@ from secure_fed.config.settings import MasterConfig
 from secure_fed.errors import ProtocolError, SecureFedError
 from secure_fed.identity.certificates import verify_signature
 from secure_fed.protocol.messages import SecAggTask
+from secure_fed.secagg.master_machine import MasterSecAgg, MasterStage
 from secure_fed.secagg.messages import (
     AdvertiseKeys,
     SeedReveal,
     ShareKeys,
     UnmaskResponse,
 )
+from secure_fed.secagg.peer_keys import Verifier
 from secure_fed.secagg.settings import SecAggSettings
-from secure_fed.secagg.state_machines import MasterSecAgg, MasterStage, Verifier
 
 log = logging.getLogger(__name__)
 

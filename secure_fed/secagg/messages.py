@@ -4,7 +4,7 @@ The messages follow :mod:`secure_fed.protocol.messages`: JSON text objects with 
 strict pydantic models that refuse unknown fields, and binary data announced by a header
 (the masked vector of :class:`MaskedInput`). Binary values inside JSON (keys, encrypted
 shares, revealed shares) are base64 or hex of a fixed length, checked by the schema.
-The protocol that produces and consumes them is :mod:`secure_fed.secagg.state_machines`.
+The protocol that produces and consumes them is :mod:`secure_fed.secagg`.
 """
 
 from __future__ import annotations

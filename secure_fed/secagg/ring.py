@@ -5,7 +5,7 @@
 * ``mask`` (and the plaintext of ``he+mask``): the update is quantized exactly as the BFV
   codec does (:func:`~secure_fed.encoding.encode_plain`: ``w·q`` with stochastic
   rounding) and mapped into the ring Z_t of the BFV plain modulus t, where pairwise masks
-  (:mod:`secure_fed.secagg.state_machines`) are added. Masked ring values are sent bit-packed,
+  (:mod:`secure_fed.secagg`) are added. Masked ring values are sent bit-packed,
   ``ceil(log2 t)`` bits per value, so the wire cost is about one plaintext float.
 
 Both are cut into chunks of :data:`VALUES_PER_CHUNK` values (the last one shorter); chunk

@@ -9,7 +9,7 @@ update is refused, never touches the sum of the others. Memory: the sum, plus th
 each slave still uploading.
 
 ``plain`` sums ``w·x`` in float64; ``mask`` sums masked ring values modulo m (the masks
-cancel only in the sum of every surviving slave, see :mod:`secure_fed.secagg.state_machines`).
+cancel only in the sum of every surviving slave, see :mod:`secure_fed.secagg`).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ from secure_fed.protocol.messages import (
 from secure_fed.protocol.slave_machine import SlaveMachine, SlaveState
 from secure_fed.secagg import ring as pc
 from secure_fed.secagg.messages import AdvertiseKeys, ShareDelivery, ShareKeys
-from secure_fed.secagg.state_machines import SlaveSecAgg
+from secure_fed.secagg.slave_machine import SlaveSecAgg
 from secure_fed.slave.privacy_plan import PrivacyPlanner
 from secure_fed.slave.protection import peer_verifier, protect_update
 from secure_fed.slave.report import SlaveReport, TrainedAttempt

@@ -18,7 +18,8 @@ from secure_fed.identity.certificates import party_id_from_certificate, verify_s
 from secure_fed.protocol.messages import SecAggTask
 from secure_fed.secagg import ring as pc
 from secure_fed.secagg.messages import ShareDelivery
-from secure_fed.secagg.state_machines import SlaveSecAgg, Verifier
+from secure_fed.secagg.peer_keys import Verifier
+from secure_fed.secagg.slave_machine import SlaveSecAgg
 from secure_fed.transport.tls import load_presented_certificate
 
 
