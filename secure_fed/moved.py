@@ -62,12 +62,19 @@ class _AliasLoader(importlib.abc.Loader):
 
     def __init__(self, module: types.ModuleType) -> None:
         self._module = module
+        self._spec = module.__spec__
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         return self._module
 
     def exec_module(self, module: types.ModuleType) -> None:
-        """Nothing to run: the new module ran when it was imported under its own name."""
+        """Nothing to run: the new module ran when it was imported under its own name.
+
+        The import system has just set ``module.__spec__`` to the old name's spec; the module
+        keeps its own, so that ``importlib.reload`` and ``find_spec`` still see the new name.
+        """
+        if self._spec is not None:
+            module.__spec__ = self._spec
 
 
 class _MovedFinder(importlib.abc.MetaPathFinder):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +36,9 @@ def test_old_path_is_the_new_module_and_warns_once(old: str) -> None:
         first = importlib.import_module(old)
         again = importlib.import_module(old)
     assert first is new and again is new
+    # the new module keeps its own spec (what reload and find_spec use)
+    spec = importlib.util.find_spec(MOVED[old])
+    assert spec is not None and spec.name == MOVED[old] and spec.origin is not None
     about_old = [w for w in caught if issubclass(w.category, DeprecationWarning)
                  and str(w.message).startswith(old + " ")]
     assert len(about_old) == 1, [str(w.message) for w in caught]

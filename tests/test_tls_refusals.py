@@ -8,6 +8,7 @@ import datetime as dt
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -166,23 +167,72 @@ def test_without_the_gate_asyncio_refuses_the_same_client_silently(
                 if "expired" in r.getMessage() or "handshake" in r.getMessage().lower()]
 
 
-def test_refusals_past_the_burst_are_counted_and_reported_once_per_window(
+def test_a_client_that_never_finishes_the_handshake_is_logged_as_a_timeout(
+    pki: dict[str, tuple[Path, Path] | Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(connection: ServerConnection) -> None:
+        await connection.send("welcome")
+
+    async def scenario() -> str:
+        listener = await start_server(handler, "127.0.0.1", 0,
+                                      ssl_context=_server_context(pki),
+                                      limits=LimitSettings(open_timeout_s=0.3))
+        port = listener.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        host, local_port = writer.get_extra_info("sockname")[:2]
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # dropped after 0.3 s
+        writer.close()
+        listener.close()
+        await listener.wait_closed()
+        return f"{host}:{local_port}"
+
+    caplog.set_level(logging.WARNING, logger=GATE_LOGGER)
+    address = asyncio.run(scenario())
+    assert [r.getMessage() for r in caplog.records if r.name == GATE_LOGGER] == [
+        f"TLS handshake refused from {address}: no TLS handshake within 0.3 s"]
+
+
+def test_refusals_past_the_burst_are_counted_and_reported_when_the_window_ends(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     now = [0.0]
-    refusals = RefusalLog(burst=2, window_s=60.0, clock=lambda: now[0])
+    timers: list[tuple[float, Callable[[], None]]] = []
+    refusals = RefusalLog(burst=2, window_s=60.0, clock=lambda: now[0],
+                          call_later=lambda delay, callback: timers.append((delay, callback)))
     caplog.set_level(logging.WARNING, logger=GATE_LOGGER)
     for i in range(5):
+        now[0] = 10.0 + i
         refusals.refused(f"10.0.0.{i}:443", "no client certificate")
     assert [r.getMessage() for r in caplog.records] == [
         "TLS handshake refused from 10.0.0.0:443: no client certificate",
         "TLS handshake refused from 10.0.0.1:443: no client certificate",
     ]
+    # one timer, for the end of the window (60 s after it began, at 0 s)
+    assert len(timers) == 1 and timers[0][0] == pytest.approx(60.0 - 12.0)
+    now[0] = 60.0
+    timers[0][1]()
+    assert [r.getMessage() for r in caplog.records][2:] == [
+        "3 more TLS handshakes refused in the last 60 s (not logged one by one)"]
     now[0] = 61.0
     refusals.refused("10.0.0.9:443", "certificate revoked")
-    assert [r.getMessage() for r in caplog.records][2:] == [
-        "3 more TLS handshakes refused in the last 60 s (not logged one by one)",
-        "TLS handshake refused from 10.0.0.9:443: certificate revoked",
-    ]
+    assert [r.getMessage() for r in caplog.records][3:] == [
+        "TLS handshake refused from 10.0.0.9:443: certificate revoked"]
     refusals.flush()  # nothing left out in the new window: no line
     assert len(caplog.records) == 4 and refusals.total == 6
+
+
+def test_without_a_timer_the_count_comes_with_the_next_refusal_after_the_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    refusals = RefusalLog(burst=1, window_s=60.0, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger=GATE_LOGGER)
+    refusals.refused("10.0.0.1:443", "no client certificate")
+    refusals.refused("10.0.0.2:443", "no client certificate")
+    now[0] = 61.0
+    refusals.refused("10.0.0.3:443", "no client certificate")
+    assert [r.getMessage() for r in caplog.records] == [
+        "TLS handshake refused from 10.0.0.1:443: no client certificate",
+        "1 more TLS handshakes refused in the last 60 s (not logged one by one)",
+        "TLS handshake refused from 10.0.0.3:443: no client certificate",
+    ]

@@ -205,7 +205,13 @@ class SlaveMachine:
         if self.state in (S.AWAITING_MODEL, S.AWAITING_STUDENT):
             return self._payload(raw)
         if isinstance(raw, str) and is_secagg_text(raw):
-            return self._secagg_message(parse_secagg_message(raw))
+            try:
+                parsed = parse_secagg_message(raw)
+            except REFUSALS as exc:
+                if self.state in _SECAGG_WAIT.values():
+                    return self._refuse_secagg(exc)  # a signed decline, as for a bad key
+                raise
+            return self._secagg_message(parsed)
         message = parse_master_message(raw)
         if isinstance(message, ErrorMessage):
             what = ("refused this slave" if self.state is S.AWAITING_WELCOME
@@ -240,7 +246,10 @@ class SlaveMachine:
         if isinstance(message, RoundEnd):
             self._go("round_end")
             return [Notify(message.type, message.model_dump())]
-        raise ProtocolError(f"unexpected '{message.type}' from the master while connected")
+        # A message of the protocol that has no meaning here (a repeated welcome) changes
+        # nothing: it is logged and dropped.
+        log.warning("'%s' from the master ignored while connected", message.type)
+        return []
 
     def _welcome(self, welcome: Any) -> list[Action]:
         if not isinstance(welcome, Welcome):

@@ -188,7 +188,10 @@ class Listener:
         return self._server.sockets
 
     def close(self) -> None:
-        """Stop accepting, and close the open connections (as ``Server.close``)."""
+        """Stop accepting, abandon the TLS handshakes under way, and close the open
+        connections (as ``Server.close``)."""
+        if self.tls is not None:
+            self.tls.abandon()
         self._server.close()
 
     async def wait_closed(self) -> None:

@@ -56,7 +56,10 @@ def refusal_reason(exc: BaseException, handshake_timeout_s: float | None) -> str
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or ""
         return _REASONS.get(reason, reason.lower().replace("_", " ") or str(exc))
-    if isinstance(exc, TimeoutError):
+    # asyncio ends a handshake that runs out of time with ConnectionAbortedError("SSL
+    # handshake is taking longer than N seconds: aborting the connection") (sslproto.py).
+    if isinstance(exc, TimeoutError) or (
+            isinstance(exc, ConnectionAbortedError) and "taking longer" in str(exc)):
         return f"no TLS handshake within {handshake_timeout_s:g} s"
     if isinstance(exc, ConnectionError | EOFError):
         return "the client closed the connection during the TLS handshake"
@@ -67,20 +70,25 @@ class RefusalLog:
     """Logs TLS refusals, at most ``burst`` lines per ``window_s`` seconds.
 
     Refusals past the burst are counted, and one line reports how many were left out when
-    the window is over (at the next refusal, or at :meth:`flush`), so that a flood of
-    connection attempts cannot fill the master's log while none goes unnoticed.
+    the window is over, so that a flood of connection attempts cannot fill the master's log
+    while none goes unnoticed.
 
     Args:
         burst: lines logged per window.
         window_s: the window, in seconds.
         clock: a monotonic clock (seconds).
+        call_later: ``call_later(delay_s, callback)``, used to report the refusals left out
+            when the window ends (the event loop's, in a server); without it they are
+            reported at the next refusal after the window or at :meth:`flush`.
     """
 
     def __init__(self, *, burst: int = 20, window_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 call_later: Callable[[float, Callable[[], None]], Any] | None = None) -> None:
         self.burst = burst
         self.window_s = window_s
         self._clock = clock
+        self._call_later = call_later
         self._window_start = clock()
         self._logged = 0
         self._suppressed = 0
@@ -98,6 +106,8 @@ class RefusalLog:
             log.warning("TLS handshake refused from %s: %s", address, reason)
         else:
             self._suppressed += 1
+            if self._suppressed == 1 and self._call_later is not None:
+                self._call_later(self._window_start + self.window_s - now, self.flush)
 
     def flush(self) -> None:
         """Report the refusals left out of the log so far."""
@@ -190,7 +200,9 @@ class TLSGateFactory:
                  refusals: RefusalLog | None = None) -> None:
         self.context = context
         self.handshake_timeout_s = handshake_timeout_s
-        self.refusals = refusals or RefusalLog()
+        self.refusals = refusals or RefusalLog(
+            call_later=lambda delay, callback: asyncio.get_running_loop().call_later(
+                delay, callback))
         self.tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self, protocol: Any, server: Any, **kwargs: Any) -> asyncio.Protocol:
@@ -198,9 +210,14 @@ class TLSGateFactory:
         return _TLSGate(connection, self.context, self.handshake_timeout_s, self.refusals,
                         self.tasks)
 
-    async def close(self) -> None:
-        """Abandon the handshakes still running, and report the refusals left out."""
+    def abandon(self) -> None:
+        """Cancel the handshakes still running (their connections are aborted)."""
         for task in list(self.tasks):
             task.cancel()
+
+    async def close(self) -> None:
+        """Abandon the handshakes still running, wait for them, and report the refusals
+        left out."""
+        self.abandon()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.refusals.flush()
