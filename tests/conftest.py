@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from secure_fed.config.settings import (
@@ -23,8 +24,11 @@ from secure_fed.config.settings import (
 )
 from secure_fed.data.datasets import bundled_schema
 from secure_fed.he.bundle import MasterBundle, SlaveBundle
+from secure_fed.he.params import HEParams
 from secure_fed.master.provision import FederationPlan, init_federation
 from secure_fed.master.server import Master
+from secure_fed.master.store import ModelStore
+from secure_fed.models.package import parameters_vector
 from secure_fed.slave.client import Slave
 from secure_fed.slave.sources import bundled_part
 
@@ -194,3 +198,19 @@ async def run_federation(fed: Path, out: Path, states: dict[str, Path], *,
     reports = await asyncio.wait_for(asyncio.gather(*runners), timeout_s)
     await asyncio.wait_for(task, 60)
     return master, list(reports)
+
+
+def assert_rounds_are_fedavg(checkpoints: Path, params: HEParams,
+                             updates: list[list[tuple[int, np.ndarray]]]) -> None:
+    """Each committed round moved the model by the weighted average of the slaves' clipped
+    updates (``updates[r]``: the ``(weight, delta)`` of every slave in round ``r + 1``),
+    within one quantization step."""
+    store = ModelStore(checkpoints)
+    step = params.clip / 2 ** (params.quant_bits - 1)
+    for round_, sent in enumerate(updates, start=1):
+        before = parameters_vector(store.load(round_ - 1).package.build())
+        after = parameters_vector(store.load(round_).package.build())
+        total = sum(w for w, _ in sent)
+        expected = sum(w * np.clip(d, -params.clip, params.clip) for w, d in sent) / total
+        assert np.max(np.abs((after - before) - expected)) <= step + 1e-6
+        assert np.max(np.abs(expected)) > 10 * step  # the check is not vacuous
