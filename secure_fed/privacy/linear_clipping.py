@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from secure_fed.errors import PrivacyError
-from secure_fed.privacy.noise import GridGaussian
+from secure_fed.privacy.noise import StepRelease
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -101,7 +101,7 @@ class LinearClippingStep:
         *,
         max_grad_norm: float,
         expected_batch: int,
-        noise: GridGaussian | None,
+        noise: StepRelease | None,
     ) -> None:
         layers = _trainable_linears(module)
         if not layers:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import numba
 import numpy as np
@@ -73,6 +74,8 @@ __all__ = [
     "DiscreteGaussian",
     "GridGaussian",
     "RandomStream",
+    "StepRelease",
+    "SumCapture",
     "grid_step",
     "sample_discrete_gaussian",
     "seed_from_int",
@@ -181,3 +184,43 @@ class GridGaussian:
         parts = whole.split([int(s.numel()) for s in sums])
         return [part.view(s.shape) if part.dtype == s.dtype else part.view(s.shape).to(s.dtype)
                 for part, s in zip(parts, sums, strict=True)]
+
+
+class StepRelease(Protocol):
+    """What a DP-SGD step hands its clipped sums to: :class:`GridGaussian` (noise here) or
+    :class:`SumCapture` (the noise is added later, as a share of the distributed
+    mechanism)."""
+
+    @property
+    def dimension(self) -> int: ...
+
+    def release(self, sums: Sequence[torch.Tensor],
+                divisor: float = 1.0) -> list[torch.Tensor]: ...
+
+
+class SumCapture:
+    """Keeps the clipped sum of one step, un-noised, for
+    :mod:`secure_fed.privacy.distributed` (which adds the slave's noise share on the ring).
+
+    ``release`` returns ``S / divisor`` so that the step goes on as without noise; the sum
+    itself is kept exactly as the clipping produced it (:attr:`captured`, float64,
+    ``parameters_vector`` order). Nothing noised leaves through the model: the caller sends
+    only the distributed mechanism's output.
+
+    Args:
+        dimension: d, the coordinates of a step (all trainable parameters).
+    """
+
+    def __init__(self, dimension: int) -> None:
+        self.dimension = dimension
+        self.captured: np.ndarray | None = None
+
+    def release(self, sums: Sequence[torch.Tensor], divisor: float = 1.0) -> list[torch.Tensor]:
+        """Keep ``sums`` (float64) and return them divided by ``divisor``."""
+        total = sum(int(s.numel()) for s in sums)
+        if total != self.dimension:
+            raise PrivacyError(f"the step has {total} coordinates but the capture was set up "
+                               f"for {self.dimension}")
+        self.captured = torch.cat([s.detach().reshape(-1).to(torch.float64)
+                                   for s in sums]).numpy()
+        return [s.detach() / divisor for s in sums]

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from secure_fed.errors import PrivacyError
 from secure_fed.privacy.linear_clipping import LinearClippingStep, supports
-from secure_fed.privacy.noise import GridGaussian
+from secure_fed.privacy.noise import GridGaussian, StepRelease
 from secure_fed.privacy.random_stream import SEED_BYTES, RandomStream, seed_from_int
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def poisson_batch(stream: RandomStream, records: int, q: float) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(stream.bernoulli(records, q)))
 
 
-def _add_grid_noise(optimizer: DPOptimizer, noise: GridGaussian) -> Callable[[], None]:
+def _add_grid_noise(optimizer: DPOptimizer, noise: StepRelease) -> Callable[[], None]:
     """A replacement for ``optimizer.add_noise`` that adds our noise instead of torch.normal.
 
     Relied on (opacus 1.6, ``opacus/optimizers/optimizer.py``): ``DPOptimizer.pre_step`` runs
@@ -142,6 +142,10 @@ class PrivateRun:
         records: the public record count q was derived from (``None``: ``len(y)``); the
             noisy sum is divided by the expected batch ``min(B, records)``, never by a count
             that only the slave knows.
+        release: what each step hands its clipped sums to instead of the run's own noise
+            (``None``: the :class:`~secure_fed.privacy.noise.GridGaussian` of σ, or nothing
+            for σ = 0); the distributed mechanism passes a
+            :class:`~secure_fed.privacy.noise.SumCapture`.
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class PrivateRun:
         seed: int | None,
         grad_sample_mode: str,
         records: int | None = None,
+        release: StepRelease | None = None,
     ) -> None:
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise PrivacyError(
@@ -174,8 +179,8 @@ class PrivateRun:
         )
         expected = settings.expected_batch(len(y) if records is None else records)
         trainable = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
-        noise = None
-        if settings.noise_multiplier > 0 and trainable > 0:
+        noise: StepRelease | None = release
+        if release is None and settings.noise_multiplier > 0 and trainable > 0:
             noise = GridGaussian(
                 float(settings.noise_multiplier),
                 float(settings.max_grad_norm),

@@ -48,12 +48,17 @@ from secure_fed.data.datasets import Dataset
 from secure_fed.errors import PrivacyError
 from secure_fed.models.package import parameters_vector
 from secure_fed.privacy.accounting import Mechanism, check_delta
+from secure_fed.privacy.distributed import DistributedMechanism
+from secure_fed.privacy.noise import SumCapture
 from secure_fed.privacy.private_run import (
     DEFAULT_GRAD_SAMPLE_MODE,
     GRAD_SAMPLE_MODES,
+    NOISE_STREAM,
     PlainRun,
     PrivateRun,
+    run_key,
 )
+from secure_fed.privacy.random_stream import RandomStream
 from secure_fed.privacy.settings import MAX_BATCH, DPSettings, integer_setting, number_setting
 
 __all__ = [
@@ -61,11 +66,13 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "DPSettings",
     "DistillResult",
+    "DistributedResult",
     "GradientResult",
     "TrainResult",
     "evaluate",
     "train_delta",
     "train_distill",
+    "train_distributed",
     "train_gradient",
 ]
 
@@ -104,6 +111,26 @@ class GradientResult:
     mechanism: Mechanism
     loss: float
     samples: int
+
+
+@dataclass
+class DistributedResult:
+    """Outcome of :func:`train_distributed`: one slave's share of a distributed DP-SGD step.
+
+    Args:
+        contribution: ``clamp(rint(R·S/γ)) + Z`` (int64, d values): the clipped sum of one
+            Poisson batch in grid units with this slave's discrete Gaussian share.
+        mechanism: (σ of the aggregate, q, 1).
+        loss: loss of the sampled batch (nats; NaN if the batch was empty), never sent.
+        samples: N, the public record count.
+        clamped: coordinates the clamp moved (the data owner's log only).
+    """
+
+    contribution: np.ndarray
+    mechanism: Mechanism
+    loss: float
+    samples: int
+    clamped: int
 
 
 @dataclass
@@ -250,6 +277,57 @@ def train_gradient(
     return GradientResult(
         gradient.copy(), Mechanism(float(settings.noise_multiplier), q, 1), loss, n
     )
+
+
+def train_distributed(
+    model: nn.Module,
+    data: Dataset,
+    settings: DPSettings,
+    mechanism: DistributedMechanism,
+    nonce: str,
+    *,
+    seed: int | None = None,
+    threads: int | None = None,
+    delta: float | None = None,
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
+    records: int | None = None,
+) -> DistributedResult:
+    """Distributed DP-SGD (FedSGD): one Poisson batch at the plan's common rate q, its
+    clipped sum quantized on the ring's grid, plus this slave's share of the noise.
+
+    See :mod:`secure_fed.privacy.distributed` for the mechanism and its privacy argument.
+    ``settings`` gives C (its σ, B, epochs and lr are unused); the rate is
+    ``mechanism.settings.sample_rate``, the same at every slave.
+
+    Args:
+        model: the received model (not modified).
+        data: this slave's private records.
+        settings: the plan's DP settings (C).
+        mechanism: the federation's distributed mechanism for this model's dimension.
+        nonce: the task's nonce (fixes the public rotation).
+        seed, threads, delta, grad_sample_mode, records: as for :func:`train_delta`.
+    """
+    x, y, _, n = _prepare(data, settings, delta, threads, records)
+    q = mechanism.settings.sample_rate
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable != mechanism.dimension:
+        raise PrivacyError(f"the model has {trainable} trainable parameters, the distributed "
+                           f"mechanism was set up for {mechanism.dimension}")
+    capture = SumCapture(mechanism.dimension)
+    key = run_key(seed)
+    run = PrivateRun(model, x, y, settings, q, None if seed is None else seed, grad_sample_mode,
+                     records=n, release=capture)
+    try:
+        xb, yb = next(run.batches(1))
+        loss = run.step(_cross_entropy, xb, yb, apply=False)
+    finally:
+        run.close()
+    if capture.captured is None:
+        raise PrivacyError("the DP-SGD step produced no clipped sum")
+    contribution, clamped = mechanism.contribution(capture.captured, nonce,
+                                                   RandomStream(key, NOISE_STREAM))
+    return DistributedResult(contribution, Mechanism(mechanism.settings.noise_multiplier, q, 1),
+                             loss, n, clamped)
 
 
 def train_distill(

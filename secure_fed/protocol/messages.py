@@ -72,6 +72,24 @@ class MechanismRecord(_Message):
     sample_rate: float = Field(gt=0, le=1, allow_inf_nan=False)
     steps: int = Field(ge=1, le=10**9)
     kind: Literal["dp-sgd", "count"] = "dp-sgd"
+    # Distributed DP only (sent only then): ``noise_multiplier`` is the aggregate's σ, which
+    # holds if the master obtains only sums of at least ``min_survivors`` slaves with at most
+    # ``tolerated_colluders`` colluding; ``share_noise_multiplier`` is σ/√(m − c), what this
+    # slave's update alone carries.
+    share_noise_multiplier: float | None = Field(default=None, gt=0, le=1e6,
+                                                 allow_inf_nan=False)
+    min_survivors: int | None = Field(default=None, ge=2)
+    tolerated_colluders: int | None = Field(default=None, ge=0)
+
+    @model_serializer(mode="wrap")
+    def _distributed_only_when_set(
+            self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent for local DP, so that what a slave of an earlier build signed is unchanged.
+        data: dict[str, Any] = handler(self)
+        for name in ("share_noise_multiplier", "min_survivors", "tolerated_colluders"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 # --- slave -> master -------------------------------------------------------------------------
@@ -128,9 +146,19 @@ class UpdateHeader(_Message):
     epsilon_spent: float | None = Field(ge=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
     accountant: Literal["prv", "rdp"]
+    # Distributed DP only: ε of ``mechanisms`` with each release's share σ, against a party
+    # that sees this update alone (``epsilon_spent`` is then the aggregate's ε).
+    epsilon_alone: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     # Optional in the schema so that the coordinator can be exercised without keys; the master
     # refuses an update without a valid signature before the coordinator sees it.
     signature: Signature | None = None
+
+    @model_serializer(mode="wrap")
+    def _alone_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("epsilon_alone") is None:
+            data.pop("epsilon_alone", None)
+        return data
 
 
 def signing_bytes(federation_id: str, message: UpdateHeader | Decline) -> bytes:
@@ -199,6 +227,32 @@ class ModelHeader(_Message):
     params_bytes: int = Field(ge=1, le=2**34)
 
 
+class DistributedPlan(_Message):
+    """Distributed DP settings of a ``gradient`` plan (see
+    :mod:`secure_fed.privacy.distributed`): every slave adds a share of the noise of σ on
+    the ring's grid, so that the sum of at least ``min_survivors`` carries all of it.
+
+    Args:
+        noise_multiplier: σ of the aggregate, the same for every slave.
+        sample_rate: q, the Poisson rate every slave samples its records with.
+        min_survivors: the fewest slaves whose contributions a sum that is opened holds.
+        tolerated_colluders: slaves that may reveal their noise to the master.
+        granularity_bits: the grid has 2^g steps per clipping norm.
+        coordinate_bound: each rotated coordinate of a slave's sum is clamped to this many C.
+        max_contributors: the most slaves one sum may hold (the ring is sized for them).
+        ring_modulus: the ring the sums live in (the masking ring, the BFV plain modulus).
+    """
+
+    noise_multiplier: float = Field(gt=0, le=1e6, allow_inf_nan=False)
+    sample_rate: float = Field(gt=0, le=1, allow_inf_nan=False)
+    min_survivors: int = Field(ge=2, le=100_000)
+    tolerated_colluders: int = Field(ge=0, le=100_000)
+    granularity_bits: int = Field(ge=1, le=40)
+    coordinate_bound: float = Field(gt=0, le=1e6, allow_inf_nan=False)
+    max_contributors: int = Field(ge=2, le=100_000)
+    ring_modulus: int = Field(ge=3, le=2**62)
+
+
 class Plan(_Message):
     """The training plan of one round (with the model, the first configuration data).
 
@@ -206,9 +260,11 @@ class Plan(_Message):
     noisy averaged DP-SGD gradient) or ``distill`` (a student's parameters, sent as their
     change from the student the task carried; ``temperature`` and ``alpha`` set the loss).
     ``dp`` false asks for plain SGD without differential privacy (a baseline; a slave takes
-    it only if its configuration allows it). ``data_schema`` is the federation's data schema
-    (columns, classes, public feature ranges), whole so that a slave whose bundle names
-    another one can say how they differ; it is sent only when the federation has one.
+    it only if its configuration allows it). ``distributed`` (``gradient`` mode under
+    ``mask`` or ``he+mask`` only) asks for distributed DP instead of each slave's full
+    noise. ``data_schema`` is the federation's data schema (columns, classes, public feature
+    ranges), whole so that a slave whose bundle names another one can say how they differ;
+    it is sent only when the federation has one.
     """
 
     mode: Literal["delta", "gradient", "distill"]
@@ -224,6 +280,7 @@ class Plan(_Message):
     alpha: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     dp: bool = True
     data_schema: DataSchema | None = None
+    distributed: DistributedPlan | None = None
 
     @model_serializer(mode="wrap")
     def _dp_only_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -235,6 +292,8 @@ class Plan(_Message):
             data.pop("dp", None)
         if self.data_schema is None:
             data.pop("data_schema", None)
+        if self.distributed is None:
+            data.pop("distributed", None)
         return data
 
 

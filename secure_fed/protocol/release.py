@@ -88,6 +88,8 @@ FIELDS: dict[tuple[str, str], Classified] = {
                                                   "of them)"),
     ("UpdateHeader", "delta"): Classified(PUBLIC, "δ of the bundle"),
     ("UpdateHeader", "accountant"): Classified(PUBLIC, "the accountant of the bundle"),
+    ("UpdateHeader", "epsilon_alone"): Classified(DP, "ε of `mechanisms` with their share "
+                                                  "σ (post-processing of them)"),
     ("UpdateHeader", "signature"): Classified(PROTOCOL, "signature over the fields above"),
     ("MechanismRecord", "noise_multiplier"): Classified(DP, "σ, calibrated from the plan "
                                                         "and the released count"),
@@ -95,6 +97,10 @@ FIELDS: dict[tuple[str, str], Classified] = {
                                                    "the count release)"),
     ("MechanismRecord", "steps"): Classified(DP, "steps from the plan and the released count"),
     ("MechanismRecord", "kind"): Classified(PUBLIC, "which release the mechanism is"),
+    ("MechanismRecord", "share_noise_multiplier"): Classified(
+        PUBLIC, "σ/√(m − c) of the plan's distributed settings"),
+    ("MechanismRecord", "min_survivors"): Classified(PUBLIC, "m of the plan"),
+    ("MechanismRecord", "tolerated_colluders"): Classified(PUBLIC, "c of the plan"),
     ("Decline", "type"): _TYPE,
     ("Decline", "round"): _ROUND,
     ("Decline", "nonce"): _NONCE,
