@@ -25,6 +25,7 @@ from rich.table import Table
 
 from secure_fed.config.settings import (
     DistillSettings,
+    DistributedDPSettings,
     EncryptionSettings,
     EvaluationSettings,
     LimitSettings,
@@ -32,6 +33,7 @@ from secure_fed.config.settings import (
     TrainingPlanSettings,
 )
 from secure_fed.data.datasets import bundled_schema
+from secure_fed.data.partition import slave_partition
 from secure_fed.errors import SecureFedError
 from secure_fed.master.provision import FederationPlan, init_federation
 
@@ -55,6 +57,8 @@ class DemoOptions:
             ``EncryptionSettings``; ``he`` lets the master process open each update).
         out: output folder.
         timeout_s: the whole demo is stopped after this many seconds.
+        dp: ``local`` (each slave adds the full noise) or ``distributed`` (``gradient`` mode
+            under ``mask`` or ``he+mask``: each slave adds a share, every slave must survive).
     """
 
     slaves: int = 3
@@ -66,6 +70,7 @@ class DemoOptions:
     protection: str = "he+mask"
     out: Path = Path("demo-run")
     timeout_s: float = 1800.0
+    dp: str = "local"
 
 
 DEMO_ROUNDS = {"delta": 10, "gradient": 40, "distill": 10}
@@ -73,6 +78,17 @@ DEMO_ROUNDS = {"delta": 10, "gradient": 40, "distill": 10}
 DEMO_STUDENT_HIDDEN = [32]
 """In ``distill`` mode the slaves train a smaller student (MLP with this hidden layer) that the
 master distils into its own model on half of its hold-out split, which no slave holds."""
+
+
+def demo_distributed(training: TrainingPlanSettings, *, slaves: int,
+                     records_per_slave: int) -> TrainingPlanSettings:
+    """``training`` (a ``gradient`` plan) with distributed DP among ``slaves`` slaves of about
+    ``records_per_slave`` records each: every slave must survive (m = n, no colluder), so the
+    sum carries exactly the noise of centralized DP-SGD; q from the plan's batch size."""
+    return training.model_copy(update={
+        "dp_mechanism": "distributed",
+        "distributed": DistributedDPSettings(min_survivors=slaves, tolerated_colluders=0,
+                                             expected_records=records_per_slave)})
 
 
 def demo_training(mode: str, epsilon: float, features: int,
@@ -128,11 +144,14 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     slave_ids = [f"slave-{i + 1}" for i in range(options.slaves)]
     features, classes = _features(options.dataset)
     training = demo_training(options.mode, options.epsilon, features, classes)
+    if options.dp == "distributed":
+        records = len(slave_partition(options.dataset, index=0, count=options.slaves).labels)
+        training = demo_distributed(training, slaves=options.slaves, records_per_slave=records)
     rounds = options.rounds if options.rounds is not None else DEMO_ROUNDS[options.mode]
     console.print(f"[bold]secure-fed demo[/]: federation '{fed_id}', {options.slaves} slaves, "
                   f"mode {options.mode}, {rounds} rounds, ε={options.epsilon:g} per slave at "
                   f"δ=1e-5, dataset {options.dataset}, preset {options.preset}, protection "
-                  f"{options.protection}, TLS on 127.0.0.1")
+                  f"{options.protection}, {options.dp} DP, TLS on 127.0.0.1")
     plan = FederationPlan(
         federation_id=fed_id, slaves=slave_ids, host="127.0.0.1", port=0,
         rounds=rounds, min_slaves=max(1, options.slaves // 2 + 1),

@@ -18,7 +18,6 @@ from secure_fed.config.settings import (
     EncryptionSettings,
     EvaluationSettings,
     ModelSpec,
-    TrainingPlanSettings,
 )
 from secure_fed.errors import ConfigError
 
@@ -66,7 +65,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         federation_id=fed_id, slaves=args.slaves, host=args.host, port=args.port,
         listen_host=args.listen, rounds=args.rounds, min_slaves=args.min_slaves,
         model=ModelSpec.for_data(args.architecture, features, classes),
-        training=TrainingPlanSettings(epsilon=args.epsilon, delta=args.delta),
+        training=_init_training(args, features, classes),
         encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records,
                                       protection=_protection(args, len(args.slaves))),
         evaluation=evaluation, key_type=args.key_type,
@@ -222,8 +221,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           epsilon=args.epsilon,
                           dataset=args.dataset, preset=args.preset,
                           protection=_protection(args, args.slaves), out=args.out,
-                          timeout_s=args.timeout)
+                          timeout_s=args.timeout, dp=args.dp)
     return run_demo(options, Console(highlight=False, soft_wrap=True))
+
+
+def _init_training(args: argparse.Namespace, features: int, classes: int) -> Any:
+    """The plan ``init`` writes: the demo's for ``--mode``, at ``--epsilon`` and ``--delta``,
+    with distributed DP when ``--dp distributed`` asks for it."""
+    from secure_fed.config.settings import DistributedDPSettings
+    from secure_fed.demo import demo_training
+
+    training = demo_training(args.mode, args.epsilon, features, classes).model_copy(
+        update={"delta": args.delta})
+    distributed_only = {"--min-survivors": args.min_survivors, "--sample-rate": args.sample_rate,
+                        "--expected-records": args.expected_records,
+                        "--tolerated-colluders": args.tolerated_colluders or None}
+    if args.dp == "local":
+        given = [flag for flag, value in distributed_only.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to distributed DP only: add "
+                              "--dp distributed")
+        return training
+    return training.model_copy(update={
+        "dp_mechanism": "distributed",
+        "distributed": DistributedDPSettings(
+            min_survivors=args.min_survivors, tolerated_colluders=args.tolerated_colluders,
+            sample_rate=args.sample_rate, expected_records=args.expected_records)})
 
 
 def _protection(args: argparse.Namespace, slaves: int) -> Any:

@@ -111,6 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-records", type=int, default=65536,
                    help="most records one slave may hold; sizes the HE plain modulus "
                    "(default 65536)")
+    p.add_argument("--mode", choices=("delta", "gradient", "distill"), default="delta",
+                   help="what slaves return each round (default delta); the plan of each mode "
+                   "is the demo's (tuned on digits), edit federation.toml to change it")
+    p.add_argument("--dp", choices=("local", "distributed"), default="local",
+                   help="local: each slave adds the full noise (default); distributed: "
+                   "gradient mode under he+mask or mask only, each slave adds σ²/(m − c) of "
+                   "the noise variance and the master opens only sums of at least m slaves "
+                   "(docs/privacy.md, \"Distributed DP\")")
+    p.add_argument("--min-survivors", type=int, default=None, metavar="M",
+                   help="distributed DP: the fewest slaves a sum must hold to be opened "
+                   "(default: --min-slaves); fewer, and the round is refused")
+    p.add_argument("--tolerated-colluders", type=int, default=0, metavar="C",
+                   help="distributed DP: slaves that may reveal their noise to the master "
+                   "(default 0)")
+    p.add_argument("--sample-rate", type=float, default=None, metavar="Q",
+                   help="distributed DP: the Poisson rate of every slave (default: batch "
+                   "size / --expected-records, at most 1)")
+    p.add_argument("--expected-records", type=int, default=None, metavar="N",
+                   help="distributed DP: the typical records of one slave, a planning figure "
+                   "that sizes the ring (never sent)")
     p.add_argument("--force", action="store_true", help="replace an existing federation")
     p.add_argument("--offline-ca", action="store_true",
                    help="write the CA key to FED_DIR/ca-offline/ instead of the master bundle, "
@@ -229,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="bfv-fast", help="HE preset (default bfv-fast)")
     p.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default=None,
                    help=PROTECTION_HELP)
+    p.add_argument("--dp", choices=("local", "distributed"), default="local",
+                   help="local: every slave adds the full DP noise to its own update (default); "
+                   "distributed: gradient mode under he+mask or mask only, each slave adds a "
+                   "share of the noise so that the sum the master opens carries it once "
+                   "(the accuracy of centralized DP-SGD; every slave must survive each round)")
     p.add_argument("--out", type=Path, default=Path("demo-run"),
                    help="output folder (default demo-run)")
     p.add_argument("--timeout", type=float, default=1800.0,

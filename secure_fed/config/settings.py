@@ -76,6 +76,40 @@ class DistillSettings(_Strict):
     proxy_batch_size: int = Field(default=64, ge=1, le=65536)
 
 
+class DistributedDPSettings(_Strict):
+    """Distributed DP (``dp_mechanism = "distributed"``): each slave adds a share of the noise
+    so that the sum the master opens carries DP-SGD's σ exactly once (see docs/privacy.md).
+
+    ``secure-fed init`` fills ``noise_multiplier``, ``granularity_bits``, ``coordinate_bound``
+    and ``ring_modulus`` from the plan; written to ``federation.toml`` for the record.
+
+    Args:
+        min_survivors: m, the fewest slaves whose contributions a sum must hold to be opened
+            (``None``: the federation's ``min_slaves``). A round with fewer is refused.
+        tolerated_colluders: c, slaves that may reveal their noise to the master; each slave
+            adds σ²/(m − c) of the variance.
+        sample_rate: q, the Poisson rate of every slave (``None``: ``batch_size /
+            expected_records``, at most 1; 1 without ``expected_records``).
+        expected_records: the typical record count of a slave (a planning figure, never
+            sent): sizes the clamp of each slave's sum and so the ring.
+        granularity_bits: the grid has 2^g steps per clipping norm (``None``: the smallest
+            that adds at most 3 % to the sensitivity).
+        coordinate_bound: each rotated coordinate of a slave's sum is clamped to this many
+            clipping norms (``None``: from the expected batch and the model's size).
+        noise_multiplier: σ of the aggregate (set by ``init`` from ε, δ, q and the rounds).
+        ring_modulus: the ring of the masked sums (set by ``init``).
+    """
+
+    min_survivors: int | None = Field(default=None, ge=2)
+    tolerated_colluders: int = Field(default=0, ge=0)
+    sample_rate: float | None = Field(default=None, gt=0, le=1)
+    expected_records: int | None = Field(default=None, ge=1)
+    granularity_bits: int | None = Field(default=None, ge=4, le=40)
+    coordinate_bound: float | None = Field(default=None, gt=0)
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    ring_modulus: int | None = Field(default=None, ge=3)
+
+
 class TrainingPlanSettings(_Strict):
     """The training plan sent to slaves with every round (the first configuration data).
 
@@ -103,6 +137,10 @@ class TrainingPlanSettings(_Strict):
             for private data. A slave takes such a task only if its data owner started it with
             ``--allow-no-dp``; its ledger then holds a release that no ε bounds, so it
             declines every DP task afterwards.
+        dp_mechanism: ``local`` (every slave adds the full noise to its own update) or
+            ``distributed`` (``gradient`` mode under ``mask`` or ``he+mask`` only: each
+            slave adds a share, the sum carries the full noise; see ``distributed``).
+        distributed: the settings of distributed DP.
     """
 
     # Defaults from a grid search on digits (3 slaves, 10 rounds, ε=3): large Poisson batches
@@ -122,6 +160,8 @@ class TrainingPlanSettings(_Strict):
     server_tau: float = Field(default=1e-3, gt=0, le=1)
     distill: DistillSettings = Field(default_factory=DistillSettings)
     dp: bool = True
+    dp_mechanism: Literal["local", "distributed"] = "local"
+    distributed: DistributedDPSettings = Field(default_factory=DistributedDPSettings)
 
 
 class EncryptionSettings(_Strict):

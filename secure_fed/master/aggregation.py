@@ -33,6 +33,8 @@ from secure_fed.he.aggregator import Aggregator
 from secure_fed.he.keyholder import KeyHolder
 from secure_fed.he.presets import HEParams
 from secure_fed.master.connections import Connections
+from secure_fed.master.distributed_plan import distributed_plan
+from secure_fed.privacy.distributed import DistributedMechanism, DistributedSettings
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import SecAggTask
 from secure_fed.secagg.master_round import SecAggRound, open_secagg
@@ -54,8 +56,9 @@ class RoundAggregation:
     """
 
     def __init__(self, aggregator: Aggregator | VectorSum, start: co.StartRound,
-                 connections: Connections, now: float) -> None:
+                 connections: Connections, now: float, *, unit_weights: bool = False) -> None:
         self.aggregator = aggregator
+        self.unit_weights = unit_weights
         self.start = start
         self.started = now
         self.bytes_by_slave: dict[str, int] = {}
@@ -72,12 +75,14 @@ class RoundAggregation:
         self.bytes_by_slave[slave_id] = self.bytes_by_slave.get(slave_id, 0) + len(data)
 
     async def finish(self, slave_id: str, weight: int) -> None:
-        """Count ``slave_id``'s complete update with ``weight`` (records, or 1).
+        """Count ``slave_id``'s complete update with ``weight`` (records, or 1; under
+        distributed DP every update counts once, the weights divide the decoded sum).
 
         Raises:
             SecureFedError: the update is incomplete or its weight is out of bounds.
         """
-        await asyncio.to_thread(self.aggregator.finish, slave_id, weight)
+        await asyncio.to_thread(self.aggregator.finish, slave_id,
+                                1 if self.unit_weights else weight)
         if self.secagg is not None:
             self.secagg.note_update(slave_id)
 
@@ -135,6 +140,10 @@ class AggregationPipeline:
         self.vector_size = vector_size
         self._spool_dir = spool_dir
         self._connections = connections
+        plan = distributed_plan(config.training, len(config.slaves))
+        self.distributed = (None if plan is None else DistributedMechanism(
+            DistributedSettings.from_fields(plan.model_dump()), config.training.max_grad_norm,
+            vector_size))
 
     def open(self, start: co.StartRound) -> tuple[RoundAggregation, SecAggTask | None]:
         """The empty sum of an attempt and, under a masked protection, the secure-aggregation
@@ -148,7 +157,8 @@ class AggregationPipeline:
             aggregator = VectorSum(self.protection, self.vector_size, clip=self.params.clip,
                                    modulus=(ring_modulus(self.params)
                                             if self.protection == "mask" else None))
-        state = RoundAggregation(aggregator, start, self._connections, time.monotonic())
+        state = RoundAggregation(aggregator, start, self._connections, time.monotonic(),
+                                 unit_weights=self.distributed is not None)
         task = None
         if self.protection in ("mask", "he+mask"):
             task = self._open_secagg(state)
@@ -190,6 +200,13 @@ class AggregationPipeline:
                 differ from the ones secure aggregation counted).
         """
         contributors, weight = len(action.contributors), action.total_weight
+        if self.distributed is not None:
+            # Never opened with fewer: the slaves' noise shares add up to σ only from m of them.
+            needed = self.distributed.settings.min_survivors
+            if contributors < needed:
+                raise SecureFedError(
+                    f"only {contributors} updates arrived; distributed DP opens a sum of at "
+                    f"least min_survivors={needed}, so this one is refused unopened")
         if isinstance(state.aggregator, VectorSum):
             total = state.aggregator.total()
             if self.protection == "plain":
@@ -203,7 +220,8 @@ class AggregationPipeline:
                     total_weight=weight, vector_size=self.vector_size)
             centred = await asyncio.to_thread(
                 self.keyholder.decrypt_sum, sums, contributors=contributors,
-                total_weight=weight, vector_size=self.vector_size)
+                total_weight=contributors if self.distributed is not None else weight,
+                vector_size=self.vector_size)
             total = np.mod(centred, np.int64(ring_modulus(self.params))).astype(np.uint64)
         if state.secagg is None:
             raise SecureFedError("a masked round has no secure aggregation state")
@@ -213,7 +231,27 @@ class AggregationPipeline:
         crash_point("master.unmasking")
         unmasked = await state.secagg.unmasked_sum(total, self._connections.send,
                                                    time.monotonic())
+        if self.distributed is not None:
+            return self._distributed_average(unmasked, contributors, weight, state.start.nonce)
         return ring_to_average(unmasked, weight, self.params)
+
+    def _distributed_average(self, ring_sum: np.ndarray, contributors: int, total_weight: int,
+                             nonce: str) -> np.ndarray:
+        """The DP-SGD gradient from the unmasked ring sum of a distributed-DP round: the
+        centred lift, checked against what honest slaves can send, rotated back to the
+        noised sum of clipped gradients and divided by the expected batch ``q·Σ N_i``.
+
+        Raises:
+            UnusableAggregate: a value beyond the honest bound (a forged contribution).
+        """
+        assert self.distributed is not None
+        t = ring_modulus(self.params)
+        signed = np.asarray(ring_sum, dtype=np.uint64).astype(np.int64)
+        signed[signed > t // 2] -= t
+        self.distributed.check_sum(signed, contributors)
+        noised_sum = self.distributed.decode(signed, nonce)
+        expected_batch = self.distributed.settings.sample_rate * float(total_weight)
+        return (noised_sum / expected_batch).astype(np.float32)
 
     def decrypted_record(self, state: RoundAggregation, action: co.Aggregate) -> dict[str, Any]:
         """The ``aggregate_decrypted`` audit record: what was opened, from whom."""

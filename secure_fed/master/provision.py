@@ -53,6 +53,7 @@ from secure_fed.identity.provision import (
     write_slave_bundle,
 )
 from secure_fed.identity.revocation import Revocations
+from secure_fed.master.distributed_plan import plan_distributed_dp
 
 __all__ = ["CRL_DAYS", "OFFLINE_CA_DIR", "FederationPlan", "add_slave_bundle", "federation_schema",
            "find_ca_key", "init_federation", "model_shape", "revoke_slave"]
@@ -169,18 +170,25 @@ def init_federation(fed_dir: Path, plan: FederationPlan, *, force: bool = False,
         from secure_fed.data.partition import schema_for_bundled
 
         schema_for_bundled(plan.evaluation.dataset, plan.data_schema)  # the master can scale it
+    training = plan.training
+    if training.dp_mechanism == "distributed":
+        distributed, he_params = plan_distributed_dp(
+            training, plan.encryption, model=plan.model, slaves=len(plan.slaves),
+            min_slaves=min_slaves, rounds=plan.rounds)
+        training = training.model_copy(update={"distributed": distributed})
+    else:
+        he_params = resolve_params(
+            plan.encryption.preset, clip=plan.encryption.clip,
+            quant_bits=plan.encryption.quant_bits,
+            max_total_weight=plan.encryption.max_weight_per_slave * len(plan.slaves),
+            max_contributions=len(plan.slaves),
+        )
     config = MasterConfig(
         federation_id=plan.federation_id, host=plan.listen_host or plan.host, port=plan.port,
         public_url=f"wss://{_url_host(plan.host)}:{plan.port}",
         slaves=list(plan.slaves), rounds=plan.rounds, min_slaves=min_slaves, model=plan.model,
-        training=plan.training, encryption=plan.encryption, limits=plan.limits,
+        training=training, encryption=plan.encryption, limits=plan.limits,
         evaluation=plan.evaluation, seed=plan.seed, data_schema=plan.data_schema,
-    )
-    he_params = resolve_params(
-        plan.encryption.preset, clip=plan.encryption.clip,
-        quant_bits=plan.encryption.quant_bits,
-        max_total_weight=plan.encryption.max_weight_per_slave * len(plan.slaves),
-        max_contributions=len(plan.slaves),
     )
     master_dir.mkdir(parents=True)
     ca_cert, ca_key = generate_ca(plan.federation_id, key_type=plan.key_type)

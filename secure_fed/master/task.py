@@ -8,6 +8,7 @@ under a masked protection, the round's public secure-aggregation settings.
 from __future__ import annotations
 
 from secure_fed.config.settings import MasterConfig
+from secure_fed.master.distributed_plan import distributed_plan
 from secure_fed.models.package import ModelPackage
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import ModelHeader, Plan, SecAggTask, Task
@@ -40,7 +41,8 @@ def training_plan(config: MasterConfig) -> Plan:
                 rounds_total=config.rounds,
                 temperature=training.distill.temperature if distill else None,
                 alpha=training.distill.alpha if distill else None, dp=training.dp,
-                data_schema=config.data_schema)
+                data_schema=config.data_schema,
+                distributed=distributed_plan(training, len(config.slaves)))
 
 
 def model_header(package: ModelPackage) -> ModelHeader:

@@ -65,7 +65,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.fft import dct, idct
@@ -170,6 +172,14 @@ class DistributedSettings:
             raise PrivacyError(
                 f"min_survivors ({self.min_survivors}) exceeds the {self.max_contributors} "
                 "slaves the federation has: no round could be opened")
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> DistributedSettings:
+        """The settings from a record with these fields among others (the plan's
+        ``distributed``, whose ``ring_modulus`` stays with the caller)."""
+        names = ("noise_multiplier", "sample_rate", "min_survivors", "tolerated_colluders",
+                 "granularity_bits", "coordinate_bound", "max_contributors")
+        return cls(**{name: fields[name] for name in names})
 
     @property
     def share_noise_multiplier(self) -> float:

@@ -69,7 +69,10 @@ class MaskingExchange:
             federation_id=federation_id, round=task.round, parties=tuple(info.parties),
             vector_length=task.vector_size, modulus=ring_modulus, threshold=info.threshold,
             neighbours=info.neighbours, task_nonce=task.nonce)
-        self.secagg = SlaveSecAgg(settings, slave_id, sign=sign, verify=verify)
+        distributed = task.plan.distributed
+        self.secagg = SlaveSecAgg(
+            settings, slave_id, sign=sign, verify=verify,
+            min_survivors=distributed.min_survivors if distributed is not None else None)
         self.expected: type[KeyList | SeedReveals | ShareDelivery] = KeyList
         """The message this exchange waits for next."""
         self.delivery: ShareDelivery | None = None

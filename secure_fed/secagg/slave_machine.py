@@ -81,13 +81,21 @@ class SlaveSecAgg:
         party_id: this slave; must be one of ``settings.parties``.
         sign: signs the key advertisement with this slave's certificate key.
         verify: checks the advertisements of the other slaves (see :data:`Verifier`).
+        min_survivors: the fewest survivors whose sum this slave helps to unmask (distributed
+            DP: its input carries only a share of the noise, which the sum of fewer would not
+            complete); ``None``: the threshold alone decides.
     """
 
     def __init__(self, settings: SecAggSettings, party_id: str, *, sign: Signer,
-                 verify: Verifier) -> None:
+                 verify: Verifier, min_survivors: int | None = None) -> None:
         if party_id not in settings.parties:
             raise ConfigError(f"slave '{party_id}' is not among the parties of this round")
         check_open_seed(settings)
+        if min_survivors is not None and len(settings.parties) < min_survivors:
+            raise ConfigError(
+                f"the round has {len(settings.parties)} parties, fewer than the "
+                f"{min_survivors} survivors distributed DP needs; refusing to take part")
+        self.min_survivors = min_survivors
         self.settings = settings
         self.party_id = party_id
         self.stage = SlaveStage.READY
@@ -269,8 +277,9 @@ class SlaveSecAgg:
         """Phase 3: reveal shares of b_v for survivors and of s_sk for dropped peers.
 
         Refuses (raises, and the slave must send nothing) if a party is listed as both
-        survivor and dropped, if fewer than t holders of this slave's secrets survived, or if
-        the sets disagree with the peers this slave masked with.
+        survivor and dropped, if fewer than t holders of this slave's secrets survived, if
+        fewer than ``min_survivors`` slaves survived, or if the sets disagree with the peers
+        this slave masked with.
         """
         with self._step(SlaveStage.MASKED, "reveal shares"):
             s = self.settings
@@ -292,6 +301,11 @@ class SlaveSecAgg:
                     "unmask request disagrees with the peers this slave masked with: "
                     f"{sorted(listed ^ peers)} differ; refusing"
                 )
+            if self.min_survivors is not None and len(survivors) < self.min_survivors:
+                raise ProtocolError(
+                    f"only {len(survivors)} slaves survived, fewer than the {self.min_survivors}"
+                    " whose noise shares distributed DP needs in the sum: refusing to reveal "
+                    "shares")
             alive = len(survivors & s.holders(self.party_id))
             if alive < s.t:
                 raise ProtocolError(

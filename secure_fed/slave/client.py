@@ -49,6 +49,7 @@ from secure_fed.he.bundle import SlaveBundle, context_digest
 from secure_fed.he.codec import UpdateEncoder
 from secure_fed.identity.certificates import sign
 from secure_fed.models.package import ModelPackage
+from secure_fed.privacy.distributed import DistributedMechanism, share_noise_multiplier
 from secure_fed.privacy.ledger import COUNT_MODE, LedgerEntry
 from secure_fed.privacy.training import DPSettings
 from secure_fed.private_files import read_private_file
@@ -67,8 +68,9 @@ from secure_fed.protocol.messages import (
 from secure_fed.protocol.slave_machine import SlaveMachine, SlaveState
 from secure_fed.secagg import ring as pc
 from secure_fed.secagg.messages import AdvertiseKeys, ShareDelivery, ShareKeys
+from secure_fed.secagg.ring import ring_modulus
 from secure_fed.secagg.slave_machine import SlaveSecAgg
-from secure_fed.slave.privacy_plan import PrivacyPlanner
+from secure_fed.slave.privacy_plan import PrivacyPlanner, distributed_mechanism
 from secure_fed.slave.protection import peer_verifier, protect_update
 from secure_fed.slave.report import SlaveReport, TrainedAttempt
 from secure_fed.slave.updates import UpdateResult, train_update
@@ -97,6 +99,7 @@ class _Prepared:
     student: nn.Module | None
     planned: DPSettings | None
     without_dp: DPSettings | None
+    distributed: DistributedMechanism | None = None
 
 
 @dataclass
@@ -302,7 +305,13 @@ class Slave:
                 raise PrivacyError("an update for this task was already produced; training "
                                    "again would spend the budget twice")
             if task.plan.dp:
-                prepared = _Prepared(model, student, self.privacy.plan_before_release(task), None)
+                distributed = distributed_mechanism(
+                    task, protection=self.config.encryption.protection,
+                    ring_modulus=ring_modulus(self.bundle.he_params),
+                    dimension=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                ) if task.plan.distributed is not None else None
+                prepared = _Prepared(model, student, self.privacy.plan_before_release(task), None,
+                                     distributed)
             else:
                 prepared = _Prepared(model, student, None, self.privacy.plan_without_dp(task))
         except (ModelError, PrivacyError, DataError) as exc:
@@ -333,7 +342,8 @@ class Slave:
         result = await asyncio.to_thread(train_update, task.plan, prepared.model,
                                          prepared.student, self.data, settings, seed=seed,
                                          threads=self.threads, delta=self.config.delta,
-                                         records=records)
+                                         records=records, distributed=prepared.distributed,
+                                         nonce=task.nonce)
         return self.machine.receive_trained(_Trained(result, settings, source),
                                             result.vector.size)
 
@@ -344,12 +354,19 @@ class Slave:
         assert isinstance(trained, _Trained)
         crash_point("slave.training")
         mechanism, dp = trained.result.mechanism, trained.settings.dp
+        shared = task.plan.distributed if trained.result.distributed else None
         try:
             self.ledger.record([LedgerEntry(
                 noise_multiplier=mechanism.noise_multiplier,
                 sample_rate=mechanism.sample_rate, steps=mechanism.steps,
                 delta=self.config.delta, federation_id=self.ledger_federation, round=task.round,
-                mode=task.plan.mode, task_nonce=task.nonce)], without_dp=not dp,
+                mode=task.plan.mode, task_nonce=task.nonce,
+                share_noise_multiplier=(None if shared is None else share_noise_multiplier(
+                    shared.noise_multiplier, shared.min_survivors,
+                    shared.tolerated_colluders)),
+                min_survivors=None if shared is None else shared.min_survivors,
+                tolerated_colluders=None if shared is None else shared.tolerated_colluders,
+            )], without_dp=not dp,
                 federation_epsilon=self.privacy.federation_epsilon(task.plan) if dp else None)
         except BudgetExhausted as exc:
             # another process spent from the same ledger meanwhile: nothing was sent
@@ -367,9 +384,11 @@ class Slave:
         trained = work.trained
         assert isinstance(trained, _Trained)
         vector, weight = trained.result.vector, trained.result.samples
+        distributed = trained.result.distributed
         try:
             chunks = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self._protect(encoder, vector, weight, work.delivery))
+                None, lambda: self._protect(encoder, vector, weight, work.delivery,
+                                            distributed=distributed))
         except SecureFedError as exc:
             # The ledger already holds this round (over-counting is the safe side); the master
             # is told at once instead of waiting for the deadline.
@@ -377,15 +396,17 @@ class Slave:
         return self.machine.receive_protected(chunks)
 
     def _protect(self, encoder: UpdateEncoder, vector: np.ndarray, weight: int,
-                 delivery: ShareDelivery | None) -> list[bytes]:
+                 delivery: ShareDelivery | None, *, distributed: bool = False) -> list[bytes]:
         """The update's chunks under the federation's protection (runs off the event loop)."""
         return protect_update(self.config.encryption.protection, self.bundle.he_params,
-                              encoder, vector, weight, self._secagg, delivery)
+                              encoder, vector, weight, self._secagg, delivery,
+                              distributed=distributed)
 
     async def _upload(self, channel: Channel, work: act.Upload) -> None:
         """Sign and send the update header, then its chunks."""
         task, trained, chunks = work.task, work.trained, work.chunks
         assert isinstance(trained, _Trained) and trained.attempt is not None
+        entries = self.ledger.federation_entries(self.ledger_federation)
         header = self._signed(UpdateHeader(
             round=task.round, nonce=task.nonce, weight=trained.result.samples,
             weight_source=trained.source, chunk_sha256=[hashlib.sha256(c).hexdigest()
@@ -393,10 +414,16 @@ class Slave:
             chunk_bytes=[len(c) for c in chunks],
             mechanisms=[MechanismRecord(noise_multiplier=e.noise_multiplier,
                                         sample_rate=e.sample_rate, steps=e.steps,
-                                        kind="count" if e.mode == COUNT_MODE else "dp-sgd")
-                        for e in self.ledger.federation_entries(self.ledger_federation)],
+                                        kind="count" if e.mode == COUNT_MODE else "dp-sgd",
+                                        share_noise_multiplier=e.share_noise_multiplier,
+                                        min_survivors=e.min_survivors,
+                                        tolerated_colluders=e.tolerated_colluders)
+                        for e in entries],
             epsilon_spent=_bounded(trained.spent), delta=self.config.delta,
-            accountant=self.config.accountant))
+            accountant=self.config.accountant,
+            epsilon_alone=(_bounded(self.ledger.spent_alone_in(self.ledger_federation))
+                           if any(e.share_noise_multiplier is not None for e in entries)
+                           else None)))
         await channel.send(header)
         for chunk in chunks:
             await channel.send_bytes(chunk)

@@ -31,6 +31,7 @@ from secure_fed.privacy.data_source import (
     default_ledger_dir,
     register_ledger,
 )
+from secure_fed.privacy.distributed import DistributedMechanism, DistributedSettings
 from secure_fed.privacy.ledger import (
     COUNT_MODE,
     LEDGER_FILE,
@@ -38,6 +39,7 @@ from secure_fed.privacy.ledger import (
     LedgerEntry,
     PrivacyLedger,
 )
+from secure_fed.privacy.settings import MAX_BATCH
 from secure_fed.privacy.training import DPSettings
 from secure_fed.protocol.messages import Plan, Task, WeightSource
 from secure_fed.slave.updates import steps_per_round
@@ -201,6 +203,8 @@ class PrivacyPlanner:
         if self.config.delta >= 1.0 / records:
             raise PrivacyError(f"δ={self.config.delta:g} is not below 1/records=1/{records} "
                                "(the public record count); choose a smaller δ")
+        if plan.distributed is not None:
+            return self.distributed_settings(task, records, before=before)
         draft = self.local_settings(plan, records)
         rounds_left = max(1, plan.rounds_total - task.round + 1)
         shape = {"sample_rate": draft.sample_rate(records),
@@ -227,6 +231,40 @@ class PrivacyPlanner:
                 raise self.lifetime_exhausted(exc) from exc
         return replace(draft, noise_multiplier=sigma)
 
+    def distributed_settings(self, task: Task, records: int, *,
+                             before: Sequence[Mechanism] = ()) -> DPSettings:
+        """The round's settings under distributed DP, if this data source can afford them.
+
+        σ is the plan's, common to every slave (its share of the noise only adds up with the
+        others' if everyone uses the same σ): this slave cannot raise it, so it checks that
+        this round at that σ and q keeps the aggregate ε within this federation's ε and the
+        data owner's lifetime budget, and declines otherwise.
+
+        Raises:
+            BudgetExhausted: the round would exceed a budget.
+        """
+        plan = task.plan
+        assert plan.distributed is not None
+        d = plan.distributed
+        fed = self.config.federation_id
+        mechanism = Mechanism(d.noise_multiplier, d.sample_rate, 1)
+        limit = self.federation_epsilon(plan)
+        after = epsilon([*self.ledger.federation_mechanisms(self.ledger_federation), *before,
+                         mechanism], self.config.delta, self.config.accountant)
+        if after > limit:
+            raise BudgetExhausted(
+                f"budget of federation '{fed}' exhausted for slave '{self.config.slave_id}': "
+                f"round {task.round} at the plan's σ={d.noise_multiplier:.3g} and q="
+                f"{d.sample_rate:.3g} would bring its ε against the aggregate to {after:.2f} "
+                f"of {limit:g}")
+        try:
+            self.ledger.check([*before, mechanism])
+        except BudgetExhausted as exc:
+            raise self.lifetime_exhausted(exc) from exc
+        batch = max(1, min(MAX_BATCH, round(d.sample_rate * records)))
+        return DPSettings(noise_multiplier=d.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                          batch_size=batch, epochs=1, lr=plan.lr)
+
     def lifetime_exhausted(self, exc: BudgetExhausted) -> BudgetExhausted:
         """The decline to send when the *lifetime* budget stops a round: its figures are the
         data owner's (they reflect other federations) and stay in this slave's log."""
@@ -251,3 +289,44 @@ class PrivacyPlanner:
         return DPSettings(noise_multiplier=1.0, max_grad_norm=plan.max_grad_norm,
                           batch_size=min(plan.batch_size, records),
                           epochs=plan.epochs, lr=plan.lr, momentum=plan.momentum)
+
+
+def distributed_mechanism(task: Task, *, protection: str, ring_modulus: int,
+                          dimension: int) -> DistributedMechanism | None:
+    """The distributed mechanism a task asks for, after this slave's own checks (``None``:
+    local DP). The master checked the same at ``init``; a slave does not rely on that.
+
+    Raises:
+        PrivacyError: the task asks for distributed DP where it does not hold: a protection
+            under which the master can open single updates, another mode than ``gradient``,
+            no DP, no secure aggregation or fewer parties than ``min_survivors``, more than
+            the ring holds, or a ring other than this slave's bundle.
+    """
+    plan = task.plan
+    d = plan.distributed
+    if d is None:
+        return None
+    if protection not in ("mask", "he+mask"):
+        raise PrivacyError(
+            f"the task asks for distributed DP, but this slave's protection is '{protection}', "
+            "under which the master can open a single update: its share of the noise alone "
+            "would not protect it. Declined")
+    if plan.mode != "gradient" or not plan.dp:
+        raise PrivacyError(f"distributed DP holds in gradient mode with DP only; the task asks "
+                           f"for '{plan.mode}' mode{'' if plan.dp else ' without DP'}. Declined")
+    if task.secagg is None:
+        raise PrivacyError("the task asks for distributed DP without secure aggregation. "
+                           "Declined")
+    parties = len(task.secagg.parties)
+    if parties < d.min_survivors or parties > d.max_contributors:
+        raise PrivacyError(
+            f"the task masks among {parties} slaves; distributed DP needs between "
+            f"min_survivors={d.min_survivors} and the {d.max_contributors} the ring holds. "
+            "Declined")
+    if d.ring_modulus != ring_modulus:
+        raise PrivacyError(f"the task's ring ({d.ring_modulus}) is not this slave's bundle's "
+                           f"({ring_modulus}). Declined")
+    mechanism = DistributedMechanism(DistributedSettings.from_fields(d.model_dump()),
+                                     plan.max_grad_norm, dimension)
+    mechanism.check_ring(ring_modulus)
+    return mechanism

@@ -25,13 +25,21 @@ from secure_fed.transport.tls import load_presented_certificate
 
 def protect_update(protection: str, params: HEParams, encoder: UpdateEncoder,
                    vector: np.ndarray, weight: int, secagg: SlaveSecAgg | None,
-                   delivery: ShareDelivery | None) -> list[bytes]:
+                   delivery: ShareDelivery | None, *, distributed: bool = False) -> list[bytes]:
     """The chunks of ``vector`` (FedAvg weight ``weight``) under ``protection``; CPU-bound, so
     the caller runs it off the event loop.
 
+    ``distributed``: ``vector`` is a distributed-DP contribution (integers on the grid, the
+    noise share included), which goes on the ring exactly, unweighted: the master divides the
+    decoded sum by the public weights.
+
     Raises:
-        ProtocolError: a masked protection without the round's secure aggregation.
+        ProtocolError: a masked protection without the round's secure aggregation, or a
+            distributed contribution under a protection that opens single updates.
     """
+    if distributed and protection not in ("mask", "he+mask"):
+        raise ProtocolError(f"a distributed-DP contribution carries only a share of the noise; "
+                            f"it is never sent under '{protection}' protection")
     if protection == "he":
         return encoder.encrypt(vector, weight=weight)
     if protection == "plain":
@@ -39,7 +47,11 @@ def protect_update(protection: str, params: HEParams, encoder: UpdateEncoder,
     if secagg is None or delivery is None:
         raise ProtocolError(f"protection '{protection}' needs the round's secure "
                             "aggregation, which the task did not set up")
-    ring = pc.to_ring(vector, weight, params, np.random.default_rng(secrets.randbits(128)))
+    if distributed:
+        ring = np.mod(np.asarray(vector, dtype=np.int64),
+                      np.int64(pc.ring_modulus(params))).astype(np.uint64)
+    else:
+        ring = pc.to_ring(vector, weight, params, np.random.default_rng(secrets.randbits(128)))
     _, payload = secagg.mask(delivery, ring)
     masked = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
     if protection == "he+mask":

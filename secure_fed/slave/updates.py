@@ -1,7 +1,9 @@
 """What a slave returns for each mode of the plan (the second configuration data).
 
 * ``delta``: local DP-SGD epochs from the received model; the update is the parameter change.
-* ``gradient``: one DP-SGD step; the update is the noisy averaged gradient (FedSGD).
+* ``gradient``: one DP-SGD step; the update is the noisy averaged gradient (FedSGD). Under
+  distributed DP it is instead the clipped sum on the ring's grid plus this slave's noise share
+  (:mod:`secure_fed.privacy.distributed`), integers the masking adds up exactly.
 * ``distill``: the received model is the frozen teacher; a student (the task's ``student``,
   or a copy of the received model when the task names none) is trained with DP-SGD on
   α·T²·KL(teacher/T ‖ student/T) + (1−α)·CE. The update is the trained student's parameters
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,8 +25,17 @@ from secure_fed.data.datasets import Dataset
 from secure_fed.errors import ModelError
 from secure_fed.models.package import parameters_vector
 from secure_fed.privacy.accounting import Mechanism
-from secure_fed.privacy.training import DPSettings, train_delta, train_distill, train_gradient
+from secure_fed.privacy.distributed import DistributedMechanism
+from secure_fed.privacy.training import (
+    DPSettings,
+    train_delta,
+    train_distill,
+    train_distributed,
+    train_gradient,
+)
 from secure_fed.protocol.messages import Plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,12 +48,15 @@ class UpdateResult:
         loss: mean training loss of the last local epoch (nats), computed from the records
             without noise: for the data owner's own display, never sent.
         samples: the public record count the run was planned with (the FedAvg weight).
+        distributed: ``vector`` is a distributed-DP contribution (int64 on the ring's grid),
+            to go on the ring as it is, not through the fixed-point encoding.
     """
 
     vector: np.ndarray
     mechanism: Mechanism
     loss: float
     samples: int
+    distributed: bool = False
 
 
 def steps_per_round(mode: str, settings: DPSettings, records: int) -> int:
@@ -53,7 +68,9 @@ def steps_per_round(mode: str, settings: DPSettings, records: int) -> int:
 
 def train_update(plan: Plan, model: nn.Module, student: nn.Module | None, data: Dataset,
                  settings: DPSettings, *, seed: int, threads: int,
-                 delta: float, records: int | None = None) -> UpdateResult:
+                 delta: float, records: int | None = None,
+                 distributed: DistributedMechanism | None = None,
+                 nonce: str = "") -> UpdateResult:
     """Train on ``data`` as ``plan.mode`` asks and return the update to encrypt.
 
     Args:
@@ -65,7 +82,21 @@ def train_update(plan: Plan, model: nn.Module, student: nn.Module | None, data: 
         settings: the calibrated DP-SGD settings.
         seed, threads, delta, records: as for :func:`secure_fed.privacy.training.train_delta`
             (``records``: the slave's public record count).
+        distributed: the federation's distributed mechanism when the plan asks for
+            distributed DP (``gradient`` mode only).
+        nonce: the task's nonce (fixes the distributed mechanism's public rotation).
     """
+    if distributed is not None:
+        if plan.mode != "gradient":
+            raise ModelError("distributed DP runs in gradient mode only")
+        share = train_distributed(model, data, settings, distributed, nonce, seed=seed,
+                                  threads=threads, delta=delta, records=records)
+        if share.clamped:
+            log.info("the clamp of the distributed mechanism moved %d of %d values of this "
+                     "round's clipped sum (a cost in accuracy, never in privacy)",
+                     share.clamped, share.contribution.size)
+        return UpdateResult(share.contribution, share.mechanism, share.loss, share.samples,
+                            distributed=True)
     if plan.mode == "delta":
         result = train_delta(model, data, settings, seed=seed, threads=threads, delta=delta,
                              records=records)
