@@ -239,7 +239,8 @@ def _init_training(args: argparse.Namespace, features: int, classes: int) -> Any
     if args.dp == "local":
         given = [flag for flag, value in distributed_only.items() if value is not None]
         if given:
-            raise ConfigError(f"{', '.join(given)} apply to distributed DP only: add "
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ConfigError(f"{', '.join(given)} {verb} to distributed DP only: add "
                               "--dp distributed")
         return training
     return training.model_copy(update={
