@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -253,3 +254,167 @@ def test_a_federations_cap_is_checked_under_the_lock(tmp_path: Path) -> None:
                   federation_epsilon=1.05 * one)
     assert len(_open(tmp_path, budget_epsilon=10.0).entries) == 2
     assert Mechanism(1.0, 0.1, 50) == run.mechanism
+
+
+# --- distributed DP: the aggregate and the alone view ---------------------------------------
+
+# A ledger file as builds before distributed DP wrote it: a DP-SGD round and a count release.
+LOCAL_DP_FILE = """\
+{
+  "accountant": "prv",
+  "budget_epsilon": 3.0,
+  "declarations": [],
+  "delta": 1e-05,
+  "entries": [
+    {
+      "delta": 1e-05,
+      "federation_id": "demo",
+      "mode": "delta",
+      "noise_multiplier": 1.8,
+      "recorded_at": "2026-01-01T00:00:00+00:00",
+      "round": 0,
+      "sample_rate": 0.1336,
+      "steps": 7,
+      "task_nonce": "abababababababababababababababab",
+      "value": null
+    },
+    {
+      "delta": null,
+      "federation_id": "demo",
+      "mode": "count",
+      "noise_multiplier": 4.0,
+      "recorded_at": "2026-01-01T00:00:01+00:00",
+      "round": 0,
+      "sample_rate": 1.0,
+      "steps": 1,
+      "task_nonce": null,
+      "value": 503.0
+    }
+  ],
+  "format": "secure_fed.privacy_ledger",
+  "source_id": "clinic-a",
+  "version": 2
+}
+"""
+SIGMA, Q = 1.1, 0.05
+SHARE = SIGMA / 3**0.5  # m = 3, c = 0
+
+
+def _distributed(round_: int, *, share: float = SHARE, survivors: int = 3, colluders: int = 0,
+                 federation: str = "demo", steps: int = 1) -> LedgerEntry:
+    return LedgerEntry.create(Mechanism(SIGMA, Q, steps), federation_id=federation, round=round_,
+                              mode="gradient", share_noise_multiplier=share,
+                              min_survivors=survivors, tolerated_colluders=colluders)
+
+
+def test_a_local_dp_ledger_is_written_byte_for_byte_as_before(tmp_path: Path) -> None:
+    written = _open(tmp_path / "new")
+    written.record([
+        LedgerEntry(1.8, 0.1336, 7, "demo", 0, "delta", "2026-01-01T00:00:00+00:00",
+                    "ab" * 16, DELTA),
+        LedgerEntry(4.0, 1.0, 1, "demo", 0, "count", "2026-01-01T00:00:01+00:00", None, None,
+                    503.0)])
+    assert (tmp_path / "new" / LEDGER_FILE).read_text() == LOCAL_DP_FILE
+    # an existing file, read and rewritten (a budget changed and changed back), is unchanged
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / LEDGER_FILE).write_text(LOCAL_DP_FILE)
+    _open(tmp_path / "old", budget_epsilon=5.0)
+    reopened = _open(tmp_path / "old", budget_epsilon=3.0)
+    assert (tmp_path / "old" / LEDGER_FILE).read_text() == LOCAL_DP_FILE
+    assert not any(e.distributed for e in reopened.entries)
+    assert "share_noise_multiplier" not in reopened.entries[0].to_json()
+
+
+def test_a_distributed_entry_round_trips_with_its_three_fields(tmp_path: Path) -> None:
+    _open(tmp_path).record([_distributed(1, survivors=5, colluders=1, share=SIGMA / 2)])
+    on_disk = json.loads((tmp_path / LEDGER_FILE).read_text())["entries"][0]
+    assert (on_disk["share_noise_multiplier"], on_disk["min_survivors"],
+            on_disk["tolerated_colluders"]) == (SIGMA / 2, 5, 1)
+    entry = _open(tmp_path).entries[0]
+    assert entry.distributed and entry == LedgerEntry.from_json(on_disk)
+    assert entry.mechanism == Mechanism(SIGMA, Q, 1)
+    assert entry.alone_mechanism == Mechanism(SIGMA / 2, Q, 1)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"min_survivors": None}, r"all of \['share_noise_multiplier', 'min_survivors', "
+                              r"'tolerated_colluders'\] or none of them, got only "
+                              r"\['share_noise_multiplier', 'tolerated_colluders'\]"),
+    ({"share_noise_multiplier": 0.0}, "share_noise_multiplier must be a finite number > 0"),
+    ({"share_noise_multiplier": float("inf")}, "must be a finite number > 0"),
+    ({"share_noise_multiplier": True}, "must be a finite number > 0"),
+    ({"share_noise_multiplier": 2 * SIGMA}, r"exceeds σ/√\(m − c\)"),
+    ({"share_noise_multiplier": SHARE * 1.01}, r"exceeds σ/√\(m − c\) = 1.1/√3"),
+    ({"min_survivors": 1, "share_noise_multiplier": SIGMA}, "min_survivors must be an integer ≥ 2"),
+    ({"tolerated_colluders": -1}, "tolerated_colluders must be an integer ≥ 0"),
+    ({"tolerated_colluders": 3}, r"tolerated_colluders \(3\) must be below min_survivors \(3\)"),
+    ({"min_survivors": 3.0}, "min_survivors must be an integer ≥ 2"),
+    ({"mode": "delta"}, "only a 'gradient' round can be a distributed release"),
+    ({"mode": "count"}, "not an entry of mode 'count'"),
+])
+def test_distributed_fields_are_validated(changes: dict[str, Any], message: str) -> None:
+    fields = {**_distributed(1).to_json(), **changes}
+    with pytest.raises(PrivacyError, match=message):
+        LedgerEntry(**fields)
+
+
+def test_a_file_with_half_a_distributed_entry_is_refused(tmp_path: Path) -> None:
+    _open(tmp_path).record([_distributed(1)])
+    path = tmp_path / LEDGER_FILE
+    data = json.loads(path.read_text())
+    del data["entries"][0]["tolerated_colluders"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(PrivacyError, match="is malformed: a distributed release records all"):
+        _open(tmp_path)
+
+
+def test_both_views_of_a_distributed_ledger(tmp_path: Path) -> None:
+    ledger = _open(tmp_path, budget_epsilon=10.0)
+    count = LedgerEntry.create(Mechanism(4.0, 1.0, 1), federation_id="demo", round=0,
+                               mode="count", value=503.0)
+    other = _entry(0, federation="elsewhere")
+    ledger.record([count, other, *(_distributed(r) for r in range(1, 41))])
+    aggregate = [Mechanism(4.0, 1.0, 1), *[Mechanism(SIGMA, Q, 1)] * 40]
+    alone = [Mechanism(4.0, 1.0, 1), *[Mechanism(SIGMA / 3**0.5, Q, 1)] * 40]
+    assert ledger.federation_mechanisms("demo") == aggregate
+    assert ledger.federation_alone_mechanisms("demo") == alone
+    assert ledger.spent_in("demo") == pytest.approx(epsilon(aggregate, DELTA))
+    # alone: each distributed round at σ/√(m − c), the count release at its own σ
+    assert ledger.spent_alone_in("demo") == pytest.approx(epsilon(alone, DELTA))
+    assert ledger.spent_alone_in("demo") > 1.5 * ledger.spent_in("demo")
+    assert ledger.alone_mechanisms() == [alone[0], ROUND_MECH, *alone[1:]]
+    assert ledger.spent_alone() == pytest.approx(epsilon([ROUND_MECH, *alone], DELTA))
+    assert ledger.spent() == pytest.approx(epsilon([ROUND_MECH, *aggregate], DELTA))
+    assert ledger.spent_alone_in("elsewhere") == ledger.spent_in("elsewhere")
+
+    summary = ledger.to_summary()
+    assert summary["epsilon"] == pytest.approx(ledger.spent())
+    assert summary["epsilon_alone"] == pytest.approx(ledger.spent_alone())
+    assert summary["mechanisms"][2] == {
+        "noise_multiplier": SIGMA, "sample_rate": Q, "steps": 1, "federation_id": "demo",
+        "round": 1, "share_noise_multiplier": SHARE, "min_survivors": 3,
+        "tolerated_colluders": 0}
+    assert set(summary["mechanisms"][0]) == {"noise_multiplier", "sample_rate", "steps",
+                                              "federation_id", "round"}
+
+
+def test_local_dp_has_one_view(tmp_path: Path) -> None:
+    ledger = _open(tmp_path)
+    ledger.record([_entry(0), _entry(1, Mechanism(2.0, 0.1, 3))])
+    assert ledger.alone_mechanisms() == ledger.mechanisms()
+    assert ledger.spent_alone() == ledger.spent()
+    assert ledger.spent_alone_in("demo") == ledger.spent_in("demo")
+    assert "epsilon_alone" not in ledger.to_summary()
+
+
+def test_the_budget_is_enforced_on_the_aggregate_view(tmp_path: Path) -> None:
+    # 40 distributed rounds: ε about 2.0 against the aggregate, about 7.2 for an update alone
+    rounds = [_distributed(r) for r in range(40)]
+    aggregate = epsilon([e.mechanism for e in rounds], DELTA)
+    alone = epsilon([e.alone_mechanism for e in rounds], DELTA)
+    budget = (aggregate + alone) / 2
+    ledger = _open(tmp_path, budget_epsilon=budget)
+    assert ledger.record(rounds, federation_epsilon=budget) == pytest.approx(aggregate)
+    assert ledger.spent_alone() == pytest.approx(alone) and alone > budget
+    with pytest.raises(BudgetExhausted, match="budget exhausted for slave 'clinic-a'"):
+        ledger.record([_distributed(40, steps=400)])

@@ -74,6 +74,7 @@ from scipy.fft import dct, idct
 
 from secure_fed.errors import PrivacyError, UnusableAggregate
 from secure_fed.privacy.discrete_gaussian import MAX_SCALE, DiscreteGaussian
+from secure_fed.privacy.distributed_views import distributed_assumption, share_noise_multiplier
 from secure_fed.privacy.noise import SMOOTHING
 from secure_fed.privacy.random_stream import RandomStream
 
@@ -99,12 +100,6 @@ ROTATION_MARGIN = 2.0**-20
 #: Name of the distributed range check in ``UnusableAggregate.check`` and the audit log.
 DISTRIBUTED_RANGE_CHECK = "distributed-range"
 _ROTATION_CONTEXT = b"secure_fed/distributed-dp/rotation/v1\0"
-
-
-def share_noise_multiplier(noise_multiplier: float, min_survivors: int,
-                           tolerated_colluders: int) -> float:
-    """σ/√(m − c): the noise multiplier of what one slave's update alone releases."""
-    return float(noise_multiplier) / math.sqrt(min_survivors - tolerated_colluders)
 
 
 def default_granularity_bits(dimension: int, inflation: float = 1 / 32) -> int:
@@ -189,8 +184,7 @@ class DistributedSettings:
 
     def assumption(self) -> str:
         """The trust assumption of the aggregate ε, in words."""
-        return (f"the master obtains only the sum of at least {self.min_survivors} slaves' "
-                f"updates, at most {self.tolerated_colluders} of them colluding with it")
+        return distributed_assumption(self.min_survivors, self.tolerated_colluders)
 
 
 def rotation_signs(nonce: str, dimension: int) -> np.ndarray:

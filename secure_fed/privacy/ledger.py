@@ -18,6 +18,16 @@ Rules it enforces:
 - A federation sees only its own entries (:meth:`PrivacyLedger.federation_mechanisms`); the
   lifetime composition stays here, with the data owner.
 
+A ``gradient`` round under distributed DP (:mod:`secure_fed.privacy.distributed`) also records
+``share_noise_multiplier`` (σ/√(m − c)), ``min_survivors`` (m) and ``tolerated_colluders``
+(c): its ``noise_multiplier`` σ is then the aggregate's. The ledger composes two views of
+its history (:mod:`secure_fed.privacy.distributed_views`): the aggregate view (every entry at
+its σ: the ε against anyone who sees only the aggregate, which holds if the master obtains
+only sums of at least m slaves' updates with at most c colluding) and the alone view (each
+distributed entry at its share σ: the ε against a party that sees one update alone). Budgets
+are enforced on the aggregate view, the guarantee under that assumption; for local DP the two
+views are the same.
+
 Besides DP-SGD runs, an entry may be a Gaussian release of a count (``mode = "count"``,
 ``sample_rate = 1``, ``steps = 1``): its ``value`` is the released (noisy) number, kept so
 that the federation reuses it instead of releasing it again. A *declaration* records
@@ -32,11 +42,15 @@ File layout (JSON)::
                   "federation_id": "demo", "round": 0, "mode": "delta",
                   "recorded_at": "2026-01-01T00:00:00+00:00",
                   "task_nonce": "…" or null, "delta": 1e-05 or null,
-                  "value": null or the released number}, ...],
+                  "value": null or the released number,
+                  distributed DP only: "share_noise_multiplier": 0.64,
+                  "min_survivors": 3, "tolerated_colluders": 0}, ...],
      "declarations": [{"federation_id": "demo", "name": "record_count", "value": 500,
                        "recorded_at": "…"}, ...]}
 
-Version 1 files (no ``value``, no ``declarations``) are read and rewritten as version 2.
+Version 1 files (no ``value``, no ``declarations``) are read and rewritten as version 2. The
+distributed fields are written only for a distributed entry, so a ledger of local-DP releases
+is written exactly as before they existed.
 """
 
 from __future__ import annotations
@@ -62,6 +76,7 @@ from secure_fed.privacy.accounting import (
     check_delta,
     epsilon,
 )
+from secure_fed.privacy.distributed_views import DISTRIBUTED_FIELDS, check_distributed_fields
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +92,8 @@ _TOP_KEYS_V1 = frozenset(
 _TOP_KEYS = _TOP_KEYS_V1 | {"declarations"}
 #: The ``mode`` of an entry that releases a count with the Gaussian mechanism.
 COUNT_MODE = "count"
+#: The ``mode`` of the only entries that may be distributed releases.
+DISTRIBUTED_MODE = "gradient"
 
 
 def _text(name: str, value: Any, max_length: int) -> str:
@@ -107,6 +124,12 @@ class LedgerEntry:
             :meth:`PrivacyLedger.has_task`).
         delta: the δ the run was planned at, if stated; must equal the ledger's δ.
         value: for a count release (``mode == "count"``), the released noisy count.
+        share_noise_multiplier: for a distributed release (``mode == "gradient"`` only),
+            σ/√(m − c), the noise multiplier of this slave's update alone;
+            ``noise_multiplier`` is then the aggregate's σ.
+        min_survivors: m of a distributed release (≥ 2).
+        tolerated_colluders: c of a distributed release (0 ≤ c < m). The three distributed
+            fields are set together or not at all.
     """
 
     noise_multiplier: float
@@ -119,6 +142,9 @@ class LedgerEntry:
     task_nonce: str | None = None
     delta: float | None = None
     value: float | None = None
+    share_noise_multiplier: float | None = None
+    min_survivors: int | None = None
+    tolerated_colluders: int | None = None
 
     def __post_init__(self) -> None:
         mechanism = Mechanism(self.noise_multiplier, self.sample_rate, self.steps)
@@ -144,6 +170,12 @@ class LedgerEntry:
                 isinstance(self.value, bool) or not isinstance(self.value, int | float)
                 or not math.isfinite(self.value)):
             raise PrivacyError(f"value must be a finite number or null, got {self.value!r}")
+        share = check_distributed_fields(self.noise_multiplier, self.share_noise_multiplier,
+                                         self.min_survivors, self.tolerated_colluders)
+        if share is not None and self.mode != DISTRIBUTED_MODE:
+            raise PrivacyError(f"only a '{DISTRIBUTED_MODE}' round can be a distributed release, "
+                               f"not an entry of mode '{self.mode}'")
+        object.__setattr__(self, "share_noise_multiplier", share)
 
     @classmethod
     def create(
@@ -156,6 +188,9 @@ class LedgerEntry:
         task_nonce: str | None = None,
         delta: float | None = None,
         value: float | None = None,
+        share_noise_multiplier: float | None = None,
+        min_survivors: int | None = None,
+        tolerated_colluders: int | None = None,
     ) -> LedgerEntry:
         """An entry for ``mechanism`` stamped with the current UTC time."""
         return cls(
@@ -169,16 +204,37 @@ class LedgerEntry:
             task_nonce,
             delta,
             value,
+            share_noise_multiplier,
+            min_survivors,
+            tolerated_colluders,
         )
 
     @property
     def mechanism(self) -> Mechanism:
-        """The (σ, q, steps) triple of this entry."""
+        """The (σ, q, steps) triple of this entry: the aggregate view."""
         return Mechanism(self.noise_multiplier, self.sample_rate, self.steps)
 
+    @property
+    def distributed(self) -> bool:
+        """Whether this entry is a distributed release (its update carries a share)."""
+        return self.share_noise_multiplier is not None
+
+    @property
+    def alone_mechanism(self) -> Mechanism:
+        """(share σ, q, steps) of a distributed release, else :attr:`mechanism`: what this
+        slave's update alone releases."""
+        if self.share_noise_multiplier is None:
+            return self.mechanism
+        return Mechanism(self.share_noise_multiplier, self.sample_rate, self.steps)
+
     def to_json(self) -> dict[str, Any]:
-        """The entry as a JSON object (the ledger file's entry format)."""
-        return dataclasses.asdict(self)
+        """The entry as a JSON object (the ledger file's entry format); the distributed
+        fields only for a distributed release."""
+        data = dataclasses.asdict(self)
+        if not self.distributed:
+            for name in DISTRIBUTED_FIELDS:
+                del data[name]
+        return data
 
     @classmethod
     def from_json(cls, obj: Any) -> LedgerEntry:
@@ -186,14 +242,14 @@ class LedgerEntry:
         if not isinstance(obj, Mapping) or not _ENTRY_KEYS_V1 <= set(obj) <= _ENTRY_KEYS:
             keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
             raise PrivacyError(
-                f"ledger entry must have the keys {sorted(_ENTRY_KEYS)} (value optional), "
-                f"got {keys}"
+                f"ledger entry must have the keys {sorted(_ENTRY_KEYS)} (value and the "
+                f"distributed {list(DISTRIBUTED_FIELDS)} optional), got {keys}"
             )
         return cls(**{k: obj[k] for k in _ENTRY_KEYS if k in obj})
 
 
 _ENTRY_KEYS = frozenset(f.name for f in dataclasses.fields(LedgerEntry))
-_ENTRY_KEYS_V1 = _ENTRY_KEYS - {"value"}
+_ENTRY_KEYS_V1 = _ENTRY_KEYS - {"value", *DISTRIBUTED_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -232,6 +288,11 @@ class PrivacyLedger:
     """Budget ledger of one data source, persisted in ``<state_dir>/ledger.json``.
 
     Create or load it with :meth:`open`; do not construct it directly.
+
+    ε without qualification (:meth:`spent`, :meth:`spent_in`, the budget checks) is the
+    aggregate view: under distributed DP the guarantee that holds under the releases' stated
+    assumption (:mod:`secure_fed.privacy.distributed_views`), and the one budgets are
+    enforced on. The ``*_alone`` methods give the alone view (the same for local DP).
 
     Args:
         path: the ledger file.
@@ -392,12 +453,21 @@ class PrivacyLedger:
         return tuple(self._entries)
 
     def mechanisms(self) -> list[Mechanism]:
-        """The (σ, q, steps) of every entry, oldest first."""
+        """The (σ, q, steps) of every entry, oldest first (the aggregate view)."""
         return [e.mechanism for e in self._entries]
+
+    def alone_mechanisms(self) -> list[Mechanism]:
+        """The (share σ or σ, q, steps) of every entry, oldest first (the alone view)."""
+        return [e.alone_mechanism for e in self._entries]
 
     def spent(self) -> float:
         """ε spent so far at :attr:`delta` over every federation (0.0 for an empty ledger)."""
         return epsilon(self.mechanisms(), self.delta, self.accountant)
+
+    def spent_alone(self) -> float:
+        """ε at :attr:`delta` over every federation against a party that sees this data
+        source's updates alone (≥ :meth:`spent`); not enforced: the budget bounds spent()."""
+        return epsilon(self.alone_mechanisms(), self.delta, self.accountant)
 
     def federation_entries(self, federation_id: str) -> list[LedgerEntry]:
         """The entries recorded for one federation, oldest first."""
@@ -407,9 +477,18 @@ class PrivacyLedger:
         """The (σ, q, steps) of one federation's entries: all that federation may be told."""
         return [e.mechanism for e in self.federation_entries(federation_id)]
 
+    def federation_alone_mechanisms(self, federation_id: str) -> list[Mechanism]:
+        """The alone view of one federation's entries: (share σ or σ, q, steps)."""
+        return [e.alone_mechanism for e in self.federation_entries(federation_id)]
+
     def spent_in(self, federation_id: str) -> float:
         """ε at :attr:`delta` of one federation's entries alone."""
         return epsilon(self.federation_mechanisms(federation_id), self.delta, self.accountant)
+
+    def spent_alone_in(self, federation_id: str) -> float:
+        """:meth:`spent_in` against a party that sees the updates alone (``epsilon_alone``)."""
+        return epsilon(self.federation_alone_mechanisms(federation_id), self.delta,
+                       self.accountant)
 
     def released_count(self, federation_id: str) -> LedgerEntry | None:
         """The count this data source already released to a federation, if any."""
@@ -557,23 +636,27 @@ class PrivacyLedger:
         )
 
     def to_summary(self) -> dict[str, Any]:
-        """What a slave reports: ε spent, δ, accountant, budget and every mechanism."""
-        return {
+        """What a slave reports: ε spent, δ, accountant, budget and every mechanism; with a
+        distributed release, also ``epsilon_alone`` (:meth:`spent_alone`) and each
+        distributed mechanism's share σ, m and c."""
+        summary: dict[str, Any] = {
             "epsilon": self.spent(),
             "delta": self.delta,
             "accountant": self.accountant,
             "budget": self.budget_epsilon,
-            "mechanisms": [
-                {
-                    "noise_multiplier": e.noise_multiplier,
-                    "sample_rate": e.sample_rate,
-                    "steps": e.steps,
-                    "federation_id": e.federation_id,
-                    "round": e.round,
-                }
-                for e in self._entries
-            ],
+            "mechanisms": [_summary_mechanism(e) for e in self._entries],
         }
+        if any(e.distributed for e in self._entries):
+            summary["epsilon_alone"] = self.spent_alone()
+        return summary
+
+
+def _summary_mechanism(entry: LedgerEntry) -> dict[str, Any]:
+    item = {"noise_multiplier": entry.noise_multiplier, "sample_rate": entry.sample_rate,
+            "steps": entry.steps, "federation_id": entry.federation_id, "round": entry.round}
+    if entry.distributed:
+        item.update({name: getattr(entry, name) for name in DISTRIBUTED_FIELDS})
+    return item
 
 
 def _fmt(value: float) -> str:
