@@ -95,7 +95,7 @@ def test_each_step_is_the_decoded_sum_of_the_shares_over_the_expected_batch(
     d = int(parameters_vector(store.load(0).package.build()).size)
     mechanism = DistributedMechanism(DistributedSettings.from_fields(plan.model_dump()), 1.0, d)
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
-    nonces = [r["data"]["nonce"] for r in audit if r["type"] == "round_start"]
+    nonces = [r["data"]["nonce"] for r in audit if r["event"] == "round_start"]
     assert len(nonces) == 2 and all(len(released[n]) == 3 for n in nonces)
     for round_, nonce in enumerate(nonces, start=1):
         before = parameters_vector(store.load(round_ - 1).package.build()).astype(np.float64)
