@@ -107,6 +107,9 @@ PARSED_ONLY: dict[str, str] = {
     "secure-fed audit empirical --mode distill --no-noise":
         "exits 1 by design (the audit sees the removed noise); "
         "tests/test_audit_update.py::test_cli_mode_without_noise_exits_one runs it",
+    "secure-fed audit empirical --distributed --no-noise":
+        "exits 1 by design (the audit sees the removed noise); "
+        "tests/test_audit_aggregate.py::test_cli_distributed_without_noise_exits_one runs it",
 }
 
 # Commands that are neither secure-fed, python nor make, and so can be neither parsed nor

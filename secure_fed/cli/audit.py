@@ -68,6 +68,11 @@ inputs, random labels) in the slave's data, one round of that mode with sigma ca
 --epsilon (default 1), scores from regressing the update on the canaries' clipped gradients.
 --no-noise trains that round with sigma = 0 while the accountant keeps the calibrated sigma:
 the control that shows the audit sees missing noise (it exits 1).
+With --distributed the adversary is the master of a distributed-DP federation (gradient
+mode), which sees only the decoded sum of --slaves slaves' contributions (default 3),
+--colluders of them (default 1) revealing their noise shares: the same canaries in slave-1's
+data, every slave's contribution from the real mechanism, sigma of the aggregate calibrated
+to --epsilon (default 1); --no-noise then runs the least noise the mechanism accepts.
 Exit status: 0 done (and, with DP, bound <= accountant epsilon); 1 the bound EXCEEDS the
 accountant's epsilon (the DP implementation or accounting is broken); 2 error.
 """
@@ -130,9 +135,17 @@ def _add_empirical_parser(commands: argparse._SubParsersAction) -> None:
     emp.add_argument("--mode", choices=("delta", "gradient", "distill"),
                      help="audit one slave's update of this mode as the master sees it, "
                      "instead of the final model (default ε 1, see above)")
+    emp.add_argument("--distributed", action="store_true",
+                     help="audit the aggregate view of distributed DP (gradient mode): the "
+                     "master sees only the sum of --slaves contributions (default ε 1, see "
+                     "above)")
+    emp.add_argument("--colluders", type=int, metavar="C",
+                     help="with --distributed: slaves that reveal their noise share to the "
+                     "master (default 1)")
     emp.add_argument("--no-noise", action="store_true",
-                     help="with --mode: train with σ = 0 while the accountant keeps the "
-                     "calibrated σ (the control; the bound then exceeds it: exit 1)")
+                     help="with --mode: train with σ = 0 (with --distributed: the least σ the "
+                     "mechanism accepts) while the accountant keeps the calibrated σ (the "
+                     "control; the bound then exceeds it: exit 1)")
     emp.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -142,6 +155,24 @@ def empirical_options(args: argparse.Namespace) -> dict[str, Any]:
              ("dataset", "epsilon", "canaries", "slaves", "rounds", "seed", "guesses")}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     options["dp"] = not args.no_dp
+    return options
+
+
+def aggregate_audit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``AggregateAuditOptions`` keyword arguments of ``audit empirical --distributed``."""
+    if args.mode not in (None, "gradient"):
+        raise AuditError(f"distributed DP runs in gradient mode only, not --mode {args.mode}; "
+                         "leave --mode out or give --mode gradient")
+    if args.rounds is not None:
+        raise AuditError("--rounds has no meaning with --distributed (one round); leave it out")
+    if args.no_dp:
+        raise AuditError("--no-dp has no meaning with --distributed; use --no-noise to run the "
+                         "least noise the mechanism accepts while the accountant keeps the "
+                         "calibrated σ")
+    given = {name: getattr(args, name) for name in
+             ("dataset", "epsilon", "canaries", "slaves", "colluders", "seed", "guesses")}
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    options["noise"] = not args.no_noise
     return options
 
 
@@ -181,7 +212,18 @@ def _read_ca(path: Path | None, directory: Path, quiet: bool) -> bytes | None:
 def cmd_empirical(args: argparse.Namespace) -> int:
     """Run ``secure-fed audit empirical``; 1 if the lower bound exceeds the accountant's ε."""
     result: Any
-    if args.mode is not None:
+    if args.colluders is not None and not args.distributed:
+        raise AuditError("--colluders needs --distributed (the aggregate view)")
+    if args.distributed:
+        from secure_fed.audit.aggregate_audit import (
+            AggregateAuditOptions,
+            format_aggregate_audit,
+            run_aggregate_audit,
+        )
+
+        result = run_aggregate_audit(AggregateAuditOptions(**aggregate_audit_options(args)))
+        text = format_aggregate_audit(result)
+    elif args.mode is not None:
         from secure_fed.audit.update_audit import (
             UpdateAuditOptions,
             format_update_audit,
@@ -192,7 +234,8 @@ def cmd_empirical(args: argparse.Namespace) -> int:
         text = format_update_audit(result)
     else:
         if args.no_noise:
-            raise AuditError("--no-noise needs --mode; without it use --no-dp (plain SGD)")
+            raise AuditError("--no-noise needs --mode or --distributed; without them use "
+                             "--no-dp (plain SGD)")
         from secure_fed.audit.empirical import (
             EmpiricalOptions,
             format_empirical,
@@ -207,7 +250,7 @@ def cmd_empirical(args: argparse.Namespace) -> int:
         sys.stdout.write(text + "\n")
     if result.consistent:
         return 0
-    if args.mode is not None and args.no_noise:
+    if (args.mode is not None or args.distributed) and args.no_noise:
         sys.stderr.write(
             f"the ε lower bound {result.epsilon_lower_bound:.3f} exceeds the accountant's ε "
             f"{result.accountant_epsilon:.3f}: --no-noise removed the noise the accountant "
