@@ -115,8 +115,11 @@ def default_coordinate_bound(expected_batch: float, dimension: int) -> float:
     average: ``max(1, expected_batch / √d)``.
 
     A sum of b clipped gradients has norm at most b·C, and after the rotation a coordinate is
-    about its norm over √d; measured on digits (``tests/test_distributed_dp.py``), the largest
-    rotated coordinate of a slave's sum stays below 0.8·b·C/√d, so this bound leaves room.
+    about its norm over √d. Measured on digits (16 slaves, q = 1, the initial model;
+    ``tests/test_distributed_dp.py``): a slave's sum has norm 0.12–0.17·b·C, and the largest
+    rotated coordinate over all 16 slaves is typically 0.7·b·C/√d (95th percentile 0.78, the
+    largest of 1000 nonces 0.98), so this bound clamps nothing in nearly every round; when it
+    does, it costs accuracy, never privacy.
     """
     if expected_batch <= 0 or dimension < 1:
         raise PrivacyError("the expected batch must be > 0 and the dimension ≥ 1")
