@@ -222,8 +222,11 @@ def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: 
         return 1
     summary = json.loads(summary_path.read_text())
     table = Table(title="privacy budget per slave (from each slave's own ledger)")
-    for column in ("slave", "ε spent", "budget", "δ", "accountant", "releases",
-                   "federations"):
+    distributed = options.dp == "distributed"
+    columns = ["slave", "ε spent", "budget", "δ", "accountant", "releases", "federations"]
+    if distributed:
+        columns[1:2] = ["ε (aggregate)", "ε (update alone)"]
+    for column in columns:
         table.add_column(column)
     exhausted = 0
     for slave_id in slave_ids:
@@ -233,10 +236,17 @@ def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: 
         if ledger.remaining() < 0.01 * options.epsilon:
             exhausted += 1
         federations = {m["federation_id"] for m in report["mechanisms"]}
-        table.add_row(slave_id, f"{report['epsilon']:.3f}", f"{report['budget']:g}",
+        spent = [f"{report['epsilon']:.3f}"]
+        if distributed:
+            spent.append(f"{ledger.spent_alone():.3f}")
+        table.add_row(slave_id, *spent, f"{report['budget']:g}",
                       f"{report['delta']:g}", report["accountant"],
                       str(len(report["mechanisms"])), str(len(federations)))
     console.print(table)
+    if distributed:
+        console.print("ε (aggregate) holds against anyone who sees only the sums the master "
+                      f"opens (of all {options.slaves} slaves, none colluding with it); ε "
+                      "(update alone) against a party that would see one slave's update")
     accuracy = summary.get("final_accuracy")
     console.print(f"final accuracy {accuracy if accuracy is None else round(accuracy, 4)}; "
                   f"mode {options.mode}; protection {options.protection}; scheme "
