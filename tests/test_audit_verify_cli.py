@@ -96,7 +96,7 @@ def signed_record(ids: Identities, slave: str, event: str, data: dict[str, Any],
             round=round_, nonce=nonce, weight=data["weight"], weight_source=data["weight_source"],
             chunk_sha256=data["chunk_sha256"], chunk_bytes=data["chunk_bytes"],
             mechanisms=data["mechanisms"], epsilon_spent=data["epsilon"], delta=data["delta"],
-            accountant=data["accountant"])
+            accountant=data["accountant"], epsilon_alone=data.get("epsilon_alone"))
     else:
         message = Decline(round=round_, nonce=nonce, reason=data["reason"],
                           epsilon_spent=data["epsilon_spent"],
@@ -263,7 +263,11 @@ def test_verify_json_is_one_object(good_log: BuiltLog, capsys: pytest.CaptureFix
     assert len(result["epsilon_checks"]) == 8
     assert set(result["epsilon_checks"][0]) == {
         "line", "slave", "round", "attempt", "reported", "recomputed", "delta", "accountant",
-        "mechanisms", "steps", "ok", "ratio"}
+        "mechanisms", "steps", "ok", "ratio", "reported_alone", "recomputed_alone",
+        "ratio_alone", "distributed"}
+    # local DP: one ε, no alone figures
+    assert all((c["reported_alone"], c["recomputed_alone"], c["ratio_alone"], c["distributed"])
+               == (None, None, None, []) for c in result["epsilon_checks"])
 
 
 def test_understated_epsilon_fails_naming_the_line(

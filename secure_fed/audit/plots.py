@@ -52,7 +52,8 @@ def _empty(ax: Axes, message: str) -> None:
 
 def epsilon_plot(report: dict[str, Any]) -> bytes:
     """Each slave's ε after each round (reported: solid; recomputed with PLD: dotted) and
-    the round's budget ε from the plan (dashed)."""
+    the round's budget ε from the plan (dashed); under distributed DP also the ε it reported
+    against a party that sees its update alone (dash-dot)."""
     fig, (ax,) = _figure()
     drawn = False
     values: list[float] = []
@@ -70,7 +71,9 @@ def epsilon_plot(report: dict[str, Any]) -> bytes:
                      if by_round[r]["epsilon_reported"] is not None]
         recomputed = [(r, by_round[r]["epsilon_recomputed"]) for r in rounds
                       if by_round[r]["epsilon_recomputed"] is not None]
-        values += [v for _, v in reported + recomputed]
+        alone = [(r, by_round[r]["epsilon_alone_reported"]) for r in rounds
+                 if by_round[r]["epsilon_alone_reported"] is not None]
+        values += [v for _, v in reported + recomputed + alone]
         if reported:
             ax.plot(*zip(*reported, strict=True), "-o", color=color,
                     label=_label(f"{slave['slave']} reported"))
@@ -78,6 +81,10 @@ def epsilon_plot(report: dict[str, Any]) -> bytes:
         if recomputed:
             ax.plot(*zip(*recomputed, strict=True), ":x", color=color,
                     label=_label(f"{slave['slave']} recomputed"))
+            drawn = True
+        if alone:
+            ax.plot(*zip(*alone, strict=True), "-.^", color=color,
+                    label=_label(f"{slave['slave']} ε alone"))
             drawn = True
     budget = [(row["round"], row["budget_epsilon"]) for row in report["rounds"]
               if row["budget_epsilon"] is not None]

@@ -16,6 +16,16 @@ untouched. This module checks that what they say holds together:
   the federation may take from each slave; a later plan with another ε fails, and so does a
   slave whose reported ε exceeds it, or whose recomputed ε exceeds it by more than the
   tolerance.
+- **ε of a distributed-DP update, alone.** A mechanism of a distributed-DP round also carries
+  ``share_noise_multiplier`` (σ/√(m − c)), ``min_survivors`` (m) and ``tolerated_colluders``
+  (c); its ``noise_multiplier`` is the aggregate's σ, so the ε above is the one against
+  anyone who sees only the aggregate, under the assumption that the master obtains only sums
+  of at least m slaves' updates with at most c colluding. The record then also carries
+  ``epsilon_alone``, the ε against a party that sees this update alone: it is recomputed from
+  the history with each mechanism's share σ (σ itself for the others) and checked like
+  ``epsilon``. A distributed history without ``epsilon_alone``, an under-stated one, a share
+  above σ/√(m − c), or only some of the three fields each fail. The plan's ε bounds the
+  aggregate ε only: that is the federation's guarantee.
 - **Histories only grow.** A slave's history must extend its previous one in the log: the
   previous mechanisms, unchanged, followed by at least one new mechanism. A ledger that
   shrinks or is rewritten is a failure.
@@ -47,7 +57,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from secure_fed.errors import AuditError
+from secure_fed.errors import AuditError, PrivacyError
+from secure_fed.privacy.distributed_views import DISTRIBUTED_FIELDS, check_distributed_fields
 
 from .secagg_seed import GraphSeedChecker, SeedProblem
 from .signatures import SignatureProblem, UpdateSignatureChecker
@@ -69,14 +80,40 @@ class RecordedMechanism(NamedTuple):
     """One DP-SGD run as recorded in the log (the Opacus accountant triple).
 
     Args:
-        noise_multiplier: σ, noise standard deviation over the clipping norm (≥ 0).
+        noise_multiplier: σ, noise standard deviation over the clipping norm (≥ 0); under
+            distributed DP the aggregate's σ.
         sample_rate: q, Poisson sampling probability per step (0 < q ≤ 1).
         steps: optimizer steps run with (σ, q) (≥ 1).
+        share_noise_multiplier: distributed DP only: σ/√(m − c), what the update alone
+            carries.
+        min_survivors: distributed DP only: m.
+        tolerated_colluders: distributed DP only: c.
     """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    share_noise_multiplier: float | None = None
+    min_survivors: int | None = None
+    tolerated_colluders: int | None = None
+
+    @property
+    def alone(self) -> RecordedMechanism:
+        """(share σ, q, steps) of a distributed run, the run itself otherwise: what the
+        slave's update alone releases."""
+        if self.share_noise_multiplier is None:
+            return self
+        return RecordedMechanism(self.share_noise_multiplier, self.sample_rate, self.steps)
+
+
+def distributed_settings(history: Iterable[RecordedMechanism]) -> tuple[tuple[int, int], ...]:
+    """The distinct ``(min_survivors, tolerated_colluders)`` of a history's distributed runs,
+    in order of first appearance (empty for local DP)."""
+    found: dict[tuple[int, int], None] = {}
+    for m in history:
+        if m.min_survivors is not None and m.tolerated_colluders is not None:
+            found.setdefault((m.min_survivors, m.tolerated_colluders), None)
+    return tuple(found)
 
 
 class ClaimError(Exception):
@@ -109,7 +146,8 @@ def parse_mechanisms(value: object) -> tuple[RecordedMechanism, ...]:
 
     Raises:
         ClaimError: not a non-empty list of ``{noise_multiplier, sample_rate, steps}``
-            objects with σ ≥ 0, 0 < q ≤ 1 and steps ≥ 1.
+            objects with σ ≥ 0, 0 < q ≤ 1 and steps ≥ 1; or distributed fields that are
+            not all set, not valid (share σ above σ/√(m − c), c ≥ m, …) or on a count release.
     """
     if not isinstance(value, list) or not value:
         raise ClaimError("mechanisms must be a non-empty list")
@@ -126,7 +164,18 @@ def parse_mechanisms(value: object) -> tuple[RecordedMechanism, ...]:
             raise ClaimError(f"mechanisms[{i}].noise_multiplier is {sigma}, expected σ ≥ 0")
         if not 0.0 < q <= 1.0:
             raise ClaimError(f"mechanisms[{i}].sample_rate is {q}, expected 0 < q ≤ 1")
-        result.append(RecordedMechanism(sigma, q, steps))
+        fields = [item.get(name) for name in DISTRIBUTED_FIELDS]
+        try:
+            share = check_distributed_fields(sigma, *fields)
+        except PrivacyError as exc:
+            raise ClaimError(f"mechanisms[{i}]: {exc}") from exc
+        if share is None:
+            result.append(RecordedMechanism(sigma, q, steps))
+            continue
+        if item.get("kind", "dp-sgd") != "dp-sgd":
+            raise ClaimError(f"mechanisms[{i}] is a {item.get('kind')!r} release with "
+                             "distributed fields: only a DP-SGD round can be distributed")
+        result.append(RecordedMechanism(sigma, q, steps, share, fields[1], fields[2]))
     return tuple(result)
 
 
@@ -238,7 +287,15 @@ class EpsilonCheck:
         delta: δ of both values.
         accountant: the slave's accountant (``"prv"`` or ``"rdp"``).
         mechanisms: entries in the slave's history; steps: optimizer steps in total.
-        ok: the reported ε is at least ``recomputed × (1 − tolerance)``.
+        ok: the reported ε is at least ``recomputed × (1 − tolerance)``, and so is the
+            reported alone ε when the history is distributed or one is reported.
+        reported_alone: ``epsilon_alone`` of the record (``None`` when absent), the ε
+            against a party that sees this update alone.
+        recomputed_alone: ε of the history with each distributed run's share σ (``None``
+            for a local-DP history without ``epsilon_alone``).
+        distributed: the distinct ``(min_survivors, tolerated_colluders)`` of the history's
+            distributed runs: under this assumption ``reported`` holds against anyone who
+            sees only the aggregate (empty for local DP).
     """
 
     line: int
@@ -252,13 +309,37 @@ class EpsilonCheck:
     mechanisms: int
     steps: int
     ok: bool
+    reported_alone: float | None = None
+    recomputed_alone: float | None = None
+    distributed: tuple[tuple[int, int], ...] = ()
 
     @property
     def ratio(self) -> float:
         """reported / recomputed: below 1 − tolerance is an under-statement."""
-        if self.recomputed == 0:
-            return 1.0 if self.reported == 0 else math.inf
-        return self.reported / self.recomputed
+        return _ratio(self.reported, self.recomputed)
+
+    @property
+    def ratio_alone(self) -> float | None:
+        """reported_alone / recomputed_alone, when both are known."""
+        if self.reported_alone is None or self.recomputed_alone is None:
+            return None
+        return _ratio(self.reported_alone, self.recomputed_alone)
+
+    def to_json(self) -> dict[str, Any]:
+        """The check as plain JSON (``null`` stands for ∞); ``distributed`` as a list of
+        ``{min_survivors, tolerated_colluders}``."""
+        fields = asdict(self)
+        fields["distributed"] = [{"min_survivors": m, "tolerated_colluders": c}
+                                 for m, c in self.distributed]
+        return {**{k: _finite_or_none(v) for k, v in fields.items()},
+                "ratio": _finite_or_none(self.ratio),
+                "ratio_alone": _finite_or_none(self.ratio_alone)}
+
+
+def _ratio(reported: float, recomputed: float) -> float:
+    if recomputed == 0:
+        return 1.0 if reported == 0 else math.inf
+    return reported / recomputed
 
 
 @dataclass(frozen=True)
@@ -325,11 +406,7 @@ class AuditVerdict:
             "first_failure": asdict(first) if first else None,
             "failures": [asdict(f) for f in self.failures],
             "signatures_verified": self.signatures_verified,
-            "epsilon_checks": [
-                {**{k: _finite_or_none(v) for k, v in asdict(c).items()},
-                 "ratio": _finite_or_none(c.ratio)}
-                for c in self.epsilon_checks
-            ],
+            "epsilon_checks": [c.to_json() for c in self.epsilon_checks],
         }
 
 
@@ -517,9 +594,21 @@ class _ClaimChecker:
         current.weights[slave] = weight
         recomputed = self.recomputer.epsilon(history, delta)
         ok = reported >= recomputed * (1.0 - self.tolerance)
+        settings = distributed_settings(history)
+        # absent (or null): no claim; a distributed history must make one (below)
+        reported_alone = (None if data.get("epsilon_alone") is None
+                          else _number(data["epsilon_alone"], "epsilon_alone"))
+        if reported_alone is not None and reported_alone < 0:
+            raise ClaimError(f"epsilon_alone is {reported_alone}, expected ε ≥ 0")
+        recomputed_alone = (self.recomputer.epsilon(tuple(m.alone for m in history), delta)
+                            if settings or reported_alone is not None else None)
+        alone_ok = recomputed_alone is None or (
+            reported_alone is not None
+            and reported_alone >= recomputed_alone * (1.0 - self.tolerance))
         self.epsilon_checks.append(EpsilonCheck(
             line, slave, round_, attempt, reported, recomputed, delta, accountant,
-            len(history), sum(m.steps for m in history), ok))
+            len(history), sum(m.steps for m in history), ok and alone_ok, reported_alone,
+            recomputed_alone, settings))
         previous = self.histories.get(slave)
         self.histories[slave] = (line, history)
         if previous is not None:
@@ -537,6 +626,8 @@ class _ClaimChecker:
                 f"ε={recomputed:.4f} with the PLD accountant: under-stated by "
                 f"{(1 - reported / recomputed) * 100 if math.isfinite(recomputed) else 100:.1f}%"
                 f", more than the {self.tolerance * 100:g}% tolerance")
+        if recomputed_alone is not None and not alone_ok:
+            self._alone_problem(slave, round_, delta, reported_alone, recomputed_alone)
         granted = self.plan_epsilon
         if self.dp and granted is not None and (
                 reported > granted * (1.0 + 1e-9)
@@ -549,6 +640,20 @@ class _ClaimChecker:
             raise ClaimError(
                 f"slave '{slave}' reports a run without noise (σ = 0) or an unbounded ε in a "
                 "federation whose plan asks for DP (its first record does not say dp: false)")
+
+    def _alone_problem(self, slave: str, round_: int, delta: float,
+                       reported: float | None, recomputed: float) -> None:
+        if reported is None:
+            raise ClaimError(
+                f"slave '{slave}' round {round_} reports distributed-DP mechanisms (with "
+                "share_noise_multiplier) but no epsilon_alone: the ε against a party that sees "
+                f"its update alone (ε={recomputed:.4f} with the PLD accountant) is not stated")
+        raise ClaimError(
+            f"slave '{slave}' round {round_} reports ε={reported:.4f} at δ={delta:g} against a "
+            f"party that sees its update alone (epsilon_alone), but its mechanisms with their "
+            f"share σ give ε={recomputed:.4f} with the PLD accountant: under-stated by "
+            f"{(1 - reported / recomputed) * 100 if math.isfinite(recomputed) else 100:.1f}%, "
+            f"more than the {self.tolerance * 100:g}% tolerance")
 
     def _aggregate(self, data: dict[str, Any]) -> None:
         round_ = _integer(data.get("round"), "round", 1)

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from secure_fed.privacy.distributed_views import ALONE_VIEW, describe_epsilons
+
 from .plots import PLOT_NAMES
 from .text import printable
 
@@ -97,16 +99,50 @@ def _text(value: Any) -> str:
     return "–" if value is None or value == "" else str(value)
 
 
-def _merged_mechanisms(mechanisms: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    groups: dict[tuple[Any, Any], list[int]] = {}
+_DISTRIBUTED_COLUMNS = ("share σ (update alone)", "min survivors m", "tolerated colluders c")
+
+
+def _merged_mechanisms(mechanisms: list[dict[str, Any]],
+                       distributed: bool) -> list[tuple[str, ...]]:
+    """Rows of (σ, q, runs, steps), grouped by σ and q; with ``distributed``, by the share σ,
+    m and c too, which follow σ and q as columns."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
     for m in mechanisms:
-        key = (m.get("noise_multiplier"), m.get("sample_rate"))
+        key = (m.get("noise_multiplier"), m.get("sample_rate"),
+               *((m.get("share_noise_multiplier"), m.get("min_survivors"),
+                  m.get("tolerated_colluders")) if distributed else ()))
         runs_steps = groups.setdefault(key, [0, 0])
         runs_steps[0] += 1
         steps = m.get("steps")
         runs_steps[1] += steps if isinstance(steps, int) else 0
-    return [(_text(s), _text(q), str(runs), str(steps))
-            for (s, q), (runs, steps) in groups.items()]
+    return [(_text(key[0]), _text(key[1]), *(_rounded(v) for v in key[2:3]),
+             *(_text(v) for v in key[3:]), str(runs), str(steps))
+            for key, (runs, steps) in groups.items()]
+
+
+def _rounded(value: Any) -> str:
+    """A number from the log to 4 significant digits (anything else as it is)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.4g}"
+    return _text(value)
+
+
+def _distributed(slave: dict[str, Any]) -> bool:
+    """The slave's last update is a distributed-DP one (or states an ε alone)."""
+    return slave["assumption"] is not None or slave["epsilon_alone_reported"] is not None
+
+
+def _two_epsilons(slave: dict[str, Any]) -> str:
+    """Both ε of a distributed slave with what each holds against, as it reported them, and
+    as recomputed."""
+    aggregate, alone = slave["epsilon_reported"], slave["epsilon_alone_reported"]
+    recomputed = (f" (recomputed: {_num(slave['epsilon_recomputed'], 2)} and "
+                  f"{_num(slave['epsilon_alone_recomputed'], 2)})")
+    if aggregate is None or alone is None:
+        return (f"{slave['slave']}: ε {_num(aggregate, 2)} reported; no ε stated {ALONE_VIEW}"
+                f"{recomputed}")
+    return (f"{slave['slave']}: {describe_epsilons(aggregate, alone, slave['assumption'] or '')}"
+            f"{recomputed}.")
 
 
 def _verdict_text(report: dict[str, Any]) -> str:
@@ -120,6 +156,15 @@ def _verdict_text(report: dict[str, Any]) -> str:
                 "above does not." if v["chain_ok"] else
                 f"The report covers the {v['records']} record(s) before the break.")
     return f"FAILED at line {first.get('line')}{event}: {first.get('reason')}. {coverage}"
+
+
+def _dp_text(report: dict[str, Any]) -> str:
+    if not report["federation"]["dp"]:
+        return "OFF: the plan asked the slaves to train without DP (a baseline; ε unbounded)"
+    if any(s["assumption"] is not None for s in report["slaves"]):
+        return ("distributed DP-SGD: each slave adds a share of the noise, the aggregate "
+                "carries all of it (two ε per slave, under Privacy budget)")
+    return "DP-SGD at every slave"
 
 
 def report_sections(report: dict[str, Any]) -> list[Section]:
@@ -138,8 +183,7 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
         ("rounds planned", _text(fed["rounds_planned"])),
         ("min slaves per aggregate", _text(fed["min_slaves"])),
         ("protection", _text(fed["protection"])),
-        ("differential privacy", "DP-SGD at every slave" if fed["dp"] else
-         "OFF: the plan asked the slaves to train without DP (a baseline; ε unbounded)"),
+        ("differential privacy", _dp_text(report)),
         ("HE scheme / preset", f"{_text(fed['scheme'])} / {_text(fed['preset'])}"),
         ("HE parameters", ", ".join(f"{k}={val}" for k, val in (fed["he_params"] or {}).items())
          or "–"),
@@ -148,12 +192,17 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
                 f"{_text(report['log']['first_time'])} to {_text(report['log']['last_time'])})"),
         ("head hash", _text(report["log"]["head"])),
     ])
+    distributed = [s for s in report["slaves"] if _distributed(s)]
+    alone_columns = ("ε alone reported", "ε alone recomputed") if distributed else ()
     slaves = Table(("slave", "rounds contributed", "declines", "ε reported", "ε recomputed",
-                    "δ", "accountant", "budget ε", "record count", "check"),
+                    *alone_columns, "δ", "accountant", "budget ε", "record count", "check"),
                    [(s["slave"], _names([str(r) for r in s["rounds_contributed"]]),
                      str(s["declines"]),
                      _claimed(s["epsilon_reported"], fed["dp"]) if s["updates"] else "–",
-                     _eps(s["epsilon_recomputed"]) if s["updates"] else "–", _num(s["delta"]),
+                     _eps(s["epsilon_recomputed"]) if s["updates"] else "–",
+                     *((_num(s["epsilon_alone_reported"]), _num(s["epsilon_alone_recomputed"]))
+                       if distributed else ()),
+                     _num(s["delta"]),
                      _text(s["accountant"]), _num(s["budget_epsilon"]),
                      RECORD_COUNT_SOURCES.get(s["record_count"] or "", _text(s["record_count"])),
                      ("ok" if s["ok"] else "UNDER-STATED or invalid") if s["updates"] else "–")
@@ -162,12 +211,19 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
         "ε reported by each slave (its own accountant) against ε recomputed from the "
         "mechanisms recorded in the log with Google's dp_accounting PLD accountant.",
         Image("epsilon", _PLOT_ALT["epsilon"]), slaves]
+    if distributed:
+        privacy.append("Distributed DP: a slave's update carried only a share of the noise and "
+                       "the aggregate all of it, so each such slave has two ε (the budget "
+                       "bounds the first). As of its last update:")
+        privacy += [_two_epsilons(s) for s in distributed]
     for s in report["slaves"]:
         if s["mechanisms"]:
+            shares = any(m.get("share_noise_multiplier") is not None for m in s["mechanisms"])
             privacy.append(f"Mechanisms of {s['slave']} ({len(s['mechanisms'])} run(s) in its "
                            "ledger, grouped by σ and q):")
-            privacy.append(Table(("noise multiplier σ", "sample rate q", "runs", "steps"),
-                                 _merged_mechanisms(s["mechanisms"])))
+            privacy.append(Table(("noise multiplier σ", "sample rate q",
+                                  *(_DISTRIBUTED_COLUMNS if shares else ()), "runs", "steps"),
+                                 _merged_mechanisms(s["mechanisms"], shares)))
     rounds = Table(("round", "attempts", "invited", "contributors", "declined", "accuracy",
                     "loss", "upload", "seconds", "committed"),
                    [(str(r["round"]), str(r["attempts"]), _names(r["invited"]),
@@ -194,10 +250,13 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
                         *((f"{name} lost", "connection lost during the round")
                           for name in r["lost"]),
                         *((f"{name} late", "missed the upload deadline") for name in r["late"])]])
+    alone = any(c["recomputed_alone"] is not None for c in v["epsilon_checks"])
     checks = Table(("line", "slave", "round", "attempt", "ε reported", "ε recomputed", "ratio",
+                    *(("ε alone reported", "ε alone recomputed") if alone else ()),
                     "δ", "accountant", "steps", "ok"),
                    [(str(c["line"]), c["slave"], str(c["round"]), str(c["attempt"]),
                      _claimed(c["reported"], fed["dp"]), _eps(c["recomputed"]), _num(c["ratio"], 3),
+                     *((_num(c["reported_alone"]), _num(c["recomputed_alone"])) if alone else ()),
                      _num(c["delta"]), c["accountant"], str(c["steps"]),
                      "yes" if c["ok"] else "NO") for c in v["epsilon_checks"]])
     failures = Table(("line", "event", "problem"),

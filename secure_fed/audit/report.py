@@ -2,8 +2,9 @@
 
 :func:`build_report` turns a checked log (:func:`secure_fed.audit.recompute.check_log`) into
 one JSON-ready dict — parties, rounds, participants, declines, model digests, accuracy,
-bytes and seconds per round, each slave's reported and recomputed ε against its budget, the
-HE scheme, and the verification verdict. Its schema is documented in ``docs/audit.md``
+bytes and seconds per round, each slave's reported and recomputed ε against its budget (under
+distributed DP both ε, each with what it holds against), the HE scheme, and the verification
+verdict. Its schema is documented in ``docs/audit.md``
 (:data:`REPORT_SCHEMA`, version :data:`REPORT_SCHEMA_VERSION`). :func:`write_report` writes
 it as JSON, as one self-contained HTML file (plots embedded as PNG), or as Markdown with the
 plots beside it. Only verified records are used: when the chain breaks, the report covers
@@ -26,6 +27,11 @@ from cryptography.x509.oid import NameOID
 from secure_fed.durable import atomic_write_bytes
 from secure_fed.errors import AuditError
 from secure_fed.identity.certificates import certificate_fingerprint
+from secure_fed.privacy.distributed_views import (
+    AGGREGATE_VIEW,
+    ALONE_VIEW,
+    describe_assumption,
+)
 
 from .recompute import TOLERANCE, AuditVerdict, EpsilonCheck, check_log
 from .text import printable
@@ -42,7 +48,8 @@ ROUND_KEYS = ("round", "attempts", "committed", "started_at", "plan", "budget_ep
               "lost", "late", "aborts", "aggregates_refused", "model_digest_before",
               "model_digest", "accuracy", "loss", "upload_bytes", "seconds")
 SLAVE_KEYS = ("slave", "connections", "updates", "rounds_contributed", "declines",
-              "epsilon_reported", "epsilon_recomputed", "delta", "accountant",
+              "epsilon_reported", "epsilon_recomputed", "epsilon_alone_reported",
+              "epsilon_alone_recomputed", "assumption", "delta", "accountant",
               "budget_epsilon", "record_count", "mechanisms", "ok")
 
 Clock = Callable[[], dt.datetime]
@@ -72,6 +79,18 @@ def _strs(value: object) -> list[str]:
 
 def _epsilon_text(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else "∞ (no DP)"
+
+
+def _assumption(mechanisms: object) -> str | None:
+    """The assumption of a recorded history's aggregate ε in words, from the distinct
+    ``(min_survivors, tolerated_colluders)`` of its mechanisms; ``None`` for local DP."""
+    settings: dict[tuple[int, int], None] = {}
+    for m in mechanisms if isinstance(mechanisms, list) else []:
+        if isinstance(m, dict):
+            pair = (_int(m.get("min_survivors")), _int(m.get("tolerated_colluders")))
+            if pair[0] is not None and pair[1] is not None:
+                settings.setdefault((pair[0], pair[1]), None)
+    return describe_assumption(list(settings)) or None
 
 
 def _finite(value: float) -> float | None:
@@ -122,8 +141,9 @@ def _new_round(number: int) -> dict[str, Any]:
 def _new_slave(slave: str) -> dict[str, Any]:
     return {"slave": slave, "connections": 0, "updates": [], "rounds_contributed": [],
             "declines": 0, "epsilon_reported": None, "epsilon_recomputed": None,
-            "delta": None, "accountant": None, "budget_epsilon": None, "record_count": None,
-            "mechanisms": [], "ok": True}
+            "epsilon_alone_reported": None, "epsilon_alone_recomputed": None,
+            "assumption": None, "delta": None, "accountant": None, "budget_epsilon": None,
+            "record_count": None, "mechanisms": [], "ok": True}
 
 
 class RecordFold:
@@ -201,12 +221,20 @@ class RecordFold:
                   "weight_source": _str(data.get("weight_source")),
                   "epsilon_reported": _num(data.get("epsilon")),
                   "epsilon_recomputed": _finite(check.recomputed) if check else None,
+                  "epsilon_alone_reported": _num(data.get("epsilon_alone")),
+                  "epsilon_alone_recomputed": (
+                      _finite(check.recomputed_alone)
+                      if check and check.recomputed_alone is not None else None),
+                  "assumption": _assumption(data.get("mechanisms")),
                   "delta": _num(data.get("delta")), "accountant": _str(data.get("accountant")),
                   "steps": check.steps if check else None, "ok": check.ok if check else False}
         row["updates"].append(update)
         slave["updates"].append(update)
         slave.update(epsilon_reported=update["epsilon_reported"],
-                     epsilon_recomputed=update["epsilon_recomputed"], delta=update["delta"],
+                     epsilon_recomputed=update["epsilon_recomputed"],
+                     epsilon_alone_reported=update["epsilon_alone_reported"],
+                     epsilon_alone_recomputed=update["epsilon_alone_recomputed"],
+                     assumption=update["assumption"], delta=update["delta"],
                      accountant=update["accountant"], budget_epsilon=self.budget,
                      record_count=update["weight_source"])
         slave["ok"] = slave["ok"] and update["ok"]
@@ -396,6 +424,22 @@ def write_report(
     return ReportResult(out, (out, *files), verdict, report)
 
 
+def _alone_lines(check: EpsilonCheck, recomputed: float) -> list[str]:
+    """What the two ε of a slave's distributed history (``recomputed``: its alone ε) each
+    hold against, for :func:`render_text_summary`."""
+    reported = "not stated" if check.reported_alone is None else _epsilon_text(
+        check.reported_alone)
+    ratio = check.ratio_alone
+    lines = []
+    if check.distributed:
+        lines.append(f"    (the ε above: {AGGREGATE_VIEW}, assuming "
+                     f"{describe_assumption(check.distributed)})")
+    lines.append(f"    ε alone={reported} / {_epsilon_text(recomputed)} "
+                 f"{ALONE_VIEW}" + (f" (ratio {ratio:.3f})"
+                                    if ratio is not None and math.isfinite(ratio) else ""))
+    return lines
+
+
 def render_text_summary(verdict: AuditVerdict) -> str:
     """A short summary for people: records, rounds, each slave's reported vs recomputed ε."""
     chain = verdict.chain
@@ -426,6 +470,8 @@ def render_text_summary(verdict: AuditVerdict) -> str:
                 f"  {slave}: round {c.round}: ε={_epsilon_text(c.reported)} / "
                 f"{_epsilon_text(c.recomputed)} at δ={c.delta:g} ({c.accountant}, {c.steps} "
                 f"steps{ratio})" + (f"  UNDER-STATED in {bad} update(s)" if bad else ""))
+            if c.recomputed_alone is not None:
+                lines += _alone_lines(c, c.recomputed_alone)
     first = verdict.first_failure
     if first is None:
         lines.append("result: OK: chain, signatures, slave signatures and every ε claim hold")

@@ -4,9 +4,10 @@ A slave signs each update header and each decline it sends
 (:func:`secure_fed.protocol.messages.signing_bytes`: the federation id and every field of the
 message but the signature — for an update its round, the round's nonce, weight and how the
 weight became public, the SHA-256 and size of every chunk, this federation's DP mechanisms,
-ε, δ and accountant; for a decline its reason and budget state) with the key of its
-certificate; the master checks that signature at receipt and records it. The log carries
-everything needed to check it again without the master:
+ε, δ and accountant, and under distributed DP the ε of the update alone; for a decline its
+reason and budget state) with the key of its certificate; the master checks that signature
+at receipt and records it. The log carries everything needed to check it again without the
+master:
 
 - the first record holds the federation CA certificate (``ca_certificate``, matching the
   pinned ``ca_fingerprint``; :mod:`secure_fed.audit.verify` checks that match);
@@ -14,8 +15,8 @@ everything needed to check it again without the master:
   (``certificate``, PEM);
 - each ``round_start`` holds the round's ``nonce``;
 - each ``update_received`` holds every signed field of the header (``epsilon`` standing for
-  ``epsilon_spent``), the base64 ``signature`` and ``signed_sha256``, the SHA-256 of the bytes
-  the master verified;
+  ``epsilon_spent``; ``epsilon_alone`` under distributed DP), the base64 ``signature`` and
+  ``signed_sha256``, the SHA-256 of the bytes the master verified;
 - each ``decline`` holds ``round``, ``attempt``, the signed fields and ``signature``.
 
 For every ``update_received`` the auditor takes the certificate recorded by the slave's last
@@ -238,7 +239,8 @@ class UpdateSignatureChecker:
                     "weight_source": data.get("weight_source"), "chunk_sha256": chunks,
                     "chunk_bytes": data.get("chunk_bytes"), "mechanisms": data.get("mechanisms"),
                     "epsilon_spent": data.get("epsilon"), "delta": data.get("delta"),
-                    "accountant": data.get("accountant")})
+                    "accountant": data.get("accountant"),
+                    "epsilon_alone": data.get("epsilon_alone")})
             else:
                 message = Decline.model_validate({
                     "round": round_, "nonce": nonce, "reason": data.get("reason"),
@@ -255,6 +257,7 @@ class UpdateSignatureChecker:
 
 
 _UPDATE_FIELDS = ("federation, round, the round's nonce, weight, weight_source, chunk_sha256, "
-                  "chunk_bytes, mechanisms, epsilon, delta, accountant")
+                  "chunk_bytes, mechanisms, epsilon, delta, accountant, and under distributed "
+                  "DP epsilon_alone")
 _DECLINE_FIELDS = ("federation, round, the round's nonce, reason, epsilon_spent, "
                    "epsilon_remaining, final")

@@ -15,7 +15,8 @@ Schema (keys always present)::
      "rounds": [{"round", "accuracy", "loss", "participants", "upload_bytes", "seconds",
                  "declined", "model_digest"}, ...],
      "slaves": {id: {"epsilon", "delta", "accountant", "mechanisms": [
-                     {"noise_multiplier", "sample_rate", "steps"}, ...]}}}
+                     {"noise_multiplier", "sample_rate", "steps"}, ...],
+                     distributed DP only: "epsilon_alone", "assumption"}}}
 
 ``rounds`` holds one row per round from 1 to the round of the checkpoint in force, each as the
 round's last ``model_committed`` record shows it (``accuracy`` and ``loss`` are null without
@@ -27,7 +28,11 @@ an evaluation set; ``declined`` lists the slaves that declined the committed att
 
 ``slaves`` mirrors what each slave reported with its last update (``update_received``): ε of
 its whole ledger and every mechanism that ledger composes, so anyone can recompute ε from the
-file.
+file. A slave whose update was a distributed-DP release (or stated an ε alone) also has
+``epsilon_alone`` (the ε against a party that sees its update alone) and ``assumption`` (in
+words, what ``epsilon`` then rests on: the ε against anyone who sees only the aggregate holds
+if the master obtains only sums of at least m slaves' updates, at most c of them colluding);
+both are absent otherwise.
 """
 
 from __future__ import annotations
@@ -143,8 +148,7 @@ class RunSummary:
         self.data["rounds"] = rows
         self.data["final_accuracy"] = rows[-1]["accuracy"] if rows else None
         self.data["slaves"] = {
-            name: {"epsilon": slave["epsilon_reported"], "delta": slave["delta"],
-                   "accountant": slave["accountant"], "mechanisms": slave["mechanisms"]}
+            name: _slave_row(slave)
             for name, slave in sorted(self._fold.slaves.items()) if slave["updates"]}
 
     def _save_if_changed(self) -> None:
@@ -162,3 +166,14 @@ class RunSummary:
             # Derived from the log: the next start writes it again.
             log.error("could not write %s (%s); it is rebuilt from the audit log when the "
                       "master starts again", self.path, exc)
+
+
+def _slave_row(slave: dict[str, Any]) -> dict[str, Any]:
+    """A slave's entry in ``slaves``; ``epsilon_alone`` and ``assumption`` only when its
+    last update stated an ε alone (distributed DP)."""
+    row = {"epsilon": slave["epsilon_reported"], "delta": slave["delta"],
+           "accountant": slave["accountant"], "mechanisms": slave["mechanisms"]}
+    if slave["epsilon_alone_reported"] is not None or slave["assumption"] is not None:
+        row.update(epsilon_alone=slave["epsilon_alone_reported"],
+                   assumption=slave["assumption"])
+    return row

@@ -4,7 +4,8 @@ An update is taken only if its signature proves it came from the slave the trans
 over plain ws://, the checked ``hello``) identified, and, in a DP federation, if it reports
 a run with noise whose ε is within the plan and not under-stated: ε is recomputed from the
 header's mechanisms with the auditor's independent accountant (dp-accounting's PLD), so
-that what the master accepts live is what ``audit verify`` accepts later.
+that what the master accepts live is what ``audit verify`` accepts later. Under distributed
+DP the same holds for ``epsilon_alone``, recomputed with each mechanism's share σ.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hashlib
 from typing import Any
 
 from secure_fed.audit.recompute import TOLERANCE as EPSILON_TOLERANCE
-from secure_fed.audit.recompute import PLDRecomputer, parse_mechanisms
+from secure_fed.audit.recompute import ClaimError, PLDRecomputer, parse_mechanisms
 from secure_fed.config.settings import TrainingPlanSettings
 from secure_fed.errors import IdentityError
 from secure_fed.identity.certificates import decode_signature, verify_signature
@@ -54,6 +55,7 @@ class UpdateChecks:
             "weight_source": header.weight_source, "chunk_sha256": header.chunk_sha256,
             "epsilon": header.epsilon_spent, "delta": header.delta,
             "accountant": header.accountant,
+            **({} if header.epsilon_alone is None else {"epsilon_alone": header.epsilon_alone}),
             "mechanisms": [m.model_dump() for m in header.mechanisms],
             "chunk_bytes": header.chunk_bytes, "signature": header.signature,
             "signed_sha256": hashlib.sha256(self._signing_bytes(header)).hexdigest(),
@@ -91,14 +93,30 @@ class UpdateChecks:
         return None
 
     async def _epsilon_problem(self, header: UpdateHeader) -> str | None:
-        """Why the update's ε is an under-statement of its mechanisms' ε, or ``None``."""
+        """Why the update's ε (or its ε alone) is an under-statement of its mechanisms' ε, or
+        ``None``."""
         if header.epsilon_spent is None:
             return None  # no bound claimed: _privacy_problem decides whether that is allowed
-        mechanisms = parse_mechanisms([m.model_dump() for m in header.mechanisms])
+        try:
+            mechanisms = parse_mechanisms([m.model_dump() for m in header.mechanisms])
+        except ClaimError as exc:
+            return f"the update's mechanisms are invalid: {exc}"
         recomputed = await asyncio.to_thread(self._recomputer.epsilon, mechanisms, header.delta)
         if header.epsilon_spent < recomputed * (1.0 - EPSILON_TOLERANCE):
             return (f"the update reports ε={header.epsilon_spent:.4f} at δ={header.delta:g}, but "
                     f"its {len(mechanisms)} mechanism(s) give ε={recomputed:.4f} with the PLD "
                     f"accountant: an under-statement beyond the {EPSILON_TOLERANCE:.0%} "
                     "tolerance")
+        distributed = any(m.share_noise_multiplier is not None for m in mechanisms)
+        if header.epsilon_alone is None:
+            return ("the update's mechanisms are distributed-DP releases but it reports no "
+                    "epsilon_alone (the ε against a party that sees it alone)"
+                    if distributed else None)
+        alone = await asyncio.to_thread(self._recomputer.epsilon,
+                                        [m.alone for m in mechanisms], header.delta)
+        if header.epsilon_alone < alone * (1.0 - EPSILON_TOLERANCE):
+            return (f"the update reports ε={header.epsilon_alone:.4f} at δ={header.delta:g} "
+                    f"against a party that sees it alone, but its mechanisms with their share "
+                    f"σ give ε={alone:.4f} with the PLD accountant: an under-statement beyond "
+                    f"the {EPSILON_TOLERANCE:.0%} tolerance")
         return None
