@@ -225,7 +225,7 @@ def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: 
     distributed = options.dp == "distributed"
     columns = ["slave", "ε spent", "budget", "δ", "accountant", "releases", "federations"]
     if distributed:
-        columns[1:2] = ["ε (aggregate)", "ε (update alone)"]
+        columns[1:2] = ["ε sum", "ε alone"]
     for column in columns:
         table.add_column(column)
     exhausted = 0
@@ -244,9 +244,9 @@ def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: 
                       str(len(report["mechanisms"])), str(len(federations)))
     console.print(table)
     if distributed:
-        console.print("ε (aggregate) holds against anyone who sees only the sums the master "
-                      f"opens (of all {options.slaves} slaves, none colluding with it); ε "
-                      "(update alone) against a party that would see one slave's update")
+        console.print("ε sum holds against anyone who sees only the sums the master opens "
+                      f"(of all {options.slaves} slaves, none colluding with it); ε alone "
+                      "against a party that would see one slave's update")
     accuracy = summary.get("final_accuracy")
     console.print(f"final accuracy {accuracy if accuracy is None else round(accuracy, 4)}; "
                   f"mode {options.mode}; protection {options.protection}; scheme "

@@ -30,8 +30,8 @@ from secure_fed.config.settings import (
 )
 from secure_fed.errors import ConfigError, PrivacyError, SecureFedError
 from secure_fed.he.bundle import MasterBundle
-from secure_fed.master.distributed_plan import distributed_plan
 from secure_fed.master.aggregation import RoundAggregation
+from secure_fed.master.distributed_plan import distributed_plan
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
