@@ -38,7 +38,7 @@ from secure_fed.audit.recompute import PLDRecomputer, RecordedMechanism, check_l
 from secure_fed.audit.render import render_html, render_markdown
 from secure_fed.audit.report import build_report
 from secure_fed.cli.audit import cmd_audit
-from secure_fed.config.settings import TrainingPlanSettings
+from secure_fed.config.settings import DistributedDPSettings, TrainingPlanSettings
 from secure_fed.identity.certificates import sign
 from secure_fed.master.summary import RunSummary
 from secure_fed.master.update_checks import UpdateChecks
@@ -281,3 +281,24 @@ def test_the_master_refuses_an_understated_or_missing_epsilon_alone(
     invalid = problem(_header(identities, share=SIGMA))
     assert invalid is not None and "the update's mechanisms are invalid" in invalid
     assert "exceeds σ/√(m − c)" in invalid
+
+
+def test_the_master_refuses_a_release_that_is_not_the_plans_distributed_one(
+        identities: Identities) -> None:
+    def plan(**given: Any) -> TrainingPlanSettings:
+        settings = {"noise_multiplier": SIGMA, "sample_rate": Q, "min_survivors": M,
+                    "tolerated_colluders": C, **given}
+        return TrainingPlanSettings(mode="gradient", epsilon=BUDGET, dp_mechanism="distributed",
+                                    distributed=DistributedDPSettings(**settings))
+
+    certificate = x509.load_pem_x509_certificate(identities.slave_certs["clinic-a"])
+    _, channel = memory_pair(slave_id="clinic-a", slave_certificate=certificate)
+    channel.certificate = certificate
+    header = _header(identities)
+    assert asyncio.run(UpdateChecks("fed-audit", plan()).update_problem(channel, header)) is None
+    # a slave stating another σ, q, m or c than the plan's: its share does not add up
+    for other in ({"noise_multiplier": 2 * SIGMA}, {"sample_rate": Q / 2},
+                  {"min_survivors": M + 1}, {"tolerated_colluders": C + 1}):
+        problem = asyncio.run(UpdateChecks("fed-audit", plan(**other)).update_problem(
+            channel, header))
+        assert problem is not None and "is not the plan's distributed DP" in problem, other

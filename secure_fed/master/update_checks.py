@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from typing import Any
 
 from secure_fed.audit.recompute import TOLERANCE as EPSILON_TOLERANCE
@@ -90,6 +91,8 @@ class UpdateChecks:
         if plan.dp and header.epsilon_spent is not None and header.epsilon_spent > plan.epsilon:
             return (f"the update reports ε={header.epsilon_spent:.4f} spent on this federation, "
                     f"more than its plan's ε={plan.epsilon:g}")
+        if plan.dp_mechanism == "distributed":
+            return _distributed_problem(plan, header)
         return None
 
     async def _epsilon_problem(self, header: UpdateHeader) -> str | None:
@@ -120,3 +123,23 @@ class UpdateChecks:
                     f"σ give ε={alone:.4f} with the PLD accountant: an under-statement beyond "
                     f"the {EPSILON_TOLERANCE:.0%} tolerance")
         return None
+
+
+def _distributed_problem(plan: TrainingPlanSettings, header: UpdateHeader) -> str | None:
+    """Why this round's release (the header's last mechanism) is not the plan's distributed
+    one — its σ, q, m and c — or ``None``: the shares only add up to σ if every slave
+    uses the plan's."""
+    d = plan.distributed
+    last = header.mechanisms[-1]
+    stated = (last.noise_multiplier, last.sample_rate, last.min_survivors,
+              last.tolerated_colluders)
+    if (last.share_noise_multiplier is None or d.noise_multiplier is None
+            or d.sample_rate is None
+            or not math.isclose(last.noise_multiplier, d.noise_multiplier, rel_tol=1e-9)
+            or not math.isclose(last.sample_rate, d.sample_rate, rel_tol=1e-9)
+            or (last.min_survivors, last.tolerated_colluders)
+            != (d.min_survivors, d.tolerated_colluders)):
+        return (f"the update's release (σ, q, m, c) = {stated} is not the plan's distributed "
+                f"DP ({d.noise_multiplier}, {d.sample_rate}, {d.min_survivors}, "
+                f"{d.tolerated_colluders}): its noise share would not add up with the others'")
+    return None
