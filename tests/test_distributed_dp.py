@@ -436,3 +436,31 @@ def test_the_default_coordinate_bound_leaves_room_on_digits(
                    / (b * clip) for s, b in sums) for k in range(20)]
     assert max(largest) < 1.0  # the default bound clamps nothing under any of the 20 nonces
     assert float(np.median(largest)) < 0.8  # the typical nonce: below 0.8·b·C/√d
+
+
+@pytest.mark.parametrize("mode", ["linear", "ew"])
+def test_a_record_whose_gradient_overflows_contributes_zero(mode: str) -> None:
+    """A crafted input whose gradient is not finite must not turn the whole clipped sum into
+    NaN (which would say, without noise, whether it was sampled): it contributes zero."""
+    data = slave_partition("digits", index=0, count=8, seed=0)
+    torch.manual_seed(0)
+    model = build_model("mlp", in_features=64, num_classes=10, hidden=[16])
+    # A crafted model: the first pixel is blank in every digit, so a huge weight on it is
+    # harmless for them and overflows to inf (then NaN) for a target record that has it set.
+    assert not np.any(data.features[:, 0])
+    with torch.no_grad():
+        next(model.parameters())[:, 0] = 3e38
+    poison = data.features[:1].copy()
+    poison[0, 0] = 2.0
+    poisoned = Dataset(name="digits", features=np.concatenate([data.features, poison]),
+                       labels=np.concatenate([data.labels, data.labels[:1]]),
+                       num_classes=data.num_classes, feature_names=data.feature_names,
+                       class_names=data.class_names, preprocessing=data.preprocessing)
+    settings = DPSettings(noise_multiplier=0.0, max_grad_norm=1.0, batch_size=10_000, epochs=1,
+                          lr=1.0)
+    n = len(data.labels)
+    clean = train_gradient(model, data, settings, seed=1, grad_sample_mode=mode)
+    dirty = train_gradient(model, poisoned, settings, seed=1, grad_sample_mode=mode)
+    assert np.all(np.isfinite(dirty.gradient))
+    # q = 1: the same records, plus one contributing zero (each sum divided by its own N)
+    np.testing.assert_allclose(dirty.gradient * (n + 1), clean.gradient * n, atol=1e-4)

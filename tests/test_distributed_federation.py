@@ -31,7 +31,7 @@ from secure_fed.config.settings import (
 from secure_fed.errors import ConfigError, PrivacyError, SecureFedError
 from secure_fed.he.bundle import MasterBundle
 from secure_fed.master.aggregation import RoundAggregation
-from secure_fed.master.distributed_plan import distributed_plan
+from secure_fed.master.distributed_plan import check_distributed_config, distributed_plan
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
@@ -147,6 +147,10 @@ def test_slaves_check_the_task_themselves(tmp_path: Path) -> None:
     two = task.model_copy(update={"secagg": SecAggTask(parties=SLAVES[:2], certificates={})})
     with pytest.raises(PrivacyError, match="min_survivors=3"):
         distributed_mechanism(two, protection="mask", ring_modulus=ring, dimension=dimension)
+    plus = task.model_copy(update={"secagg": SecAggTask(parties=SLAVES, certificates={},
+                                                        neighbours=2)})
+    with pytest.raises(PrivacyError, match="SecAgg\\+ neighbours"):
+        distributed_mechanism(plus, protection="mask", ring_modulus=ring, dimension=dimension)
     delta = task.model_copy(update={"plan": task.plan.model_copy(update={"mode": "delta"})})
     with pytest.raises(PrivacyError, match="gradient mode"):
         distributed_mechanism(delta, protection="mask", ring_modulus=ring, dimension=dimension)
@@ -182,3 +186,21 @@ def test_the_master_never_opens_a_sum_of_fewer_than_min_survivors(tmp_path: Path
         assert opened == []
     finally:
         pipeline.close()
+
+
+def test_init_refuses_secagg_plus_and_the_master_a_federation_grown_since(
+        tmp_path: Path) -> None:
+    plus = small_plan(SLAVES + ["d", "e"], training=training(),
+                      encryption=EncryptionSettings(protection="mask", mask_neighbours=2))
+    with pytest.raises(ConfigError, match="refused with SecAgg\\+"):
+        init_federation(tmp_path / "plus", plus)
+    fed = federation(tmp_path, "mask")
+    bundle = MasterBundle.load(fed / "master")
+    check_distributed_config(bundle.config, bundle.he_params)  # as init made it
+    grown = bundle.config.model_copy(update={"slaves": [*SLAVES, *(f"x{i}" for i in range(40))]})
+    with pytest.raises(ConfigError, match="Re-run `secure-fed init`"):
+        check_distributed_config(grown, bundle.he_params)
+    edited = bundle.config.model_copy(update={"encryption": bundle.config.encryption.model_copy(
+        update={"protection": "he"})})
+    with pytest.raises(ConfigError, match="refused under 'he'"):
+        check_distributed_config(edited, bundle.he_params)

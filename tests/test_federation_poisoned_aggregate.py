@@ -53,7 +53,7 @@ class PoisoningSlave(Slave):
         self.sent: list[str] = []
 
     def _protect(self, encoder: UpdateEncoder, vector: np.ndarray, weight: int,
-                 delivery: Any) -> list[bytes]:
+                 delivery: Any, *, distributed: bool = False) -> list[bytes]:
         attack = self.plan[len(self.sent)] if len(self.sent) < len(self.plan) else "honest"
         self.sent.append(attack)
         params, layout = encoder.params, encoder.layout
@@ -72,7 +72,7 @@ class PoisoningSlave(Slave):
                     for i in range(count)]
         if attack == "weight-lie":  # encoded with weight LIE, declared with the true weight
             return encoder.encrypt_ring(self._plaintext(vector, 1, LIE, rng, delivery))
-        return super()._protect(encoder, vector, weight, delivery)
+        return super()._protect(encoder, vector, weight, delivery, distributed=distributed)
 
     def _plaintext(self, vector: np.ndarray, weight: int, factor: int,
                    rng: np.random.Generator, delivery: Any) -> np.ndarray:

@@ -86,8 +86,9 @@ def test_plain_protection_sums_the_clipped_float_updates(
     seen: dict[tuple[int, str], tuple[int, np.ndarray]] = {}
     real = slave_client.Slave._protect
 
-    def protect(self: Any, encoder: Any, vector: Any, weight: int, delivery: Any) -> Any:
-        chunks = real(self, encoder, vector, weight, delivery)
+    def protect(self: Any, encoder: Any, vector: Any, weight: int, delivery: Any,
+                **options: Any) -> Any:
+        chunks = real(self, encoder, vector, weight, delivery, **options)
         sent = np.frombuffer(b"".join(chunks), dtype="<f4").astype(np.float64)
         seen[(len([k for k in seen if k[1] == self.config.slave_id]) + 1,
               self.config.slave_id)] = (weight, sent)
@@ -242,12 +243,13 @@ def test_he_mask_protection_sum_is_exact_with_a_slave_dropping_after_sharing_key
     real_protect = slave_client.Slave._protect
     dropped: list[str] = []
 
-    def protect(self: Any, encoder: Any, vector: Any, weight: int, delivery: Any) -> Any:
+    def protect(self: Any, encoder: Any, vector: Any, weight: int, delivery: Any,
+                **options: Any) -> Any:
         if self.config.slave_id == "c" and len(dropped) < 1:
             dropped.append("c")  # 'c' shared its keys, then vanishes before masking (round 1)
             from secure_fed.errors import ProtocolError
             raise ProtocolError("simulated drop after key sharing")
-        return real_protect(self, encoder, vector, weight, delivery)
+        return real_protect(self, encoder, vector, weight, delivery, **options)
 
     monkeypatch.setattr(slave_client.Slave, "_protect", protect)
     out = tmp_path / "out"

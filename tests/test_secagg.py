@@ -692,3 +692,39 @@ def test_the_worked_example_of_docs_secagg_md() -> None:
         "e0310cb5457241cfc7555da9d2ba7a1f1bd10fd3c5a58c1e42ddee97ce71e4db")
     assert self_mask_commitment(bytes(32)) == (
         "26c8b46f05b7c5a0648e780e7a49da7dc1ab998e605acdd03a46a3e236ba2eb5")
+
+
+def test_under_distributed_dp_a_slave_reveals_nothing_for_fewer_than_min_survivors(
+        identities: dict[str, tuple[bytes, bytes]]) -> None:
+    """Its input carries only a share of the noise: a sum of fewer than ``min_survivors``
+    would not carry all of it, so the slave refuses the unmask request (and a round with
+    fewer parties from the start)."""
+    run = Round(settings_for(), identities, drops={"mask": {"s6", "s7"}})
+    request = run.mask(run.share(run.advertise()))
+    assert sorted(request.survivors) == list(PARTIES[:6])
+    strict = run.slaves["s0"]
+    strict.min_survivors = 7
+    with pytest.raises(ProtocolError, match="only 6 slaves survived, fewer than the 7"):
+        strict.unmask(request)
+    run.slaves["s1"].min_survivors = 6  # exactly m survivors: it answers
+    assert run.slaves["s1"].unmask(request).party == "s1"
+    verify = _verifier(identities)
+    with pytest.raises(ConfigError, match="the round has 8 parties, fewer than the 9"):
+        SlaveSecAgg(settings_for(), "s0", verify=verify, min_survivors=9,
+                    sign=functools.partial(sign, identities["s0"][1]))
+
+
+def test_slaves_given_different_plans_cannot_mix(
+        identities: dict[str, tuple[bytes, bytes]]) -> None:
+    """Under distributed DP the plan's digest is part of the settings: a slave given another
+    grid or σ than its peers cannot complete a round with them."""
+    verify = _verifier(identities)
+    master = MasterSecAgg(settings_for(plan_sha256="a" * 64), verify=verify)
+    other = SlaveSecAgg(settings_for(plan_sha256="b" * 64), "s1", verify=verify,
+                        sign=functools.partial(sign, identities["s1"][1]))
+    with pytest.raises(ProtocolError, match="invalid signature"):
+        master.receive_advertisement("s1", other.advertise())
+    same = SlaveSecAgg(settings_for(plan_sha256="a" * 64), "s2", verify=verify,
+                       sign=functools.partial(sign, identities["s2"][1]))
+    master.receive_advertisement("s2", same.advertise())
+    assert settings_for().digest != settings_for(plan_sha256="a" * 64).digest

@@ -94,8 +94,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_add_slave(args: argparse.Namespace) -> int:
+    from secure_fed.he.bundle import MasterBundle
     from secure_fed.master.provision import add_slave_bundle
 
+    master = MasterBundle.load(args.fed_dir / "master")
+    if (master.config.training.dp_mechanism == "distributed"
+            and args.slave_id not in master.config.slaves):
+        raise ConfigError(
+            "this federation runs distributed DP: its ring and every slave's noise share were "
+            f"sized for its {len(master.config.slaves)} slaves, so a slave cannot be added "
+            "afterwards; create the federation again with `secure-fed init` and every slave")
     slave_dir = add_slave_bundle(args.fed_dir, args.slave_id, federation_epsilon=args.epsilon,
                                  delta=args.delta, key_type=args.key_type)
     console = Console(highlight=False, soft_wrap=True)

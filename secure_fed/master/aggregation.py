@@ -34,9 +34,10 @@ from secure_fed.he.keyholder import KeyHolder
 from secure_fed.he.presets import HEParams
 from secure_fed.master.connections import Connections
 from secure_fed.master.distributed_plan import distributed_plan
+from secure_fed.master.task import training_plan
 from secure_fed.privacy.distributed import DistributedMechanism, DistributedSettings
 from secure_fed.protocol import coordinator as co
-from secure_fed.protocol.messages import SecAggTask
+from secure_fed.protocol.messages import SecAggTask, plan_digest
 from secure_fed.secagg.master_round import SecAggRound, open_secagg
 from secure_fed.secagg.messages import parse_secagg_message
 from secure_fed.secagg.ring import ring_modulus, ring_to_average
@@ -175,7 +176,9 @@ class AggregationPipeline:
         state.secagg, task = open_secagg(
             self.config, state.start.round, state.start.nonce, certificates,
             vector_size=self.vector_size,
-            modulus=ring_modulus(self.params), now=time.monotonic())
+            modulus=ring_modulus(self.params), now=time.monotonic(),
+            plan_sha256=(plan_digest(training_plan(self.config))
+                         if self.distributed is not None else ""))
         return task
 
     async def route_secagg(self, state: RoundAggregation | None, sender: str,

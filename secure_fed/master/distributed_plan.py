@@ -6,16 +6,15 @@ The checks here are the master's; every slave makes its own from the task
 
 from __future__ import annotations
 
-import math
-
 from secure_fed.config.settings import (
     DistributedDPSettings,
     EncryptionSettings,
+    MasterConfig,
     ModelSpec,
     TrainingPlanSettings,
 )
-from secure_fed.errors import ConfigError, PrivacyError
-from secure_fed.he.presets import HEParams, resolve_params
+from secure_fed.errors import ConfigError, CryptoError, PrivacyError
+from secure_fed.he.presets import PRESETS, HEParams, smallest_batching_prime
 from secure_fed.models.registry import build_model
 from secure_fed.privacy.accounting import calibrate_noise
 from secure_fed.privacy.count import count_mechanism
@@ -27,15 +26,21 @@ from secure_fed.privacy.distributed import (
 )
 from secure_fed.protocol.messages import DistributedPlan
 
-__all__ = ["DISTRIBUTED_PROTECTIONS", "distributed_plan", "plan_distributed_dp",
-           "refuse_distributed"]
+__all__ = ["DISTRIBUTED_PROTECTIONS", "check_distributed_config", "distributed_plan",
+           "plan_distributed_dp", "refuse_distributed", "ring_params"]
 
 #: Protections under which the master obtains only sums: the only ones distributed DP allows.
 DISTRIBUTED_PROTECTIONS = ("mask", "he+mask")
 
 
-def refuse_distributed(mode: str, protection: str, dp: bool) -> None:
+def refuse_distributed(mode: str, protection: str, dp: bool,
+                       mask_neighbours: int | None = None) -> None:
     """Raise :class:`ConfigError` unless distributed DP is sound for this federation."""
+    if mask_neighbours is not None:
+        raise ConfigError(
+            "distributed DP is refused with SecAgg+ (mask_neighbours): a slave checks only its "
+            "own neighbours' part of an unmask request, so a master could open the sum of a "
+            "small group of survivors around one slave. Leave mask_neighbours unset")
     if not dp:
         raise ConfigError("distributed DP needs DP: drop --no-dp or use --dp local")
     if protection not in DISTRIBUTED_PROTECTIONS:
@@ -69,7 +74,8 @@ def plan_distributed_dp(training: TrainingPlanSettings, encryption: EncryptionSe
     Raises:
         ConfigError: the plan cannot run with distributed DP (mode, protection, m, c, q).
     """
-    refuse_distributed(training.mode, encryption.protection, training.dp)
+    refuse_distributed(training.mode, encryption.protection, training.dp,
+                       encryption.mask_neighbours)
     given = training.distributed
     m = given.min_survivors if given.min_survivors is not None else min_slaves
     if m > slaves:
@@ -98,21 +104,68 @@ def plan_distributed_dp(training: TrainingPlanSettings, encryption: EncryptionSe
         mechanism = DistributedMechanism(settings, training.max_grad_norm, dimension)
     except PrivacyError as exc:
         raise ConfigError(f"distributed DP: {exc}") from exc
-    # BFV's sizing rule, t > 2·W·2^(b−1) with W = n contributions of weight 1, gives a plain
-    # modulus above twice the bound of an n-slave sum when 2^(b−1)·n ≥ that bound.
-    per_slave = math.ceil(mechanism.ring_bound() / slaves)
-    bits = max(2, per_slave.bit_length() + 1)
-    params = resolve_params(encryption.preset, clip=mechanism.gamma * 2 ** (bits - 1),
-                            quant_bits=bits, max_total_weight=slaves, max_contributions=slaves)
-    if params.plain_modulus is None:
-        raise ConfigError(f"distributed DP needs a BFV preset (its plain modulus is the ring); "
-                          f"'{encryption.preset}' is {params.scheme}")
+    params = ring_params(encryption.preset, mechanism, slaves)
+    assert params.plain_modulus is not None
     mechanism.check_ring(params.plain_modulus)
     filled = given.model_copy(update={
         "min_survivors": m, "sample_rate": q, "granularity_bits": settings.granularity_bits,
         "coordinate_bound": settings.coordinate_bound, "noise_multiplier": sigma,
         "ring_modulus": params.plain_modulus})
     return filled, params
+
+
+def ring_params(preset: str, mechanism: DistributedMechanism, slaves: int) -> HEParams:
+    """The preset's HE parameters with the smallest batching prime above twice the bound of
+    a sum of ``slaves`` contributions as plain modulus: the ring of masking and of BFV.
+
+    The fixed-point fields keep BFV's sizing rule true (t > 2·W·2^(b−1), W = ``slaves``
+    contributions of weight 1, 2^(b−1) at most the bound per slave); the distributed path
+    does not encode through them, it puts its integers on the ring as they are.
+
+    Raises:
+        ConfigError: a CKKS preset (it has no plain modulus to be the ring).
+    """
+    recipe = dict(PRESETS.get(preset, {}))
+    if recipe.get("scheme") != "bfv":
+        raise ConfigError(f"distributed DP needs a BFV preset (its plain modulus is the ring); "
+                          f"'{preset}' is not one")
+    bound = mechanism.ring_bound()
+    bits = max(2, (bound // slaves).bit_length())  # 2^(b−1) ≤ bound / slaves
+    recipe.update(preset=preset, quant_bits=bits, clip=mechanism.gamma * 2 ** (bits - 1),
+                  plain_modulus=smallest_batching_prime(int(recipe["poly_modulus_degree"]),
+                                                        2 * bound),
+                  max_total_weight=slaves, max_contributions=slaves)
+    try:
+        return HEParams.model_validate(recipe)
+    except (ValueError, CryptoError) as exc:
+        raise ConfigError(f"distributed DP: no {preset} parameters hold a ring of "
+                          f"{(2 * bound).bit_length()} bits: {exc}") from exc
+
+
+def check_distributed_config(config: MasterConfig, params: HEParams) -> None:
+    """Refuse a ``federation.toml`` asking for distributed DP that does not hold as it stands
+    (edited after ``init``, or a slave added since: the ring was sized for fewer).
+
+    Raises:
+        ConfigError: what is wrong, and to re-run ``init``.
+    """
+    training = config.training
+    plan = distributed_plan(training, len(config.slaves))
+    if plan is None:
+        return
+    refuse_distributed(training.mode, config.encryption.protection, training.dp,
+                       config.encryption.mask_neighbours)
+    try:
+        mechanism = DistributedMechanism(DistributedSettings.from_fields(plan.model_dump()),
+                                         training.max_grad_norm, model_dimension(config.model))
+        if params.plain_modulus != plan.ring_modulus:
+            raise PrivacyError(f"the HE plain modulus {params.plain_modulus} is not the ring "
+                               f"{plan.ring_modulus} of the plan")
+        mechanism.check_ring(plan.ring_modulus)
+    except PrivacyError as exc:
+        raise ConfigError(f"distributed DP cannot run with this federation as it stands "
+                          f"({len(config.slaves)} slaves): {exc}. Re-run `secure-fed init`, "
+                          "which sizes the ring for every slave") from exc
 
 
 def distributed_plan(training: TrainingPlanSettings, slaves: int) -> DistributedPlan | None:

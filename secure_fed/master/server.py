@@ -37,6 +37,7 @@ from secure_fed.master.admission import Admission
 from secure_fed.master.aggregation import AggregationPipeline
 from secure_fed.master.committed_model import CommittedModel
 from secure_fed.master.connections import Connections
+from secure_fed.master.distributed_plan import check_distributed_config
 from secure_fed.master.model_update import ModelUpdater, split_proxy
 from secure_fed.master.round_runner import EventSink, RoundRunner
 from secure_fed.master.store import ModelStore
@@ -106,6 +107,7 @@ class Master:
         self.port = self.config.port if port is None else port
         self._on_event = on_event or (lambda kind, data: None)
         self.params = bundle.he_params
+        check_distributed_config(self.config, self.params)
         public_context = bundle.public_context.read_bytes()
         # Both private files are checked before any checkpoint or log record is written.
         signing_key = read_private_file(bundle.key, what="the master's key")

@@ -22,24 +22,26 @@ union of the slaves' data.
 
 **Neighbouring relation.** Add or remove one record at one honest slave.
 
-**What the aggregate view releases.** A record changes one slave's ``rint(R·S_i/γ)`` by at
-most Δ in L2 (R is orthogonal and ‖ΔS_i‖ ≤ C; rounding moves each coordinate by at most 1/2, so
-a difference by at most 1 more; the 2⁻²⁰ margin covers the rounding of the floating-point
-rotation for batches below 10⁸ records), and clamping each coordinate is 1-Lipschitz, so it
-cannot increase that distance. At least m slaves' noise reaches a sum that is opened, and at
-most c of them reveal theirs to the master: the sum of the remaining h ≥ m − c shares is a
-sum of h i.i.d. N_Z(0, s²). By Poisson summation (as in :mod:`secure_fed.privacy.noise`),
-``P[X + Y = z]`` for X ~ N_Z(0, a²), Y ~ N_Z(0, b²) is ``exp(−z²/2(a²+b²))`` times
-``Σ_x exp(−(x − μz)²/2ρ²)`` (ρ² = a²b²/(a²+b²)) over normalisers, and the latter sum is
-``√(2π)ρ·(1 ± β(ρ))`` with ``β(ρ) = 2Σ_{k≥1} e^{−2π²ρ²k²}``: the sum of h shares has, at every
-point, within a factor ``((1+β)/(1−β))^{h−1}`` the pmf of N_Z(0, h·s²), with ρ² ≥ s²/2 at
-every step. We require s ≥ :data:`MIN_SHARE_SCALE` = 16, so β < 10⁻¹⁰⁰⁰ (zero in any
-arithmetic): the honest noise is N_Z(0, h s²) and ``h s² = (σ_h Δ)² + τ²`` with σ_h ≥ σ.
-:mod:`secure_fed.privacy.noise`'s argument then makes each round exactly as private as the
-Gaussian mechanism of noise multiplier σ on the subsampled sum over the union of the data:
-DP-SGD's step, so the ledger's (σ, q, 1) per round and its PRV or RDP accountant hold. Reducing
-the sum modulo t (a wrap, whether from an unlucky noise draw or a forged contribution) is a
-function of the released sum: post-processing, it can cost accuracy, never privacy.
+**What the aggregate view releases.** A record changes one slave's ``rint(R·S_i/γ)`` by at most
+Δ in L2 (R is orthogonal and ‖ΔS_i‖ ≤ C; rounding moves each coordinate by at most 1/2, so a
+difference by at most 1 more; the 2⁻²⁰ margin covers the rounding of the floating-point
+rotation for batches below 10⁸ records; as in :mod:`secure_fed.privacy.noise`, the clipped sum
+itself is computed in float32 and taken as exact, as Opacus does), and clamping each coordinate
+is 1-Lipschitz, so it cannot increase that distance. At least m slaves' noise reaches a sum
+that is opened, and at most c of them reveal theirs to the master: the sum of the remaining h ≥
+m − c shares is a sum of h i.i.d. N_Z(0, s²). By Poisson summation (as in
+:mod:`secure_fed.privacy.noise`), ``P[X + Y = z]`` for X ~ N_Z(0, a²), Y ~ N_Z(0, b²) is
+``exp(−z²/2(a²+b²))`` times ``Σ_x exp(−(x − μz)²/2ρ²)`` (ρ² = a²b²/(a²+b²)) over normalisers,
+and the latter sum is ``√(2π)ρ·(1 ± β(ρ))`` with ``β(ρ) = 2Σ_{k≥1} e^{−2π²ρ²k²}``: the sum of h
+shares has, at every point, within a factor ``((1+β)/(1−β))^{h−1}`` the pmf of N_Z(0, h·s²),
+with ρ² ≥ s²/2 at every step. With s ≥ :data:`MIN_SHARE_SCALE` = 16 (required), β < 10⁻¹⁰⁰⁰
+(zero in any arithmetic): the honest noise is N_Z(0, h s²) and ``h s² = (σ_h Δ)² + τ²`` with
+σ_h ≥ σ. The argument of :mod:`secure_fed.privacy.noise` then makes each round at least as
+private as the Gaussian mechanism of noise multiplier σ on the subsampled sum over the union of
+the data: DP-SGD's step, so the ledger's (σ, q, 1) per round and its PRV or RDP accountant
+hold. Reducing the sum modulo t (a wrap, whether from an unlucky noise draw or a forged
+contribution) is a function of the released sum: post-processing, it can cost accuracy, never
+privacy.
 
 **What one update alone releases.** ``v_i`` is slave i's own release: the discrete Gaussian
 of scale s on a sum of sensitivity Δ, ``s² = (σΔ/√(m − c))² + τ²``, so the same argument gives
@@ -50,11 +52,11 @@ ledger reports.
 **Sizing the ring.** Each contribution is within [−L, L] plus its noise; the sum of n of them
 within ``n·L + TAIL·√n·s`` except with probability below 10⁻¹⁷ per value (:data:`TAIL` = 9:
 N_Z(0, s²) is sub-Gaussian with parameter s (Canonne, Kamath and Steinke 2020), so a sum of n
-shares exceeds t·√n·s with probability at most 2e^{−t²/2}). The ring holds twice that bound,
-and the master refuses a sum beyond it (:meth:`DistributedMechanism.check_sum`). The rotation
-spreads the sum's L2 mass evenly: a rotated coordinate of ``S_i`` is about ``‖S_i‖/√d`` (sub-
-Gaussian, as KLS show for the randomized Hadamard transform), so ℓ sized from the expected
-batch rarely clamps anything.
+shares exceeds t·√n·s with probability at most 2e^{−t²/2}). The ring holds at least twice that
+bound, and the master refuses a sum beyond it (:meth:`DistributedMechanism.check_sum`). The
+rotation spreads the sum's L2 mass evenly: a rotated coordinate of ``S_i`` is about
+``‖S_i‖/√d`` (sub- Gaussian, as KLS show for the randomized Hadamard transform), so ℓ sized
+from the expected batch rarely clamps anything.
 
 **delta and distill modes.** Their updates are the end of several local DP-SGD steps; the sum
 of the slaves' updates is not the output of a Gaussian mechanism on a sum of sensitivity C,

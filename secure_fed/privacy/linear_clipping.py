@@ -168,18 +168,27 @@ class LinearClippingStep:
             total = squared if total is None else total + squared
         if total is None:
             return {}
+        # A record whose gradient is not finite (a model crafted to overflow on it) counts as
+        # zero, a contribution of norm 0 ≤ C: otherwise its NaN would spread to the whole sum
+        # and reveal, without noise, whether it was sampled.
+        finite = torch.isfinite(total)
+        total = torch.where(finite, total, torch.zeros_like(total))
         # f_i = min(1, C / (‖g_i‖ + 1e-6)); without noise the 1/B of the average folded in
         # (with noise it comes after the noise, as in Opacus).
         factor = (self.max_grad_norm / (total.sqrt_() + 1e-6)).clamp_(max=1.0)
         if self.noise is None:
             factor.mul_(1.0 / self.expected_batch)
         weights = factor.unsqueeze(1)
+        keep = finite.unsqueeze(1)
         sums: dict[int, torch.Tensor] = {}
         for layer, (weight, bias), a, b in zip(
             self.layers, self._trained, inputs, backprops, strict=True
         ):
             if b is None:
                 continue
+            if not bool(finite.all()):
+                a = torch.where(keep, a, torch.zeros_like(a))
+                b = torch.where(keep, b, torch.zeros_like(b))
             fb = b * weights
             if weight:
                 sums[id(layer.weight)] = torch.mm(fb.t(), a)

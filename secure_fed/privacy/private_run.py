@@ -128,6 +128,26 @@ def _add_grid_noise(optimizer: DPOptimizer, noise: StepRelease) -> Callable[[], 
     return add_noise
 
 
+def _zero_non_finite_samples(params: list[nn.Parameter]) -> None:
+    """Set to zero the per-sample gradients of every record with a value that is not finite.
+
+    Opacus clips ``grad_sample`` by its per-sample norms; a NaN or an infinity (a model crafted
+    to overflow on one record) survives clipping and would spread to the whole sum, telling
+    without noise whether that record was sampled. A zero contribution has norm 0 ≤ C, so the
+    sensitivity argument is unchanged.
+    """
+    samples = [g for p in params if isinstance(g := getattr(p, "grad_sample", None), torch.Tensor)]
+    if not samples or samples[0].shape[0] == 0:
+        return
+    finite = torch.ones(samples[0].shape[0], dtype=torch.bool)
+    for g in samples:
+        finite &= torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    for g in samples:
+        g[~finite] = 0
+
+
 class PrivateRun:
     """A deep copy of ``module`` trained with DP-SGD: the linear-clipping step or Opacus.
 
@@ -261,6 +281,7 @@ class PrivateRun:
             value = float(loss.detach())
             with _quiet():
                 loss.backward()
+            _zero_non_finite_samples([p for p in self.module.parameters() if p.requires_grad])
         if apply:
             self.optimizer.step()
         else:

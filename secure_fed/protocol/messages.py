@@ -8,6 +8,7 @@ which checks size, UTF-8, JSON, type and every field before anything else sees t
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Annotated, Any, Literal
 
@@ -159,6 +160,12 @@ class UpdateHeader(_Message):
         if data.get("epsilon_alone") is None:
             data.pop("epsilon_alone", None)
         return data
+
+
+def plan_digest(plan: Plan) -> str:
+    """SHA-256 (hex) of the RFC 8785 encoding of ``plan``: what every party of a round must
+    have been given (bound into secure aggregation under distributed DP)."""
+    return hashlib.sha256(rfc8785.dumps(plan.model_dump(mode="json"))).hexdigest()
 
 
 def signing_bytes(federation_id: str, message: UpdateHeader | Decline) -> bytes:

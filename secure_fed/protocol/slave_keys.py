@@ -9,7 +9,7 @@ are too few to train for. It holds no socket: the machine feeds it the master's 
 from __future__ import annotations
 
 from secure_fed.errors import ConfigError, CryptoError, IdentityError, ProtocolError
-from secure_fed.protocol.messages import Task
+from secure_fed.protocol.messages import Task, plan_digest
 from secure_fed.secagg.messages import (
     AdvertiseKeys,
     KeyList,
@@ -68,7 +68,8 @@ class MaskingExchange:
         settings = SecAggSettings(
             federation_id=federation_id, round=task.round, parties=tuple(info.parties),
             vector_length=task.vector_size, modulus=ring_modulus, threshold=info.threshold,
-            neighbours=info.neighbours, task_nonce=task.nonce)
+            neighbours=info.neighbours, task_nonce=task.nonce,
+            plan_sha256=plan_digest(task.plan) if task.plan.distributed is not None else "")
         distributed = task.plan.distributed
         self.secagg = SlaveSecAgg(
             settings, slave_id, sign=sign, verify=verify,

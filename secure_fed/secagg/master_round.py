@@ -220,7 +220,8 @@ class SecAggRound:
 
 def open_secagg(config: MasterConfig, round_: int, nonce: str,
                 certificates: dict[str, x509.Certificate], *,
-                vector_size: int, modulus: int, now: float) -> tuple[SecAggRound, SecAggTask]:
+                vector_size: int, modulus: int, now: float,
+                plan_sha256: str = "") -> tuple[SecAggRound, SecAggTask]:
     """Start one round's secure aggregation among the slaves whose certificates are given.
 
     Args:
@@ -232,6 +233,8 @@ def open_secagg(config: MasterConfig, round_: int, nonce: str,
         vector_size: values of every update.
         modulus: the ring of the masked vectors (the BFV plain modulus).
         now: the current monotonic time.
+        plan_sha256: the plan's digest, bound into the settings under distributed DP (see
+            :class:`~secure_fed.secagg.settings.SecAggSettings`); empty otherwise.
 
     Returns:
         The driver of the round and the settings its task carries to the slaves.
@@ -242,7 +245,7 @@ def open_secagg(config: MasterConfig, round_: int, nonce: str,
     settings = SecAggSettings(
         federation_id=config.federation_id, round=round_, parties=tuple(parties),
         vector_length=vector_size, modulus=modulus, threshold=enc.mask_threshold,
-        neighbours=enc.mask_neighbours, task_nonce=nonce)
+        neighbours=enc.mask_neighbours, task_nonce=nonce, plan_sha256=plan_sha256)
 
     def verify(party: str, data: bytes, signature: bytes) -> None:
         verify_signature(certificates[party], data, signature)

@@ -51,6 +51,11 @@ class SecAggSettings:
             is part of the :attr:`digest` that every signature, key derivation and share
             encryption is bound to, so a key advertisement or share of one attempt is refused
             in any other attempt of the same round, even with the same parties.
+        plan_sha256: SHA-256 (hex) of the training plan every party was given, when the sum
+            depends on all of them following the same one (distributed DP: a slave's noise
+            share adds up with the others' only if they all got the same σ, grid and clamp);
+            empty otherwise. Part of the :attr:`digest`, so slaves given different plans cannot
+            complete the round together.
     """
 
     federation_id: str
@@ -63,8 +68,12 @@ class SecAggSettings:
     neighbours: int | None = None
     graph_seed: bytes = field(default=b"", repr=False)
     task_nonce: str = field(kw_only=True)
+    plan_sha256: str = field(default="", kw_only=True)
 
     def __post_init__(self) -> None:
+        if self.plan_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.plan_sha256):
+            raise ConfigError(f"plan_sha256 must be 64 lower-case hex digits, got "
+                              f"{self.plan_sha256!r}")
         if not re.fullmatch(r"[0-9a-f]{32}", self.task_nonce):
             raise ConfigError(f"task_nonce must be the task's nonce (32 lower-case hex digits), "
                               f"got {self.task_nonce!r}")
@@ -133,12 +142,15 @@ class SecAggSettings:
     @cached_property
     def digest(self) -> str:
         """SHA-256 (hex) of the canonical JSON of these settings."""
-        canonical = json.dumps({
+        fields: dict[str, object] = {
             "federation": self.federation_id, "round": self.round, "parties": self.parties,
             "vector_length": self.vector_length, "modulus": self.modulus,
             "threshold": self.threshold, "neighbours": self.neighbours,
             "graph_seed": self.graph_seed.hex(), "task_nonce": self.task_nonce,
-        }, sort_keys=True, separators=(",", ":"))
+        }
+        if self.plan_sha256:
+            fields["plan_sha256"] = self.plan_sha256
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
     @property

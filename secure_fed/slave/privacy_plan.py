@@ -299,8 +299,9 @@ def distributed_mechanism(task: Task, *, protection: str, ring_modulus: int,
     Raises:
         PrivacyError: the task asks for distributed DP where it does not hold: a protection
             under which the master can open single updates, another mode than ``gradient``,
-            no DP, no secure aggregation or fewer parties than ``min_survivors``, more than
-            the ring holds, or a ring other than this slave's bundle.
+            no DP, no secure aggregation, SecAgg+ neighbours, fewer parties than
+            ``min_survivors`` or more than the ring holds, or a ring other than this slave's
+            bundle.
     """
     plan = task.plan
     d = plan.distributed
@@ -317,7 +318,12 @@ def distributed_mechanism(task: Task, *, protection: str, ring_modulus: int,
     if task.secagg is None:
         raise PrivacyError("the task asks for distributed DP without secure aggregation. "
                            "Declined")
-    parties = len(task.secagg.parties)
+    if task.secagg.neighbours is not None:
+        raise PrivacyError(
+            "the task asks for distributed DP with SecAgg+ neighbours: this slave would check "
+            "only its neighbours' part of the unmask request, so a sum of fewer than "
+            f"min_survivors={d.min_survivors} slaves could be opened. Declined")
+    parties = len(set(task.secagg.parties))
     if parties < d.min_survivors or parties > d.max_contributors:
         raise PrivacyError(
             f"the task masks among {parties} slaves; distributed DP needs between "
