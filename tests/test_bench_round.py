@@ -8,13 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from secure_fed.bench.round import mlp_hidden_for, mlp_parameter_count, parse_sizes
+from secure_fed.bench.round import (
+    check_recorded_dp,
+    mlp_hidden_for,
+    mlp_parameter_count,
+    parse_sizes,
+)
+from secure_fed.bench.utility_dp import dp_kind, recorded_mechanisms
 from secure_fed.cli.main import main
-from secure_fed.errors import ConfigError
+from secure_fed.errors import ConfigError, SecureFedError
 from secure_fed.he.bundle import MasterBundle
 from secure_fed.he.chunk_format import chunk_size_for
 from secure_fed.he.presets import data_moduli
+from secure_fed.master.distributed_plan import distributed_plan
 from secure_fed.models.registry import build_model
+from secure_fed.privacy.distributed import DistributedMechanism, DistributedSettings
+from secure_fed.secagg.ring import ring_width
 
 
 @pytest.mark.parametrize("target", [10_000, 100_000, 1_000_000, 10_000_000])
@@ -106,3 +115,52 @@ def test_the_no_dp_baseline_is_plaintext_fedavg_with_the_slaves_consent(
         assert [e["mode"] for e in ledger["entries"]].count("count") == (1 if dp else 0)
         assert rows[mode]["upload_bytes_per_slave"] == 4 * rows[mode]["params"]
     assert "except in the no-dp rows" in out
+
+
+def test_distributed_dp_sends_the_smaller_ring_it_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["bench", "round", "--modes", "mask", "--sizes", "2000", "--slaves", "3",
+                 "--rounds", "1", "--dp", "local,distributed", "--json",
+                 "--keep", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = {r["dp"]: r for r in json.loads(out.strip().splitlines()[-1])}
+    assert set(rows) == {"local", "distributed"}
+    for dp, row in rows.items():
+        run = tmp_path / "runs" / f"mask-none-2000-3-{dp}"
+        master = MasterBundle.load(run / "fed" / "master")
+        t = master.he_params.plain_modulus
+        assert row["ring_bits"] == ring_width(t)
+        assert row["upload_bytes_per_slave"] == math.ceil(row["params"] * ring_width(t) / 8)
+        assert row["bytes_per_value"] == row["upload_bytes_per_slave"] / row["params"]
+        assert master.config.training.mode == "gradient"
+        recorded = recorded_mechanisms(run / "run")
+        assert {dp_kind(m) for m in recorded.values()} == {dp} and len(recorded) == 3
+        other = "local" if dp == "distributed" else "distributed"
+        with pytest.raises(SecureFedError, match=f"asked for {other} DP"):
+            check_recorded_dp(run / "run", other, 3)
+    # the distributed ring holds the sum of 3 clamped, noised contributions, and no more than
+    # the BFV sizing's power of two above it; the local ring holds 3 × 65536 weighted updates
+    plan = distributed_plan(MasterBundle.load(
+        tmp_path / "runs" / "mask-none-2000-3-distributed" / "fed" / "master").config.training, 3)
+    assert plan is not None
+    mechanism = DistributedMechanism(DistributedSettings.from_fields(plan.model_dump()), 1.0,
+                                     rows["distributed"]["params"])
+    need = 2 * mechanism.ring_bound() + 1
+    assert need <= plan.ring_modulus < 4 * need
+    assert rows["distributed"]["ring_bits"] < rows["local"]["ring_bits"]
+    assert "ring bits" in out and "distributed DP (each slave adds a share" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--modes", "plain,mask", "--dp", "distributed"], "leave plain out of --modes"),
+    (["--modes", "no-dp,mask", "--dp", "local"], "runs without DP"),
+    (["--modes", "mask", "--dp", "distributed", "--slaves", "2,4"], "at least 3 slaves"),
+    (["--modes", "mask", "--dp", "shared"], "give distinct DP mechanisms"),
+])
+def test_dp_options_are_refused_before_anything_runs(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "round", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -83,12 +83,19 @@ PARSED_ONLY: dict[str, str] = {
         "trains two centralized models and a federation per update mode (a few minutes)",
     "secure-fed bench utility --dataset digits --epsilon 3 --modes delta --repeats 3 --json":
         "three runs of two centralized models and a federation (a few minutes)",
+    "secure-fed bench utility --dataset digits --epsilon 3 --slaves 3,8,16 --dp local,distributed "
+    "--json": "three runs of centralized DP-SGD and of 6 federations of 40 rounds (minutes; "
+              "tests/test_bench_utility.py runs 3 slaves, 2 rounds, once)",
     "secure-fed bench round --modes he --presets bfv-fast,ckks,compat --sizes small,medium,large "
     "--slaves 2,4,8 --rounds 3 --json --plot round-plots":
         "federations over three model sizes and three slave counts (minutes)",
     "secure-fed bench round --modes plain,mask,he,he+mask --sizes small,medium,large "
     "--slaves 4,8,16 --rounds 3 --wire --json --plot round-plots":
         "federations over three model sizes and three slave counts (minutes)",
+    "secure-fed bench round --modes mask,he+mask --dp local,distributed --sizes small,medium,large "
+    "--slaves 4,8,16 --rounds 3 --wire --json":
+        "36 federations up to 1M parameters and 16 slaves (minutes; tests/test_bench_round.py "
+        "runs mask with 3 slaves, one round, small)",
     "secure-fed bench round --modes no-dp,plain --sizes small,medium,large --slaves 4 "
     "--rounds 2 --json":
         "six federations, up to 1M parameters (tests/test_bench_round.py runs both modes small)",

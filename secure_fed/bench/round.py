@@ -29,6 +29,13 @@ Figures come from what the master records, not from estimates:
 The protection mode is only a setting (``EncryptionSettings.protection``). A row counts only
 if the run ran that protection (as ``summary.json`` or the audit log records it, else as the
 master reports it); a federation that ran another protection is refused, not reported.
+
+With ``dp`` (``--dp local,distributed``) every federation runs ``gradient`` mode (FedSGD, the
+demo's plan: full batches, C = 1) once per DP mechanism: ``local`` (each slave noises its own
+gradient, which the masking ring's fixed point carries) or ``distributed`` (each slave sends its
+clipped sum on the grid plus a share of the noise, in the ring that ``secure-fed init`` sizes
+for the sum of n shares; ``mask`` and ``he+mask`` only, m = n, no colluder). A row counts only
+if every slave's signed update header, as the audit log records it, names that mechanism.
 """
 
 from __future__ import annotations
@@ -52,8 +59,10 @@ from secure_fed.config.settings import (
     TrainingPlanSettings,
 )
 from secure_fed.errors import ConfigError, SecureFedError
+from secure_fed.secagg.ring import ring_width
 
-__all__ = ["MODES", "SIZE_NAMES", "RoundOptions", "mlp_hidden_for", "mlp_parameter_count",
+__all__ = ["MODES", "SIZE_NAMES", "RoundOptions", "check_recorded_dp", "gradient_plan",
+           "mlp_hidden_for", "mlp_parameter_count", "round_plan",
            "parse_sizes", "run_round_bench", "format_round_table", "round_plots",
            "write_round_plots"]
 
@@ -62,6 +71,9 @@ MODES = (BASELINE, "plain", "mask", "he", "he+mask")
 """Modes, from least to most protected: plaintext FedAvg (``no-dp``), then DP-SGD at every
 slave under each protection."""
 HE_MODES = frozenset({"he", "he+mask"})
+DP_MECHANISMS = ("local", "distributed")
+DISTRIBUTED_MODES = frozenset({"mask", "he+mask"})
+"""Modes distributed DP runs under: the master obtains only sums."""
 SIZE_NAMES = {"small": 10_000, "medium": 100_000, "large": 1_000_000, "xlarge": 10_000_000}
 """Named parameter targets of ``--sizes``."""
 IN_FEATURES = 64
@@ -90,6 +102,9 @@ class RoundOptions:
         wire: relay each slave's connection through a byte-counting loopback relay
             (:class:`~secure_fed.bench.relay.ByteCountingRelay`) and report the bytes on the
             wire, every message and TLS record included.
+        dp: DP mechanisms to compare (see :data:`DP_MECHANISMS`); each configuration then
+            runs once per mechanism with the ``gradient`` plan of :func:`gradient_plan` at
+            ``plan.epsilon`` instead of ``plan``. Empty: ``plan`` with local DP.
     """
 
     modes: tuple[str, ...] = ("he",)
@@ -101,6 +116,7 @@ class RoundOptions:
     plan: TrainingPlanSettings = DEFAULT_PLAN
     workers: int = 1
     wire: bool = False
+    dp: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.modes) - set(MODES))
@@ -119,6 +135,47 @@ class RoundOptions:
             raise ConfigError(f"numbers of slaves must be between 1 and 64, got {self.slaves}")
         if not self.sizes or any(not 100 <= s <= 40_000_000 for s in self.sizes):
             raise ConfigError(f"parameter targets must be between 100 and 40M, got {self.sizes}")
+        unknown = sorted(set(self.dp) - set(DP_MECHANISMS))
+        if unknown or len(set(self.dp)) != len(self.dp):
+            raise ConfigError(f"--dp {','.join(self.dp)}: give distinct DP mechanisms among "
+                              f"{', '.join(DP_MECHANISMS)}, separated by commas")
+        if self.dp and BASELINE in self.modes:
+            raise ConfigError(f"the {BASELINE} baseline runs without DP: leave it out of --modes "
+                              "when comparing DP mechanisms with --dp")
+        if "distributed" in self.dp:
+            others = sorted(set(self.modes) - DISTRIBUTED_MODES)
+            if others:
+                raise ConfigError(
+                    f"distributed DP runs under mask or he+mask only (there the master opens "
+                    f"only sums); leave {', '.join(others)} out of --modes, or use --dp local")
+            if min(self.slaves) < 3:
+                raise ConfigError(f"distributed DP needs at least 3 slaves (masking does), got "
+                                  f"{min(self.slaves)}")
+
+
+def gradient_plan(epsilon: float) -> TrainingPlanSettings:
+    """The plan of the ``dp`` comparison: the demo's ``gradient`` plan at ``epsilon`` (one
+    DP-SGD step per round on full batches, C = 1, lr = 2)."""
+    from secure_fed.demo import demo_training
+
+    return demo_training("gradient", epsilon, IN_FEATURES, CLASSES)
+
+
+def round_plan(options: RoundOptions, mode: str, slaves: int,
+               dp: str | None) -> TrainingPlanSettings:
+    """The training plan a federation of the benchmark runs: ``options.plan`` (without DP in
+    the baseline), or with ``dp`` the gradient plan with that mechanism (distributed: m = n,
+    no colluder, the ring sized for parts of the digits training split)."""
+    if dp is None:
+        return options.plan.model_copy(update={"dp": False}) if mode == BASELINE else options.plan
+    plan = gradient_plan(options.plan.epsilon)
+    if dp == "local":
+        return plan
+    from secure_fed.data.partition import slave_partition
+    from secure_fed.demo import demo_distributed
+
+    records = len(slave_partition(DATASET, index=0, count=slaves, seed=options.seed).labels)
+    return demo_distributed(plan, slaves=slaves, records_per_slave=records)
 
 
 def mlp_parameter_count(hidden: Sequence[int], in_features: int = IN_FEATURES,
@@ -200,7 +257,7 @@ def _recorded_dp(out_dir: Path) -> bool:
 
 
 def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options: RoundOptions,
-                work: Path) -> _Run:
+                work: Path, dp: str | None = None) -> _Run:
     """Run one federation; with ``options.wire`` count each slave's bytes on the wire."""
     from secure_fed.bench.relay import ByteCountingRelay
     from secure_fed.he.bundle import MasterBundle, SlaveBundle
@@ -217,7 +274,7 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
         rounds=options.rounds, min_slaves=slaves, seed=options.seed,
         model=ModelSpec(architecture="mlp", kwargs={"in_features": IN_FEATURES,
                                                     "num_classes": CLASSES, "hidden": hidden}),
-        training=options.plan.model_copy(update={"dp": False}) if baseline else options.plan,
+        training=round_plan(options, mode, slaves, dp),
         encryption=EncryptionSettings(protection=_protection(mode),  # type: ignore[arg-type]
                                       preset=preset,
                                       max_weight_per_slave=MAX_RECORDS_PER_SLAVE,
@@ -256,7 +313,7 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
 
 
 def measure_round(mode: str, preset: str | None, target: int, slaves: int,
-                  options: RoundOptions, work: Path) -> dict[str, Any]:
+                  options: RoundOptions, work: Path, dp: str | None = None) -> dict[str, Any]:
     """One row of the benchmark: a whole federation of ``options.rounds`` rounds.
 
     Args:
@@ -266,9 +323,11 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
         slaves: number of slaves.
         options: the rest of the configuration.
         work: an empty folder for keys, checkpoints and logs.
+        dp: the DP mechanism of the ``dp`` comparison (``None``: ``options.plan``).
 
     Raises:
-        SecureFedError: the federation failed, or did not record the protection asked for.
+        SecureFedError: the federation failed, or did not record the protection (or the DP
+            mechanism) asked for.
     """
     from secure_fed.he.codec import UpdateEncoder
     from secure_fed.he.presets import DEFAULT_PRESET
@@ -278,7 +337,7 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
     # Each configuration pays for its own privacy accounting, as a fresh deployment would.
     clear_caches()
     started = time.monotonic()
-    run = _federation(mode, preset or DEFAULT_PRESET, hidden, slaves, options, work)
+    run = _federation(mode, preset or DEFAULT_PRESET, hidden, slaves, options, work, dp)
     wall = time.monotonic() - started
     summary, wire = run.summary, run.wire
     recorded = _recorded_protection(work / "run", run.protection)
@@ -292,6 +351,8 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
         raise SecureFedError(f"bench round asked for mode '{mode}' but the audit log of the "
                              "federation records another DP setting; see "
                              f"{work / 'run' / 'audit.jsonl'}")
+    if dp is not None:
+        check_recorded_dp(work / "run", dp, slaves)
     rows = summary["rounds"]
     if len(rows) != options.rounds or any(len(r["participants"]) != slaves for r in rows):
         raise SecureFedError(
@@ -302,13 +363,17 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
     uploads = [r["upload_bytes"] / len(r["participants"]) for r in measured]
     params = mlp_parameter_count(hidden)
     chunks = UpdateEncoder.chunk_count_for(run.he_params, params)
+    upload = statistics.fmean(uploads)
     return {
         "mode": mode, "preset": preset or "-", "params": params, "hidden": hidden,
-        "slaves": slaves, "rounds": options.rounds,
+        "slaves": slaves, "rounds": options.rounds, "dp": dp,
+        "bytes_per_value": upload / params,
+        "ring_bits": (ring_width(int(run.he_params.plain_modulus))
+                      if mode in DISTRIBUTED_MODES else None),
         "measured_rounds": [r["round"] for r in measured],
         "seconds_per_round": statistics.fmean(r["seconds"] for r in measured),
         "first_round_seconds": float(rows[0]["seconds"]),
-        "upload_bytes_per_slave": statistics.fmean(uploads),
+        "upload_bytes_per_slave": upload,
         "download_bytes_per_slave": run.model_bytes,
         "master_bytes_in_per_round": statistics.fmean(r["upload_bytes"] for r in measured),
         "plain_bytes_per_slave": 4 * params,
@@ -320,6 +385,22 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
         "accuracy": summary["final_accuracy"],
         "wall_seconds": wall,
     }
+
+
+def check_recorded_dp(out_dir: Path, dp: str, slaves: int) -> None:
+    """Refuse a run unless every slave's recorded update header names mechanism ``dp``.
+
+    Raises:
+        SecureFedError: a slave's header names the other mechanism, or a slave is missing.
+    """
+    from secure_fed.bench.utility_dp import dp_kind, recorded_mechanisms
+
+    recorded = recorded_mechanisms(out_dir)
+    kinds = sorted({dp_kind(m) for m in recorded.values()})
+    if len(recorded) != slaves or kinds != [dp]:
+        raise SecureFedError(
+            f"bench round asked for {dp} DP but the audit log records {' and '.join(kinds) or 'no'}"
+            f" DP from {len(recorded)} of {slaves} slaves; see {out_dir / 'audit.jsonl'}")
 
 
 def run_round_bench(options: RoundOptions, *, work_dir: Path | None = None,
@@ -340,28 +421,37 @@ def run_round_bench(options: RoundOptions, *, work_dir: Path | None = None,
         for target in sorted(options.sizes):
             for slaves in sorted(options.slaves):
                 for mode, preset in configs:
-                    name = f"{mode}-{preset or 'none'}-{target}-{slaves}".replace("+", "_")
-                    row = measure_round(mode, preset, target, slaves, options, base / name)
-                    rows.append(row)
-                    if on_row is not None:
-                        on_row(row)
+                    for dp in options.dp or (None,):
+                        name = f"{mode}-{preset or 'none'}-{target}-{slaves}".replace("+", "_")
+                        name += f"-{dp}" if dp is not None else ""
+                        row = measure_round(mode, preset, target, slaves, options, base / name,
+                                            dp)
+                        rows.append(row)
+                        if on_row is not None:
+                            on_row(row)
     return rows
 
 
 def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
     """A human table of :func:`run_round_bench`'s rows (wire columns when measured)."""
     wire = any(r.get("wire_up_bytes_per_slave_per_round") is not None for r in rows)
-    header = (f"{'mode':<8} {'preset':<9} {'params':>10} {'slaves':>6} {'s/round':>8} "
+    dp = any(r.get("dp") is not None for r in rows)
+    header = (f"{'mode':<8} {'preset':<9} {'params':>10} {'slaves':>6} "
+              + (f"{'dp':<11} " if dp else "") + f"{'s/round':>8} "
               f"{'1st round s':>11} {'up B/slave':>12} {'vs plain':>8} {'down B/slave':>12} "
               f"{'master in B':>13}")
+    header += f" {'B/value':>7} {'ring bits':>9}" if dp else ""
     header += f" {'wire up/slave':>13} {'wire down/slave':>15}" if wire else ""
     lines = [header + f" {'accuracy':>8}"]
     for r in rows:
         ratio = r["upload_bytes_per_slave"] / r["plain_bytes_per_slave"]
         line = (f"{r['mode']:<8} {r['preset']:<9} {r['params']:>10,} {r['slaves']:>6} "
-                f"{r['seconds_per_round']:>8.2f} {r['first_round_seconds']:>11.2f} "
+                + (f"{r.get('dp') or '-':<11} " if dp else "")
+                + f"{r['seconds_per_round']:>8.2f} {r['first_round_seconds']:>11.2f} "
                 f"{r['upload_bytes_per_slave']:>12,.0f} {ratio:>7.2f}× "
                 f"{r['download_bytes_per_slave']:>12,} {r['master_bytes_in_per_round']:>13,.0f}")
+        if dp:
+            line += f" {r['bytes_per_value']:>7.3f} {r.get('ring_bits') or '-':>9}"
         if wire:
             line += (f" {r['wire_up_bytes_per_slave_per_round'] or 0:>13,.0f}"
                      f" {r['wire_down_bytes_per_slave_per_round'] or 0:>15,.0f}")
@@ -373,6 +463,11 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"s/round: master's round time (task → commit), mean of {which}; "
                      "vs plain: upload against float32 parameters; DP-SGD at every slave "
                      "except in the no-dp rows (plaintext FedAvg)")
+        if dp:
+            lines.append("dp: gradient mode (FedSGD, full batches) with local DP (each slave "
+                         "noises its own gradient) or distributed DP (each slave adds a share; "
+                         "m = n); B/value: update bytes per slave over the parameters; ring "
+                         "bits: width of the masking ring (the BFV plain modulus)")
         if wire:
             lines.append("wire: every byte of each slave's connection (TLS, framing, "
                          "handshake, all messages), total of the run divided by its rounds")

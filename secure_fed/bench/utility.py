@@ -58,6 +58,8 @@ class UtilityOptions:
         modes: the update modes to run a federation for.
         repeats: runs of every arm; accuracies are reported as their mean (and each run), since
             one DP run varies by a few points with its noise.
+        protection: the federations' protection (``he``, ``he+mask``, ``mask`` or ``plain``;
+            the masking ones need at least 3 slaves).
     """
 
     dataset: str = "digits"
@@ -67,19 +69,25 @@ class UtilityOptions:
     seed: int = 0
     modes: tuple[str, ...] = ("delta", "gradient", "distill")
     repeats: int = 1
+    protection: str = "he"
 
 
-def _pooled(options: UtilityOptions) -> Dataset:
-    parts = [slave_partition(options.dataset, index=i, count=options.slaves, seed=options.seed)
-             for i in range(options.slaves)]
-    return Dataset(name=options.dataset,
+PROTECTION_WORDS = {"he": "homomorphic encryption", "he+mask": "homomorphic encryption and "
+                    "masking", "mask": "masking", "plain": "no protection of the updates"}
+
+
+def pooled(dataset: str, slaves: int, seed: int) -> Dataset:
+    """The union of the ``slaves`` parts of ``dataset``'s training split (seed ``seed``)."""
+    parts = [slave_partition(dataset, index=i, count=slaves, seed=seed) for i in range(slaves)]
+    return Dataset(name=dataset,
                    features=np.concatenate([p.features for p in parts]),
                    labels=np.concatenate([p.labels for p in parts]),
                    num_classes=parts[0].num_classes, feature_names=parts[0].feature_names,
                    class_names=parts[0].class_names, preprocessing=parts[0].preprocessing)
 
 
-def _model(data: Dataset, seed: int) -> torch.nn.Module:
+def model_for(data: Dataset, seed: int) -> torch.nn.Module:
+    """The federations' model (an MLP with one hidden layer of 64) initialized from ``seed``."""
     torch.manual_seed(seed)
     return build_model("mlp", in_features=data.features.shape[1],
                        num_classes=data.num_classes, hidden=[64])
@@ -87,7 +95,7 @@ def _model(data: Dataset, seed: int) -> torch.nn.Module:
 
 def centralized_plain(train: Dataset, test: Dataset, *, epochs: int, seed: int) -> float:
     """Hold-out accuracy of plain mini-batch SGD on the pooled data."""
-    model = _model(train, seed)
+    model = model_for(train, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.from_numpy(train.features)
     y = torch.from_numpy(train.labels)
@@ -113,15 +121,16 @@ def centralized_dp(train: Dataset, test: Dataset, plan: TrainingPlanSettings, *,
                             delta=DELTA, budget=epsilon)
     settings = DPSettings(noise_multiplier=sigma, max_grad_norm=plan.max_grad_norm,
                           batch_size=plan.batch_size, epochs=epochs, lr=plan.lr)
-    model = _model(train, seed)
+    model = model_for(train, seed)
     result = train_delta(model, train, settings, delta=DELTA)
     add_to_parameters(model, result.delta_vector)
     return float(evaluate(model, test)[0]), sigma
 
 
 def federated(options: UtilityOptions, plan: TrainingPlanSettings, rounds: int,
-              work: Path, *, model_seed: int | None = None) -> dict[str, Any]:
-    """Run a real federation in this process; returns its summary."""
+              work: Path, *, model_seed: int | None = None,
+              protection: str = "he") -> dict[str, Any]:
+    """Run a real federation in this process under ``protection``; returns its summary."""
     from secure_fed.he.bundle import MasterBundle, SlaveBundle
     from secure_fed.master.provision import FederationPlan, init_federation
     from secure_fed.master.server import Master
@@ -135,7 +144,9 @@ def federated(options: UtilityOptions, plan: TrainingPlanSettings, rounds: int,
         rounds=rounds, min_slaves=options.slaves,
         seed=options.seed if model_seed is None else model_seed,
         model=ModelSpec.for_data("mlp", int(data.features.shape[1]), data.num_classes),
-        training=plan, encryption=EncryptionSettings(max_weight_per_slave=65536, workers=1),
+        training=plan, encryption=EncryptionSettings(
+            protection=protection,  # type: ignore[arg-type]
+            max_weight_per_slave=65536, workers=1),
         limits=LimitSettings(join_timeout_s=120, upload_deadline_s=600),
         evaluation=EvaluationSettings(dataset=options.dataset, seed=options.seed),
     ), force=True)
@@ -164,7 +175,7 @@ def run_utility_bench(options: UtilityOptions, *, work_dir: Path | None = None) 
     from secure_fed.demo import DEMO_ROUNDS, demo_training
 
     plan = TrainingPlanSettings(epsilon=options.epsilon, delta=DELTA)
-    train = _pooled(options)
+    train = pooled(options.dataset, options.slaves, options.seed)
     test = master_holdout(options.dataset, seed=options.seed)
     epochs = (options.rounds or DEMO_ROUNDS["delta"]) * plan.epochs
     if options.repeats < 1:
@@ -186,7 +197,8 @@ def run_utility_bench(options: UtilityOptions, *, work_dir: Path | None = None) 
             accuracies, epsilons = [], []
             for r, s in enumerate(seeds):
                 work = Path(work_dir or tmp) / mode / (f"run-{r}" if r else "")
-                summary = federated(options, mode_plan, rounds, work, model_seed=s)
+                summary = federated(options, mode_plan, rounds, work, model_seed=s,
+                                    protection=options.protection)
                 accuracies.append(summary["final_accuracy"])
                 epsilons += [v["epsilon"] for v in summary["slaves"].values()]
             accuracy = float(np.mean(accuracies))
@@ -195,7 +207,8 @@ def run_utility_bench(options: UtilityOptions, *, work_dir: Path | None = None) 
                           "vs_centralized_dp_points": 100 * (accuracy - dp)}
     return {
         "dataset": options.dataset, "epsilon": options.epsilon, "delta": DELTA,
-        "slaves": options.slaves, "train_records": len(train.labels),
+        "slaves": options.slaves, "protection": options.protection,
+        "train_records": len(train.labels),
         "test_records": len(test.labels),
         "repeats": options.repeats,
         "centralized_nodp_accuracy": float(np.mean(plain_runs)),
@@ -218,7 +231,8 @@ def format_utility(result: dict[str, Any]) -> str:
                      f"{run['vs_centralized_dp_points']:+.1f}"))
     lines = [f"{result['dataset']}: {result['train_records']} training records, "
              f"{result['test_records']} held out, δ={result['delta']:g}; federations use DP "
-             "at every slave and homomorphic encryption; accuracy is the mean of "
+             f"at every slave and {PROTECTION_WORDS[result['protection']]}; accuracy is the "
+             "mean of "
              f"{result['repeats']} run(s)",
              f"{'training':<44} {'accuracy':>9} {'ε':>7} {'vs central DP':>14}"]
     lines += [f"{name:<44} {acc:>9.3f} {eps:>7} {diff:>14}" for name, acc, eps, diff in rows]

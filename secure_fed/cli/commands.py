@@ -278,6 +278,64 @@ def parse_modes(text: str) -> tuple[str, ...]:
     return modes
 
 
+def _items(text: str) -> tuple[str, ...]:
+    """``a, b,a`` → ``("a", "b")``: a comma list, blanks and repeats dropped."""
+    return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+
+
+def parse_counts(flag: str, text: str) -> tuple[int, ...]:
+    """``--slaves 3,8,16`` → ``(3, 8, 16)``; a single number is a list of one."""
+    try:
+        counts = tuple(int(x) for x in _items(text))
+    except ValueError:
+        counts = ()
+    if not counts:
+        raise ConfigError(f"{flag} {text!r}: give a number or a comma list of numbers, "
+                          "e.g. 3,8,16")
+    return counts
+
+
+def _bench_utility(args: argparse.Namespace) -> int:
+    """``bench utility``: the update modes at each slave count, or with ``--dp`` the DP
+    mechanisms of FedSGD against centralized DP-SGD."""
+    slaves = parse_counts("--slaves", args.slaves)
+    if args.dp is not None:
+        from secure_fed.bench.utility_dp import (
+            DEFAULT_ROUNDS,
+            DPUtilityOptions,
+            format_dp_utility,
+            run_dp_utility_bench,
+        )
+
+        if args.modes is not None and parse_modes(args.modes) != ("gradient",):
+            raise ConfigError("--dp compares gradient-mode federations (FedSGD): drop --modes, "
+                              "or give --modes gradient")
+        options = DPUtilityOptions(
+            dataset=args.dataset, epsilon=args.epsilon, slaves=slaves, dp=_items(args.dp),
+            rounds=args.rounds or DEFAULT_ROUNDS, seed=args.seed,
+            repeats=args.repeats if args.repeats is not None else 3,
+            protection=args.protection or "mask")
+        result = run_dp_utility_bench(options)
+        print(format_dp_utility(result))
+        if args.json:
+            print(json.dumps(result))
+        return 0
+    from secure_fed.bench.utility import UtilityOptions, format_utility, run_utility_bench
+
+    modes = parse_modes(args.modes or "delta,gradient,distill")
+    results = []
+    for count in slaves:
+        result = run_utility_bench(UtilityOptions(
+            dataset=args.dataset, epsilon=args.epsilon, slaves=count, rounds=args.rounds,
+            seed=args.seed, modes=modes, repeats=args.repeats if args.repeats is not None else 1,
+            protection=args.protection or "he"))
+        print(format_utility(result), flush=True)
+        results.append(result)
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "round":
         from secure_fed.bench.round import (
@@ -288,20 +346,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             write_round_plots,
         )
 
-        def items(text: str) -> tuple[str, ...]:
-            return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
-
-        try:
-            slaves = tuple(int(x) for x in items(args.slaves))
-        except ValueError:
-            raise ConfigError(f"--slaves {args.slaves!r}: give a comma list of numbers, "
-                              "e.g. 2,4,8") from None
-        options = RoundOptions(modes=items(args.modes), presets=items(args.presets),
-                               sizes=parse_sizes(args.sizes), slaves=slaves,
-                               rounds=args.rounds, seed=args.seed, wire=args.wire)
+        options = RoundOptions(modes=_items(args.modes), presets=_items(args.presets),
+                               sizes=parse_sizes(args.sizes),
+                               slaves=parse_counts("--slaves", args.slaves),
+                               rounds=args.rounds, seed=args.seed, wire=args.wire,
+                               dp=_items(args.dp) if args.dp is not None else ())
         rows = run_round_bench(options, work_dir=args.keep, on_row=lambda row: print(
             f"measured {row['mode']} {row['preset']} {row['params']:,} parameters, "
-            f"{row['slaves']} slaves: {row['seconds_per_round']:.2f} s/round", flush=True))
+            f"{row['slaves']} slaves"
+            + (f", {row['dp']} DP" if row.get("dp") else "")
+            + f": {row['seconds_per_round']:.2f} s/round", flush=True))
         print(format_round_table(rows))
         if args.plot is not None:
             for path in write_round_plots(rows, args.plot):
@@ -310,15 +364,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(json.dumps(rows))
         return 0
     if args.bench_command == "utility":
-        from secure_fed.bench.utility import UtilityOptions, format_utility, run_utility_bench
-
-        result = run_utility_bench(UtilityOptions(
-            dataset=args.dataset, epsilon=args.epsilon, slaves=args.slaves, rounds=args.rounds,
-            seed=args.seed, modes=parse_modes(args.modes), repeats=args.repeats))
-        print(format_utility(result))
-        if args.json:
-            print(json.dumps(result))
-        return 0
+        return _bench_utility(args)
 
     from secure_fed.bench.codec import format_table, run_codec_bench
     from secure_fed.he.presets import DEFAULT_PRESET

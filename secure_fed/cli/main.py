@@ -283,21 +283,37 @@ def build_parser() -> argparse.ArgumentParser:
                          "without DP, centralized DP-SGD on the pooled data, and a real "
                          "federation (DP-SGD at each slave, encrypted FedAvg over mutual TLS on "
                          "127.0.0.1) at the same ε, once per update mode, and print the "
-                         "hold-out accuracies side by side. Takes a few minutes with the "
-                         "defaults.")
+                         "hold-out accuracies side by side. With --dp: compare FedSGD "
+                         "(gradient mode) with local and with distributed DP against "
+                         "centralized DP-SGD running the same plan, for each --slaves count. "
+                         "Takes a few minutes with the defaults.")
     u.add_argument("--dataset", default="digits", help="bundled dataset (default digits)")
     u.add_argument("--epsilon", type=float, default=3.0, help="ε at δ=1e-5 (default 3)")
-    u.add_argument("--slaves", type=int, default=3, help="slaves (default 3)")
+    u.add_argument("--slaves", default="3",
+                   help="slaves, or a comma list of slave counts to run the comparison at "
+                   "(e.g. 3,8,16; default 3)")
     u.add_argument("--rounds", type=int, default=None,
-                   help="federation rounds (default: each mode's demo default, 10 or 40)")
-    u.add_argument("--modes", default="delta,gradient,distill",
+                   help="federation rounds (default: each mode's demo default, 10 or 40; 40 "
+                   "with --dp)")
+    u.add_argument("--modes", default=None,
                    help="comma-separated update modes to run a federation for "
-                   "(default delta,gradient,distill)")
+                   "(default delta,gradient,distill; --dp runs gradient only)")
+    u.add_argument("--dp", default=None, metavar="MECHANISMS",
+                   help="comma list among local, distributed: compare gradient-mode "
+                   "federations with each DP mechanism (distributed: every slave adds a share "
+                   "of the noise, all must survive) against centralized DP-SGD on the same "
+                   "FedSGD plan (full batches, as many steps as rounds, the same C and lr)")
+    u.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default=None,
+                   help="protection of every federation (default he; mask with --dp, which "
+                   "runs under mask or he+mask only: the accuracy does not depend on which, "
+                   "and mask is the faster)")
     u.add_argument("--seed", type=int, default=0, help="seed of the split and model")
-    u.add_argument("--repeats", type=int, default=1,
-                   help="runs of every arm, reported as their mean (default 1; one DP run "
-                   "varies by a few points with its noise)")
-    u.add_argument("--json", action="store_true", help="end with one JSON line")
+    u.add_argument("--repeats", type=int, default=None,
+                   help="runs of every arm, reported as their mean and each run (default 1; 3 "
+                   "with --dp; one DP run varies by a few points with its noise)")
+    u.add_argument("--json", action="store_true",
+                   help="end with one JSON line (a list when --slaves gives several counts "
+                   "without --dp)")
     r = bench.add_parser("round", help="seconds and bytes of a federation round per protection",
                          description="Run a real federation on 127.0.0.1 (mutual TLS, DP-SGD at "
                          "every slave except in the no-dp baseline, one encryption worker per "
@@ -317,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of parameter targets (10000, 100k, 1M) or names small "
                    "(10K), medium (100K), large (1M), xlarge (10M) (default small,medium)")
     r.add_argument("--slaves", default="2,4", help="comma list of slave counts (default 2,4)")
+    r.add_argument("--dp", default=None, metavar="MECHANISMS",
+                   help="comma list among local, distributed: run every federation in "
+                   "gradient mode (FedSGD, full batches) with each DP mechanism, to compare "
+                   "their bytes per value and round times (distributed: mask and he+mask only, "
+                   "at least 3 slaves; the masked values live in the smaller ring distributed "
+                   "DP sizes). Without it: delta mode, local DP")
     r.add_argument("--rounds", type=int, default=2, help="rounds per federation (default 2)")
     r.add_argument("--seed", type=int, default=0, help="seed of the split and model")
     r.add_argument("--plot", type=Path, default=None, metavar="DIR",
