@@ -59,8 +59,8 @@ def test_dp_comparison_puts_distributed_dp_at_the_noise_of_centralized_dp_sgd(
     (row,) = result["federated"]
     local, distributed = row["local"], row["distributed"]
     # distributed: the sum carries σ once, enlarged only by the count release's share of ε and
-    # the rounding's sensitivity (at most 3 %); local: each of the 3 slaves adds its own σ
-    assert sigma < distributed["sum_sigma"] < 1.04 * sigma
+    # the rounding's sensitivity (at most 6 %); local: each of the 3 slaves adds its own σ
+    assert sigma < distributed["sum_sigma"] < 1.07 * sigma
     assert sigma <= local["sigma"] < 1.01 * sigma
     assert local["sum_sigma"] == pytest.approx(math.sqrt(3) * local["sigma"])
     central = result["centralized_dp_accuracy"]

@@ -32,7 +32,7 @@ the aggregate, (σ, 1, 1): the federation's guarantee. The ε of one update alon
 
 With ``noise=False`` the same plan runs with the least noise the mechanism accepts: the noise
 multiplier that makes each share's scale
-:data:`~secure_fed.privacy.distributed.MIN_SHARE_SCALE` grid units (about 0.005 for the
+:data:`~secure_fed.privacy.distributed.MIN_SHARE_SCALE` grid units (about 0.01 for the
 defaults, against σ ≈ 3.8), on the same grid, clamp and ring, while the accountant keeps the
 calibrated σ. Only the size of the noise changes and every line of the mechanism still runs:
 a federation whose σ went wrong on its way to the slaves. The bound then exceeds the

@@ -93,7 +93,7 @@ class DistributedDPSettings(_Strict):
         expected_records: the typical record count of a slave (a planning figure, never
             sent): sizes the clamp of each slave's sum and so the ring.
         granularity_bits: the grid has 2^g steps per clipping norm (``None``: the smallest
-            that adds at most 3 % to the sensitivity).
+            that adds at most 6 % to the sensitivity).
         coordinate_bound: each rotated coordinate of a slave's sum is clamped to this many
             clipping norms (``None``: from the expected batch and the model's size).
         noise_multiplier: σ of the aggregate (set by ``init`` from ε, δ, q and the rounds).
