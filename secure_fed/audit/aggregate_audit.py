@@ -53,12 +53,17 @@ import torch.nn.functional as F
 
 from secure_fed.audit.onerun import (
     DEFAULT_CONFIDENCE,
-    check_guess_plan,
     epsilon_lower_bound,
     guess_membership,
 )
-from secure_fed.audit.update_audit import canary_scores, clipped_gradients, make_gradient_canaries
-from secure_fed.data.datasets import BUNDLED_DATASETS, Dataset
+from secure_fed.audit.update_audit import (
+    canary_scores,
+    check_canary_options,
+    clipped_gradients,
+    guesses_per_side,
+    make_gradient_canaries,
+)
+from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import slave_partition
 from secure_fed.errors import AuditError
 from secure_fed.models.registry import build_model
@@ -112,22 +117,17 @@ class AggregateAuditOptions:
 
     def per_side(self) -> int:
         """k, the guesses made on each side."""
-        return max(1, self.canaries // 4) if self.guesses is None else self.guesses
+        return guesses_per_side(self.canaries, self.guesses)
 
     def validate(self) -> None:
         """Raise :class:`AuditError` naming the first bad option."""
-        if self.dataset not in BUNDLED_DATASETS:
-            raise AuditError(f"--dataset must be one of {', '.join(BUNDLED_DATASETS)}, got "
-                             f"{self.dataset!r}")
-        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise AuditError(f"--epsilon must be finite and > 0, got {self.epsilon}")
-        for name, value, low, high in (("canaries", self.canaries, 2, 1000),
-                                       ("slaves", self.slaves, 2, MAX_SLAVES),
+        for name, value, low, high in (("slaves", self.slaves, 2, MAX_SLAVES),
                                        ("colluders", self.colluders, 0, self.slaves - 1)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise AuditError(f"--{name} must be an integer between {low} and {high}, got "
                                  f"{value!r}")
-        check_guess_plan(self.per_side(), self.canaries, self.confidence)
+        check_canary_options(self.dataset, self.epsilon, self.canaries, self.per_side(),
+                             self.confidence)
 
 
 @dataclass(frozen=True)

@@ -109,22 +109,35 @@ class UpdateAuditOptions:
 
     def per_side(self) -> int:
         """k, the guesses made on each side."""
-        return max(1, self.canaries // 4) if self.guesses is None else self.guesses
+        return guesses_per_side(self.canaries, self.guesses)
 
     def validate(self) -> None:
         """Raise :class:`AuditError` naming the first bad option."""
         if self.mode not in AUDIT_MODES:
             raise AuditError(f"--mode must be one of {', '.join(AUDIT_MODES)}, got {self.mode!r}")
-        if self.dataset not in BUNDLED_DATASETS:
-            raise AuditError(f"--dataset must be one of {', '.join(BUNDLED_DATASETS)}, got "
-                             f"{self.dataset!r}")
-        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise AuditError(f"--epsilon must be finite and > 0, got {self.epsilon}")
-        if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or not (
-                2 <= self.canaries <= 1000):
-            raise AuditError(f"--canaries must be an integer between 2 and 1000, got "
-                             f"{self.canaries!r}")
-        check_guess_plan(self.per_side(), self.canaries, self.confidence)
+        check_canary_options(self.dataset, self.epsilon, self.canaries, self.per_side(),
+                             self.confidence)
+
+
+def guesses_per_side(canaries: int, guesses: int | None) -> int:
+    """k, the guesses made on each side: ``guesses``, or a quarter of the canaries."""
+    return max(1, canaries // 4) if guesses is None else guesses
+
+
+def check_canary_options(dataset: str, epsilon: float, canaries: int, per_side: int,
+                         confidence: float) -> None:
+    """Raise :class:`AuditError` naming the first bad option a canary audit shares: the
+    dataset, ε, the number of canaries and the guess plan."""
+    if dataset not in BUNDLED_DATASETS:
+        raise AuditError(f"--dataset must be one of {', '.join(BUNDLED_DATASETS)}, got "
+                         f"{dataset!r}")
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise AuditError(f"--epsilon must be finite and > 0, got {epsilon}")
+    if isinstance(canaries, bool) or not isinstance(canaries, int) or not (
+            2 <= canaries <= 1000):
+        raise AuditError(f"--canaries must be an integer between 2 and 1000, got "
+                         f"{canaries!r}")
+    check_guess_plan(per_side, canaries, confidence)
 
 
 @dataclass(frozen=True)
