@@ -235,7 +235,9 @@ class AggregationPipeline:
         unmasked = await state.secagg.unmasked_sum(total, self._connections.send,
                                                    time.monotonic())
         if self.distributed is not None:
-            return self._distributed_average(unmasked, contributors, weight, state.start.nonce)
+            # the inverse rotation is a DCT of every value (0.24 s at 1M): off the event loop
+            return await asyncio.to_thread(self._distributed_average, unmasked, contributors,
+                                           weight, state.start.nonce)
         return ring_to_average(unmasked, weight, self.params)
 
     def _distributed_average(self, ring_sum: np.ndarray, contributors: int, total_weight: int,
