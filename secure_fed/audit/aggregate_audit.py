@@ -44,8 +44,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -57,6 +56,7 @@ from secure_fed.audit.onerun import (
     guess_membership,
 )
 from secure_fed.audit.update_audit import (
+    AuditVerdict,
     canary_scores,
     check_canary_options,
     clipped_gradients,
@@ -131,7 +131,7 @@ class AggregateAuditOptions:
 
 
 @dataclass(frozen=True)
-class AggregateAuditResult:
+class AggregateAuditResult(AuditVerdict):
     """What the audit of the aggregate view measured.
 
     Args:
@@ -177,16 +177,6 @@ class AggregateAuditResult:
     score_excluded: float
     seconds: float
 
-    @property
-    def consistent(self) -> bool:
-        """The lower bound does not exceed the accountant's ε of the aggregate."""
-        return self.epsilon_lower_bound <= self.accountant_epsilon
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-safe dict with ``consistent`` added."""
-        out = asdict(self)
-        out["consistent"] = self.consistent
-        return out
 
 
 def floor_noise_multiplier(settings: DistributedSettings, mechanism: DistributedMechanism

@@ -140,8 +140,28 @@ def check_canary_options(dataset: str, epsilon: float, canaries: int, per_side: 
     check_guess_plan(per_side, canaries, confidence)
 
 
+class AuditVerdict:
+    """What every canary audit's result says of itself: whether its lower bound stays within
+    the accountant's ε, and a JSON form (for dataclasses with ``epsilon_lower_bound`` and
+    ``accountant_epsilon``)."""
+
+    epsilon_lower_bound: float
+    accountant_epsilon: float
+
+    @property
+    def consistent(self) -> bool:
+        """The lower bound does not exceed the accountant's ε."""
+        return self.epsilon_lower_bound <= self.accountant_epsilon
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict with ``consistent`` added."""
+        out = asdict(self)  # type: ignore[call-overload]
+        out["consistent"] = self.consistent
+        return out
+
+
 @dataclass(frozen=True)
-class UpdateAuditResult:
+class UpdateAuditResult(AuditVerdict):
     """What the audit of one update measured.
 
     Args:
@@ -181,16 +201,6 @@ class UpdateAuditResult:
     score_excluded: float
     seconds: float
 
-    @property
-    def consistent(self) -> bool:
-        """The lower bound does not exceed the accountant's ε."""
-        return self.epsilon_lower_bound <= self.accountant_epsilon
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-safe dict with ``consistent`` added."""
-        out = asdict(self)
-        out["consistent"] = self.consistent
-        return out
 
 
 def make_gradient_canaries(count: int, features: int, classes: int, seed: int) -> Dataset:
