@@ -25,9 +25,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/secure-fed demo --out demo-run
 
+# Two workers (pytest-xdist), one per core of the CI machine: the suite takes about 8.5
+# minutes instead of 13-16.
 test: $(STAMP) chromium
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 # tests/test_audit_report.py renders the HTML audit report in headless Chromium (Debian's
 # package chromium, about 125 MB to download). Installed here when missing, as root with
