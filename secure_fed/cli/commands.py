@@ -64,7 +64,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     plan = FederationPlan(
         federation_id=fed_id, slaves=args.slaves, host=args.host, port=args.port,
         listen_host=args.listen, rounds=args.rounds, min_slaves=args.min_slaves,
-        model=ModelSpec.for_data(args.architecture, features, classes),
+        model=ModelSpec.for_data(args.architecture, features, classes,
+                                 image=schema.image if schema is not None else None),
         training=_init_training(args, features, classes),
         encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records,
                                       protection=_protection(args, len(args.slaves))),
@@ -176,7 +177,11 @@ def cmd_slave(args: argparse.Namespace) -> int:
     import torch
 
     from secure_fed.he.bundle import SlaveBundle
-    from secure_fed.privacy.data_source import file_source_id, remember_data_file
+    from secure_fed.privacy.data_source import (
+        arrays_source_id,
+        data_source_id,
+        remember_data_file,
+    )
     from secure_fed.slave.client import Slave
     from secure_fed.slave.sources import load_private_data
 
@@ -186,7 +191,7 @@ def cmd_slave(args: argparse.Namespace) -> int:
     # Checked against the federation's schema before anything connects or spends budget.
     data = load_private_data(data=args.data, label_column=args.label_column,
                              dataset=args.dataset, partition=args.partition,
-                             schema=bundle.config.data_schema)
+                             schema=bundle.config.data_schema, data_source=args.data_source)
     torch.set_num_threads(max(1, args.threads))
     console = Console(highlight=False, soft_wrap=True)
 
@@ -194,9 +199,11 @@ def cmd_slave(args: argparse.Namespace) -> int:
         console.log(f"{bundle.config.slave_id}: {kind} {json.dumps(info, default=str)}")
 
     source_id = args.source_id
-    if source_id is None and args.data is not None:
-        source_id = file_source_id(args.data)
-        previous = remember_data_file(args.data, source_id)
+    if source_id is None and args.data_source is not None:
+        source_id = arrays_source_id(data.features, data.labels)  # what the source returned
+    elif source_id is None and args.data is not None:
+        source_id = data_source_id(Path(args.data))
+        previous = remember_data_file(Path(args.data), source_id)
         if previous is not None:
             raise ConfigError(
                 f"{args.data} was data source '{previous}' when it was last used, and its "

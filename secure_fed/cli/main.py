@@ -192,7 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "before connecting, and scaled with its public ranges), or a bundled "
                        "dataset part with --dataset NAME --partition I/K for trials.")
     p.add_argument("bundle", type=Path, metavar="SLAVE_DIR")
-    p.add_argument("--data", type=Path, default=None, help="CSV (or NPZ) file of private data")
+    p.add_argument("--data", default=None, metavar="FILE_OR_FOLDER",
+                   help="private data: a CSV, Parquet or NPZ file, a folder of images with one "
+                   "subfolder per class, or what --data-source reads")
+    p.add_argument("--data-source", default=None, metavar="NAME",
+                   help="read --data with the data source NAME that an installed package "
+                   "registers (entry-point group secure_fed.datasources)")
     p.add_argument("--label-column", default=None,
                    help="column of --data holding the label (default: the schema's label column)")
     p.add_argument("--dataset", default=None, help="bundled dataset: digits, breast_cancer, wine")

@@ -32,6 +32,11 @@ A schema file (``secure-fed init --schema schema.toml``) holds the same fields::
 
 ``scaled = true`` at the top level marks every feature without a range as already scaled; a
 feature may then be given by its name alone (``features = ["a", "b"]``).
+
+An image federation has an ``[image]`` table (channels, height, width; see
+:mod:`secure_fed.config.image`) and no feature columns (``features = []``): the model's inputs
+are the pixels. Without that table the schema, its canonical form and its digest are exactly
+those of a table schema.
 """
 
 from __future__ import annotations
@@ -44,8 +49,17 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
+from secure_fed.config.image import ImageSpec
 from secure_fed.errors import ConfigError, DataError
 
 MAX_SCHEMA_FEATURES = 10_000
@@ -117,15 +131,18 @@ class DataSchema(BaseModel):
         scale_to: the interval each ranged feature is mapped to: ``"-1..1"`` (the default:
             centred inputs, which SGD trains faster on for measurements such as lab values)
             or ``"0..1"`` (e.g. pixel intensities, as the built-in ``digits`` schema uses).
+        image: for image data, the ``channels × height × width`` every image is converted to;
+            ``features`` is then empty. ``None`` (the default): a table of feature columns.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     label: str
     classes: list[str] = Field(min_length=2, max_length=MAX_SCHEMA_CLASSES)
-    features: list[FeatureSpec] = Field(min_length=1, max_length=MAX_SCHEMA_FEATURES)
+    features: list[FeatureSpec] = Field(max_length=MAX_SCHEMA_FEATURES)
     scaled: bool = False
     scale_to: Literal["-1..1", "0..1"] = "-1..1"
+    image: ImageSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -144,6 +161,15 @@ class DataSchema(BaseModel):
             features.append(item)
         return {**data, "features": features}
 
+    @model_serializer(mode="wrap")
+    def _image_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # ``image`` is written only when set: a table schema's dump, canonical JSON and digest
+        # stay what they were before image schemas existed, and older slaves still read it.
+        data: dict[str, Any] = handler(self)
+        if self.image is None:
+            data.pop("image", None)
+        return data
+
     @model_validator(mode="after")
     def _names(self) -> DataSchema:
         _check_name(self.label, "label column")
@@ -157,6 +183,12 @@ class DataSchema(BaseModel):
             raise ValueError(f"feature names must be distinct; repeated: {dupes}")
         if self.label in names:
             raise ValueError(f"the label column {self.label!r} is also listed as a feature")
+        if self.image is None and not names:
+            raise ValueError("features must list at least one column (or add an [image] table "
+                             "for image data)")
+        if self.image is not None and names:
+            raise ValueError("an image schema's inputs are its pixels: leave features empty "
+                             "(features = []) next to the [image] table")
         return self
 
     @property
@@ -166,7 +198,9 @@ class DataSchema(BaseModel):
 
     @property
     def num_features(self) -> int:
-        """F, the model's number of inputs."""
+        """F, the model's number of inputs (C·H·W for an image schema)."""
+        if self.image is not None:
+            return self.image.size
         return len(self.features)
 
     @property
@@ -198,6 +232,10 @@ def schema_difference(ours: DataSchema, theirs: DataSchema) -> str | None:
         return f"label column {theirs.label!r} instead of {ours.label!r}"
     if ours.classes != theirs.classes:
         return f"classes {theirs.classes} instead of {ours.classes}"
+    if ours.image != theirs.image:
+        def shape(image: ImageSpec | None) -> str:
+            return "a table" if image is None else f"{image.describe()} images"
+        return f"{shape(theirs.image)} instead of {shape(ours.image)}"
     if ours.feature_names != theirs.feature_names:
         if ours.num_features != theirs.num_features:
             return f"{theirs.num_features} features instead of {ours.num_features}"

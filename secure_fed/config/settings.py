@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from secure_fed.config.image import ImageSpec
 from secure_fed.config.schema import DataSchema
 from secure_fed.durable import atomic_write_bytes
 from secure_fed.errors import ConfigError
@@ -42,9 +43,23 @@ class ModelSpec(_Strict):
     )
 
     @classmethod
-    def for_data(cls, architecture: str, features: int, classes: int) -> ModelSpec:
+    def for_data(cls, architecture: str, features: int, classes: int, *,
+                 image: ImageSpec | None = None) -> ModelSpec:
         """The spec of ``architecture`` for ``features`` inputs and ``classes`` outputs
-        (an ``mlp`` gets one hidden layer of 64, the demo model)."""
+        (an ``mlp`` gets one hidden layer of 64, the demo model).
+
+        With ``image`` (an image schema's ``[image]`` table) ``cnn8`` gets its ``in_channels``;
+        ``cnn8`` takes 8×8 images only, so another size is refused here, before any bundle is
+        written.
+        """
+        if image is not None and architecture == "cnn8":
+            if (image.height, image.width) != (8, 8):
+                raise ConfigError(
+                    f"cnn8 takes 8×8 images, the data schema asks for {image.describe()}; set "
+                    "height = 8 and width = 8 in its [image] table (images are resized to it) "
+                    "or choose another architecture")
+            return cls(architecture="cnn8", kwargs={"num_classes": classes,
+                                                    "in_channels": image.channels})
         if architecture == "mlp":
             return cls(architecture="mlp", kwargs={"in_features": features,
                                                    "num_classes": classes, "hidden": [64]})

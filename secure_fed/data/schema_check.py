@@ -1,11 +1,15 @@
-"""A data owner's table, checked against the federation's data schema and scaled with it.
+"""A data owner's data, checked against the federation's data schema and scaled with it.
 
-:func:`load_checked` is what ``secure-fed slave --data FILE`` runs before it connects: the
-table must hold exactly the schema's feature columns (in any order: they are reordered by
-name) and its label column, every value must be a number and every label one of the schema's
-classes. Each violation is one :class:`~secure_fed.errors.DataError` naming the file, the
-column and what was expected. Values outside a column's public range are not an error: they
-are clipped, and the count per column goes to this party's log only.
+:func:`load_checked` is what ``secure-fed slave --data FILE_OR_FOLDER`` runs before it
+connects. It picks the reader by what ``--data`` names: a folder is an image folder
+(:mod:`secure_fed.data.images`), ``.parquet`` a Parquet table (:mod:`secure_fed.data.parquet`),
+``.npz`` NumPy arrays, anything else CSV; ``--data-source NAME`` an installed reader
+(:mod:`secure_fed.data.installed_sources`). A table must hold exactly the schema's feature
+columns (in any order: they are reordered by name) and its label column, every value must be a
+number and every label one of the schema's classes. Each violation is one
+:class:`~secure_fed.errors.DataError` naming the file, the column and what was expected.
+Values outside a column's public range are not an error: they are clipped, and the count per
+column goes to this party's log only.
 """
 
 from __future__ import annotations
@@ -124,16 +128,41 @@ def _load_npz(path: Path, schema: DataSchema, max_bytes: int) -> Dataset:
 
 
 def load_checked(path: str | Path, schema: DataSchema, *, label_column: str | None = None,
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> Dataset:
-    """:func:`load_table`, then scaled with the schema's public ranges (clipping logged here).
+                 max_bytes: int = DEFAULT_MAX_BYTES, source: str | None = None) -> Dataset:
+    """The data at ``path`` checked against ``schema`` and scaled with its public constants.
 
     Args:
-        path: the CSV or NPZ file.
+        path: an image folder, a Parquet, NPZ or CSV file, or (with ``source``) what the
+            installed source reads.
         schema: the federation's schema.
-        label_column: the CSV's label column (default: the schema's ``label``).
+        label_column: a table's label column (default: the schema's ``label``).
         max_bytes: largest file accepted (bytes).
+        source: the name of an installed data source (``secure_fed.datasources``) that reads
+            ``path``; ``None``: chosen by what ``path`` is.
+
+    Raises:
+        DataError: the data does not fit the schema, in one line naming the file and what was
+            expected.
     """
-    table = load_table(path, schema, label_column=label_column, max_bytes=max_bytes)
+    if source is not None:
+        from secure_fed.data.installed_sources import load_installed
+
+        return load_installed(source, str(path), schema)
+    p = Path(path)
+    if p.is_dir():
+        from secure_fed.data.images import load_image_folder
+
+        return load_image_folder(p, schema)
+    if schema.image is not None:
+        raise DataError(f"{str(p)!r} is not a folder, but the federation's schema is for "
+                        f"{schema.image.describe()} images: give --data a folder with one "
+                        "subfolder of images per class")
+    if p.suffix.lower() in (".parquet", ".pq"):
+        from secure_fed.data.parquet import load_parquet
+
+        table = load_parquet(p, schema, label_column=label_column, max_bytes=max_bytes)
+    else:
+        table = load_table(p, schema, label_column=label_column, max_bytes=max_bytes)
     scaled = scale_with_schema(table, schema)
     logger.info("%s: %d records checked against schema sha256 %s… and scaled with its public "
                 "ranges", table.name, len(table), schema.digest[:12])

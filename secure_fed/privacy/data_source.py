@@ -65,6 +65,39 @@ def file_source_id(path: Path) -> str:
     return f"data-{digest.hexdigest()[:16]}"
 
 
+def folder_source_id(folder: Path) -> str:
+    """``data-`` and 16 hex digits of a SHA-256 over a folder's files: each file's path relative
+    to the folder (sorted, ``/``-separated) and its bytes.
+
+    Renaming, adding, removing or changing any file gives another id; copying the folder
+    elsewhere keeps it. Hidden entries (``.name``) are left out, as the image loader leaves
+    them out; symbolic links are not followed into folders.
+    """
+    root = Path(folder)
+    files: list[tuple[str, Path]] = []
+    for directory, subdirs, names in os.walk(root, followlinks=False):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith("."):
+                path = Path(directory) / name
+                files.append((path.relative_to(root).as_posix(), path))
+    digest = hashlib.sha256()
+    for relative, path in sorted(files):
+        encoded = relative.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "big") + encoded)
+        digest.update(path.stat().st_size.to_bytes(8, "big"))
+        with open(path, "rb") as handle:
+            while block := handle.read(2**20):
+                digest.update(block)
+    return f"data-{digest.hexdigest()[:16]}"
+
+
+def data_source_id(path: Path) -> str:
+    """The fingerprint of ``--data``: :func:`folder_source_id` of a folder, else
+    :func:`file_source_id`."""
+    return folder_source_id(path) if Path(path).is_dir() else file_source_id(path)
+
+
 def arrays_source_id(features: np.ndarray, labels: np.ndarray) -> str:
     """``data-`` and 16 hex digits of the SHA-256 of a dataset's arrays (shape and bytes)."""
     digest = hashlib.sha256()

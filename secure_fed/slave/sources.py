@@ -30,26 +30,33 @@ def bundled_part(name: str, partition: str, *, seed: int = 0, test_fraction: flo
 
 
 def load_private_data(
-    *, data: Path | None, label_column: str | None, dataset: str | None,
+    *, data: str | Path | None, label_column: str | None, dataset: str | None,
     partition: str | None, seed: int = 0, schema: DataSchema | None = None,
+    data_source: str | None = None,
 ) -> Dataset:
-    """The slave's training data from exactly one of ``data`` (CSV/NPZ) or ``dataset``.
+    """The slave's training data from exactly one of ``data`` (a CSV, NPZ or Parquet file, an
+    image folder, or what ``data_source`` reads) or ``dataset``.
 
     Args:
-        data: the data owner's own table, checked against ``schema`` (columns, numbers,
-            labels among its classes) and scaled with its public ranges.
+        data: the data owner's own data, checked against ``schema`` (columns, numbers,
+            labels among its classes; or images of its classes) and scaled with its public
+            constants.
         label_column: the table's label column (default: the schema's).
         dataset: a bundled dataset (trials), scaled with ``schema`` or its built-in schema.
         partition: ``I/K``, the part of ``dataset`` (default ``0/1``).
         seed: seed of the bundled dataset's split.
         schema: the federation's data schema from this slave's bundle.
+        data_source: an installed data source (``secure_fed.datasources``) that reads ``data``.
 
     Raises:
         DataError: the table does not fit the schema, or there is no schema for a table.
     """
     if (data is None) == (dataset is None):
-        raise DataError("give exactly one of --data FILE (your own table) or --dataset NAME "
-                        "--partition I/K (a bundled dataset, for trials)")
+        raise DataError("give exactly one of --data FILE_OR_FOLDER (your own data) or --dataset "
+                        "NAME --partition I/K (a bundled dataset, for trials)")
+    if data_source is not None and data is None:
+        raise DataError(f"--data-source {data_source} reads what --data LOCATION names; give "
+                        "--data")
     if dataset is not None:
         if schema is not None and schema.feature_names != bundled_schema(dataset).feature_names:
             raise DataError(
@@ -64,4 +71,4 @@ def load_private_data(
             f"this slave's bundle names no data schema, so {str(data)!r} cannot be checked or "
             "scaled with public ranges; ask the federation's operator for a bundle made with "
             "`secure-fed init --schema FILE`")
-    return load_checked(data, schema, label_column=label_column)
+    return load_checked(data, schema, label_column=label_column, source=data_source)
