@@ -332,3 +332,31 @@ def test_the_slave_command_refuses_data_that_does_not_fit_before_connecting(
     code = main(["slave", str(fed / "slaves" / "a"), "--data-source", "toy", "--data", "x",
                  "--budget", "3", "--master-url", "wss://127.0.0.1:9"])
     assert code == 2 and "no data source 'toy' is installed" in capsys.readouterr().err
+
+
+def test_one_image_changes_no_other_images_features(tmp_path: Path) -> None:
+    # Each image is scaled with public constants only: replacing one leaves every other row
+    # bitwise identical (the per-record sensitivity DP-SGD assumes). Scaling with the folder's
+    # own brightest pixel instead would fail this.
+    root = _image_folder(tmp_path / "images")
+    before = load_checked(root, SMALL_IMAGES).features
+    Image.new("L", (4, 4), color=255).save(root / "dark" / "1.png")
+    after = load_checked(root, SMALL_IMAGES).features
+    assert not np.array_equal(before[1], after[1])
+    np.testing.assert_array_equal(np.delete(before, 1, axis=0), np.delete(after, 1, axis=0))
+
+
+def test_slave_check_reports_the_data_and_sends_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fed = tmp_path / "fed"
+    init_federation(fed, small_plan(["a", "b"], data_schema=SMALL_IMAGES,
+                                    model=ModelSpec.for_data("mlp", 16, 2,
+                                                             image=SMALL_IMAGES.image),
+                                    evaluation=EvaluationSettings(dataset=None)))
+    root = _image_folder(tmp_path / "images")
+    code = main(["slave", str(fed / "slaves" / "a"), "--data", str(root), "--check",
+                 "--master-url", "wss://127.0.0.1:9"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"{root}: 4 records of 1×4×4 images, classes dark, light: they fit" in out
+    assert f"data source '{folder_source_id(root)}'. Nothing was sent." in out

@@ -68,6 +68,11 @@ PARSED_ONLY: dict[str, str] = {
         "needs the run of the three-terminal federation of the same page",
     "secure-fed audit verify fed/master/run --ca fed/master/ca.pem":
         "needs the run of a federation across machines",
+    "secure-fed slave images/slaves/site-a --data sample-data/images/part-a --budget 10":
+        "needs a running master; the --check line before it runs",
+    "secure-fed slave tables/slaves/clinic-c --data-source warehouse --data clinic-c-2024 "
+    "--budget 10": "needs a running master and a package that registers the data source "
+                   "'warehouse' (tests/test_data_sources.py installs one)",
     "python examples/csv_federation.py --rounds 2":
         "a two-round federation of three processes; tests/test_examples.py runs it",
     # Measurements meant to take minutes.
@@ -416,6 +421,8 @@ def test_commands_of_each_page_run(doc: Path, tmp_path: Path,
         elif is_pytest(argv):
             result = _run([sys.executable, *argv[1:], "--collect-only", "-q",
                            "-p", "no:cacheprovider"], ROOT)
+        elif argv[1].startswith("examples/"):  # writes what the page's later commands read
+            result = _run([sys.executable, *argv[1:]], tmp_path)
         else:
             result = _run([sys.executable, *argv[1:]], ROOT)
         assert result.returncode == 0, f"{command.where}\n{_explain(result)}"

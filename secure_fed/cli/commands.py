@@ -194,6 +194,8 @@ def cmd_slave(args: argparse.Namespace) -> int:
                              schema=bundle.config.data_schema, data_source=args.data_source)
     torch.set_num_threads(max(1, args.threads))
     console = Console(highlight=False, soft_wrap=True)
+    if args.check:
+        return _report_check(args, data, bundle.config.data_schema, console)
 
     def show(kind: str, info: dict[str, object]) -> None:
         console.log(f"{bundle.config.slave_id}: {kind} {json.dumps(info, default=str)}")
@@ -226,6 +228,26 @@ def cmd_slave(args: argparse.Namespace) -> int:
                   f"{eps(report.federation_epsilon)}, over this data source's lifetime "
                   f"{eps(report.epsilon)} of {slave.ledger.budget_epsilon:g}; "
                   f"{report.finished_reason}")
+    return 0
+
+
+def _report_check(args: argparse.Namespace, data: Any, schema: Any, console: Console) -> int:
+    """``slave --check``: what was read, on this machine only; nothing connects or is spent."""
+    from secure_fed.privacy.data_source import arrays_source_id, data_source_id
+
+    where = args.data if args.data is not None else f"{args.dataset} part {args.partition}"
+    shape = (f"{schema.image.describe()} images" if schema is not None and schema.image
+             else f"{data.num_features} features")
+    if args.source_id is not None:
+        source_id = args.source_id
+    elif args.data is not None and args.data_source is None:
+        source_id = data_source_id(Path(args.data))
+    else:
+        source_id = arrays_source_id(data.features, data.labels)
+    digest = f" (sha256 {schema.digest[:12]}…)" if schema is not None else ""
+    console.print(f"{where}: {len(data)} records of {shape}, classes "
+                  f"{', '.join(data.class_names)}: they fit the federation's data schema{digest}; "
+                  f"data source '{source_id}'. Nothing was sent.")
     return 0
 
 

@@ -188,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("slave", help="take part in a federation as a data owner",
                        description="Connect to the master named in SLAVE_DIR/slave.toml and "
                        "train on private data that never leaves this machine. Give your own "
-                       "table with --data FILE (checked against the federation's data schema "
-                       "before connecting, and scaled with its public ranges), or a bundled "
+                       "data with --data FILE_OR_FOLDER (a CSV, Parquet or NPZ table, or a "
+                       "folder of images with one subfolder per class; checked against the "
+                       "federation's data schema before connecting, and scaled with its public "
+                       "ranges), or a bundled "
                        "dataset part with --dataset NAME --partition I/K for trials.")
     p.add_argument("bundle", type=Path, metavar="SLAVE_DIR")
     p.add_argument("--data", default=None, metavar="FILE_OR_FOLDER",
@@ -198,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-source", default=None, metavar="NAME",
                    help="read --data with the data source NAME that an installed package "
                    "registers (entry-point group secure_fed.datasources)")
+    p.add_argument("--check", action="store_true",
+                   help="check --data against the federation's schema, say what was found, and "
+                   "exit without connecting or spending any budget")
     p.add_argument("--label-column", default=None,
                    help="column of --data holding the label (default: the schema's label column)")
     p.add_argument("--dataset", default=None, help="bundled dataset: digits, breast_cancer, wine")
