@@ -3,7 +3,7 @@
 The file is untrusted input like a CSV: its size is checked before it is opened, its row count
 is read from the footer before any column is decoded, and only the schema's feature columns and
 the label column are read. The checks and their messages are those of the CSV path
-(:func:`secure_fed.data.schema_check.check_columns`): the same missing or extra column gives
+(:func:`secure_fed.data.columns.check_columns`): the same missing or extra column gives
 the same one-line error, whatever the file's format.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from secure_fed.config.schema import DataSchema
+from secure_fed.data.columns import check_columns
 from secure_fed.data.datasets import Dataset
-from secure_fed.data.schema_check import check_columns
 from secure_fed.data.tabular import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, check_data_file
 from secure_fed.errors import DataError
 
