@@ -87,9 +87,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         console.print(f"  slave bundle:  {args.fed_dir / 'slaves' / slave_id}  (copy to "
                       f"'{slave_id}')")
     if schema is not None:
-        console.print(f"data schema: {schema.num_features} features, classes "
+        shape = (f"{schema.image.describe()} images" if schema.image is not None
+                 else f"{schema.num_features} features")
+        console.print(f"data schema: {shape}, classes "
                       f"{', '.join(schema.classes)}, label column '{schema.label}' (sha256 "
-                      f"{schema.digest[:12]}…); each slave's table is checked against it")
+                      f"{schema.digest[:12]}…); each slave's data is checked against it")
     console.print(f"slaves will dial {bundle.config.public_url}")
     return 0
 
@@ -235,7 +237,8 @@ def _report_check(args: argparse.Namespace, data: Any, schema: Any, console: Con
     """``slave --check``: what was read, on this machine only; nothing connects or is spent."""
     from secure_fed.privacy.data_source import arrays_source_id, data_source_id
 
-    where = args.data if args.data is not None else f"{args.dataset} part {args.partition}"
+    where = (args.data if args.data is not None
+             else f"{args.dataset} part {args.partition or '0/1'}")
     shape = (f"{schema.image.describe()} images" if schema is not None and schema.image
              else f"{data.num_features} features")
     if args.source_id is not None:
