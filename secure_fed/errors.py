@@ -106,5 +106,10 @@ class TransportError(SecureFedError):
     """A connection could not be made or was lost."""
 
 
+class TLSRefused(TransportError):
+    """The TLS handshake failed: the peers do not trust each other's certificates (another
+    federation's bundle, a revoked or expired certificate), which retrying does not cure."""
+
+
 class AuditError(SecureFedError):
     """The audit log is missing, broken or does not verify."""

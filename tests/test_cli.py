@@ -105,4 +105,4 @@ def test_a_master_on_a_port_in_use_says_so_in_one_line(
                      "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
-    assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another port" in err
+    assert f"address already in use: 127.0.0.1:{port}" in err and "choose --port" in err

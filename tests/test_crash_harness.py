@@ -61,8 +61,10 @@ def make_federation(fed: Path, slaves: list[str], *, rounds: int, min_slaves: in
         training=TrainingPlanSettings(epochs=1, batch_size=64, epsilon=8.0, mode=mode),
         encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1,
                                       protection=protection),
+        # A killed slave is restarted here and awaited (as long as the join timeout).
         limits=LimitSettings(join_timeout_s=join_timeout_s, upload_deadline_s=upload_deadline_s,
-                             open_timeout_s=10, max_round_attempts=max_round_attempts),
+                             open_timeout_s=10, max_round_attempts=max_round_attempts,
+                             rejoin_grace_s=join_timeout_s),
         evaluation=EvaluationSettings(dataset=None)))
     # RDP calibrates σ in milliseconds where PRV takes seconds; accounting is not under test.
     for slave_id in slaves:

@@ -45,7 +45,8 @@ def test_bundled_datasets(name: str, n: int, f: int, c: int, prep: str) -> None:
 
 
 def test_unknown_bundled_dataset() -> None:
-    with pytest.raises(DataError, match=r"unknown bundled dataset 'mnist'; choose one of digits"):
+    with pytest.raises(DataError,
+                       match=r"unknown bundled dataset 'mnist': the bundled ones are digits"):
         load_bundled("mnist")
 
 

@@ -127,7 +127,7 @@ def cmd_revoke_slave(args: argparse.Namespace) -> int:
 
 
 def cmd_master(args: argparse.Namespace) -> int:
-    from secure_fed.cli.display import MasterDisplay
+    from secure_fed.cli.display import MasterDisplay, human
     from secure_fed.he.bundle import MasterBundle
     from secure_fed.master.server import Master
 
@@ -136,7 +136,8 @@ def cmd_master(args: argparse.Namespace) -> int:
     display = MasterDisplay(bundle.config.rounds)
     master = Master(bundle, out, host=args.host, port=args.port, on_event=display,
                     insecure_loopback=args.insecure_loopback,
-                    restart_from_initial_model=args.restart_from_initial_model)
+                    restart_from_initial_model=args.restart_from_initial_model,
+                    join_timeout_s=args.join_timeout)
     finished = master.already_finished
     if finished is not None:
         master.close()
@@ -168,16 +169,24 @@ def cmd_master(args: argparse.Namespace) -> int:
 
     with display:
         asyncio.run(serve())
-    display.console.print(display.final_table())
     summary = master.summary.data
+    if master.coordinator.committed != bundle.config.rounds:
+        if display.rows:
+            display.console.print(display.final_table())
+        print(f"secure-fed master: stopped after {master.coordinator.committed} of "
+              f"{bundle.config.rounds} rounds: {summary['reason']}", file=sys.stderr)
+        return 1
+    display.console.print(display.final_table())
     display.console.print(f"finished: {summary['reason']}; final accuracy "
-                          f"{summary['final_accuracy']}; outputs in {out}")
-    return 0 if master.coordinator.committed == bundle.config.rounds else 1
+                          f"{human(summary['final_accuracy'])}; outputs in {out}",
+                          markup=False)
+    return 0
 
 
 def cmd_slave(args: argparse.Namespace) -> int:
     import torch
 
+    from secure_fed.cli.display import human
     from secure_fed.he.bundle import SlaveBundle
     from secure_fed.privacy.data_source import (
         arrays_source_id,
@@ -195,12 +204,13 @@ def cmd_slave(args: argparse.Namespace) -> int:
                              dataset=args.dataset, partition=args.partition,
                              schema=bundle.config.data_schema, data_source=args.data_source)
     torch.set_num_threads(max(1, args.threads))
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, log_path=False)
     if args.check:
         return _report_check(args, data, bundle.config.data_schema, console)
 
     def show(kind: str, info: dict[str, object]) -> None:
-        console.log(f"{bundle.config.slave_id}: {kind} {json.dumps(info, default=str)}")
+        console.log(f"{bundle.config.slave_id}: {kind.replace('_', ' ')} {human(info)}",
+                    markup=False)
 
     source_id = args.source_id
     if source_id is None and args.data_source is not None:
@@ -218,7 +228,7 @@ def cmd_slave(args: argparse.Namespace) -> int:
     slave = Slave(bundle, data, state_dir=args.state, budget_epsilon=args.budget,
                   source_id=source_id, public_count=args.public_count, workers=args.workers,
                   threads=args.threads, on_event=show, insecure_loopback=args.insecure_loopback,
-                  allow_no_dp=args.allow_no_dp)
+                  allow_no_dp=args.allow_no_dp, reconnect_give_up_s=args.retry_for)
     report = asyncio.run(slave.run())
     def eps(value: float) -> str:
         return f"{value:.2f}" if math.isfinite(value) else "∞ (no DP)"

@@ -25,6 +25,66 @@ def _epsilons(by_slave: dict[str, float]) -> str:
                     for k, v in sorted(by_slave.items()))
 
 
+def human(value: Any) -> str:
+    """A value as a person reads it: floats to 4 significant digits (no ``0.5234234234234``),
+    ∞ for an unbounded ε, mappings as ``key=value``, sequences comma-separated."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else ("∞" if value > 0 else str(value))
+    if isinstance(value, dict):
+        return " ".join(f"{k}={human(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(human(v) for v in value)
+    return str(value)
+
+
+LOG_TIME_COLUMNS = len("[00:00:00] ")
+"""Columns the time stamp of a ``Console.log`` line takes."""
+
+
+def _eps_compact(by_slave: dict[str, float]) -> str:
+    """ε of every slave in few columns: one value when they agree, else their range."""
+    values = sorted(by_slave.values())
+    if not values:
+        return "-"
+    if not all(math.isfinite(v) for v in values):
+        return _epsilons(by_slave)
+    low, high = f"{values[0]:.2f}", f"{values[-1]:.2f}"
+    count = f" ({len(values)} slaves)"
+    return (low if low == high else f"{low}–{high}") + count
+
+
+def round_line(row: dict[str, Any], epsilons: dict[str, float], *, width: int = 80) -> str:
+    """The one-line summary of a committed round, at most ``width`` columns.
+
+    ε is the last thing cut: the seconds, the upload size and the loss are dropped first,
+    then ε per slave becomes one value or a range; only then is the line shortened.
+    """
+    accuracy = row.get("accuracy", float("nan"))
+    head = f"round {row['round']:>3}  accuracy {accuracy:.3f}"
+    loss = f"loss {row.get('loss', float('nan')):.3f}"
+    upload = f"upload {_bytes(row.get('upload_bytes', 0))}"
+    seconds = f"{row.get('seconds', 0):.1f} s"
+    eps_full = f"ε {_epsilons(epsilons) or '-'}"
+    candidates = [
+        [head, loss, eps_full, upload, seconds],
+        [head, loss, eps_full, upload],
+        [head, loss, eps_full],
+        [head, eps_full],
+        [head, loss, f"ε {_eps_compact(epsilons)}", upload, seconds],
+        [head, loss, f"ε {_eps_compact(epsilons)}", upload],
+        [head, loss, f"ε {_eps_compact(epsilons)}"],
+        [head, f"ε {_eps_compact(epsilons)}"],
+    ]
+    for fields in candidates:
+        line = "  ".join(fields)
+        if len(line) <= width:
+            return line
+    line = "  ".join(candidates[-1])
+    return line[: max(0, width - 1)] + "…"
+
+
 def round_table(rows: list[dict[str, Any]], epsilons: dict[int, dict[str, float]]) -> Table:
     """A table of committed rounds, as the demo and ``secure-fed master`` show it."""
     table = Table(title="rounds", show_lines=False)
@@ -52,8 +112,10 @@ class MasterDisplay:
         first_round: the round the run starts at (after a resume).
     """
 
-    def __init__(self, rounds: int, first_round: int = 1) -> None:
-        self.console = Console(highlight=False)
+    def __init__(self, rounds: int, first_round: int = 1, *,
+                 console: Console | None = None) -> None:
+        # No source-file column (display.py:77) in what people read.
+        self.console = console or Console(highlight=False, log_path=False)
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                  TextColumn("{task.completed}/{task.total} rounds"),
                                  TimeElapsedColumn(), console=self.console, transient=False)
@@ -62,6 +124,8 @@ class MasterDisplay:
         self.rows: list[dict[str, Any]] = []
         self._eps_now: dict[str, float] = {}
         self.epsilons: dict[int, dict[str, float]] = {}
+        self.waiting_for: list[str] = []
+        self.joined: set[str] = set()
 
     def __enter__(self) -> MasterDisplay:
         self.progress.start()
@@ -72,9 +136,15 @@ class MasterDisplay:
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "listening":
+            self.waiting_for = list(data.get("slaves", []))
             self.progress.update(self.task, description=f"listening on port {data['port']}")
+            # A line of its own, so that a log file (not only a terminal) shows it.
+            self.console.log(f"listening on {data.get('url', data['port'])}, waiting for "
+                             f"{', '.join(self.waiting_for) or 'the slaves'}", markup=False)
         elif kind == "slave_connected":
-            self.console.log(f"slave '{data['slave']}' connected")
+            self.joined.add(data["slave"])
+            of = f" ({len(self.joined)} of {len(self.waiting_for)})" if self.waiting_for else ""
+            self.console.log(f"slave '{data['slave']}' joined{of}", markup=False)
         elif kind == "round_start":
             self.progress.update(self.task, description=f"round {data['round']}: training at "
                                  f"{len(data['participants'])} slaves")
@@ -88,18 +158,16 @@ class MasterDisplay:
             self.console.log(f"slave '{data['slave']}' declined round {data['round']}: "
                              f"{data['reason']}")
         elif kind in ("update_refused", "slave_lost", "slave_late"):
-            self.console.log(f"[yellow]{kind.replace('_', ' ')}[/]: {data}")
+            self.console.log(f"[yellow]{kind.replace('_', ' ')}[/]: {human(data)}")
         elif kind == "round_aborted":
             self.console.log(f"[red]round {data['round']} aborted[/]: {data['reason']}")
         elif kind == "round_end":
             self.rows.append(data)
             self.epsilons[data["round"]] = dict(self._eps_now)
             self.progress.advance(self.task)
-            eps = _epsilons(self._eps_now)
-            self.console.log(
-                f"round {data['round']:>3}  accuracy {data.get('accuracy', float('nan')):.3f}  "
-                f"loss {data.get('loss', float('nan')):.3f}  ε {eps}  "
-                f"upload {_bytes(data['upload_bytes'])}  {data['seconds']:.1f} s")
+            self.console.log(round_line(data, self._eps_now,
+                                        width=self.console.width - LOG_TIME_COLUMNS),
+                             markup=False)
 
     def final_table(self) -> Table:
         return round_table(self.rows, self.epsilons)

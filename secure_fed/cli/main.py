@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="secure-fed", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"secure-fed {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-v info, -vv debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
+    parser.add_argument("-q", "--quiet", action="count", default=0, help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="create a federation: CA, certificates, HE keys, bundles",
@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "committed rounds, run every round again from the initial model (recorded "
                    "in the audit log) instead of refusing to start; no effect while a "
                    "checkpoint is usable")
+    p.add_argument("--join-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for the slaves before a round (default: "
+                   "join_timeout_s of federation.toml, 600); with fewer than min_slaves "
+                   "connected by then the round fails, and with none the master stops")
 
     p = sub.add_parser("slave", help="take part in a federation as a data owner",
                        description="Connect to the master named in SLAVE_DIR/slave.toml and "
@@ -231,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="encryption worker processes (default: one per core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    p.add_argument("--retry-for", type=float, default=300.0, metavar="SECONDS",
+                   help="stop (exit code 2) after this many seconds without reaching the "
+                   "master, e.g. when it is not running or refuses this bundle at the TLS "
+                   "handshake (default 300)")
     p.add_argument("--insecure-loopback", action="store_true",
                    help="EXPERIMENTS ONLY: allow --master-url ws://127.0.0.1:PORT (no TLS) for "
                    "a master started with --insecure-loopback on this machine")
@@ -364,13 +372,45 @@ def build_parser() -> argparse.ArgumentParser:
     from secure_fed.cli.audit import add_audit_parser
 
     add_audit_parser(sub)
+    _verbosity_everywhere(parser)
     return parser
+
+
+VERBOSE_HELP = "more log output (-v info, -vv debug)"
+QUIET_HELP = "less log output: errors only"
+
+
+def _verbosity_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``-v``/``-q`` after every sub-command too (``secure-fed master DIR -v``).
+
+    The sub-commands' copies default to *suppressed*, so that a flag given before the
+    sub-command is kept when none follows it.
+    """
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in dict.fromkeys(action.choices.values()):
+            options = child._option_string_actions
+            if not options.keys() & {"-v", "--verbose"}:
+                child.add_argument("-v", "--verbose", action="count",
+                                   default=argparse.SUPPRESS, help=VERBOSE_HELP)
+            if not options.keys() & {"-q", "--quiet"}:
+                child.add_argument("-q", "--quiet", action="count",
+                                   default=argparse.SUPPRESS, help=QUIET_HELP)
+            _verbosity_everywhere(child)
+
+
+def log_level(verbose: int, quiet: int) -> int:
+    """The logging level of ``-v`` (info), ``-vv`` (debug) and ``-q`` (errors only); warnings
+    by default."""
+    levels = [logging.ERROR, logging.WARNING, logging.INFO, logging.DEBUG]
+    return levels[max(0, min(verbose - quiet + 1, len(levels) - 1))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``secure-fed`` command; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    level = log_level(args.verbose, args.quiet)
     from rich.logging import RichHandler
 
     logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",

@@ -240,6 +240,9 @@ class LimitSettings(_Strict):
         max_pending_connections: connections the master holds at once that have not yet
             completed ``hello``; more are closed at once (1013, try again later). Identified
             connections are bounded too: one per slave id, a newer one replaces the older.
+        rejoin_grace_s: a slave whose connection closed (e.g. its process was killed) is
+            waited for this long before the next round, not for the whole ``join_timeout_s``;
+            the round then starts with the others if at least ``min_slaves`` are connected.
     """
 
     max_message_bytes: int = Field(default=4 * 2**20, ge=2**16, le=2**30)
@@ -254,6 +257,7 @@ class LimitSettings(_Strict):
     idle_timeout_s: float = Field(default=3600.0, gt=0)
     max_pending_connections: int = Field(default=32, ge=1, le=10_000)
     secagg_phase_timeout_s: float = Field(default=60.0, gt=0)
+    rejoin_grace_s: float = Field(default=5.0, ge=0)
 
 
 class EvaluationSettings(_Strict):

@@ -129,8 +129,9 @@ def load_bundled(name: str, *, scaled: bool = True) -> Dataset:
     loader = loaders.get(name)
     if loader is None:
         raise DataError(
-            f"unknown bundled dataset {name!r}; choose one of {', '.join(BUNDLED_DATASETS)} "
-            "or load your own file with secure_fed.data.tabular"
+            f"unknown bundled dataset {name!r}: the bundled ones are "
+            f"{', '.join(BUNDLED_DATASETS)}; for your own table pass --data FILE (CSV or NPZ) "
+            "instead of --dataset"
         )
     bunch = loader()
     features = np.asarray(bunch.data, dtype=np.float32)

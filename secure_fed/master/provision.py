@@ -27,7 +27,7 @@ from secure_fed.config import (
 from secure_fed.config.schema import DataSchema, load_schema, schema_from_csv_header
 from secure_fed.config.settings import EvaluationSettings, LimitSettings, ModelSpec
 from secure_fed.durable import atomic_write_bytes
-from secure_fed.errors import ConfigError
+from secure_fed.errors import ConfigError, DataError
 from secure_fed.he.bundle import MasterBundle
 from secure_fed.he.keys import generate_contexts
 from secure_fed.he.presets import resolve_params
@@ -110,7 +110,7 @@ def federation_schema(*, schema_file: Path | None = None, header_csv: Path | Non
     if schema_file is not None and header_csv is not None:
         raise ConfigError("give either --schema FILE.toml or --schema-from HEADER.csv, not both")
     if schema_file is not None:
-        return load_schema(schema_file)
+        return _evaluable(load_schema(schema_file), eval_dataset)
     if header_csv is not None:
         if not label_column:
             raise ConfigError(f"--schema-from {header_csv} needs --label-column NAME: the column "
@@ -118,12 +118,28 @@ def federation_schema(*, schema_file: Path | None = None, header_csv: Path | Non
         if not classes:
             raise ConfigError(f"--schema-from {header_csv} needs --classes A,B,...: the label "
                               "values in class order")
-        return schema_from_csv_header(header_csv, label=label_column, classes=list(classes))
+        return _evaluable(schema_from_csv_header(header_csv, label=label_column,
+                                                 classes=list(classes)), eval_dataset)
     if eval_dataset is not None:
         from secure_fed.data.datasets import bundled_schema
 
         return bundled_schema(eval_dataset)
     return None
+
+
+def _evaluable(schema: DataSchema, eval_dataset: str | None) -> DataSchema:
+    """``schema``, once the master's evaluation dataset fits it (its columns and classes):
+    refused at ``init``, not when the master starts."""
+    if eval_dataset is not None:
+        from secure_fed.data.partition import schema_for_bundled
+
+        try:
+            schema_for_bundled(eval_dataset, schema)
+        except DataError as exc:
+            raise ConfigError(f"--eval-dataset {eval_dataset}: {exc}; give --eval-dataset none "
+                              "(or a bundled dataset with the schema's columns and classes)"
+                              ) from None
+    return schema
 
 
 def model_shape(schema: DataSchema | None, features: int | None,

@@ -73,6 +73,8 @@ class Master:
             record that in the audit log, instead of refusing with
             :class:`~secure_fed.errors.CheckpointError`.
             Without effect while a checkpoint is usable.
+        join_timeout_s: seconds to wait for the slaves before a round (default: the bundle's
+            ``limits.join_timeout_s``; ``secure-fed master --join-timeout``).
 
     Raises:
         CheckpointError: no checkpoint is usable although the run committed rounds, and
@@ -93,6 +95,7 @@ class Master:
         on_event: EventSink | None = None,
         insecure_loopback: bool = False,
         restart_from_initial_model: bool = False,
+        join_timeout_s: float | None = None,
     ) -> None:
         self.bundle = bundle
         self.config = bundle.config
@@ -105,6 +108,9 @@ class Master:
                 f"--insecure-loopback serves plain ws:// and binds only a loopback address; "
                 f"got host {self.host!r}: pass --host 127.0.0.1, or drop --insecure-loopback")
         self.port = self.config.port if port is None else port
+        if join_timeout_s is not None and not join_timeout_s > 0:
+            raise ConfigError(f"--join-timeout {join_timeout_s:g}: give a number of seconds "
+                              "greater than 0")
         self._on_event = on_event or (lambda kind, data: None)
         self.params = bundle.he_params
         check_distributed_config(self.config, self.params)
@@ -159,7 +165,8 @@ class Master:
             max_chunk_bytes=min(limits.max_message_bytes, max_chunk),
             max_update_bytes=self.chunks * max_chunk,
             max_weight=self.config.encryption.max_weight_per_slave,
-            join_timeout_s=limits.join_timeout_s,
+            join_timeout_s=limits.join_timeout_s if join_timeout_s is None else join_timeout_s,
+            rejoin_grace_s=limits.rejoin_grace_s,
             upload_deadline_s=limits.upload_deadline_s,
             max_round_attempts=limits.max_round_attempts,
             new_nonce=lambda: secrets.token_hex(16),
@@ -240,10 +247,13 @@ class Master:
                 ready.cancel()
             self.close()
             return self.summary
-        server = await self._listen() if listen else None
-        if ready is not None:
-            ready.set_result(self.bound_port or 0)
+        server: Listener | None = None
         try:
+            # Bound inside the try: a port in use fails here at once, and the key holder's
+            # workers and the audit log's lock are still released below.
+            server = await self._listen() if listen else None
+            if ready is not None:
+                ready.set_result(self.bound_port or 0)
             await self.rounds.run()
         finally:
             if server is not None:
@@ -268,9 +278,12 @@ class Master:
         server = await start_server(self._handle, self.host, self.port,
                                     ssl_context=ssl_context, limits=self.config.limits)
         self.bound_port = next(iter(server.sockets)).getsockname()[1]
-        log.info("master of federation '%s' listening on %s:%d", self.config.federation_id,
-                 self.host, self.bound_port)
-        self._on_event("listening", {"host": self.host, "port": self.bound_port})
+        scheme = "ws" if self.insecure_loopback else "wss"
+        url = f"{scheme}://{self.host}:{self.bound_port}"
+        log.info("master of federation '%s' listening on %s, waiting for %s",
+                 self.config.federation_id, url, ", ".join(self.config.slaves))
+        self._on_event("listening", {"host": self.host, "port": self.bound_port, "url": url,
+                                     "slaves": list(self.config.slaves)})
         return server
 
     def close(self) -> None:

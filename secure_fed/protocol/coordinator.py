@@ -9,7 +9,12 @@ deadline — is a plain unit test.
 Round policy:
 
 * A round starts as soon as every slave of the federation is connected, or when
-  ``join_timeout_s`` has passed with at least ``min_slaves`` connected.
+  ``join_timeout_s`` has passed with at least ``min_slaves`` connected. A slave whose
+  connection closed (``lost``: its process crashed, its network went away) is waited for only
+  ``rejoin_grace_s``; then the round starts with the others when at least ``min_slaves``
+  are connected (without them, until ``join_timeout_s``, and the abort says who was lost).
+  When not one slave has connected after ``join_timeout_s``, the federation stops at once
+  (no retry).
 * Collection ends when every tasked slave has finished, declined or failed, or at
   ``upload_deadline_s`` after the task was sent; late uploads are discarded.
 * An update counts only once the shell has confirmed that every chunk went into the running
@@ -181,6 +186,8 @@ class Coordinator:
             ``chunks * max_chunk_bytes``. The master derives it from the model and the preset.
         max_weight: largest FedAvg weight one slave may claim.
         join_timeout_s: seconds to wait for every slave before starting with ``min_slaves``.
+        rejoin_grace_s: seconds to wait for a lost slave (its connection closed) to come back
+            before a round starts without it.
         upload_deadline_s: seconds from task to end of collection.
         max_round_attempts: attempts per round before the federation stops.
         next_round: first round to run (resuming from a checkpoint).
@@ -202,6 +209,7 @@ class Coordinator:
         new_nonce: Callable[[], str],
         next_round: int = 1,
         max_update_bytes: int | None = None,
+        rejoin_grace_s: float = 5.0,
     ) -> None:
         self.slaves = tuple(slaves)
         self.rounds = rounds
@@ -212,6 +220,7 @@ class Coordinator:
                                  else max_update_bytes)
         self.max_weight = max_weight
         self.join_timeout_s = join_timeout_s
+        self.rejoin_grace_s = rejoin_grace_s
         self.upload_deadline_s = upload_deadline_s
         self.max_round_attempts = max_round_attempts
         self._new_nonce = new_nonce
@@ -219,6 +228,8 @@ class Coordinator:
         self.attempt = 0
         self.committed = next_round - 1
         self.connected: set[str] = set()
+        self.lost: dict[str, float] = {}
+        """Slaves whose connection closed, and when (monotonic seconds); cleared on rejoin."""
         self.withdrawn: set[str] = set()
         """Slaves whose decline was final (budget exhausted): never tasked again."""
         self.phase = Phase.WAITING if next_round <= rounds else Phase.FINISHED
@@ -259,9 +270,12 @@ class Coordinator:
         if slave_id not in self.slaves:
             raise ProtocolError(f"'{slave_id}' is not a slave of this federation", 1008)
         self.connected.add(slave_id)
+        self.lost.pop(slave_id, None)
         return self._maybe_start(now)
 
     def slave_disconnected(self, slave_id: str, now: float) -> list[Action]:
+        if slave_id in self.connected:
+            self.lost[slave_id] = now
         self.connected.discard(slave_id)
         upload = self._upload(slave_id)
         if upload is None or upload.status not in _PENDING:
@@ -463,17 +477,32 @@ class Coordinator:
                 f"{', '.join(sorted(self.withdrawn))} declined for good (privacy budget "
                 "exhausted)"))]
         connected = [s for s in candidates if s in self.connected]
-        everyone = len(connected) == len(candidates)
+        gone = sorted(s for s in candidates if s not in self.connected and s in self.lost
+                      and now - self.lost[s] >= self.rejoin_grace_s)
+        # Lost slaves past their grace are not waited for while the others make a quorum;
+        # without one, they may still come back until the join timeout.
+        everyone = (len(connected) == len(candidates)
+                    or (len(connected) + len(gone) == len(candidates)
+                        and len(connected) >= self.min_slaves))
         waited = now - self._wait_since >= self.join_timeout_s
         if not everyone and not waited:
             return []
+        if not connected and waited and not self.lost:
+            self.phase = Phase.FINISHED
+            return [FederationDone(self.committed, (
+                f"no slave connected within the join timeout of {self.join_timeout_s:g} s "
+                f"(waiting for {', '.join(candidates)}): check that they run and reach this "
+                "master, or wait longer with --join-timeout SECONDS"))]
         if len(connected) < self.min_slaves:
             self.attempt += 1
             self._current = _Attempt(self.round, self.attempt, self._new_nonce(), now)
             self.phase = Phase.AGGREGATING
+            lost = sorted(s for s in candidates if s in self.lost)
             return self._abort(
                 f"only {len(connected)} of the {self.min_slaves} slaves needed were "
-                f"connected after {self.join_timeout_s:g} s", now)
+                f"connected after {self.join_timeout_s:g} s"
+                + (f" ({', '.join(lost)} lost the connection and did not come back: restart "
+                   "them)" if lost else ""), now)
         self.attempt += 1
         recipients = tuple(connected)
         current = _Attempt(self.round, self.attempt, self._new_nonce(),

@@ -42,6 +42,7 @@ from secure_fed.errors import (
     ModelError,
     PrivacyError,
     SecureFedError,
+    TLSRefused,
     TransportError,
 )
 from secure_fed.faults import crash_point
@@ -215,10 +216,17 @@ class Slave:
         with UpdateEncoder(self.bundle.he_params, self._public_context,
                            workers=self._workers) as encoder:
             machine.start(loop.time())
+            warned: type[TransportError] | None = None
             while machine.state is not SlaveState.FINISHED:
                 try:
                     channel = await connect()
                 except TransportError as exc:
+                    if type(exc) is not warned:  # one line per kind of failure, not per retry
+                        warned = type(exc)
+                        kind = ("" if isinstance(exc, TLSRefused)
+                                else "master not reachable yet: ")
+                        log.warning("%s%s; retrying for up to %g s (--retry-for)", kind, exc,
+                                    self.reconnect_give_up_s)
                     for action in machine.receive_connect_failed(str(exc), loop.time()):
                         assert isinstance(action, act.Wait)
                         await asyncio.sleep(action.seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import errno
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from secure_fed.config import LimitSettings
-from secure_fed.errors import ProtocolError, TransportError
+from secure_fed.errors import ProtocolError, TLSRefused, TransportError
 from secure_fed.protocol.messages import SUBPROTOCOL, encode
 from secure_fed.transport.tls import peer_certificate, peer_party_id
 from secure_fed.transport.tls_accept import TLSGateFactory, format_address
@@ -228,10 +229,26 @@ async def start_server(
             server_header=None, compression=None, **_limits(limits), **extra,
         )
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise TransportError(f"address already in use: {host}:{port} (another master "
+                                 "running? choose --port)") from exc
         raise TransportError(
             f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another port "
             "(--port, or [port] in federation.toml) or stop the process that holds it") from exc
     return Listener(server, tls)
+
+
+def tls_refused(url: str, exc: ssl.SSLError) -> TLSRefused:
+    """The one-line :class:`TLSRefused` for a TLS handshake with ``url`` that failed."""
+    reason = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+    side = ("this slave does not trust the master's certificate"
+            if isinstance(exc, ssl.SSLCertVerificationError)
+            else "the master refused this slave's certificate")
+    return TLSRefused(
+        f"TLS handshake with {url} refused ({reason}): {side}. This bundle is not of the "
+        "federation of the master at that address (another federation's bundle, or a revoked "
+        "or expired certificate): use the slave folder `secure-fed init` or `add-slave` wrote "
+        "for this master, or check --master-url")
 
 
 async def open_connection(
@@ -243,7 +260,24 @@ async def open_connection(
             url, ssl=ssl_context, subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
             user_agent_header=None, compression=None, **_limits(limits),
         )
-    except (OSError, TimeoutError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:
+        raise tls_refused(url, exc) from exc
+    except (OSError, TimeoutError) as exc:
         raise TransportError(f"cannot connect to {url}: {exc}") from exc
     except Exception as exc:  # websockets' InvalidHandshake and friends
+        cause = _ssl_cause(exc)
+        if cause is not None:  # the master's TLS alert, read during the opening handshake
+            raise tls_refused(url, cause) from exc
         raise TransportError(f"cannot connect to {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The :class:`ssl.SSLError` behind ``exc`` (its cause or context chain), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
