@@ -160,7 +160,8 @@ class RecordFold:
         commits: for each round with a ``model_committed`` record, the round as its last such
             record shows it: ``round``, ``accuracy``, ``loss``, ``participants``,
             ``upload_bytes``, ``seconds``, ``declined`` (the slaves that declined the attempt
-            that was committed) and ``model_digest``.
+            that was committed) and ``model_digest``; under federated evaluation also
+            ``federated_evaluation`` (:mod:`secure_fed.master.federated_metrics`).
     """
 
     def __init__(self, checks: Mapping[int, EpsilonCheck] | None = None) -> None:
@@ -304,6 +305,9 @@ class RecordFold:
             "seconds": row["seconds"],
             "declined": sorted(set(self._attempt_declines.get(row["round"], []))),
             "model_digest": row["model_digest"]}
+        federated = data.get("federated_evaluation")
+        if isinstance(federated, dict):
+            self.commits[row["round"]]["federated_evaluation"] = federated
 
     def _on_round_aborted(self, line: int, record: dict[str, Any], data: dict[str, Any]) -> None:
         row = self.round(data)

@@ -65,7 +65,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         federation_id=fed_id, slaves=args.slaves, host=args.host, port=args.port,
         listen_host=args.listen, rounds=args.rounds, min_slaves=args.min_slaves,
         model=ModelSpec.for_data(args.architecture, features, classes),
-        training=_init_training(args, features, classes),
+        training=_init_training(args, features, classes).model_copy(update={
+            "federated_evaluation": (evaluation.dataset is None if args.federated_eval is None
+                                     else args.federated_eval)}),
         encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records,
                                       protection=_protection(args, len(args.slaves))),
         evaluation=evaluation, key_type=args.key_type,

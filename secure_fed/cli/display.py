@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from secure_fed.master.federated_metrics import describe
+
 COLUMNS = ("round", "accuracy", "loss", "ε per slave", "upload", "seconds", "participants")
 
 
@@ -100,6 +102,9 @@ class MasterDisplay:
                 f"round {data['round']:>3}  accuracy {data.get('accuracy', float('nan')):.3f}  "
                 f"loss {data.get('loss', float('nan')):.3f}  ε {eps}  "
                 f"upload {_bytes(data['upload_bytes'])}  {data['seconds']:.1f} s")
+            federated = data.get("federated_evaluation")
+            if federated is not None:
+                self.console.log(f"round {data['round']:>3}  federated {describe(federated)}")
 
     def final_table(self) -> Table:
         return round_table(self.rows, self.epsilons)
