@@ -24,11 +24,15 @@ from conftest import small_plan, started, trial_slave
 from cryptography import x509
 
 from secure_fed.audit.recompute import PLDRecomputer, check_log, parse_mechanisms
+from secure_fed.audit.render import render_markdown
+from secure_fed.audit.report import build_report
+from secure_fed.cli.main import main
 from secure_fed.config.settings import (
     EncryptionSettings,
     EvaluationSettings,
     LimitSettings,
     TrainingPlanSettings,
+    load_master_config,
 )
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.held_out import held_out_mask, split_held_out, split_key
@@ -269,3 +273,20 @@ def test_a_federation_without_master_data_shows_each_round_with_a_confidence_int
         assert summary["slaves"][slave_id]["epsilon"] == pytest.approx(spent)
     full = check_log(out)  # chain, slave signatures (evaluation included), ε recomputation
     assert full.ok, full
+    text = render_markdown(build_report(full), {"accuracy": "a.png", "cost": "c.png",
+                                                "epsilon": "e.png"})
+    assert "2 of them evaluation releases" in text
+    first = summary["rounds"][0]["federated_evaluation"]
+    assert (f"| 1 | 0 | accuracy | {first['value']:.3f} | {first['ci95'][0]:.3f} – "
+            f"{first['ci95'][1]:.3f} | a, b |") in text
+
+
+def test_init_turns_federated_evaluation_on_when_the_master_has_no_data(tmp_path: Path) -> None:
+    common = ["--slaves", "a,b", "--port", "0", "--rounds", "1", "--features", "64"]
+    assert main(["init", str(tmp_path / "none"), *common, "--eval-dataset", "none"]) == 0
+    assert main(["init", str(tmp_path / "off"), *common, "--eval-dataset", "none",
+                 "--no-federated-eval"]) == 0
+    assert main(["init", str(tmp_path / "digits"), *common]) == 0
+    on = [load_master_config(tmp_path / name / "master" / "federation.toml")
+          .training.federated_evaluation for name in ("none", "off", "digits")]
+    assert on == [True, False, False]
