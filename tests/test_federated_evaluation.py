@@ -281,9 +281,12 @@ def test_a_federation_without_master_data_shows_each_round_with_a_confidence_int
             f"{first['ci95'][1]:.3f} | a, b |") in text
 
 
-def test_init_turns_federated_evaluation_on_when_the_master_has_no_data(tmp_path: Path) -> None:
+def test_init_turns_federated_evaluation_on_when_the_master_has_no_data(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     common = ["--slaves", "a,b", "--port", "0", "--rounds", "1", "--features", "64"]
     assert main(["init", str(tmp_path / "none"), *common, "--eval-dataset", "none"]) == 0
+    assert "federated evaluation: each slave holds out 20% of its records" in (
+        capsys.readouterr().out)
     assert main(["init", str(tmp_path / "off"), *common, "--eval-dataset", "none",
                  "--no-federated-eval"]) == 0
     assert main(["init", str(tmp_path / "digits"), *common]) == 0

@@ -91,6 +91,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         console.print(f"data schema: {schema.num_features} features, classes "
                       f"{', '.join(schema.classes)}, label column '{schema.label}' (sha256 "
                       f"{schema.digest[:12]}…); each slave's table is checked against it")
+    training = bundle.config.training
+    if training.federated_evaluation:
+        console.print(f"federated evaluation: each slave holds out "
+                      f"{training.evaluation_fraction:.0%} of its records and releases noisy "
+                      f"counts of each committed model ({training.evaluation_epsilon_share:.0%} "
+                      "of ε); the final model is measured only by the master's own data")
     console.print(f"slaves will dial {bundle.config.public_url}")
     return 0
 
