@@ -138,8 +138,11 @@ def test_own_csv_files_with_a_schema_federate_from_the_command_line(tmp_path: Pa
     first = next(m for m in model.modules() if hasattr(m, "in_features"))
     assert first.in_features == 30
     # The ledger of each clinic, found by its table's fingerprint in the per-user folder,
-    # holds the count's release and both rounds; its table was checked before it joined.
+    # holds the count's release and both rounds, each with its evaluation release (the
+    # master has no data: init turned federated evaluation on); its table was checked
+    # before it joined.
     for table in tables:
         ledger = json.loads((default_ledger_dir(file_source_id(table)) / "ledger.json")
                             .read_text())
-        assert [e["mode"] for e in ledger["entries"]] == ["count", "delta", "delta"]
+        assert [e["mode"] for e in ledger["entries"]] == ["count", "evaluation", "delta",
+                                                          "evaluation", "delta"]

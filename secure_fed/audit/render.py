@@ -219,8 +219,10 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
     for s in report["slaves"]:
         if s["mechanisms"]:
             shares = any(m.get("share_noise_multiplier") is not None for m in s["mechanisms"])
+            evaluations = sum(m.get("kind") == "evaluation" for m in s["mechanisms"])
             privacy.append(f"Mechanisms of {s['slave']} ({len(s['mechanisms'])} run(s) in its "
-                           "ledger, grouped by σ and q):")
+                           "ledger" + (f", {evaluations} of them evaluation releases"
+                                       if evaluations else "") + ", grouped by σ and q):")
             privacy.append(Table(("noise multiplier σ", "sample rate q",
                                   *(_DISTRIBUTED_COLUMNS if shares else ()), "runs", "steps"),
                                  _merged_mechanisms(s["mechanisms"], shares)))
@@ -286,7 +288,8 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
         Section("federation", "Federation and parties", [parties]),
         Section("privacy", "Privacy budget", privacy),
         Section("rounds", "Rounds and participants", round_blocks),
-        Section("quality", "Model quality", [Image("accuracy", _PLOT_ALT["accuracy"])]),
+        Section("quality", "Model quality", [Image("accuracy", _PLOT_ALT["accuracy"]),
+                                             *_federated_blocks(report["rounds"])]),
         Section("cost", "Communication and time", [Image("cost", _PLOT_ALT["cost"])]),
         Section("verification", "Verification details", verification),
         Section("events", "Events in the log",
@@ -295,6 +298,35 @@ def report_sections(report: dict[str, Any]) -> list[Section]:
                  "committed)" if outcome else "Outcome: the log has no federation_done record "
                  "(still running, or stopped early)."]),
     ]
+
+
+def _metric(value: Any) -> str:
+    """A metric (accuracy, …) to 3 decimals."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.3f}"
+    return _text(value)
+
+
+def _federated_blocks(rounds: list[dict[str, Any]]) -> list[Block]:
+    """The slaves' noisy measures of each round's model (federated evaluation), if any."""
+    rows: list[tuple[str, ...]] = []
+    for r in rounds:
+        f = r.get("federated_evaluation")
+        if not isinstance(f, dict):
+            continue
+        ci: list[Any] = f["ci95"] if isinstance(f.get("ci95"), list) else [None, None]
+        slaves: list[Any] = f["slaves"] if isinstance(f.get("slaves"), list) else []
+        rows.append((str(r["round"]), _text(f.get("evaluated_round")), _text(f.get("metric")),
+                     _metric(f.get("value")), f"{_metric(ci[0])} – {_metric(ci[-1])}",
+                     _names([str(x) for x in slaves])))
+    if not rows:
+        return []
+    return ["Federated evaluation: each round's contributors measured the model committed in "
+            "the round before on their held-out records and released noisy counts (DP "
+            "releases in their ledgers and ε); the 95 % interval covers the noise and the "
+            "held-out sample. The final model is measured only by the master's own data.",
+            Table(("round", "model of round", "metric", "value", "95 % interval", "slaves"),
+                  rows)]
 
 
 _CSS = """

@@ -46,7 +46,8 @@ REPORT_KEYS = ("schema", "schema_version", "generated_at", "log", "verification"
 ROUND_KEYS = ("round", "attempts", "committed", "started_at", "plan", "budget_epsilon",
               "invited", "updates", "contributors", "total_weight", "declines", "refused",
               "lost", "late", "aborts", "aggregates_refused", "model_digest_before",
-              "model_digest", "accuracy", "loss", "upload_bytes", "seconds")
+              "model_digest", "accuracy", "loss", "upload_bytes", "seconds",
+              "federated_evaluation")
 SLAVE_KEYS = ("slave", "connections", "updates", "rounds_contributed", "declines",
               "epsilon_reported", "epsilon_recomputed", "epsilon_alone_reported",
               "epsilon_alone_recomputed", "assumption", "delta", "accountant",
@@ -135,7 +136,7 @@ def _new_round(number: int) -> dict[str, Any]:
             "lost": [], "late": [], "aborts": [], "aggregates_refused": [],
             "model_digest_before": None,
             "model_digest": None, "accuracy": None, "loss": None, "upload_bytes": None,
-            "seconds": None}
+            "seconds": None, "federated_evaluation": None}
 
 
 def _new_slave(slave: str) -> dict[str, Any]:
@@ -160,7 +161,8 @@ class RecordFold:
         commits: for each round with a ``model_committed`` record, the round as its last such
             record shows it: ``round``, ``accuracy``, ``loss``, ``participants``,
             ``upload_bytes``, ``seconds``, ``declined`` (the slaves that declined the attempt
-            that was committed) and ``model_digest``.
+            that was committed) and ``model_digest``; under federated evaluation also
+            ``federated_evaluation`` (:mod:`secure_fed.master.federated_metrics`).
     """
 
     def __init__(self, checks: Mapping[int, EpsilonCheck] | None = None) -> None:
@@ -294,6 +296,8 @@ class RecordFold:
                    accuracy=_num(data.get("accuracy")), loss=_num(data.get("loss")),
                    upload_bytes=_int(data.get("upload_bytes")),
                    seconds=_num(data.get("seconds")), contributors=participants)
+        federated = data.get("federated_evaluation")
+        row["federated_evaluation"] = federated if isinstance(federated, dict) else None
         for name in participants:
             slave = self.slave(name)
             if slave is not None and row["round"] not in slave["rounds_contributed"]:
@@ -304,6 +308,9 @@ class RecordFold:
             "seconds": row["seconds"],
             "declined": sorted(set(self._attempt_declines.get(row["round"], []))),
             "model_digest": row["model_digest"]}
+        federated = data.get("federated_evaluation")
+        if isinstance(federated, dict):
+            self.commits[row["round"]]["federated_evaluation"] = federated
 
     def _on_round_aborted(self, line: int, record: dict[str, Any], data: dict[str, Any]) -> None:
         row = self.round(data)

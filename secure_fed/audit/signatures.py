@@ -15,7 +15,8 @@ master:
   (``certificate``, PEM);
 - each ``round_start`` holds the round's ``nonce``;
 - each ``update_received`` holds every signed field of the header (``epsilon`` standing for
-  ``epsilon_spent``; ``epsilon_alone`` under distributed DP), the base64 ``signature`` and
+  ``epsilon_spent``; ``epsilon_alone`` under distributed DP; ``evaluation``, the noisy
+  evaluation release, under federated evaluation), the base64 ``signature`` and
   ``signed_sha256``, the SHA-256 of the bytes the master verified;
 - each ``decline`` holds ``round``, ``attempt``, the signed fields and ``signature``.
 
@@ -240,7 +241,8 @@ class UpdateSignatureChecker:
                     "chunk_bytes": data.get("chunk_bytes"), "mechanisms": data.get("mechanisms"),
                     "epsilon_spent": data.get("epsilon"), "delta": data.get("delta"),
                     "accountant": data.get("accountant"),
-                    "epsilon_alone": data.get("epsilon_alone")})
+                    "epsilon_alone": data.get("epsilon_alone"),
+                    "evaluation": data.get("evaluation")})
             else:
                 message = Decline.model_validate({
                     "round": round_, "nonce": nonce, "reason": data.get("reason"),
@@ -257,7 +259,7 @@ class UpdateSignatureChecker:
 
 
 _UPDATE_FIELDS = ("federation, round, the round's nonce, weight, weight_source, chunk_sha256, "
-                  "chunk_bytes, mechanisms, epsilon, delta, accountant, and under distributed "
-                  "DP epsilon_alone")
+                  "chunk_bytes, mechanisms, epsilon, delta, accountant, under distributed "
+                  "DP epsilon_alone, and with federated evaluation its release")
 _DECLINE_FIELDS = ("federation, round, the round's nonce, reason, epsilon_spent, "
                    "epsilon_remaining, final")

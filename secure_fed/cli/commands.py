@@ -66,7 +66,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         listen_host=args.listen, rounds=args.rounds, min_slaves=args.min_slaves,
         model=ModelSpec.for_data(args.architecture, features, classes,
                                  image=schema.image if schema is not None else None),
-        training=_init_training(args, features, classes),
+        training=_init_training(args, features, classes).model_copy(update={
+            "federated_evaluation": (evaluation.dataset is None if args.federated_eval is None
+                                     else args.federated_eval)}),
         encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records,
                                       protection=_protection(args, len(args.slaves))),
         evaluation=evaluation, key_type=args.key_type,
@@ -92,6 +94,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         console.print(f"data schema: {shape}, classes "
                       f"{', '.join(schema.classes)}, label column '{schema.label}' (sha256 "
                       f"{schema.digest[:12]}…); each slave's data is checked against it")
+    training = bundle.config.training
+    if training.federated_evaluation:
+        console.print(f"federated evaluation: each slave holds out "
+                      f"{training.evaluation_fraction:.0%} of its records and releases noisy "
+                      f"counts of each committed model ({training.evaluation_epsilon_share:.0%} "
+                      "of ε); the final model is measured only by the master's own data")
     console.print(f"slaves will dial {bundle.config.public_url}")
     return 0
 

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from secure_fed.master.federated_metrics import describe
+
 COLUMNS = ("round", "accuracy", "loss", "ε per slave", "upload", "seconds", "participants")
 
 
@@ -168,6 +170,10 @@ class MasterDisplay:
             self.console.log(round_line(data, self._eps_now,
                                         width=self.console.width - LOG_TIME_COLUMNS),
                              markup=False)
+            federated = data.get("federated_evaluation")
+            if federated is not None:
+                self.console.log(f"round {data['round']:>3}  federated {describe(federated)}",
+                                 markup=False)
 
     def final_table(self) -> Table:
         return round_table(self.rows, self.epsilons)

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled dataset whose hold-out split the master evaluates on, or "
                    "'none' (default digits; none with --schema or --schema-from). Without a "
                    "schema option its built-in schema is the federation's")
+    p.add_argument("--federated-eval", action=argparse.BooleanOptionalAction, default=None,
+                   help="slaves measure each committed model on a held-out 20%% of their "
+                   "records and release DP-noised counts (10%% of ε); default: on when the "
+                   "master has no evaluation data (--eval-dataset none)")
     p.add_argument("--max-records", type=int, default=65536,
                    help="most records one slave may hold; sizes the HE plain modulus "
                    "(default 65536)")

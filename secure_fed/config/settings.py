@@ -156,6 +156,16 @@ class TrainingPlanSettings(_Strict):
             ``distributed`` (``gradient`` mode under ``mask`` or ``he+mask`` only: each
             slave adds a share, the sum carries the full noise; see ``distributed``).
         distributed: the settings of distributed DP.
+        federated_evaluation: each slave measures the model committed in the round before on
+            a held-out part of its records and releases the statistic with DP noise (in its
+            ledger and ε); the master shows the noisy metric with a 95 % confidence interval
+            per round. Round r reports the model committed in round r − 1, so the final model
+            is measured only by the master's own evaluation data, if it has any. ``secure-fed
+            init`` turns it on when the master has no evaluation data.
+        evaluation_fraction: the share of each slave's records held out for it (never
+            trained on).
+        evaluation_epsilon_share: the share of ``epsilon`` that the evaluation releases of
+            all rounds take together; the training rounds are calibrated to fit the rest.
     """
 
     # Defaults from a grid search on digits (3 slaves, 10 rounds, ε=3): large Poisson batches
@@ -177,6 +187,9 @@ class TrainingPlanSettings(_Strict):
     dp: bool = True
     dp_mechanism: Literal["local", "distributed"] = "local"
     distributed: DistributedDPSettings = Field(default_factory=DistributedDPSettings)
+    federated_evaluation: bool = False
+    evaluation_fraction: float = Field(default=0.2, gt=0, lt=1)
+    evaluation_epsilon_share: float = Field(default=0.1, gt=0, lt=1)
 
 
 class EncryptionSettings(_Strict):

@@ -119,6 +119,8 @@ class CommittedModel:
                 break
         saved = self.store.load(latest).record
         row = {"round": latest, **saved.get("metrics", {}),
+               **({"federated_evaluation": saved["federated_evaluation"]}
+                  if "federated_evaluation" in saved else {}),
                "participants": saved.get("participants", []),
                "upload_bytes": saved.get("upload_bytes", 0), "seconds": saved.get("seconds", 0),
                "model_digest": self.package.digest}

@@ -25,12 +25,14 @@ from secure_fed.faults import crash_point
 from secure_fed.master.aggregation import AggregationPipeline, RoundAggregation
 from secure_fed.master.committed_model import CommittedModel
 from secure_fed.master.connections import Connections
+from secure_fed.master.federated_metrics import round_evaluation
 from secure_fed.master.summary import RunSummary
 from secure_fed.master.task import round_task
 from secure_fed.master.update_checks import UpdateChecks
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import (
     Decline,
+    EvaluationRelease,
     Finished,
     RoundEnd,
     UpdateHeader,
@@ -80,6 +82,10 @@ class RoundRunner:
         self._background: set[asyncio.Task[None]] = set()
         self._done = asyncio.Event()
         self._outcome: co.FederationDone | None = None
+        # Federated evaluation of the current attempt: each stored update's release, and the
+        # digest of the model its task carried.
+        self._evaluations: dict[str, EvaluationRelease] = {}
+        self._task_digest = ""
 
     # --- what admission reports ------------------------------------------------------------
 
@@ -249,6 +255,7 @@ class RoundRunner:
         self.close_round()
         self._round, secagg_task = self.pipeline.open(start)
         package, student = self.model.package, self.model.updater.student
+        self._evaluations, self._task_digest = {}, package.digest
         task = round_task(start, self.config, package, student, secagg_task,
                           vector_size=self.pipeline.vector_size, chunks=self.coordinator.chunks)
         self.audit.append("round_start", {
@@ -274,6 +281,8 @@ class RoundRunner:
             received_bytes=state.bytes_by_slave.get(action.slave_id, 0))
         self.audit.append("update_received", record)
         self._on_event("update_received", record)
+        if header.evaluation is not None:
+            self._evaluations[action.slave_id] = header.evaluation
         # Only now does the update count, and is the slave told so.
         return self.coordinator.update_stored(action.slave_id, time.monotonic())
 
@@ -318,8 +327,12 @@ class RoundRunner:
             package = proposal.package
             seconds = time.monotonic() - state.started
             upload = sum(state.bytes_by_slave.get(s, 0) for s in action.contributors)
+            federated = round_evaluation(
+                {s: self._evaluations[s] for s in action.contributors if s in self._evaluations},
+                round_=action.round, model_digest=self._task_digest)
+            evaluated = {} if federated is None else {"federated_evaluation": federated}
             await self.model.commit(action.round, proposal, {
-                "metrics": metrics, "participants": list(action.contributors),
+                "metrics": metrics, **evaluated, "participants": list(action.contributors),
                 "upload_bytes": upload, "seconds": round(seconds, 3), "attempt": action.attempt})
         except (SecureFedError, OSError) as exc:  # OSError: e.g. disk full at the checkpoint
             if isinstance(exc, UnusableAggregate):
@@ -333,7 +346,7 @@ class RoundRunner:
         crash_point("master.before_commit_record")
         try:
             self.audit.append("model_committed", {
-                "round": action.round, "model_digest": package.digest, **metrics,
+                "round": action.round, "model_digest": package.digest, **metrics, **evaluated,
                 "participants": list(action.contributors), "upload_bytes": upload,
                 "seconds": round(seconds, 3),
             })
@@ -347,7 +360,8 @@ class RoundRunner:
             self.summary.finish(reason)
             self._done.set()
             return []
-        row = {"round": action.round, **metrics, "participants": list(action.contributors),
+        row = {"round": action.round, **metrics, **evaluated,
+               "participants": list(action.contributors),
                "upload_bytes": upload, "seconds": round(seconds, 3),
                "declined": sorted(action.declines), "model_digest": package.digest}
         self._on_event("round_end", row)

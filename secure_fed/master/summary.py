@@ -20,7 +20,12 @@ Schema (keys always present)::
 
 ``rounds`` holds one row per round from 1 to the round of the checkpoint in force, each as the
 round's last ``model_committed`` record shows it (``accuracy`` and ``loss`` are null without
-an evaluation set; ``declined`` lists the slaves that declined the committed attempt).
+an evaluation set; ``declined`` lists the slaves that declined the committed attempt). Under
+federated evaluation a row also has ``federated_evaluation``: the slaves' noisy measure of the
+model committed in the round before (``evaluated_round``), with ``metric``, ``value``,
+``ci95`` [low, high], ``stderr``, the noisy ``sums``, their ``noise_sd`` and the ``slaves``
+(:mod:`secure_fed.master.federated_metrics`); the final model is measured only by the
+master's own evaluation data, if any.
 ``status`` is ``finished`` when the log's last word after the last commit is
 ``federation_done``, with its ``reason``.
 

@@ -11,7 +11,7 @@ from secure_fed.config.settings import MasterConfig
 from secure_fed.master.distributed_plan import distributed_plan
 from secure_fed.models.package import ModelPackage
 from secure_fed.protocol import coordinator as co
-from secure_fed.protocol.messages import ModelHeader, Plan, SecAggTask, Task
+from secure_fed.protocol.messages import EvaluationPlan, ModelHeader, Plan, SecAggTask, Task
 
 
 def round_task(start: co.StartRound, config: MasterConfig, package: ModelPackage,
@@ -42,7 +42,10 @@ def training_plan(config: MasterConfig) -> Plan:
                 temperature=training.distill.temperature if distill else None,
                 alpha=training.distill.alpha if distill else None, dp=training.dp,
                 data_schema=config.data_schema,
-                distributed=distributed_plan(training, len(config.slaves)))
+                distributed=distributed_plan(training, len(config.slaves)),
+                evaluation=(EvaluationPlan(fraction=training.evaluation_fraction,
+                                           epsilon_share=training.evaluation_epsilon_share)
+                            if training.federated_evaluation and training.dp else None))
 
 
 def model_header(package: ModelPackage) -> ModelHeader:

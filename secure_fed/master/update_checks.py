@@ -20,6 +20,8 @@ from secure_fed.audit.recompute import ClaimError, PLDRecomputer, parse_mechanis
 from secure_fed.config.settings import TrainingPlanSettings
 from secure_fed.errors import IdentityError
 from secure_fed.identity.certificates import decode_signature, verify_signature
+from secure_fed.master.federated_metrics import release_problem
+from secure_fed.privacy.evaluation import MULTICLASS_ACCURACY
 from secure_fed.protocol.messages import Decline, UpdateHeader, signing_bytes
 from secure_fed.transport.channel import Channel
 
@@ -58,6 +60,8 @@ class UpdateChecks:
             "accountant": header.accountant,
             **({} if header.epsilon_alone is None else {"epsilon_alone": header.epsilon_alone}),
             "mechanisms": [m.model_dump() for m in header.mechanisms],
+            **({} if header.evaluation is None
+               else {"evaluation": header.evaluation.model_dump()}),
             "chunk_bytes": header.chunk_bytes, "signature": header.signature,
             "signed_sha256": hashlib.sha256(self._signing_bytes(header)).hexdigest(),
         }
@@ -91,6 +95,10 @@ class UpdateChecks:
         if plan.dp and header.epsilon_spent is not None and header.epsilon_spent > plan.epsilon:
             return (f"the update reports ε={header.epsilon_spent:.4f} spent on this federation, "
                     f"more than its plan's ε={plan.epsilon:g}")
+        evaluation = release_problem(header, MULTICLASS_ACCURACY.kind
+                                     if plan.federated_evaluation and plan.dp else None)
+        if evaluation is not None:
+            return evaluation
         if plan.dp_mechanism == "distributed":
             return _distributed_problem(plan, header)
         return None

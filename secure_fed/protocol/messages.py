@@ -64,15 +64,17 @@ class _Message(BaseModel):
 class MechanismRecord(_Message):
     """One release as the accountant sees it: (σ, sample rate, steps).
 
-    ``kind`` says what was released: ``dp-sgd`` (a round of DP-SGD steps) or ``count`` (the
-    record count with the Gaussian mechanism, sensitivity 1: ``sample_rate`` 1, one step).
-    Both compose in the same accountant.
+    ``kind`` says what was released: ``dp-sgd`` (a round of DP-SGD steps), ``count`` (the
+    record count with the Gaussian mechanism, sensitivity 1: ``sample_rate`` 1, one step) or
+    ``evaluation`` (statistics of a model on the slave's held-out records, see
+    :class:`EvaluationRelease`: ``sample_rate`` 1, one step). All compose in the same
+    accountant.
     """
 
     noise_multiplier: float = Field(ge=0, le=1e6, allow_inf_nan=False)
     sample_rate: float = Field(gt=0, le=1, allow_inf_nan=False)
     steps: int = Field(ge=1, le=10**9)
-    kind: Literal["dp-sgd", "count"] = "dp-sgd"
+    kind: Literal["dp-sgd", "count", "evaluation"] = "dp-sgd"
     # Distributed DP only (sent only then): ``noise_multiplier`` is the aggregate's σ, which
     # holds if the master obtains only sums of at least ``min_survivors`` slaves with at most
     # ``tolerated_colluders`` colluding; ``share_noise_multiplier`` is σ/√(m − c), what this
@@ -108,6 +110,26 @@ class Hello(_Message):
     certificate: Annotated[str, Field(max_length=MAX_CERTIFICATE_CHARS)] | None = None
 
 
+class EvaluationRelease(_Message):
+    """Statistics of the task's model on the slave's held-out records, with discrete Gaussian
+    noise (:mod:`secure_fed.privacy.evaluation`); the mechanism is the update's
+    ``mechanisms`` entry of kind ``evaluation`` (already in the slave's ledger).
+
+    Args:
+        statistic: the kind of statistic (a key of ``STATISTICS``, e.g. ``multiclass-accuracy``).
+        model_digest: digest of the model measured (the task's: committed in the round before).
+        values: the noisy integer statistics (e.g. correct and total held-out predictions).
+        noise_scale: s, the standard deviation of the discrete Gaussian added to each value
+            (in the statistic's integer units), so that the master can state its uncertainty.
+    """
+
+    statistic: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,40}$")]
+    model_digest: Hex64
+    values: list[Annotated[int, Field(ge=-(2**53), le=2**53)]] = Field(min_length=1,
+                                                                        max_length=1024)
+    noise_scale: float = Field(gt=0, le=1e12, allow_inf_nan=False)
+
+
 class UpdateHeader(_Message):
     """Announces an encrypted update; exactly ``chunks`` binary messages follow.
 
@@ -130,6 +152,8 @@ class UpdateHeader(_Message):
             included (already in its ledger); other federations' releases stay at the slave.
         epsilon_spent: ε of ``mechanisms`` at ``delta`` (this federation's share of the
             slave's budget); ``None`` when no ε bounds it (a release without DP, σ = 0).
+        evaluation: when the plan asks for federated evaluation, the task's model measured on
+            the slave's held-out records (a DP release listed in ``mechanisms``).
         signature: base64 signature by the slave's certificate key over
             :func:`signing_bytes` of this update (every other field).
     """
@@ -150,6 +174,7 @@ class UpdateHeader(_Message):
     # Distributed DP only: ε of ``mechanisms`` with each release's share σ, against a party
     # that sees this update alone (``epsilon_spent`` is then the aggregate's ε).
     epsilon_alone: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    evaluation: EvaluationRelease | None = None
     # Optional in the schema so that the coordinator can be exercised without keys; the master
     # refuses an update without a valid signature before the coordinator sees it.
     signature: Signature | None = None
@@ -157,8 +182,9 @@ class UpdateHeader(_Message):
     @model_serializer(mode="wrap")
     def _alone_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("epsilon_alone") is None:
-            data.pop("epsilon_alone", None)
+        for name in ("epsilon_alone", "evaluation"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 
@@ -260,6 +286,23 @@ class DistributedPlan(_Message):
     ring_modulus: int = Field(ge=3, le=2**62)
 
 
+class EvaluationPlan(_Message):
+    """Federated evaluation: every slave measures the task's model (the one committed in the
+    round before) on a held-out part of its records and releases noisy statistics with its
+    update (:class:`EvaluationRelease`).
+
+    Args:
+        statistic: what to measure (a key of ``secure_fed.privacy.evaluation.STATISTICS``).
+        fraction: the share of each slave's records held out (never trained on).
+        epsilon_share: the share of the plan's ε that the evaluation releases of all rounds
+            may take together; the training rounds are calibrated to fit the rest.
+    """
+
+    statistic: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,40}$")] = "multiclass-accuracy"
+    fraction: float = Field(gt=0, lt=1, allow_inf_nan=False)
+    epsilon_share: float = Field(gt=0, lt=1, allow_inf_nan=False)
+
+
 class Plan(_Message):
     """The training plan of one round (with the model, the first configuration data).
 
@@ -271,7 +314,8 @@ class Plan(_Message):
     ``mask`` or ``he+mask`` only) asks for distributed DP instead of each slave's full
     noise. ``data_schema`` is the federation's data schema (columns, classes, public feature
     ranges), whole so that a slave whose bundle names another one can say how they differ;
-    it is sent only when the federation has one.
+    it is sent only when the federation has one. ``evaluation`` (sent only when set) asks for
+    federated evaluation.
     """
 
     mode: Literal["delta", "gradient", "distill"]
@@ -288,6 +332,7 @@ class Plan(_Message):
     dp: bool = True
     data_schema: DataSchema | None = None
     distributed: DistributedPlan | None = None
+    evaluation: EvaluationPlan | None = None
 
     @model_serializer(mode="wrap")
     def _dp_only_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -301,6 +346,8 @@ class Plan(_Message):
             data.pop("data_schema", None)
         if self.distributed is None:
             data.pop("distributed", None)
+        if self.evaluation is None:
+            data.pop("evaluation", None)
         return data
 
 

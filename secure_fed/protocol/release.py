@@ -50,8 +50,9 @@ class Classified:
 DP, PUBLIC, PROTOCOL = Release.DP_OUTPUT, Release.PUBLIC, Release.PROTOCOL
 
 SLAVE_MESSAGES: tuple[type[BaseModel], ...] = (
-    m.Hello, m.UpdateHeader, m.MechanismRecord, m.Decline, sm.AdvertiseKeys, sm.ShareKeys,
-    sm.EncryptedShares, sm.MaskedInput, sm.UnmaskResponse, sm.RevealedShare, sm.SeedReveal,
+    m.Hello, m.UpdateHeader, m.MechanismRecord, m.EvaluationRelease, m.Decline,
+    sm.AdvertiseKeys, sm.ShareKeys, sm.EncryptedShares, sm.MaskedInput, sm.UnmaskResponse,
+    sm.RevealedShare, sm.SeedReveal,
 )
 """Every message (and nested model) a slave sends to the master."""
 
@@ -90,6 +91,9 @@ FIELDS: dict[tuple[str, str], Classified] = {
     ("UpdateHeader", "accountant"): Classified(PUBLIC, "the accountant of the bundle"),
     ("UpdateHeader", "epsilon_alone"): Classified(DP, "ε of `mechanisms` with their share "
                                                   "σ (post-processing of them)"),
+    ("UpdateHeader", "evaluation"): Classified(
+        DP, "the task's model measured on the held-out records with discrete Gaussian noise "
+        "(mechanism kind 'evaluation' in the ledger and in `mechanisms`); see its fields"),
     ("UpdateHeader", "signature"): Classified(PROTOCOL, "signature over the fields above"),
     ("MechanismRecord", "noise_multiplier"): Classified(DP, "σ, calibrated from the plan "
                                                         "and the released count"),
@@ -97,6 +101,15 @@ FIELDS: dict[tuple[str, str], Classified] = {
                                                    "the count release)"),
     ("MechanismRecord", "steps"): Classified(DP, "steps from the plan and the released count"),
     ("MechanismRecord", "kind"): Classified(PUBLIC, "which release the mechanism is"),
+    ("EvaluationRelease", "statistic"): Classified(PUBLIC, "the plan's statistic"),
+    ("EvaluationRelease", "model_digest"): Classified(PUBLIC, "the digest of the task's "
+                                                      "model"),
+    ("EvaluationRelease", "values"): Classified(
+        DP, "the exact statistic (e.g. correct and total held-out predictions, L2 "
+        "sensitivity √2 under add/remove-one) plus discrete Gaussian noise: the evaluation "
+        "release (kind 'evaluation', σ from the plan's ε share), recorded before it is sent"),
+    ("EvaluationRelease", "noise_scale"): Classified(
+        PUBLIC, "hypot(σ·Δ, τ) with σ from the plan's ε, share and rounds and the bundle's δ"),
     ("MechanismRecord", "share_noise_multiplier"): Classified(
         PUBLIC, "σ/√(m − c) of the plan's distributed settings"),
     ("MechanismRecord", "min_survivors"): Classified(PUBLIC, "m of the plan"),

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -34,6 +34,7 @@ from secure_fed import __version__
 from secure_fed.config.schema import require_same_schema
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.data.datasets import Dataset
+from secure_fed.data.held_out import split_held_out, split_key
 from secure_fed.errors import (
     BudgetExhausted,
     ConfigError,
@@ -51,6 +52,7 @@ from secure_fed.he.codec import UpdateEncoder
 from secure_fed.identity.certificates import sign
 from secure_fed.models.package import ModelPackage
 from secure_fed.privacy.distributed import DistributedMechanism, share_noise_multiplier
+from secure_fed.privacy.evaluation import EVALUATION_MODE, statistic
 from secure_fed.privacy.ledger import COUNT_MODE, LedgerEntry
 from secure_fed.privacy.training import DPSettings
 from secure_fed.private_files import read_private_file
@@ -58,6 +60,7 @@ from secure_fed.protocol import slave_actions as act
 from secure_fed.protocol.messages import (
     PROTOCOL_VERSION,
     Decline,
+    EvaluationPlan,
     Hello,
     MechanismRecord,
     ModelHeader,
@@ -71,6 +74,7 @@ from secure_fed.secagg import ring as pc
 from secure_fed.secagg.messages import AdvertiseKeys, ShareDelivery, ShareKeys
 from secure_fed.secagg.ring import ring_modulus
 from secure_fed.secagg.slave_machine import SlaveSecAgg
+from secure_fed.slave.evaluation import EvaluatedModel, evaluate_held_out
 from secure_fed.slave.privacy_plan import PrivacyPlanner, distributed_mechanism
 from secure_fed.slave.protection import peer_verifier, protect_update
 from secure_fed.slave.report import SlaveReport, TrainedAttempt
@@ -81,6 +85,10 @@ from secure_fed.transport.tls import client_ssl_context
 log = logging.getLogger(__name__)
 
 SignedMessage = TypeVar("SignedMessage", UpdateHeader, Decline)
+
+_MECHANISM_KINDS: dict[str, Literal["count", "evaluation"]] = {
+    COUNT_MODE: "count", EVALUATION_MODE: "evaluation"}
+"""The update's mechanism kind of a ledger entry's mode (any other mode is ``dp-sgd``)."""
 
 EventSink = Callable[[str, dict[str, Any]], None]
 
@@ -112,6 +120,7 @@ class _Trained:
     source: WeightSource
     attempt: TrainedAttempt | None = None
     spent: float = 0.0
+    evaluated: EvaluatedModel | None = None
 class Slave:
     """A data owner taking part in a federation.
 
@@ -171,6 +180,8 @@ class Slave:
         self.config = bundle.config
         self._plain = _plain_url(self.config.master_url, insecure_loopback)
         self.data = data
+        self.held_out: Dataset | None = None
+        self._held_out_fraction: float | None = None
         self.privacy = PrivacyPlanner.open(
             self.config, bundle.ca_cert.read_bytes(), data, state_dir=state_dir,
             budget_epsilon=budget_epsilon, source_id=source_id, public_count=public_count,
@@ -312,6 +323,8 @@ class Slave:
             if self.ledger.has_task(self.ledger_federation, task.nonce):
                 raise PrivacyError("an update for this task was already produced; training "
                                    "again would spend the budget twice")
+            if task.plan.evaluation is not None and task.plan.dp:
+                self._hold_out(task.plan.evaluation)
             if task.plan.dp:
                 distributed = distributed_mechanism(
                     task, protection=self.config.encryption.protection,
@@ -325,6 +338,26 @@ class Slave:
         except (ModelError, PrivacyError, DataError) as exc:
             return self.machine.receive_declined(str(exc), final=isinstance(exc, BudgetExhausted))
         return self.machine.receive_task_checked(prepared)
+
+    def _hold_out(self, plan: EvaluationPlan) -> None:
+        """Keep the plan's share of this data source out of training, once, with the source's
+        own split key (the same records in every run)."""
+        statistic(plan.statistic)  # an unknown statistic is declined before anything is drawn
+        if self._held_out_fraction is not None:
+            if plan.fraction != self._held_out_fraction:
+                raise PrivacyError(
+                    f"the task holds out {plan.fraction:g} of the records, but this slave holds "
+                    f"out {self._held_out_fraction:g} for this federation; a new split would "
+                    "train on records measured before. Declined")
+            return
+        if self.public_count is not None:
+            raise PrivacyError(
+                "federated evaluation trains on part of this data source, whose count its "
+                "owner declared public as a whole (--public-count); start the slave without "
+                "--public-count to take part")
+        training, held_out = split_held_out(self.data, split_key(self.state_dir), plan.fraction)
+        self.data, self.held_out, self._held_out_fraction = training, held_out, plan.fraction
+        self.privacy.records = len(training.labels)
 
     async def _train(self, work: act.Train) -> list[act.Action]:
         """Release the count if still due, calibrate σ, and train (off the event loop)."""
@@ -342,6 +375,15 @@ class Slave:
             except PrivacyError as exc:
                 return self.machine.receive_declined(str(exc),
                                                      final=isinstance(exc, BudgetExhausted))
+        evaluated = None
+        sigma = (self.privacy.evaluation_noise_multiplier(task.plan)
+                 if prepared.without_dp is None else None)
+        if sigma is not None and self.held_out is not None and task.plan.evaluation is not None:
+            # Before training: the task's model, as the master committed it, is measured.
+            evaluated = await asyncio.to_thread(
+                evaluate_held_out, prepared.model, self.held_out,
+                kind=task.plan.evaluation.statistic, model_digest=task.model.digest,
+                noise_multiplier=sigma)
         self._on_event("training", {"round": task.round, "sigma": settings.noise_multiplier,
                                     "mode": task.plan.mode})
         # The DP noise must come from this slave's own randomness: a seed chosen by the master
@@ -352,8 +394,8 @@ class Slave:
                                          threads=self.threads, delta=self.config.delta,
                                          records=records, distributed=prepared.distributed,
                                          nonce=task.nonce)
-        return self.machine.receive_trained(_Trained(result, settings, source),
-                                            result.vector.size)
+        return self.machine.receive_trained(
+            _Trained(result, settings, source, evaluated=evaluated), result.vector.size)
 
     def _record_release(self, work: act.RecordRelease) -> list[act.Action]:
         """Write the round's release to the ledger before anything derived from the data
@@ -363,8 +405,13 @@ class Slave:
         crash_point("slave.training")
         mechanism, dp = trained.result.mechanism, trained.settings.dp
         shared = task.plan.distributed if trained.result.distributed else None
+        # The evaluation first: a round's training run stays the last entry of the round.
+        evaluation = [] if trained.evaluated is None else [LedgerEntry(
+            noise_multiplier=trained.evaluated.mechanism.noise_multiplier, sample_rate=1.0,
+            steps=1, delta=self.config.delta, federation_id=self.ledger_federation,
+            round=task.round, mode=EVALUATION_MODE, task_nonce=task.nonce)]
         try:
-            self.ledger.record([LedgerEntry(
+            self.ledger.record([*evaluation, LedgerEntry(
                 noise_multiplier=mechanism.noise_multiplier,
                 sample_rate=mechanism.sample_rate, steps=mechanism.steps,
                 delta=self.config.delta, federation_id=self.ledger_federation, round=task.round,
@@ -422,7 +469,7 @@ class Slave:
             chunk_bytes=[len(c) for c in chunks],
             mechanisms=[MechanismRecord(noise_multiplier=e.noise_multiplier,
                                         sample_rate=e.sample_rate, steps=e.steps,
-                                        kind="count" if e.mode == COUNT_MODE else "dp-sgd",
+                                        kind=_MECHANISM_KINDS.get(e.mode, "dp-sgd"),
                                         share_noise_multiplier=e.share_noise_multiplier,
                                         min_survivors=e.min_survivors,
                                         tolerated_colluders=e.tolerated_colluders)
@@ -431,7 +478,8 @@ class Slave:
             accountant=self.config.accountant,
             epsilon_alone=(_bounded(self.ledger.spent_alone_in(self.ledger_federation))
                            if any(e.share_noise_multiplier is not None for e in entries)
-                           else None)))
+                           else None),
+            evaluation=None if trained.evaluated is None else trained.evaluated.release))
         await channel.send(header)
         for chunk in chunks:
             await channel.send_bytes(chunk)

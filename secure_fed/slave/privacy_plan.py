@@ -32,6 +32,7 @@ from secure_fed.privacy.data_source import (
     register_ledger,
 )
 from secure_fed.privacy.distributed import DistributedMechanism, DistributedSettings
+from secure_fed.privacy.evaluation import evaluation_mechanisms, evaluation_noise_multiplier
 from secure_fed.privacy.ledger import (
     COUNT_MODE,
     LEDGER_FILE,
@@ -188,17 +189,36 @@ class PrivacyPlanner:
                  fed, mechanism.noise_multiplier)
         return value, "dp-count"
 
+    def evaluation_noise_multiplier(self, plan: Plan) -> float | None:
+        """σ of each round's evaluation release (``None``: the plan asks for none), from
+        public values: the ε this federation may take, the plan's share and rounds."""
+        if plan.evaluation is None or not plan.dp:
+            return None
+        return evaluation_noise_multiplier(
+            self.federation_epsilon(plan), plan.evaluation.epsilon_share, plan.rounds_total,
+            self.config.delta, self.config.accountant)
+
+    def evaluations_to_come(self, task: Task) -> list[Mechanism]:
+        """The evaluation releases of this round and of every later one (the training rounds
+        are calibrated to leave room for them)."""
+        sigma = self.evaluation_noise_multiplier(task.plan)
+        if sigma is None:
+            return []
+        return evaluation_mechanisms(sigma, max(1, task.plan.rounds_total - task.round + 1))
+
     def plan_privacy(self, task: Task, records: int, *,
                      before: Sequence[Mechanism] = ()) -> DPSettings:
         """Calibrate σ so that the rounds still to come keep this federation within its plan's
         ε and this data source within its owner's lifetime budget.
 
         Only public values enter: the public record count, the plan, the ledger, and
-        ``before`` (releases about to be recorded, counted as if they were). When
+        ``before`` (releases about to be recorded, counted as if they were) with the
+        evaluation releases still to come. When
         every round runs as planned this gives the same σ each round; a repeated or extra
         round (a new release) raises σ for the rest, never the federation's total.
         """
         plan = task.plan
+        before = [*before, *self.evaluations_to_come(task)]
         fed = self.config.federation_id
         if self.config.delta >= 1.0 / records:
             raise PrivacyError(f"δ={self.config.delta:g} is not below 1/records=1/{records} "
