@@ -303,7 +303,10 @@ class RecordFold:
             "participants": participants, "upload_bytes": row["upload_bytes"],
             "seconds": row["seconds"],
             "declined": sorted(set(self._attempt_declines.get(row["round"], []))),
-            "model_digest": row["model_digest"]}
+            "model_digest": row["model_digest"],
+            # A binary or regression task's metrics, only when the record has them.
+            **{name: _num(data.get(name)) for name in ("roc_auc", "mse", "rmse")
+               if name in data}}
 
     def _on_round_aborted(self, line: int, record: dict[str, Any], data: dict[str, Any]) -> None:
         row = self.round(data)

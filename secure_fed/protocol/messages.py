@@ -21,9 +21,11 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     model_serializer,
+    model_validator,
 )
 
 from secure_fed.config.schema import DataSchema
+from secure_fed.config.tasks import DEFAULT_TASK, LossName, MetricName, TaskName, task_facts
 from secure_fed.errors import ProtocolError
 
 PROTOCOL_VERSION = 4
@@ -271,7 +273,10 @@ class Plan(_Message):
     ``mask`` or ``he+mask`` only) asks for distributed DP instead of each slave's full
     noise. ``data_schema`` is the federation's data schema (columns, classes, public feature
     ranges), whole so that a slave whose bundle names another one can say how they differ;
-    it is sent only when the federation has one.
+    it is sent only when the federation has one. ``task``, ``loss`` and ``metric`` name what
+    the model learns, the loss DP-SGD minimises and the metric its quality is reported in
+    (:mod:`secure_fed.config.tasks`); they are sent only for a task other than multiclass, so
+    that a multi-class plan (and its digest) is what it was before tasks existed.
     """
 
     mode: Literal["delta", "gradient", "distill"]
@@ -288,6 +293,20 @@ class Plan(_Message):
     dp: bool = True
     data_schema: DataSchema | None = None
     distributed: DistributedPlan | None = None
+    task: TaskName = DEFAULT_TASK
+    loss: LossName = "cross_entropy"
+    metric: MetricName = "accuracy"
+
+    @model_validator(mode="after")
+    def _task_facts(self) -> Plan:
+        facts = task_facts(self.task)
+        if (self.loss, self.metric) != (facts.loss, facts.metric):
+            raise ValueError(f"a {self.task} task trains with loss {facts.loss} and reports "
+                             f"{facts.metric}, not {self.loss} and {self.metric}")
+        if self.data_schema is not None and self.data_schema.task != self.task:
+            raise ValueError(f"the plan's task {self.task} is not its data schema's "
+                             f"({self.data_schema.task})")
+        return self
 
     @model_serializer(mode="wrap")
     def _dp_only_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -301,6 +320,9 @@ class Plan(_Message):
             data.pop("data_schema", None)
         if self.distributed is None:
             data.pop("distributed", None)
+        if self.task == DEFAULT_TASK:
+            for name in ("task", "loss", "metric"):
+                data.pop(name, None)
         return data
 
 
