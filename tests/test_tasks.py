@@ -23,6 +23,7 @@ from secure_fed.config.schema import (
 from secure_fed.config.tasks import TargetRange, model_outputs, parse_target_range, task_facts
 from secure_fed.data.datasets import Dataset, bundled_schema, load_bundled
 from secure_fed.data.partition import master_holdout, slave_partition
+from secure_fed.data.schema_check import load_checked
 from secure_fed.errors import ConfigError, DataError, PrivacyError
 from secure_fed.he.bundle import MasterBundle
 from secure_fed.models.registry import build_model
@@ -120,6 +121,25 @@ def test_inconsistent_datasets_are_refused(kwargs: dict[str, object], message: s
     with pytest.raises(DataError, match=message):
         Dataset(name="t", features=np.zeros((2, 1)), feature_names=["x"],
                 **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_regression_table_is_checked_and_its_targets_clipped(tmp_path: Path) -> None:
+    schema = DataSchema.model_validate({"label": "y", "task": "regression",
+                                        "target": {"low": 0, "high": 10},
+                                        "features": [{"name": "x", "low": 0, "high": 4}]})
+    table = tmp_path / "t.csv"
+    table.write_text("x,y\n1,2.5\n3,12\n")
+    data = load_checked(table, schema)
+    assert data.task == "regression" and data.labels.tolist() == [2.5, 10.0]
+    assert data.features[:, 0].tolist() == [-0.5, 0.5]
+    table.write_text("x,y\n1,high\n")
+    with pytest.raises(DataError, match="line 2, column 'y': the target 'high' is not a finite"):
+        load_checked(table, schema)
+    binary = schema_for_task(DataSchema(label="y", classes=["no", "yes"],
+                                        features=[{"name": "x", "low": 0, "high": 4}]), "binary")
+    table.write_text("x,y\n1,yes\n3,no\n")
+    data = load_checked(table, binary)
+    assert data.task == "binary" and data.labels.tolist() == [1, 0]
 
 
 # --- losses -----------------------------------------------------------------------------------

@@ -25,16 +25,28 @@ def _epsilons(by_slave: dict[str, float]) -> str:
                     for k, v in sorted(by_slave.items()))
 
 
+def _quality(row: dict[str, Any]) -> str:
+    """The round's metric in its task's terms: ``0.912`` (accuracy), ``AUC 0.912`` (binary)
+    or ``RMSE 54.3`` (regression, in the target's units); ``-`` without an evaluation."""
+    if "roc_auc" in row:
+        return f"AUC {row['roc_auc']:.3f}"
+    if "rmse" in row:
+        return f"RMSE {row['rmse']:.4g}"
+    return f"{row['accuracy']:.3f}" if "accuracy" in row else "-"
+
+
 def round_table(rows: list[dict[str, Any]], epsilons: dict[int, dict[str, float]]) -> Table:
     """A table of committed rounds, as the demo and ``secure-fed master`` show it."""
     table = Table(title="rounds", show_lines=False)
+    other_task = any("roc_auc" in row or "rmse" in row for row in rows)
     for column in COLUMNS:
-        table.add_column(column, justify="right" if column != "participants" else "left")
+        table.add_column("metric" if column == "accuracy" and other_task else column,
+                         justify="right" if column != "participants" else "left")
     for row in rows:
         eps = epsilons.get(row["round"], {})
         table.add_row(
             str(row["round"]),
-            f"{row['accuracy']:.3f}" if "accuracy" in row else "-",
+            _quality(row),
             f"{row['loss']:.3f}" if "loss" in row else "-",
             _epsilons(eps) or "-",
             _bytes(row.get("upload_bytes", 0)),
@@ -96,8 +108,10 @@ class MasterDisplay:
             self.epsilons[data["round"]] = dict(self._eps_now)
             self.progress.advance(self.task)
             eps = _epsilons(self._eps_now)
+            quality = (_quality(data) if "roc_auc" in data or "rmse" in data
+                       else f"accuracy {data.get('accuracy', float('nan')):.3f}")
             self.console.log(
-                f"round {data['round']:>3}  accuracy {data.get('accuracy', float('nan')):.3f}  "
+                f"round {data['round']:>3}  {quality}  "
                 f"loss {data.get('loss', float('nan')):.3f}  ε {eps}  "
                 f"upload {_bytes(data['upload_bytes'])}  {data['seconds']:.1f} s")
 

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 #: Names accepted by :func:`load_bundled` (``diabetes``: a regression task).
 BUNDLED_DATASETS: tuple[str, ...] = ("digits", "breast_cancer", "wine", "diabetes")
+#: The bundled datasets of a multi-class task (every one but ``diabetes``).
+CLASSIFICATION_DATASETS: tuple[str, ...] = ("digits", "breast_cancer", "wine")
 
 
 @dataclass
