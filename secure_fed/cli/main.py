@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="CSV (or NPZ) file of private data")
     p.add_argument("--label-column", default=None,
                    help="column of --data holding the label (default: the schema's label column)")
-    p.add_argument("--dataset", default=None, help="bundled dataset: digits, breast_cancer, wine")
+    p.add_argument("--dataset", default=None,
+                   help="bundled dataset: digits, breast_cancer, wine, or diabetes (regression)")
     p.add_argument("--partition", default=None, metavar="I/K",
                    help="use part I of K of --dataset's training split (default 0/1)")
     p.add_argument("--budget", type=float, default=None, metavar="EPS",
