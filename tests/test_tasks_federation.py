@@ -15,6 +15,7 @@ import pytest
 from conftest import small_plan, started
 from cryptography import x509
 
+from secure_fed.audit.recompute import check_log
 from secure_fed.audit.verify import verify_log
 from secure_fed.config.schema import schema_for_task
 from secure_fed.config.settings import (
@@ -129,3 +130,5 @@ def test_a_federation_trains_its_task_and_reports_its_metric(
         assert row["rmse"] == pytest.approx(math.sqrt(row["mse"]))
         assert row["rmse"] < 346 - 25  # within the target range's width
     assert verify_log(out / "audit.jsonl").ok
+    full = check_log(out)  # chain, signatures and ε recomputed with the task's records
+    assert full.ok, full
