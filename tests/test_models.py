@@ -79,7 +79,7 @@ def test_unknown_architecture_lists_known_ones() -> None:
         ({"num_classes": 10}, r"needs argument\(s\) \['in_features'\]"),
         ({"in_features": "64", "num_classes": 10}, "in_features must be an integer"),
         ({"in_features": True, "num_classes": 10}, "in_features must be an integer"),
-        ({"in_features": 64, "num_classes": 1}, "num_classes must be between 2"),
+        ({"in_features": 64, "num_classes": 0}, "num_classes must be between 1"),
         (
             {"in_features": 64, "num_classes": 10, "hidden": [5000]},
             r"hidden\[0\] must be between 1 and 4096",

@@ -307,7 +307,10 @@ class RecordFold:
             "participants": participants, "upload_bytes": row["upload_bytes"],
             "seconds": row["seconds"],
             "declined": sorted(set(self._attempt_declines.get(row["round"], []))),
-            "model_digest": row["model_digest"]}
+            "model_digest": row["model_digest"],
+            # A binary or regression task's metrics, only when the record has them.
+            **{name: _num(data.get(name)) for name in ("roc_auc", "mse", "rmse")
+               if name in data}}
         federated = data.get("federated_evaluation")
         if isinstance(federated, dict):
             self.commits[row["round"]]["federated_evaluation"] = federated

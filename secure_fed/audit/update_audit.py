@@ -59,7 +59,7 @@ from secure_fed.audit.onerun import (
     epsilon_lower_bound,
     guess_membership,
 )
-from secure_fed.data.datasets import BUNDLED_DATASETS, Dataset
+from secure_fed.data.datasets import CLASSIFICATION_DATASETS, Dataset
 from secure_fed.data.partition import slave_partition
 from secure_fed.errors import AuditError
 from secure_fed.models.package import add_to_parameters, parameters_vector
@@ -128,8 +128,8 @@ def check_canary_options(dataset: str, epsilon: float, canaries: int, per_side: 
                          confidence: float) -> None:
     """Raise :class:`AuditError` naming the first bad option a canary audit shares: the
     dataset, ε, the number of canaries and the guess plan."""
-    if dataset not in BUNDLED_DATASETS:
-        raise AuditError(f"--dataset must be one of {', '.join(BUNDLED_DATASETS)}, got "
+    if dataset not in CLASSIFICATION_DATASETS:
+        raise AuditError(f"--dataset must be one of {', '.join(CLASSIFICATION_DATASETS)}, got "
                          f"{dataset!r}")
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise AuditError(f"--epsilon must be finite and > 0, got {epsilon}")

@@ -19,6 +19,7 @@ from secure_fed.config.settings import (
     EvaluationSettings,
     ModelSpec,
 )
+from secure_fed.config.tasks import TargetRange, parse_target_range, task_facts
 from secure_fed.errors import ConfigError
 
 
@@ -43,6 +44,15 @@ def _class_count(text: str | None) -> int | None:
                           ) from None
 
 
+def _target_range(text: str | None) -> TargetRange | None:
+    if text is None:
+        return None
+    try:
+        return parse_target_range(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from secure_fed.master.provision import (
         FederationPlan,
@@ -55,10 +65,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     own_schema = args.schema is not None or args.schema_from is not None
     eval_dataset = args.eval_dataset or ("none" if own_schema else "digits")
     evaluation = EvaluationSettings(dataset=None if eval_dataset == "none" else eval_dataset)
+    target = _target_range(args.target_range)
     schema = federation_schema(
         schema_file=args.schema, header_csv=args.schema_from, label_column=args.label_column,
-        classes=_class_list(args.classes) if args.schema_from is not None else None,
-        eval_dataset=evaluation.dataset)
+        classes=(_class_list(args.classes)
+                 if args.schema_from is not None and args.task != "regression" else None),
+        eval_dataset=evaluation.dataset, task=args.task, target=target)
     features, classes = model_shape(
         schema, args.features, None if args.schema_from is not None else _class_count(args.classes))
     plan = FederationPlan(
@@ -89,11 +101,15 @@ def cmd_init(args: argparse.Namespace) -> int:
         console.print(f"  slave bundle:  {args.fed_dir / 'slaves' / slave_id}  (copy to "
                       f"'{slave_id}')")
     if schema is not None:
+        facts = task_facts(schema.task)
+        labels = (f"classes {', '.join(schema.classes)}" if schema.classes else
+                  f"target range [{schema.target.low:g}, {schema.target.high:g}]"
+                  if schema.target is not None else "no classes")
         shape = (f"{schema.image.describe()} images" if schema.image is not None
                  else f"{schema.num_features} features")
-        console.print(f"data schema: {shape}, classes "
-                      f"{', '.join(schema.classes)}, label column '{schema.label}' (sha256 "
+        console.print(f"data schema: {shape}, {labels}, label column '{schema.label}' (sha256 "
                       f"{schema.digest[:12]}…); each slave's data is checked against it")
+        console.print(f"task: {schema.task}, loss {facts.loss}, metric {facts.metric}")
     training = bundle.config.training
     if training.federated_evaluation:
         console.print(f"federated evaluation: each slave holds out "

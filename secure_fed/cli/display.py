@@ -63,8 +63,9 @@ def round_line(row: dict[str, Any], epsilons: dict[str, float], *, width: int = 
     ε is the last thing cut: the seconds, the upload size and the loss are dropped first,
     then ε per slave becomes one value or a range; only then is the line shortened.
     """
-    accuracy = row.get("accuracy", float("nan"))
-    head = f"round {row['round']:>3}  accuracy {accuracy:.3f}"
+    quality = (_quality(row) if "roc_auc" in row or "rmse" in row
+               else f"accuracy {row.get('accuracy', float('nan')):.3f}")
+    head = f"round {row['round']:>3}  {quality}"
     loss = f"loss {row.get('loss', float('nan')):.3f}"
     upload = f"upload {_bytes(row.get('upload_bytes', 0))}"
     seconds = f"{row.get('seconds', 0):.1f} s"
@@ -85,18 +86,28 @@ def round_line(row: dict[str, Any], epsilons: dict[str, float], *, width: int = 
             return line
     line = "  ".join(candidates[-1])
     return line[: max(0, width - 1)] + "…"
+def _quality(row: dict[str, Any]) -> str:
+    """The round's metric in its task's terms: ``0.912`` (accuracy), ``AUC 0.912`` (binary)
+    or ``RMSE 54.3`` (regression, in the target's units); ``-`` without an evaluation."""
+    if "roc_auc" in row:
+        return f"AUC {row['roc_auc']:.3f}"
+    if "rmse" in row:
+        return f"RMSE {row['rmse']:.4g}"
+    return f"{row['accuracy']:.3f}" if "accuracy" in row else "-"
 
 
 def round_table(rows: list[dict[str, Any]], epsilons: dict[int, dict[str, float]]) -> Table:
     """A table of committed rounds, as the demo and ``secure-fed master`` show it."""
     table = Table(title="rounds", show_lines=False)
+    other_task = any("roc_auc" in row or "rmse" in row for row in rows)
     for column in COLUMNS:
-        table.add_column(column, justify="right" if column != "participants" else "left")
+        table.add_column("metric" if column == "accuracy" and other_task else column,
+                         justify="right" if column != "participants" else "left")
     for row in rows:
         eps = epsilons.get(row["round"], {})
         table.add_row(
             str(row["round"]),
-            f"{row['accuracy']:.3f}" if "accuracy" in row else "-",
+            _quality(row),
             f"{row['loss']:.3f}" if "loss" in row else "-",
             _epsilons(eps) or "-",
             _bytes(row.get("upload_bytes", 0)),

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None,
                    help="output classes (default: the schema's; without one 10); with "
                    "--schema-from, the label values in class order: A,B,...")
+    p.add_argument("--task", choices=("multiclass", "binary", "regression"), default=None,
+                   help="what the model predicts (default: the schema's, else multiclass); "
+                   "binary reports ROC AUC, regression MSE (see docs/concepts.md)")
+    p.add_argument("--target-range", default=None, metavar="LOW,HIGH",
+                   help="with --task regression: the target's public bounds (values outside "
+                   "are clipped)")
     p.add_argument("--eval-dataset", default=None,
                    help="bundled dataset whose hold-out split the master evaluates on, or "
                    "'none' (default digits; none with --schema or --schema-from). Without a "
@@ -213,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "exit without connecting or spending any budget")
     p.add_argument("--label-column", default=None,
                    help="column of --data holding the label (default: the schema's label column)")
-    p.add_argument("--dataset", default=None, help="bundled dataset: digits, breast_cancer, wine")
+    p.add_argument("--dataset", default=None,
+                   help="bundled dataset: digits, breast_cancer, wine, or diabetes (regression)")
     p.add_argument("--partition", default=None, metavar="I/K",
                    help="use part I of K of --dataset's training split (default 0/1)")
     p.add_argument("--budget", type=float, default=None, metavar="EPS",

@@ -37,6 +37,11 @@ An image federation has an ``[image]`` table (channels, height, width; see
 :mod:`secure_fed.config.image`) and no feature columns (``features = []``): the model's inputs
 are the pixels. Without that table the schema, its canonical form and its digest are exactly
 those of a table schema.
+``task`` (:mod:`secure_fed.config.tasks`) is ``"multiclass"`` (the default), ``"binary"``
+(exactly two classes, the second positive) or ``"regression"`` (no classes; the label is a
+number with the public range ``target = {low = ..., high = ...}``). Both are left out of the
+canonical form when they are the defaults, so a multi-class schema's digest is what it was
+before tasks existed.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from pydantic import (
 )
 
 from secure_fed.config.image import ImageSpec
+from secure_fed.config.tasks import DEFAULT_TASK, TargetRange, TaskName, model_outputs, task_facts
 from secure_fed.errors import ConfigError, DataError
 
 MAX_SCHEMA_FEATURES = 10_000
@@ -125,7 +131,8 @@ class DataSchema(BaseModel):
     Args:
         label: name of the label column in each slave's CSV file.
         classes: the label values in class order: the class index of a record is the position
-            of its label in this list (never derived from the labels a file holds).
+            of its label in this list (never derived from the labels a file holds); empty for
+            a regression task.
         features: the feature columns in the model's input order, each with its public range.
         scaled: every feature given without a range arrives already scaled (used as is).
         scale_to: the interval each ranged feature is mapped to: ``"-1..1"`` (the default:
@@ -133,16 +140,34 @@ class DataSchema(BaseModel):
             or ``"0..1"`` (e.g. pixel intensities, as the built-in ``digits`` schema uses).
         image: for image data, the ``channels × height × width`` every image is converted to;
             ``features`` is then empty. ``None`` (the default): a table of feature columns.
+        task: ``multiclass``, ``binary`` or ``regression`` (:mod:`secure_fed.config.tasks`).
+        target: a regression target's public range (required for regression, else absent).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     label: str
-    classes: list[str] = Field(min_length=2, max_length=MAX_SCHEMA_CLASSES)
+    classes: list[str] = Field(default_factory=list, max_length=MAX_SCHEMA_CLASSES)
     features: list[FeatureSpec] = Field(max_length=MAX_SCHEMA_FEATURES)
     scaled: bool = False
     scale_to: Literal["-1..1", "0..1"] = "-1..1"
     image: ImageSpec | None = None
+    task: TaskName = DEFAULT_TASK
+    target: TargetRange | None = None
+
+    @model_serializer(mode="wrap")
+    def _defaults_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # ``image``, ``task`` and ``target`` are written only when set: a multi-class table
+        # schema's dump, canonical JSON and digest stay what they were before image schemas
+        # and tasks existed, and older slaves still read it.
+        data: dict[str, Any] = handler(self)
+        if self.image is None:
+            data.pop("image", None)
+        if self.task == DEFAULT_TASK:
+            data.pop("task", None)
+        if self.target is None:
+            data.pop("target", None)
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -161,14 +186,24 @@ class DataSchema(BaseModel):
             features.append(item)
         return {**data, "features": features}
 
-    @model_serializer(mode="wrap")
-    def _image_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # ``image`` is written only when set: a table schema's dump, canonical JSON and digest
-        # stay what they were before image schemas existed, and older slaves still read it.
-        data: dict[str, Any] = handler(self)
-        if self.image is None:
-            data.pop("image", None)
-        return data
+    @model_validator(mode="after")
+    def _task(self) -> DataSchema:
+        facts = task_facts(self.task)
+        if facts.needs_classes and len(self.classes) < 2:
+            raise ValueError(f"a {self.task} task needs at least 2 classes, got {self.classes}")
+        if self.task == "binary" and len(self.classes) != 2:
+            raise ValueError(f"a binary task has exactly 2 classes (negative, positive), got "
+                             f"{len(self.classes)}: use task = \"multiclass\"")
+        if not facts.needs_classes and self.classes:
+            raise ValueError(f"a {self.task} task has no classes, got {self.classes}; leave "
+                             "classes out")
+        if facts.needs_target and self.target is None:
+            raise ValueError(f"a {self.task} task needs the target's public range: "
+                             "target = {low = ..., high = ...}")
+        if not facts.needs_target and self.target is not None:
+            raise ValueError(f"a {self.task} task has no target range; give target only with "
+                             "task = \"regression\"")
+        return self
 
     @model_validator(mode="after")
     def _names(self) -> DataSchema:
@@ -205,8 +240,13 @@ class DataSchema(BaseModel):
 
     @property
     def num_classes(self) -> int:
-        """C, the model's number of outputs."""
+        """C, the number of classes (0 for a regression task)."""
         return len(self.classes)
+
+    @property
+    def num_outputs(self) -> int:
+        """The model's number of outputs: C for multiclass, 1 for binary and regression."""
+        return model_outputs(self.task, self.num_classes)
 
     def canonical_json(self) -> str:
         """The schema as canonical JSON: sorted keys, no spaces, every field written."""
@@ -217,6 +257,24 @@ class DataSchema(BaseModel):
     def digest(self) -> str:
         """SHA-256 (hex) of :meth:`canonical_json`: equal schemas have equal digests."""
         return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
+
+
+def schema_for_task(schema: DataSchema, task: str,
+                    target: TargetRange | None = None) -> DataSchema:
+    """``schema`` with another task (and target range), validated like a schema file.
+
+    Raises:
+        ConfigError: the combination is inconsistent (e.g. binary with three classes,
+            regression without a target range); the message says what to give.
+    """
+    data = schema.model_dump(mode="json")
+    data.update(task=task)
+    data.pop("target", None)
+    if target is not None:
+        data["target"] = target.model_dump()
+    if task == "regression":
+        data["classes"] = []
+    return _validate(data, f"the data schema with task {task!r}")
 
 
 def schema_difference(ours: DataSchema, theirs: DataSchema) -> str | None:
@@ -230,6 +288,11 @@ def schema_difference(ours: DataSchema, theirs: DataSchema) -> str | None:
         return None
     if ours.label != theirs.label:
         return f"label column {theirs.label!r} instead of {ours.label!r}"
+    if ours.task != theirs.task:
+        return f"task {theirs.task} instead of {ours.task}"
+    if ours.target != theirs.target and ours.target is not None and theirs.target is not None:
+        return (f"target range [{theirs.target.low:g}, {theirs.target.high:g}] instead of "
+                f"[{ours.target.low:g}, {ours.target.high:g}]")
     if ours.classes != theirs.classes:
         return f"classes {theirs.classes} instead of {ours.classes}"
     if ours.image != theirs.image:
@@ -318,7 +381,9 @@ def load_schema(path: Path) -> DataSchema:
     return _validate(raw, f"schema file {path}")
 
 
-def schema_from_csv_header(path: Path, *, label: str, classes: list[str]) -> DataSchema:
+def schema_from_csv_header(path: Path, *, label: str, classes: list[str],
+                           task: TaskName = DEFAULT_TASK,
+                           target: TargetRange | None = None) -> DataSchema:
     """A schema from a CSV file holding column names and public bounds, but no records.
 
     The file's first row names the columns (the feature columns and ``label``); two more rows
@@ -334,7 +399,9 @@ def schema_from_csv_header(path: Path, *, label: str, classes: list[str]) -> Dat
     Args:
         path: the CSV file (UTF-8).
         label: the label column's name.
-        classes: the label values in class order.
+        classes: the label values in class order (none for a regression task).
+        task: the federation's task (:mod:`secure_fed.config.tasks`).
+        target: a regression target's public range.
 
     Raises:
         ConfigError: a column, a bound or a row is missing or malformed.
@@ -382,7 +449,11 @@ def schema_from_csv_header(path: Path, *, label: str, classes: list[str]) -> Dat
         except ValueError:
             raise ConfigError(f"{path}, column {name!r}: bounds {low!r} and {high!r} are not "
                               "numbers (or both 'scaled')") from None
-    return _validate({"label": label, "classes": classes, "features": features}, str(path))
+    raw: dict[str, Any] = {"label": label, "classes": classes, "features": features,
+                           "task": task}
+    if target is not None:
+        raw["target"] = target.model_dump()
+    return _validate(raw, str(path))
 
 
 def schema_toml(schema: DataSchema) -> str:

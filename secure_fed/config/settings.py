@@ -368,9 +368,12 @@ class MasterConfig(_Strict):
         schema = self.data_schema
         if schema is None:
             return self
+        if schema.task != "multiclass" and self.training.mode == "distill":
+            raise ValueError(f"distillation trains multi-class models only; a {schema.task} "
+                             "task trains with mode delta or gradient")
         kwargs = self.model.kwargs
         for key, expected in (("in_features", schema.num_features),
-                              ("num_classes", schema.num_classes)):
+                              ("num_classes", schema.num_outputs)):
             if key in kwargs and kwargs[key] != expected:
                 raise ValueError(
                     f"model.kwargs.{key}={kwargs[key]} does not fit the data schema, which has "

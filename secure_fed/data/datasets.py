@@ -19,29 +19,35 @@ from functools import lru_cache
 import numpy as np
 
 from secure_fed.config.schema import DataSchema, FeatureSpec
+from secure_fed.config.tasks import DEFAULT_TASK, TargetRange, task_facts
 from secure_fed.data.scaling import SCALED_PREPROCESSING, scale_features
 from secure_fed.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-#: Names accepted by :func:`load_bundled`.
-BUNDLED_DATASETS: tuple[str, ...] = ("digits", "breast_cancer", "wine")
+#: Names accepted by :func:`load_bundled` (``diabetes``: a regression task).
+BUNDLED_DATASETS: tuple[str, ...] = ("digits", "breast_cancer", "wine", "diabetes")
+#: The bundled datasets of a multi-class task (every one but ``diabetes``).
+CLASSIFICATION_DATASETS: tuple[str, ...] = ("digits", "breast_cancer", "wine")
 
 
 @dataclass
 class Dataset:
-    """Features and integer labels of one data source, held in memory.
+    """Features and labels of one data source, held in memory.
 
     Args:
         name: where the data came from (``"digits"``, a file name, …).
         features: float32 array of shape (N, F).
-        labels: int64 array of shape (N,), values in ``0 … num_classes − 1``.
-        num_classes: number of classes C (≥ 2).
+        labels: int64 array of shape (N,), values in ``0 … num_classes − 1``; for a
+            regression task float32 targets in their own units, clipped to ``target``.
+        num_classes: number of classes C (≥ 2; exactly 2 for binary; 0 for regression).
         feature_names: F column names.
         class_names: C original label values (``class_names[i]`` is the label mapped to i).
         preprocessing: what was done to the features (``"raw"``, or ``"scaled:public-range"``
             for features clipped and mapped to [-1, 1] or [0, 1] with a schema's public
             ranges).
+        task: ``multiclass``, ``binary`` or ``regression`` (:mod:`secure_fed.config.tasks`).
+        target: a regression target's public range (targets outside it are clipped to it).
     """
 
     name: str
@@ -51,8 +57,22 @@ class Dataset:
     feature_names: list[str]
     class_names: list[str] = field(default_factory=list)
     preprocessing: str = "raw"
+    task: str = DEFAULT_TASK
+    target: TargetRange | None = None
 
     def __post_init__(self) -> None:
+        try:
+            facts = task_facts(self.task)
+        except ValueError as exc:
+            raise DataError(f"dataset {self.name!r}: {exc}") from None
+        if facts.needs_target:
+            self._check_regression()
+            return
+        if self.target is not None:
+            raise DataError(f"dataset {self.name!r}: a {self.task} task has no target range")
+        if self.task == "binary" and self.num_classes != 2:
+            raise DataError(f"dataset {self.name!r}: a binary task has 2 classes, got "
+                            f"{self.num_classes}")
         features = np.asarray(self.features)
         labels = np.asarray(self.labels)
         if features.ndim != 2:
@@ -96,6 +116,29 @@ class Dataset:
         self.feature_names = [str(n) for n in self.feature_names]
         self.class_names = [str(n) for n in self.class_names]
 
+    def _check_regression(self) -> None:
+        features = np.asarray(self.features)
+        labels = np.asarray(self.labels)
+        if self.target is None:
+            raise DataError(f"dataset {self.name!r}: a regression task needs the target's public "
+                            "range")
+        if features.ndim != 2 or labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+            raise DataError(f"dataset {self.name!r}: features must be N×F and targets N, got "
+                            f"{features.shape} and {labels.shape}")
+        if not (np.issubdtype(labels.dtype, np.number) and np.isfinite(labels).all()):
+            raise DataError(f"dataset {self.name!r}: targets must be finite numbers")
+        if self.num_classes != 0 or self.class_names:
+            raise DataError(f"dataset {self.name!r}: a regression task has no classes")
+        if len(self.feature_names) != features.shape[1]:
+            raise DataError(f"dataset {self.name!r}: {len(self.feature_names)} feature names "
+                            f"for {features.shape[1]} columns")
+        features = features.astype(np.float32, copy=False)
+        if not np.isfinite(features).all():
+            raise DataError(f"dataset {self.name!r}: features hold NaN or infinite values")
+        self.features = np.ascontiguousarray(features)
+        self.labels = np.clip(labels.astype(np.float32), self.target.low, self.target.high)
+        self.feature_names = [str(n) for n in self.feature_names]
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
@@ -105,7 +148,9 @@ class Dataset:
         return int(self.features.shape[1])
 
     def class_counts(self) -> np.ndarray:
-        """Records per class (length C)."""
+        """Records per class (length C; empty for a regression task)."""
+        if self.task == "regression":
+            return np.zeros(0, dtype=np.int64)
         return np.bincount(self.labels, minlength=self.num_classes)
 
 
@@ -125,6 +170,7 @@ def load_bundled(name: str, *, scaled: bool = True) -> Dataset:
         "digits": sk.load_digits,
         "breast_cancer": sk.load_breast_cancer,
         "wine": sk.load_wine,
+        "diabetes": lambda: sk.load_diabetes(scaled=False),
     }
     loader = loaders.get(name)
     if loader is None:
@@ -139,6 +185,11 @@ def load_bundled(name: str, *, scaled: bool = True) -> Dataset:
     feature_names = [str(n) for n in raw_names] if raw_names is not None else []
     if len(feature_names) != features.shape[1]:
         feature_names = [f"x{i}" for i in range(features.shape[1])]
+    if name == "diabetes":
+        raw = Dataset(name=name, features=features,
+                      labels=np.asarray(bunch.target, dtype=np.float32), num_classes=0,
+                      feature_names=feature_names, task="regression", target=DIABETES_TARGET)
+        return scale_with_schema(raw, bundled_schema(name)) if scaled else raw
     target_names = [str(t) for t in bunch.target_names]
     raw = Dataset(
         name=name,
@@ -165,6 +216,9 @@ def scale_with_schema(ds: Dataset, schema: DataSchema) -> Dataset:
     if ds.num_classes != schema.num_classes:
         raise DataError(f"dataset {ds.name!r} has {ds.num_classes} classes, the schema "
                         f"{schema.num_classes}")
+    if (ds.task == "regression") != (schema.task == "regression"):
+        raise DataError(f"dataset {ds.name!r} holds a {ds.task} task, the schema a "
+                        f"{schema.task} task")
     features, clipped = scale_features(ds.features, schema)
     for spec, count in zip(schema.features, clipped, strict=True):
         if count:
@@ -172,7 +226,8 @@ def scale_with_schema(ds: Dataset, schema: DataSchema) -> Dataset:
                            "[%g, %g]", ds.name, count, spec.name, spec.low, spec.high)
     return Dataset(name=ds.name, features=features, labels=ds.labels.copy(),
                    num_classes=ds.num_classes, feature_names=list(ds.feature_names),
-                   class_names=list(schema.classes), preprocessing=SCALED_PREPROCESSING)
+                   class_names=list(schema.classes), preprocessing=SCALED_PREPROCESSING,
+                   task=schema.task, target=schema.target)
 
 
 # sklearn.datasets.load_breast_cancer().DESCR, "Summary Statistics" (Min, Max), in the order of
@@ -191,6 +246,15 @@ _WINE_RANGES: tuple[tuple[float, float], ...] = (
     (0.34, 5.08), (0.13, 0.66), (0.41, 3.58), (1.3, 13.0), (0.48, 1.71), (1.27, 4.00),
     (278.0, 1680.0),
 )
+# sklearn.datasets.load_diabetes(scaled=False): the minimum and maximum of each column over
+# the whole public dataset (442 records), in feature_names order (age, sex, bmi, bp, s1…s6).
+_DIABETES_RANGES: tuple[tuple[float, float], ...] = (
+    (19.0, 79.0), (1.0, 2.0), (18.0, 42.2), (62.0, 133.0), (97.0, 301.0), (41.6, 242.4),
+    (22.0, 99.0), (2.0, 9.09), (3.2581, 6.107), (58.0, 124.0),
+)
+DIABETES_TARGET = TargetRange(low=25.0, high=346.0)
+"""The public range of ``diabetes``'s target (disease progression after one year): the
+minimum and maximum over the whole public dataset."""
 BUNDLED_LABEL = "target"
 """Label column name of the bundled datasets' built-in schemas (scikit-learn's name)."""
 
@@ -200,9 +264,15 @@ def bundled_schema(name: str) -> DataSchema:
     """The built-in schema of a bundled dataset: its columns, classes and public ranges.
 
     Args:
-        name: ``digits``, ``breast_cancer`` or ``wine``.
+        name: ``digits``, ``breast_cancer``, ``wine`` (multi-class) or ``diabetes``
+            (regression; its target range :data:`DIABETES_TARGET`).
     """
     raw = load_bundled(name, scaled=False)
+    if name == "diabetes":
+        return DataSchema(
+            label=BUNDLED_LABEL, task="regression", target=DIABETES_TARGET,
+            features=[FeatureSpec(name=n, low=lo, high=hi)
+                      for n, (lo, hi) in zip(raw.feature_names, _DIABETES_RANGES, strict=True)])
     if name == "digits":
         ranges = [(0.0, 16.0)] * raw.num_features  # 4×4 blocks of an 8×8 bitmap: 0…16 pixels
     else:

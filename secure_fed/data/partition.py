@@ -62,6 +62,8 @@ def select(ds: Dataset, idx: np.ndarray) -> Dataset:
         feature_names=list(ds.feature_names),
         class_names=list(ds.class_names),
         preprocessing=ds.preprocessing,
+        task=ds.task,
+        target=ds.target,
     )
 
 
@@ -71,7 +73,8 @@ def split_holdout(
     """Stratified split into (train, test).
 
     Each class c with n_c records puts ``round(n_c × test_fraction)`` of them in the test set
-    (at least one when n_c ≥ 2, never all of them).
+    (at least one when n_c ≥ 2, never all of them); a regression task's records are one
+    stratum.
 
     Args:
         ds: the full dataset.
@@ -82,8 +85,9 @@ def split_holdout(
         raise DataError(f"test_fraction must satisfy 0 < f < 1, got {test_fraction!r}")
     rng = np.random.default_rng(_check_seed(seed))
     test_parts: list[np.ndarray] = []
-    for c in range(ds.num_classes):
-        members = np.flatnonzero(ds.labels == c)
+    strata = ([np.arange(len(ds))] if ds.task == "regression"
+              else [np.flatnonzero(ds.labels == c) for c in range(ds.num_classes)])
+    for members in strata:
         if members.size == 0:
             continue
         k = int(round(members.size * float(test_fraction)))

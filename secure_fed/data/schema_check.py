@@ -48,7 +48,8 @@ def _in_schema_order(ds: Dataset, schema: DataSchema) -> Dataset:
     logger.info("%s: columns reordered by name to the schema's order", ds.name)
     return Dataset(name=ds.name, features=ds.features[:, order], labels=ds.labels,
                    num_classes=ds.num_classes, feature_names=list(schema.feature_names),
-                   class_names=list(schema.classes), preprocessing=ds.preprocessing)
+                   class_names=list(schema.classes), preprocessing=ds.preprocessing,
+                   task=ds.task, target=ds.target)
 
 
 def load_table(path: str | Path, schema: DataSchema, *, label_column: str | None = None,
@@ -72,11 +73,15 @@ def load_table(path: str | Path, schema: DataSchema, *, label_column: str | None
         return _load_npz(p, schema, max_bytes)
     label = label_column or schema.label
     check_columns(p, _header(p, max_bytes, delimiter), schema, label)
-    table = load_csv(p, label, classes=schema.classes, max_bytes=max_bytes, delimiter=delimiter)
+    table = load_csv(p, label, classes=schema.classes, max_bytes=max_bytes, delimiter=delimiter,
+                     target=schema.target if schema.task == "regression" else None)
     return _in_schema_order(table, schema)
 
 
 def _load_npz(path: Path, schema: DataSchema, max_bytes: int) -> Dataset:
+    if schema.task == "regression":
+        raise DataError(f"{str(path)!r}: an NPZ table holds integer class labels; give a "
+                        "regression task's table as CSV (its label column holds the numbers)")
     table = load_npz(path, max_bytes=max_bytes, num_classes=schema.num_classes)
     if table.num_features != schema.num_features:
         raise DataError(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from secure_fed.config.tasks import TargetRange
 from secure_fed.data.datasets import Dataset
 from secure_fed.errors import DataError
 
@@ -49,6 +50,17 @@ def _check_classes(classes: Sequence[str]) -> list[str]:
     return names
 
 
+def _target_value(path: Path, line: int, column: str, cell: str) -> float:
+    try:
+        value = float(cell)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise DataError(f"{str(path)!r} line {line}, column {column!r}: the target {cell!r} is "
+                        "not a finite number (a regression task's label is a number)")
+    return value
+
+
 def load_csv(
     path: str | Path,
     label_column: str,
@@ -57,6 +69,7 @@ def load_csv(
     max_rows: int = DEFAULT_MAX_ROWS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     delimiter: str = ",",
+    target: TargetRange | None = None,
 ) -> Dataset:
     """Load a CSV file whose first row names the columns; all but the label must be numeric.
 
@@ -73,9 +86,11 @@ def load_csv(
         max_rows: most data rows accepted.
         max_bytes: largest file accepted (bytes).
         delimiter: field separator.
+        target: a regression target's public range: the label is then a number (clipped to
+            the range), and ``classes`` must be empty.
     """
     p = Path(path)
-    names = _check_classes(classes)
+    names = _check_classes(classes) if target is None else []
     index = {name: i for i, name in enumerate(names)}
     check_data_file(p, max_bytes)
     try:
@@ -97,7 +112,7 @@ def load_csv(
             if not feature_cols:
                 raise DataError(f"{str(p)!r} has no feature columns besides {label_column!r}")
             rows: list[list[float]] = []
-            labels_in_order: list[int] = []
+            labels_in_order: list[float] = []
             for row in reader:
                 if not row or all(not cell.strip() for cell in row):
                     continue
@@ -128,6 +143,10 @@ def load_csv(
                     raise DataError(
                         f"{str(p)!r} line {line}, column {label_column!r}: the label is empty"
                     )
+                if target is not None:
+                    rows.append(values)
+                    labels_in_order.append(_target_value(p, line, label_column, label))
+                    continue
                 if label not in index:
                     raise DataError(
                         f"{str(p)!r} line {line}, column {label_column!r}: label {label!r} is "
@@ -142,6 +161,13 @@ def load_csv(
         raise DataError(f"{str(p)!r} is not valid CSV: {exc}") from exc
     if not rows:
         raise DataError(f"{str(p)!r} has a header but no data rows")
+    if target is not None:
+        logger.info("loaded %s: %d rows, %d features, a regression target", p, len(rows),
+                    len(feature_cols))
+        return Dataset(name=p.name, features=np.asarray(rows, dtype=np.float32),
+                       labels=np.asarray(labels_in_order, dtype=np.float32), num_classes=0,
+                       feature_names=[columns[i] for i in feature_cols], preprocessing="raw",
+                       task="regression", target=target)
     labels = np.asarray(labels_in_order, dtype=np.int64)
     logger.info(
         "loaded %s: %d rows, %d features, %d classes", p, len(rows), len(feature_cols), len(names)

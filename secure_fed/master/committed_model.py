@@ -156,15 +156,18 @@ class CommittedModel:
 
 
 def evaluate(package: ModelPackage, evaluation: Dataset | None) -> dict[str, float]:
-    """Accuracy and loss of ``package`` on the evaluation set (``{}`` without one)."""
+    """The metrics of ``package`` on the evaluation set in its task's terms (``{}`` without
+    one): ``accuracy`` and ``loss`` (multiclass), plus ``roc_auc`` (binary), or ``mse``,
+    ``rmse`` and ``loss`` (regression); see
+    :func:`secure_fed.privacy.training.evaluate_metrics`."""
     if evaluation is None:
         return {}
     # Imported here: the training module pulls in Opacus, which the master does not need
     # to start (a restarted master is serving again seconds sooner).
-    from secure_fed.privacy.training import evaluate as evaluate_model
+    from secure_fed.privacy.training import evaluate_metrics
 
-    accuracy, loss = evaluate_model(package.build(), evaluation)
-    return {"accuracy": float(accuracy), "loss": float(loss)}
+    return {name: float(value)
+            for name, value in evaluate_metrics(package.build(), evaluation).items()}
 
 
 def _no_usable_checkpoint(directory: Path, out_dir: Path,

@@ -24,8 +24,14 @@ from secure_fed.config import (
     TrainingPlanSettings,
     write_config,
 )
-from secure_fed.config.schema import DataSchema, load_schema, schema_from_csv_header
+from secure_fed.config.schema import (
+    DataSchema,
+    load_schema,
+    schema_for_task,
+    schema_from_csv_header,
+)
 from secure_fed.config.settings import EvaluationSettings, LimitSettings, ModelSpec
+from secure_fed.config.tasks import DEFAULT_TASK, TargetRange
 from secure_fed.durable import atomic_write_bytes
 from secure_fed.errors import ConfigError, DataError
 from secure_fed.he.bundle import MasterBundle
@@ -95,7 +101,8 @@ class FederationPlan:
 
 def federation_schema(*, schema_file: Path | None = None, header_csv: Path | None = None,
                       label_column: str | None = None, classes: Sequence[str] | None = None,
-                      eval_dataset: str | None = None) -> DataSchema | None:
+                      eval_dataset: str | None = None, task: str | None = None,
+                      target: TargetRange | None = None) -> DataSchema | None:
     """The data schema ``secure-fed init`` writes, from at most one source.
 
     Args:
@@ -106,7 +113,43 @@ def federation_schema(*, schema_file: Path | None = None, header_csv: Path | Non
         classes: the label values in class order, for ``header_csv``.
         eval_dataset: without a file, the built-in schema of this bundled dataset (``None``:
             no schema).
+        task: the federation's task (``--task``; ``None``: the schema's own).
+        target: a regression target's public range (``--target-range``; ``None``: the
+            schema's own).
+
+    Raises:
+        ConfigError: the sources conflict, or the task, classes and target range do not fit
+            together (the message says which option to change).
     """
+    schema = _schema_source(schema_file=schema_file, header_csv=header_csv,
+                            label_column=label_column, classes=classes,
+                            eval_dataset=eval_dataset, task=task, target=target)
+    if schema is None:
+        if task not in (None, DEFAULT_TASK) or target is not None:
+            raise ConfigError(f"--task {task or DEFAULT_TASK} needs a data schema: give --schema, "
+                              "--schema-from or an --eval-dataset whose built-in schema fits")
+        return None
+    chosen = schema.task if task is None else task
+    if target is not None and chosen != "regression":
+        raise ConfigError(f"--target-range applies to a regression task, not {chosen}: add "
+                          "--task regression or leave --target-range out")
+    if chosen == schema.task and (target is None or target == schema.target):
+        return schema
+    if chosen == "regression" and target is None and schema.target is None:
+        raise ConfigError("--task regression needs the target's public range: add "
+                          "--target-range LOW,HIGH (e.g. the limits of the measurement)")
+    try:
+        return schema_for_task(schema, chosen, target if target is not None else schema.target)
+    except ConfigError as exc:
+        raise ConfigError(f"--task {chosen} does not fit the data schema: {exc}") from None
+
+
+def _schema_source(*, schema_file: Path | None, header_csv: Path | None,
+                   label_column: str | None, classes: Sequence[str] | None,
+                   eval_dataset: str | None, task: str | None,
+                   target: TargetRange | None) -> DataSchema | None:
+    """The schema of the one source given (``header_csv`` made for ``task`` and
+    ``target``)."""
     if schema_file is not None and header_csv is not None:
         raise ConfigError("give either --schema FILE.toml or --schema-from HEADER.csv, not both")
     if schema_file is not None:
@@ -115,11 +158,20 @@ def federation_schema(*, schema_file: Path | None = None, header_csv: Path | Non
         if not label_column:
             raise ConfigError(f"--schema-from {header_csv} needs --label-column NAME: the column "
                               "that holds the label")
+        if task == "regression":
+            if classes:
+                raise ConfigError("a regression task has no classes: leave --classes out")
+            if target is None:
+                raise ConfigError("--task regression needs the target's public range: add "
+                                  "--target-range LOW,HIGH")
+            return schema_from_csv_header(header_csv, label=label_column, classes=[],
+                                          task="regression", target=target)
         if not classes:
             raise ConfigError(f"--schema-from {header_csv} needs --classes A,B,...: the label "
                               "values in class order")
-        return _evaluable(schema_from_csv_header(header_csv, label=label_column,
-                                                 classes=list(classes)), eval_dataset)
+        return _evaluable(schema_from_csv_header(
+            header_csv, label=label_column, classes=list(classes),
+            task="binary" if task == "binary" else DEFAULT_TASK), eval_dataset)
     if eval_dataset is not None:
         from secure_fed.data.datasets import bundled_schema
 
@@ -144,7 +196,8 @@ def _evaluable(schema: DataSchema, eval_dataset: str | None) -> DataSchema:
 
 def model_shape(schema: DataSchema | None, features: int | None,
                 classes: int | None) -> tuple[int, int]:
-    """(inputs, classes) of the model: the schema's, or the given numbers (default 64, 10).
+    """(inputs, outputs) of the model: the schema's (one output for a binary or regression
+    task), or the given numbers (default 64, 10).
 
     Raises:
         ConfigError: a number given differs from the schema's.
@@ -158,7 +211,7 @@ def model_shape(schema: DataSchema | None, features: int | None,
                 f"{flag} {given} does not fit the data schema, which has {expected} (schema "
                 f"features {schema.feature_names[:5]}…, classes {schema.classes}); leave "
                 f"{flag} out: it is derived from the schema")
-    return schema.num_features, schema.num_classes
+    return schema.num_features, schema.num_outputs
 
 
 def init_federation(fed_dir: Path, plan: FederationPlan, *, force: bool = False,

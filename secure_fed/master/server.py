@@ -26,6 +26,7 @@ from secure_fed import __version__
 from secure_fed.audit.log import AuditLog, genesis_data
 from secure_fed.audit.verify import read_verified_records
 from secure_fed.config.settings import LOOPBACK_HOSTS
+from secure_fed.config.tasks import DEFAULT_TASK, task_facts
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout
 from secure_fed.durable import remove_stale_temporaries
@@ -152,7 +153,9 @@ class Master:
         self.summary = RunSummary.rebuild(
             self.out_dir / "summary.json", records, federation_id=self.config.federation_id,
             scheme=self.params.scheme, preset=self.params.preset,
-            committed_round=self.committed_round, rounds_planned=self.config.rounds)
+            committed_round=self.committed_round, rounds_planned=self.config.rounds,
+            metric=task_facts(self.config.data_schema.task if self.config.data_schema
+                              else DEFAULT_TASK).metric)
         self.audit.observe(self.summary.add)
         self.already_finished: dict[str, Any] | None = (
             self.summary.outcome if self.committed_round >= self.config.rounds else None)

@@ -11,12 +11,18 @@ fold as the auditor's report (:class:`secure_fed.audit.report.RecordFold`).
 Schema (keys always present)::
 
     {"federation_id": str, "scheme": str, "preset": str, "final_accuracy": float | null,
+     "metric": "accuracy" | "roc_auc" | "mse", "final_metric": float | null,
      "status": "running" | "finished", "reason": str,
      "rounds": [{"round", "accuracy", "loss", "participants", "upload_bytes", "seconds",
                  "declined", "model_digest"}, ...],
      "slaves": {id: {"epsilon", "delta", "accountant", "mechanisms": [
                      {"noise_multiplier", "sample_rate", "steps"}, ...],
                      distributed DP only: "epsilon_alone", "assumption"}}}
+
+``metric`` names the federation task's metric (:mod:`secure_fed.config.tasks`) and
+``final_metric`` is its value after the last committed round; rows of a binary task also hold
+``roc_auc``, rows of a regression task ``mse`` and ``rmse`` (in the target's units; their
+``accuracy`` is null).
 
 ``rounds`` holds one row per round from 1 to the round of the checkpoint in force, each as the
 round's last ``model_committed`` record shows it (``accuracy`` and ``loss`` are null without
@@ -69,13 +75,14 @@ class RunSummary:
     path: Path
     data: dict[str, Any]
     committed_round: int = 0
+    metric: str = "accuracy"
     _fold: RecordFold = field(default_factory=RecordFold, repr=False)
     _outcome: dict[str, Any] | None = field(default=None, repr=False)
 
     @classmethod
     def rebuild(cls, path: Path, records: Iterable[dict[str, Any]], *, federation_id: str,
                 scheme: str, preset: str, committed_round: int,
-                rounds_planned: int) -> RunSummary:
+                rounds_planned: int, metric: str = "accuracy") -> RunSummary:
         """The summary that the verified ``records`` and the checkpoint in force imply;
         written to ``path`` unless the file already says exactly that.
 
@@ -90,11 +97,13 @@ class RunSummary:
                 left out, since they run again.
             rounds_planned: rounds of the federation; the summary is ``finished`` only when
                 they are all committed and ``federation_done`` follows the last commit.
+            metric: the task's metric (``accuracy``, ``roc_auc`` or ``mse``).
         """
         summary = cls(Path(path), {
             "federation_id": federation_id, "scheme": scheme, "preset": preset,
-            "final_accuracy": None, "status": "running", "reason": "", "rounds": [],
-            "slaves": {}}, committed_round)
+            "final_accuracy": None, "metric": metric, "final_metric": None,
+            "status": "running", "reason": "", "rounds": [], "slaves": {}}, committed_round,
+            metric)
         for record in records:
             summary._fold_record(record)
         summary._refresh()
@@ -152,6 +161,7 @@ class RunSummary:
         rows = [dict(commits[r]) for r in sorted(commits) if r <= self.committed_round]
         self.data["rounds"] = rows
         self.data["final_accuracy"] = rows[-1]["accuracy"] if rows else None
+        self.data["final_metric"] = rows[-1].get(self.metric) if rows else None
         self.data["slaves"] = {
             name: _slave_row(slave)
             for name, slave in sorted(self._fold.slaves.items()) if slave["updates"]}

@@ -8,6 +8,7 @@ under a masked protection, the round's public secure-aggregation settings.
 from __future__ import annotations
 
 from secure_fed.config.settings import MasterConfig
+from secure_fed.config.tasks import DEFAULT_TASK, task_facts
 from secure_fed.master.distributed_plan import distributed_plan
 from secure_fed.models.package import ModelPackage
 from secure_fed.protocol import coordinator as co
@@ -34,6 +35,8 @@ def training_plan(config: MasterConfig) -> Plan:
     """The training plan every task of the federation carries."""
     training = config.training
     distill = training.mode == "distill"
+    facts = task_facts(config.data_schema.task if config.data_schema is not None
+                       else DEFAULT_TASK)
     return Plan(mode=training.mode, epochs=training.epochs,
                 batch_size=training.batch_size, lr=training.lr,
                 momentum=training.momentum, max_grad_norm=training.max_grad_norm,
@@ -45,7 +48,8 @@ def training_plan(config: MasterConfig) -> Plan:
                 distributed=distributed_plan(training, len(config.slaves)),
                 evaluation=(EvaluationPlan(fraction=training.evaluation_fraction,
                                            epsilon_share=training.evaluation_epsilon_share)
-                            if training.federated_evaluation and training.dp else None))
+                            if training.federated_evaluation and training.dp else None),
+                task=facts.name, loss=facts.loss, metric=facts.metric)
 
 
 def model_header(package: ModelPackage) -> ModelHeader:

@@ -11,10 +11,10 @@ Built-in architectures (both pass ``opacus.validators.ModuleValidator.validate(m
 strict=True)``):
 
 ``mlp``
-    ``in_features: int`` (1…65536), ``num_classes: int`` (2…10000), ``hidden: list[int]``
+    ``in_features: int`` (1…65536), ``num_classes: int`` (1…10000), ``hidden: list[int]``
     (default ``[64]``; 0…8 layers, each 1…4096 wide). Linear layers with ReLU between them.
 ``cnn8``
-    ``in_channels: int = 1`` (1…16), ``num_classes: int`` (2…10000). A small convolutional
+    ``in_channels: int = 1`` (1…16), ``num_classes: int`` (1…10000). A small convolutional
     network for ``in_channels × 8 × 8`` images (the scikit-learn digits); inputs may also
     arrive flat (``in_channels × 64`` features) and are reshaped inside. GroupNorm, not
     BatchNorm, so that per-sample gradients exist for DP-SGD.
@@ -162,11 +162,11 @@ def mlp(*, in_features: int, num_classes: int, hidden: list[int] | None = None) 
 
     Args:
         in_features: input width (1…65536).
-        num_classes: output width (2…10000).
+        num_classes: output width (1…10000; 1 for binary and regression tasks).
         hidden: hidden layer widths (0…8 layers of 1…4096); ``None`` means ``[64]``.
     """
     n_in = check_int("in_features", in_features, 1, MAX_IN_FEATURES)
-    n_out = check_int("num_classes", num_classes, 2, MAX_CLASSES)
+    n_out = check_int("num_classes", num_classes, 1, MAX_CLASSES)
     widths = check_int_list(
         "hidden", [64] if hidden is None else hidden, low=1, high=MAX_WIDTH, max_length=MAX_DEPTH
     )
@@ -194,11 +194,11 @@ def cnn8(*, num_classes: int, in_channels: int = 1) -> nn.Module:
     Flatten → Linear(512 → num_classes).
 
     Args:
-        num_classes: output width (2…10000).
+        num_classes: output width (1…10000; 1 for binary and regression tasks).
         in_channels: image channels (1…16).
     """
     channels = check_int("in_channels", in_channels, 1, MAX_CHANNELS)
-    n_out = check_int("num_classes", num_classes, 2, MAX_CLASSES)
+    n_out = check_int("num_classes", num_classes, 1, MAX_CLASSES)
     return nn.Sequential(
         FlatToImage(channels, 8, 8),
         nn.Conv2d(channels, 16, kernel_size=3, padding=1),

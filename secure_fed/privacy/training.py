@@ -60,6 +60,13 @@ from secure_fed.privacy.private_run import (
 )
 from secure_fed.privacy.random_stream import RandomStream
 from secure_fed.privacy.settings import MAX_BATCH, DPSettings, integer_setting, number_setting
+from secure_fed.privacy.task_loss import LossFn, predictions, task_loss
+from secure_fed.privacy.task_metrics import (
+    MAX_SCORE_BUCKETS,
+    accuracy_statistic,
+    metric_from_sum,
+    score_histogram_statistic,
+)
 
 __all__ = [
     "DEFAULT_GRAD_SAMPLE_MODE",
@@ -70,6 +77,7 @@ __all__ = [
     "GradientResult",
     "TrainResult",
     "evaluate",
+    "evaluate_metrics",
     "train_delta",
     "train_distill",
     "train_distributed",
@@ -202,8 +210,9 @@ def _epoch_loop(
     return steps, (last_total / last_count if last_count else math.nan)
 
 
-def _cross_entropy(out: torch.Tensor, yb: torch.Tensor, _xb: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, yb)
+def _loss(data: Dataset) -> LossFn:
+    """The per-record-mean loss of the data's task (:mod:`secure_fed.privacy.task_loss`)."""
+    return task_loss(data.task, data.target)
 
 
 def train_delta(
@@ -236,7 +245,7 @@ def train_delta(
     run = _run(model, x, y, settings, q, seed, grad_sample_mode, n)
     try:
         before = parameters_vector(run.module)
-        steps, loss = _epoch_loop(run, settings, n, _cross_entropy)
+        steps, loss = _epoch_loop(run, settings, n, _loss(data))
         after = parameters_vector(run.module)
     finally:
         run.close()
@@ -268,7 +277,7 @@ def train_gradient(
     run = _run(model, x, y, settings, q, seed, grad_sample_mode, n)
     try:
         xb, yb = next(run.batches(1))
-        loss = run.step(_cross_entropy, xb, yb, apply=False)
+        loss = run.step(_loss(data), xb, yb, apply=False)
         params = [p for p in run.module.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         gradient = torch.cat([g.detach().reshape(-1) for g in grads]).to(torch.float32).numpy()
@@ -319,7 +328,7 @@ def train_distributed(
                      records=n, release=capture)
     try:
         xb, yb = next(run.batches(1))
-        loss = run.step(_cross_entropy, xb, yb, apply=False)
+        loss = run.step(_loss(data), xb, yb, apply=False)
     finally:
         run.close()
     if capture.captured is None:
@@ -359,6 +368,9 @@ def train_distill(
         alpha: α, weight of the distillation term (0 ≤ α ≤ 1).
         seed, threads, delta, grad_sample_mode, records: as for :func:`train_delta`.
     """
+    if data.task != "multiclass":
+        raise PrivacyError(f"distillation trains multi-class models only; this data holds a "
+                           f"{data.task} task: use mode delta or gradient")
     t = number_setting("temperature", temperature, low=0.0)
     a = number_setting("alpha", alpha, low=0.0, low_inclusive=True)
     if a > 1.0:
@@ -385,8 +397,59 @@ def train_distill(
     )
 
 
+def evaluate_metrics(model: nn.Module, data: Dataset, *,
+                     batch_size: int = 1024) -> dict[str, float]:
+    """The quality of ``model`` on ``data`` in the terms of its task, exactly (for a party's
+    own evaluation data, never released as such):
+
+    - multiclass: ``accuracy`` and ``loss`` (mean cross-entropy, nats);
+    - binary: ``roc_auc`` (from score histograms of
+      :data:`~secure_fed.privacy.task_metrics.MAX_SCORE_BUCKETS` buckets: exact up to scores
+      closer than 10⁻⁵), ``accuracy`` (at probability 0.5) and ``loss`` (mean BCE, nats);
+    - regression: ``mse`` and ``rmse`` in the target's units, and ``loss`` (mean squared error
+      in range units, the training loss).
+    """
+    if len(data) == 0:
+        raise PrivacyError("cannot evaluate on an empty dataset")
+    loss_fn = _loss(data)
+    was_training = model.training
+    model.eval()
+    outputs: list[torch.Tensor] = []
+    total_loss = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                xb = torch.from_numpy(data.features[start : start + batch_size])
+                yb = torch.from_numpy(data.labels[start : start + batch_size])
+                out = model(xb)
+                total_loss += float(loss_fn(out, yb, xb)) * xb.shape[0]
+                outputs.append(predictions(data.task, out))
+    finally:
+        model.train(was_training)
+    predicted = torch.cat(outputs).numpy()
+    metrics = {"loss": total_loss / len(data)}
+    if data.task == "multiclass":
+        stat = accuracy_statistic(predicted, data.labels)
+        metrics["accuracy"] = metric_from_sum(stat, stat.counts)
+    elif data.task == "binary":
+        stat = score_histogram_statistic(predicted, data.labels, buckets=MAX_SCORE_BUCKETS)
+        metrics["roc_auc"] = metric_from_sum(stat, stat.counts)
+        metrics["accuracy"] = float(((predicted >= 0.5) == (data.labels == 1)).mean())
+    else:
+        if data.target is None:  # unreachable: a regression Dataset has its range
+            raise PrivacyError("a regression task needs the target's public range")
+        error = predicted.astype(np.float64) * data.target.width + data.target.low - data.labels
+        metrics["mse"] = float(np.mean(error ** 2))
+        metrics["rmse"] = math.sqrt(metrics["mse"])
+    return metrics
+
+
 def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 1024) -> tuple[float, float]:
-    """Accuracy (fraction correct) and mean cross-entropy loss (nats) of ``model`` on ``data``."""
+    """Accuracy (fraction correct) and mean cross-entropy loss (nats) of ``model`` on ``data``
+    (multi-class; :func:`evaluate_metrics` measures any task)."""
+    if data.task != "multiclass":
+        raise PrivacyError(f"evaluate measures multi-class models; use evaluate_metrics for a "
+                           f"{data.task} task")
     if len(data) == 0:
         raise PrivacyError("cannot evaluate on an empty dataset")
     was_training = model.training

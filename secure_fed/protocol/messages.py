@@ -21,9 +21,11 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     model_serializer,
+    model_validator,
 )
 
 from secure_fed.config.schema import DataSchema
+from secure_fed.config.tasks import DEFAULT_TASK, LossName, MetricName, TaskName, task_facts
 from secure_fed.errors import ProtocolError
 
 PROTOCOL_VERSION = 4
@@ -315,7 +317,10 @@ class Plan(_Message):
     noise. ``data_schema`` is the federation's data schema (columns, classes, public feature
     ranges), whole so that a slave whose bundle names another one can say how they differ;
     it is sent only when the federation has one. ``evaluation`` (sent only when set) asks for
-    federated evaluation.
+    federated evaluation. ``task``, ``loss`` and ``metric`` name what the model learns, the
+    loss DP-SGD minimises and the metric its quality is reported in
+    (:mod:`secure_fed.config.tasks`); they are sent only for a task other than multiclass, so
+    that a multi-class plan (and its digest) is what it was before tasks existed.
     """
 
     mode: Literal["delta", "gradient", "distill"]
@@ -333,6 +338,20 @@ class Plan(_Message):
     data_schema: DataSchema | None = None
     distributed: DistributedPlan | None = None
     evaluation: EvaluationPlan | None = None
+    task: TaskName = DEFAULT_TASK
+    loss: LossName = "cross_entropy"
+    metric: MetricName = "accuracy"
+
+    @model_validator(mode="after")
+    def _task_facts(self) -> Plan:
+        facts = task_facts(self.task)
+        if (self.loss, self.metric) != (facts.loss, facts.metric):
+            raise ValueError(f"a {self.task} task trains with loss {facts.loss} and reports "
+                             f"{facts.metric}, not {self.loss} and {self.metric}")
+        if self.data_schema is not None and self.data_schema.task != self.task:
+            raise ValueError(f"the plan's task {self.task} is not its data schema's "
+                             f"({self.data_schema.task})")
+        return self
 
     @model_serializer(mode="wrap")
     def _dp_only_when_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -348,6 +367,9 @@ class Plan(_Message):
             data.pop("distributed", None)
         if self.evaluation is None:
             data.pop("evaluation", None)
+        if self.task == DEFAULT_TASK:
+            for name in ("task", "loss", "metric"):
+                data.pop(name, None)
         return data
 
 

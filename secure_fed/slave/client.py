@@ -315,6 +315,9 @@ class Slave:
         task = work.task
         try:
             require_same_schema(self.config.data_schema, task.plan.data_schema, where="the task")
+            if task.plan.task != self.data.task:
+                raise DataError(f"the task trains a {task.plan.task} model but this slave's "
+                                f"data holds a {self.data.task} task; declining before training")
             model = accept_model(self.config.allowed_architectures, task.model, work.params).build()
             student = (accept_model(self.config.allowed_architectures, task.student,
                                           work.student_params).build()
