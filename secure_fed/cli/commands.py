@@ -17,7 +17,6 @@ from rich.console import Console
 from secure_fed.config.settings import (
     EncryptionSettings,
     EvaluationSettings,
-    ModelSpec,
 )
 from secure_fed.errors import ConfigError
 
@@ -44,6 +43,7 @@ def _class_count(text: str | None) -> int | None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from secure_fed.cli.model_choice import init_model_spec
     from secure_fed.master.provision import (
         FederationPlan,
         federation_schema,
@@ -64,7 +64,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     plan = FederationPlan(
         federation_id=fed_id, slaves=args.slaves, host=args.host, port=args.port,
         listen_host=args.listen, rounds=args.rounds, min_slaves=args.min_slaves,
-        model=ModelSpec.for_data(args.architecture, features, classes),
+        model=init_model_spec(args.architecture, args.model_kwargs, features, classes),
         training=_init_training(args, features, classes),
         encryption=EncryptionSettings(preset=args.preset, max_weight_per_slave=args.max_records,
                                       protection=_protection(args, len(args.slaves))),
@@ -207,7 +207,7 @@ def cmd_slave(args: argparse.Namespace) -> int:
     slave = Slave(bundle, data, state_dir=args.state, budget_epsilon=args.budget,
                   source_id=source_id, public_count=args.public_count, workers=args.workers,
                   threads=args.threads, on_event=show, insecure_loopback=args.insecure_loopback,
-                  allow_no_dp=args.allow_no_dp)
+                  allow_no_dp=args.allow_no_dp, allow_architectures=args.allow_architecture)
     report = asyncio.run(slave.run())
     def eps(value: float) -> str:
         return f"{value:.2f}" if math.isfinite(value) else "∞ (no DP)"
