@@ -112,6 +112,11 @@ def test_two_distributions_registering_one_name_are_refused_naming_both(site: Pa
     with pytest.raises(ModelError, match="several installed distributions") as error:
         build_model("same", num_classes=3)
     assert "plugin-one 1.0" in str(error.value) and "plugin-two 1.0" in str(error.value)
+    install(site, "plugin-shadow", {"mlp": "plugin_one:tiny"})
+    plugins.forget_discovered()  # installed while this process runs
+    with pytest.raises(ModelError, match="built into secure_fed and also registered by "
+                                         "plugin-shadow 1.0"):
+        build_model("mlp", in_features=4, num_classes=2)
 
 
 def test_a_broken_plugin_is_reported_with_its_distribution(site: Path) -> None:

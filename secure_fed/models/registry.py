@@ -118,12 +118,12 @@ def allowed_architectures(config_list: Sequence[str]) -> list[str]:
 
 def _builder(architecture: str) -> Builder | None:
     """The builder of ``architecture``: a built-in, or a plugin's (imported now)."""
-    builder = _REGISTRY.get(architecture)
-    if builder is not None:
-        return builder
-    from secure_fed.models.plugins import plugin_builder
+    from secure_fed.models.plugins import plugin_architectures, plugin_builder
 
-    return plugin_builder(architecture)
+    builder = _REGISTRY.get(architecture)
+    if builder is not None and architecture not in plugin_architectures():
+        return builder
+    return plugin_builder(architecture)  # refuses a plugin that takes a built-in's name
 
 
 def build_model(architecture: str, **kwargs: Any) -> nn.Module:
