@@ -75,6 +75,10 @@ PARSED_ONLY: dict[str, str] = {
                    "'warehouse' (tests/test_data_sources.py installs one)",
     "python examples/csv_federation.py --rounds 2":
         "a two-round federation of three processes; tests/test_examples.py runs it",
+    "python -m pip install --no-deps --no-build-isolation -e examples/secure-fed-examples":
+        "make install installs the example package; a test must not change the environment",
+    "secure-fed slave textfed/slaves/a --data tokens-a.csv --allow-architecture text_lstm "
+    "--budget 10": "needs a running master and the data owner's own token table",
     # Measurements meant to take minutes.
     "secure-fed bench codec --size 1000000 --compare":
         "a million values under every preset",

@@ -17,7 +17,6 @@ from rich.console import Console
 from secure_fed.config.settings import (
     EncryptionSettings,
     EvaluationSettings,
-    ModelSpec,
 )
 from secure_fed.config.tasks import TargetRange, parse_target_range, task_facts
 from secure_fed.errors import ConfigError
@@ -54,6 +53,7 @@ def _target_range(text: str | None) -> TargetRange | None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from secure_fed.cli.model_choice import init_model_spec
     from secure_fed.master.provision import (
         FederationPlan,
         federation_schema,
@@ -76,8 +76,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     plan = FederationPlan(
         federation_id=fed_id, slaves=args.slaves, host=args.host, port=args.port,
         listen_host=args.listen, rounds=args.rounds, min_slaves=args.min_slaves,
-        model=ModelSpec.for_data(args.architecture, features, classes,
-                                 image=schema.image if schema is not None else None),
+        model=init_model_spec(args.architecture, args.model_kwargs, features, classes,
+                              image=schema.image if schema is not None else None),
         training=_init_training(args, features, classes).model_copy(update={
             "federated_evaluation": (evaluation.dataset is None if args.federated_eval is None
                                      else args.federated_eval)}),
@@ -252,7 +252,8 @@ def cmd_slave(args: argparse.Namespace) -> int:
     slave = Slave(bundle, data, state_dir=args.state, budget_epsilon=args.budget,
                   source_id=source_id, public_count=args.public_count, workers=args.workers,
                   threads=args.threads, on_event=show, insecure_loopback=args.insecure_loopback,
-                  allow_no_dp=args.allow_no_dp, reconnect_give_up_s=args.retry_for)
+                  allow_no_dp=args.allow_no_dp, reconnect_give_up_s=args.retry_for,
+                  allow_architectures=args.allow_architecture)
     report = asyncio.run(slave.run())
     def eps(value: float) -> str:
         return f"{value:.2f}" if math.isfinite(value) else "∞ (no DP)"

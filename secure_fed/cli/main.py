@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--compare`)")
     p.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default=None,
                    help=PROTECTION_HELP)
-    p.add_argument("--architecture", default="mlp", help="model architecture (default mlp)")
+    p.add_argument("--architecture", default="mlp", help="model architecture: a built-in (mlp, "
+                   "cnn8) or one an installed package registers (default mlp)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="the architecture's arguments as a JSON object (default: from the schema)")
     p.add_argument("--schema", type=Path, default=None, metavar="FILE.toml",
                    help="the federation's data schema: label column, classes in order, and "
                    "each feature column with its public range (see docs/deployment.md); the "
@@ -257,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BASELINES ONLY: train tasks whose plan turns differential privacy off "
                    "(plain SGD); the ledger then records ε = ∞ and this data source declines "
                    "every DP task afterwards. Without it such tasks are declined")
+    p.add_argument("--allow-architecture", action="append", default=[], metavar="NAME",
+                   help="also train architecture NAME (repeatable; default: the built-ins only)")
 
     p = sub.add_parser("demo", help="run a whole federation on 127.0.0.1",
                        description="Create a federation, start one master process and N slave "

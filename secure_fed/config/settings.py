@@ -404,7 +404,9 @@ class SlaveConfig(_Strict):
             privacy ledger, never in a bundle.
         delta: δ at which ε is accounted.
         accountant: ``prv`` (default) or ``rdp``.
-        allowed_architectures: architectures this slave agrees to train (empty: all it knows).
+        allowed_architectures: architectures this slave agrees to train (empty: the built-ins
+            only; ``secure-fed slave --allow-architecture NAME`` adds to it). A task naming
+            another is declined before training.
         min_mask_parties: ``mask`` and ``he+mask``: the fewest slaves a masked round may have
             for this slave to take part; masking hides an update only among honest peers, so a
             round of two lets a master with one colluding slave isolate this slave's update.

@@ -11,6 +11,12 @@ where ``DOMAIN = b"secure_fed/model-package/v1\\n"``, ``len`` is an 8-byte big-e
 and ``canonical_kwargs`` is ``json.dumps(kwargs, sort_keys=True, separators=(",", ":"),
 ensure_ascii=True, allow_nan=False)``. The length prefixes make the encoding unambiguous.
 
+Some modules hold one tensor under two names (Opacus's ``DPLSTM`` keeps each LSTM weight as
+``weight_ih_l0`` and as ``l0.ih.weight``); safetensors refuses tensors that share memory, and
+a peer could otherwise send two different values for one parameter. A package stores such a
+tensor once, under the first of its names in ``state_dict()`` order; the receiver derives the
+other names from its own locally built module (never from the package) and restores them.
+
 Flattening helpers turn a module's trainable parameters into one float32 vector and back.
 The order is fixed: ``module.named_parameters()`` order, keeping parameters with
 ``requires_grad``; this is the order in which the parameters appear in ``state_dict()``,
@@ -119,9 +125,9 @@ class ModelPackage:
         _check_architecture_name(architecture)
         kw = json.loads(canonical_kwargs(kwargs))
         with torch.device("meta"):  # shapes only: no memory, no draw from the torch RNG
-            reference = build_model(architecture, **kw).state_dict()
+            reference = _stored_state(build_model(architecture, **kw))
         tensors: dict[str, torch.Tensor] = {}
-        for name, tensor in module.state_dict().items():
+        for name, tensor in _stored_state(module).items():
             if not torch.is_floating_point(tensor):
                 raise ModelError(
                     f"state entry {name!r} has dtype {tensor.dtype}; packages hold float32 "
@@ -205,12 +211,32 @@ class ModelPackage:
             tensors = safetensors_load(self.params)
         except SafetensorError as exc:
             raise ModelError(f"model parameters are not valid safetensors data: {exc}") from exc
-        _match_state(module.state_dict(), tensors, self.architecture)
+        _match_state(_stored_state(module), tensors, self.architecture)
         for name, tensor in tensors.items():
             if not bool(torch.isfinite(tensor).all()):
                 raise ModelError(f"model parameter {name!r} holds NaN or infinite values")
+        for alias, stored in shared_state_names(module).items():
+            tensors[alias] = tensors[stored]
         module.load_state_dict(tensors, strict=True)
         return module
+
+
+def shared_state_names(module: nn.Module) -> dict[str, str]:
+    """Each second name of a tensor ``module`` holds under several names in its
+    ``state_dict``, mapped to the first one (the name a package stores it under)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        stored = first.setdefault(id(tensor), name)
+        if stored != name:
+            aliases[name] = stored
+    return aliases
+
+
+def _stored_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every shared tensor under its first name only."""
+    aliases = shared_state_names(module)
+    return {n: t for n, t in module.state_dict().items() if n not in aliases}
 
 
 def _match_state(

@@ -18,13 +18,22 @@ strict=True)``):
     network for ``in_channels × 8 × 8`` images (the scikit-learn digits); inputs may also
     arrive flat (``in_channels × 64`` features) and are reshaped inside. GroupNorm, not
     BatchNorm, so that per-sample gradients exist for DP-SGD.
+
+Installed packages add architectures through the entry-point group
+``secure_fed.architectures`` (:mod:`secure_fed.models.plugins`); their builders follow the
+same rules and are imported only when first built. A slave trains only what its data owner
+allows (:func:`allowed_architectures`): the built-ins unless its configuration lists others.
+
+A module taking integer inputs (token ids for an ``nn.Embedding``) says so with an
+``input_dtype = torch.int64`` attribute; :func:`model_inputs` turns the float32 features of a
+dataset into what the module takes.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -47,6 +56,21 @@ Builder = Callable[..., nn.Module]
 B = TypeVar("B", bound=Builder)
 
 _REGISTRY: dict[str, Builder] = {}
+#: Dtypes a module may declare as its ``input_dtype``.
+INPUT_DTYPES = (torch.float32, torch.int64)
+#: Largest integer a float32 feature holds exactly (2^24): the bound on token ids.
+MAX_EXACT_INTEGER = 2**24
+
+
+def check_builder(name: str, builder: Any) -> Builder:
+    """``builder`` if it can build architecture ``name``: a callable whose parameters are all
+    keyword-only (so that :func:`build_model` can refuse any argument it does not declare)."""
+    if not callable(builder):
+        raise ModelError(f"the builder of architecture {name!r} is not callable: {builder!r}")
+    params = inspect.signature(builder).parameters.values()
+    if any(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in params):
+        raise ModelError(f"builder for {name!r} must take keyword-only arguments")
+    return builder
 
 
 def register(name: str) -> Callable[[B], B]:
@@ -65,18 +89,41 @@ def register(name: str) -> Callable[[B], B]:
     def decorator(builder: B) -> B:
         if name in _REGISTRY:
             raise ModelError(f"architecture {name!r} is already registered")
-        params = inspect.signature(builder).parameters.values()
-        if any(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in params):
-            raise ModelError(f"builder for {name!r} must take keyword-only arguments")
-        _REGISTRY[name] = builder
+        _REGISTRY[name] = check_builder(name, builder)
         return builder
 
     return decorator
 
 
-def architectures() -> list[str]:
-    """Names of all registered architectures, sorted."""
+def builtin_architectures() -> list[str]:
+    """Names of the architectures secure_fed itself defines, sorted."""
     return sorted(_REGISTRY)
+
+
+def architectures() -> list[str]:
+    """Names of every architecture this installation can build: the built-ins and those
+    installed packages register (see :mod:`secure_fed.models.plugins`), sorted."""
+    from secure_fed.models.plugins import plugin_architectures
+
+    return sorted({*_REGISTRY, *plugin_architectures()})
+
+
+def allowed_architectures(config_list: Sequence[str]) -> list[str]:
+    """The architectures a slave agrees to train: ``config_list`` (its data owner's list in
+    ``slave.toml``), or the built-ins when that list is empty, sorted. A plugin architecture
+    is never trained unless its data owner named it."""
+    names = [str(n) for n in config_list]
+    return sorted(set(names) if names else set(builtin_architectures()))
+
+
+def _builder(architecture: str) -> Builder | None:
+    """The builder of ``architecture``: a built-in, or a plugin's (imported now)."""
+    from secure_fed.models.plugins import plugin_architectures, plugin_builder
+
+    builder = _REGISTRY.get(architecture)
+    if builder is not None and architecture not in plugin_architectures():
+        return builder
+    return plugin_builder(architecture)  # refuses a plugin that takes a built-in's name
 
 
 def build_model(architecture: str, **kwargs: Any) -> nn.Module:
@@ -89,7 +136,7 @@ def build_model(architecture: str, **kwargs: Any) -> nn.Module:
     Returns:
         A freshly initialised module (weights from the current torch RNG).
     """
-    builder = _REGISTRY.get(architecture) if isinstance(architecture, str) else None
+    builder = _builder(architecture) if isinstance(architecture, str) else None
     if builder is None:
         raise ModelError(
             f"unknown architecture {architecture!r}; this installation knows "
@@ -117,6 +164,35 @@ def build_model(architecture: str, **kwargs: Any) -> nn.Module:
         )
     logger.debug("built %s(%s): %d parameters", architecture, kwargs, count)
     return module
+
+
+def input_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` takes its inputs in: its ``input_dtype`` attribute (float32 or
+    int64), float32 when it declares none."""
+    declared = getattr(module, "input_dtype", torch.float32)
+    if declared not in INPUT_DTYPES:
+        raise ModelError(f"the model declares input_dtype {declared!r}; secure_fed feeds "
+                         "torch.float32 features or torch.int64 token ids. Declare one of those")
+    return declared
+
+
+def model_inputs(module: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """``features`` (float32 records) as ``module`` takes them (see :func:`input_dtype`).
+
+    Integer inputs (token ids) must be whole numbers in ``0 … 2^24``, which float32 holds
+    exactly; anything else is refused instead of being rounded into another token.
+    """
+    dtype = input_dtype(module)
+    if dtype == features.dtype:
+        return features
+    if dtype == torch.int64:
+        if features.numel() and (not bool(torch.all(features == torch.round(features)))
+                                 or float(features.min()) < 0
+                                 or float(features.max()) > MAX_EXACT_INTEGER):
+            raise ModelError("this model takes integer token ids, and the features are not "
+                             f"whole numbers in 0…{MAX_EXACT_INTEGER}; give it unscaled ids")
+        return features.to(torch.int64)
+    return features.to(dtype)
 
 
 def check_int(name: str, value: Any, low: int, high: int) -> int:

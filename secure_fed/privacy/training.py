@@ -47,6 +47,7 @@ from torch import nn
 from secure_fed.data.datasets import Dataset
 from secure_fed.errors import PrivacyError
 from secure_fed.models.package import parameters_vector
+from secure_fed.models.registry import model_inputs
 from secure_fed.privacy.accounting import Mechanism, check_delta
 from secure_fed.privacy.distributed import DistributedMechanism
 from secure_fed.privacy.noise import SumCapture
@@ -159,8 +160,8 @@ class DistillResult:
 
 
 def _prepare(
-    data: Dataset, settings: DPSettings, delta: float | None, threads: int | None,
-    records: int | None,
+    model: nn.Module, data: Dataset, settings: DPSettings, delta: float | None,
+    threads: int | None, records: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     n = _public_records(data, records)
     q = settings.sample_rate(n)
@@ -172,7 +173,8 @@ def _prepare(
         logger.warning("plain SGD without DP: this training run is not differentially private")
     elif settings.noise_multiplier == 0:
         logger.warning("noise_multiplier is 0: this training run is not differentially private")
-    return torch.from_numpy(data.features), torch.from_numpy(data.labels), q, n
+    x = model_inputs(model, torch.from_numpy(data.features))  # token ids for an Embedding
+    return x, torch.from_numpy(data.labels), q, n
 
 
 def _public_records(data: Dataset, records: int | None) -> int:
@@ -241,7 +243,7 @@ def train_delta(
             epoch and δ's check derive from (a slave passes its DP-released or declared
             count; ``None``: ``len(data)``, for callers to whom the count is not private).
     """
-    x, y, q, n = _prepare(data, settings, delta, threads, records)
+    x, y, q, n = _prepare(model, data, settings, delta, threads, records)
     run = _run(model, x, y, settings, q, seed, grad_sample_mode, n)
     try:
         before = parameters_vector(run.module)
@@ -273,7 +275,7 @@ def train_gradient(
 
     Args: as for :func:`train_delta`.
     """
-    x, y, q, n = _prepare(data, settings, delta, threads, records)
+    x, y, q, n = _prepare(model, data, settings, delta, threads, records)
     run = _run(model, x, y, settings, q, seed, grad_sample_mode, n)
     try:
         xb, yb = next(run.batches(1))
@@ -316,7 +318,7 @@ def train_distributed(
         nonce: the task's nonce (fixes the public rotation).
         seed, threads, delta, grad_sample_mode, records: as for :func:`train_delta`.
     """
-    x, y, _, n = _prepare(data, settings, delta, threads, records)
+    x, y, _, n = _prepare(model, data, settings, delta, threads, records)
     q = mechanism.settings.sample_rate
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable != mechanism.dimension:
@@ -375,7 +377,7 @@ def train_distill(
     a = number_setting("alpha", alpha, low=0.0, low_inclusive=True)
     if a > 1.0:
         raise PrivacyError(f"alpha must be between 0 and 1, got {alpha}")
-    x, y, q, n = _prepare(data, settings, delta, threads, records)
+    x, y, q, n = _prepare(student, data, settings, delta, threads, records)
     frozen = copy.deepcopy(teacher).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
@@ -458,7 +460,8 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 1024) -> tupl
     try:
         with torch.no_grad():
             for start in range(0, len(data), batch_size):
-                xb = torch.from_numpy(data.features[start : start + batch_size])
+                rows = torch.from_numpy(data.features[start : start + batch_size])
+                xb = model_inputs(model, rows)
                 yb = torch.from_numpy(data.labels[start : start + batch_size])
                 out = model(xb)
                 total_loss += float(F.cross_entropy(out, yb, reduction="sum"))

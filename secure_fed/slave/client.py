@@ -33,6 +33,7 @@ from torch import nn
 from secure_fed import __version__
 from secure_fed.config.schema import require_same_schema
 from secure_fed.config.settings import LOOPBACK_HOSTS
+from secure_fed.config.tasks import model_outputs
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.held_out import split_held_out, split_key
 from secure_fed.errors import (
@@ -51,9 +52,11 @@ from secure_fed.he.bundle import SlaveBundle, context_digest
 from secure_fed.he.codec import UpdateEncoder
 from secure_fed.identity.certificates import sign
 from secure_fed.models.package import ModelPackage
+from secure_fed.models.registry import allowed_architectures
 from secure_fed.privacy.distributed import DistributedMechanism, share_noise_multiplier
 from secure_fed.privacy.evaluation import EVALUATION_MODE, statistic
 from secure_fed.privacy.ledger import COUNT_MODE, LedgerEntry
+from secure_fed.privacy.model_check import check_trainable
 from secure_fed.privacy.training import DPSettings
 from secure_fed.private_files import read_private_file
 from secure_fed.protocol import slave_actions as act
@@ -169,6 +172,7 @@ class Slave:
         insecure_loopback: bool = False,
         allow_no_dp: bool = False,
         connect: Connect | None = None,
+        allow_architectures: Sequence[str] = (),
     ) -> None:
         self.bundle = bundle
         self._private_key()  # a key that others can read is refused before any ledger is opened
@@ -178,6 +182,8 @@ class Slave:
                         "one such round leaves this data source with no ε bound",
                         bundle.config.slave_id)
         self.config = bundle.config
+        self.allowed_architectures = sorted(
+            {*allowed_architectures(self.config.allowed_architectures), *allow_architectures})
         self._plain = _plain_url(self.config.master_url, insecure_loopback)
         self.data = data
         self.held_out: Dataset | None = None
@@ -318,11 +324,17 @@ class Slave:
             if task.plan.task != self.data.task:
                 raise DataError(f"the task trains a {task.plan.task} model but this slave's "
                                 f"data holds a {self.data.task} task; declining before training")
-            model = accept_model(self.config.allowed_architectures, task.model, work.params).build()
-            student = (accept_model(self.config.allowed_architectures, task.student,
-                                          work.student_params).build()
+            model = accept_model(self.allowed_architectures, task.model, work.params).build()
+            student = (accept_model(self.allowed_architectures, task.student,
+                                    work.student_params).build()
                        if task.student is not None and work.student_params is not None
                        else None)
+            for header, module in ((task.model, model), (task.student, student)):
+                if header is not None and module is not None:
+                    check_trainable(module, features=self.data.num_features,
+                                    classes=model_outputs(self.data.task,
+                                                          self.data.num_classes),
+                                    architecture=f"architecture '{header.architecture}'")
             if self.ledger.has_task(self.ledger_federation, task.nonce):
                 raise PrivacyError("an update for this task was already produced; training "
                                    "again would spend the budget twice")
@@ -532,10 +544,19 @@ def websocket_connect(bundle: SlaveBundle, *, plain: bool) -> Connect:
 def accept_model(allowed: Sequence[str], header: ModelHeader,
                  params: bytes | str | None) -> ModelPackage:
     """The model package of ``header`` and ``params`` if this slave takes its architecture
-    (``allowed``; empty: any of its registry) and its digest matches."""
-    if allowed and header.architecture not in allowed:
-        raise ModelError(f"architecture '{header.architecture}' is not in this slave's "
-                         f"allowed list {allowed}")
+    and its digest matches.
+
+    Args:
+        allowed: the architectures this slave's data owner allows (see
+            :func:`~secure_fed.models.registry.allowed_architectures`; empty: the built-ins).
+        header: the task's model header.
+        params: the parameter bytes that came with it.
+    """
+    names = list(allowed) or allowed_architectures([])
+    if header.architecture not in names:
+        raise ModelError(f"architecture '{header.architecture}' is not allowed on this slave "
+                         f"(it trains {', '.join(names)}); its data owner can allow it with "
+                         f"`secure-fed slave --allow-architecture {header.architecture}`")
     if not isinstance(params, bytes):
         raise ModelError(f"no parameters for '{header.architecture}'")
     return ModelPackage.from_parts(header.model_dump(exclude={"params_bytes"}), params)
