@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     from secure_fed.cli.audit import add_audit_parser
 
     add_audit_parser(sub)
+    from secure_fed.cli.export import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
@@ -369,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "audit":
         handler = audit.cmd_audit
+    elif hasattr(args, "handler"):  # sub-commands in their own module set their handler
+        handler = args.handler
     else:
         handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
     try:
