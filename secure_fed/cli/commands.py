@@ -207,7 +207,7 @@ def cmd_slave(args: argparse.Namespace) -> int:
     slave = Slave(bundle, data, state_dir=args.state, budget_epsilon=args.budget,
                   source_id=source_id, public_count=args.public_count, workers=args.workers,
                   threads=args.threads, on_event=show, insecure_loopback=args.insecure_loopback,
-                  allow_no_dp=args.allow_no_dp)
+                  allow_no_dp=args.allow_no_dp, device=args.device)
     report = asyncio.run(slave.run())
     def eps(value: float) -> str:
         return f"{value:.2f}" if math.isfinite(value) else "∞ (no DP)"

@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="encryption worker processes (default: one per core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where local DP-SGD runs: auto (a CUDA GPU when torch sees one, else "
+                   "the CPU; the default), cpu, or cuda (refused when there is no GPU)")
     p.add_argument("--insecure-loopback", action="store_true",
                    help="EXPERIMENTS ONLY: allow --master-url ws://127.0.0.1:PORT (no TLS) for "
                    "a master started with --insecure-loopback on this machine")

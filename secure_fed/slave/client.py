@@ -49,6 +49,7 @@ from secure_fed.he.bundle import SlaveBundle, context_digest
 from secure_fed.he.codec import UpdateEncoder
 from secure_fed.identity.certificates import sign
 from secure_fed.models.package import ModelPackage
+from secure_fed.privacy.device import resolve_device
 from secure_fed.privacy.distributed import DistributedMechanism, share_noise_multiplier
 from secure_fed.privacy.ledger import COUNT_MODE, LedgerEntry
 from secure_fed.privacy.training import DPSettings
@@ -129,6 +130,9 @@ class Slave:
             federation.
         workers: encryption worker processes (``None``: the bundle's setting).
         threads: torch threads for local training.
+        device: where local training runs: ``"auto"`` (a CUDA GPU when torch sees one),
+            ``"cpu"`` or ``"cuda"`` (:func:`secure_fed.privacy.device.resolve_device`;
+            refused at once when CUDA is asked for and absent).
         reconnect_give_up_s: stop reconnecting after this many seconds without a connection.
         on_event: progress callback for a display.
         insecure_loopback: allow a plain ``ws://`` master URL whose host is a loopback address
@@ -154,6 +158,7 @@ class Slave:
         public_count: int | None = None,
         workers: int | None = None,
         threads: int = 1,
+        device: str = "cpu",
         reconnect_give_up_s: float = 300.0,
         on_event: EventSink | None = None,
         insecure_loopback: bool = False,
@@ -161,6 +166,7 @@ class Slave:
         connect: Connect | None = None,
     ) -> None:
         self.bundle = bundle
+        self.device = resolve_device(device)
         self._private_key()  # a key that others can read is refused before any ledger is opened
         self.allow_no_dp = allow_no_dp
         if allow_no_dp:
@@ -343,7 +349,7 @@ class Slave:
                                          prepared.student, self.data, settings, seed=seed,
                                          threads=self.threads, delta=self.config.delta,
                                          records=records, distributed=prepared.distributed,
-                                         nonce=task.nonce)
+                                         nonce=task.nonce, device=self.device)
         return self.machine.receive_trained(_Trained(result, settings, source),
                                             result.vector.size)
 
