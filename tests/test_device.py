@@ -5,6 +5,9 @@ The suite runs on the CPU; a test that needs a CUDA GPU says so and skips where 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -116,3 +119,18 @@ def test_training_on_cuda_releases_the_same_mechanism_and_a_cpu_vector() -> None
     assert gpu.mechanism == cpu.mechanism
     assert np.allclose(gpu.delta_vector, cpu.delta_vector, atol=1e-3)
 
+
+def test_the_gpu_benchmark_measures_each_device_and_says_when_there_is_no_gpu() -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_dp_step.py"
+    result = subprocess.run([sys.executable, str(script), "--steps", "1", "--warmup", "0",
+                             "--json"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["gpu"] is (not NO_CUDA)
+    assert ("no CUDA GPU present" in result.stdout) is NO_CUDA
+    devices = {row["device"] for row in report["rows"]}
+    assert devices == ({"cpu"} if NO_CUDA else {"cpu", "cuda"})
+    assert {row["model"] for row in report["rows"]} == {"mlp-1m", "cnn8"}
+    for row in report["rows"]:
+        assert row["dp_step_s"] > 0 and row["plain_step_s"] > 0
+    assert next(r for r in report["rows"] if r["model"] == "mlp-1m")["parameters"] == 993_930
