@@ -11,7 +11,7 @@ from pathlib import Path
 
 DESCRIPTION = """\
 Write the last committed model of a master's run directory (MASTER_DIR/run, or the --out
-folder of secure-fed demo) into OUT as model.safetensors, model.pt (TorchScript) or
+folder of secure-fed demo) into the --out folder as model.safetensors, model.pt (TorchScript) or
 model.onnx, with MODEL_CARD.md and model_card.json beside it: architecture and arguments,
 data schema (digest), rounds, per data source the epsilon, delta, accountant and
 mechanisms, the protection mode, and the audit log's head hash. The audit log is verified
@@ -58,6 +58,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         sys.stderr.write("warning: the audit log does NOT verify; exported anyway "
                          "(--allow-unverified), the card says UNVERIFIED\n")
     verdict = "verified" if audit["verified"] else "NOT verified"
+    if args.ca is None and result.run.ca_path is not None:
+        sys.stdout.write(f"CA: {result.run.ca_path} (found beside the log; pass --ca to "
+                         "choose)\n")
+    elif result.run.ca_path is None:
+        sys.stdout.write("CA: none found beside the log, so the master certificate it pins "
+                         "was not checked against a CA; pass --ca\n")
     sys.stdout.write(
         f"model of round {card['model']['round']}: {result.model.path} "
         f"(checked with {check['runtime']}: max abs difference {check['max_abs_diff']:.2e})\n"
