@@ -113,3 +113,8 @@ class TLSRefused(TransportError):
 
 class AuditError(SecureFedError):
     """The audit log is missing, broken or does not verify."""
+
+
+class ExportError(SecureFedError):
+    """A finished run's model cannot be exported as asked: its run directory is incomplete,
+    its audit log does not verify, or the exported file does not compute what the model does."""

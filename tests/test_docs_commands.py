@@ -114,6 +114,9 @@ PARSED_ONLY: dict[str, str] = {
     "secure-fed bench round --modes he --presets bfv-fast,ckks,compat --sizes xlarge "
     "--slaves 2,4 --rounds 2 --json":
         "six federations of a 10M-parameter model (about 10 minutes, 10 GB of memory)",
+    "python benchmarks/gpu_dp_step.py":
+        "times DP-SGD and plain steps of two models per device (a minute on a loaded 2-core "
+        "machine); tests/test_device.py runs it with one step",
     "secure-fed audit empirical --dataset digits --epsilon 3 --canaries 200":
         "20 FedAvg rounds with canaries (10-20 s on two free cores)",
     "secure-fed audit empirical --dataset digits --canaries 200 --no-dp":

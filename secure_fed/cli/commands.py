@@ -253,7 +253,7 @@ def cmd_slave(args: argparse.Namespace) -> int:
                   source_id=source_id, public_count=args.public_count, workers=args.workers,
                   threads=args.threads, on_event=show, insecure_loopback=args.insecure_loopback,
                   allow_no_dp=args.allow_no_dp, reconnect_give_up_s=args.retry_for,
-                  allow_architectures=args.allow_architecture)
+                  allow_architectures=args.allow_architecture, device=args.device)
     report = asyncio.run(slave.run())
     def eps(value: float) -> str:
         return f"{value:.2f}" if math.isfinite(value) else "∞ (no DP)"

@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop (exit code 2) after this many seconds without reaching the "
                    "master, e.g. when it is not running or refuses this bundle at the TLS "
                    "handshake (default 300)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where local DP-SGD runs: auto (a CUDA GPU when torch sees one, else "
+                   "the CPU; the default), cpu, or cuda (refused when there is no GPU)")
     p.add_argument("--insecure-loopback", action="store_true",
                    help="EXPERIMENTS ONLY: allow --master-url ws://127.0.0.1:PORT (no TLS) for "
                    "a master started with --insecure-loopback on this machine")
@@ -388,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     from secure_fed.cli.audit import add_audit_parser
 
     add_audit_parser(sub)
+    from secure_fed.cli.export import add_parser as add_export_parser
+
+    add_export_parser(sub)
     _verbosity_everywhere(parser)
     return parser
 
@@ -435,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "audit":
         handler = audit.cmd_audit
+    elif hasattr(args, "handler"):  # sub-commands in their own module set their handler
+        handler = args.handler
     else:
         handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
     try:

@@ -175,14 +175,15 @@ class GridGaussian:
                 f"the step has {total} coordinates but the noise was set up for "
                 f"{self.dimension}; build the noise for the optimizer's parameters"
             )
-        flat = torch.cat([s.detach().reshape(-1) for s in sums]).numpy()
+        flat = torch.cat([s.detach().reshape(-1) for s in sums]).cpu().numpy()
         dtypes = {s.dtype for s in sums}
         single = dtypes.pop() if len(dtypes) == 1 else torch.float64
         whole = torch.empty(total, dtype=single if single in _KERNEL_DTYPES else torch.float64)
         _grid_release(flat, self._gaussian.sample_float(total), 1.0 / self.gamma,
                       self.gamma / divisor, whole.numpy())
         parts = whole.split([int(s.numel()) for s in sums])
-        return [part.view(s.shape) if part.dtype == s.dtype else part.view(s.shape).to(s.dtype)
+        # Drawn and added on the CPU; back to the device the sums live on (a GPU run).
+        return [part.view(s.shape).to(device=s.device, dtype=s.dtype)
                 for part, s in zip(parts, sums, strict=True)]
 
 
@@ -222,5 +223,5 @@ class SumCapture:
             raise PrivacyError(f"the step has {total} coordinates but the capture was set up "
                                f"for {self.dimension}")
         self.captured = torch.cat([s.detach().reshape(-1).to(torch.float64)
-                                   for s in sums]).numpy()
+                                   for s in sums]).cpu().numpy()
         return [s.detach() / divisor for s in sums]

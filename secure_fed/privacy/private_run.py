@@ -139,7 +139,7 @@ def _zero_non_finite_samples(params: list[nn.Parameter]) -> None:
     samples = [g for p in params if isinstance(g := getattr(p, "grad_sample", None), torch.Tensor)]
     if not samples or samples[0].shape[0] == 0:
         return
-    finite = torch.ones(samples[0].shape[0], dtype=torch.bool)
+    finite = torch.ones(samples[0].shape[0], dtype=torch.bool, device=samples[0].device)
     for g in samples:
         finite &= torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
     if bool(finite.all()):
@@ -166,6 +166,8 @@ class PrivateRun:
             (``None``: the :class:`~secure_fed.privacy.noise.GridGaussian` of σ, or nothing
             for σ = 0); the distributed mechanism passes a
             :class:`~secure_fed.privacy.noise.SumCapture`.
+        device: where the copy, the batches and the clipping live (default the CPU; see
+            :mod:`secure_fed.privacy.device`); the noise is drawn on the CPU and added there.
     """
 
     def __init__(
@@ -179,15 +181,17 @@ class PrivateRun:
         grad_sample_mode: str,
         records: int | None = None,
         release: StepRelease | None = None,
+        device: torch.device | None = None,
     ) -> None:
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise PrivacyError(
                 f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}"
             )
         key = run_key(seed)
-        self.x, self.y, self.q = x, y, q
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.x, self.y, self.q = x.to(self.device), y.to(self.device), q
         self.sampler = RandomStream(key, SAMPLING_STREAM)
-        self.module = copy.deepcopy(module)
+        self.module = copy.deepcopy(module).to(self.device)
         self.module.train()
         if any(isinstance(m, _BatchNorm) for m in self.module.modules()):
             raise PrivacyError(
@@ -209,7 +213,7 @@ class PrivateRun:
             )
         self.fast: LinearClippingStep | None = None
         if grad_sample_mode in ("auto", "linear"):
-            if supports(self.module, x[:1]):
+            if supports(self.module, self.x[:1]):
                 self.fast = LinearClippingStep(
                     self.module,
                     optimizer,
@@ -254,7 +258,7 @@ class PrivateRun:
         n = len(self.y)
         per_epoch = max(1, int(1.0 / self.q))
         for _ in range(epochs * per_epoch):
-            index = poisson_batch(self.sampler, n, self.q)
+            index = poisson_batch(self.sampler, n, self.q).to(self.x.device)
             yield self.x.index_select(0, index), self.y.index_select(0, index)
 
     def step(
@@ -274,7 +278,8 @@ class PrivateRun:
             # Empty per-sample gradients make the DP optimizer do exactly that, in every mode.
             for p in self.module.parameters():
                 if p.requires_grad:
-                    setattr(p, "grad_sample", torch.zeros((0, *p.shape), dtype=p.dtype))  # noqa: B010
+                    empty = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    setattr(p, "grad_sample", empty)  # noqa: B010
             value = math.nan
         else:
             loss = loss_fn(self.wrapped(xb), yb, xb)
@@ -309,12 +314,14 @@ class PlainRun:
     """
 
     def __init__(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 settings: DPSettings, q: float, seed: int | None) -> None:
+                 settings: DPSettings, q: float, seed: int | None,
+                 device: torch.device | None = None) -> None:
         words = RandomStream(run_key(seed), SAMPLING_STREAM).words(1)
-        self.x, self.y, self.q = x, y, q
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.x, self.y, self.q = x.to(self.device), y.to(self.device), q
         self.batch = settings.expected_batch(len(y))
         self.sampler = torch.Generator().manual_seed(int(words[0] >> np.uint64(1)))
-        self.module = copy.deepcopy(module)
+        self.module = copy.deepcopy(module).to(self.device)
         self.module.train()
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=settings.lr,
                                          momentum=settings.momentum)
@@ -326,7 +333,7 @@ class PlainRun:
         for _ in range(epochs):
             order = torch.randperm(n, generator=self.sampler)
             for k in range(per_epoch):
-                index = order[k * self.batch : (k + 1) * self.batch]
+                index = order[k * self.batch : (k + 1) * self.batch].to(self.x.device)
                 yield self.x.index_select(0, index), self.y.index_select(0, index)
 
     def step(self, loss_fn: LossFn, xb: torch.Tensor, yb: torch.Tensor, *,

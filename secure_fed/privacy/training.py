@@ -186,12 +186,14 @@ def _public_records(data: Dataset, records: int | None) -> int:
 
 
 def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: DPSettings, q: float,
-         seed: int | None, grad_sample_mode: str, records: int) -> PrivateRun | PlainRun:
+         seed: int | None, grad_sample_mode: str, records: int,
+         device: torch.device | None = None) -> PrivateRun | PlainRun:
     """The run the settings ask for: DP-SGD, or plain SGD when ``settings.dp`` is False
-    (``records``: the public count ``q`` was derived from)."""
+    (``records``: the public count ``q`` was derived from; ``device``: where it trains)."""
     if not settings.dp:
-        return PlainRun(model, x, y, settings, q, seed)
-    return PrivateRun(model, x, y, settings, q, seed, grad_sample_mode, records=records)
+        return PlainRun(model, x, y, settings, q, seed, device=device)
+    return PrivateRun(model, x, y, settings, q, seed, grad_sample_mode, records=records,
+                      device=device)
 
 
 def _epoch_loop(
@@ -227,6 +229,7 @@ def train_delta(
     delta: float | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     records: int | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train a copy of ``model`` with DP-SGD for ``settings.epochs`` and return the change.
 
@@ -242,9 +245,11 @@ def train_delta(
         records: the *public* record count N that the sample rate ``B / N``, the steps per
             epoch and δ's check derive from (a slave passes its DP-released or declared
             count; ``None``: ``len(data)``, for callers to whom the count is not private).
+        device: where the copy and the batches train (:mod:`secure_fed.privacy.device`;
+            default the CPU); the returned vectors are always on the CPU.
     """
     x, y, q, n = _prepare(model, data, settings, delta, threads, records)
-    run = _run(model, x, y, settings, q, seed, grad_sample_mode, n)
+    run = _run(model, x, y, settings, q, seed, grad_sample_mode, n, device)
     try:
         before = parameters_vector(run.module)
         steps, loss = _epoch_loop(run, settings, n, _loss(data))
@@ -266,6 +271,7 @@ def train_gradient(
     delta: float | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     records: int | None = None,
+    device: torch.device | None = None,
 ) -> GradientResult:
     """FedSGD: one DP-SGD step on one Poisson batch; return the noisy averaged gradient.
 
@@ -276,13 +282,14 @@ def train_gradient(
     Args: as for :func:`train_delta`.
     """
     x, y, q, n = _prepare(model, data, settings, delta, threads, records)
-    run = _run(model, x, y, settings, q, seed, grad_sample_mode, n)
+    run = _run(model, x, y, settings, q, seed, grad_sample_mode, n, device)
     try:
         xb, yb = next(run.batches(1))
         loss = run.step(_loss(data), xb, yb, apply=False)
         params = [p for p in run.module.parameters() if p.requires_grad]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        gradient = torch.cat([g.detach().reshape(-1) for g in grads]).to(torch.float32).numpy()
+        gradient = torch.cat([g.detach().reshape(-1) for g in grads]).to(
+            device="cpu", dtype=torch.float32).numpy()
     finally:
         run.close()
     return GradientResult(
@@ -302,6 +309,7 @@ def train_distributed(
     delta: float | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     records: int | None = None,
+    device: torch.device | None = None,
 ) -> DistributedResult:
     """Distributed DP-SGD (FedSGD): one Poisson batch at the plan's common rate q, its
     clipped sum quantized on the ring's grid, plus this slave's share of the noise.
@@ -316,7 +324,7 @@ def train_distributed(
         settings: the plan's DP settings (C).
         mechanism: the federation's distributed mechanism for this model's dimension.
         nonce: the task's nonce (fixes the public rotation).
-        seed, threads, delta, grad_sample_mode, records: as for :func:`train_delta`.
+        seed, threads, delta, grad_sample_mode, records, device: as for :func:`train_delta`.
     """
     x, y, _, n = _prepare(model, data, settings, delta, threads, records)
     q = mechanism.settings.sample_rate
@@ -327,7 +335,7 @@ def train_distributed(
     capture = SumCapture(mechanism.dimension)
     key = run_key(seed)
     run = PrivateRun(model, x, y, settings, q, None if seed is None else seed, grad_sample_mode,
-                     records=n, release=capture)
+                     records=n, release=capture, device=device)
     try:
         xb, yb = next(run.batches(1))
         loss = run.step(_loss(data), xb, yb, apply=False)
@@ -354,6 +362,7 @@ def train_distill(
     delta: float | None = None,
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE,
     records: int | None = None,
+    device: torch.device | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into a copy of ``student`` on private data with DP-SGD.
 
@@ -368,7 +377,7 @@ def train_distill(
         settings: the DP-SGD plan.
         temperature: T (> 0).
         alpha: α, weight of the distillation term (0 ≤ α ≤ 1).
-        seed, threads, delta, grad_sample_mode, records: as for :func:`train_delta`.
+        seed, threads, delta, grad_sample_mode, records, device: as for :func:`train_delta`.
     """
     if data.task != "multiclass":
         raise PrivacyError(f"distillation trains multi-class models only; this data holds a "
@@ -378,7 +387,7 @@ def train_distill(
     if a > 1.0:
         raise PrivacyError(f"alpha must be between 0 and 1, got {alpha}")
     x, y, q, n = _prepare(student, data, settings, delta, threads, records)
-    frozen = copy.deepcopy(teacher).eval()
+    frozen = copy.deepcopy(teacher).to(device or torch.device("cpu")).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
 
@@ -388,7 +397,7 @@ def train_distill(
         kl = F.kl_div(F.log_softmax(out / t, dim=1), soft, reduction="batchmean")
         return a * t * t * kl + (1.0 - a) * F.cross_entropy(out, yb)
 
-    run = _run(student, x, y, settings, q, seed, grad_sample_mode, n)
+    run = _run(student, x, y, settings, q, seed, grad_sample_mode, n, device)
     try:
         steps, loss = _epoch_loop(run, settings, n, distill_loss)
         params = parameters_vector(run.module)

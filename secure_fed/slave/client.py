@@ -53,6 +53,7 @@ from secure_fed.he.codec import UpdateEncoder
 from secure_fed.identity.certificates import sign
 from secure_fed.models.package import ModelPackage
 from secure_fed.models.registry import allowed_architectures
+from secure_fed.privacy.device import resolve_device
 from secure_fed.privacy.distributed import DistributedMechanism, share_noise_multiplier
 from secure_fed.privacy.evaluation import EVALUATION_MODE, statistic
 from secure_fed.privacy.ledger import COUNT_MODE, LedgerEntry
@@ -142,6 +143,9 @@ class Slave:
             federation.
         workers: encryption worker processes (``None``: the bundle's setting).
         threads: torch threads for local training.
+        device: where local training runs: ``"auto"`` (a CUDA GPU when torch sees one),
+            ``"cpu"`` or ``"cuda"`` (:func:`secure_fed.privacy.device.resolve_device`;
+            refused at once when CUDA is asked for and absent).
         reconnect_give_up_s: stop reconnecting after this many seconds without a connection.
         on_event: progress callback for a display.
         insecure_loopback: allow a plain ``ws://`` master URL whose host is a loopback address
@@ -167,6 +171,7 @@ class Slave:
         public_count: int | None = None,
         workers: int | None = None,
         threads: int = 1,
+        device: str = "cpu",
         reconnect_give_up_s: float = 300.0,
         on_event: EventSink | None = None,
         insecure_loopback: bool = False,
@@ -175,6 +180,7 @@ class Slave:
         allow_architectures: Sequence[str] = (),
     ) -> None:
         self.bundle = bundle
+        self.device = resolve_device(device)
         self._private_key()  # a key that others can read is refused before any ledger is opened
         self.allow_no_dp = allow_no_dp
         if allow_no_dp:
@@ -408,7 +414,7 @@ class Slave:
                                          prepared.student, self.data, settings, seed=seed,
                                          threads=self.threads, delta=self.config.delta,
                                          records=records, distributed=prepared.distributed,
-                                         nonce=task.nonce)
+                                         nonce=task.nonce, device=self.device)
         return self.machine.receive_trained(
             _Trained(result, settings, source, evaluated=evaluated), result.vector.size)
 

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from secure_fed.data.datasets import Dataset
@@ -70,7 +71,7 @@ def train_update(plan: Plan, model: nn.Module, student: nn.Module | None, data: 
                  settings: DPSettings, *, seed: int, threads: int,
                  delta: float, records: int | None = None,
                  distributed: DistributedMechanism | None = None,
-                 nonce: str = "") -> UpdateResult:
+                 nonce: str = "", device: torch.device | None = None) -> UpdateResult:
     """Train on ``data`` as ``plan.mode`` asks and return the update to encrypt.
 
     Args:
@@ -85,12 +86,15 @@ def train_update(plan: Plan, model: nn.Module, student: nn.Module | None, data: 
         distributed: the federation's distributed mechanism when the plan asks for
             distributed DP (``gradient`` mode only).
         nonce: the task's nonce (fixes the distributed mechanism's public rotation).
+        device: where the training runs (``secure-fed slave --device``); the update comes
+            back on the CPU, ready to encode.
     """
     if distributed is not None:
         if plan.mode != "gradient":
             raise ModelError("distributed DP runs in gradient mode only")
         share = train_distributed(model, data, settings, distributed, nonce, seed=seed,
-                                  threads=threads, delta=delta, records=records)
+                                  threads=threads, delta=delta, records=records,
+                                  device=device)
         if share.clamped:
             log.info("the clamp of the distributed mechanism moved %d of %d values of this "
                      "round's clipped sum (a cost in accuracy, never in privacy)",
@@ -99,11 +103,11 @@ def train_update(plan: Plan, model: nn.Module, student: nn.Module | None, data: 
                             distributed=True)
     if plan.mode == "delta":
         result = train_delta(model, data, settings, seed=seed, threads=threads, delta=delta,
-                             records=records)
+                             records=records, device=device)
         return UpdateResult(result.delta_vector, result.mechanism, result.loss, result.samples)
     if plan.mode == "gradient":
         grad = train_gradient(model, data, settings, seed=seed, threads=threads, delta=delta,
-                              records=records)
+                              records=records, device=device)
         return UpdateResult(grad.gradient, grad.mechanism, grad.loss, grad.samples)
     start = student if student is not None else copy.deepcopy(model)
     before = parameters_vector(start)
@@ -111,6 +115,6 @@ def train_update(plan: Plan, model: nn.Module, student: nn.Module | None, data: 
         raise ModelError("a distill plan must carry a temperature and an alpha")
     distilled = train_distill(model, start, data, settings, temperature=plan.temperature,
                               alpha=plan.alpha, seed=seed, threads=threads, delta=delta,
-                              records=records)
+                              records=records, device=device)
     return UpdateResult(distilled.params_vector - before, distilled.mechanism, distilled.loss,
                         distilled.samples)
