@@ -112,3 +112,20 @@ def test_plan_simulates_on_the_schema_shape(capsys: pytest.CaptureFixture[str]) 
 def test_plan_refuses_bad_records(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--records", "12x"]) == 2
     assert "--records" in capsys.readouterr().err
+
+
+def test_a_plan_too_large_to_simulate_quickly_is_refused() -> None:
+    from secure_fed.bench.plan_simulation import (
+        MAX_RECORD_PASSES,
+        CannotSimulate,
+        simulate_plan,
+    )
+    from secure_fed.slave.plan_preview import SlavePlanPreview
+
+    training = TrainingPlanSettings()
+    records = MAX_RECORD_PASSES // (2 * ROUNDS * training.epochs) + 1
+    big = SlavePlanPreview(records=records, batch_size=192, noise_multiplier=1.0,
+                           sample_rate=192 / records, steps_per_round=8, epsilon_round=1.0,
+                           epsilon_total=3.0, count_noise_multiplier=None)
+    with pytest.raises(CannotSimulate, match="minutes, not seconds"):
+        simulate_plan(training, [big], rounds=ROUNDS, features=4, classes=2)

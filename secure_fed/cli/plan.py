@@ -21,8 +21,9 @@ def add_parser(subparsers: Any) -> None:
         "given record counts, compute with the accountant the slaves use the noise multiplier "
         "σ, the sample rate, the steps per round and the ε per round and in all that the plan "
         "implies (the plan of `secure-fed init` with the same options), and estimate the "
-        "accuracy DP costs by training the plan with and without DP on synthetic data of the "
-        "schema's shape (a few seconds).")
+        "accuracy the DP noise costs by training the plan with and without it on synthetic data "
+        "of the schema's shape (seconds for small plans; plans too large to simulate quickly "
+        "say so).")
     p.add_argument("--records", required=True, metavar="N,N,...",
                    help="each slave's record count, separated by commas (e.g. 1200,800,500)")
     p.add_argument("--schema", type=Path, default=None, metavar="FILE.toml",
@@ -138,8 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     table = Table(title=f"{report['rounds']} rounds of {report['mode']} at ε="
                   f"{report['epsilon']:g}, δ={report['delta']:g} per slave "
                   f"({report['accountant']} accountant)")
-    for column in ("slave", "records", "batch", "σ", "sample rate", "steps/round",
-                   "ε per round", "ε in all"):
+    for column in ("slave", "records", "batch", "σ", "q", "steps", "ε/round", "ε in all"):
         table.add_column(column, justify="right")
     for i, s in enumerate(report["slaves"]):
         table.add_row(str(i + 1), str(s["records"]), str(s["batch_size"]),
@@ -147,6 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       str(s["steps_per_round"]), f"{s['epsilon_round']:.2f}",
                       f"{s['epsilon_total']:.2f}")
     console.print(table)
+    console.print("q: the Poisson sample rate; steps: DP-SGD steps per round")
     first = report["slaves"][0]
     if first["count_noise_multiplier"] is not None:
         console.print("ε in all includes each slave's release of its record count (Gaussian, "
@@ -159,7 +160,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         console.print(
             f"expected accuracy cost: {100 * simulation['cost']:.1f} points "
-            f"({100 * simulation['accuracy_without_dp']:.1f} % without DP, "
+            f"({100 * simulation['accuracy_without_dp']:.1f} % without noise, "
             f"{100 * simulation['accuracy_with_dp']:.1f} % with it) on synthetic data of the "
             f"schema's shape ({simulation['features']} features, {simulation['classes']} "
             f"classes), {simulation['seconds']:.1f} s; your data's levels differ, the gap is "
