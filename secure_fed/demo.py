@@ -16,11 +16,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from secure_fed.config.settings import (
@@ -34,6 +35,7 @@ from secure_fed.config.settings import (
 )
 from secure_fed.data.datasets import bundled_schema
 from secure_fed.data.partition import slave_partition
+from secure_fed.demo_data import TableDemo
 from secure_fed.errors import SecureFedError
 from secure_fed.master.provision import FederationPlan, init_federation
 
@@ -59,6 +61,9 @@ class DemoOptions:
         timeout_s: the whole demo is stopped after this many seconds.
         dp: ``local`` (each slave adds the full noise) or ``distributed`` (``gradient`` mode
             under ``mask`` or ``he+mask``: each slave adds a share, every slave must survive).
+        tables: the user's own tables, one slave per file (``secure-fed demo --data``; see
+            :mod:`secure_fed.demo_data`): then ``slaves`` and ``dataset`` do not apply and the
+            master has no evaluation data.
     """
 
     slaves: int = 3
@@ -71,6 +76,7 @@ class DemoOptions:
     out: Path = Path("demo-run")
     timeout_s: float = 1800.0
     dp: str = "local"
+    tables: TableDemo | None = None
 
 
 DEMO_ROUNDS = {"delta": 10, "gradient": 40, "distill": 10}
@@ -130,27 +136,29 @@ def _archive_previous(out: Path) -> None:
             shutil.move(str(out / name), str(target / name))
 
 
-def _features(dataset: str) -> tuple[int, int]:
-    schema = bundled_schema(dataset)
-    return schema.num_features, schema.num_classes
-
-
 def run_demo(options: DemoOptions, console: Console) -> int:
     """Run the demo; returns the exit code (0 when every round was committed)."""
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
     _archive_previous(out)
     fed_id = "demo-" + datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    tables = options.tables
+    if tables is not None:
+        options = replace(options, slaves=len(tables.files))
     slave_ids = [f"slave-{i + 1}" for i in range(options.slaves)]
-    features, classes = _features(options.dataset)
+    schema = tables.schema if tables is not None else bundled_schema(options.dataset)
+    features, classes = schema.num_features, schema.num_classes
     training = demo_training(options.mode, options.epsilon, features, classes)
     if options.dp == "distributed":
-        records = len(slave_partition(options.dataset, index=0, count=options.slaves).labels)
+        records = (sorted(tables.records)[len(tables.records) // 2] if tables is not None else
+                   len(slave_partition(options.dataset, index=0, count=options.slaves).labels))
         training = demo_distributed(training, slaves=options.slaves, records_per_slave=records)
     rounds = options.rounds if options.rounds is not None else DEMO_ROUNDS[options.mode]
+    data = (f"tables {escape(', '.join(p.name for p in tables.files))}" if tables is not None
+            else f"dataset {options.dataset}")
     console.print(f"[bold]secure-fed demo[/]: federation '{fed_id}', {options.slaves} slaves, "
                   f"mode {options.mode}, {rounds} rounds, ε={options.epsilon:g} per slave at "
-                  f"δ=1e-5, dataset {options.dataset}, preset {options.preset}, protection "
+                  f"δ=1e-5, {data}, preset {options.preset}, protection "
                   f"{options.protection}, {options.dp} DP, TLS on 127.0.0.1")
     plan = FederationPlan(
         federation_id=fed_id, slaves=slave_ids, host="127.0.0.1", port=0,
@@ -161,8 +169,8 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                                       protection=options.protection),  # type: ignore[arg-type]
         limits=LimitSettings(join_timeout_s=120, upload_deadline_s=300, keepalive_interval_s=10,
                              keepalive_timeout_s=30),
-        evaluation=EvaluationSettings(dataset=options.dataset),
-        data_schema=bundled_schema(options.dataset),
+        evaluation=EvaluationSettings(dataset=None if tables is not None else options.dataset),
+        data_schema=schema,
     )
     bundle_dir = out / "bundle"
     init_federation(bundle_dir, plan, force=True)
@@ -187,9 +195,12 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         url = f"wss://127.0.0.1:{int(port_file.read_text())}"
         for index, slave_id in enumerate(slave_ids):
             log_file = (logs / f"{slave_id}.log").open("wb")
+            source: tuple[str | Path, ...] = (
+                ("--data", tables.files[index].resolve(), "--label-column", tables.label_column)
+                if tables is not None else
+                ("--dataset", options.dataset, "--partition", f"{index}/{options.slaves}"))
             slaves.append(subprocess.Popen(  # noqa: S603 - our own command line
-                _cli("slave", bundle_dir / "slaves" / slave_id, "--dataset", options.dataset,
-                     "--partition", f"{index}/{options.slaves}", "--state",
+                _cli("slave", bundle_dir / "slaves" / slave_id, *source, "--state",
                      out / "slaves" / slave_id, "--source-id", slave_id,
                      "--budget", str(options.epsilon), "--master-url", url, "--workers", "1",
                      "--threads", "1"),
@@ -248,7 +259,10 @@ def _report(out: Path, options: DemoOptions, slave_ids: list[str], master_code: 
                       f"(of all {options.slaves} slaves, none colluding with it); ε alone "
                       "against a party that would see one slave's update")
     accuracy = summary.get("final_accuracy")
-    console.print(f"final accuracy {accuracy if accuracy is None else round(accuracy, 4)}; "
+    measured = (f"final accuracy {accuracy if accuracy is None else round(accuracy, 4)}"
+                if options.tables is None else
+                "no accuracy: the master holds no evaluation data of your tables")
+    console.print(f"{measured}; "
                   f"mode {options.mode}; protection {options.protection}; scheme "
                   f"{summary['scheme']}, preset {summary['preset']}; {summary['reason']}")
     console.print(f"outputs: {summary_path}, {out / 'audit.jsonl'}, {out / 'checkpoints'}, "

@@ -291,13 +291,18 @@ def _report_check(args: argparse.Namespace, data: Any, schema: Any, console: Con
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from secure_fed.demo import DemoOptions, run_demo
+    from secure_fed.demo_data import table_demo
 
-    options = DemoOptions(slaves=args.slaves, rounds=args.rounds, mode=args.mode,
+    console = Console(highlight=False, soft_wrap=True)
+    tables = table_demo(data=args.data, dataset=args.dataset, label_column=args.label_column,
+                        schema_file=args.schema, out=args.out, console=console)
+    slaves = len(tables.files) if tables is not None else args.slaves
+    options = DemoOptions(slaves=slaves, rounds=args.rounds, mode=args.mode,
                           epsilon=args.epsilon,
-                          dataset=args.dataset, preset=args.preset,
-                          protection=_protection(args, args.slaves), out=args.out,
-                          timeout_s=args.timeout, dp=args.dp)
-    return run_demo(options, Console(highlight=False, soft_wrap=True))
+                          dataset=args.dataset or "digits", preset=args.preset,
+                          protection=_protection(args, slaves), out=args.out,
+                          timeout_s=args.timeout, dp=args.dp, tables=tables)
+    return run_demo(options, console)
 
 
 def _init_training(args: argparse.Namespace, features: int, classes: int) -> Any:

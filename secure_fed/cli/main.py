@@ -282,7 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "DP-SGD, which the master distils back into its model on its own proxy "
                    "split (distill)")
     p.add_argument("--epsilon", type=float, default=3.0, help="ε budget per slave (default 3)")
-    p.add_argument("--dataset", default="digits", help="bundled dataset (default digits)")
+    p.add_argument("--dataset", default=None, help="bundled dataset (default digits)")
+    p.add_argument("--data", default=None, metavar="A.csv,B.csv,...",
+                   help="your own tables instead of --dataset, one slave per file (needs "
+                   "--label-column); without --schema the schema is derived from the files "
+                   "and written to OUT/schema.toml")
+    p.add_argument("--label-column", default=None, help="with --data: the label's column")
+    p.add_argument("--schema", type=Path, default=None, metavar="FILE.toml",
+                   help="with --data: the federation's data schema (as for `init --schema`)")
     p.add_argument("--preset", default="bfv-fast", help="HE preset (default bfv-fast)")
     p.add_argument("--protection", choices=("he", "he+mask", "mask", "plain"), default=None,
                    help=PROTECTION_HELP)
@@ -391,9 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     from secure_fed.cli.audit import add_audit_parser
 
     add_audit_parser(sub)
+    from secure_fed.cli import ledger, plan
     from secure_fed.cli.export import add_parser as add_export_parser
 
     add_export_parser(sub)
+    plan.add_parser(sub)
+    ledger.add_parser(sub)
     _verbosity_everywhere(parser)
     return parser
 

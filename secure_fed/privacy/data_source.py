@@ -126,6 +126,29 @@ def register_ledger(source_id: str, ledger_dir: Path) -> list[Path]:
     return others
 
 
+def known_ledgers() -> dict[str, list[Path]]:
+    """The ledger folders of this user's data sources that still hold a ledger: those
+    registered when a slave opened them (``--state`` included), and every folder under the
+    default home; by source id, each list in the order first seen."""
+    found: dict[str, list[Path]] = {}
+
+    def add(source_id: str, folder: Path) -> None:
+        folders = found.setdefault(source_id, [])
+        if folder not in folders and (folder / "ledger.json").is_file():
+            folders.append(folder)
+
+    for source_id, paths in _read_registry(data_home() / REGISTRY_FILE).items():
+        for text in paths:
+            if isinstance(text, str):
+                add(source_id, Path(text))
+    home = data_home() / "sources"
+    if home.is_dir():
+        for folder in sorted(home.iterdir()):
+            if SOURCE_ID.match(folder.name):
+                add(folder.name, folder.resolve())
+    return {k: v for k, v in found.items() if v}
+
+
 def remember_data_file(path: Path, source_id: str) -> str | None:
     """Record that the data file at ``path`` is data source ``source_id``; return the source id
     it had before, if that was another one (its content changed since)."""

@@ -391,6 +391,20 @@ class PrivacyLedger:
             return stored
 
     @classmethod
+    def read(cls, state_dir: Path) -> PrivacyLedger:
+        """The ledger in ``state_dir``, read only: nothing is created, locked or rewritten, so
+        that its data owner can look at it while a slave runs, or on a copy.
+
+        Raises:
+            PrivacyError: there is no ledger in ``state_dir``, or it is malformed.
+        """
+        path = Path(state_dir) / LEDGER_FILE
+        if not path.is_file():
+            raise PrivacyError(f"no privacy ledger in {state_dir} ({LEDGER_FILE} is missing); "
+                               "give the folder a slave's --state named, or its --source-id")
+        return cls._read(path)
+
+    @classmethod
     def _read(cls, path: Path) -> PrivacyLedger:
         size = path.stat().st_size
         if size > MAX_LEDGER_BYTES:
