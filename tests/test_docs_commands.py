@@ -51,6 +51,10 @@ RUN_TIMEOUT_S = 300
 # normalized: `.venv/bin/secure-fed` and `.venv/bin/python` shortened to `secure-fed` and
 # `python`, comments and extra spaces dropped.
 PARSED_ONLY: dict[str, str] = {
+    "secure-fed demo --data examples/tables/site-a.csv,examples/tables/site-b.csv,"
+    "examples/tables/site-c.csv --label-column cultivar --rounds 3 --out tables-run":
+        "a three-round federation of four processes; docs/getting-started.md runs the same "
+        "command and tests/test_demo_tables.py checks its result",
     # Long-running parties: each serves until a federation on other machines finishes.
     "secure-fed master fed/master": "serves a federation until its last round",
     "secure-fed master trial/master": "serves a federation until its last round",
