@@ -27,6 +27,7 @@ from secure_fed.config.settings import (
 )
 from secure_fed.data.datasets import bundled_schema
 from secure_fed.data.partition import master_holdout
+from secure_fed.export.exporter import export_run
 from secure_fed.he.bundle import MasterBundle, SlaveBundle
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
@@ -132,3 +133,8 @@ def test_a_federation_trains_its_task_and_reports_its_metric(
     assert verify_log(out / "audit.jsonl").ok
     full = check_log(out)  # chain, signatures and ε recomputed with the task's records
     assert full.ok, full
+    # The exported model's card names the task the plan trained.
+    card = export_run(out, "safetensors", tmp_path / "model",
+                      ca_path=fed / "master" / "ca.pem").card
+    assert card["task"] == task and card["audit"]["verified"]
+    assert f"- task: {task}" in (tmp_path / "model" / "MODEL_CARD.md").read_text()

@@ -5,9 +5,10 @@
     {"card_version": 1, "software": str, "exported_at": str (UTC, ISO 8601),
      "model": {"format", "file", "sha256", "architecture", "kwargs", "model_digest",
                "parameters", "round", "check": {"runtime", "rows", "input_shape",
-               "max_abs_diff", "tolerance"}},
+               "max_abs_diff", "tolerance", "input_dtype"}},
      "task": str,
-     "data_schema": null | {"digest", "label", "classes", "features", "scale_to"},
+     "data_schema": null | {"digest", "label", "classes", "features", "scale_to",
+                            "image": null | {"channels", "height", "width"}},
      "federation": {"federation_id", "mode", "dp", "protection", "scheme", "preset",
                     "server_optimizer", "rounds_planned", "rounds_committed", "status",
                     "final_accuracy"},
@@ -78,7 +79,10 @@ def _schema(run: FinishedRun) -> dict[str, Any] | None:
     if schema is None:
         return None
     return {"digest": schema.digest, "label": schema.label, "classes": list(schema.classes),
-            "features": schema.feature_names, "scale_to": schema.scale_to}
+            "features": schema.feature_names, "scale_to": schema.scale_to,
+            "image": None if schema.image is None else {
+                "channels": schema.image.channels, "height": schema.image.height,
+                "width": schema.image.width}}
 
 
 def build_card(run: FinishedRun, exported: ExportedFile, *, parameters: int,
@@ -115,7 +119,7 @@ def build_card(run: FinishedRun, exported: ExportedFile, *, parameters: int,
             "round": run.checkpoint.round,
             "check": {"runtime": check.runtime, "rows": check.rows,
                       "input_shape": check.input_shape, "max_abs_diff": check.max_abs_diff,
-                      "tolerance": check.tolerance}},
+                      "tolerance": check.tolerance, "input_dtype": check.input_dtype}},
         "task": run.task,
         "data_schema": _schema(run),
         "federation": {
@@ -181,16 +185,20 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- model digest (as committed in the audit log): `{model['model_digest']}`",
         f"- task: {card['task']}",
         f"- checked with {check['runtime']} against PyTorch on {check['rows']} inputs of shape "
-        f"{check['input_shape']}: max abs difference {check['max_abs_diff']:.2e} "
+        f"{check['input_shape']} ({check.get('input_dtype', 'float32')}): max abs difference "
+        f"{check['max_abs_diff']:.2e} "
         f"(allowed {check['tolerance']:g})", "",
         "## Data schema", ""]
     schema = card["data_schema"]
     if schema is None:
         lines.append("The federation declared no data schema.")
     else:
+        image = schema.get("image")
+        inputs = (f"{len(schema['features'])} features" if image is None else
+                  f"{image['channels']} × {image['height']} × {image['width']} images")
         lines += [f"- digest: `{schema['digest']}`",
                   f"- label `{schema['label']}`, classes {', '.join(schema['classes'])}",
-                  f"- {len(schema['features'])} features, scaled to {schema['scale_to']}"]
+                  f"- {inputs}, scaled to {schema['scale_to']}"]
     lines += [
         "", "## Training", "",
         f"- mode {fed['mode']}, {fed['dp']} DP, protection {fed['protection']} "

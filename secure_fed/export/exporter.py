@@ -18,7 +18,7 @@ from typing import Any
 from secure_fed.durable import atomic_write_bytes, atomic_write_json
 from secure_fed.errors import ExportError
 from secure_fed.export.card import build_card, render_markdown
-from secure_fed.export.formats import FORMATS, ExportedFile, input_features, write_model
+from secure_fed.export.formats import FORMATS, ExportedFile, model_input, write_model
 from secure_fed.export.run_dir import FinishedRun, read_run
 from secure_fed.models.package import parameter_count
 
@@ -75,10 +75,10 @@ def export_run(run_dir: Path, fmt: str, out_dir: Path, *, allow_unverified: bool
     package = run.checkpoint.package
     module = package.build()
     module.eval()
-    width = input_features(package.architecture, package.kwargs, run.data_schema)
+    inputs = model_input(package.architecture, package.kwargs, module, run.data_schema)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    exported = write_model(fmt, package, module, width=width, schema=run.data_schema,
+    exported = write_model(fmt, package, module, width=inputs, schema=run.data_schema,
                            out_dir=out_dir)
     card = build_card(run, exported, parameters=parameter_count(module), now=now)
     atomic_write_json(out_dir / CARD_JSON, card)

@@ -19,6 +19,11 @@ Every file is checked before the export counts as written: the file is loaded ba
 the runtime that will run it and fed a batch of inputs (:func:`example_inputs`, of another
 batch size than any traced one) that the PyTorch model is fed too; the largest absolute
 difference of the outputs must be at most :data:`CHECK_TOLERANCE`, and is reported.
+
+The exported file takes what the model takes (:func:`model_input`): an image federation's
+model (the schema has an ``[image]`` table) takes ``(batch, channels, height, width)``
+images, a model that declares ``input_dtype = torch.int64`` takes ``(batch, F)`` int64
+token ids in ``0 … vocab_size − 1``, any other ``(batch, F)`` float32 records.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from secure_fed.config.schema import DataSchema
 from secure_fed.durable import atomic_write_bytes
 from secure_fed.errors import ExportError
 from secure_fed.models.package import ModelPackage, compute_digest
-from secure_fed.models.registry import build_model
+from secure_fed.models.registry import build_model, input_dtype
 
 Format = Literal["safetensors", "torchscript", "onnx"]
 FORMATS: tuple[Format, ...] = ("safetensors", "torchscript", "onnx")
@@ -69,6 +74,7 @@ class FormatCheck:
         input_shape: the shape of that batch.
         max_abs_diff: the largest absolute difference between the two outputs.
         tolerance: the most allowed (:data:`CHECK_TOLERANCE`).
+        input_dtype: the inputs' dtype (``"float32"``, or ``"int64"`` for token ids).
     """
 
     runtime: str
@@ -76,6 +82,22 @@ class FormatCheck:
     input_shape: list[int]
     max_abs_diff: float
     tolerance: float = CHECK_TOLERANCE
+    input_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What one record the exported model takes looks like.
+
+    Args:
+        shape: one record's shape (``(F,)``, or ``(C, H, W)`` for images).
+        dtype: ``torch.float32``, or ``torch.int64`` for token ids.
+        tokens: for int64 inputs, the number of token ids (ids ``0 … tokens − 1``).
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -116,18 +138,70 @@ def input_features(architecture: str, kwargs: dict[str, Any],
                       "which needs no example input")
 
 
-def example_inputs(width: int, rows: int, *, schema: DataSchema | None,
+def _token_count(kwargs: dict[str, Any], module: nn.Module) -> int:
+    """The number of token ids a model of integer inputs takes: its ``vocab_size`` argument,
+    else the smallest vocabulary of its ``nn.Embedding`` layers."""
+    if isinstance(kwargs.get("vocab_size"), int) and not isinstance(kwargs["vocab_size"], bool):
+        return int(kwargs["vocab_size"])
+    sizes = [m.num_embeddings for m in module.modules() if isinstance(m, nn.Embedding)]
+    if sizes:
+        return int(min(sizes))
+    raise ExportError("the model takes int64 token ids but names no vocab_size and has no "
+                      "nn.Embedding, so the range of its inputs is unknown; give its builder a "
+                      "vocab_size argument, or export it as safetensors")
+
+
+def model_input(architecture: str, kwargs: dict[str, Any], module: nn.Module,
+                schema: DataSchema | None) -> ModelInput:
+    """What the exported model takes: images of the schema's ``[image]`` table (or of the
+    architecture's ``in_channels``, ``height`` and ``width`` without a schema), token ids when
+    the model declares ``input_dtype = torch.int64`` (``seq_len`` of them without a schema),
+    else flat float32 records (:func:`input_features`).
+
+    Raises:
+        ExportError: the run does not tell the input's shape or the tokens' range.
+    """
+    dtype = input_dtype(module)
+    if dtype == torch.int64:
+        if schema is None and isinstance(kwargs.get("seq_len"), int):
+            length = int(kwargs["seq_len"])
+        else:
+            length = input_features(architecture, kwargs, schema)
+        return ModelInput((length,), torch.int64, _token_count(kwargs, module))
+    if schema is not None and schema.image is not None:
+        image = schema.image
+        return ModelInput((image.channels, image.height, image.width))
+    sides = [kwargs.get(k) for k in ("in_channels", "height", "width")]
+    if schema is None and all(isinstance(v, int) and not isinstance(v, bool) for v in sides):
+        return ModelInput(tuple(int(v) for v in sides))  # type: ignore[arg-type]
+    return ModelInput((input_features(architecture, kwargs, schema),))
+
+
+def example_inputs(width: int | ModelInput, rows: int, *, schema: DataSchema | None,
                    seed: int) -> torch.Tensor:
-    """A batch of ``rows`` random records in the range the model's inputs take: the schema's
-    ``scale_to`` interval (``-1..1`` unless it says ``0..1``), float32, from a fixed seed.
+    """A batch of ``rows`` random records in the range the model's inputs take, from a fixed
+    seed: token ids uniform in ``0 … tokens − 1`` (int64) for a model of integer inputs, else
+    float32 values in the schema's ``scale_to`` interval (``-1..1`` unless it says ``0..1``).
+
+    Args:
+        width: the record's width (flat float32 records), or what the model takes
+            (:func:`model_input`).
 
     These are synthetic inputs (no record of anyone), used only to compare two runtimes.
     """
+    spec = width if isinstance(width, ModelInput) else ModelInput((width,))
     generator = torch.Generator().manual_seed(seed)
-    values = torch.rand((rows, width), generator=generator, dtype=torch.float32)
+    if spec.dtype == torch.int64:
+        return torch.randint(0, spec.tokens or 1, (rows, *spec.shape), generator=generator,
+                             dtype=torch.int64)
+    values = torch.rand((rows, *spec.shape), generator=generator, dtype=torch.float32)
     if schema is None or schema.scale_to == "-1..1":
         values = values * 2 - 1
     return values
+
+
+def _dtype_name(inputs: torch.Tensor) -> str:
+    return str(inputs.dtype).removeprefix("torch.")
 
 
 def _sha256(path: Path) -> str:
@@ -176,7 +250,8 @@ def write_safetensors(package: ModelPackage, module: nn.Module, inputs: torch.Te
                        f"{path.name} loaded into {package.architecture}")
     return ExportedFile("safetensors", path, _sha256(path),
                         FormatCheck(f"torch {torch.__version__} + safetensors", len(inputs),
-                                    list(inputs.shape), diff))
+                                    list(inputs.shape), diff,
+                                    input_dtype=_dtype_name(inputs)))
 
 
 def write_torchscript(module: nn.Module, trace_inputs: torch.Tensor, inputs: torch.Tensor,
@@ -199,7 +274,8 @@ def write_torchscript(module: nn.Module, trace_inputs: torch.Tensor, inputs: tor
     diff = _difference(_reference(module, inputs), got, f"TorchScript file {path.name}")
     return ExportedFile("torchscript", path, _sha256(path),
                         FormatCheck(f"torch.jit (torch {torch.__version__})", len(inputs),
-                                    list(inputs.shape), diff))
+                                    list(inputs.shape), diff,
+                                    input_dtype=_dtype_name(inputs)))
 
 
 @contextmanager
@@ -260,7 +336,8 @@ def write_onnx(module: nn.Module, trace_inputs: torch.Tensor, inputs: torch.Tens
     staging.replace(path)
     return ExportedFile("onnx", path, _sha256(path),
                         FormatCheck(f"onnxruntime {onnxruntime.__version__}", len(inputs),
-                                    list(inputs.shape), diff))
+                                    list(inputs.shape), diff,
+                                    input_dtype=_dtype_name(inputs)))
 
 
 def compare_onnx(path: Path, module: nn.Module, inputs: torch.Tensor) -> float:
@@ -272,7 +349,7 @@ def compare_onnx(path: Path, module: nn.Module, inputs: torch.Tensor) -> float:
     return _difference(_reference(module, inputs), got, f"ONNX file {path.name} (onnxruntime)")
 
 
-def write_model(fmt: str, package: ModelPackage, module: nn.Module, *, width: int,
+def write_model(fmt: str, package: ModelPackage, module: nn.Module, *, width: int | ModelInput,
                 schema: DataSchema | None, out_dir: Path) -> ExportedFile:
     """Write ``module`` (built from ``package``) in ``fmt`` into ``out_dir`` and check it.
 
@@ -280,7 +357,8 @@ def write_model(fmt: str, package: ModelPackage, module: nn.Module, *, width: in
         fmt: one of :data:`FORMATS`.
         package: the committed model.
         module: the model built from it, in eval mode on the CPU.
-        width: the input width (:func:`input_features`).
+        width: what the model takes (:func:`model_input`), or the width of its flat
+            float32 records (:func:`input_features`).
         schema: the federation's data schema (the inputs' range), if any.
         out_dir: an existing directory.
     """
