@@ -1,6 +1,7 @@
 """Federations over the new data sources: image folders trained with ``cnn8`` under
 ``he+mask`` (in one process, over the in-memory transport), and three Parquet tables over
-TLS websockets; each slave's data checked against the schema and fingerprinted for its ledger."""
+TLS websockets with no master data and federated evaluation; each slave's data checked
+against the schema and fingerprinted for its ledger."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from conftest import small_plan, started
 from cryptography import x509
 
+from secure_fed.audit.recompute import check_log
 from secure_fed.config.schema import load_schema
 from secure_fed.config.settings import (
     EncryptionSettings,
@@ -30,6 +32,7 @@ from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
 from secure_fed.privacy.data_source import data_source_id
 from secure_fed.slave.client import Slave
+from secure_fed.slave.evaluation import exact_statistic
 from secure_fed.slave.sources import load_private_data
 from secure_fed.transport.memory import MemoryListener
 
@@ -46,13 +49,14 @@ def _sample_data() -> Any:
     return module
 
 
-def _plan(schema_file: str, architecture: str) -> Any:
+def _plan(schema_file: str, architecture: str, *, federated_evaluation: bool = False) -> Any:
     schema = load_schema(ROOT / "examples" / schema_file)
     return small_plan(
         SLAVES, rounds=1, data_schema=schema,
         model=ModelSpec.for_data(architecture, schema.num_features, schema.num_classes,
                                  image=schema.image),
-        training=TrainingPlanSettings(epochs=1, batch_size=16, epsilon=3.0),
+        training=TrainingPlanSettings(epochs=1, batch_size=16, epsilon=3.0,
+                                      federated_evaluation=federated_evaluation),
         evaluation=EvaluationSettings(dataset=None),
         encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1,
                                       protection="he+mask"),
@@ -119,28 +123,49 @@ def test_image_folders_federate_with_cnn8_under_he_and_masking(tmp_path: Path) -
         assert [e["mode"] for e in ledger["entries"]] == ["count", "delta"]
 
 
-def test_three_parquet_tables_federate_over_tls(tmp_path: Path) -> None:
-    tables = _sample_data().write_tables(tmp_path, len(SLAVES), 150)
+def test_three_parquet_tables_federate_over_tls_with_federated_evaluation(
+        tmp_path: Path) -> None:
+    tables = _sample_data().write_tables(tmp_path, len(SLAVES), 300)
     fed = tmp_path / "fed"
-    init_federation(fed, _plan("schema.toml", "mlp"))
+    init_federation(fed, _plan("schema.toml", "mlp", federated_evaluation=True))
+    slaves: list[Slave] = []
 
     async def run() -> tuple[Master, list[Any]]:
         master = Master(MasterBundle.load(fed / "master"), tmp_path / "run", port=0)
         task, port = await asyncio.wait_for(started(master), 30)
-        slaves = [_slave(fed, slave_id, table, tmp_path / f"state-{slave_id}",
-                         f"wss://127.0.0.1:{port}")
-                  for slave_id, table in zip(SLAVES, tables, strict=True)]
+        slaves.extend(_slave(fed, slave_id, table, tmp_path / f"state-{slave_id}",
+                             f"wss://127.0.0.1:{port}")
+                      for slave_id, table in zip(SLAVES, tables, strict=True))
         reports = await asyncio.wait_for(asyncio.gather(*(s.run() for s in slaves)), 120)
         await asyncio.wait_for(task, 30)
         return master, list(reports)
 
     master, reports = asyncio.run(run())
+    assert master.evaluation is None  # the master holds no data
     assert master.coordinator.committed == 1
     assert sorted(r.slave_id for r in reports if r.rounds_trained == [1]) == SLAVES
     model = ModelStore(tmp_path / "run" / "checkpoints").load(1).package.build()
     assert next(m for m in model.modules() if hasattr(m, "in_features")).in_features == 30
     assert _moved(tmp_path / "run") > 0
+    # The federated metric of round 1 (the model it was sent), with its interval: the noisy
+    # sums of the three held-out parts, around the exact ones.
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_accuracy"] is None
+    federated = summary["rounds"][0]["federated_evaluation"]
+    assert federated["metric"] == "accuracy" and federated["slaves"] == SLAVES
+    low, high = federated["ci95"]
+    assert 0.0 <= low <= federated["value"] <= high <= 1.0 and federated["stderr"] > 0
+    initial = ModelStore(tmp_path / "run" / "checkpoints").load(0).package.build()
+    held = [s.held_out for s in slaves]
+    assert all(h is not None and len(h) > 0 for h in held)
+    exact = sum(exact_statistic(initial, h, "multiclass-accuracy") for h in held if h is not None)
+    assert abs(federated["sums"]["total"] - exact[1]) <= 5 * federated["noise_sd"]
+    assert abs(federated["value"] - exact[0] / exact[1]) <= 4 * federated["stderr"]
     for slave_id, table in zip(SLAVES, tables, strict=True):
         ledger = json.loads((tmp_path / f"state-{slave_id}" / "ledger.json").read_text())
         assert ledger["source_id"] == data_source_id(table)
-        assert [e["mode"] for e in ledger["entries"]] == ["count", "delta"]
+        assert [e["mode"] for e in ledger["entries"]] == ["count", "evaluation", "delta"]
+        assert [m["kind"] for m in summary["slaves"][slave_id]["mechanisms"]] == [
+            "count", "evaluation", "dp-sgd"]
+    full = check_log(tmp_path / "run")  # ε recomputed with the evaluation releases
+    assert full.ok, full

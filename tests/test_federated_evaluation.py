@@ -31,32 +31,45 @@ from secure_fed.config.settings import (
     EncryptionSettings,
     EvaluationSettings,
     LimitSettings,
+    ModelSpec,
     TrainingPlanSettings,
     load_master_config,
 )
+from secure_fed.config.tasks import TargetRange
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.held_out import held_out_mask, split_held_out, split_key
 from secure_fed.errors import DataError, PrivacyError
 from secure_fed.he.bundle import MasterBundle, SlaveBundle
-from secure_fed.master.federated_metrics import release_problem, round_evaluation
+from secure_fed.master.federated_metrics import describe, release_problem, round_evaluation
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.privacy import discrete_gaussian
 from secure_fed.privacy.accounting import Mechanism, epsilon
 from secure_fed.privacy.evaluation import (
+    BINARY_SCORE_HISTOGRAMS,
+    EVALUATION_ERROR_LEVELS,
+    EVALUATION_SCORE_BUCKETS,
     MULTICLASS_ACCURACY,
+    REGRESSION_SQUARED_ERROR,
     STATISTICS,
     combine,
+    evaluation_mechanisms,
     evaluation_noise_multiplier,
     noise_scale,
     release_statistic,
+    statistic_for_task,
 )
 from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.privacy.random_stream import RandomStream
+from secure_fed.privacy.task_metrics import (
+    accuracy_statistic,
+    score_histogram_statistic,
+    squared_error_statistic,
+)
 from secure_fed.protocol.messages import EvaluationRelease, MechanismRecord, UpdateHeader
 from secure_fed.slave import updates as slave_updates
-from secure_fed.slave.evaluation import exact_statistic
+from secure_fed.slave.evaluation import evaluate_held_out, exact_statistic
 from secure_fed.transport.memory import MemoryListener
 
 
@@ -293,3 +306,207 @@ def test_init_turns_federated_evaluation_on_when_the_master_has_no_data(
     on = [load_master_config(tmp_path / name / "master" / "federation.toml")
           .training.federated_evaluation for name in ("none", "off", "digits")]
     assert on == [True, False, False]
+
+
+# --- every task: its statistic, its sensitivity, its metric ------------------------------------
+
+
+def binary_table(n: int, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, 4)).astype(np.float32)
+    labels = (features[:, 0] + 0.8 * rng.normal(size=n) > 0).astype(np.int64)
+    return Dataset("b", features, labels, 2, ["a", "b", "c", "d"], ["no", "yes"],
+                   task="binary")
+
+
+def regression_table(n: int, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, 4)).astype(np.float32)
+    targets = np.clip(50 + 30 * features[:, 0] + 10 * rng.normal(size=n), 0, 100)
+    return Dataset("r", features, targets.astype(np.float32), 0, ["a", "b", "c", "d"],
+                   task="regression", target=TARGET)
+
+
+TARGET = TargetRange(low=0.0, high=100.0)
+
+
+def test_each_task_has_its_statistic_with_the_sensitivity_of_its_task_metric() -> None:
+    kinds = {task: statistic_for_task(task).kind for task in ("multiclass", "binary",
+                                                              "regression")}
+    assert kinds == {"multiclass": "multiclass-accuracy", "binary": "binary-score-histograms",
+                     "regression": "regression-squared-error"}
+    assert set(STATISTICS) >= set(kinds.values())
+    y = np.array([0, 1, 1])
+    # the sensitivities are the pure statistics' (one definition, in task_metrics)
+    assert STATISTICS["multiclass-accuracy"].sensitivity == accuracy_statistic(y, y).sensitivity
+    assert BINARY_SCORE_HISTOGRAMS.sensitivity == score_histogram_statistic(
+        np.array([0.1, 0.7, 0.9]), y, buckets=EVALUATION_SCORE_BUCKETS).sensitivity == 1.0
+    assert REGRESSION_SQUARED_ERROR.sensitivity == squared_error_statistic(
+        np.array([0.1, 0.7, 0.9]), np.array([5.0, 50.0, 95.0]), TARGET,
+        levels=EVALUATION_ERROR_LEVELS).sensitivity == pytest.approx(math.sqrt(1000**2 + 1))
+    assert len(BINARY_SCORE_HISTOGRAMS.fields) == 2 * EVALUATION_SCORE_BUCKETS
+    # one record moves each statistic by at most its sensitivity (add/remove-one)
+    import torch
+
+    for data, kind in ((binary_table(40), "binary-score-histograms"),
+                       (regression_table(40), "regression-squared-error")):
+        model = torch.nn.Linear(4, 1)
+        smaller = replace(data, features=data.features[1:], labels=data.labels[1:])
+        moved = exact_statistic(model, data, kind) - exact_statistic(model, smaller, kind)
+        assert 0 < np.linalg.norm(moved) <= STATISTICS[kind].sensitivity + 1e-9
+
+
+def test_without_noise_the_released_metric_is_the_exact_held_out_metric(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from secure_fed.privacy.training import evaluate_metrics
+
+    torch.manual_seed(0)
+    binary, regression = binary_table(300), regression_table(300, seed=1)
+    classifier, regressor = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    with torch.no_grad():
+        classifier.weight[0, 0] = 2.0
+        regressor.weight[:] = torch.tensor([[0.25, 0.0, 0.0, 0.0]])
+        regressor.bias[:] = 0.5
+    sigma = 4.0
+    noisy = [release_statistic(exact_statistic(classifier, binary, "binary-score-histograms"),
+                               "binary-score-histograms", sigma)]
+    monkeypatch.setattr(discrete_gaussian, "sample_discrete_gaussian",
+                        lambda stream, sigma, count: np.zeros(count, dtype=np.int64))
+
+    def released(model: torch.nn.Module, data: Dataset, kind: str) -> dict[str, Any]:
+        halves = [replace(data, features=data.features[i::2], labels=data.labels[i::2])
+                  for i in range(2)]  # two slaves' held-out records
+        evaluated = {f"s{i}": evaluate_held_out(model, half, kind=kind, model_digest="a" * 64,
+                                                noise_multiplier=sigma).release
+                     for i, half in enumerate(halves)}
+        row = round_evaluation(evaluated, round_=1, model_digest="a" * 64, target=data.target)
+        assert row is not None and row["statistic"] == kind
+        return row
+
+    # binary: the AUC of the scores as the K buckets resolve them, as sklearn counts ties
+    row = released(classifier, binary, "binary-score-histograms")
+    with torch.no_grad():
+        scores = torch.sigmoid(classifier(torch.as_tensor(binary.features))[:, 0]).numpy()
+    bucketed = np.minimum(np.floor(scores * EVALUATION_SCORE_BUCKETS), 9)
+    assert row["metric"] == "roc_auc"
+    assert row["value"] == pytest.approx(roc_auc_score(binary.labels, bucketed), abs=1e-6)
+    assert abs(row["value"] - roc_auc_score(binary.labels, scores)) < 0.03
+    assert row["ci95"][0] < row["value"] < row["ci95"][1]
+    assert sum(row["sums"].values()) == len(binary)
+    # with the noise in place, the release is not the exact statistic
+    assert noisy[0][0] != list(exact_statistic(classifier, binary, "binary-score-histograms"))
+
+    # regression: MSE in the target's units, up to the quantization of each record's error
+    row = released(regressor, regression, "regression-squared-error")
+    exact = evaluate_metrics(regressor, regression)
+    assert row["metric"] == "mse" and row["sums"]["total"] == len(regression)
+    assert row["value"] == pytest.approx(exact["mse"], abs=0.5 / 1000 * 100**2)
+    assert row["rmse"] == pytest.approx(math.sqrt(row["value"]), rel=1e-5)
+    assert row["ci95"][0] < row["value"] < row["ci95"][1]
+    assert row["rmse_ci95"] == pytest.approx([math.sqrt(v) for v in row["ci95"]], rel=1e-5)
+
+
+def test_the_noise_of_each_statistic_is_its_sensitivity_times_the_accounted_sigma() -> None:
+    """The ledger records (σ, 1, 1) per release; what makes that ε true is a noise of
+    standard deviation σ·Δ on a statistic of sensitivity Δ: a smaller scale would be a
+    Gaussian mechanism of a smaller σ than the accountant was told."""
+    from secure_fed.privacy.noise import SMOOTHING
+
+    sigma = evaluation_noise_multiplier(5.0, 0.1, 3, 1e-5)
+    recorded = epsilon(evaluation_mechanisms(sigma, 3), 1e-5)
+    assert recorded == pytest.approx(0.5, rel=0.02)
+    for kind, entry in STATISTICS.items():
+        _, scale = release_statistic(np.zeros(len(entry.fields), dtype=np.int64), kind, sigma)
+        effective = math.sqrt(scale ** 2 - SMOOTHING ** 2) / entry.sensitivity
+        assert effective == pytest.approx(sigma, rel=1e-12), kind
+        assert epsilon([Mechanism(effective, 1.0, 3)], 1e-5) == pytest.approx(recorded,
+                                                                              rel=1e-9)
+    # a release scaled for another statistic's sensitivity is refused by the master
+    release = EvaluationRelease(statistic="regression-squared-error", model_digest="a" * 64,
+                                values=[10, 20], noise_scale=noise_scale(sigma, math.sqrt(2)))
+    stated = MechanismRecord(noise_multiplier=sigma, sample_rate=1.0, steps=1, kind="evaluation")
+    assert "implies" in str(release_problem(_header([stated], release),
+                                            "regression-squared-error"))
+
+
+def test_the_intervals_of_auc_and_mse_cover_the_truth() -> None:
+    rng = np.random.default_rng(3)
+    stream = RandomStream(bytes(range(1, 33)))
+    k, sigma = EVALUATION_SCORE_BUCKETS, 3.0
+    # binary: scores of positives and negatives from two bucket distributions
+    pos_p = np.linspace(1, 3, k) / np.linspace(1, 3, k).sum()
+    neg_p = pos_p[::-1]
+    below = np.concatenate([[0.0], np.cumsum(neg_p)[:-1]])
+    true_auc = float((pos_p * (below + 0.5 * neg_p)).sum())
+    # regression: errors uniform in [0, 0.2] range units
+    levels, true_mse = EVALUATION_ERROR_LEVELS, 0.1 * TARGET.width ** 2
+    covered = {"auc": 0, "mse": 0}
+    trials = 300
+    for _ in range(trials):
+        auc_releases, mse_releases = [], []
+        for n in (120, 200):
+            labels = rng.random(n) < 0.5
+            counts = np.concatenate([np.bincount(rng.choice(k, labels.sum(), p=pos_p),
+                                                 minlength=k),
+                                     np.bincount(rng.choice(k, (~labels).sum(), p=neg_p),
+                                                 minlength=k)])
+            auc_releases.append(release_statistic(counts, "binary-score-histograms", sigma,
+                                                  stream=stream))
+            errors = np.rint(rng.uniform(0, 0.2, n) * levels).sum()
+            mse_releases.append(release_statistic([int(errors), n], "regression-squared-error",
+                                                  sigma / 1000, stream=stream))
+        auc = combine("binary-score-histograms", auc_releases)
+        mse = combine("regression-squared-error", mse_releases, TARGET)
+        covered["auc"] += auc.low <= true_auc <= auc.high
+        covered["mse"] += mse.low <= true_mse <= mse.high
+    assert 0.91 <= covered["auc"] / trials <= 0.99
+    assert covered["mse"] / trials >= 0.93  # conservative: the sample variance is bounded
+
+
+def test_a_metric_the_noise_swamped_is_unknown_with_the_whole_range() -> None:
+    release = EvaluationRelease(statistic="binary-score-histograms", model_digest="a" * 64,
+                                values=[-3] * 10 + [5] * 10, noise_scale=3.0)
+    row = round_evaluation({"a": release}, round_=2, model_digest="a" * 64)
+    assert row is not None and row["value"] is None and row["ci95"] == [0.0, 1.0]
+    assert describe(row).startswith("roc_auc unknown [0.000, 1.000] of round 1's model")
+    json.dumps(row, allow_nan=False)  # the audit log takes it
+    swamped = EvaluationRelease(statistic="regression-squared-error", model_digest="a" * 64,
+                                values=[40, -2], noise_scale=3.0)
+    row = round_evaluation({"a": swamped}, round_=2, model_digest="a" * 64, target=TARGET)
+    assert row is not None and row["value"] is None and row["ci95"] == [0.0, 10000.0]
+    assert row["rmse"] is None and row["rmse_ci95"] == [0.0, 100.0]
+
+
+def test_the_plan_and_the_masters_check_follow_the_task(tmp_path: Path) -> None:
+    from secure_fed.config.schema import schema_for_task
+    from secure_fed.data.datasets import bundled_schema
+    from secure_fed.master.task import training_plan
+    from secure_fed.master.update_checks import UpdateChecks
+
+    schema = schema_for_task(bundled_schema("breast_cancer"), "binary")
+    fed = tmp_path / "fed"
+    init_federation(fed, small_plan(
+        SLAVES, rounds=1, data_schema=schema,
+        training=TrainingPlanSettings(epochs=1, epsilon=3.0, federated_evaluation=True),
+        evaluation=EvaluationSettings(dataset=None),
+        model=ModelSpec.for_data("mlp", schema.num_features, schema.num_outputs)))
+    config = MasterBundle.load(fed / "master").config
+    plan = training_plan(config)
+    assert plan.evaluation is not None
+    assert plan.evaluation.statistic == "binary-score-histograms" and plan.metric == "roc_auc"
+    checks = UpdateChecks("f", config.training, task="binary")
+    assert checks.evaluation_statistic == "binary-score-histograms"
+    sigma = 5.0
+    accuracy = EvaluationRelease(statistic="multiclass-accuracy", model_digest="a" * 64,
+                                 values=[8, 10], noise_scale=noise_scale(sigma, math.sqrt(2)))
+    stated = MechanismRecord(noise_multiplier=sigma, sample_rate=1.0, steps=1, kind="evaluation")
+    assert "the plan asks for 'binary-score-histograms'" in str(release_problem(
+        _header([stated], accuracy), checks.evaluation_statistic))
+    # a slave measures only with its own task's statistic
+    import torch
+
+    with pytest.raises(PrivacyError, match="another|holds a binary task"):
+        exact_statistic(torch.nn.Linear(4, 1), binary_table(10), "multiclass-accuracy")

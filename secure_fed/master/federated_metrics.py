@@ -3,10 +3,11 @@
 Each slave's update carries, when the plan asks for it, the model it was sent (the one
 committed in the round before) measured on its held-out records, with discrete Gaussian
 noise of a stated scale (:mod:`secure_fed.privacy.evaluation`). The master sums the releases
-of a round's contributors, turns the sums into the metric (accuracy: Σcorrect / Σtotal) and
-states a 95 % confidence interval by the delta method, which accounts for both the noise and
-the held-out records being a sample. Each release is DP on its own, so the master may see
-each one; only their sum is shown.
+of a round's contributors, turns the sums into the task's metric — accuracy (Σcorrect /
+Σtotal), ROC AUC (of the summed score histograms) or MSE (and RMSE, in the target's units) —
+and states a 95 % confidence interval that accounts for both the noise and the held-out
+records being a sample (:mod:`secure_fed.privacy.evaluation` says how, per statistic). Each
+release is DP on its own, so the master may see each one; only their sum is shown.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from secure_fed.config.tasks import TargetRange
 from secure_fed.privacy.evaluation import (
     EVALUATION_MODE,
     combine,
@@ -55,15 +57,29 @@ def release_problem(header: UpdateHeader, expected: str | None) -> str | None:
     return None
 
 
+def _number(value: float) -> float | None:
+    """``value`` to 6 decimals, or ``None`` for NaN (the log holds only finite numbers)."""
+    return round(value, 6) if math.isfinite(value) else None
+
+
 def round_evaluation(releases: Mapping[str, EvaluationRelease], *, round_: int,
-                     model_digest: str) -> dict[str, Any] | None:
+                     model_digest: str, target: TargetRange | None = None
+                     ) -> dict[str, Any] | None:
     """The federated metric of round ``round_`` from its contributors' releases (slave id →
     release) of the model ``model_digest``; ``None`` without any.
+
+    Args:
+        releases: the round's stored releases by slave id.
+        round_: the round whose contributors sent them.
+        model_digest: the digest of the model the round's task carried.
+        target: the public range of a regression target (required for regression).
 
     The result, as the audit log and ``summary.json`` record it: ``statistic``, ``metric``,
     ``value``, ``ci95`` ([low, high]), ``stderr``, ``sums`` (noisy, per field),
     ``noise_sd`` (of each sum), ``slaves`` and ``evaluated_round`` (round − 1: the model
-    the round's task carried).
+    the round's task carried); for MSE also ``rmse`` and ``rmse_ci95`` (square roots). When
+    the noise swamped the held-out records ``value`` and ``stderr`` are ``None`` and
+    ``ci95`` is the metric's whole range.
     """
     usable = {s: r for s, r in releases.items() if r.model_digest == model_digest}
     if not usable:
@@ -71,21 +87,34 @@ def round_evaluation(releases: Mapping[str, EvaluationRelease], *, round_: int,
     kind = next(iter(usable.values())).statistic
     usable = {s: r for s, r in usable.items() if r.statistic == kind}
     entry = statistic(kind)
-    estimate = combine(kind, [(r.values, r.noise_scale) for r in usable.values()])
+    estimate = combine(kind, [(r.values, r.noise_scale) for r in usable.values()], target)
     sums = [sum(r.values[i] for r in usable.values()) for i in range(len(entry.fields))]
-    return {
+    row: dict[str, Any] = {
         "statistic": kind, "metric": entry.metric, "evaluated_round": round_ - 1,
-        "value": round(estimate.value, 6), "stderr": round(estimate.stderr, 6),
+        "value": _number(estimate.value), "stderr": _number(estimate.stderr),
         "ci95": [round(estimate.low, 6), round(estimate.high, 6)],
         "sums": dict(zip(entry.fields, sums, strict=True)),
         "noise_sd": round(math.sqrt(sum(r.noise_scale ** 2 for r in usable.values())), 6),
         "slaves": sorted(usable),
     }
+    if entry.metric == "mse":
+        row["rmse"] = _number(math.sqrt(estimate.value))
+        row["rmse_ci95"] = [round(math.sqrt(estimate.low), 6), round(math.sqrt(estimate.high), 6)]
+    return row
 
 
 def describe(evaluation: Mapping[str, Any]) -> str:
-    """One line for a person: ``accuracy 0.81 [0.74, 0.88] of round 2's model (3 slaves)``."""
+    """One line for a person: ``accuracy 0.81 [0.74, 0.88] of round 2's model (3 slaves)``;
+    an MSE adds its RMSE, and a value the noise swamped reads ``unknown``."""
     low, high = evaluation["ci95"]
-    return (f"{evaluation['metric']} {evaluation['value']:.3f} [{low:.3f}, {high:.3f}] of "
+    value = evaluation["value"]
+    shown = "unknown" if value is None else f"{value:.3g}" if evaluation["metric"] == "mse" \
+        else f"{value:.3f}"
+    interval = (f"[{low:.3g}, {high:.3g}]" if evaluation["metric"] == "mse"
+                else f"[{low:.3f}, {high:.3f}]")
+    if evaluation.get("rmse") is not None:
+        rmse_low, rmse_high = evaluation["rmse_ci95"]
+        interval += f", rmse {evaluation['rmse']:.3g} [{rmse_low:.3g}, {rmse_high:.3g}]"
+    return (f"{evaluation['metric']} {shown} {interval} of "
             f"round {evaluation['evaluated_round']}'s model "
             f"({len(evaluation['slaves'])} slave{'s' if len(evaluation['slaves']) != 1 else ''})")

@@ -329,7 +329,9 @@ class RoundRunner:
             upload = sum(state.bytes_by_slave.get(s, 0) for s in action.contributors)
             federated = round_evaluation(
                 {s: self._evaluations[s] for s in action.contributors if s in self._evaluations},
-                round_=action.round, model_digest=self._task_digest)
+                round_=action.round, model_digest=self._task_digest,
+                target=(self.config.data_schema.target if self.config.data_schema is not None
+                        else None))
             evaluated = {} if federated is None else {"federated_evaluation": federated}
             await self.model.commit(action.round, proposal, {
                 "metrics": metrics, **evaluated, "participants": list(action.contributors),

@@ -43,6 +43,7 @@ from secure_fed.master.model_update import ModelUpdater, split_proxy
 from secure_fed.master.round_runner import EventSink, RoundRunner
 from secure_fed.master.store import ModelStore
 from secure_fed.master.summary import RunSummary
+from secure_fed.master.task import federation_task
 from secure_fed.master.update_checks import UpdateChecks
 from secure_fed.master.update_layout import update_layout
 from secure_fed.models.package import ModelPackage
@@ -183,7 +184,8 @@ class Master:
         self.rounds = RoundRunner(
             self.config, self.coordinator, audit=self.audit, summary=self.summary,
             model=self.model, pipeline=self.aggregation,
-            checks=UpdateChecks(self.config.federation_id, self.config.training),
+            checks=UpdateChecks(self.config.federation_id, self.config.training,
+                                task=federation_task(self.config)),
             connections=self.connections, on_event=self._on_event)
         self.admission = Admission(
             self.config, ca_cert_pem=bundle.ca_cert.read_bytes(),

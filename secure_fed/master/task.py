@@ -11,6 +11,7 @@ from secure_fed.config.settings import MasterConfig
 from secure_fed.config.tasks import DEFAULT_TASK, task_facts
 from secure_fed.master.distributed_plan import distributed_plan
 from secure_fed.models.package import ModelPackage
+from secure_fed.privacy.evaluation import statistic_for_task
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import EvaluationPlan, ModelHeader, Plan, SecAggTask, Task
 
@@ -35,8 +36,7 @@ def training_plan(config: MasterConfig) -> Plan:
     """The training plan every task of the federation carries."""
     training = config.training
     distill = training.mode == "distill"
-    facts = task_facts(config.data_schema.task if config.data_schema is not None
-                       else DEFAULT_TASK)
+    facts = task_facts(federation_task(config))
     return Plan(mode=training.mode, epochs=training.epochs,
                 batch_size=training.batch_size, lr=training.lr,
                 momentum=training.momentum, max_grad_norm=training.max_grad_norm,
@@ -46,10 +46,16 @@ def training_plan(config: MasterConfig) -> Plan:
                 alpha=training.distill.alpha if distill else None, dp=training.dp,
                 data_schema=config.data_schema,
                 distributed=distributed_plan(training, len(config.slaves)),
-                evaluation=(EvaluationPlan(fraction=training.evaluation_fraction,
+                evaluation=(EvaluationPlan(statistic=statistic_for_task(facts.name).kind,
+                                           fraction=training.evaluation_fraction,
                                            epsilon_share=training.evaluation_epsilon_share)
                             if training.federated_evaluation and training.dp else None),
                 task=facts.name, loss=facts.loss, metric=facts.metric)
+
+
+def federation_task(config: MasterConfig) -> str:
+    """The task the federation trains: its schema's, or multi-class without a schema."""
+    return config.data_schema.task if config.data_schema is not None else DEFAULT_TASK
 
 
 def model_header(package: ModelPackage) -> ModelHeader:

@@ -18,10 +18,11 @@ from typing import Any
 from secure_fed.audit.recompute import TOLERANCE as EPSILON_TOLERANCE
 from secure_fed.audit.recompute import ClaimError, PLDRecomputer, parse_mechanisms
 from secure_fed.config.settings import TrainingPlanSettings
+from secure_fed.config.tasks import DEFAULT_TASK
 from secure_fed.errors import IdentityError
 from secure_fed.identity.certificates import decode_signature, verify_signature
 from secure_fed.master.federated_metrics import release_problem
-from secure_fed.privacy.evaluation import MULTICLASS_ACCURACY
+from secure_fed.privacy.evaluation import statistic_for_task
 from secure_fed.protocol.messages import Decline, UpdateHeader, signing_bytes
 from secure_fed.transport.channel import Channel
 
@@ -33,11 +34,14 @@ class UpdateChecks:
         federation_id: the federation a signature must name (it is part of the signed
             bytes, so that a message signed for one federation is refused by another).
         plan: the federation's training plan (whether it asks for DP, and its ε).
+        task: the federation's task, whose statistic a federated evaluation release must be.
     """
 
-    def __init__(self, federation_id: str, plan: TrainingPlanSettings) -> None:
+    def __init__(self, federation_id: str, plan: TrainingPlanSettings, *,
+                 task: str = DEFAULT_TASK) -> None:
         self.federation_id = federation_id
         self.plan = plan
+        self.evaluation_statistic = statistic_for_task(task).kind
         self._recomputer = PLDRecomputer()
 
     async def update_problem(self, channel: Channel, header: UpdateHeader) -> str | None:
@@ -95,7 +99,7 @@ class UpdateChecks:
         if plan.dp and header.epsilon_spent is not None and header.epsilon_spent > plan.epsilon:
             return (f"the update reports ε={header.epsilon_spent:.4f} spent on this federation, "
                     f"more than its plan's ε={plan.epsilon:g}")
-        evaluation = release_problem(header, MULTICLASS_ACCURACY.kind
+        evaluation = release_problem(header, self.evaluation_statistic
                                      if plan.federated_evaluation and plan.dp else None)
         if evaluation is not None:
             return evaluation

@@ -19,12 +19,37 @@ records it with ``mode = "evaluation"`` and the update lists it with ``kind = "e
 the plan's federation, each with one release, together cost ``epsilon_share`` of the plan's
 ε (10 % by default); the training rounds are calibrated to fit the rest.
 
-:data:`STATISTICS` is the registry of statistics by kind. Each entry says how to compute the
-exact vector from a model's outputs and the labels, its sensitivity, and how the master turns
-the noisy sums of all slaves into a metric with a standard error. Multi-class accuracy
-(``correct``, ``total``; Δ = √2: one record changes ``total`` by one and ``correct`` by at
-most one) is registered here; a binary task's score histograms or a regression's clipped
-squared-error sum register their own entries with :func:`register_statistic`.
+:data:`STATISTICS` is the registry of statistics by kind, one per task
+(:data:`TASK_STATISTICS`); each entry says how to compute the exact vector from a model's
+outputs and the labels (with :mod:`secure_fed.privacy.task_metrics`, the same functions as
+the master's own evaluation), its sensitivity, and how the master turns the noisy sums of all
+slaves into the task's metric with a 95 % confidence interval:
+
+=========================== ========== ================================== ==================
+kind                         task       values                             Δ (add/remove one)
+=========================== ========== ================================== ==================
+``multiclass-accuracy``      multiclass (correct, total)                    √2
+``binary-score-histograms``  binary     positives, negatives per score     1
+                                        bucket (K = 10 buckets each)
+``regression-squared-error`` regression (Σ q(err²), total), L = 1000        √(L² + 1)
+=========================== ========== ================================== ==================
+
+- *accuracy* C/T: Var ≈ p(1 − p)/T (the held-out records as a sample) + (Var C̃ + p²·Var T̃)/T²
+  (the noise of both sums), by the delta method.
+- *ROC AUC* from the histograms (ties within a bucket count one half): the sample variance is
+  DeLong's (1988) estimate computed from the (noisy, clipped at zero) histograms — with
+  bucketed scores its structural components are exact functions of the counts — and the
+  noise variance is the delta method's Σ (∂AUC/∂count)²·Var over all 2K counts, with
+  ∂AUC/∂P_i = (V₁₀(i) − AUC)/P and ∂AUC/∂N_j = (V₀₁(j) − AUC)/N. An approximation: both
+  plug the noisy counts in, and a normal interval is poor near 0 or 1 with few records.
+- *MSE* E/(L·T) in squared range units, times (high − low)²: Var ≈ m(1 − m)/T + (Var Ẽ/L² +
+  m²·Var T̃)/T², where m(1 − m)/T bounds the sample variance of a per-record error in [0, 1]
+  (Bhatia–Davis), so the interval is conservative in its sampling part. RMSE's interval is
+  the square root of MSE's (a monotone map).
+
+When the noise swamps the held-out records (a noisy total, or the positives or negatives, at
+zero or below) the metric is undefined: the estimate's value is NaN and its interval the
+metric's whole range.
 """
 
 from __future__ import annotations
@@ -37,7 +62,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from secure_fed.config.tasks import TargetRange
 from secure_fed.errors import PrivacyError
+from secure_fed.privacy.task_metrics import (
+    DEFAULT_ERROR_LEVELS,
+    accuracy_statistic,
+    mse_from_sum,
+    roc_auc_from_histograms,
+    score_histogram_statistic,
+    squared_error_statistic,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +90,12 @@ DEFAULT_EPSILON_SHARE = 0.1
 MAX_EVALUATION_SIGMA = 1e6
 #: z of a two-sided 95 % normal interval.
 Z_95 = 1.959963984540054
+#: Score buckets K of a binary task's evaluation: fewer than the master's own evaluation
+#: (ties within a 0.1-wide bucket count one half), because the same noise falls on each of the
+#: 2K counts.
+EVALUATION_SCORE_BUCKETS = 10
+#: Quantization levels L of a regression record's squared error (Δ = √(L² + 1)).
+EVALUATION_ERROR_LEVELS = DEFAULT_ERROR_LEVELS
 
 
 @dataclass(frozen=True)
@@ -63,10 +103,12 @@ class Estimate:
     """A metric from the noisy sums, with its 95 % confidence interval.
 
     Args:
-        value: the point estimate (e.g. accuracy in [0, 1]).
-        stderr: its standard error (delta method: sampling of the held-out records and the
-            release noise).
-        low, high: the 95 % interval ``value ± 1.96·stderr``, clipped to the metric's range.
+        value: the point estimate (accuracy or ROC AUC in [0, 1], MSE in the target's squared
+            units); NaN when the noise swamped the held-out records.
+        stderr: its standard error (sampling of the held-out records and the release noise);
+            NaN with the value.
+        low, high: the 95 % interval ``value ± 1.96·stderr``, clipped to the metric's range
+            (the whole range when the value is NaN).
     """
 
     value: float
@@ -81,24 +123,29 @@ class Statistic:
 
     Args:
         kind: its name in plans, updates and logs (``multiclass-accuracy``).
-        metric: the name of the metric the master shows (``accuracy``).
+        task: the task whose models it measures (:mod:`secure_fed.config.tasks`).
+        metric: the name of the metric the master shows (the task's: ``accuracy``,
+            ``roc_auc``, ``mse``).
         fields: the names of the vector's integer coordinates.
         sensitivity: L2 sensitivity of the vector under add/remove-one (in its units).
-        compute: ``(outputs, labels) → int64 vector`` of the exact statistic for a batch;
-            vectors of batches add up.
-        estimate: ``(noisy sums, noise variance of each sum) → Estimate``.
+        compute: ``(outputs, labels, target range) → int64 vector`` of the exact statistic
+            for a batch; vectors of batches add up (the range is ``None`` but for regression).
+        estimate: ``(noisy sums, noise variance of each sum, target range) → Estimate``.
     """
 
     kind: str
+    task: str
     metric: str
     fields: tuple[str, ...]
     sensitivity: float
-    compute: Callable[[torch.Tensor, torch.Tensor], np.ndarray]
-    estimate: Callable[[np.ndarray, np.ndarray], Estimate]
+    compute: Callable[[torch.Tensor, torch.Tensor, TargetRange | None], np.ndarray]
+    estimate: Callable[[np.ndarray, np.ndarray, TargetRange | None], Estimate]
 
 
 STATISTICS: dict[str, Statistic] = {}
 """The evaluation statistics by kind."""
+TASK_STATISTICS: dict[str, str] = {}
+"""The kind of statistic a plan asks for, by task (the first registered for the task)."""
 
 
 def register_statistic(statistic: Statistic) -> None:
@@ -108,6 +155,7 @@ def register_statistic(statistic: Statistic) -> None:
     if not (math.isfinite(statistic.sensitivity) and statistic.sensitivity > 0):
         raise PrivacyError(f"statistic '{statistic.kind}' needs a finite sensitivity > 0")
     STATISTICS[statistic.kind] = statistic
+    TASK_STATISTICS.setdefault(statistic.task, statistic.kind)
 
 
 def statistic(kind: str) -> Statistic:
@@ -119,12 +167,28 @@ def statistic(kind: str) -> Statistic:
                            f"{', '.join(sorted(STATISTICS))}") from None
 
 
-def _accuracy_counts(outputs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    correct = int((outputs.argmax(dim=1) == labels).sum().item())
-    return np.array([correct, int(labels.shape[0])], dtype=np.int64)
+def statistic_for_task(task: str) -> Statistic:
+    """The statistic a federation of ``task`` measures its models with."""
+    try:
+        return STATISTICS[TASK_STATISTICS[task]]
+    except KeyError:
+        raise PrivacyError(f"no evaluation statistic for a {task} task; known tasks: "
+                           f"{', '.join(sorted(TASK_STATISTICS))}") from None
 
 
-def _accuracy_estimate(sums: np.ndarray, variances: np.ndarray) -> Estimate:
+def _predicted(task: str, outputs: torch.Tensor) -> np.ndarray:
+    from secure_fed.privacy.task_loss import predictions
+
+    return predictions(task, outputs).detach().cpu().numpy()
+
+
+def _accuracy_counts(outputs: torch.Tensor, labels: torch.Tensor,
+                     _target: TargetRange | None) -> np.ndarray:
+    return accuracy_statistic(_predicted("multiclass", outputs), labels.cpu().numpy()).counts
+
+
+def _accuracy_estimate(sums: np.ndarray, variances: np.ndarray,
+                       _target: TargetRange | None) -> Estimate:
     """Accuracy C/T with the delta method: Var ≈ p(1 − p)/T (the held-out records as a sample)
     + (Var C̃ + p²·Var T̃)/T² (the independent noises of the two sums)."""
     correct, total = float(sums[0]), float(sums[1])
@@ -135,10 +199,88 @@ def _accuracy_estimate(sums: np.ndarray, variances: np.ndarray) -> Estimate:
     return Estimate(p, stderr, max(0.0, p - Z_95 * stderr), min(1.0, p + Z_95 * stderr))
 
 
+def _undefined(high: float) -> Estimate:
+    """The noise swamped the held-out records: no value, the whole range as the interval."""
+    return Estimate(math.nan, math.nan, 0.0, high)
+
+
+def _interval(value: float, var: float, high: float) -> Estimate:
+    stderr = math.sqrt(max(var, 0.0))
+    return Estimate(value, stderr, max(0.0, value - Z_95 * stderr),
+                    min(high, value + Z_95 * stderr))
+
+
+def _histogram_counts(outputs: torch.Tensor, labels: torch.Tensor,
+                      _target: TargetRange | None) -> np.ndarray:
+    return score_histogram_statistic(_predicted("binary", outputs), labels.cpu().numpy(),
+                                     buckets=EVALUATION_SCORE_BUCKETS).counts
+
+
+def _auc_estimate(sums: np.ndarray, variances: np.ndarray,
+                  _target: TargetRange | None) -> Estimate:
+    """ROC AUC of the summed histograms; DeLong's sample variance from the histograms plus
+    the delta method's noise variance (the module doc)."""
+    counts = np.maximum(np.asarray(sums, dtype=np.float64), 0.0)
+    positives, negatives = np.split(counts, 2)
+    p, n = float(positives.sum()), float(negatives.sum())
+    auc = roc_auc_from_histograms(counts)
+    if not math.isfinite(auc):
+        return _undefined(1.0)
+    # DeLong's structural components per bucket: the AUC of a positive (negative) whose
+    # score falls in bucket i against all negatives (positives), ties one half.
+    v10 = (np.concatenate([[0.0], np.cumsum(negatives)[:-1]]) + 0.5 * negatives) / n
+    v01 = (p - np.cumsum(positives) + 0.5 * positives) / p
+    s10 = float((positives * (v10 - auc) ** 2).sum()) / max(p - 1.0, 1.0)
+    s01 = float((negatives * (v01 - auc) ** 2).sum()) / max(n - 1.0, 1.0)
+    noise_p, noise_n = np.split(np.asarray(variances, dtype=np.float64), 2)
+    noise = float((noise_p * ((v10 - auc) / p) ** 2).sum()
+                  + (noise_n * ((v01 - auc) / n) ** 2).sum())
+    return _interval(auc, s10 / p + s01 / n + noise, 1.0)
+
+
+def _squared_error_counts(outputs: torch.Tensor, labels: torch.Tensor,
+                          target: TargetRange | None) -> np.ndarray:
+    if target is None:
+        raise PrivacyError("a regression evaluation needs the target's public range; give "
+                           "target = {low, high} in the data schema")
+    return squared_error_statistic(_predicted("regression", outputs), labels.cpu().numpy(),
+                                   target, levels=EVALUATION_ERROR_LEVELS).counts
+
+
+def _mse_estimate(sums: np.ndarray, variances: np.ndarray,
+                  target: TargetRange | None) -> Estimate:
+    """MSE in the target's squared units; the delta method with the Bhatia–Davis bound on
+    the sample variance of a record's error (the module doc)."""
+    if target is None:
+        raise PrivacyError("a regression metric needs the target's public range")
+    width2 = target.width ** 2
+    mse = mse_from_sum(np.asarray(sums), target, levels=EVALUATION_ERROR_LEVELS)
+    if not math.isfinite(mse):
+        return _undefined(width2)
+    total, levels = float(sums[1]), float(EVALUATION_ERROR_LEVELS)
+    m = mse / width2
+    var = (m * (1.0 - m) / total
+           + (float(variances[0]) / levels ** 2 + m * m * float(variances[1])) / total ** 2)
+    return _interval(mse, var * width2 ** 2, width2)
+
+
 MULTICLASS_ACCURACY = Statistic(
-    kind="multiclass-accuracy", metric="accuracy", fields=("correct", "total"),
-    sensitivity=math.sqrt(2.0), compute=_accuracy_counts, estimate=_accuracy_estimate)
+    kind="multiclass-accuracy", task="multiclass", metric="accuracy",
+    fields=("correct", "total"), sensitivity=math.sqrt(2.0), compute=_accuracy_counts,
+    estimate=_accuracy_estimate)
 register_statistic(MULTICLASS_ACCURACY)
+BINARY_SCORE_HISTOGRAMS = Statistic(
+    kind="binary-score-histograms", task="binary", metric="roc_auc",
+    fields=(*(f"positives_{i}" for i in range(EVALUATION_SCORE_BUCKETS)),
+            *(f"negatives_{i}" for i in range(EVALUATION_SCORE_BUCKETS))),
+    sensitivity=1.0, compute=_histogram_counts, estimate=_auc_estimate)
+register_statistic(BINARY_SCORE_HISTOGRAMS)
+REGRESSION_SQUARED_ERROR = Statistic(
+    kind="regression-squared-error", task="regression", metric="mse",
+    fields=("squared_error", "total"),
+    sensitivity=math.sqrt(EVALUATION_ERROR_LEVELS ** 2 + 1.0),
+    compute=_squared_error_counts, estimate=_mse_estimate)
+register_statistic(REGRESSION_SQUARED_ERROR)
 
 
 @functools.lru_cache(maxsize=64)
@@ -199,11 +341,13 @@ def release_statistic(exact: Sequence[int] | np.ndarray, kind: str, noise_multip
     return [int(v) for v in values + noise], scale
 
 
-def combine(kind: str, releases: Sequence[tuple[Sequence[int], float]]) -> Estimate:
-    """The metric of the sum of several slaves' releases ``(values, noise scale)``."""
+def combine(kind: str, releases: Sequence[tuple[Sequence[int], float]],
+            target: TargetRange | None = None) -> Estimate:
+    """The metric of the sum of several slaves' releases ``(values, noise scale)``
+    (``target``: the public range of a regression target, required there)."""
     entry = statistic(kind)
     if not releases:
         raise PrivacyError("no evaluation release to combine")
     sums = np.sum([np.asarray(v, dtype=np.float64) for v, _ in releases], axis=0)
     variance = sum(s * s for _, s in releases)
-    return entry.estimate(sums, np.full(len(entry.fields), variance))
+    return entry.estimate(sums, np.full(len(entry.fields), variance), target)

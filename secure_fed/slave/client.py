@@ -363,7 +363,10 @@ class Slave:
     def _hold_out(self, plan: EvaluationPlan) -> None:
         """Keep the plan's share of this data source out of training, once, with the source's
         own split key (the same records in every run)."""
-        statistic(plan.statistic)  # an unknown statistic is declined before anything is drawn
+        # an unknown statistic, or one of another task, is declined before anything is drawn
+        if statistic(plan.statistic).task != self.data.task:
+            raise PrivacyError(f"the plan measures '{plan.statistic}', a statistic of another "
+                               f"task than this slave's {self.data.task} data; declined")
         if self._held_out_fraction is not None:
             if plan.fraction != self._held_out_fraction:
                 raise PrivacyError(

@@ -3,7 +3,8 @@
 When a task's plan asks for it (:class:`~secure_fed.protocol.messages.EvaluationPlan`), the
 slave keeps a keyed share of its records out of training (:mod:`secure_fed.data.held_out`),
 measures the model the task carries — the one the master committed in the round before — on
-them, and releases the statistic with discrete Gaussian noise
+them with its task's statistic (accuracy counts, score histograms or a capped squared-error
+sum), and releases the statistic with discrete Gaussian noise
 (:mod:`secure_fed.privacy.evaluation`). The release is recorded in the ledger with the round's
 training run, before the update that carries it leaves.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from secure_fed.data.datasets import Dataset
+from secure_fed.errors import PrivacyError
 from secure_fed.privacy.accounting import Mechanism
 from secure_fed.privacy.evaluation import release_statistic, statistic
 from secure_fed.protocol.messages import EvaluationRelease
@@ -39,18 +41,26 @@ class EvaluatedModel:
 
 
 def exact_statistic(model: nn.Module, data: Dataset, kind: str) -> np.ndarray:
-    """The exact statistic ``kind`` of ``model`` on ``data`` (private: never sent as such)."""
+    """The exact statistic ``kind`` of ``model`` on ``data`` (private: never sent as such).
+
+    Raises:
+        PrivacyError: ``kind`` measures another task than ``data`` holds.
+    """
     entry = statistic(kind)
+    if entry.task != data.task:
+        raise PrivacyError(f"the plan measures '{kind}' of a {entry.task} task, but this "
+                           f"slave's data holds a {data.task} task; declined")
     total = np.zeros(len(entry.fields), dtype=np.int64)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             features = torch.as_tensor(data.features, dtype=torch.float32)
-            labels = torch.as_tensor(data.labels, dtype=torch.int64)
+            # class indices, or a regression's targets in their own units
+            labels = torch.as_tensor(data.labels)
             for start in range(0, len(labels), BATCH):
                 outputs = model(features[start:start + BATCH])
-                total += entry.compute(outputs, labels[start:start + BATCH])
+                total += entry.compute(outputs, labels[start:start + BATCH], data.target)
     finally:
         model.train(was_training)
     return total
