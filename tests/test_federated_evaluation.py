@@ -341,9 +341,12 @@ def test_each_task_has_its_statistic_with_the_sensitivity_of_its_task_metric() -
     assert STATISTICS["multiclass-accuracy"].sensitivity == accuracy_statistic(y, y).sensitivity
     assert BINARY_SCORE_HISTOGRAMS.sensitivity == score_histogram_statistic(
         np.array([0.1, 0.7, 0.9]), y, buckets=EVALUATION_SCORE_BUCKETS).sensitivity == 1.0
-    assert REGRESSION_SQUARED_ERROR.sensitivity == squared_error_statistic(
-        np.array([0.1, 0.7, 0.9]), np.array([5.0, 50.0, 95.0]), TARGET,
-        levels=EVALUATION_ERROR_LEVELS).sensitivity == pytest.approx(math.sqrt(1000**2 + 1))
+    # regression: task_metrics' (Σ q(err²), total) with the total in units of 1/L, so that
+    # one record moves each coordinate by at most L
+    pure = squared_error_statistic(np.array([0.1, 0.7, 0.9]), np.array([5.0, 50.0, 95.0]),
+                                   TARGET, levels=EVALUATION_ERROR_LEVELS)
+    assert pure.sensitivity == pytest.approx(math.sqrt(1000**2 + 1))
+    assert REGRESSION_SQUARED_ERROR.sensitivity == pytest.approx(1000 * math.sqrt(2))
     assert len(BINARY_SCORE_HISTOGRAMS.fields) == 2 * EVALUATION_SCORE_BUCKETS
     # one record moves each statistic by at most its sensitivity (add/remove-one)
     import torch
@@ -354,6 +357,11 @@ def test_each_task_has_its_statistic_with_the_sensitivity_of_its_task_metric() -
         smaller = replace(data, features=data.features[1:], labels=data.labels[1:])
         moved = exact_statistic(model, data, kind) - exact_statistic(model, smaller, kind)
         assert 0 < np.linalg.norm(moved) <= STATISTICS[kind].sensitivity + 1e-9
+    scaled = exact_statistic(model, regression_table(40), "regression-squared-error")
+    model_out = model(torch.as_tensor(regression_table(40).features)).detach()
+    assert list(scaled) == list(squared_error_statistic(
+        model_out[:, 0].clamp(0, 1).numpy(), regression_table(40).labels, TARGET,
+        levels=EVALUATION_ERROR_LEVELS).counts * [1, EVALUATION_ERROR_LEVELS])
 
 
 def test_without_noise_the_released_metric_is_the_exact_held_out_metric(
@@ -402,7 +410,8 @@ def test_without_noise_the_released_metric_is_the_exact_held_out_metric(
     # regression: MSE in the target's units, up to the quantization of each record's error
     row = released(regressor, regression, "regression-squared-error")
     exact = evaluate_metrics(regressor, regression)
-    assert row["metric"] == "mse" and row["sums"]["total"] == len(regression)
+    assert row["metric"] == "mse"
+    assert row["sums"]["total_times_levels"] == len(regression) * EVALUATION_ERROR_LEVELS
     assert row["value"] == pytest.approx(exact["mse"], abs=0.5 / 1000 * 100**2)
     assert row["rmse"] == pytest.approx(math.sqrt(row["value"]), rel=1e-5)
     assert row["ci95"][0] < row["value"] < row["ci95"][1]
@@ -456,8 +465,9 @@ def test_the_intervals_of_auc_and_mse_cover_the_truth() -> None:
             auc_releases.append(release_statistic(counts, "binary-score-histograms", sigma,
                                                   stream=stream))
             errors = np.rint(rng.uniform(0, 0.2, n) * levels).sum()
-            mse_releases.append(release_statistic([int(errors), n], "regression-squared-error",
-                                                  sigma / 1000, stream=stream))
+            mse_releases.append(release_statistic([int(errors), n * levels],
+                                                  "regression-squared-error", sigma,
+                                                  stream=stream))
         auc = combine("binary-score-histograms", auc_releases)
         mse = combine("regression-squared-error", mse_releases, TARGET)
         covered["auc"] += auc.low <= true_auc <= auc.high
@@ -474,7 +484,7 @@ def test_a_metric_the_noise_swamped_is_unknown_with_the_whole_range() -> None:
     assert describe(row).startswith("roc_auc unknown [0.000, 1.000] of round 1's model")
     json.dumps(row, allow_nan=False)  # the audit log takes it
     swamped = EvaluationRelease(statistic="regression-squared-error", model_digest="a" * 64,
-                                values=[40, -2], noise_scale=3.0)
+                                values=[40, -2000], noise_scale=3000.0)
     row = round_evaluation({"a": swamped}, round_=2, model_digest="a" * 64, target=TARGET)
     assert row is not None and row["value"] is None and row["ci95"] == [0.0, 10000.0]
     assert row["rmse"] is None and row["rmse_ci95"] == [0.0, 100.0]

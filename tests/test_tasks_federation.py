@@ -1,6 +1,7 @@
 """Federations of a binary and a regression task, in one event loop over the in-memory
 transport: the plan names the task's loss and metric, the slaves train with that loss, and the
-master reports the task's metric per round and in summary.json.
+master reports the task's metric per round and in summary.json; a regression federation
+without master data reports the slaves' federated MSE with its confidence interval.
 """
 
 from __future__ import annotations
@@ -31,18 +32,27 @@ from secure_fed.export.exporter import export_run
 from secure_fed.he.bundle import MasterBundle, SlaveBundle
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
+from secure_fed.master.store import ModelStore
 from secure_fed.master.task import training_plan
 from secure_fed.models.package import ModelPackage
+from secure_fed.privacy.evaluation import (
+    EVALUATION_ERROR_LEVELS,
+    evaluation_noise_multiplier,
+    noise_scale,
+)
+from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.privacy.training import evaluate_metrics
 from secure_fed.slave import updates as slave_updates
 from secure_fed.slave.client import Slave
+from secure_fed.slave.evaluation import exact_statistic
 from secure_fed.slave.sources import bundled_part
 from secure_fed.transport.memory import MemoryListener
 
 SLAVES = ["a", "b"]
 
 
-def task_federation(tmp_path: Path, dataset: str, task: str) -> Path:
+def task_federation(tmp_path: Path, dataset: str, task: str, *,
+                    federated_evaluation: bool = False) -> Path:
     schema = bundled_schema(dataset)
     if task != schema.task:
         schema = schema_for_task(schema, task)
@@ -50,20 +60,23 @@ def task_federation(tmp_path: Path, dataset: str, task: str) -> Path:
     init_federation(fed, small_plan(
         SLAVES, rounds=1, data_schema=schema,
         model=ModelSpec.for_data("mlp", schema.num_features, schema.num_outputs),
-        training=TrainingPlanSettings(epochs=2, batch_size=32, epsilon=5.0, lr=0.5),
-        evaluation=EvaluationSettings(dataset=dataset),
+        training=TrainingPlanSettings(epochs=2, batch_size=32, epsilon=5.0, lr=0.5,
+                                      federated_evaluation=federated_evaluation,
+                                      evaluation_epsilon_share=0.3),
+        evaluation=EvaluationSettings(dataset=None if federated_evaluation else dataset),
         encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1,
                                       protection="he"),
         limits=LimitSettings(join_timeout_s=30, upload_deadline_s=60, open_timeout_s=10)))
     return fed
 
 
-async def run_in_memory(fed: Path, out: Path, dataset: str, tmp_path: Path) -> Master:
+async def run_in_memory(fed: Path, out: Path, dataset: str, tmp_path: Path,
+                        slaves: list[Slave] | None = None) -> Master:
     master = Master(MasterBundle.load(fed / "master"), out, port=0)
     task, _ = await asyncio.wait_for(started(master), 30)
     listener = MemoryListener(master.accept,
                               max_message_bytes=master.config.limits.max_message_bytes)
-    slaves = []
+    slaves = [] if slaves is None else slaves
     for i, slave_id in enumerate(SLAVES):
         bundle = SlaveBundle.load(fed / "slaves" / slave_id)
         certificate = x509.load_pem_x509_certificate(bundle.certificate.read_bytes())
@@ -118,8 +131,6 @@ def test_a_federation_trains_its_task_and_reports_its_metric(
     assert summary["final_metric"] == row[metric] and math.isfinite(row[metric])
     assert row["accuracy"] is None or task == "binary"
     # The reported value is the committed model's metric on the master's hold-out.
-    from secure_fed.master.store import ModelStore
-
     package: ModelPackage = ModelStore(out / "checkpoints").load(1).package
     holdout = master_holdout(dataset, schema=config.data_schema)
     assert holdout.task == task
@@ -138,3 +149,45 @@ def test_a_federation_trains_its_task_and_reports_its_metric(
                       ca_path=fed / "master" / "ca.pem").card
     assert card["task"] == task and card["audit"]["verified"]
     assert f"- task: {task}" in (tmp_path / "model" / "MODEL_CARD.md").read_text()
+
+
+def test_a_regression_federation_without_master_data_reports_a_federated_mse(
+        tmp_path: Path) -> None:
+    fed = task_federation(tmp_path, "diabetes", "regression", federated_evaluation=True)
+    config = MasterBundle.load(fed / "master").config
+    plan = training_plan(config)
+    assert plan.evaluation is not None
+    assert plan.evaluation.statistic == "regression-squared-error"
+    out, slaves = tmp_path / "run", []
+    master = asyncio.run(run_in_memory(fed, out, "diabetes", tmp_path, slaves))
+    assert master.coordinator.committed == 1 and master.evaluation is None
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_metric"] is None  # the master has no data of its own
+    federated = summary["rounds"][0]["federated_evaluation"]
+    assert federated["metric"] == "mse" and federated["slaves"] == SLAVES, federated
+    low, high = federated["ci95"]
+    assert 0.0 <= low <= federated["value"] <= high < (346 - 25) ** 2  # not the whole range
+    assert federated["rmse"] == pytest.approx(math.sqrt(federated["value"]), rel=1e-5)
+    # The noisy sums are the exact ones of the held-out records plus noise whose scale is the
+    # statistic's sensitivity L·√2 times the σ the ledgers record.
+    held = [s.held_out for s in slaves]
+    initial = ModelStore(out / "checkpoints").load(0).package.build()
+    exact = sum(exact_statistic(initial, h, "regression-squared-error")
+                for h in held if h is not None)
+    assert exact[1] == sum(len(h) for h in held if h is not None) * EVALUATION_ERROR_LEVELS
+    assert abs(federated["sums"]["total_times_levels"] - exact[1]) <= 5 * federated["noise_sd"]
+    exact_mse = sum(evaluate_metrics(initial, h)["mse"] * len(h)
+                    for h in held if h is not None) / (exact[1] / EVALUATION_ERROR_LEVELS)
+    assert abs(federated["value"] - exact_mse) <= 4 * federated["stderr"]
+    sigma = evaluation_noise_multiplier(5.0, 0.3, 1, config.training.delta)
+    assert federated["noise_sd"] == pytest.approx(
+        math.sqrt(2) * noise_scale(sigma, EVALUATION_ERROR_LEVELS * math.sqrt(2)),
+        rel=1e-5)
+    for slave_id in SLAVES:
+        ledger = PrivacyLedger.open(tmp_path / f"state-{slave_id}", budget_epsilon=None,
+                                    delta=config.training.delta, source_id=slave_id)
+        assert [e.mode for e in ledger.entries] == ["count", "evaluation", "delta"]
+        assert ledger.entries[1].noise_multiplier == sigma
+    full = check_log(out)  # chain, signatures and ε recomputed with the evaluation releases
+    assert full.ok, full

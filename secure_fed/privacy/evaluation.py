@@ -31,8 +31,13 @@ kind                         task       values                             Δ (a
 ``multiclass-accuracy``      multiclass (correct, total)                    √2
 ``binary-score-histograms``  binary     positives, negatives per score     1
                                         bucket (K = 10 buckets each)
-``regression-squared-error`` regression (Σ q(err²), total), L = 1000        √(L² + 1)
+``regression-squared-error`` regression (Σ q(err²), L·total), L = 1000      L·√2
 =========================== ========== ================================== ==================
+
+The regression vector is :func:`~secure_fed.privacy.task_metrics.squared_error_statistic`'s
+``(Σ q(err²), total)`` with the total multiplied by L: one record moves each coordinate by at
+most L, so the same noise falls on both in proportion to what one record can change. Released
+as task_metrics states it (Δ = √(L² + 1)), the count would carry noise of σ·L records.
 
 - *accuracy* C/T: Var ≈ p(1 − p)/T (the held-out records as a sample) + (Var C̃ + p²·Var T̃)/T²
   (the noise of both sums), by the delta method.
@@ -42,10 +47,11 @@ kind                         task       values                             Δ (a
   noise variance is the delta method's Σ (∂AUC/∂count)²·Var over all 2K counts, with
   ∂AUC/∂P_i = (V₁₀(i) − AUC)/P and ∂AUC/∂N_j = (V₀₁(j) − AUC)/N. An approximation: both
   plug the noisy counts in, and a normal interval is poor near 0 or 1 with few records.
-- *MSE* E/(L·T) in squared range units, times (high − low)²: Var ≈ m(1 − m)/T + (Var Ẽ/L² +
-  m²·Var T̃)/T², where m(1 − m)/T bounds the sample variance of a per-record error in [0, 1]
-  (Bhatia–Davis), so the interval is conservative in its sampling part. RMSE's interval is
-  the square root of MSE's (a monotone map).
+- *MSE* m = E/(L·T) in squared range units, times (high − low)²: Var ≈ m(1 − m)/T +
+  (Var Ẽ/L² + m²·Var T̃)/T² (T̃ the released L·total divided by L), where m(1 − m)/T bounds
+  the sample variance of a per-record error in [0, 1] (Bhatia–Davis), so the interval is
+  conservative in its sampling part. RMSE's interval is the square root of MSE's (a
+  monotone map).
 
 When the noise swamps the held-out records (a noisy total, or the positives or negatives, at
 zero or below) the metric is undefined: the estimate's value is NaN and its interval the
@@ -94,7 +100,7 @@ Z_95 = 1.959963984540054
 #: (ties within a 0.1-wide bucket count one half), because the same noise falls on each of the
 #: 2K counts.
 EVALUATION_SCORE_BUCKETS = 10
-#: Quantization levels L of a regression record's squared error (Δ = √(L² + 1)).
+#: Quantization levels L of a regression record's squared error (Δ = L·√2).
 EVALUATION_ERROR_LEVELS = DEFAULT_ERROR_LEVELS
 
 
@@ -243,8 +249,9 @@ def _squared_error_counts(outputs: torch.Tensor, labels: torch.Tensor,
     if target is None:
         raise PrivacyError("a regression evaluation needs the target's public range; give "
                            "target = {low, high} in the data schema")
-    return squared_error_statistic(_predicted("regression", outputs), labels.cpu().numpy(),
-                                   target, levels=EVALUATION_ERROR_LEVELS).counts
+    counts = squared_error_statistic(_predicted("regression", outputs), labels.cpu().numpy(),
+                                     target, levels=EVALUATION_ERROR_LEVELS).counts
+    return counts * np.array([1, EVALUATION_ERROR_LEVELS], dtype=np.int64)
 
 
 def _mse_estimate(sums: np.ndarray, variances: np.ndarray,
@@ -253,14 +260,15 @@ def _mse_estimate(sums: np.ndarray, variances: np.ndarray,
     the sample variance of a record's error (the module doc)."""
     if target is None:
         raise PrivacyError("a regression metric needs the target's public range")
-    width2 = target.width ** 2
-    mse = mse_from_sum(np.asarray(sums), target, levels=EVALUATION_ERROR_LEVELS)
+    width2, levels = target.width ** 2, float(EVALUATION_ERROR_LEVELS)
+    errors, total = float(sums[0]), float(sums[1]) / levels
+    mse = mse_from_sum(np.array([errors, total]), target, levels=EVALUATION_ERROR_LEVELS)
     if not math.isfinite(mse):
         return _undefined(width2)
-    total, levels = float(sums[1]), float(EVALUATION_ERROR_LEVELS)
     m = mse / width2
     var = (m * (1.0 - m) / total
-           + (float(variances[0]) / levels ** 2 + m * m * float(variances[1])) / total ** 2)
+           + (float(variances[0]) / levels ** 2 + m * m * float(variances[1]) / levels ** 2)
+           / total ** 2)
     return _interval(mse, var * width2 ** 2, width2)
 
 
@@ -277,8 +285,8 @@ BINARY_SCORE_HISTOGRAMS = Statistic(
 register_statistic(BINARY_SCORE_HISTOGRAMS)
 REGRESSION_SQUARED_ERROR = Statistic(
     kind="regression-squared-error", task="regression", metric="mse",
-    fields=("squared_error", "total"),
-    sensitivity=math.sqrt(EVALUATION_ERROR_LEVELS ** 2 + 1.0),
+    fields=("squared_error", "total_times_levels"),
+    sensitivity=EVALUATION_ERROR_LEVELS * math.sqrt(2.0),
     compute=_squared_error_counts, estimate=_mse_estimate)
 register_statistic(REGRESSION_SQUARED_ERROR)
 
