@@ -105,9 +105,10 @@ FIELDS: dict[tuple[str, str], Classified] = {
     ("EvaluationRelease", "model_digest"): Classified(PUBLIC, "the digest of the task's "
                                                       "model"),
     ("EvaluationRelease", "values"): Classified(
-        DP, "the exact statistic (e.g. correct and total held-out predictions, L2 "
-        "sensitivity √2 under add/remove-one) plus discrete Gaussian noise: the evaluation "
-        "release (kind 'evaluation', σ from the plan's ε share), recorded before it is sent"),
+        DP, "the exact statistic of the task (correct and total held-out predictions, L2 "
+        "sensitivity √2; score histograms, 1; squared-error sum and L·total, L·√2; under "
+        "add/remove-one) plus discrete Gaussian noise: the evaluation release (kind "
+        "'evaluation', σ from the plan's ε share), recorded before it is sent"),
     ("EvaluationRelease", "noise_scale"): Classified(
         PUBLIC, "hypot(σ·Δ, τ) with σ from the plan's ε, share and rounds and the bundle's δ"),
     ("MechanismRecord", "share_noise_multiplier"): Classified(
