@@ -17,6 +17,8 @@ from conftest import small_plan, started
 from cryptography import x509
 
 from secure_fed.audit.recompute import check_log
+from secure_fed.audit.render import render_markdown
+from secure_fed.audit.report import build_report
 from secure_fed.audit.verify import verify_log
 from secure_fed.config.schema import schema_for_task
 from secure_fed.config.settings import (
@@ -30,6 +32,7 @@ from secure_fed.data.datasets import bundled_schema
 from secure_fed.data.partition import master_holdout
 from secure_fed.export.exporter import export_run
 from secure_fed.he.bundle import MasterBundle, SlaveBundle
+from secure_fed.master.federated_metrics import describe
 from secure_fed.master.provision import init_federation
 from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
@@ -191,3 +194,8 @@ def test_a_regression_federation_without_master_data_reports_a_federated_mse(
         assert ledger.entries[1].noise_multiplier == sigma
     full = check_log(out)  # chain, signatures and ε recomputed with the evaluation releases
     assert full.ok, full
+    # the round's line and the audit report show it
+    assert describe(federated).startswith("mse ") and "(rmse " in describe(federated)
+    text = render_markdown(build_report(full), {"accuracy": "a.png", "cost": "c.png",
+                                                "epsilon": "e.png"})
+    assert f"| 1 | 0 | mse | {federated['value']:.3f} | {low:.3f} – {high:.3f} | a, b |" in text

@@ -103,18 +103,22 @@ def round_evaluation(releases: Mapping[str, EvaluationRelease], *, round_: int,
     return row
 
 
+def _shown(value: float, metric: str) -> str:
+    """A metric for a person: accuracy and ROC AUC to 3 decimals, an MSE (target units²) to
+    3 significant digits without an exponent."""
+    if metric != "mse":
+        return f"{value:.3f}"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def describe(evaluation: Mapping[str, Any]) -> str:
     """One line for a person: ``accuracy 0.81 [0.74, 0.88] of round 2's model (3 slaves)``;
     an MSE adds its RMSE, and a value the noise swamped reads ``unknown``."""
-    low, high = evaluation["ci95"]
-    value = evaluation["value"]
-    shown = "unknown" if value is None else f"{value:.3g}" if evaluation["metric"] == "mse" \
-        else f"{value:.3f}"
-    interval = (f"[{low:.3g}, {high:.3g}]" if evaluation["metric"] == "mse"
-                else f"[{low:.3f}, {high:.3f}]")
-    if evaluation.get("rmse") is not None:
-        rmse_low, rmse_high = evaluation["rmse_ci95"]
-        interval += f", rmse {evaluation['rmse']:.3g} [{rmse_low:.3g}, {rmse_high:.3g}]"
-    return (f"{evaluation['metric']} {shown} {interval} of "
-            f"round {evaluation['evaluated_round']}'s model "
-            f"({len(evaluation['slaves'])} slave{'s' if len(evaluation['slaves']) != 1 else ''})")
+    metric, value = evaluation["metric"], evaluation["value"]
+    low, high = (_shown(v, metric) for v in evaluation["ci95"])
+    shown = "unknown" if value is None else _shown(value, metric)
+    rmse = evaluation.get("rmse")
+    extra = "" if rmse is None else f" (rmse {_shown(rmse, metric)})"
+    slaves = len(evaluation["slaves"])
+    return (f"{metric} {shown} [{low}, {high}]{extra} of round "
+            f"{evaluation['evaluated_round']}'s model ({slaves} slave{'s' if slaves != 1 else ''})")
