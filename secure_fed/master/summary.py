@@ -30,7 +30,9 @@ an evaluation set; ``declined`` lists the slaves that declined the committed att
 federated evaluation a row also has ``federated_evaluation``: the slaves' noisy measure of the
 model committed in the round before (``evaluated_round``), with ``metric``, ``value``,
 ``ci95`` [low, high], ``stderr``, the noisy ``sums``, their ``noise_sd`` and the ``slaves``
-(:mod:`secure_fed.master.federated_metrics`); the final model is measured only by the
+(:mod:`secure_fed.master.federated_metrics`; a regression's also ``rmse`` and ``rmse_ci95``,
+and ``value`` is null where the noise swamped the held-out records); the final model is
+measured only by the
 master's own evaluation data, if any.
 ``status`` is ``finished`` when the log's last word after the last commit is
 ``federation_done``, with its ``reason``.
