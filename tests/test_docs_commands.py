@@ -51,6 +51,9 @@ RUN_TIMEOUT_S = 300
 # normalized: `.venv/bin/secure-fed` and `.venv/bin/python` shortened to `secure-fed` and
 # `python`, comments and extra spaces dropped.
 PARSED_ONLY: dict[str, str] = {
+    "secure-fed ledger show demo-run/slaves/slave-1":
+        "the prepared demo-run/ holds the master's outputs only; docs/getting-started.md runs "
+        "ledger show on the slaves of a real run",
     "secure-fed demo --data examples/tables/site-a.csv,examples/tables/site-b.csv,"
     "examples/tables/site-c.csv --label-column cultivar --rounds 3 --out tables-run":
         "a three-round federation of four processes; docs/getting-started.md runs the same "

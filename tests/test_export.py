@@ -15,13 +15,12 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, small_plan, started, trial_slave
-from cryptography import x509
+from conftest import TINY_MODEL, small_plan
+from test_federation_in_process import run_in_memory
 
 from secure_fed.audit.verify import read_verified_records, verify_log
 from secure_fed.cli.main import main
@@ -32,38 +31,12 @@ from secure_fed.export.card import build_card, render_markdown
 from secure_fed.export.exporter import export_run
 from secure_fed.export.formats import CHECK_TOLERANCE, compare_onnx, example_inputs
 from secure_fed.export.run_dir import read_run
-from secure_fed.he.bundle import MasterBundle, SlaveBundle
 from secure_fed.master.provision import init_federation
-from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import ModelPackage, compute_digest
 from secure_fed.models.registry import build_model
-from secure_fed.transport.memory import MemoryListener
 
 SLAVES = ["a", "b"]
-
-
-async def _run_in_memory(fed: Path, out: Path, states: dict[str, Path]) -> None:
-    master = Master(MasterBundle.load(fed / "master"), out, port=0)
-    task, _ = await asyncio.wait_for(started(master), 30)
-    listener = MemoryListener(master.accept,
-                              max_message_bytes=master.config.limits.max_message_bytes)
-    slaves = []
-    for i, (slave_id, state) in enumerate(states.items()):
-        bundle = SlaveBundle.load(fed / "slaves" / slave_id)
-        certificate = x509.load_pem_x509_certificate(bundle.certificate.read_bytes())
-
-        async def connect(slave_id: str = slave_id,
-                          certificate: x509.Certificate = certificate) -> Any:
-            return await listener.connect(slave_id, certificate)
-
-        slaves.append(trial_slave(fed, slave_id, f"{i}/{len(states)}", bundle.config.master_url,
-                                  state, connect=connect))
-    try:
-        await asyncio.wait_for(asyncio.gather(*(s.run() for s in slaves)), 120)
-        await asyncio.wait_for(task, 30)
-    finally:
-        await listener.close()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +48,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                     training=TrainingPlanSettings(epochs=1, batch_size=64,
                                                                   epsilon=2.0)))
     out = fed / "master" / "run"
-    asyncio.run(_run_in_memory(fed, out, {s: base / f"state-{s}" for s in SLAVES}))
+    asyncio.run(run_in_memory(fed, out, {s: base / f"state-{s}" for s in SLAVES}))
     return out
 
 

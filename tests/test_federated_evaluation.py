@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import small_plan, started, trial_slave
-from cryptography import x509
+from conftest import small_plan
+from test_federation_in_process import run_in_memory
 
 from secure_fed.audit.recompute import PLDRecomputer, check_log, parse_mechanisms
 from secure_fed.audit.render import render_markdown
@@ -39,10 +39,9 @@ from secure_fed.config.tasks import TargetRange
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.held_out import held_out_mask, split_held_out, split_key
 from secure_fed.errors import DataError, PrivacyError
-from secure_fed.he.bundle import MasterBundle, SlaveBundle
+from secure_fed.he.bundle import MasterBundle
 from secure_fed.master.federated_metrics import describe, release_problem, round_evaluation
 from secure_fed.master.provision import init_federation
-from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.privacy import discrete_gaussian
 from secure_fed.privacy.accounting import Mechanism, epsilon
@@ -71,7 +70,6 @@ from secure_fed.privacy.task_metrics import (
 from secure_fed.protocol.messages import EvaluationRelease, MechanismRecord, UpdateHeader
 from secure_fed.slave import updates as slave_updates
 from secure_fed.slave.evaluation import evaluate_held_out, exact_statistic
-from secure_fed.transport.memory import MemoryListener
 
 
 def table(n: int, seed: int = 0) -> Dataset:
@@ -195,30 +193,6 @@ def test_the_master_takes_only_releases_whose_noise_its_mechanism_states() -> No
 SLAVES = ["a", "b"]
 
 
-async def run_in_memory(fed: Path, out: Path, states: dict[str, Path]) -> tuple[Master, list[Any]]:
-    master = Master(MasterBundle.load(fed / "master"), out, port=0)
-    task, _ = await asyncio.wait_for(started(master), 30)
-    listener = MemoryListener(master.accept,
-                              max_message_bytes=master.config.limits.max_message_bytes)
-    slaves = []
-    for i, (slave_id, state) in enumerate(states.items()):
-        bundle = SlaveBundle.load(fed / "slaves" / slave_id)
-        certificate = x509.load_pem_x509_certificate(bundle.certificate.read_bytes())
-
-        async def connect(slave_id: str = slave_id,
-                          certificate: x509.Certificate = certificate) -> Any:
-            return await listener.connect(slave_id, certificate)
-
-        slaves.append(trial_slave(fed, slave_id, f"{i}/{len(states)}", bundle.config.master_url,
-                                  state, connect=connect))
-    try:
-        await asyncio.wait_for(asyncio.gather(*(s.run() for s in slaves)), 120)
-        await asyncio.wait_for(task, 30)
-    finally:
-        await listener.close()
-    return master, slaves
-
-
 def test_a_federation_without_master_data_shows_each_round_with_a_confidence_interval(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trained_rows: list[set[bytes]] = []
@@ -241,7 +215,8 @@ def test_a_federation_without_master_data_shows_each_round_with_a_confidence_int
         limits=LimitSettings(join_timeout_s=30, upload_deadline_s=60, open_timeout_s=10)))
     out = tmp_path / "run"
     states = {s: tmp_path / f"state-{s}" for s in SLAVES}
-    master, slaves = asyncio.run(run_in_memory(fed, out, states))
+    slaves: list[Any] = []
+    master, _ = asyncio.run(run_in_memory(fed, out, states, slaves))
     assert master.coordinator.committed == 2
 
     # held-out records were never trained on

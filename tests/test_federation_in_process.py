@@ -44,8 +44,12 @@ def federation(tmp_path: Path) -> Path:
     return fed
 
 
-async def run_in_memory(fed: Path, out: Path, states: dict[str, Path]
+async def run_in_memory(fed: Path, out: Path, states: dict[str, Path],
+                        slaves_out: list[Any] | None = None,
                         ) -> tuple[Master, dict[str, SlaveReport]]:
+    """Run the federation in ``fed`` in this process over the in-memory transport: its master
+    writing to ``out`` and one slave per ``states`` entry (slave id: state folder), partitions
+    ``i/len(states)`` of the digits. ``slaves_out``, when given, receives the Slave objects."""
     master = Master(MasterBundle.load(fed / "master"), out, port=0)
     task, _ = await asyncio.wait_for(started(master), 30)
     listener = MemoryListener(master.accept,
@@ -61,6 +65,8 @@ async def run_in_memory(fed: Path, out: Path, states: dict[str, Path]
 
         slaves.append(trial_slave(fed, slave_id, f"{i}/{len(states)}", bundle.config.master_url,
                                   state, connect=connect))
+    if slaves_out is not None:
+        slaves_out.extend(slaves)
     try:
         reports = await asyncio.wait_for(asyncio.gather(*(s.run() for s in slaves)), 120)
         await asyncio.wait_for(task, 30)

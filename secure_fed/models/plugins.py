@@ -20,13 +20,20 @@ a plugin that fails to import is reported with its distribution and the import e
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from torch import nn
 
 from secure_fed.errors import ModelError
-from secure_fed.models.registry import Builder, builtin_architectures, check_builder
 
 logger = logging.getLogger(__name__)
+
+Builder = Callable[..., nn.Module]
+"""A function that builds a model from keyword arguments (as :mod:`secure_fed.models.registry`
+registers them)."""
 
 #: The entry-point group through which packages register architectures.
 ENTRY_POINT_GROUP = "secure_fed.architectures"
@@ -96,9 +103,16 @@ def installed_plugins() -> list[PluginArchitecture]:
                   key=lambda p: (p.name, p.distribution))
 
 
-def plugin_builder(name: str) -> Builder | None:
+def plugin_builder(name: str, *, builtin: Collection[str],
+                   check: Callable[[str, Any], Builder]) -> Builder | None:
     """The builder an installed package registers as ``name`` (its module imported now), or
     ``None`` when no package registers it.
+
+    Args:
+        name: the architecture name.
+        builtin: the names secure_fed itself defines (a plugin may not take one).
+        check: validates what the entry point loaded and returns it as a builder (the
+            registry's ``check_builder``), raising :class:`ModelError` otherwise.
 
     Raises:
         ModelError: two distributions register ``name``, a plugin takes a built-in's name,
@@ -109,7 +123,7 @@ def plugin_builder(name: str) -> Builder | None:
     registered = _discover().get(name)
     if not registered:
         return None
-    if name in builtin_architectures():
+    if name in builtin:
         raise ModelError(
             f"architecture {name!r} is built into secure_fed and also registered by "
             f"{', '.join(p.distribution for p in registered)}; uninstall that package or have "
@@ -129,7 +143,7 @@ def plugin_builder(name: str) -> Builder | None:
             f"{plugin.value!r}: {type(exc).__name__}: {exc}; reinstall or fix that package"
         ) from exc
     try:
-        builder = check_builder(name, loaded)
+        builder = check(name, loaded)
     except ModelError as exc:
         raise ModelError(f"{exc} (registered by {plugin.distribution} as {plugin.value!r})"
                          ) from exc

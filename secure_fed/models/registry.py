@@ -40,6 +40,8 @@ import torch
 from torch import nn
 
 from secure_fed.errors import ModelError
+from secure_fed.models.plugins import Builder as Builder
+from secure_fed.models.plugins import plugin_architectures, plugin_builder
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ MAX_WIDTH = 4_096
 MAX_DEPTH = 8
 MAX_CHANNELS = 16
 
-Builder = Callable[..., nn.Module]
 B = TypeVar("B", bound=Builder)
 
 _REGISTRY: dict[str, Builder] = {}
@@ -103,8 +104,6 @@ def builtin_architectures() -> list[str]:
 def architectures() -> list[str]:
     """Names of every architecture this installation can build: the built-ins and those
     installed packages register (see :mod:`secure_fed.models.plugins`), sorted."""
-    from secure_fed.models.plugins import plugin_architectures
-
     return sorted({*_REGISTRY, *plugin_architectures()})
 
 
@@ -118,12 +117,11 @@ def allowed_architectures(config_list: Sequence[str]) -> list[str]:
 
 def _builder(architecture: str) -> Builder | None:
     """The builder of ``architecture``: a built-in, or a plugin's (imported now)."""
-    from secure_fed.models.plugins import plugin_architectures, plugin_builder
-
     builder = _REGISTRY.get(architecture)
     if builder is not None and architecture not in plugin_architectures():
         return builder
-    return plugin_builder(architecture)  # refuses a plugin that takes a built-in's name
+    # refuses a plugin that takes a built-in's name
+    return plugin_builder(architecture, builtin=builtin_architectures(), check=check_builder)
 
 
 def build_model(architecture: str, **kwargs: Any) -> nn.Module:
