@@ -30,7 +30,7 @@ demo: $(STAMP)
 # minutes instead of 13-16.
 test: $(STAMP) chromium
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
 
 # tests/test_audit_report.py renders the HTML audit report in headless Chromium (Debian's
 # package chromium, about 125 MB to download). Installed here when missing, as root with

@@ -14,7 +14,6 @@ reviewed, edited into agreed ranges and passed back with ``--schema``.
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,12 @@ from rich.console import Console
 
 from secure_fed.config.schema import DataSchema, load_schema, schema_toml
 from secure_fed.data.schema_check import load_table
-from secure_fed.data.tabular import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, check_data_file
+from secure_fed.data.tabular import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ROWS,
+    check_data_file,
+    finite_number,
+)
 from secure_fed.errors import ConfigError, DataError
 
 DERIVED_WARNING = ("the feature ranges and classes were derived from the records themselves, "
@@ -101,15 +105,10 @@ def _scan(path: Path, label_column: str, columns: list[str],
                                         "empty")
                     labels.add(cell)
                     continue
-                try:
-                    value = float(cell)
-                except ValueError:
-                    value = math.nan
-                if not math.isfinite(value):
-                    raise DataError(
-                        f"{str(path)!r} line {reader.line_num}, column {name!r}: {cell!r} is "
-                        "not a finite number; the demo trains on numeric columns only, so "
-                        "remove the column or encode it as numbers")
+                value = finite_number(
+                    cell, f"{str(path)!r} line {reader.line_num}, column {name!r}:",
+                    "; the demo trains on numeric columns only, so remove the column or "
+                    "encode it as numbers")
                 lows[name] = min(lows.get(name, value), value)
                 highs[name] = max(highs.get(name, value), value)
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
 import os
 import secrets
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +39,42 @@ SESSION_MARK = "SECURE_FED_TEST_SESSION"
 """Environment variable set for the test session and inherited by every process it starts
 (subprocesses, zygote children, their encryption workers): how leftovers are found."""
 LEFTOVER_GRACE_S = 5.0
+
+
+def run_cli(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``secure-fed ARGS`` run by :func:`secure_fed.cli.main.main` in this process, from ``cwd``
+    (default: where the test runs); its exit status and what it printed.
+
+    The same parser and handlers as the console script, without paying a new interpreter's
+    import of torch and Opacus (about 4 s) per command; commands that start parties (``demo``)
+    still start them as processes. What a command changes in this process (working folder,
+    logging handlers, torch's thread count) is put back after it.
+    (tests/test_audit_verify_cli.py runs the command in its own process.)
+    """
+    import torch
+
+    from secure_fed.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    threads = torch.get_num_threads()
+    previous = Path.cwd()
+    os.chdir(cwd or previous)
+    try:
+        root.handlers.clear()  # so that the command's own logging set-up takes effect
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(previous)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["secure-fed", *args], code, out.getvalue(),
+                                       err.getvalue())
 
 
 def pytest_configure(config: pytest.Config) -> None:

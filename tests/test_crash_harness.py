@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import small_plan
+from conftest import run_cli, small_plan
 
 from secure_fed.config.settings import (
     EncryptionSettings,
@@ -324,10 +324,8 @@ def ledger_entries(state: Path) -> list[dict[str, Any]]:
 
 
 def audit_verify(out: Path) -> subprocess.CompletedProcess[str]:
-    """``secure-fed audit verify OUT``: the auditor's check of the log, in its own process."""
-    return subprocess.run(  # noqa: S603 - our own command line
-        [sys.executable, "-m", "secure_fed.cli.main", "audit", "verify", str(out)],
-        capture_output=True, text=True, timeout=120, check=False)
+    """``secure-fed audit verify OUT``: the auditor's check of the log."""
+    return run_cli(["audit", "verify", str(out)])
 
 
 def run_with_kills(tmp_path: Path, *, rounds: int, protection: str, mode: str,

@@ -6,11 +6,13 @@ docs/*.md (in ```console blocks, the lines that start with ``$ ``). By program:
 * ``make T``: ``T`` must be a target of the Makefile (make itself is not run: it installs).
 * ``secure-fed ...`` (or ``.venv/bin/secure-fed``): parsed by the real argparse parser of
   :mod:`secure_fed.cli.main` (every sub-command and flag must exist and every value parse),
-  then **run for real** with its exit status checked, unless :data:`PARSED_ONLY` lists it with
-  the reason. The commands of one document run in order in one scratch folder that stands for
-  the repository root, so a document's later commands use what its earlier ones made; a
-  prepared federation run is there as ``demo-run/`` (what ``make demo`` leaves), and a copy of
-  ``examples/`` (the schema files the docs use).
+  then **run for real** (by the command's own entry point, in the test's process) with its exit
+  status checked, unless :data:`PARSED_ONLY` lists it with the reason. A document's commands
+  run in order, section by section (``## `` headings); a section that names a folder an earlier
+  section made runs with it (:func:`command_groups`). Each group runs in its own scratch
+  folder that stands for the repository root; a prepared federation run is there as
+  ``demo-run/`` (what ``make demo`` leaves), and a copy of ``examples/`` (the schema files the
+  docs use).
 * ``python -m pytest ARGS``: collected (``--collect-only``) from the repository root: the
   files exist, the options are known and the modules import. Benchmarks are not run.
 * ``python SCRIPT`` / ``python -m MODULE``: the script or module must exist; run for real from
@@ -40,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from secure_fed.cli.main import build_parser
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -162,6 +165,8 @@ class DocCommand:
     doc: str
     line: int
     argv: tuple[str, ...]
+    section: str = ""
+    """The ``## `` heading the command stands under ("" before the first)."""
 
     @property
     def key(self) -> str:
@@ -203,12 +208,15 @@ def doc_commands(path: Path) -> list[DocCommand]:
     language: str | None = None
     pending = ""
     start = 0
+    section = ""
     for number, raw in enumerate(lines, start=1):
         fence = re.match(r"^\s*(```+|~~~+)\s*([\w+-]*)", raw)
         if fence:
             language = None if language is not None else (fence.group(2).lower() or "")
             pending = ""
             continue
+        if language is None and raw.startswith("## "):
+            section = raw[3:].strip()
         if language not in SHELL_LANGUAGES:
             continue
         text = raw.strip()
@@ -226,7 +234,8 @@ def doc_commands(path: Path) -> list[DocCommand]:
         pending = ""
         if full:
             argv = shlex.split(full)
-            commands.append(DocCommand(str(path.relative_to(ROOT)), start, _normalize(argv)))
+            commands.append(DocCommand(str(path.relative_to(ROOT)), start, _normalize(argv),
+                                       section))
     return commands
 
 
@@ -345,6 +354,16 @@ def api_guide_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
     return work, outputs
 
 
+def _needs_demo_run(commands: list[DocCommand]) -> bool:
+    return any("demo-run" in c.argv for c in commands)
+
+
+API_GUIDE_GROUP = pytest.mark.xdist_group("api-guide-run")
+"""On one test worker (``--dist loadgroup``): the tests that use :func:`api_guide_run`, a
+session fixture that would otherwise run the federation of docs/api.md once per worker."""
+
+
+@API_GUIDE_GROUP
 def test_api_guide_programs_run_a_federation_and_check_it(
         api_guide_run: tuple[Path, list[str]]) -> None:
     work, outputs = api_guide_run
@@ -390,6 +409,69 @@ def _real_commands(doc: Path) -> list[DocCommand]:
             and c.key not in EXEMPT and c.key not in PENDING_IN_PAGES_BEING_REWRITTEN]
 
 
+SHARED_ROOTS = {"examples", "demo-run"}
+"""Folders every group of commands gets a copy of (never written by a page's commands)."""
+
+
+def _command_words(parser: argparse.ArgumentParser) -> set[str]:
+    """The names of the sub-commands of ``parser``, at every depth (``audit``, ``verify``)."""
+    words: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                words |= {name} | _command_words(sub)
+    return words
+
+
+COMMAND_WORDS = _command_words(build_parser())
+
+
+def _path_roots(command: DocCommand) -> set[str]:
+    """What ``command`` reads or writes in the page's scratch folder, by top folder: the first
+    component of every path it names (``first-run/schema.toml`` → ``first-run``), of its
+    positional arguments (``add-slave fed clinic-d``) and of its ``--out``."""
+    roots = set()
+    previous = command.argv[0]
+    for token in command.argv[1:]:
+        value = token.split("=", 1)[-1]
+        positional = not previous.startswith("-") and not token.startswith("-")
+        if ("/" in value or positional or previous == "--out") and token not in COMMAND_WORDS:
+            roots.add(value.split("/", 1)[0])
+        previous = token
+    return roots - SHARED_ROOTS - {""}
+
+
+def command_groups(doc: Path) -> list[tuple[str, list[DocCommand]]]:
+    """The commands of ``doc`` that run for real, as groups that can run apart, in order.
+
+    A group is one ``## `` section of the page, joined with every earlier section that names
+    a path under the same top folder (section 10 of docs/getting-started.md reads the
+    ``sample-data/`` section 9 wrote). Each group runs in its own scratch folder, so the
+    groups of a long page spread over the test workers.
+    """
+    groups: list[tuple[list[str], list[DocCommand], set[str]]] = []
+    sections: dict[str, list[DocCommand]] = {}
+    for command in _real_commands(doc):
+        sections.setdefault(command.section, []).append(command)
+    for title, commands in sections.items():
+        roots = set().union(*(_path_roots(c) for c in commands))
+        joined = [g for g in groups if g[2] & roots]
+        titles = [t for g in joined for t in g[0]] + [title]
+        merged = sorted([c for g in joined for c in g[1]] + commands, key=lambda c: c.line)
+        groups = [g for g in groups if g not in joined] + [
+            (titles, merged, roots.union(*(g[2] for g in joined)))]
+    return [(" + ".join(titles), commands) for titles, commands, _ in groups]
+
+
+def _group_id(doc: Path, title: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    return f"{doc.relative_to(ROOT)}::{slug or 'top'}"
+
+
+COMMAND_GROUPS = [(doc, title, commands) for doc in DOCS
+                  for title, commands in command_groups(doc)]
+
+
 def _check_deployment_layout(work: Path) -> None:
     """The file layout docs/deployment.md shows is what its ``init`` wrote."""
     text = (ROOT / "docs" / "deployment.md").read_text(encoding="utf-8")
@@ -416,22 +498,39 @@ def _check_readme_revocation(work: Path) -> None:
     assert (work / "fed" / "slaves" / "clinic-d" / "slave.toml").is_file()
 
 
-AFTER_RUN = {"docs/deployment.md": _check_deployment_layout,
-             "README.md": _check_readme_revocation}
+AFTER_RUN = {("docs/deployment.md", "1. Create the federation"): _check_deployment_layout,
+             ("README.md", "Across machines"): _check_readme_revocation}
+"""Checks of what a group's commands wrote, by page and the group's first section."""
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(ROOT)) for d in DOCS])
-def test_commands_of_each_page_run(doc: Path, tmp_path: Path,
-                                   request: pytest.FixtureRequest) -> None:
-    commands = _real_commands(doc)
+def test_the_groups_hold_each_command_once_and_every_after_run_check_has_its_group() -> None:
+    for doc in DOCS:
+        grouped = [c for _, title, commands in COMMAND_GROUPS if _ == doc for c in commands]
+        assert sorted(c.line for c in grouped) == [c.line for c in _real_commands(doc)]
+    firsts = {(str(doc.relative_to(ROOT)), title.split(" + ")[0])
+              for doc, title, _ in COMMAND_GROUPS}
+    assert set(AFTER_RUN) <= firsts, set(AFTER_RUN) - firsts
+    titles = [t for d, t, _ in COMMAND_GROUPS if d.name == "getting-started.md"]
+    assert "9. Bring your own data + 10. Bring your own model" in titles, titles
+
+
+@pytest.mark.parametrize(("doc", "title", "commands"), [
+    pytest.param(doc, title, commands, id=_group_id(doc, title),
+                 marks=[API_GUIDE_GROUP] if _needs_demo_run(commands) else [])
+    for doc, title, commands in COMMAND_GROUPS])
+def test_commands_of_each_page_run(doc: Path, title: str, commands: list[DocCommand],
+                                   tmp_path: Path, request: pytest.FixtureRequest,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("COLUMNS", "120")
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    if any("demo-run" in c.argv for c in commands):
+    if _needs_demo_run(commands):
         api_run, _ = request.getfixturevalue("api_guide_run")
         _prepare_demo_run(api_run, tmp_path)
     for command in commands:
         argv = command.argv
         if argv[0] == "secure-fed":
-            result = _run([sys.executable, "-m", "secure_fed.cli.main", *argv[1:]], tmp_path)
+            result = run_cli(list(argv[1:]), tmp_path)
         elif is_pytest(argv):
             result = _run([sys.executable, *argv[1:], "--collect-only", "-q",
                            "-p", "no:cacheprovider"], ROOT)
@@ -440,6 +539,6 @@ def test_commands_of_each_page_run(doc: Path, tmp_path: Path,
         else:
             result = _run([sys.executable, *argv[1:]], ROOT)
         assert result.returncode == 0, f"{command.where}\n{_explain(result)}"
-    key = str(doc.relative_to(ROOT))
+    key = (str(doc.relative_to(ROOT)), title.split(" + ")[0])
     if key in AFTER_RUN:
         AFTER_RUN[key](tmp_path)

@@ -22,7 +22,7 @@ from secure_fed.he.bundle import SlaveBundle
 from secure_fed.privacy.data_source import data_home, default_ledger_dir
 from secure_fed.slave.client import Slave
 from secure_fed.slave.sources import bundled_part
-from tests.conftest import trial_slave
+from tests.conftest import run_cli, trial_slave
 
 
 def pld_epsilon(entries: list[dict[str, float]], delta: float) -> float:
@@ -44,10 +44,8 @@ def _cli(*args: object, log: Path) -> subprocess.Popen[bytes]:
 @pytest.mark.slow
 def test_a_data_owner_with_budget_10_spends_at_most_the_plans_epsilon_1(tmp_path: Path) -> None:
     fed, out = tmp_path / "fed", tmp_path / "run"
-    init = subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "secure_fed.cli.main", "init", str(fed), "--slaves",
-         "clinic-a,clinic-b,clinic-c", "--epsilon", "1", "--rounds", "4"],
-        capture_output=True, text=True, timeout=120, check=False)
+    init = run_cli(["init", str(fed), "--slaves", "clinic-a,clinic-b,clinic-c", "--epsilon", "1",
+                    "--rounds", "4"])
     assert init.returncode == 0, init.stderr
     assert 'protection = "he+mask"' in (fed / "master" / "federation.toml").read_text()
     port_file = tmp_path / "port"
@@ -85,9 +83,7 @@ def test_a_data_owner_with_budget_10_spends_at_most_the_plans_epsilon_1(tmp_path
         assert 0.8 < recomputed <= 1.0, recomputed
         log = (tmp_path / f"{slave_id}.log").read_text()
         assert "ε spent on this federation" in log
-    check = subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "secure_fed.cli.main", "audit", "verify", str(out)],
-        capture_output=True, text=True, timeout=300, check=False)
+    check = run_cli(["audit", "verify", str(out)])
     assert check.returncode == 0, check.stdout + check.stderr
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_federation, small_plan
+from conftest import run_cli, run_federation, small_plan
 
 from secure_fed.config.schema import DataSchema, schema_toml
 from secure_fed.config.settings import EvaluationSettings, load_master_config, write_config
@@ -90,10 +90,8 @@ def test_own_csv_files_with_a_schema_federate_from_the_command_line(tmp_path: Pa
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     fed = tmp_path / "fed"
     slaves = ["clinic-a", "clinic-b", "clinic-c"]
-    init = subprocess.run(
-        [*cli, "init", str(fed), "--slaves", ",".join(slaves), "--schema", str(schema_file),
-         "--eval-dataset", "none", "--rounds", "2", "--min-slaves", "3"],
-        env=env, capture_output=True, text=True, timeout=120, check=False)
+    init = run_cli(["init", str(fed), "--slaves", ",".join(slaves), "--schema", str(schema_file),
+                    "--eval-dataset", "none", "--rounds", "2", "--min-slaves", "3"])
     assert init.returncode == 0, init.stderr
     config = load_master_config(fed / "master" / "federation.toml")
     assert config.evaluation.dataset is None and config.model.kwargs["in_features"] == 30

@@ -50,15 +50,25 @@ def _check_classes(classes: Sequence[str]) -> list[str]:
     return names
 
 
-def _target_value(path: Path, line: int, column: str, cell: str) -> float:
+def finite_number(cell: str, where: str, hint: str = "") -> float:
+    """``cell`` of a table as a number.
+
+    Raises:
+        DataError: ``"{where} {cell!r} is not a finite number{hint}"`` when it is text, empty,
+            NaN or infinite.
+    """
     try:
         value = float(cell)
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise DataError(f"{str(path)!r} line {line}, column {column!r}: the target {cell!r} is "
-                        "not a finite number (a regression task's label is a number)")
+        raise DataError(f"{where} {cell!r} is not a finite number{hint}")
     return value
+
+
+def _target_value(path: Path, line: int, column: str, cell: str) -> float:
+    return finite_number(cell, f"{str(path)!r} line {line}, column {column!r}: the target",
+                         " (a regression task's label is a number)")
 
 
 def load_csv(
@@ -127,17 +137,8 @@ def load_csv(
                     )
                 values: list[float] = []
                 for i in feature_cols:
-                    cell = row[i].strip()
-                    try:
-                        value = float(cell)
-                    except ValueError:
-                        value = math.nan
-                    if not math.isfinite(value):
-                        raise DataError(
-                            f"{str(p)!r} line {line}, column {columns[i]!r}: {cell!r} is not a "
-                            "finite number"
-                        )
-                    values.append(value)
+                    values.append(finite_number(
+                        row[i].strip(), f"{str(p)!r} line {line}, column {columns[i]!r}:"))
                 label = row[label_at].strip()
                 if not label:
                     raise DataError(
