@@ -173,6 +173,41 @@ def test_calibrate_noise_accounts_for_history() -> None:
     assert epsilon([*history, Mechanism(after, q, 30)], DELTA) <= 4.0
 
 
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_a_later_round_gets_the_smallest_fitting_sigma_from_two_evaluations(
+        accountant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from secure_fed.privacy import accounting
+
+    q, steps, budget = 64 / 600, 9, 3.0
+    first = calibrate_noise([], sample_rate=q, steps_per_round=steps, rounds=3, delta=DELTA,
+                            budget=budget, accountant=accountant)
+    done = [Mechanism(first, q, steps)]
+    calls: list[float] = []
+    real = accounting.epsilon
+
+    def counted(mechanisms: list[Mechanism], delta: float, acc: str = "prv") -> float:
+        calls.append(mechanisms[-1].noise_multiplier)
+        return real(mechanisms, delta, acc)
+
+    monkeypatch.setattr(accounting, "epsilon", counted)
+    later = calibrate_noise(done, sample_rate=q, steps_per_round=steps, rounds=2, delta=DELTA,
+                            budget=budget, accountant=accountant)
+    assert len(calls) == 3  # what was spent, the last σ, and one step of tolerance below it
+    # the smallest multiple of the tolerance that fits, as the bisection is bound to find
+    assert real([*done, Mechanism(later, q, 2 * steps)], DELTA, accountant) <= budget
+    assert real([*done, Mechanism(later - 0.001, q, 2 * steps)], DELTA, accountant) > budget
+    assert abs(later - first) <= 0.002
+
+    # A last σ that no longer is the smallest fit (a larger budget) is not taken: the bisection
+    # runs and finds the smaller σ.
+    calls.clear()
+    larger = calibrate_noise(done, sample_rate=q, steps_per_round=steps, rounds=2, delta=DELTA,
+                             budget=2 * budget, accountant=accountant)
+    assert len(calls) > 3 and larger < first - 0.01
+    assert real([*done, Mechanism(larger, q, 2 * steps)], DELTA, accountant) <= 2 * budget
+    assert real([*done, Mechanism(larger - 0.002, q, 2 * steps)], DELTA, accountant) > 2 * budget
+
+
 def test_calibrate_noise_rdp() -> None:
     sigma = calibrate_noise(
         [], sample_rate=0.1, steps_per_round=10, rounds=2, delta=DELTA, budget=2.0, accountant="rdp"
