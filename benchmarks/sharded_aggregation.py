@@ -11,9 +11,11 @@ does not care); the decrypted average is checked against the plaintexts.
 
 Reported per shard count: the master's aggregation time (first chunk to the aggregate the key
 holder receives) split into collection (chunks added, updates finished) and the root's sum,
+the CPU seconds the master process spent in it (all its threads; not the shards'),
 and the peak memory of the master process plus its shard processes (the sum of their
-proportional set sizes, PSS, so that shared libraries count once), sampled every 20 ms (the
-master's figure includes the ``--distinct`` encrypted updates this driver holds).
+proportional set sizes, PSS, so that shared libraries count once), sampled every 20 ms, and
+the master's before the first chunk (its imports, and the ``--distinct`` encrypted updates
+this driver holds).
 
     .venv/bin/python benchmarks/sharded_aggregation.py --slaves 100 --size 1000000 --shards 1,4
 """
@@ -61,6 +63,7 @@ class PeakMemory:
         self.pids = pids
         self.peak = 0
         self.peak_master = 0
+        self.baseline_master = pss_bytes(pids[0])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
 
@@ -102,7 +105,7 @@ async def one_round(shards: int, params: HEParams, keys: tuple[bytes, bytes],
             state, _ = pipeline.open(start)
             shard_pids = pipeline._shards.pids() if pipeline._shards is not None else []
             with PeakMemory([os.getpid(), *shard_pids]) as memory:
-                began = time.perf_counter()
+                began, cpu = time.perf_counter(), time.process_time()
                 chunks = len(updates[0][1])
                 for index in range(chunks):
                     for i, slave in enumerate(slaves):
@@ -111,7 +114,7 @@ async def one_round(shards: int, params: HEParams, keys: tuple[bytes, bytes],
                     await state.finish(slave, 1)
                 collected = time.perf_counter()
                 aggregate = await state.sum_chunks()
-                summed = time.perf_counter()
+                summed, cpu = time.perf_counter(), time.process_time() - cpu
             average = holder.decrypt_average(aggregate, contributors=len(slaves),
                                              total_weight=len(slaves), vector_size=size)
             state.close()
@@ -124,9 +127,10 @@ async def one_round(shards: int, params: HEParams, keys: tuple[bytes, bytes],
         raise SystemExit(f"{shards} shards: decrypted average off by {error:.3g} > {step:.3g}")
     return {"shards": shards, "slaves": len(slaves), "size": size,
             "collect_s": round(collected - began, 2), "sum_s": round(summed - collected, 2),
-            "aggregation_s": round(summed - began, 2),
+            "aggregation_s": round(summed - began, 2), "master_cpu_s": round(cpu, 2),
             "peak_pss_mib": round(memory.peak / 2**20), "master_pss_mib":
-            round(memory.peak_master / 2**20), "max_abs_error": error}
+            round(memory.peak_master / 2**20),
+            "master_before_mib": round(memory.baseline_master / 2**20), "max_abs_error": error}
 
 
 def main() -> None:
@@ -158,9 +162,10 @@ def main() -> None:
             if not args.json:
                 row = rows[-1]
                 print(f"{shards} shard(s): aggregation {row['aggregation_s']:.2f} s (collect "
-                      f"{row['collect_s']:.2f} s, sum {row['sum_s']:.2f} s), peak memory (PSS) "
+                      f"{row['collect_s']:.2f} s, sum {row['sum_s']:.2f} s; master CPU "
+                      f"{row['master_cpu_s']:.2f} s), peak memory (PSS) "
                       f"of master + shards {row['peak_pss_mib']} MiB (master "
-                      f"{row['master_pss_mib']} MiB)",
+                      f"{row['master_pss_mib']} MiB, {row['master_before_mib']} MiB before)",
                       flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -31,7 +31,7 @@ from secure_fed.secagg.vector_sum import VectorSum
 
 __all__ = ["ShardRefusal", "ShardWorker", "init_process", "run_in_process"]
 
-CALLS = frozenset({"open", "add_chunk", "finish", "discard", "partial", "close", "pid"})
+CALLS = frozenset({"open", "add_chunks", "finish", "discard", "partial", "close", "pid"})
 """The calls a shard answers (anything else is refused)."""
 
 
@@ -104,14 +104,17 @@ class ShardWorker:
                               "restarted); the round attempt is aborted")
         return found
 
-    def add_chunk(self, key: str, slave_id: str, index: int, data: bytes
-                  ) -> ShardRefusal | None:
-        """Add one chunk as the sum does; ``None`` or why it was refused."""
-        try:
-            self._sum(key).add_chunk(slave_id, index, data)
-        except CryptoError as exc:
-            return _refusal(exc)
-        return None
+    def add_chunks(self, key: str, chunks: list[tuple[str, int, bytes]]
+                   ) -> list[tuple[str, ShardRefusal]]:
+        """Add ``(slave_id, index, data)`` chunks in order, each as the sum does; the
+        slaves whose chunk was refused, and why."""
+        refused = []
+        for slave_id, index, data in chunks:
+            try:
+                self._sum(key).add_chunk(slave_id, index, data)
+            except CryptoError as exc:
+                refused.append((slave_id, _refusal(exc)))
+        return refused
 
     def finish(self, key: str, slave_id: str, weight: int) -> ShardRefusal | None:
         """Fold a complete update in; ``None`` or why it was refused."""

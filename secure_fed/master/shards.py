@@ -13,9 +13,11 @@ exactly whenever the sums are exact (and to rounding otherwise).
 
 A slave belongs to shard ``i mod n``, ``i`` its position in the federation's slave list (an
 unknown id: a hash of it), so the rule is stable across rounds and restarts. The root passes
-each chunk on and returns at once (at most :data:`IN_FLIGHT` chunks wait per shard), so the
-shards add in parallel while the master reads the next chunks; a chunk a shard refused is
-reported at the slave's next chunk or at its ``finish``, and never touches the others' sum.
+each chunk on and returns at once, in batches of :data:`BATCH` chunks per shard (sent
+earlier when one of the batch's slaves finishes or is discarded), at most :data:`IN_FLIGHT`
+batches on their way to a shard; so the shards add in parallel while the master reads the
+next chunks. A chunk a shard refused is reported at the slave's next chunk or at its
+``finish``, and never touches the others' sum.
 A dropped slave's partial update is removed by its shard exactly as by the single
 aggregator. Memory: one running sum per shard, one at the root (plus the one partial sum it
 is adding), and the chunks in flight.
@@ -49,13 +51,16 @@ from secure_fed.master.shard_worker import (
 from secure_fed.processes import worker_pool
 from secure_fed.secagg.ring import ring_modulus
 
-__all__ = ["IN_FLIGHT", "ShardBackend", "ProcessShards", "RayShards", "ShardedSum",
+__all__ = ["BATCH", "IN_FLIGHT", "ShardBackend", "ProcessShards", "RayShards", "ShardedSum",
            "shard_index", "start_shards", "with_aggregation"]
 
 log = logging.getLogger(__name__)
 
-IN_FLIGHT = 8
-"""Chunks handed to one shard and not yet added; the root waits for room beyond this."""
+BATCH = 8
+"""Chunks sent to a shard in one call (fewer calls: each costs a round trip between
+processes)."""
+IN_FLIGHT = 4
+"""Batches sent to one shard and not yet added; the root waits for room beyond this."""
 
 
 def shard_index(slave_id: str, slaves: list[str], shards: int) -> int:
@@ -232,6 +237,7 @@ class ShardedSum:
             i, "open", key, protection, vector_size, f"{spool_dir}/shard-{i}"))
             for i in range(shards.count)]
         self._room = [asyncio.Semaphore(IN_FLIGHT) for _ in range(shards.count)]
+        self._batch: list[list[tuple[str, int, bytes]]] = [[] for _ in range(shards.count)]
         self._in_flight: dict[str, set[asyncio.Future[Any]]] = {}
         self._refused: dict[str, CryptoError] = {}
         self._by_shard = [0] * shards.count
@@ -266,28 +272,43 @@ class ShardedSum:
             raise MalformedUpdate(slave_id, index,
                                   "update already finished; it cannot gain chunks")
         shard = self._shard_of(slave_id)
-        await self._room[shard].acquire()
-        done = asyncio.wrap_future(self._shards.submit(shard, "add_chunk", self._key, slave_id,
-                                                       index, bytes(data)))
-        self._in_flight.setdefault(slave_id, set()).add(done)
-        done.add_done_callback(lambda f: self._chunk_added(slave_id, shard, f))
+        self._batch[shard].append((slave_id, index, bytes(data)))
+        if len(self._batch[shard]) >= BATCH:
+            await self._send_batch(shard)
 
-    def _chunk_added(self, slave_id: str, shard: int, done: asyncio.Future[Any]) -> None:
+    async def _send_batch(self, shard: int) -> None:
+        """Send the chunks waiting for ``shard`` (after waiting for room)."""
+        await self._room[shard].acquire()
+        batch, self._batch[shard] = self._batch[shard], []
+        if not batch:
+            self._room[shard].release()
+            return
+        done = asyncio.wrap_future(self._shards.submit(shard, "add_chunks", self._key, batch))
+        slaves = {slave_id for slave_id, _, _ in batch}
+        for slave_id in slaves:
+            self._in_flight.setdefault(slave_id, set()).add(done)
+        done.add_done_callback(lambda f: self._batch_added(shard, slaves, f))
+
+    def _batch_added(self, shard: int, slaves: set[str], done: asyncio.Future[Any]) -> None:
         self._room[shard].release()
-        self._in_flight.get(slave_id, set()).discard(done)
+        for slave_id in slaves:
+            self._in_flight.get(slave_id, set()).discard(done)
         if done.cancelled():
             return
         error = done.exception()
-        result = done.result() if error is None else None
-        if slave_id not in self._refused:
-            if isinstance(result, ShardRefusal):
-                self._refused[slave_id] = result.error(slave_id)
-            elif error is not None:
-                self._refused[slave_id] = CryptoError(
-                    f"aggregation shard {shard} failed on an update of '{slave_id}': {error}")
+        if error is not None:
+            for slave_id in slaves:
+                self._refused.setdefault(slave_id, CryptoError(
+                    f"aggregation shard {shard} failed on an update of '{slave_id}': {error}"))
+            return
+        for slave_id, refusal in done.result():
+            self._refused.setdefault(slave_id, refusal.error(slave_id))
 
     async def _settled(self, slave_id: str) -> None:
         """Wait until every chunk of ``slave_id`` handed on was added or refused."""
+        shard = self._shard_of(slave_id)
+        if any(s == slave_id for s, _, _ in self._batch[shard]):
+            await self._send_batch(shard)
         pending = self._in_flight.pop(slave_id, set())
         if pending:
             await asyncio.wait(pending)
@@ -362,15 +383,26 @@ class ShardedSum:
         layout = await self._opened[0] if self.homomorphic else None
         total: np.ndarray | None = None
         for shard in range(self._shards.count):
-            await self._opened[shard]
-            partial, count = await self._call(shard, "partial")
-            if isinstance(partial, ShardRefusal):
-                raise partial.error("")
-            if count != self._by_shard[shard]:
-                raise CryptoError(
-                    f"aggregation shard {shard} holds {count} updates where {self._by_shard[shard]}"
-                    " were folded into it (it was restarted); the round attempt is aborted")
-            total = await asyncio.to_thread(self._add, total, partial, layout)
+            if self._batch[shard]:  # chunks of updates neither finished nor discarded
+                await self._send_batch(shard)
+        # The next shard's partial sum is on its way while one is added (two at a time).
+        coming = asyncio.ensure_future(self._call(0, "partial"))
+        try:
+            for shard in range(self._shards.count):
+                await self._opened[shard]
+                partial, count = await coming
+                if shard + 1 < self._shards.count:
+                    coming = asyncio.ensure_future(self._call(shard + 1, "partial"))
+                if isinstance(partial, ShardRefusal):
+                    raise partial.error("")
+                if count != self._by_shard[shard]:
+                    raise CryptoError(
+                        f"aggregation shard {shard} holds {count} updates where "
+                        f"{self._by_shard[shard]} were folded into it (it was restarted); the "
+                        "round attempt is aborted")
+                total = await asyncio.to_thread(self._add, total, partial, layout)
+        finally:
+            coming.cancel()
         assert total is not None
         return total, layout
 
