@@ -195,8 +195,10 @@ def with_aggregation(config: MasterConfig, *, shards: int | None = None,
     try:
         aggregation = AggregationSettings.model_validate(settings)
     except ValueError as exc:
-        raise ConfigError(f"--aggregation-shards {shards} / --aggregation-backend {backend}: "
-                          "give 1 to 64 shards and the backend processes or ray") from exc
+        given = " ".join(f"--aggregation-{name} {value}" for name, value in
+                         (("shards", shards), ("backend", backend)) if value is not None)
+        raise ConfigError(f"{given}: give 1 to 64 shards, and the backend processes or ray"
+                          ) from exc
     return config.model_copy(update={"aggregation": aggregation})
 
 
