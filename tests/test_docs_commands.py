@@ -124,6 +124,12 @@ PARSED_ONLY: dict[str, str] = {
     "secure-fed bench round --modes he --presets bfv-fast,ckks,compat --sizes xlarge "
     "--slaves 2,4 --rounds 2 --json":
         "six federations of a 10M-parameter model (about 10 minutes, 10 GB of memory)",
+    "python benchmarks/sharded_aggregation.py --slaves 100 --size 1000000 --shards 1,4":
+        "100 updates of 1M values summed twice, 1.5 GB of ciphertext each time (minutes); "
+        "tests/test_sharded_aggregation.py checks the sharded sums",
+    "python benchmarks/sharded_aggregation.py --slaves 25 --size 1000000 --shards 1,4":
+        "25 updates of 1M values summed twice (a minute); tests/test_sharded_aggregation.py "
+        "checks the sharded sums",
     "python benchmarks/gpu_dp_step.py":
         "times DP-SGD and plain steps of two models per device (a minute on a loaded 2-core "
         "machine); tests/test_device.py runs it with one step",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -154,8 +155,12 @@ def cmd_master(args: argparse.Namespace) -> int:
     from secure_fed.cli.display import MasterDisplay, human
     from secure_fed.he.bundle import MasterBundle
     from secure_fed.master.server import Master
+    from secure_fed.master.shards import with_aggregation
 
     bundle = MasterBundle.load(args.bundle)
+    if args.aggregation_shards is not None or args.aggregation_backend is not None:
+        bundle = dataclasses.replace(bundle, config=with_aggregation(
+            bundle.config, shards=args.aggregation_shards, backend=args.aggregation_backend))
     out = args.out or (args.bundle / "run")
     display = MasterDisplay(bundle.config.rounds)
     master = Master(bundle, out, host=args.host, port=args.port, on_event=display,

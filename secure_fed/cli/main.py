@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to wait for the slaves before a round (default: "
                    "join_timeout_s of federation.toml, 600); with fewer than min_slaves "
                    "connected by then the round fails, and with none the master stops")
+    p.add_argument("--aggregation-shards", type=int, default=None, metavar="N",
+                   help="sum the updates in N shards beside the master and add their sums "
+                   "(the same total; default: shards of [aggregation] in federation.toml, 1)")
+    p.add_argument("--aggregation-backend", choices=["processes", "ray"], default=None,
+                   help="where the shards run: worker processes of the master, or Ray actors "
+                   "(pip install 'secure-fed[sim]'; default: backend of [aggregation])")
 
     p = sub.add_parser("slave", help="take part in a federation as a data owner",
                        description="Connect to the master named in SLAVE_DIR/slave.toml and "

@@ -273,6 +273,30 @@ class LimitSettings(_Strict):
     rejoin_grace_s: float = Field(default=5.0, ge=0)
 
 
+class AggregationSettings(_Strict):
+    """How the master's sum runs (the master's own setting: slaves never see it).
+
+    Args:
+        shards: 1 sums every update in the master process; n > 1 sums them in a tree of n
+            shards (a slave's updates always go to the same one) and a root that adds the
+            shards' sums and hands only the total to the key holder: the same total, in
+            parallel and without one process holding every incoming stream.
+        backend: where the shards run: ``processes`` (worker processes of the master, which
+            end with it) or ``ray`` (Ray actors; needs ``pip install 'secure-fed[sim]'``).
+        ray_address: the Ray cluster of the ``ray`` backend (``None``: the instance this
+            process already joined, else a new local one).
+    """
+
+    shards: int = Field(default=1, ge=1, le=64)
+    backend: Literal["processes", "ray"] = "processes"
+    ray_address: str | None = None
+
+    @field_validator("ray_address", mode="before")
+    @classmethod
+    def _none_word(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
+
 class EvaluationSettings(_Strict):
     """The master's own held-out data for evaluation (never sent to anyone).
 
@@ -333,6 +357,7 @@ class MasterConfig(_Strict):
     encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    aggregation: AggregationSettings = Field(default_factory=AggregationSettings)
     seed: int = 0
     data_schema: DataSchema | None = None
 

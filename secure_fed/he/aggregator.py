@@ -279,6 +279,23 @@ class Aggregator:
             raise CryptoError("no finished contributions; there is nothing to aggregate")
         return [pack_planar(running[i], self.layout, i) for i in range(self.chunk_count)]
 
+    def partial_sum(self) -> np.ndarray:
+        """A copy of the running sum of the finished contributions, in planar coefficients
+        (shape ``(chunk_count, *layout.planar_shape)``, each value below its prime): what a
+        shard of a sharded aggregation hands its root, which adds the shards' sums modulo
+        each prime (exact, so in any order the same bits as one aggregator).
+
+        Raises:
+            CryptoError: unfinished updates are still in the sum.
+        """
+        running = self._running_sum()
+        if self.pending:
+            raise CryptoError(
+                f"slaves {self.pending} have unfinished updates in the sum; finish or discard "
+                "them before taking the partial sum"
+            )
+        return running.copy()
+
     def close(self) -> None:
         """Delete the spool and drop the sum (idempotent)."""
         self._sum = None

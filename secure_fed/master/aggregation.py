@@ -5,7 +5,9 @@ Under each protection the pipeline is the same three steps with different parts:
 - **sum** as chunks stream in: ciphertexts under ``he`` and ``he+mask``
   (:class:`~secure_fed.he.aggregator.Aggregator`, public context only), float32 values
   under ``plain`` and ring values under ``mask``
-  (:class:`~secure_fed.secagg.vector_sum.VectorSum`);
+  (:class:`~secure_fed.secagg.vector_sum.VectorSum`); with ``aggregation.shards`` above 1,
+  a tree of such sums in shard processes or Ray actors and a root that adds their partial
+  sums (:class:`~secure_fed.master.shards.ShardedSum`, the same total);
 - **open** the sum: the :class:`~secure_fed.he.keyholder.KeyHolder` decrypts only an
   aggregate of ``min_slaves`` contributions; under ``mask`` and ``he+mask`` the round's
   secure aggregation (:class:`~secure_fed.secagg.master_round.SecAggRound`) then removes the
@@ -34,6 +36,7 @@ from secure_fed.he.keyholder import KeyHolder
 from secure_fed.he.presets import HEParams
 from secure_fed.master.connections import Connections
 from secure_fed.master.distributed_plan import distributed_plan
+from secure_fed.master.shards import ShardBackend, ShardedSum, shard_index, start_shards
 from secure_fed.master.task import training_plan
 from secure_fed.privacy.distributed import DistributedMechanism, DistributedSettings
 from secure_fed.protocol import coordinator as co
@@ -56,7 +59,7 @@ class RoundAggregation:
         now: the monotonic time the attempt started.
     """
 
-    def __init__(self, aggregator: Aggregator | VectorSum, start: co.StartRound,
+    def __init__(self, aggregator: Aggregator | VectorSum | ShardedSum, start: co.StartRound,
                  connections: Connections, now: float, *, unit_weights: bool = False) -> None:
         self.aggregator = aggregator
         self.unit_weights = unit_weights
@@ -72,7 +75,10 @@ class RoundAggregation:
         Raises:
             SecureFedError: the chunk is malformed; the sum of the others is untouched.
         """
-        await asyncio.to_thread(self.aggregator.add_chunk, slave_id, index, data)
+        if isinstance(self.aggregator, ShardedSum):
+            await self.aggregator.add_chunk(slave_id, index, data)
+        else:
+            await asyncio.to_thread(self.aggregator.add_chunk, slave_id, index, data)
         self.bytes_by_slave[slave_id] = self.bytes_by_slave.get(slave_id, 0) + len(data)
 
     async def finish(self, slave_id: str, weight: int) -> None:
@@ -82,14 +88,20 @@ class RoundAggregation:
         Raises:
             SecureFedError: the update is incomplete or its weight is out of bounds.
         """
-        await asyncio.to_thread(self.aggregator.finish, slave_id,
-                                1 if self.unit_weights else weight)
+        weight = 1 if self.unit_weights else weight
+        if isinstance(self.aggregator, ShardedSum):
+            await self.aggregator.finish(slave_id, weight)
+        else:
+            await asyncio.to_thread(self.aggregator.finish, slave_id, weight)
         if self.secagg is not None:
             self.secagg.note_update(slave_id)
 
     async def discard(self, slave_id: str) -> None:
         """Remove ``slave_id``'s partial or complete update from the sum."""
-        await asyncio.to_thread(self.aggregator.discard, slave_id)
+        if isinstance(self.aggregator, ShardedSum):
+            await self.aggregator.discard(slave_id)
+        else:
+            await asyncio.to_thread(self.aggregator.discard, slave_id)
 
     def update_problem(self, slave_id: str) -> str | None:
         """Why a masked round cannot count an update of ``slave_id``, or ``None``."""
@@ -116,6 +128,22 @@ class RoundAggregation:
         """Release the sum's memory and spool files."""
         self.aggregator.close()
 
+    async def plain_total(self) -> np.ndarray:
+        """The sum of a ``plain`` or ``mask`` round."""
+        if isinstance(self.aggregator, ShardedSum):
+            return await self.aggregator.total()
+        if isinstance(self.aggregator, VectorSum):
+            return self.aggregator.total()
+        raise SecureFedError(f"a {self.aggregator.params.scheme} sum is of ciphertexts")
+
+    async def sum_chunks(self) -> list[bytes]:
+        """The aggregate of an ``he`` or ``he+mask`` round, for the key holder."""
+        if isinstance(self.aggregator, ShardedSum):
+            return await self.aggregator.sum_chunks()
+        if isinstance(self.aggregator, Aggregator):
+            return await asyncio.to_thread(self.aggregator.sum_chunks)
+        raise SecureFedError(f"a {self.aggregator.protection} sum has no ciphertexts")
+
 
 class AggregationPipeline:
     """Opens each attempt's sum and turns a closed collection into the average.
@@ -128,11 +156,13 @@ class AggregationPipeline:
         vector_size: values of every update.
         spool_dir: where an attempt's aggregator spools ciphertexts (one folder each).
         connections: where the secure aggregation's messages go.
+        shards: the aggregation's shards (``None``: started from ``config.aggregation`` at
+            the first attempt when it asks for more than one, and ended by :meth:`close`).
     """
 
     def __init__(self, config: MasterConfig, params: HEParams, public_context: bytes,
                  keyholder: KeyHolder, *, vector_size: int, spool_dir: Path,
-                 connections: Connections) -> None:
+                 connections: Connections, shards: ShardBackend | None = None) -> None:
         self.config = config
         self.params = params
         self.protection = config.encryption.protection
@@ -141,6 +171,8 @@ class AggregationPipeline:
         self.vector_size = vector_size
         self._spool_dir = spool_dir
         self._connections = connections
+        self._shards = shards
+        self._own_shards = shards is None
         plan = distributed_plan(config.training, len(config.slaves))
         self.distributed = (None if plan is None else DistributedMechanism(
             DistributedSettings.from_fields(plan.model_dump()), config.training.max_grad_norm,
@@ -150,8 +182,15 @@ class AggregationPipeline:
         """The empty sum of an attempt and, under a masked protection, the secure-aggregation
         settings its task carries (``None`` when too few tasked slaves are connected)."""
         spool = self._spool_dir / f"round-{start.round:06d}-{start.attempt}"
-        aggregator: Aggregator | VectorSum
-        if self.protection in ("he", "he+mask"):
+        aggregator: Aggregator | VectorSum | ShardedSum
+        shards = self._started_shards()
+        if shards is not None:
+            slaves = self.config.slaves
+            aggregator = ShardedSum(
+                shards, f"{start.round}-{start.attempt}-{start.nonce}", self.protection,
+                self.params, self.vector_size, spool_dir=str(spool),
+                shard_of=lambda slave_id: shard_index(slave_id, slaves, shards.count))
+        elif self.protection in ("he", "he+mask"):
             aggregator = Aggregator(self.params, self._public_context, self.vector_size,
                                     spool_dir=spool)
         else:
@@ -164,6 +203,16 @@ class AggregationPipeline:
         if self.protection in ("mask", "he+mask"):
             task = self._open_secagg(state)
         return state, task
+
+    def _started_shards(self) -> ShardBackend | None:
+        """The shards of the sum (started at the first attempt), or ``None`` for one
+        aggregator in this process."""
+        settings = self.config.aggregation
+        if self._shards is None and self._own_shards and settings.shards > 1:
+            self._shards = start_shards(settings.backend, settings.shards, self.params,
+                                        self._public_context, ray_address=settings.ray_address)
+            log.info("aggregation runs in %d shards (%s)", settings.shards, settings.backend)
+        return self._shards
 
     def _open_secagg(self, state: RoundAggregation) -> SecAggTask | None:
         """Start the secure aggregation of a round; the public settings for its task."""
@@ -210,13 +259,13 @@ class AggregationPipeline:
                 raise SecureFedError(
                     f"only {contributors} updates arrived; distributed DP opens a sum of at "
                     f"least min_survivors={needed}, so this one is refused unopened")
-        if isinstance(state.aggregator, VectorSum):
-            total = state.aggregator.total()
+        if self.protection in ("plain", "mask"):
+            total = await state.plain_total()
             if self.protection == "plain":
                 result: np.ndarray = (total / float(weight)).astype(np.float32)
                 return result
         else:
-            sums = await asyncio.to_thread(state.aggregator.sum_chunks)
+            sums = await state.sum_chunks()
             if self.protection == "he":
                 return await asyncio.to_thread(
                     self.keyholder.decrypt_average, sums, contributors=contributors,
@@ -282,5 +331,8 @@ class AggregationPipeline:
             "total_weight": action.total_weight, "protection": self.protection}
 
     def close(self) -> None:
-        """Stop the key holder's workers."""
+        """Stop the key holder's workers and the shards this pipeline started."""
         self.keyholder.close()
+        if self._own_shards and self._shards is not None:
+            self._shards.close()
+            self._shards = None
