@@ -26,8 +26,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/secure-fed demo --out demo-run
 
-# Two workers (pytest-xdist), one per core of the CI machine: the suite takes about 8.5
-# minutes instead of 13-16.
+# Two workers (pytest-xdist), one per core of the CI machine. --dist loadgroup keeps the tests
+# that share one expensive session fixture on one worker (pytest.mark.xdist_group); the 25
+# slowest tests are listed at the end, so that a slow new test shows.
 test: $(STAMP) chromium
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
