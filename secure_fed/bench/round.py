@@ -303,7 +303,11 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
                                       preset=preset,
                                       max_weight_per_slave=MAX_RECORDS_PER_SLAVE,
                                       workers=options.workers),
+        # a measurement, not a test of deadlines: with 16 slaves of 1M parameters in one
+        # process on 2 shared cores, a secure-aggregation phase or a keep-alive answer can
+        # take longer than the defaults' 60 s (the attempt was then aborted and retried)
         limits=LimitSettings(join_timeout_s=300, upload_deadline_s=3600,
+                             secagg_phase_timeout_s=3600, keepalive_timeout_s=600,
                              max_message_bytes=max(4 * 2**20, model_bytes + 2**20)),
         evaluation=EvaluationSettings(dataset=DATASET, seed=options.seed),
     ), force=True)
