@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,7 @@ from secure_fed.bench.round import (
 )
 from secure_fed.bench.utility_dp import dp_kind, recorded_mechanisms
 from secure_fed.cli.main import main
+from secure_fed.costs import COSTS_FILE, MasterRoundCosts, SlaveRoundCosts, read_costs
 from secure_fed.errors import ConfigError, SecureFedError
 from secure_fed.he.bundle import MasterBundle
 from secure_fed.he.chunk_format import chunk_size_for
@@ -53,7 +56,7 @@ def test_round_bench_reports_the_federations_real_bytes_and_times(
 ) -> None:
     code = main(["bench", "round", "--modes", "he", "--presets", "bfv-fast", "--sizes", "10000",
                  "--slaves", "2", "--rounds", "2", "--json", "--plot", str(tmp_path / "plots"),
-                 "--keep", str(tmp_path / "runs"), "--wire"])
+                 "--keep", str(tmp_path / "runs"), "--wire", "--bandwidth", "8Mbit"])
     out = capsys.readouterr().out
     assert code == 0, out
     rows = json.loads(out.strip().splitlines()[-1])
@@ -90,9 +93,48 @@ def test_round_bench_reports_the_federations_real_bytes_and_times(
     assert 0.1 < row["accuracy"] <= 1.0
 
     assert "bfv-fast" in out and "rounds after the first" in out and "wire up/slave" in out
-    for name in ("round-seconds.png", "round-bytes.png"):
+    assert "critical path at 8Mbit" in out
+    _check_costs(row, run, tmp_path / "runs", received=chunks * chunk_bytes)
+    for name in ("round-seconds.png", "round-bytes.png", "round-critical-path.png"):
         png = (tmp_path / "plots" / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
+
+
+def _check_costs(row: dict[str, Any], run: Path, runs: Path, *, received: int) -> None:
+    """Each party's recorded costs: positive where it worked, none where it did not, bytes
+    equal to what crossed, and the row's critical path recomputed from them."""
+    master = read_costs(run / "run" / COSTS_FILE, MasterRoundCosts)
+    slaves = {s: read_costs(run / "state" / s / COSTS_FILE, SlaveRoundCosts)
+              for s in ("slave-1", "slave-2")}
+    assert [(m.round, m.attempt) for m in master] == [(1, 1), (2, 1)]
+    for records in slaves.values():
+        assert [(r.round, r.attempt) for r in records] == [(1, 1), (2, 1)]
+    for m in master:
+        assert min(m.admission_s, m.aggregation_s, m.decryption_s, m.commit_s) > 0
+        assert m.unmasking_s == 0  # he: nothing masked
+    for party, records in slaves.items():
+        for record, m in zip(records, master, strict=True):
+            assert min(record.training_s, record.protection_s, record.signing_s) > 0
+            # what one end sent is what the other received, message for message
+            assert (record.bytes_up, record.bytes_down) == (m.bytes_in[party],
+                                                            m.bytes_out[party])
+            assert received < record.bytes_up < received + 20_000  # the chunks + messages
+            assert row["download_bytes_per_slave"] < record.bytes_down
+    # on the wire (the relay's count) the same messages, plus TLS and websocket framing
+    sent = statistics.fmean(sum(r.bytes_up for r in rs) for rs in slaves.values())
+    wire = row["wire_up_bytes_per_slave_per_round"] * row["rounds"]
+    assert sent < wire < 1.05 * sent
+    # the critical path of round 2, recomputed from the records at 8 Mbit/s = 1e6 B/s
+    own = {party: rs[1].training_s + rs[1].protection_s + rs[1].signing_s + rs[1].protocol_s
+           + (rs[1].bytes_up + rs[1].bytes_down) / 1e6 for party, rs in slaves.items()}
+    m = master[1]
+    expected = max(own.values()) + (m.admission_s + m.aggregation_s + m.decryption_s
+                                    + m.unmasking_s + m.commit_s)
+    assert row["critical_path_rounds"][0]["slave"] == max(own, key=own.__getitem__)
+    assert row["critical_path_seconds"] == pytest.approx(expected, rel=1e-9)
+    assert row["slave_costs"]["slave-1"]["bytes_up"] == slaves["slave-1"][1].bytes_up
+    assert row["master_costs"]["decryption_s"] == m.decryption_s
+    assert row["critical_path_vs_plain"] is None  # no plain row measured
 
 
 def test_the_no_dp_baseline_is_plaintext_fedavg_with_the_slaves_consent(
@@ -115,6 +157,13 @@ def test_the_no_dp_baseline_is_plaintext_fedavg_with_the_slaves_consent(
         assert [e["mode"] for e in ledger["entries"]].count("count") == (1 if dp else 0)
         assert rows[mode]["upload_bytes_per_slave"] == 4 * rows[mode]["params"]
     assert "except in the no-dp rows" in out
+    # the ratios are against the DP-only row of the same size and slaves
+    base = rows["plain"]
+    assert base["critical_path_vs_plain"] == 1.0
+    assert rows["no-dp"]["critical_path_vs_plain"] == pytest.approx(
+        rows["no-dp"]["critical_path_seconds"] / base["critical_path_seconds"])
+    assert rows["no-dp"]["seconds_vs_plain"] == pytest.approx(
+        rows["no-dp"]["seconds_per_round"] / base["seconds_per_round"])
 
 
 def test_distributed_dp_sends_the_smaller_ring_it_sizes(
@@ -158,6 +207,7 @@ def test_distributed_dp_sends_the_smaller_ring_it_sizes(
     (["--modes", "no-dp,mask", "--dp", "local"], "runs without DP"),
     (["--modes", "mask", "--dp", "distributed", "--slaves", "2,4"], "at least 3 slaves"),
     (["--modes", "mask", "--dp", "shared"], "give distinct DP mechanisms"),
+    (["--bandwidth", "100"], "e.g. 100Mbit"),
 ])
 def test_dp_options_are_refused_before_anything_runs(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str],

@@ -130,6 +130,17 @@ PARSED_ONLY: dict[str, str] = {
     "python benchmarks/sharded_aggregation.py --slaves 25 --size 1000000 --shards 1,4":
         "25 updates of 1M values summed twice (a minute); tests/test_sharded_aggregation.py "
         "checks the sharded sums",
+    "secure-fed bench round --modes plain,mask,he,he+mask --sizes small,large --slaves 16 "
+    "--rounds 2 --bandwidth 100Mbit --json --plot round-plots":
+        "eight federations of 16 slaves up to 1M parameters (15-25 minutes on a loaded 2-core "
+        "machine; tests/test_bench_round.py checks the costs and critical path of a small one)",
+    "secure-fed bench round --modes plain,mask,he+mask --sizes large --slaves 16 --rounds 2 "
+    "--bandwidth 100Mbit --json":
+        "three federations of 16 slaves at 1M parameters (10-15 minutes on a loaded 2-core "
+        "machine)",
+    "secure-fed bench round --modes plain,he+mask --sizes large --slaves 16 --rounds 2 "
+    "--bandwidth 100Mbit --json":
+        "two federations of 16 slaves at 1M parameters (10 minutes on a loaded 2-core machine)",
     "python benchmarks/gpu_dp_step.py":
         "times DP-SGD and plain steps of two models per device (a minute on a loaded 2-core "
         "machine); tests/test_device.py runs it with one step",

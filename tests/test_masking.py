@@ -130,3 +130,35 @@ def test_seal_binds_ciphertext_and_associated_data() -> None:
         mk.open_sealed(b"\x43" * 32, sealed, b"fed=f round=1 sender=a recipient=b")
     with pytest.raises(CryptoError, match="shorter"):
         mk.open_sealed(key, sealed[:10], b"")
+
+
+@pytest.mark.parametrize("modulus", [2**8 + 1, 2**30 - 35, 2**31 - 1, 2**57 - 13, 2**60 - 93])
+def test_ring_packing_is_the_msb_first_bitstream(modulus: int) -> None:
+    """Packing a word at a time gives the bit-by-bit stream (``ring_width`` bits per value,
+    most significant first, the last byte padded with zeros), and unpacks back."""
+    from secure_fed.secagg.ring import pack_ring, ring_width, unpack_ring
+
+    width = ring_width(modulus)
+    for count in (1, 7, 8, 9, 1001):
+        values = np.random.default_rng(count).integers(0, modulus, count, dtype=np.uint64)
+        bits = "".join(format(int(v), f"0{width}b") for v in values)
+        bits += "0" * (-len(bits) % 8)
+        stream = int(bits, 2).to_bytes(len(bits) // 8, "big")
+        assert pack_ring(values, modulus) == stream
+        assert np.array_equal(unpack_ring(stream, count, modulus), values)
+
+
+@pytest.mark.parametrize("modulus", [2**30 - 35, 2**62 + 1, 2**64])
+def test_a_mask_sum_reduced_once_equals_reducing_each_step(modulus: int) -> None:
+    from secure_fed.secagg.masking import MaskSum
+
+    rng = np.random.default_rng(modulus % 1000)
+    high = min(modulus, 2**63)
+    start = rng.integers(0, high, 500, dtype=np.uint64)
+    total, expected = MaskSum(start, modulus, terms=6), start
+    for i in range(6):
+        vector = rng.integers(0, high, 500, dtype=np.uint64)
+        step = mk.add_mod if i % 2 else mk.sub_mod
+        expected = step(expected, vector, modulus)
+        (total.add if i % 2 else total.subtract)(vector)
+    assert np.array_equal(total.result(), expected)

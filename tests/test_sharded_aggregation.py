@@ -307,12 +307,15 @@ def test_the_masters_pipeline_sums_in_the_shards_of_its_settings(
                 average = await pipeline.average(state, co.Aggregate(
                     round=1, attempt=1, contributors=contributors, total_weight=8, headers={},
                     declines={}))
+                # the shards' CPU seconds (they did all the adding) are the master's costs
+                costs = pipeline.costs.take()
                 state.close()
             finally:
                 pipeline.close()
-            return average, pids
+            return average, pids, costs
 
-    average, pids = asyncio.run(run())
+    average, pids, costs = asyncio.run(run())
+    assert costs["aggregation_s"] > 0 and costs["decryption_s"] > 0
     assert "aggregation runs in 2 shards (processes)" in caplog.messages
     expected = np.mean([encrypted[s][0] for s in ("a", "b", "d", "e")], axis=0)
     assert np.max(np.abs(average - expected)) <= params.clip / 2 ** (params.quant_bits - 1)

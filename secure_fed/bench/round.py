@@ -24,7 +24,16 @@ Figures come from what the master records, not from estimates:
 * with ``wire``: ``wire_up_bytes_per_slave_per_round`` / ``wire_down_…``, everything each
   slave's connection carried (TLS, websocket framing, handshake, every protocol message
   including the key exchange of the masking modes), counted by a loopback relay and divided by
-  the rounds.
+  the rounds;
+* ``slave_costs`` / ``master_costs``: each party's CPU seconds per kind of work and message
+  bytes up and down, per round (mean of the timed rounds), as each party recorded them in its
+  ``costs.jsonl`` (:mod:`secure_fed.costs`);
+* ``critical_path_seconds``: from those records, the round of a deployment where every party
+  has a machine of its own — the slowest slave's work, plus its bytes up and down at
+  ``bandwidth``, plus the master's work (:func:`secure_fed.costs.critical_path`; each timed
+  round's parts in ``critical_path_rounds``, their mean in ``critical_path``), beside the
+  measured ``seconds_per_round``; ``critical_path_vs_plain`` and ``seconds_vs_plain``: the
+  ratios against the ``plain`` (DP only) row of the same size, slaves and DP mechanism.
 
 The protection mode is only a setting (``EncryptionSettings.protection``). A row counts only
 if the run ran that protection (as ``summary.json`` or the audit log records it, else as the
@@ -57,6 +66,17 @@ from secure_fed.config.settings import (
     LimitSettings,
     ModelSpec,
     TrainingPlanSettings,
+)
+from secure_fed.costs import (
+    COSTS_FILE,
+    DEFAULT_BANDWIDTH,
+    MASTER_WORK,
+    SLAVE_WORK,
+    MasterRoundCosts,
+    SlaveRoundCosts,
+    critical_path,
+    parse_bandwidth,
+    read_costs,
 )
 from secure_fed.errors import ConfigError, SecureFedError
 from secure_fed.secagg.ring import ring_width
@@ -105,6 +125,8 @@ class RoundOptions:
         dp: DP mechanisms to compare (see :data:`DP_MECHANISMS`); each configuration then
             runs once per mechanism with the ``gradient`` plan of :func:`gradient_plan` at
             ``plan.epsilon`` instead of ``plan``. Empty: ``plan`` with local DP.
+        bandwidth: each slave's link speed of the critical path, each direction
+            (``100Mbit``, ``1Gbit``, ``12.5MB/s``; :func:`secure_fed.costs.parse_bandwidth`).
     """
 
     modes: tuple[str, ...] = ("he",)
@@ -117,8 +139,10 @@ class RoundOptions:
     workers: int = 1
     wire: bool = False
     dp: tuple[str, ...] = ()
+    bandwidth: str = DEFAULT_BANDWIDTH
 
     def __post_init__(self) -> None:
+        parse_bandwidth(self.bandwidth)
         unknown = sorted(set(self.modes) - set(MODES))
         if unknown or not self.modes:
             raise ConfigError(f"unknown protection mode(s) {unknown or '(none)'}; expected a "
@@ -279,7 +303,11 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
                                       preset=preset,
                                       max_weight_per_slave=MAX_RECORDS_PER_SLAVE,
                                       workers=options.workers),
+        # a measurement, not a test of deadlines: with 16 slaves of 1M parameters in one
+        # process on 2 shared cores, a secure-aggregation phase or a keep-alive answer can
+        # take longer than the defaults' 60 s (the attempt was then aborted and retried)
         limits=LimitSettings(join_timeout_s=300, upload_deadline_s=3600,
+                             secagg_phase_timeout_s=3600, keepalive_timeout_s=600,
                              max_message_bytes=max(4 * 2**20, model_bytes + 2**20)),
         evaluation=EvaluationSettings(dataset=DATASET, seed=options.seed),
     ), force=True)
@@ -364,6 +392,7 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
     params = mlp_parameter_count(hidden)
     chunks = UpdateEncoder.chunk_count_for(run.he_params, params)
     upload = statistics.fmean(uploads)
+    costs = round_costs(work, measured, parse_bandwidth(options.bandwidth))
     return {
         "mode": mode, "preset": preset or "-", "params": params, "hidden": hidden,
         "slaves": slaves, "rounds": options.rounds, "dp": dp,
@@ -384,7 +413,75 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
             statistics.fmean(down for _, down in wire) / options.rounds if wire else None),
         "accuracy": summary["final_accuracy"],
         "wall_seconds": wall,
+        "bandwidth": options.bandwidth,
+        **costs,
     }
+
+
+def round_costs(work: Path, measured: Sequence[dict[str, Any]],
+                bandwidth: float) -> dict[str, Any]:
+    """The parties' costs of the timed rounds and their critical paths, from the
+    ``costs.jsonl`` the master (``work/run``) and each slave (``work/state/<slave>``) wrote.
+
+    Args:
+        work: the federation's folder.
+        measured: the summary's rows of the timed rounds (round, participants).
+        bandwidth: bytes per second of each slave's link.
+
+    Raises:
+        SecureFedError: a party recorded no costs for a timed round's committed attempt.
+    """
+    committed: dict[int, MasterRoundCosts] = {}
+    for record in read_costs(work / "run" / COSTS_FILE, MasterRoundCosts):
+        committed[record.round] = record  # the last attempt of a round is the committed one
+    slaves: dict[str, list[SlaveRoundCosts]] = {}
+    paths, per_slave, per_master = [], [], []
+    for row in measured:
+        master = committed.get(row["round"])
+        records = []
+        for party in row["participants"]:
+            if party not in slaves:
+                slaves[party] = read_costs(work / "state" / party / COSTS_FILE, SlaveRoundCosts)
+            found = [r for r in slaves[party] if master is not None
+                     and (r.round, r.attempt) == (master.round, master.attempt)]
+            records += found[-1:]
+        if master is None or len(records) != len(row["participants"]):
+            raise SecureFedError(
+                f"round {row['round']}: costs recorded by {len(records)} of "
+                f"{len(row['participants'])} slaves and {'the' if master else 'not the'} "
+                f"master; see the costs.jsonl files under {work}")
+        path = critical_path(records, master, bandwidth)
+        paths.append({"round": master.round, "attempt": master.attempt, **path.model_dump()})
+        per_slave += records
+        per_master.append(master)
+    slave_fields = (*SLAVE_WORK, "bytes_up", "bytes_down")
+    return {
+        "slave_costs": {party: {key: statistics.fmean(getattr(r, key) for r in per_slave
+                                                      if r.party == party)
+                                for key in slave_fields}
+                        for party in sorted({r.party for r in per_slave})},
+        "master_costs": {
+            **{key: statistics.fmean(getattr(m, key) for m in per_master) for key in MASTER_WORK},
+            "bytes_in": statistics.fmean(sum(m.bytes_in.values()) for m in per_master),
+            "bytes_out": statistics.fmean(sum(m.bytes_out.values()) for m in per_master)},
+        "critical_path_rounds": paths,
+        "critical_path": {key: statistics.fmean(p[key] for p in paths)
+                          for key in ("slave_work_s", "transfer_s", "master_s", "seconds")},
+        "critical_path_seconds": statistics.fmean(p["seconds"] for p in paths),
+    }
+
+
+def add_ratios(rows: Sequence[dict[str, Any]]) -> None:
+    """Set ``critical_path_vs_plain`` and ``seconds_vs_plain`` of each row against the
+    ``plain`` (DP only) row of the same size, number of slaves and DP mechanism (``None``
+    when there is none)."""
+    plain = {(r["params"], r["slaves"], r.get("dp")): r for r in rows if r["mode"] == "plain"}
+    for row in rows:
+        base = plain.get((row["params"], row["slaves"], row.get("dp")))
+        row["critical_path_vs_plain"] = (row["critical_path_seconds"]
+                                         / base["critical_path_seconds"] if base else None)
+        row["seconds_vs_plain"] = (row["seconds_per_round"] / base["seconds_per_round"]
+                                   if base else None)
 
 
 def check_recorded_dp(out_dir: Path, dp: str, slaves: int) -> None:
@@ -429,6 +526,7 @@ def run_round_bench(options: RoundOptions, *, work_dir: Path | None = None,
                         rows.append(row)
                         if on_row is not None:
                             on_row(row)
+    add_ratios(rows)
     return rows
 
 
@@ -442,6 +540,8 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
               f"{'master in B':>13}")
     header += f" {'B/value':>7} {'ring bits':>9}" if dp else ""
     header += f" {'wire up/slave':>13} {'wire down/slave':>15}" if wire else ""
+    header += (f" {'slave cpu s':>11} {'xfer s':>7} {'master cpu s':>12} {'crit. path s':>12}"
+               f" {'crit/plain':>10} {'s/plain':>7}")
     lines = [header + f" {'accuracy':>8}"]
     for r in rows:
         ratio = r["upload_bytes_per_slave"] / r["plain_bytes_per_slave"]
@@ -455,6 +555,11 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
         if wire:
             line += (f" {r['wire_up_bytes_per_slave_per_round'] or 0:>13,.0f}"
                      f" {r['wire_down_bytes_per_slave_per_round'] or 0:>15,.0f}")
+        path = r["critical_path"]
+        line += (f" {path['slave_work_s']:>11.2f} {path['transfer_s']:>7.2f}"
+                 f" {path['master_s']:>12.2f} {path['seconds']:>12.2f}"
+                 f" {_ratio(r.get('critical_path_vs_plain')):>10}"
+                 f" {_ratio(r.get('seconds_vs_plain')):>7}")
         accuracy = r["accuracy"] if r["accuracy"] is not None else float("nan")
         lines.append(line + f" {accuracy:>8.3f}")
     if rows:
@@ -471,7 +576,17 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
         if wire:
             lines.append("wire: every byte of each slave's connection (TLS, framing, "
                          "handshake, all messages), total of the run divided by its rounds")
+        lines.append(f"critical path at {rows[0]['bandwidth']} per slave link: the slowest "
+                     "slave's CPU seconds (training, protection, signing, protocol) + its "
+                     "message bytes up and down over the link + the master's CPU seconds "
+                     "(admission, aggregation, decryption, unmasking, commit), each party as on "
+                     "a machine of its own; crit/plain and s/plain: against the plain (DP "
+                     "only) row of the same size and slaves")
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}×"
 
 
 def round_plots(rows: Sequence[dict[str, Any]]) -> dict[str, bytes]:
@@ -480,6 +595,7 @@ def round_plots(rows: Sequence[dict[str, Any]]) -> dict[str, bytes]:
     ``round-seconds.png``: seconds per round, one colour per protection (mode and preset), one
     line style per number of slaves. ``round-bytes.png``: update bytes per slave per round, one
     line per protection (they do not depend on the number of slaves), against float32.
+    ``round-critical-path.png``: the critical path per round, as the seconds plot.
     """
     import io
 
@@ -495,7 +611,9 @@ def round_plots(rows: Sequence[dict[str, Any]]) -> dict[str, bytes]:
             ("round-seconds.png", "seconds_per_round", "seconds per round",
              "Round time against model size (no-dp: plaintext FedAvg; others DP-SGD)"),
             ("round-bytes.png", "upload_bytes_per_slave", "update bytes per slave per round",
-             "Update bytes against model size")):
+             "Update bytes against model size"),
+            ("round-critical-path.png", "critical_path_seconds", "critical path seconds",
+             "Critical path of a round (each party on its own machine)")):
         fig = Figure(figsize=(8.0, 4.6), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()
@@ -504,14 +622,15 @@ def round_plots(rows: Sequence[dict[str, Any]]) -> dict[str, bytes]:
                     transform=ax.transAxes)
         for i, (mode, preset) in enumerate(kinds):
             kind = " ".join(x for x in (mode, preset) if x != "-")
-            for j, slaves in enumerate(counts if key == "seconds_per_round" else counts[:1]):
+            per_count = key != "upload_bytes_per_slave"
+            for j, slaves in enumerate(counts if per_count else counts[:1]):
                 points = sorted((r for r in rows if (r["mode"], r["preset"]) == (mode, preset)
-                                 and (r["slaves"] == slaves or key != "seconds_per_round")),
+                                 and (r["slaves"] == slaves or not per_count)),
                                 key=lambda r: r["params"])
                 by_size = {p["params"]: p[key] for p in points}
                 if not by_size:
                     continue
-                label = f"{kind}, {slaves} slaves" if key == "seconds_per_round" else kind
+                label = f"{kind}, {slaves} slaves" if per_count else kind
                 ax.plot(list(by_size), list(by_size.values()), styles[j % len(styles)],
                         color=f"C{i % 10}", label=label)
         if key == "upload_bytes_per_slave" and rows:

@@ -427,12 +427,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                sizes=parse_sizes(args.sizes),
                                slaves=parse_counts("--slaves", args.slaves),
                                rounds=args.rounds, seed=args.seed, wire=args.wire,
-                               dp=_items(args.dp) if args.dp is not None else ())
+                               dp=_items(args.dp) if args.dp is not None else (),
+                               bandwidth=args.bandwidth)
         rows = run_round_bench(options, work_dir=args.keep, on_row=lambda row: print(
             f"measured {row['mode']} {row['preset']} {row['params']:,} parameters, "
             f"{row['slaves']} slaves"
             + (f", {row['dp']} DP" if row.get("dp") else "")
-            + f": {row['seconds_per_round']:.2f} s/round", flush=True))
+            + f": {row['seconds_per_round']:.2f} s/round, critical path "
+            f"{row['critical_path_seconds']:.2f} s", flush=True))
         print(format_round_table(rows))
         if args.plot is not None:
             for path in write_round_plots(rows, args.plot):

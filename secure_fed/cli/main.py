@@ -399,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep", type=Path, default=None, metavar="DIR",
                    help="keep each federation's keys, checkpoints, summary.json and audit log "
                    "in DIR (default: a temporary folder, removed)")
+    r.add_argument("--bandwidth", default="100Mbit", metavar="SPEED",
+                   help="each slave's link speed, each direction, for the critical path "
+                   "(e.g. 100Mbit, 1Gbit, 12.5MB/s; default 100Mbit)")
     r.add_argument("--json", action="store_true", help="end with one JSON line (a list of rows)")
 
     from secure_fed.cli.audit import add_audit_parser

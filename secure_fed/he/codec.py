@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
 
+from secure_fed.costs import timed_call
 from secure_fed.encoding import check_vector, check_weight, decode_plain_sum, encode_plain
 from secure_fed.errors import CryptoError
 from secure_fed.he.chunk_format import CiphertextLayout, chunk_size_for, pack_chunk
@@ -72,17 +75,25 @@ def _chunk_rng(entropy: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(index,)))
 
 
-def _worker_encrypt(task: tuple[int, np.ndarray, int, int]) -> bytes:
-    index, values, weight, entropy = task
+def _encode_encrypt(index: int, values: np.ndarray, weight: int, entropy: int) -> bytes:
     params: HEParams = _WORKER["params"]
     plain = encode_plain(values, weight, params, _chunk_rng(entropy, index))
     return encrypt_chunk(_WORKER["ctx"], params, _WORKER["layout"], index, plain)
 
 
-def _worker_encrypt_ring(task: tuple[int, np.ndarray]) -> bytes:
-    index, values = task
+def _worker_encrypt(task: tuple[int, np.ndarray, int, int]) -> tuple[bytes, float]:
+    """One chunk, and the worker's CPU seconds for it (measured here: a live pool's time
+    shows in no ``getrusage`` of its parent)."""
+    return timed_call(_encode_encrypt, *task, clock=time.process_time)
+
+
+def _encrypt_ring(index: int, values: np.ndarray) -> bytes:
     return encrypt_chunk(_WORKER["ctx"], _WORKER["params"], _WORKER["layout"], index,
                          values.astype(np.int64))
+
+
+def _worker_encrypt_ring(task: tuple[int, np.ndarray]) -> tuple[bytes, float]:
+    return timed_call(_encrypt_ring, *task, clock=time.process_time)
 
 
 class UpdateEncoder:
@@ -95,6 +106,10 @@ class UpdateEncoder:
         public_context: the public context bytes from the master.
         workers: worker processes (``None``: ``os.cpu_count()``); at least one, so encryption
             never runs in (and never holds the GIL of) the calling process.
+
+    Attributes:
+        worker_cpu_seconds: CPU seconds the workers spent on this encoder's chunks so far
+            (encoding and encryption, measured in each worker call).
 
     Raises:
         CryptoError: the public context is invalid or does not match ``params``.
@@ -110,6 +125,7 @@ class UpdateEncoder:
         ctx = load_public_context(public_context, params)
         self.layout = ciphertext_layout(params, ctx)
         self.workers = count
+        self.worker_cpu_seconds = 0.0
         self._pool: ProcessPoolExecutor | None = worker_pool(
             count, _worker_init, (params.model_dump_json(), bytes(public_context)))
 
@@ -171,7 +187,7 @@ class UpdateEncoder:
         ]
         batch = max(1, math.ceil(len(tasks) / (4 * self.workers)))
         try:
-            return list(self._pool.map(_worker_encrypt, tasks, chunksize=batch))
+            return self._collect(self._pool.map(_worker_encrypt, tasks, chunksize=batch))
         except BrokenProcessPool as exc:
             raise CryptoError(
                 f"an encryption worker process died ({exc}); close this encoder and create a "
@@ -199,10 +215,18 @@ class UpdateEncoder:
         tasks = [(i, ring[i * s:(i + 1) * s]) for i in range(self.chunk_count(ring.shape[0]))]
         batch = max(1, math.ceil(len(tasks) / (4 * self.workers)))
         try:
-            return list(self._pool.map(_worker_encrypt_ring, tasks, chunksize=batch))
+            return self._collect(self._pool.map(_worker_encrypt_ring, tasks, chunksize=batch))
         except BrokenProcessPool as exc:
             raise CryptoError(f"an encryption worker process died ({exc}); close this encoder "
                               "and create a new one") from exc
+
+    def _collect(self, results: Iterable[tuple[bytes, float]]) -> list[bytes]:
+        """The chunks of the workers' results, their CPU seconds added up."""
+        chunks = []
+        for chunk, seconds in results:
+            chunks.append(chunk)
+            self.worker_cpu_seconds += seconds
+        return chunks
 
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""

@@ -11,10 +11,12 @@ the clip (:mod:`secure_fed.he.aggregate_checks`).
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from secure_fed.costs import timed_call
 from secure_fed.encoding import decode_plain_sum
 from secure_fed.errors import CryptoError
 from secure_fed.he.aggregate_checks import (
@@ -37,8 +39,9 @@ def _worker_init(params_json: str, secret_context: bytes) -> None:
     _WORKER["decrypter"] = Decrypter(HEParams.model_validate_json(params_json), secret_context)
 
 
-def _worker_open(coeffs: np.ndarray) -> tuple[np.ndarray, int | None]:
-    return _WORKER["decrypter"].open(coeffs)
+def _worker_open(coeffs: np.ndarray) -> tuple[tuple[np.ndarray, int | None], float]:
+    """One chunk opened, and the worker's CPU seconds for it (measured here)."""
+    return timed_call(_WORKER["decrypter"].open, coeffs, clock=time.process_time)
 
 
 class KeyHolder:
@@ -50,6 +53,10 @@ class KeyHolder:
         min_contributions: fewest contributions an aggregate must have to be decrypted (≥ 1),
             so that no individual update is ever revealed.
         workers: decryption processes; 1 decrypts in the calling process.
+
+    Attributes:
+        worker_cpu_seconds: CPU seconds decryption workers spent so far (measured in each
+            worker call; with ``workers=1`` it stays 0: the calling thread does the work).
 
     Raises:
         CryptoError: invalid secret context, or ``min_contributions``/``workers`` below 1.
@@ -73,6 +80,7 @@ class KeyHolder:
         self._decrypter = Decrypter(params, secret_context)
         self.layout = self._decrypter.layout
         self._pool: ProcessPoolExecutor | None = None
+        self.worker_cpu_seconds = 0.0
         if workers > 1:
             self._pool = worker_pool(workers, _worker_init,
                                      (params.model_dump_json(), bytes(secret_context)))
@@ -164,7 +172,10 @@ class KeyHolder:
             except ChunkFormatError as exc:
                 raise CryptoError(f"aggregate chunk {index} refused: {exc}") from exc
         if self._pool is not None:
-            opened = list(self._pool.map(_worker_open, coeffs))
+            opened = []
+            for chunk, seconds in self._pool.map(_worker_open, coeffs):
+                opened.append(chunk)
+                self.worker_cpu_seconds += seconds
         else:
             opened = [self._decrypter.open(c) for c in coeffs]
         if self.params.scheme == "bfv":

@@ -20,6 +20,7 @@ from typing import Protocol
 from cryptography import x509
 
 from secure_fed.config.settings import MasterConfig
+from secure_fed.costs import MASTER_WORK, CpuTotals
 from secure_fed.errors import IdentityError, ProtocolError, SecureFedError, TransportError
 from secure_fed.identity.certificates import certificate_role, party_id_from_certificate
 from secure_fed.identity.revocation import Revocations
@@ -77,12 +78,15 @@ class Admission:
         rounds: the round the greeted slaves take part in.
         insecure_loopback: the transport authenticates nobody (plain ws://): a slave is
             identified by the certificate it sends in ``hello``.
+        costs: the master's CPU seconds, to which identifying and greeting are added.
     """
 
     def __init__(self, config: MasterConfig, *, ca_cert_pem: bytes, revocations: Revocations,
                  public_digest: str, preset: str, connections: Connections,
-                 rounds: RoundEvents, insecure_loopback: bool) -> None:
+                 rounds: RoundEvents, insecure_loopback: bool,
+                 costs: CpuTotals | None = None) -> None:
         self.config = config
+        self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
         self._ca_cert_pem = ca_cert_pem
         self.revocations = revocations
         self._public_digest = public_digest
@@ -113,7 +117,8 @@ class Admission:
         """Identify and greet a new connection; ``False`` if it was refused (and closed)."""
         if not self.insecure_loopback:
             try:
-                slave_id, certificate = self._identify(channel)
+                with self.costs.measure("admission_s"):
+                    slave_id, certificate = self._identify(channel)
             except ProtocolError as exc:
                 log.warning("refusing a connection from %s: %s", channel.address, exc)
                 await channel.close(exc.close_code, str(exc))
@@ -170,6 +175,13 @@ class Admission:
         if message is None:
             raise ProtocolError(f"no 'hello' within handshake_timeout_s="
                                 f"{limits.handshake_timeout_s:g}", 4008)
+        with self.costs.measure("admission_s"):
+            welcome = self._check_hello(channel, message)
+        await channel.send(welcome)
+
+    def _check_hello(self, channel: Channel, message: str | bytes) -> Welcome:
+        """The ``welcome`` for a slave's ``hello``, once its identity, protocol version and
+        HE context are checked."""
         hello = parse_slave_message(message)
         if not isinstance(hello, Hello):
             raise ProtocolError(f"expected 'hello' first, got '{hello.type}'")
@@ -185,11 +197,11 @@ class Admission:
             raise ProtocolError(
                 "the slave's HE public context differs from the master's; install the slave "
                 "bundle made by `secure-fed init` for this federation", 4004)
-        await channel.send(Welcome(
+        return Welcome(
             protocol=PROTOCOL_VERSION, federation_id=self.config.federation_id,
             slave_id=channel.peer, preset=self._preset,
             protection=self.config.encryption.protection,
-            next_round=self._rounds.next_round))
+            next_round=self._rounds.next_round)
 
     async def _serve(self, channel: Channel) -> None:
         """Read a greeted slave's messages until it leaves or breaks a limit."""

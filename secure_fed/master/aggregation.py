@@ -21,6 +21,7 @@ contributors (:meth:`AggregationPipeline.refusal`); the round logic decides what
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from secure_fed.config.settings import MasterConfig
+from secure_fed.costs import MASTER_WORK, CpuTotals, timed_call
 from secure_fed.errors import SecureFedError, UnusableAggregate
 from secure_fed.faults import crash_point
 from secure_fed.he.aggregator import Aggregator
@@ -57,11 +59,14 @@ class RoundAggregation:
         start: the coordinator's start of the attempt.
         connections: where the secure aggregation's messages go.
         now: the monotonic time the attempt started.
+        costs: the master's CPU seconds, to which the sum's work is added.
     """
 
     def __init__(self, aggregator: Aggregator | VectorSum | ShardedSum, start: co.StartRound,
-                 connections: Connections, now: float, *, unit_weights: bool = False) -> None:
+                 connections: Connections, now: float, *, unit_weights: bool = False,
+                 costs: CpuTotals | None = None) -> None:
         self.aggregator = aggregator
+        self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
         self.unit_weights = unit_weights
         self.start = start
         self.started = now
@@ -76,9 +81,11 @@ class RoundAggregation:
             SecureFedError: the chunk is malformed; the sum of the others is untouched.
         """
         if isinstance(self.aggregator, ShardedSum):
-            await self.aggregator.add_chunk(slave_id, index, data)
+            await self.aggregator.add_chunk(slave_id, index, data)  # the shard's CPU: below
         else:
-            await asyncio.to_thread(self.aggregator.add_chunk, slave_id, index, data)
+            _, seconds = await asyncio.to_thread(timed_call, self.aggregator.add_chunk,
+                                                 slave_id, index, data)
+            self.costs.add("aggregation_s", seconds)
         self.bytes_by_slave[slave_id] = self.bytes_by_slave.get(slave_id, 0) + len(data)
 
     async def finish(self, slave_id: str, weight: int) -> None:
@@ -92,7 +99,9 @@ class RoundAggregation:
         if isinstance(self.aggregator, ShardedSum):
             await self.aggregator.finish(slave_id, weight)
         else:
-            await asyncio.to_thread(self.aggregator.finish, slave_id, weight)
+            _, seconds = await asyncio.to_thread(timed_call, self.aggregator.finish, slave_id,
+                                                 weight)
+            self.costs.add("aggregation_s", seconds)
         if self.secagg is not None:
             self.secagg.note_update(slave_id)
 
@@ -101,7 +110,8 @@ class RoundAggregation:
         if isinstance(self.aggregator, ShardedSum):
             await self.aggregator.discard(slave_id)
         else:
-            await asyncio.to_thread(self.aggregator.discard, slave_id)
+            _, seconds = await asyncio.to_thread(timed_call, self.aggregator.discard, slave_id)
+            self.costs.add("aggregation_s", seconds)
 
     def update_problem(self, slave_id: str) -> str | None:
         """Why a masked round cannot count an update of ``slave_id``, or ``None``."""
@@ -117,12 +127,16 @@ class RoundAggregation:
     async def tick(self, now: float) -> None:
         """Close the secure aggregation's current phase if its deadline passed."""
         if self.secagg is not None:
-            await self._connections.send_all(self.secagg.tick(now))
+            with self.costs.measure("unmasking_s"):
+                outgoing = self.secagg.tick(now)
+            await self._connections.send_all(outgoing)
 
     async def note_absent(self, slave_id: str, now: float) -> None:
         """``slave_id`` left or declined: the secure aggregation stops waiting for it."""
         if self.secagg is not None:
-            await self._connections.send_all(self.secagg.note_absent(slave_id, now))
+            with self.costs.measure("unmasking_s"):
+                outgoing = self.secagg.note_absent(slave_id, now)
+            await self._connections.send_all(outgoing)
 
     def close(self) -> None:
         """Release the sum's memory and spool files."""
@@ -131,17 +145,24 @@ class RoundAggregation:
     async def plain_total(self) -> np.ndarray:
         """The sum of a ``plain`` or ``mask`` round."""
         if isinstance(self.aggregator, ShardedSum):
-            return await self.aggregator.total()
+            total = await self.aggregator.total()
+            self.costs.add("aggregation_s", await self.aggregator.cpu_seconds())
+            return total
         if isinstance(self.aggregator, VectorSum):
-            return self.aggregator.total()
+            with self.costs.measure("aggregation_s"):
+                return self.aggregator.total()
         raise SecureFedError(f"a {self.aggregator.params.scheme} sum is of ciphertexts")
 
     async def sum_chunks(self) -> list[bytes]:
         """The aggregate of an ``he`` or ``he+mask`` round, for the key holder."""
         if isinstance(self.aggregator, ShardedSum):
-            return await self.aggregator.sum_chunks()
+            sums = await self.aggregator.sum_chunks()
+            self.costs.add("aggregation_s", await self.aggregator.cpu_seconds())
+            return sums
         if isinstance(self.aggregator, Aggregator):
-            return await asyncio.to_thread(self.aggregator.sum_chunks)
+            sums, seconds = await asyncio.to_thread(timed_call, self.aggregator.sum_chunks)
+            self.costs.add("aggregation_s", seconds)
+            return sums
         raise SecureFedError(f"a {self.aggregator.protection} sum has no ciphertexts")
 
 
@@ -158,12 +179,16 @@ class AggregationPipeline:
         connections: where the secure aggregation's messages go.
         shards: the aggregation's shards (``None``: started from ``config.aggregation`` at
             the first attempt when it asks for more than one, and ended by :meth:`close`).
+        costs: the master's CPU seconds, to which aggregation (its shards' included),
+            decryption and unmasking are added.
     """
 
     def __init__(self, config: MasterConfig, params: HEParams, public_context: bytes,
                  keyholder: KeyHolder, *, vector_size: int, spool_dir: Path,
-                 connections: Connections, shards: ShardBackend | None = None) -> None:
+                 connections: Connections, shards: ShardBackend | None = None,
+                 costs: CpuTotals | None = None) -> None:
         self.config = config
+        self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
         self.params = params
         self.protection = config.encryption.protection
         self._public_context = public_context
@@ -198,7 +223,7 @@ class AggregationPipeline:
                                    modulus=(ring_modulus(self.params)
                                             if self.protection == "mask" else None))
         state = RoundAggregation(aggregator, start, self._connections, time.monotonic(),
-                                 unit_weights=self.distributed is not None)
+                                 unit_weights=self.distributed is not None, costs=self.costs)
         task = None
         if self.protection in ("mask", "he+mask"):
             task = self._open_secagg(state)
@@ -240,8 +265,9 @@ class AggregationPipeline:
             log.info("secure aggregation message '%s' of '%s' ignored: no masked round is "
                      "open", parsed.type, sender)
             return
-        await self._connections.send_all(state.secagg.on_message(sender, parsed,
-                                                                 time.monotonic()))
+        with self.costs.measure("unmasking_s"):
+            outgoing = state.secagg.on_message(sender, parsed, time.monotonic())
+        await self._connections.send_all(outgoing)
 
     async def average(self, state: RoundAggregation, action: co.Aggregate) -> np.ndarray:
         """The weighted average of the round's contributions, under each protection.
@@ -267,13 +293,13 @@ class AggregationPipeline:
         else:
             sums = await state.sum_chunks()
             if self.protection == "he":
-                return await asyncio.to_thread(
+                return await self._decrypt(functools.partial(
                     self.keyholder.decrypt_average, sums, contributors=contributors,
-                    total_weight=weight, vector_size=self.vector_size)
-            centred = await asyncio.to_thread(
+                    total_weight=weight, vector_size=self.vector_size))
+            centred = await self._decrypt(functools.partial(
                 self.keyholder.decrypt_sum, sums, contributors=contributors,
                 total_weight=contributors if self.distributed is not None else weight,
-                vector_size=self.vector_size)
+                vector_size=self.vector_size))
             total = np.mod(centred, np.int64(ring_modulus(self.params))).astype(np.uint64)
         if state.secagg is None:
             raise SecureFedError("a masked round has no secure aggregation state")
@@ -281,13 +307,37 @@ class AggregationPipeline:
             raise SecureFedError("the contributors of the sum differ from the slaves secure "
                                  "aggregation counted; round aborted")
         crash_point("master.unmasking")
+        before = state.secagg.cpu_seconds
         unmasked = await state.secagg.unmasked_sum(total, self._connections.send,
                                                    time.monotonic())
+        self.costs.add("unmasking_s", state.secagg.cpu_seconds - before)
         if self.distributed is not None:
             # the inverse rotation is a DCT of every value (0.24 s at 1M): off the event loop
-            return await asyncio.to_thread(self._distributed_average, unmasked, contributors,
-                                           weight, state.start.nonce)
-        return ring_to_average(unmasked, weight, self.params)
+            average, seconds = await asyncio.to_thread(
+                timed_call, self._distributed_average, unmasked, contributors, weight,
+                state.start.nonce)
+            self.costs.add("unmasking_s", seconds)
+            return average
+        with self.costs.measure("unmasking_s"):
+            return ring_to_average(unmasked, weight, self.params)
+
+    async def _decrypt(self, decrypt: functools.partial[np.ndarray]) -> np.ndarray:
+        """Run the key holder's ``decrypt`` off the event loop; its CPU seconds (its workers'
+        included) count as decryption, whether it opens the sum or refuses it."""
+        before = self.keyholder.worker_cpu_seconds
+        started = [0.0]
+
+        def run() -> np.ndarray:
+            started[0] = time.thread_time()
+            try:
+                return decrypt()
+            finally:
+                self.costs.add("decryption_s", time.thread_time() - started[0])
+
+        try:
+            return await asyncio.to_thread(run)
+        finally:
+            self.costs.add("decryption_s", self.keyholder.worker_cpu_seconds - before)
 
     def _distributed_average(self, ring_sum: np.ndarray, contributors: int, total_weight: int,
                              nonce: str) -> np.ndarray:

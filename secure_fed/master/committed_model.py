@@ -9,6 +9,7 @@ next start writes from the checkpoint (:meth:`CommittedModel.record_recovered_co
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 
 from secure_fed.audit.log import AuditLog
 from secure_fed.config.settings import MasterConfig
+from secure_fed.costs import timed_call
 from secure_fed.data.datasets import Dataset
 from secure_fed.errors import CheckpointError
 from secure_fed.master.model_update import ModelUpdater, Proposal, initial_student
@@ -39,6 +41,10 @@ class CommittedModel:
         evaluation: the master's evaluation set, or ``None`` (no metrics).
         resumed_round: the round of the checkpoint the run resumed from (0: the initial
             model).
+
+    Attributes:
+        cpu_seconds: CPU seconds spent so far on proposals (server optimizer, evaluation)
+            and checkpoints, measured in the threads that ran them.
     """
 
     def __init__(self, store: ModelStore, updater: ModelUpdater, evaluation: Dataset | None,
@@ -47,6 +53,7 @@ class CommittedModel:
         self.updater = updater
         self.evaluation = evaluation
         self.resumed_round = resumed_round
+        self.cpu_seconds = 0.0
 
     @property
     def package(self) -> ModelPackage:
@@ -136,8 +143,11 @@ class CommittedModel:
         Raises:
             SecureFedError: the average cannot be applied.
         """
-        proposal = await asyncio.to_thread(self.updater.propose, average, round_=round_)
-        metrics = await asyncio.to_thread(evaluate, proposal.package, self.evaluation)
+        proposal, seconds = await asyncio.to_thread(
+            timed_call, functools.partial(self.updater.propose, average, round_=round_))
+        metrics, evaluated = await asyncio.to_thread(timed_call, evaluate, proposal.package,
+                                                     self.evaluation)
+        self.cpu_seconds += seconds + evaluated
         return proposal, metrics
 
     async def commit(self, round_: int, proposal: Proposal, record: dict[str, Any]) -> None:
@@ -147,8 +157,10 @@ class CommittedModel:
         Raises:
             OSError: the checkpoint cannot be written (e.g. a full disk).
         """
-        await asyncio.to_thread(self.store.commit, round_, proposal.package, record,
-                                student=proposal.student, state=proposal.optimizer.state())
+        _, seconds = await asyncio.to_thread(timed_call, functools.partial(
+            self.store.commit, round_, proposal.package, record, student=proposal.student,
+            state=proposal.optimizer.state()))
+        self.cpu_seconds += seconds
 
     def adopt(self, proposal: Proposal) -> None:
         """Put a committed proposal in force."""

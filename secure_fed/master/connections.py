@@ -13,6 +13,7 @@ from typing import Any
 
 from cryptography import x509
 
+from secure_fed.costs import Traffic
 from secure_fed.transport.channel import Channel
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,12 @@ class Connections:
     Attributes:
         channels: slave id → its current channel; read it, change it only through
             :meth:`replace` and :meth:`release`.
+        traffic: slave id → the message bytes of all its connections so far.
     """
 
     def __init__(self) -> None:
         self.channels: dict[str, Channel] = {}
+        self.traffic: dict[str, Traffic] = {}
 
     def get(self, slave_id: str) -> Channel | None:
         """The current channel of ``slave_id``, or ``None`` while it is not connected."""
@@ -37,6 +40,11 @@ class Connections:
         """Make ``channel`` the one of ``slave_id``; returns the channel it replaces."""
         previous = self.channels.get(slave_id)
         self.channels[slave_id] = channel
+        # one count per slave over its reconnections, the greeting included
+        shared = self.traffic.setdefault(slave_id, Traffic())
+        shared.sent += channel.traffic.sent
+        shared.received += channel.traffic.received
+        channel.traffic = shared
         return previous
 
     def release(self, slave_id: str, channel: Channel) -> bool:

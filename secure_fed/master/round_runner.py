@@ -14,12 +14,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from secure_fed.audit.log import AuditLog
 from secure_fed.config.settings import MasterConfig
+from secure_fed.costs import MASTER_WORK, CpuTotals, MasterRoundCosts, append_costs
 from secure_fed.errors import ProtocolError, SecureFedError, UnusableAggregate
 from secure_fed.faults import crash_point
 from secure_fed.master.aggregation import AggregationPipeline, RoundAggregation
@@ -63,12 +65,23 @@ class RoundRunner:
         checks: the checks of the slaves' signed updates and declines.
         connections: the greeted slaves' channels.
         on_event: progress callback for a display.
+        costs: the master's CPU seconds by kind of work (shared with admission, the checks
+            and the pipeline), closed at the end of each attempt.
+        costs_path: where each attempt's :class:`~secure_fed.costs.MasterRoundCosts` is
+            appended (``None``: kept in :attr:`cost_records` only).
+
+    Attributes:
+        cost_records: the master's costs of every attempt that ended in this run.
     """
 
     def __init__(self, config: MasterConfig, coordinator: co.Coordinator, *, audit: AuditLog,
                  summary: RunSummary, model: CommittedModel, pipeline: AggregationPipeline,
-                 checks: UpdateChecks, connections: Connections, on_event: EventSink) -> None:
+                 checks: UpdateChecks, connections: Connections, on_event: EventSink,
+                 costs: CpuTotals | None = None, costs_path: Path | None = None) -> None:
         self.config = config
+        self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
+        self.costs_path = costs_path
+        self.cost_records: list[MasterRoundCosts] = []
         self.coordinator = coordinator
         self.audit = audit
         self.summary = summary
@@ -181,7 +194,8 @@ class RoundRunner:
                 return
             await self._apply(self.coordinator.update_header(channel.peer, parsed, now))
         elif isinstance(parsed, Decline):
-            problem = self.checks.signature_problem(channel, parsed)
+            with self.costs.measure("admission_s"):
+                problem = self.checks.signature_problem(channel, parsed)
             if problem is not None:
                 raise ProtocolError(f"decline refused: {problem}", 1008)
             await self._apply(self.coordinator.decline(channel.peer, parsed, now))
@@ -244,6 +258,7 @@ class RoundRunner:
             self._on_event("round_aborted", {"round": action.round, "reason": action.reason})
             await self.connections.broadcast(RoundEnd(round=action.round, committed=False,
                                                       reason=action.reason[:2000]))
+            self._record_costs(action.round, action.attempt)
         elif isinstance(action, co.FederationDone):
             self._outcome = action
             self.audit.append("federation_done", {"rounds_committed": action.rounds_committed,
@@ -314,6 +329,7 @@ class RoundRunner:
         state = self._round
         assert state is not None
         now = time.monotonic()
+        model_seconds = self.model.cpu_seconds
         try:
             if isinstance(precomputed, BaseException):
                 if isinstance(precomputed, SecureFedError | OSError):
@@ -321,17 +337,21 @@ class RoundRunner:
                 raise SecureFedError(f"aggregation failed: {precomputed!r}") from precomputed
             average = (precomputed if precomputed is not None
                        else await self.pipeline.average(state, action))
-            self.audit.append("aggregate_decrypted", self.pipeline.decrypted_record(state, action))
+            with self.costs.measure("commit_s"):
+                self.audit.append("aggregate_decrypted",
+                                  self.pipeline.decrypted_record(state, action))
             crash_point("master.decrypted")
             proposal, metrics = await self.model.propose(action.round, average)
             package = proposal.package
             seconds = time.monotonic() - state.started
             upload = sum(state.bytes_by_slave.get(s, 0) for s in action.contributors)
-            federated = round_evaluation(
-                {s: self._evaluations[s] for s in action.contributors if s in self._evaluations},
-                round_=action.round, model_digest=self._task_digest,
-                target=(self.config.data_schema.target if self.config.data_schema is not None
-                        else None))
+            with self.costs.measure("commit_s"):
+                federated = round_evaluation(
+                    {s: self._evaluations[s] for s in action.contributors
+                     if s in self._evaluations},
+                    round_=action.round, model_digest=self._task_digest,
+                    target=(self.config.data_schema.target
+                            if self.config.data_schema is not None else None))
             evaluated = {} if federated is None else {"federated_evaluation": federated}
             await self.model.commit(action.round, proposal, {
                 "metrics": metrics, **evaluated, "participants": list(action.contributors),
@@ -344,14 +364,16 @@ class RoundRunner:
             log.error("round %d could not be committed: %s", action.round, exc)
             self.audit.append("aggregate_failed", {"round": action.round, "reason": str(exc)})
             return self.coordinator.round_failed(str(exc), now)
-        self.model.adopt(proposal)
+        with self.costs.measure("commit_s"):
+            self.model.adopt(proposal)
         crash_point("master.before_commit_record")
         try:
-            self.audit.append("model_committed", {
-                "round": action.round, "model_digest": package.digest, **metrics, **evaluated,
-                "participants": list(action.contributors), "upload_bytes": upload,
-                "seconds": round(seconds, 3),
-            })
+            with self.costs.measure("commit_s"):
+                self.audit.append("model_committed", {
+                    "round": action.round, "model_digest": package.digest, **metrics,
+                    **evaluated, "participants": list(action.contributors),
+                    "upload_bytes": upload, "seconds": round(seconds, 3),
+                })
         except OSError as exc:
             # The checkpoint is on disk; a restart writes the missing record from it.
             reason = (f"round {action.round} is checkpointed but its audit record could not be "
@@ -371,4 +393,22 @@ class RoundRunner:
         await self.connections.broadcast(RoundEnd(round=action.round, committed=True,
                                                   reason="committed",
                                                   model_digest=package.digest))
+        self.costs.add("commit_s", self.model.cpu_seconds - model_seconds)
+        self._record_costs(action.round, action.attempt)
         return self.coordinator.round_committed(time.monotonic())
+
+    def _record_costs(self, round_: int, attempt: int) -> None:
+        """Close an ended attempt's costs: the master's CPU seconds, and the message bytes
+        of each slave since the previous attempt ended (its ``round_end`` included)."""
+        traffic = {slave: counter.take() for slave, counter in self.connections.traffic.items()}
+        record = MasterRoundCosts(
+            party="master", round=round_, attempt=attempt, **self.costs.take(),
+            bytes_in={slave: received for slave, (_, received) in traffic.items()},
+            bytes_out={slave: sent for slave, (sent, _) in traffic.items()})
+        self.cost_records.append(record)
+        if self.costs_path is not None:
+            try:
+                append_costs(self.costs_path, record)
+            except OSError as exc:  # a measurement, not a guarantee: the run goes on
+                log.warning("round %d: costs not recorded in %s: %s", round_, self.costs_path,
+                            exc)

@@ -27,6 +27,7 @@ from secure_fed.audit.log import AuditLog, genesis_data
 from secure_fed.audit.verify import read_verified_records
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.config.tasks import DEFAULT_TASK, task_facts
+from secure_fed.costs import COSTS_FILE, MASTER_WORK, CpuTotals
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout
 from secure_fed.durable import remove_stale_temporaries
@@ -177,21 +178,24 @@ class Master:
             next_round=self.committed_round + 1,
         )
         self.connections = Connections()
+        # CPU seconds of the master's work per round attempt, in out_dir/costs.jsonl
+        costs = CpuTotals(MASTER_WORK)
         self.aggregation = AggregationPipeline(
             self.config, self.params, public_context, self.keyholder,
             vector_size=self.vector_size, spool_dir=self.out_dir / "spool",
-            connections=self.connections)
+            connections=self.connections, costs=costs)
         self.rounds = RoundRunner(
             self.config, self.coordinator, audit=self.audit, summary=self.summary,
             model=self.model, pipeline=self.aggregation,
             checks=UpdateChecks(self.config.federation_id, self.config.training,
-                                task=federation_task(self.config)),
-            connections=self.connections, on_event=self._on_event)
+                                task=federation_task(self.config), costs=costs),
+            connections=self.connections, on_event=self._on_event, costs=costs,
+            costs_path=self.out_dir / COSTS_FILE)
         self.admission = Admission(
             self.config, ca_cert_pem=bundle.ca_cert.read_bytes(),
             revocations=self.revocations, public_digest=context_digest(public_context),
             preset=self.params.preset, connections=self.connections, rounds=self.rounds,
-            insecure_loopback=insecure_loopback)
+            insecure_loopback=insecure_loopback, costs=costs)
         self.bound_port: int | None = None
 
     def _open_audit(self, signing_key: bytes) -> AuditLog:

@@ -16,6 +16,7 @@ with the encryption and masking layers only.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from secure_fed.secagg.vector_sum import VectorSum
 
 __all__ = ["ShardRefusal", "ShardWorker", "init_process", "run_in_process"]
 
-CALLS = frozenset({"open", "add_chunks", "finish", "discard", "partial", "close", "pid"})
+CALLS = frozenset({"open", "add_chunks", "finish", "discard", "partial", "close", "pid",
+                   "cpu_seconds"})
 """The calls a shard answers (anything else is refused)."""
 
 
@@ -75,12 +77,26 @@ class ShardWorker:
         self.params = HEParams.model_validate_json(params_json)
         self._public_context = bytes(public_context)
         self._sums: dict[str, Aggregator | VectorSum] = {}
+        self._cpu: dict[str, float] = {}
 
     def run(self, call: str, *args: Any) -> Any:
-        """Carry out ``call`` (one of :data:`CALLS`) with ``args``."""
+        """Carry out ``call`` (one of :data:`CALLS`) with ``args``; the CPU seconds of the
+        calls on a sum are kept for :meth:`cpu_seconds`."""
         if call not in CALLS:
             raise CryptoError(f"a shard answers {sorted(CALLS)}, not {call!r}")
-        return getattr(self, call)(*args)
+        if call in ("pid", "cpu_seconds", "close"):
+            return getattr(self, call)(*args)
+        started = time.process_time()
+        try:
+            return getattr(self, call)(*args)
+        finally:
+            key = str(args[0])
+            self._cpu[key] = self._cpu.get(key, 0.0) + time.process_time() - started
+
+    def cpu_seconds(self, key: str) -> float:
+        """CPU seconds this shard spent on the sum ``key`` since the last ask (the master's
+        costs of a round: see :mod:`secure_fed.costs`)."""
+        return self._cpu.pop(key, 0.0)
 
     def open(self, key: str, protection: str, vector_size: int, spool_dir: str
              ) -> CiphertextLayout | None:
@@ -145,6 +161,7 @@ class ShardWorker:
 
     def close(self, key: str) -> None:
         """Drop the sum ``key`` and its spool (no-op if absent)."""
+        self._cpu.pop(key, None)
         found = self._sums.pop(key, None)
         if found is not None:
             found.close()

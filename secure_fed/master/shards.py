@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from secure_fed.config.settings import AggregationSettings, MasterConfig
+from secure_fed.costs import timed_call
 from secure_fed.errors import ConfigError, CryptoError, MalformedUpdate
 from secure_fed.he.chunk_format import CiphertextLayout, add_mod, pack_planar
 from secure_fed.he.params import HEParams
@@ -246,6 +247,7 @@ class ShardedSum:
         self.contributors: list[str] = []
         self.total_weight = 0
         self._closed = False
+        self._root_cpu_s = 0.0
 
     @property
     def homomorphic(self) -> bool:
@@ -402,7 +404,9 @@ class ShardedSum:
                         f"aggregation shard {shard} holds {count} updates where "
                         f"{self._by_shard[shard]} were folded into it (it was restarted); the "
                         "round attempt is aborted")
-                total = await asyncio.to_thread(self._add, total, partial, layout)
+                total, seconds = await asyncio.to_thread(timed_call, self._add, total,
+                                                         partial, layout)
+                self._root_cpu_s += seconds
         finally:
             coming.cancel()
         assert total is not None
@@ -438,8 +442,16 @@ class ShardedSum:
             raise CryptoError("no finished contributions; there is nothing to aggregate")
         total, layout = await self._merged()
         assert layout is not None
-        return await asyncio.to_thread(
-            lambda: [pack_planar(total[i], layout, i) for i in range(total.shape[0])])
+        chunks, seconds = await asyncio.to_thread(
+            timed_call, lambda: [pack_planar(total[i], layout, i) for i in range(total.shape[0])])
+        self._root_cpu_s += seconds
+        return chunks
+
+    async def cpu_seconds(self) -> float:
+        """CPU seconds of this sum so far, the shards' and the root's, each counted once."""
+        spent = [await self._call(shard, "cpu_seconds") for shard in range(self._shards.count)]
+        root, self._root_cpu_s = self._root_cpu_s, 0.0
+        return float(sum(spent)) + root
 
     async def total(self) -> np.ndarray:
         """The sum (``plain``: Σ w·x in float64, in the order of the module docstring;

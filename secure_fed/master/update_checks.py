@@ -19,6 +19,7 @@ from secure_fed.audit.recompute import TOLERANCE as EPSILON_TOLERANCE
 from secure_fed.audit.recompute import ClaimError, PLDRecomputer, parse_mechanisms
 from secure_fed.config.settings import TrainingPlanSettings
 from secure_fed.config.tasks import DEFAULT_TASK
+from secure_fed.costs import MASTER_WORK, CpuTotals, timed_call
 from secure_fed.errors import IdentityError
 from secure_fed.identity.certificates import decode_signature, verify_signature
 from secure_fed.master.federated_metrics import release_problem
@@ -35,11 +36,13 @@ class UpdateChecks:
             bytes, so that a message signed for one federation is refused by another).
         plan: the federation's training plan (whether it asks for DP, and its ε).
         task: the federation's task, whose statistic a federated evaluation release must be.
+        costs: the master's CPU seconds, to which the checks of update headers are added.
     """
 
     def __init__(self, federation_id: str, plan: TrainingPlanSettings, *,
-                 task: str = DEFAULT_TASK) -> None:
+                 task: str = DEFAULT_TASK, costs: CpuTotals | None = None) -> None:
         self.federation_id = federation_id
+        self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
         self.plan = plan
         self.evaluation_statistic = statistic_for_task(task).kind
         self._recomputer = PLDRecomputer()
@@ -47,8 +50,9 @@ class UpdateChecks:
     async def update_problem(self, channel: Channel, header: UpdateHeader) -> str | None:
         """Why the update announced by ``header`` is refused (signature, noise, ε), or
         ``None``; the first problem found is the one reported."""
-        return (self.signature_problem(channel, header) or self._privacy_problem(header)
-                or await self._epsilon_problem(header))
+        with self.costs.measure("admission_s"):
+            problem = self.signature_problem(channel, header) or self._privacy_problem(header)
+        return problem or await self._epsilon_problem(header)
 
     def received_record(self, slave_id: str, header: UpdateHeader, *, attempt: int,
                         received_bytes: int) -> dict[str, Any]:
@@ -116,7 +120,9 @@ class UpdateChecks:
             mechanisms = parse_mechanisms([m.model_dump() for m in header.mechanisms])
         except ClaimError as exc:
             return f"the update's mechanisms are invalid: {exc}"
-        recomputed = await asyncio.to_thread(self._recomputer.epsilon, mechanisms, header.delta)
+        recomputed, seconds = await asyncio.to_thread(timed_call, self._recomputer.epsilon,
+                                                      mechanisms, header.delta)
+        self.costs.add("admission_s", seconds)
         if header.epsilon_spent < recomputed * (1.0 - EPSILON_TOLERANCE):
             return (f"the update reports ε={header.epsilon_spent:.4f} at δ={header.delta:g}, but "
                     f"its {len(mechanisms)} mechanism(s) give ε={recomputed:.4f} with the PLD "
@@ -127,8 +133,9 @@ class UpdateChecks:
             return ("the update's mechanisms are distributed-DP releases but it reports no "
                     "epsilon_alone (the ε against a party that sees it alone)"
                     if distributed else None)
-        alone = await asyncio.to_thread(self._recomputer.epsilon,
-                                        [m.alone for m in mechanisms], header.delta)
+        alone, seconds = await asyncio.to_thread(timed_call, self._recomputer.epsilon,
+                                                 [m.alone for m in mechanisms], header.delta)
+        self.costs.add("admission_s", seconds)
         if header.epsilon_alone < alone * (1.0 - EPSILON_TOLERANCE):
             return (f"the update reports ε={header.epsilon_alone:.4f} at δ={header.delta:g} "
                     f"against a party that sees it alone, but its mechanisms with their share "

@@ -139,6 +139,59 @@ def sub_mod(a: MaskVector, b: MaskVector, modulus: int) -> MaskVector:
     return np.where(a >= b, a - b, a + (np.uint64(modulus) - b))
 
 
+class MaskSum:
+    """``(start + Σ added − Σ subtracted) mod m`` of many vectors, reduced once at the end.
+
+    Adding mask after mask with :func:`add_mod` makes three temporaries per vector; when
+    ``uint64`` has room for every term (``(terms + 1)·m < 2^64``, or m divides 2^64, where
+    wrapping is exact), the terms are summed in place instead and reduced mod m once, with
+    the same result.
+
+    Args:
+        start: a vector in ``[0, m)`` (copied).
+        modulus: the ring size ``m``.
+        terms: at most how many vectors will be added and subtracted.
+    """
+
+    def __init__(self, start: MaskVector, modulus: int, terms: int) -> None:
+        self.modulus = modulus
+        self._wraps = 2**64 % modulus == 0
+        self._lazy = self._wraps or (terms + 1) * modulus < 2**64
+        self._total: MaskVector = np.array(start, dtype=np.uint64, copy=True)
+        self._subtracted: MaskVector | None = None
+        self._count = 0
+
+    def add(self, vector: MaskVector) -> None:
+        """Add a vector in ``[0, m)``."""
+        if self._lazy:
+            np.add(self._total, vector, out=self._total)
+        else:
+            self._total = add_mod(self._total, vector, self.modulus)
+
+    def subtract(self, vector: MaskVector) -> None:
+        """Subtract a vector in ``[0, m)``."""
+        if not self._lazy:
+            self._total = sub_mod(self._total, vector, self.modulus)
+        elif self._subtracted is None:
+            self._subtracted = np.array(vector, dtype=np.uint64, copy=True)
+            self._count = 1
+        else:
+            np.add(self._subtracted, vector, out=self._subtracted)
+            self._count += 1
+
+    def result(self) -> MaskVector:
+        """The sum mod m, in ``[0, m)``."""
+        total = self._total
+        if self._lazy and self._subtracted is not None:
+            if self._wraps:
+                total = total - self._subtracted
+            else:  # Σ subtracted < count·m, so count·m − Σ subtracted is a positive term
+                total = total + (np.uint64(self._count * self.modulus) - self._subtracted)
+        if self._lazy and self.modulus != 2**64:
+            total = total % np.uint64(self.modulus)
+        return total.astype(np.uint64, copy=False)
+
+
 def generate_keypair() -> tuple[bytes, bytes]:
     """A fresh X25519 key pair as ``(private_key, public_key)``, 32 raw bytes each."""
     private = X25519PrivateKey.generate()

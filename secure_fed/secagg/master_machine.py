@@ -388,7 +388,7 @@ def unmask_sum(settings: SecAggSettings, masked_sum: mk.MaskVector, *,
         CryptoError: a rebuilt secret misses its commitment or public key.
     """
     s = settings
-    total = masked_sum
+    total = mk.MaskSum(masked_sum, s.modulus, terms=len(survivors) * (len(dropped) + 1))
     for u in sorted(survivors):
         b_u = _rebuild(s, b_shares.get(u, []), u, "self-mask seed")
         if self_mask_commitment(b_u) != keys[u].b_commitment:
@@ -397,7 +397,7 @@ def unmask_sum(settings: SecAggSettings, masked_sum: mk.MaskVector, *,
                 f"{sorted(responders & s.holders(u))} does not match the "
                 f"commitment '{u}' signed in its key advertisement: a revealed share "
                 "is corrupted; round aborted, nothing unmasked")
-        total = mk.sub_mod(total, mk.expand_mask(b_u, s.vector_length, s.modulus), s.modulus)
+        total.subtract(mk.expand_mask(b_u, s.vector_length, s.modulus))
     for v in sorted(dropped):
         s_sk = _rebuild(s, s_shares.get(v, []), v, "mask key")
         if mk.public_key_of(s_sk) != keys[v].s_pk:
@@ -408,5 +408,5 @@ def unmask_sum(settings: SecAggSettings, masked_sum: mk.MaskVector, *,
         for u in sorted(survivors & s.graph[v]):
             pairwise = pairwise_mask(s, s_sk, keys[u].s_pk)
             # u added +PRG(s_uv) if u < v, else -PRG(s_uv): take it back out.
-            total = (mk.sub_mod if u < v else mk.add_mod)(total, pairwise, s.modulus)
-    return total
+            (total.subtract if u < v else total.add)(pairwise)
+    return total.result()

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from secure_fed.config.settings import MasterConfig
+from secure_fed.costs import timed_call
 from secure_fed.errors import ProtocolError, SecureFedError
 from secure_fed.identity.certificates import verify_signature
 from secure_fed.protocol.messages import SecAggTask
@@ -49,11 +50,16 @@ class SecAggRound:
         phase_timeout_s: how long the key advertisement, key sharing and unmasking phases may
             each take; the phase then closes with whoever answered (or aborts below t).
         now: the current monotonic time.
+
+    Attributes:
+        cpu_seconds: CPU seconds of closing the masking phase and removing the masks
+            (:meth:`unmasked_sum`, measured without its wait for the shares).
     """
 
     def __init__(self, settings: SecAggSettings, *, verify: Verifier, phase_timeout_s: float,
                  now: float) -> None:
         self.settings = settings
+        self.cpu_seconds = 0.0
         self.protocol = MasterSecAgg(settings, verify=verify)
         self.timeout = phase_timeout_s
         self._deadline = now + phase_timeout_s
@@ -203,7 +209,8 @@ class SecAggRound:
         """
         if self.failed:
             raise ProtocolError(f"secure aggregation was aborted: {self.failure}")
-        request = self.protocol.close_masking()
+        request, seconds = timed_call(self.protocol.close_masking)
+        self.cpu_seconds += seconds
         self._recipients = set(request.survivors) & self._expected
         self._deadline = now + self.timeout
         for party in request.survivors:
@@ -215,7 +222,9 @@ class SecAggRound:
         if missing:
             log.warning("round %d: no shares from %s within %g s; unmasking with the others",
                         self.settings.round, missing, self.timeout)
-        return self.protocol.finish(masked_sum)
+        unmasked, seconds = timed_call(self.protocol.finish, masked_sum)
+        self.cpu_seconds += seconds
+        return unmasked
 
 
 def open_secagg(config: MasterConfig, round_: int, nonce: str,

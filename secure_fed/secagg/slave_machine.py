@@ -264,11 +264,12 @@ class SlaveSecAgg:
                     f"only {len(senders)} peers sent shares, threshold {s.t}: the round "
                     "cannot be unmasked; refusing to send a masked input"
                 )
-            y = mk.add_mod(x, mk.expand_mask(self._b, s.vector_length, s.modulus), s.modulus)
+            y = mk.MaskSum(x, s.modulus, terms=len(senders) + 1)
+            y.add(mk.expand_mask(self._b, s.vector_length, s.modulus))
             for peer in sorted(senders):
                 pairwise = pairwise_mask(s, self._s_sk, self._keys[peer].s_pk)
-                y = (mk.add_mod if self.party_id < peer else mk.sub_mod)(y, pairwise, s.modulus)
-            payload = y.astype("<u8").tobytes()
+                (y.add if self.party_id < peer else y.subtract)(pairwise)
+            payload = y.result().astype("<u8").tobytes()
             self.stage = SlaveStage.MASKED
             return MaskedInput(round=s.round, party=self.party_id, length=s.vector_length,
                                sha256=hashlib.sha256(payload).hexdigest()), payload

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import math
 import secrets
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,15 @@ from secure_fed import __version__
 from secure_fed.config.schema import require_same_schema
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.config.tasks import model_outputs
+from secure_fed.costs import (
+    COSTS_FILE,
+    SLAVE_WORK,
+    CpuTotals,
+    SlaveRoundCosts,
+    Traffic,
+    append_costs,
+    timed_call,
+)
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.held_out import split_held_out, split_key
 from secure_fed.errors import (
@@ -142,7 +152,9 @@ class Slave:
             ``len(data)``); ``None``: the count leaves only as a DP release, once per
             federation.
         workers: encryption worker processes (``None``: the bundle's setting).
-        threads: torch threads for local training.
+        threads: torch threads for local training (with more than one, training's CPU
+            seconds in ``costs.jsonl`` are the whole process's: exact when the slave runs in a
+            process of its own, as ``secure-fed slave`` does).
         device: where local training runs: ``"auto"`` (a CUDA GPU when torch sees one),
             ``"cpu"`` or ``"cuda"`` (:func:`secure_fed.privacy.device.resolve_device`;
             refused at once when CUDA is asked for and absent).
@@ -209,6 +221,12 @@ class Slave:
         self._public_context = bundle.public_context.read_bytes()
         self._workers = workers if workers is not None else self.config.encryption.workers
         self.report = SlaveReport(self.config.slave_id)
+        # Per round attempt: CPU seconds of each kind of work and the message bytes, recorded
+        # at the attempt's round_end in the report and in state_dir/costs.jsonl.
+        self.costs = CpuTotals(SLAVE_WORK)
+        self.traffic = Traffic()
+        self._costs_attempt = 0
+        self._training_clock = time.thread_time if threads == 1 else time.process_time
         self._connect = connect
         self.machine = SlaveMachine(
             hello=Hello(protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
@@ -219,12 +237,17 @@ class Slave:
             protection=self.config.encryption.protection, limits=self.config.limits,
             min_mask_parties=self.config.min_mask_parties,
             ring_modulus=lambda: pc.ring_modulus(bundle.he_params),
-            sign=lambda data: sign(self._private_key(), data),
+            sign=self._signature,
             verifier=functools.partial(peer_verifier, bundle.ca_cert.read_bytes()),
             reconnect_give_up_s=reconnect_give_up_s)
 
     def _private_key(self) -> bytes:
         return read_private_file(self.bundle.key, what="the slave's key")
+
+    def _signature(self, data: bytes) -> bytes:
+        """This slave's signature of ``data`` (its CPU time counted as signing)."""
+        with self.costs.measure("signing_s"):
+            return sign(self._private_key(), data)
 
     @property
     def _secagg(self) -> SlaveSecAgg | None:
@@ -254,6 +277,7 @@ class Slave:
                         assert isinstance(action, act.Wait)
                         await asyncio.sleep(action.seconds)
                     continue
+                channel.traffic = self.traffic  # one count over reconnections
                 try:
                     await self._session(channel, encoder)
                 except TransportError as exc:
@@ -275,7 +299,9 @@ class Slave:
 
     async def _deliver(self, channel: Channel, encoder: UpdateEncoder, raw: str | bytes) -> None:
         """Feed one message from the master to the machine and carry out what follows."""
-        await self._perform(channel, encoder, self.machine.receive_message(raw))
+        with self.costs.measure("protocol_s"):
+            actions = self.machine.receive_message(raw)
+        await self._perform(channel, encoder, actions)
 
     async def _perform(self, channel: Channel, encoder: UpdateEncoder,
                        actions: list[act.Action]) -> None:
@@ -293,11 +319,14 @@ class Slave:
             elif isinstance(action, act.Notify):
                 self._notify(action)
             elif isinstance(action, act.CheckTask):
-                follow = self._check_task(action)
+                self._costs_attempt = action.task.attempt
+                with self.costs.measure("protocol_s"):
+                    follow = self._check_task(action)
             elif isinstance(action, act.Train):
                 follow = await self._train(action)
             elif isinstance(action, act.RecordRelease):
-                follow = self._record_release(action)
+                with self.costs.measure("training_s"):  # the ledger and its accounting
+                    follow = self._record_release(action)
             elif isinstance(action, act.Protect):
                 follow = await self._protect_update(action, encoder)
             elif isinstance(action, act.Upload):
@@ -306,7 +335,8 @@ class Slave:
                 await self._decline(channel, action.task, action.reason, final=action.final)
             elif isinstance(action, act.Unmask):
                 crash_point("slave.unmasking")
-                follow = machine.receive_unmask_go(action.request)
+                with self.costs.measure("protocol_s"):
+                    follow = machine.receive_unmask_go(action.request)
             else:
                 raise RuntimeError(f"no work for {action!r} while connected")
             queue.extend(follow)
@@ -317,7 +347,23 @@ class Slave:
                                        accepted=note.event == "accepted")
         if note.event == "finished":
             self.report.finished_reason = str(note.data["reason"])
+        if note.event == "round_end":
+            self._record_costs(int(note.data["round"]))
         self._on_event(note.event, note.data)
+
+    def _record_costs(self, round_: int) -> None:
+        """Close the attempt's costs: CPU seconds and message bytes since the previous
+        ``round_end`` (seconds and byte counts only; the file stays with the slave)."""
+        up, down = self.traffic.take()
+        record = SlaveRoundCosts(party=self.config.slave_id, round=round_,
+                                 attempt=self._costs_attempt, **self.costs.take(),
+                                 bytes_up=up, bytes_down=down)
+        self.report.costs.append(record)
+        try:
+            append_costs(self.state_dir / COSTS_FILE, record)
+        except OSError as exc:  # a measurement, not a guarantee: the round goes on
+            log.warning("round %d: costs not recorded in %s: %s", round_,
+                        self.state_dir / COSTS_FILE, exc)
 
     # --- work the machine asks for ---------------------------------------------------------
 
@@ -352,8 +398,9 @@ class Slave:
                     ring_modulus=ring_modulus(self.bundle.he_params),
                     dimension=sum(p.numel() for p in model.parameters() if p.requires_grad),
                 ) if task.plan.distributed is not None else None
-                prepared = _Prepared(model, student, self.privacy.plan_before_release(task), None,
-                                     distributed)
+                with self.costs.measure("training_s"):  # the noise calibration
+                    planned = self.privacy.plan_before_release(task)
+                prepared = _Prepared(model, student, planned, None, distributed)
             else:
                 prepared = _Prepared(model, student, None, self.privacy.plan_without_dp(task))
         except (ModelError, PrivacyError, DataError) as exc:
@@ -394,8 +441,9 @@ class Slave:
         else:
             # Released only now, when nothing but training is left to decline the round for.
             try:
-                records, source = self.privacy.public_count_for(task)
-                settings = prepared.planned or self.privacy.plan_privacy(task, records)
+                with self.costs.measure("training_s"):  # the noise calibration
+                    records, source = self.privacy.public_count_for(task)
+                    settings = prepared.planned or self.privacy.plan_privacy(task, records)
             except PrivacyError as exc:
                 return self.machine.receive_declined(str(exc),
                                                      final=isinstance(exc, BudgetExhausted))
@@ -404,20 +452,24 @@ class Slave:
                  if prepared.without_dp is None else None)
         if sigma is not None and self.held_out is not None and task.plan.evaluation is not None:
             # Before training: the task's model, as the master committed it, is measured.
-            evaluated = await asyncio.to_thread(
-                evaluate_held_out, prepared.model, self.held_out,
-                kind=task.plan.evaluation.statistic, model_digest=task.model.digest,
-                noise_multiplier=sigma)
+            evaluated, seconds = await asyncio.to_thread(
+                timed_call, functools.partial(
+                    evaluate_held_out, prepared.model, self.held_out,
+                    kind=task.plan.evaluation.statistic, model_digest=task.model.digest,
+                    noise_multiplier=sigma), clock=self._training_clock)
+            self.costs.add("training_s", seconds)
         self._on_event("training", {"round": task.round, "sigma": settings.noise_multiplier,
                                     "mode": task.plan.mode})
         # The DP noise must come from this slave's own randomness: a seed chosen by the master
         # would let the master regenerate the noise and subtract it.
         seed = secrets.randbits(63)
-        result = await asyncio.to_thread(train_update, task.plan, prepared.model,
-                                         prepared.student, self.data, settings, seed=seed,
-                                         threads=self.threads, delta=self.config.delta,
-                                         records=records, distributed=prepared.distributed,
-                                         nonce=task.nonce, device=self.device)
+        result, seconds = await asyncio.to_thread(
+            timed_call, functools.partial(
+                train_update, task.plan, prepared.model, prepared.student, self.data, settings,
+                seed=seed, threads=self.threads, delta=self.config.delta, records=records,
+                distributed=prepared.distributed, nonce=task.nonce, device=self.device),
+            clock=self._training_clock)
+        self.costs.add("training_s", seconds)
         return self.machine.receive_trained(
             _Trained(result, settings, source, evaluated=evaluated), result.vector.size)
 
@@ -464,14 +516,23 @@ class Slave:
         assert isinstance(trained, _Trained)
         vector, weight = trained.result.vector, trained.result.samples
         distributed = trained.result.distributed
+        # this thread's encoding and masking, and the encryption workers' time
+        workers_before = encoder.worker_cpu_seconds
+
+        def protect() -> list[bytes]:
+            chunks, seconds = timed_call(functools.partial(
+                self._protect, encoder, vector, weight, work.delivery, distributed=distributed))
+            self.costs.add("protection_s", seconds)
+            return chunks
+
         try:
-            chunks = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self._protect(encoder, vector, weight, work.delivery,
-                                            distributed=distributed))
+            chunks = await asyncio.get_running_loop().run_in_executor(None, protect)
         except SecureFedError as exc:
             # The ledger already holds this round (over-counting is the safe side); the master
             # is told at once instead of waiting for the deadline.
             return self.machine.receive_declined(f"update not sent: {exc}", final=False)
+        finally:
+            self.costs.add("protection_s", encoder.worker_cpu_seconds - workers_before)
         return self.machine.receive_protected(chunks)
 
     def _protect(self, encoder: UpdateEncoder, vector: np.ndarray, weight: int,
@@ -532,7 +593,7 @@ class Slave:
     def _signed(self, message: SignedMessage) -> SignedMessage:
         """``message`` with this slave's signature over every other field of it."""
         signed = signing_bytes(self.config.federation_id, message)
-        signature = base64.b64encode(sign(self._private_key(), signed)).decode("ascii")
+        signature = base64.b64encode(self._signature(signed)).decode("ascii")
         return message.model_copy(update={"signature": signature})
 
 

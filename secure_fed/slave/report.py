@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from secure_fed.costs import SlaveRoundCosts
+
 __all__ = ["SlaveReport", "TrainedAttempt", "describe_attempts"]
 
 _TIMES = {2: "twice", 3: "three times"}
@@ -46,6 +48,8 @@ class SlaveReport:
         epsilon: the data source's lifetime ε (every federation), from its ledger.
         federation_epsilon: the ε this federation took (what its master was told).
         finished_reason: why the master ended the federation.
+        costs: this slave's CPU seconds and message bytes of each round attempt (also in
+            ``costs.jsonl`` of its state folder).
     """
 
     slave_id: str
@@ -54,6 +58,7 @@ class SlaveReport:
     epsilon: float = 0.0
     federation_epsilon: float = 0.0
     finished_reason: str = ""
+    costs: list[SlaveRoundCosts] = field(default_factory=list)
 
     @property
     def rounds_trained(self) -> list[int]:

@@ -22,6 +22,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from secure_fed.config import LimitSettings
+from secure_fed.costs import Traffic
 from secure_fed.errors import ProtocolError, TLSRefused, TransportError
 from secure_fed.protocol.messages import SUBPROTOCOL, encode
 from secure_fed.transport.tls import peer_certificate, peer_party_id
@@ -48,11 +49,14 @@ class Channel(abc.ABC):
         certificate: the certificate the peer presented (in the TLS handshake, or in ``hello``
             over plain ws:// on loopback); set by the master once it has checked it, and used
             to verify the slave's update signatures. ``None`` until then.
+        traffic: the bytes of the messages sent and received (a party that meters several
+            connections together gives each the same :class:`~secure_fed.costs.Traffic`).
     """
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
         self.certificate: x509.Certificate | None = None
+        self.traffic = Traffic()
 
     @property
     @abc.abstractmethod
@@ -84,18 +88,23 @@ class Channel(abc.ABC):
 
     async def send(self, message: BaseModel) -> None:
         """Send a control message as one JSON text message."""
-        await self._send(encode(message))
+        text = encode(message)
+        await self._send(text)
+        self.traffic.sent += _size(text)
 
     async def send_bytes(self, data: bytes) -> None:
         """Send one binary message (a model or a ciphertext chunk)."""
         await self._send(data)
+        self.traffic.sent += len(data)
 
     async def receive(self, timeout_s: float | None = None) -> str | bytes:
         """Receive one message; raise :class:`TransportError` on close or timeout."""
         try:
-            return await asyncio.wait_for(self._recv(), timeout_s)
+            message = await asyncio.wait_for(self._recv(), timeout_s)
         except TimeoutError as exc:
             raise TransportError(f"no message from '{self.peer}' within {timeout_s:g} s") from exc
+        self.traffic.received += _size(message)
+        return message
 
     async def receive_within(self, timeout_s: float) -> str | bytes | None:
         """Receive one complete message, or ``None`` if none completed within ``timeout_s``.
@@ -103,14 +112,21 @@ class Channel(abc.ABC):
         Raises :class:`TransportError` when the connection closes.
         """
         try:
-            return await asyncio.wait_for(self._recv(), timeout_s)
+            message = await asyncio.wait_for(self._recv(), timeout_s)
         except TimeoutError:
             return None
+        self.traffic.received += _size(message)
+        return message
 
     async def fail(self, error: ProtocolError) -> None:
         """Close the connection because the peer broke the protocol."""
         log.warning("closing connection to '%s': %s", self.peer, error)
         await self.close(error.close_code, str(error))
+
+
+def _size(message: str | bytes) -> int:
+    """Bytes of a message as a websocket carries it (text as UTF-8)."""
+    return len(message.encode("utf-8")) if isinstance(message, str) else len(message)
 
 
 def close_reason(reason: str) -> str:

@@ -1,0 +1,289 @@
+"""What a round costs each party: CPU seconds of each kind of work and bytes up and down.
+
+Both roles meter their own work per round attempt and append one record per attempt to a
+``costs.jsonl`` in their own folder (the slave's state folder, the master's run folder). The
+records hold seconds and byte counts only — never a value of an update, a loss or a record
+count — and a slave's file never leaves its machine.
+
+CPU seconds, not wall seconds: on a machine whose cores are shared (all slaves of a benchmark
+in one process) wall time mixes everyone's work, while the CPU time of each party's own work is
+what that party would spend on a machine of its own.
+
+* Work run by the calling thread (training in an executor thread, a signature, the master's
+  aggregation in a worker thread) is measured with :func:`time.thread_time` around it, inside
+  that thread (:class:`CpuTotals`). Work on an asyncio event loop is measured only over code that
+  does not ``await`` (an ``await`` would let other coroutines' work into the measure).
+* Work in a worker process (TenSEAL encryption and decryption pools) is measured inside the
+  worker call with :func:`time.process_time` and returned with the result
+  (:func:`timed_call`); ``getrusage(RUSAGE_CHILDREN)`` counts only children that have
+  exited, never a live pool's.
+
+From the records, :func:`critical_path` gives a deployment's round time in which every slave
+has a machine of its own: the slowest slave's work, plus moving its bytes up and down at a
+stated bandwidth, plus the master's work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from secure_fed.errors import ConfigError
+
+__all__ = ["CpuTotals", "Traffic", "SlaveRoundCosts", "MasterRoundCosts", "CriticalPath",
+           "append_costs", "read_costs", "parse_bandwidth", "critical_path", "timed_call",
+           "COSTS_FILE", "DEFAULT_BANDWIDTH", "SLAVE_WORK", "MASTER_WORK"]
+
+COSTS_FILE = "costs.jsonl"
+"""Name of the per-attempt cost records in a party's folder."""
+DEFAULT_BANDWIDTH = "100Mbit"
+"""The link speed a critical path assumes when none is given (each direction)."""
+
+SLAVE_WORK = ("training_s", "protection_s", "signing_s", "protocol_s")
+"""The kinds of a slave's work (fields of :class:`SlaveRoundCosts`)."""
+MASTER_WORK = ("admission_s", "aggregation_s", "decryption_s", "unmasking_s", "commit_s")
+"""The kinds of the master's work (fields of :class:`MasterRoundCosts`)."""
+
+T = TypeVar("T")
+
+
+class CpuTotals:
+    """Running totals of CPU seconds by kind of work, for one party.
+
+    Work measured by :meth:`measure` is timed by the calling thread's clock; a ``measure``
+    inside another one (a signature while a message is handled) counts only for the inner
+    kind. Work measured elsewhere (a worker thread or process, :func:`timed_call`) is added
+    with :meth:`add`, from any thread.
+
+    Args:
+        kinds: the kinds of work (the fields of the party's record).
+        clock: the CPU clock of :meth:`measure` (default :func:`time.thread_time`).
+    """
+
+    def __init__(self, kinds: Sequence[str],
+                 clock: Callable[[], float] = time.thread_time) -> None:
+        self.clock = clock
+        self._totals = dict.fromkeys(kinds, 0.0)
+        self._local = threading.local()  # per thread: [kind, started] of measures under way
+        self._lock = threading.Lock()
+
+    def add(self, kind: str, seconds: float) -> None:
+        """Add ``seconds`` of work of ``kind`` (measured where it ran)."""
+        with self._lock:
+            self._totals[kind] += max(0.0, seconds)
+
+    @contextlib.contextmanager
+    def measure(self, kind: str) -> Iterator[None]:
+        """Count the calling thread's CPU time of the ``with`` block as ``kind``: use only
+        around code that does not ``await``."""
+        if kind not in self._totals:
+            raise KeyError(f"unknown kind of work {kind!r}; expected one of {list(self._totals)}")
+        stack: list[list[Any]] = self._local.__dict__.setdefault("open", [])
+        now = self.clock()
+        if stack:
+            outer = stack[-1]
+            self.add(outer[0], now - outer[1])
+        stack.append([kind, now])
+        try:
+            yield
+        finally:
+            now = self.clock()
+            _, started = stack.pop()
+            self.add(kind, now - started)
+            if stack:
+                stack[-1][1] = now
+
+    def take(self) -> dict[str, float]:
+        """The totals so far, each kind then starting again from zero."""
+        with self._lock:
+            totals = dict(self._totals)
+            self._totals = dict.fromkeys(totals, 0.0)
+        return totals
+
+
+def timed_call(function: Callable[..., T], *args: Any,
+               clock: Callable[[], float] = time.thread_time) -> tuple[T, float]:
+    """``function(*args)`` and the CPU seconds spent in it, measured where the work runs: by
+    the calling thread (default), or with ``clock=time.process_time`` in a worker process
+    that does nothing else (every thread of it)."""
+    started = clock()
+    result = function(*args)
+    return result, max(0.0, clock() - started)
+
+
+@dataclass
+class Traffic:
+    """Bytes of the messages a connection carried, counted by its
+    :class:`~secure_fed.transport.channel.Channel` (text as UTF-8; without TLS records and
+    websocket framing, which add 0.2–3 % on large messages)."""
+
+    sent: int = 0
+    received: int = 0
+    _mark: tuple[int, int] = field(default=(0, 0), repr=False)
+
+    def take(self) -> tuple[int, int]:
+        """Bytes sent and received since the previous call."""
+        sent, received = self.sent - self._mark[0], self.received - self._mark[1]
+        self._mark = (self.sent, self.received)
+        return sent, received
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    round: int = Field(ge=0)
+    attempt: int = Field(ge=0)
+
+
+class SlaveRoundCosts(_Record):
+    """One slave's costs of one round attempt (from the end of the previous attempt to the
+    ``round_end`` of this one). Seconds are CPU seconds, bytes message bytes."""
+
+    party: str
+    training_s: float = Field(ge=0)
+    """DP-SGD (or plain SGD) on the private data and its privacy accounting: the noise
+    calibration, the held-out measure, the ledger's record of the release."""
+    protection_s: float = Field(ge=0)
+    """Encoding, masking and encryption of the update, the encryption workers' time included."""
+    signing_s: float = Field(ge=0)
+    """Signatures of the update header, a decline and the masking key advertisement."""
+    protocol_s: float = Field(ge=0)
+    """Handling the master's messages: the task's checks (building the model from its
+    parameters), the masking key agreement and secret shares, the unmasking shares."""
+    bytes_up: int = Field(ge=0)
+    bytes_down: int = Field(ge=0)
+
+    @property
+    def work_s(self) -> float:
+        """All CPU seconds of the attempt."""
+        return self.training_s + self.protection_s + self.signing_s + self.protocol_s
+
+
+class MasterRoundCosts(_Record):
+    """The master's costs of one committed round attempt (from its task to its commit)."""
+
+    party: str = "master"
+    admission_s: float = Field(ge=0)
+    """Connections' identity and greeting, and the checks of signed update headers."""
+    aggregation_s: float = Field(ge=0)
+    """Parsing and adding the updates' chunks into the running sum, and closing the sum."""
+    decryption_s: float = Field(ge=0)
+    """The key holder's decryption and checks of the aggregate (its workers' time included)."""
+    unmasking_s: float = Field(ge=0)
+    """Secure aggregation's messages, and removing the masks from the sum."""
+    commit_s: float = Field(ge=0)
+    """The server optimizer, the evaluation, the checkpoint and the audit records."""
+    bytes_in: dict[str, int]
+    """Message bytes received from each slave."""
+    bytes_out: dict[str, int]
+    """Message bytes sent to each slave."""
+
+    @property
+    def work_s(self) -> float:
+        """All CPU seconds of the attempt."""
+        return (self.admission_s + self.aggregation_s + self.decryption_s + self.unmasking_s
+                + self.commit_s)
+
+
+def append_costs(path: Path, record: BaseModel) -> None:
+    """Append ``record`` as one JSON line (not fsynced: the records are measurements, and a
+    lost last line is a lost measurement, never a lost guarantee)."""
+    with Path(path).open("a", encoding="utf-8") as out:
+        out.write(record.model_dump_json() + "\n")
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def read_costs(path: Path, kind: type[R]) -> list[R]:
+    """The records of a ``costs.jsonl`` (none when the file does not exist).
+
+    Raises:
+        ConfigError: a line is not a record of ``kind``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            records.append(kind.model_validate(json.loads(line)))
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{number} is not a {kind.__name__} record ({exc}); "
+                              "remove the file to start the measurements afresh") from exc
+    return records
+
+
+_BANDWIDTH = re.compile(r"\s*(?P<value>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[kKMG]bit|[kKMG]B/s)\s*")
+_UNITS = {"kbit": 1e3 / 8, "Kbit": 1e3 / 8, "Mbit": 1e6 / 8, "Gbit": 1e9 / 8,
+          "kB/s": 1e3, "KB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9}
+
+
+def parse_bandwidth(text: str) -> float:
+    """Bytes per second of a link speed such as ``100Mbit``, ``1Gbit`` or ``12.5MB/s``
+    (decimal units: 1 Mbit = 10^6 bits).
+
+    Raises:
+        ConfigError: not a positive number followed by kbit, Mbit, Gbit, kB/s, MB/s or GB/s.
+    """
+    match = _BANDWIDTH.fullmatch(text)
+    value = float(match["value"]) if match else 0.0
+    if match is None or value <= 0:
+        raise ConfigError(f"bandwidth {text!r} is not a link speed; give a positive number "
+                          "with a unit, e.g. 100Mbit, 1Gbit or 12.5MB/s")
+    return value * _UNITS[match["unit"]]
+
+
+class CriticalPath(BaseModel):
+    """A round's time when every party has a machine of its own (seconds).
+
+    ``seconds = slave_work_s + transfer_s + master_s``: the slowest slave's CPU work (the one
+    whose work and transfer take longest), its bytes up and down at ``bandwidth`` bytes per
+    second, and the master's CPU work; nothing overlaps (an upper bound of a round in which
+    the master adds chunks while they arrive).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    slave: str
+    slave_work_s: float
+    transfer_s: float
+    master_s: float
+    bandwidth: float
+    seconds: float
+
+
+def critical_path(slaves: Sequence[SlaveRoundCosts], master: MasterRoundCosts,
+                  bandwidth: float) -> CriticalPath:
+    """The critical path of one round attempt from its parties' records.
+
+    Args:
+        slaves: the records of the attempt's contributors (one per slave).
+        master: the master's record of the attempt.
+        bandwidth: bytes per second of each slave's link, each direction
+            (:func:`parse_bandwidth`).
+
+    Raises:
+        ConfigError: no slave record, or a non-positive bandwidth.
+    """
+    if not slaves or bandwidth <= 0:
+        raise ConfigError(f"a critical path needs the slaves' records and a positive bandwidth "
+                          f"(got {len(slaves)} records, {bandwidth} B/s)")
+
+    def own(record: SlaveRoundCosts) -> float:
+        return record.work_s + (record.bytes_up + record.bytes_down) / bandwidth
+
+    slowest = max(slaves, key=own)
+    transfer = (slowest.bytes_up + slowest.bytes_down) / bandwidth
+    return CriticalPath(slave=slowest.party, slave_work_s=slowest.work_s, transfer_s=transfer,
+                        master_s=master.work_s, bandwidth=bandwidth,
+                        seconds=slowest.work_s + transfer + master.work_s)

@@ -1,0 +1,139 @@
+"""The cost meter: CPU seconds by kind of work, message bytes, bandwidths, the critical path."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from secure_fed.costs import (
+    MASTER_WORK,
+    SLAVE_WORK,
+    CpuTotals,
+    MasterRoundCosts,
+    SlaveRoundCosts,
+    append_costs,
+    critical_path,
+    parse_bandwidth,
+    read_costs,
+    timed_call,
+)
+from secure_fed.errors import ConfigError
+from secure_fed.protocol.messages import RoundEnd, encode
+from secure_fed.transport.memory import memory_pair
+
+
+class FakeClock:
+    """A CPU clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_nested_measures_count_each_second_once_for_the_inner_kind() -> None:
+    clock = FakeClock()
+    totals = CpuTotals(SLAVE_WORK, clock=clock)
+    with totals.measure("protocol_s"):
+        clock.now += 1.0
+        with totals.measure("signing_s"):
+            clock.now += 0.25
+        clock.now += 0.5
+    totals.add("protection_s", 2.0)
+    assert totals.take() == {"training_s": 0.0, "protection_s": 2.0, "signing_s": 0.25,
+                             "protocol_s": 1.5}
+    assert totals.take() == dict.fromkeys(SLAVE_WORK, 0.0)  # taken: starts again from zero
+    with pytest.raises(KeyError, match="unknown kind of work"), totals.measure("sleeping_s"):
+        pass
+
+
+def test_thread_time_counts_work_not_waiting() -> None:
+    def spin() -> int:
+        end, n = time.thread_time() + 0.05, 0
+        while time.thread_time() < end:
+            n += 1
+        return n
+
+    assert timed_call(spin)[1] >= 0.05
+    _, slept = timed_call(time.sleep, 0.05)
+    assert slept < 0.02
+    # work in another thread is added where it ran, not seen by this thread's clock
+    totals = CpuTotals(MASTER_WORK)
+    with totals.measure("commit_s"):
+        worker = threading.Thread(target=lambda: totals.add("aggregation_s", timed_call(spin)[1]))
+        worker.start()
+        worker.join()
+    taken = totals.take()
+    assert taken["aggregation_s"] >= 0.05 and taken["commit_s"] < 0.03
+
+
+@pytest.mark.parametrize(("text", "bytes_per_s"), [
+    ("100Mbit", 12.5e6), ("1Gbit", 125e6), ("12.5MB/s", 12.5e6), (" 10 Mbit ", 1.25e6),
+])
+def test_bandwidths_in_bits_or_bytes(text: str, bytes_per_s: float) -> None:
+    assert parse_bandwidth(text) == pytest.approx(bytes_per_s)
+
+
+@pytest.mark.parametrize("text", ["100", "fast", "0Mbit", "-5MB/s", "100 mbps"])
+def test_a_bandwidth_without_a_unit_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="e.g. 100Mbit"):
+        parse_bandwidth(text)
+
+
+def _slave(party: str, work: float, up: int, down: int) -> SlaveRoundCosts:
+    return SlaveRoundCosts(party=party, round=2, attempt=1, training_s=work / 2,
+                           protection_s=work / 4, signing_s=work / 8, protocol_s=work / 8,
+                           bytes_up=up, bytes_down=down)
+
+
+def test_the_critical_path_takes_the_slave_whose_work_and_transfer_take_longest() -> None:
+    master = MasterRoundCosts(round=2, attempt=1, admission_s=0.1, aggregation_s=0.2,
+                              decryption_s=0.3, unmasking_s=0.4, commit_s=0.5,
+                              bytes_in={"a": 1, "b": 2}, bytes_out={"a": 3, "b": 4})
+    # a computes longer, b sends more: at 1 MB/s b's 3 MB outweigh a's extra second
+    a, b = _slave("a", 2.0, 500_000, 500_000), _slave("b", 1.0, 2_500_000, 500_000)
+    slow = critical_path([a, b], master, parse_bandwidth("1MB/s"))
+    assert (slow.slave, slow.slave_work_s, slow.transfer_s) == ("b", 1.0, 3.0)
+    assert slow.master_s == pytest.approx(1.5)
+    assert slow.seconds == pytest.approx(5.5)
+    fast = critical_path([a, b], master, parse_bandwidth("1Gbit"))
+    assert fast.slave == "a" and fast.seconds == pytest.approx(2.0 + 1e6 / 125e6 + 1.5)
+    with pytest.raises(ConfigError):
+        critical_path([], master, 1e6)
+
+
+def test_records_round_trip_through_costs_jsonl(tmp_path: Path) -> None:
+    path = tmp_path / "costs.jsonl"
+    assert read_costs(path, SlaveRoundCosts) == []
+    records = [_slave("a", 1.0, 10, 20), _slave("a", 2.0, 30, 40)]
+    for record in records:
+        append_costs(path, record)
+    assert read_costs(path, SlaveRoundCosts) == records
+    path.write_text('{"round": 1, "attempt": 1, "party": "a", "loss": 0.3}\n')
+    with pytest.raises(ConfigError, match="costs.jsonl:1 is not a SlaveRoundCosts"):
+        read_costs(path, SlaveRoundCosts)
+
+
+def test_a_channel_counts_the_bytes_of_every_message_both_ways() -> None:
+    async def exchange() -> tuple[tuple[int, int], tuple[int, int]]:
+        slave, master = memory_pair(slave_id="slave-1", slave_certificate=None)
+        end = RoundEnd(round=1, committed=True, reason="committed — ✓")
+        await master.send(end)
+        await master.send_bytes(b"\0" * 1000)
+        text = await slave.receive(1.0)
+        assert text == encode(end) and await slave.receive(1.0) == b"\0" * 1000
+        assert isinstance(text, str) and len(text.encode("utf-8")) > len(text)  # UTF-8 bytes
+        await slave.send_bytes(b"\1" * 7)
+        assert await master.receive_within(1.0) == b"\1" * 7
+        return ((master.traffic.sent, master.traffic.received),
+                (slave.traffic.sent, slave.traffic.received))
+
+    (m_sent, m_received), (s_sent, s_received) = asyncio.run(exchange())
+    assert m_sent == s_received == 1000 + len(encode(RoundEnd(
+        round=1, committed=True, reason="committed — ✓")).encode("utf-8"))
+    assert m_received == s_sent == 7
