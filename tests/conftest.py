@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import io
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +78,30 @@ def run_cli(args: list[str], cwd: Path | None = None) -> subprocess.CompletedPro
         torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["secure-fed", *args], code, out.getvalue(),
                                        err.getvalue())
+
+
+@contextlib.contextmanager
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder ``name`` made once per test session, whatever test worker needs it first.
+
+    Yields ``(folder, make)``: ``make`` is true for the first worker (pytest-xdist) to get
+    here, which fills ``folder`` while holding a lock in the session's folder; another worker
+    waits for the lock and gets ``make`` false and the folder made. A run of a federation
+    that a module's tests share is then made once, not once per worker. The tests must only
+    read the folder. A maker that fails leaves it to the next one to try again.
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = shared / name, shared / f"{name}.done"
+    with (shared / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        make = not done.exists()
+        if make:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+        yield folder, make
+        if make:
+            done.touch()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -24,6 +24,7 @@ from secure_fed.demo_data import derive_schema
 from secure_fed.errors import DataError
 from secure_fed.privacy.accounting import Mechanism, epsilon
 from secure_fed.privacy.ledger import PrivacyLedger
+from tests.conftest import made_once
 
 LABEL = "cultivar"
 ROWS = 30
@@ -92,21 +93,23 @@ def test_data_and_dataset_together_are_refused(tmp_path: Path,
 
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """One round of a demo on three tables; the folder and what it printed."""
-    root = tmp_path_factory.mktemp("tables")
-    paths = write_tables(root / "data")
-    out = root / "run"
-    capture = pytest.MonkeyPatch()
-    buffer = io.StringIO()
-    capture.setattr(sys, "stdout", buffer)
-    try:
-        code = main(["demo", "--data", ",".join(map(str, paths)), "--label-column", LABEL,
-                     "--rounds", "1", "--protection", "mask", "--out", str(out),
-                     "--timeout", "300"])
-    finally:
-        capture.undo()
-    assert code == 0, buffer.getvalue()
-    return out, buffer.getvalue()
+    """One round of a demo on three tables; the folder and what it printed (run once per
+    session: :func:`tests.conftest.made_once`)."""
+    with made_once(tmp_path_factory, "tables") as (root, make):
+        if make:
+            paths = write_tables(root / "data")
+            capture = pytest.MonkeyPatch()
+            buffer = io.StringIO()
+            capture.setattr(sys, "stdout", buffer)
+            try:
+                code = main(["demo", "--data", ",".join(map(str, paths)), "--label-column",
+                             LABEL, "--rounds", "1", "--protection", "mask", "--out",
+                             str(root / "run"), "--timeout", "300"])
+            finally:
+                capture.undo()
+            assert code == 0, buffer.getvalue()
+            (root / "printed.txt").write_text(buffer.getvalue(), encoding="utf-8")
+    return root / "run", (root / "printed.txt").read_text(encoding="utf-8")
 
 
 def test_demo_on_tables_commits_a_round_with_a_derived_schema(

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import made_once
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -154,8 +156,13 @@ def build(out: Path, modules: list[str]) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
-    out = tmp_path_factory.mktemp("api")
-    return out, build(out, api_modules())
+    """The reference ``make docs`` builds, and the build's report (built once per session)."""
+    with made_once(tmp_path_factory, "api-reference") as (out, make):
+        if make:
+            (out / "html").mkdir()
+            report = build(out / "html", api_modules())
+            (out / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    return out / "html", json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
 def test_make_docs_builds_the_modules_docs_api_md_calls_public() -> None:

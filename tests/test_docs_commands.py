@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import importlib.util
 import io
 import json
@@ -43,7 +42,7 @@ from pathlib import Path
 import pytest
 
 from secure_fed.cli.main import build_parser
-from tests.conftest import run_cli
+from tests.conftest import made_once, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -358,21 +357,10 @@ def _explain(result: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.fixture(scope="session")
 def api_guide_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """The Python programs of docs/api.md, run in order in an empty folder; their outputs.
-
-    Run once per test session: the first test worker (pytest-xdist) that needs them runs them
-    holding a lock in the session's folder; another one waits for the lock and reads what
-    they left (a federation's run, about a minute of both cores, is not made twice).
-    """
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    work = shared / "api-guide"
-    done = work / "outputs.json"
-    with (shared / "api-guide.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir()
+    """The Python programs of docs/api.md, run in order in an empty folder; their outputs
+    (once per session: :func:`tests.conftest.made_once`)."""
+    with made_once(tmp_path_factory, "api-guide") as (work, make):
+        if make:
             text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
             programs = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
             outputs = []
@@ -383,8 +371,8 @@ def api_guide_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
                 assert result.returncode == 0, (
                     f"docs/api.md program {index + 1}: {_explain(result)}")
                 outputs.append(result.stdout)
-            done.write_text(json.dumps(outputs), encoding="utf-8")
-    return work, json.loads(done.read_text(encoding="utf-8"))
+            (work / "outputs.json").write_text(json.dumps(outputs), encoding="utf-8")
+    return work, json.loads((work / "outputs.json").read_text(encoding="utf-8"))
 
 
 def _needs_demo_run(commands: list[DocCommand]) -> bool:
