@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     plan.add_parser(sub)
     ledger.add_parser(sub)
+    from secure_fed.cli import simulate
+    simulate.add_parser(sub)
     _verbosity_everywhere(parser)
     return parser
 
