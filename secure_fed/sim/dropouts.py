@@ -1,13 +1,20 @@
 """Injected dropouts: a slave's connection fails at a secure-aggregation phase, by chance.
 
 ``--dropout P`` makes each slave, every time it is about to send the message of a
-secure-aggregation phase (its key advertisement, its seed reveal, its encrypted shares, its
-masked update, its unmasking shares), close its connection instead with probability P. The
+secure-aggregation phase that tolerates dropouts (its key advertisement, its encrypted
+shares, its masked update, its unmasking shares), close its connection instead with
+probability P. The
 slave's own state machine then sees a lost connection and reconnects, as after a network
 failure, and the master's real dropout handling (SecAgg+ share reconstruction, the quorum,
 the deadlines) decides whether the round survives. Draws come from a generator seeded by the
 simulation's seed and the slave's index, so a run is repeatable as far as the order of the
 slave's own messages goes.
+
+The SecAgg+ seed reveal is left out on purpose: the neighbour graph's seed must depend on
+every slave that advertised keys (else a master claiming a slave was late could choose among
+graphs), so one slave missing there aborts the attempt by design
+(:meth:`secure_fed.secagg.master_machine.MasterSecAgg.close_revealing`), and at 10 % per
+phase no round of a thousand slaves would ever get past it.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ from secure_fed.transport.channel import Channel
 #: The message a slave sends in each phase where a dropout is injected, by phase name.
 PHASE_OF_MESSAGE = {
     "secagg_advertise": "advertise",
-    "secagg_reveal": "reveal",
     "secagg_shares": "shares",
     "update": "masked update",
     "secagg_unmask_shares": "unmasking",

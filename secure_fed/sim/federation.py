@@ -11,6 +11,7 @@ survived. The actors are killed and Ray is shut down at the end, also on errors 
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -71,7 +72,10 @@ class SimulationOptions:
             :func:`mask_neighbours_for`; 0: the complete graph).
         min_fraction: the fraction of the slaves whose updates make a quorum (``min_slaves``).
         timeout_s: most seconds the federation may run (``None``: scaled with the slaves).
-        work_dir: where keys, ledgers and the run go (``None``: a temporary folder).
+        work_dir: where keys (``fed/``), ledgers (``state/``) and the run (``run/``) go; a
+            previous simulation's there are replaced (``None``: a temporary folder).
+        record_updates: keep every slave's update in the clear under ``work_dir``, for a test
+            of the committed model (see :class:`~secure_fed.sim.hosts.SlaveHost`).
     """
 
     slaves: int
@@ -92,6 +96,7 @@ class SimulationOptions:
     min_fraction: float = 0.5
     timeout_s: float | None = None
     work_dir: Path | None = None
+    record_updates: bool = False
 
     def __post_init__(self) -> None:
         masked = self.protection in ("mask", "he+mask")
@@ -129,18 +134,21 @@ def mask_neighbours_for(slaves: int, dropout: float) -> int | None:
     """SecAgg+ neighbours per slave for ``slaves`` slaves dropping out with ``dropout`` per
     phase: the smallest even k ≥ 2⌈log₂ n⌉ for which the expected number of slaves per round
     whose mask secrets cannot be rebuilt stays below :data:`UNMASK_FAILURE_TARGET`; ``None``
-    (every slave masks with every other) when that k is not below n − 2.
+    (every slave masks with every other) when no k up to n − 2 does.
 
-    A secret of a slave has k + 1 holders and needs t = ⌊(k + 1)/2⌋ + 1 of them; a neighbour
-    that sent its shares still answers at unmasking if it survives two more phases (its
-    masked update and its unmasking shares), with probability (1 − p)². The slave itself is
-    not counted among the answers (the worst case: it dropped out).
+    The graph joins the slaves that advertised keys. A secret of a slave has k + 1 holders
+    and needs t = ⌊(k + 1)/2⌋ + 1 of them (a majority: fewer would let a master rebuild both
+    secrets of one slave from two groups); a neighbour holds a share only if it survived the
+    share exchange, and answers at unmasking if it also survived its masked update and the
+    unmasking itself: probability (1 − p)³. The slave itself is not counted among the
+    answers (the worst case: it dropped out). Without dropouts k = 2⌈log₂ n⌉ (20 for 1,000
+    slaves); at p = 0.1 a thousand slaves need k = 82.
     """
     from scipy.stats import binom
 
     if slaves < 6:
         return None
-    survive = (1.0 - dropout) ** 2
+    survive = (1.0 - dropout) ** 3
     k = 2 * math.ceil(math.log2(slaves))
     while k <= slaves - 2:
         t = (k + 1) // 2 + 1
@@ -237,6 +245,8 @@ def run_simulation(options: SimulationOptions, *,
     with tempfile.TemporaryDirectory(prefix="secure-fed-simulate-") as tmp:
         work = Path(options.work_dir) if options.work_dir is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        for name in ("run", "state", "data-home"):  # a previous simulation's, for other keys
+            shutil.rmtree(work / name, ignore_errors=True)
         started = time.monotonic()
         facts = provision(options, work / "fed")
         provisioned = time.monotonic() - started
@@ -249,41 +259,68 @@ def run_simulation(options: SimulationOptions, *,
 
 def _run(ray: Any, options: SimulationOptions, facts: dict[str, Any], work: Path,
          on_progress: Progress | None) -> dict[str, Any]:
+    outcome, hosted, actors = run_hosted(
+        ray, work / "fed", work / "run", work, facts["slave_ids"], transport=options.transport,
+        dataset=options.dataset, partition=options.partition, seed=options.seed,
+        dropout=options.dropout, actors=options.actors, cpus_per_actor=options.cpus_per_actor,
+        timeout_s=options.timeout_s or 600.0 + 3.0 * options.slaves * options.rounds,
+        record_updates=options.record_updates, on_progress=on_progress)
+    return _result(options, facts, actors, outcome, hosted, work)
+
+
+def run_hosted(ray: Any, fed_dir: Path, out_dir: Path, work: Path, ids: list[str], *,
+               transport: str = "memory", dataset: str = "digits",
+               partition: PartitionSpec | None = None, seed: int = 0, dropout: float = 0.0,
+               actors: int | None = None, cpus_per_actor: float = 1.0, timeout_s: float,
+               allow_no_dp: bool = False, record_updates: bool = False,
+               on_progress: Progress | None = None,
+               ) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """Run the federation of ``fed_dir`` (made by ``secure-fed init`` for slaves ``ids``) on
+    a connected Ray: the master in an actor on this node writing to ``out_dir``, the slaves
+    round-robin on ``actors`` actors (``None``: one per ``cpus_per_actor`` CPUs), their
+    ledgers under ``work``; every actor is killed at the end, also on errors.
+    ``record_updates``: see :class:`~secure_fed.sim.hosts.SlaveHost` (tests only).
+
+    Returns:
+        The master's outcome (``summary``, ``events``, ``peak_rss_bytes``,
+        ``baseline_rss_bytes``, ``model_bytes``), each slave actor's (``reports``,
+        ``failures``, ``dropouts``, ``peak_rss_bytes``), and the number of slave actors.
+
+    Raises:
+        SecureFedError: the federation did not end within ``timeout_s``.
+    """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    ids: list[str] = facts["slave_ids"]
-    actors = options.actors or min(len(ids), max(1, int(available_cpus(ray)
-                                                        // options.cpus_per_actor)))
+    split = _partition_text(partition or PartitionSpec())
+    count = actors or min(len(ids), max(1, int(available_cpus(ray) // cpus_per_actor)))
     here = ray.get_runtime_context().get_node_id()
     master_class = ray.remote(MasterHost).options(
         num_cpus=0, max_concurrency=100_000, max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
     host_class = ray.remote(SlaveHost).options(
-        num_cpus=options.cpus_per_actor, max_concurrency=100_000, max_restarts=0)
+        num_cpus=cpus_per_actor, max_concurrency=100_000, max_restarts=0)
     handles: list[Any] = []
+    processes: list[tuple[str, int]] = []
+    deadline = time.monotonic() + timeout_s
     try:
-        master = master_class.remote(str(work / "fed"), str(work / "run"), options.transport)
+        master = master_class.remote(str(fed_dir), str(out_dir), transport)
         handles.append(master)
         port = ray.get(master.start.remote())
-        url = f"wss://127.0.0.1:{port}" if options.transport == "tls" else None
-        hosts = []
-        for k in range(actors):
-            mine = [(i, ids[i]) for i in range(k, len(ids), actors)]
-            host = host_class.remote(
-                str(work / "fed"), str(work), mine, count=len(ids), dataset=options.dataset,
-                partition=_partition_text(options.partition), seed=options.seed,
-                dropout=options.dropout, transport=options.transport, master=master,
-                master_url=url, host_index=k)
-            handles.append(host)
-            hosts.append(host)
-        all_runs = [host.run.remote() for host in hosts]
-        slave_runs = list(all_runs)
+        url = f"wss://127.0.0.1:{port}" if transport == "tls" else None
+        for k in range(count):
+            mine = [(i, ids[i]) for i in range(k, len(ids), count)]
+            handles.append(host_class.remote(
+                str(fed_dir), str(work), mine, count=len(ids), dataset=dataset,
+                partition=split, seed=seed, dropout=dropout, transport=transport,
+                master=master, master_url=url, host_index=k, allow_no_dp=allow_no_dp,
+                record_updates=record_updates))
+        processes = ray.get([h.process.remote() for h in handles])
+        all_runs = [host.run.remote() for host in handles[1:]]
+        pending = list(all_runs)
         finished = master.wait.remote()
-        deadline = time.monotonic() + (options.timeout_s or 600.0 + 3.0 * len(ids)
-                                       * options.rounds)
         seen = 0
         while True:
-            ready, _ = ray.wait([finished, *slave_runs], num_returns=1, timeout=POLL_S,
+            ready, _ = ray.wait([finished, *pending], num_returns=1, timeout=POLL_S,
                                 fetch_local=False)
             events = ray.get(master.progress.remote(seen))
             seen += len(events)
@@ -292,19 +329,49 @@ def _run(ray: Any, options: SimulationOptions, facts: dict[str, Any], work: Path
                     on_progress(event)
             if finished in ready:
                 break
-            for ref in ready:  # a slave actor that ends before the master failed
+            for ref in ready:  # a slave actor's error ends the simulation at once
                 ray.get(ref)
-                slave_runs = [r for r in slave_runs if r != ref]
+                pending.remove(ref)
             if time.monotonic() > deadline:
                 raise SecureFedError(
-                    "the simulation did not finish within its time limit; see the master's "
-                    "audit log in the work folder (--work-dir), or raise --timeout")
+                    f"the simulation did not finish within its time limit ({timeout_s:.0f} s); "
+                    "see the master's audit log in the work folder (--work-dir), or raise "
+                    "--timeout")
         outcome = ray.get(finished)
         hosted = ray.get(all_runs, timeout=max(60.0, deadline - time.monotonic()))
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, SecureFedError):
+            raise cause from None
+        raise SecureFedError(f"a simulation actor failed: {type(cause).__name__}: "
+                             f"{cause}") from exc
+    except ray.exceptions.RayActorError as exc:
+        raise SecureFedError(f"a simulation actor died ({exc.__class__.__name__}), e.g. out of "
+                             "memory: use fewer slaves per actor (--actors) or a smaller model"
+                             ) from exc
     finally:
         for handle in handles:
             ray.kill(handle, no_restart=True)
-    return _result(options, facts, actors, outcome, hosted, work)
+        _wait_ended([pid for node, pid in processes if node == here])
+    return outcome, hosted, count
+
+
+def _wait_ended(pids: list[int], timeout_s: float = 30.0) -> None:
+    """Wait until the processes of the killed actors on this node are gone (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if _running(p)]
+        if not alive:
+            return
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _partition_text(spec: PartitionSpec) -> str:

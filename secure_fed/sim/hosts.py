@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography import x509
 
 from secure_fed.errors import TransportError
@@ -44,6 +45,13 @@ def current_rss_bytes() -> int:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def process_id() -> tuple[str, int]:
+    """(Ray node id, pid) of the calling actor's process, for the driver to see it end."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), os.getpid()
 
 
 def _message_type(message: str | bytes) -> str | None:
@@ -81,6 +89,10 @@ class MasterHost:
         self._task: asyncio.Task[Any] | None = None
         self._serving: set[asyncio.Task[None]] = set()
         self._master: Any = None
+
+    def process(self) -> tuple[str, int]:
+        """(node id, pid) of this actor's process."""
+        return process_id()
 
     def _event(self, kind: str, data: dict[str, Any]) -> None:
         self.events.append({"time": time.time(), "kind": kind, **data})
@@ -169,6 +181,8 @@ class MasterHost:
             task.cancel()
         await asyncio.gather(*self._serving, return_exceptions=True)
         return {"summary": summary.data, "events": self.events,
+                "model_bytes": len(self._master.package.params),
+                "protection": self._master.protection,
                 "peak_rss_bytes": peak_rss_bytes(), "baseline_rss_bytes": self.baseline_rss}
 
 
@@ -191,11 +205,17 @@ class SlaveHost:
         transport: ``memory`` or ``tls``.
         master: the master actor (``memory``) and ``master_url`` (``tls``).
         host_index: this actor's number (its ledger registry is its own).
+        allow_no_dp: the data owners' consent to a plan without DP (a benchmark's baseline).
+        record_updates: write each slave's trained update, in the clear, to
+            ``updates/<slave id>/<task nonce>.npz`` (``weight``, ``delta``) under ``work_dir``,
+            so that a test can check the committed model against the FedAvg of the updates.
+            Never on in ``secure-fed simulate``.
     """
 
     def __init__(self, fed_dir: str, work_dir: str, slaves: list[tuple[int, str]], *,
                  count: int, dataset: str, partition: str, seed: int, dropout: float,
-                 transport: str, master: Any, master_url: str | None, host_index: int) -> None:
+                 transport: str, master: Any, master_url: str | None, host_index: int,
+                 allow_no_dp: bool = False, record_updates: bool = False) -> None:
         # The data sources of this actor are registered in a folder of the run, not in the
         # user's own list of data sources.
         home = Path(work_dir) / "data-home" / f"host-{host_index}"
@@ -212,6 +232,8 @@ class SlaveHost:
         self.transport = transport
         self.master = master
         self.master_url = master_url
+        self.allow_no_dp = allow_no_dp
+        self.record_updates = record_updates
         self.hub = ChannelHub()
         self.injectors: dict[str, DropoutInjector] = {}
 
@@ -220,6 +242,10 @@ class SlaveHost:
 
     def peer_closed(self, connection: str, code: int, reason: str) -> None:
         self.hub.peer_closed(connection, code, reason)
+
+    def process(self) -> tuple[str, int]:
+        """(node id, pid) of this actor's process."""
+        return process_id()
 
     async def run(self) -> dict[str, Any]:
         """Run every slave of this actor until the federation is finished; their reports."""
@@ -239,6 +265,8 @@ class SlaveHost:
             simulated_parts, self.partition, dataset=self.dataset, count=self.count,
             indices=[i for i, _ in self.slaves], seed=self.seed, schema=config.data_schema)
         limits = config.limits
+        if self.record_updates:
+            self._record_updates({id(parts[i]): slave_id for i, slave_id in self.slaves})
         runners = []
         with UpdateEncoder(first.he_params, first.public_context.read_bytes(),
                            workers=1) as encoder:
@@ -256,6 +284,7 @@ class SlaveHost:
                     bundle, parts[index], state_dir=self.work_dir / "state" / slave_id,
                     budget_epsilon=bundle.config.federation_epsilon, source_id=slave_id,
                     reconnect_give_up_s=limits.join_timeout_s, encoder=encoder,
+                    allow_no_dp=self.allow_no_dp,
                     connect=self._dropping(inner, injector, masked)).run())
             reports = await asyncio.gather(*runners, return_exceptions=True)
         out: list[dict[str, Any]] = []
@@ -273,6 +302,22 @@ class SlaveHost:
             injected.update(injector.injected)
         return {"reports": out, "failures": failures, "dropouts": dict(injected),
                 "peak_rss_bytes": peak_rss_bytes()}
+
+    def _record_updates(self, owners: dict[int, str]) -> None:
+        """Make every training run of this actor's slaves keep its update on disk."""
+        from secure_fed.slave import client
+
+        train = client.train_update
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            result = train(*args, **kwargs)
+            folder = self.work_dir / "updates" / owners[id(args[3])]
+            folder.mkdir(parents=True, exist_ok=True)
+            np.savez(folder / f"{kwargs['nonce']}.npz", weight=result.samples,
+                     delta=result.vector)
+            return result
+
+        client.train_update = recorded
 
     def _memory_connect(self, slave_id: str, me: Any, max_message_bytes: int) -> Any:
         async def connect() -> Channel:
