@@ -19,14 +19,12 @@ from conftest import assert_rounds_are_fedavg
 
 from secure_fed.audit.recompute import check_log
 from secure_fed.audit.verify import read_verified_records
-from secure_fed.bench.round import RoundOptions, run_round_bench
+from secure_fed.bench.round import RoundOptions
 from secure_fed.cli.main import main
 from secure_fed.data.datasets import bundled_schema, load_bundled
 from secure_fed.data.partition import slave_partition, split_holdout
 from secure_fed.errors import ConfigError
 from secure_fed.he.bundle import MasterBundle
-from secure_fed.he.chunk_format import chunk_size_for
-from secure_fed.he.presets import data_moduli
 from secure_fed.privacy.ledger import PrivacyLedger
 from secure_fed.sim.federation import SimulationOptions, mask_neighbours_for, run_simulation
 from secure_fed.sim.partitions import PartitionSpec, simulated_parts
@@ -94,20 +92,14 @@ def test_twenty_slaves_on_two_actors_commit_a_masked_round_despite_dropouts(
     assert "training + upload" in format_phase_table(result["phases"])
 
 
-def test_bench_round_on_ray_gives_the_row_of_a_federation_run_by_actors(
-    ray_instance: Any, tmp_path: Path
-) -> None:
-    options = RoundOptions(modes=("he",), sizes=(1_000,), slaves=(2,), rounds=1, engine="ray")
-    [row] = run_round_bench(options, work_dir=tmp_path)
-    params = MasterBundle.load(next(tmp_path.glob("*/fed/master"))).he_params
-    # the master recorded two complete encrypted updates of one ciphertext each
-    chunk = chunk_size_for(params.poly_modulus_degree, data_moduli(params))
-    assert row["mode"] == "he" and row["slaves"] == 2 and row["chunks"] == 1
-    assert row["upload_bytes_per_slave"] == chunk
-    assert row["master_bytes_in_per_round"] == 2 * chunk
-    assert row["download_bytes_per_slave"] > 4 * row["params"]  # safetensors of the model
+def test_bench_round_on_ray_refuses_what_only_the_process_engine_measures() -> None:
     with pytest.raises(ConfigError, match="--wire"):
         RoundOptions(engine="ray", wire=True)
+    assert RoundOptions(engine="ray", slaves=(1000,)).slaves == (1000,)
+    with pytest.raises(ConfigError, match="between 1 and 64 with the process engine"):
+        RoundOptions(slaves=(1000,))
+    with pytest.raises(ConfigError, match="--engine"):
+        RoundOptions(engine="threads")
 
 
 def test_iid_parts_are_the_slave_partition_and_cover_the_training_split() -> None:

@@ -10,6 +10,7 @@ survived. The actors are killed and Ray is shut down at the end, also on errors 
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ from secure_fed.sim.hosts import MasterHost, SlaveHost
 from secure_fed.sim.partitions import PartitionSpec
 from secure_fed.sim.phases import round_phases
 from secure_fed.sim.runtime import available_cpus, ray_session
+
+log = logging.getLogger(__name__)
 
 PROTECTIONS = ("plain", "mask", "he", "he+mask")
 TRANSPORTS = ("memory", "tls")
@@ -305,17 +308,23 @@ def run_hosted(ray: Any, fed_dir: Path, out_dir: Path, work: Path, ids: list[str
     try:
         master = master_class.remote(str(fed_dir), str(out_dir), transport)
         handles.append(master)
-        port = ray.get(master.start.remote())
-        url = f"wss://127.0.0.1:{port}" if transport == "tls" else None
         for k in range(count):
             mine = [(i, ids[i]) for i in range(k, len(ids), count)]
             handles.append(host_class.remote(
                 str(fed_dir), str(work), mine, count=len(ids), dataset=dataset,
                 partition=split, seed=seed, dropout=dropout, transport=transport,
-                master=master, master_url=url, host_index=k, allow_no_dp=allow_no_dp,
+                master=master, host_index=k, allow_no_dp=allow_no_dp,
                 record_updates=record_updates))
+        # the slave actors load their libraries and data while the master starts
+        begun = time.monotonic()
+        preparing = [host.prepare.remote() for host in handles[1:]]
+        port = ray.get(master.start.remote())
+        log.info("master started in %.1f s", time.monotonic() - begun)
+        ray.get(preparing)
+        log.info("%d slave actors ready in %.1f s", count, time.monotonic() - begun)
+        url = f"wss://127.0.0.1:{port}" if transport == "tls" else None
         processes = ray.get([h.process.remote() for h in handles])
-        all_runs = [host.run.remote() for host in handles[1:]]
+        all_runs = [host.run.remote(url) for host in handles[1:]]
         pending = list(all_runs)
         finished = master.wait.remote()
         seen = 0

@@ -203,7 +203,7 @@ class SlaveHost:
         seed: seed of the split and of the dropouts.
         dropout: probability of a dropout at each secure-aggregation phase message.
         transport: ``memory`` or ``tls``.
-        master: the master actor (``memory``) and ``master_url`` (``tls``).
+        master: the master actor.
         host_index: this actor's number (its ledger registry is its own).
         allow_no_dp: the data owners' consent to a plan without DP (a benchmark's baseline).
         record_updates: write each slave's trained update, in the clear, to
@@ -214,7 +214,7 @@ class SlaveHost:
 
     def __init__(self, fed_dir: str, work_dir: str, slaves: list[tuple[int, str]], *,
                  count: int, dataset: str, partition: str, seed: int, dropout: float,
-                 transport: str, master: Any, master_url: str | None, host_index: int,
+                 transport: str, master: Any, host_index: int,
                  allow_no_dp: bool = False, record_updates: bool = False) -> None:
         # The data sources of this actor are registered in a folder of the run, not in the
         # user's own list of data sources.
@@ -231,7 +231,8 @@ class SlaveHost:
         self.dropout = dropout
         self.transport = transport
         self.master = master
-        self.master_url = master_url
+        self._first: Any = None
+        self._parts: dict[int, Any] | None = None
         self.allow_no_dp = allow_no_dp
         self.record_updates = record_updates
         self.hub = ChannelHub()
@@ -247,23 +248,41 @@ class SlaveHost:
         """(node id, pid) of this actor's process."""
         return process_id()
 
-    async def run(self) -> dict[str, Any]:
-        """Run every slave of this actor until the federation is finished; their reports."""
-        import ray
+    async def prepare(self) -> None:
+        """Load what the slaves need (the libraries, the bundles' settings, the data parts),
+        while the master starts."""
         import torch
+
+        from secure_fed.he.bundle import SlaveBundle
+        from secure_fed.slave import client  # noqa: F401 - imported now, not in run()
+
+        torch.set_num_threads(1)
+        first = SlaveBundle.load(self.fed_dir / "slaves" / self.slaves[0][1])
+        self._first = first
+        self._parts = await asyncio.to_thread(
+            simulated_parts, self.partition, dataset=self.dataset, count=self.count,
+            indices=[i for i, _ in self.slaves], seed=self.seed,
+            schema=first.config.data_schema)
+
+    async def run(self, master_url: str | None = None) -> dict[str, Any]:
+        """Run every slave of this actor until the federation is finished; their reports.
+
+        Args:
+            master_url: the master's ``wss://`` URL (``tls`` transport only).
+        """
+        import ray
 
         from secure_fed.he.bundle import SlaveBundle
         from secure_fed.he.codec import UpdateEncoder
         from secure_fed.slave.client import Slave, websocket_connect
 
-        torch.set_num_threads(1)
+        if self._parts is None:
+            await self.prepare()
+        assert self._parts is not None and self._first is not None
         me = ray.get_runtime_context().current_actor
-        first = SlaveBundle.load(self.fed_dir / "slaves" / self.slaves[0][1])
+        first, parts = self._first, self._parts
         config = first.config
         masked = config.encryption.protection in ("mask", "he+mask")
-        parts = await asyncio.to_thread(
-            simulated_parts, self.partition, dataset=self.dataset, count=self.count,
-            indices=[i for i, _ in self.slaves], seed=self.seed, schema=config.data_schema)
         limits = config.limits
         if self.record_updates:
             self._record_updates({id(parts[i]): slave_id for i, slave_id in self.slaves})
@@ -272,8 +291,8 @@ class SlaveHost:
                            workers=1) as encoder:
             for index, slave_id in self.slaves:
                 bundle = SlaveBundle.load(self.fed_dir / "slaves" / slave_id)
-                if self.master_url is not None:
-                    bundle = bundle.with_master_url(self.master_url)
+                if master_url is not None:
+                    bundle = bundle.with_master_url(master_url)
                 injector = DropoutInjector(self.dropout, seed=self.seed, index=index)
                 self.injectors[slave_id] = injector
                 if self.transport == "tls":
