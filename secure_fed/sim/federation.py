@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 PROTECTIONS = ("plain", "mask", "he", "he+mask")
 TRANSPORTS = ("memory", "tls")
 MAX_SLAVES = 10_000
-IN_FEATURES = 64
-CLASSES = 10
 POLL_S = 0.5
 #: Target of the expected number of slaves per round whose masks cannot be rebuilt
 #: (see :func:`mask_neighbours_for`).
@@ -65,7 +63,8 @@ class SimulationOptions:
         dropout: probability that a slave drops out at each secure-aggregation phase.
         actors: actors hosting the slaves (``None``: one per CPU of the Ray instance).
         cpus_per_actor: CPUs Ray reserves for each slave actor.
-        params: parameter target of the MLP on ``dataset`` (10,000: about 10K parameters).
+        params: parameter target of the MLP on ``dataset`` (10,000: about 10K parameters on
+            digits' 64 features and 10 classes).
         preset: HE preset.
         dataset: bundled dataset the slaves' parts are cut from (the master evaluates on its
             hold-out).
@@ -123,6 +122,11 @@ class SimulationOptions:
             raise ConfigError(f"--actors {self.actors}: give 1 to {self.slaves} (the slaves)")
         if not self.cpus_per_actor > 0:
             raise ConfigError(f"--cpus-per-actor {self.cpus_per_actor:g}: give more than 0")
+        from secure_fed.data.datasets import CLASSIFICATION_DATASETS
+
+        if self.dataset not in CLASSIFICATION_DATASETS:
+            raise ConfigError(f"--dataset {self.dataset}: the simulation trains a classifier on "
+                              f"one of {', '.join(CLASSIFICATION_DATASETS)}")
         if not 0.0 < self.min_fraction <= 1.0:
             raise ConfigError(f"min_fraction {self.min_fraction:g} must be in (0, 1]")
         self.partition.check(self.slaves)
@@ -184,29 +188,33 @@ def slave_ids(count: int) -> list[str]:
 def provision(options: SimulationOptions, fed_dir: Path) -> dict[str, Any]:
     """``secure-fed init`` of the simulated federation into ``fed_dir``; its facts."""
     from secure_fed.bench.round import mlp_hidden_for, mlp_parameter_count
+    from secure_fed.config.tasks import model_outputs
     from secure_fed.data.datasets import bundled_schema
     from secure_fed.master.provision import FederationPlan, init_federation
 
-    hidden = mlp_hidden_for(options.params, IN_FEATURES, CLASSES)
-    params = mlp_parameter_count(hidden, IN_FEATURES, CLASSES)
+    schema = bundled_schema(options.dataset)
+    features = len(schema.feature_names)
+    classes = model_outputs(schema.task, len(schema.classes))
+    hidden = mlp_hidden_for(options.params, features, classes)
+    params = mlp_parameter_count(hidden, features, classes)
     masked = options.protection in ("mask", "he+mask")
     neighbours = (None if not masked or options.neighbours == 0
                   else options.neighbours or mask_neighbours_for(options.slaves,
                                                                  options.dropout))
-    ids = slave_ids(options.slaves)
     max_weight = max_weight_for(options)
+    ids = slave_ids(options.slaves)
     init_federation(fed_dir, FederationPlan(
         federation_id="simulation", slaves=ids, host="127.0.0.1", port=0,
         rounds=options.rounds, min_slaves=options.min_slaves, seed=options.seed,
-        model=ModelSpec(architecture="mlp", kwargs={"in_features": IN_FEATURES,
-                                                    "num_classes": CLASSES, "hidden": hidden}),
+        model=ModelSpec(architecture="mlp", kwargs={"in_features": features,
+                                                    "num_classes": classes, "hidden": hidden}),
         training=TrainingPlanSettings(epochs=1, batch_size=64, epsilon=options.epsilon),
         encryption=EncryptionSettings(protection=options.protection,  # type: ignore[arg-type]
                                       preset=options.preset, max_weight_per_slave=max_weight,
                                       workers=1, mask_neighbours=neighbours),
         limits=_limits(options, 4 * params),
         evaluation=EvaluationSettings(dataset=options.dataset, seed=options.seed),
-        data_schema=bundled_schema(options.dataset),
+        data_schema=schema,
     ), force=True)
     return {"slave_ids": ids, "params": params, "hidden": hidden, "neighbours": neighbours,
             "max_weight_per_slave": max_weight}
@@ -223,6 +231,10 @@ def max_weight_for(options: SimulationOptions) -> int:
     if options.partition.kind == "files":
         return 4096
     train, _ = split_holdout(load_bundled(options.dataset, scaled=False), 0.2, options.seed)
+    if len(train.labels) < options.slaves:
+        raise ConfigError(f"--slaves {options.slaves}: the training split of {options.dataset} "
+                          f"holds {len(train.labels)} records, fewer than one per slave; use "
+                          "fewer slaves or a larger dataset")
     share = 4 * math.ceil(len(train.labels) / options.slaves)
     return min(4096, max(64, 1 << (share - 1).bit_length()))
 
