@@ -1,8 +1,9 @@
 """``secure-fed simulate``: many real slaves on Ray actors with the real master.
 
 One small simulation (20 slaves on two actors, ``mask``, one round, dropouts injected at the
-secure-aggregation phases) runs on one Ray instance of two CPUs shared by the module; the
-partition functions and the missing-Ray error are unit tests.
+secure-aggregation phases, the master's sum in two shard actors) runs on one Ray instance of
+two CPUs shared by the module; the partition functions and the missing-Ray error are unit
+tests.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def ray_instance() -> Any:
 def test_twenty_slaves_on_two_actors_commit_a_masked_round_despite_dropouts(
     ray_instance: Any, tmp_path: Path
 ) -> None:
+    # the master's sum in two shard actors: the committed model below is still the FedAvg
     options = SimulationOptions(slaves=20, protection="mask", rounds=1, dropout=0.1, seed=3,
                                 params=500, work_dir=tmp_path, timeout_s=240,
-                                record_updates=True)
+                                record_updates=True, aggregation_shards=2)
     events: list[dict[str, Any]] = []
     result = run_simulation(options, on_progress=events.append)
 

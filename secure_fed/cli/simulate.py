@@ -51,6 +51,9 @@ def add_parser(subparsers: Any) -> None:
                    help="SecAgg+ neighbours per slave (default: about 2 log2 N, enough for "
                    "--dropout; 0: every slave masks with every other)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, model and dropouts")
+    p.add_argument("--aggregation-shards", type=int, default=1, metavar="N",
+                   help="sum the updates in a tree of N Ray actors beside the master, the "
+                        "root adding their partial sums (default 1: one aggregator)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the simulation after this long (default: scaled with the slaves)")
     p.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
@@ -73,7 +76,8 @@ def options_from(args: argparse.Namespace) -> Any:
         partition=PartitionSpec.parse(args.partition), dataset=args.dataset,
         dropout=args.dropout, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
         params=args.params, preset=args.preset, neighbours=args.neighbours, seed=args.seed,
-        timeout_s=args.timeout, work_dir=args.work_dir)
+        timeout_s=args.timeout, work_dir=args.work_dir,
+        aggregation_shards=args.aggregation_shards)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -78,6 +78,8 @@ class SimulationOptions:
             previous simulation's there are replaced (``None``: a temporary folder).
         record_updates: keep every slave's update in the clear under ``work_dir``, for a test
             of the committed model (see :class:`~secure_fed.sim.hosts.SlaveHost`).
+        aggregation_shards: the master's sum as a tree of this many Ray actors beside it
+            (1: the single aggregator; see :mod:`secure_fed.master.shards`).
     """
 
     slaves: int
@@ -99,6 +101,7 @@ class SimulationOptions:
     timeout_s: float | None = None
     work_dir: Path | None = None
     record_updates: bool = False
+    aggregation_shards: int = 1
 
     def __post_init__(self) -> None:
         masked = self.protection in ("mask", "he+mask")
@@ -129,6 +132,8 @@ class SimulationOptions:
                               f"one of {', '.join(CLASSIFICATION_DATASETS)}")
         if not 0.0 < self.min_fraction <= 1.0:
             raise ConfigError(f"min_fraction {self.min_fraction:g} must be in (0, 1]")
+        if not 1 <= self.aggregation_shards <= 64:
+            raise ConfigError(f"--aggregation-shards {self.aggregation_shards}: give 1 to 64")
         self.partition.check(self.slaves)
 
     @property
@@ -279,7 +284,8 @@ def _run(ray: Any, options: SimulationOptions, facts: dict[str, Any], work: Path
         dataset=options.dataset, partition=options.partition, seed=options.seed,
         dropout=options.dropout, actors=options.actors, cpus_per_actor=options.cpus_per_actor,
         timeout_s=options.timeout_s or 600.0 + 3.0 * options.slaves * options.rounds,
-        record_updates=options.record_updates, on_progress=on_progress)
+        record_updates=options.record_updates, on_progress=on_progress,
+        aggregation_shards=options.aggregation_shards)
     return _result(options, facts, actors, outcome, hosted, work)
 
 
@@ -288,13 +294,14 @@ def run_hosted(ray: Any, fed_dir: Path, out_dir: Path, work: Path, ids: list[str
                partition: PartitionSpec | None = None, seed: int = 0, dropout: float = 0.0,
                actors: int | None = None, cpus_per_actor: float = 1.0, timeout_s: float,
                allow_no_dp: bool = False, record_updates: bool = False,
-               on_progress: Progress | None = None,
+               on_progress: Progress | None = None, aggregation_shards: int = 1,
                ) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
     """Run the federation of ``fed_dir`` (made by ``secure-fed init`` for slaves ``ids``) on
     a connected Ray: the master in an actor on this node writing to ``out_dir``, the slaves
     round-robin on ``actors`` actors (``None``: one per ``cpus_per_actor`` CPUs), their
     ledgers under ``work``; every actor is killed at the end, also on errors.
     ``record_updates``: see :class:`~secure_fed.sim.hosts.SlaveHost` (tests only).
+    ``aggregation_shards``: shards of the master's sum, Ray actors of the same instance.
 
     Returns:
         The master's outcome (``summary``, ``events``, ``peak_rss_bytes``,
@@ -318,7 +325,8 @@ def run_hosted(ray: Any, fed_dir: Path, out_dir: Path, work: Path, ids: list[str
     processes: list[tuple[str, int]] = []
     deadline = time.monotonic() + timeout_s
     try:
-        master = master_class.remote(str(fed_dir), str(out_dir), transport)
+        master = master_class.remote(str(fed_dir), str(out_dir), transport,
+                                     aggregation_shards=aggregation_shards)
         handles.append(master)
         for k in range(count):
             mine = [(i, ids[i]) for i in range(k, len(ids), count)]

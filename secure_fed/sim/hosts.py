@@ -8,6 +8,7 @@ every method runs in the actor's one event loop, where the master or the slaves 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -76,9 +77,13 @@ class MasterHost:
         out_dir: the run folder (checkpoints, ``audit.jsonl``, ``summary.json``).
         transport: ``memory`` (connections are actor calls) or ``tls`` (the master listens
             with mutual TLS on 127.0.0.1, on a port the OS picks).
+        aggregation_shards: more than 1: the master's sum runs in that many shard actors of
+            the same Ray instance (``[aggregation]`` with backend ``ray``).
     """
 
-    def __init__(self, fed_dir: str, out_dir: str, transport: str) -> None:
+    def __init__(self, fed_dir: str, out_dir: str, transport: str, *,
+                 aggregation_shards: int = 1) -> None:
+        self.aggregation_shards = aggregation_shards
         self.fed_dir = Path(fed_dir)
         self.out_dir = Path(out_dir)
         self.transport = transport
@@ -114,8 +119,13 @@ class MasterHost:
                     keep["accuracy"] = data.get("accuracy")
                 self._event(kind, keep)
 
-        master = Master(MasterBundle.load(self.fed_dir / "master"), self.out_dir, port=0,
-                        host="127.0.0.1", on_event=on_event)
+        bundle = MasterBundle.load(self.fed_dir / "master")
+        if self.aggregation_shards > 1:
+            from secure_fed.master.shards import with_aggregation
+
+            bundle = dataclasses.replace(bundle, config=with_aggregation(
+                bundle.config, shards=self.aggregation_shards, backend="ray"))
+        master = Master(bundle, self.out_dir, port=0, host="127.0.0.1", on_event=on_event)
         self._master = master
         master.audit.observe(lambda record: self._event(
             "audit", {"event": record.get("event"),
