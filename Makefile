@@ -26,12 +26,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/secure-fed demo --out demo-run
 
-# Two workers (pytest-xdist), one per core of the CI machine. --dist loadgroup keeps the tests
-# that share one expensive session fixture on one worker (pytest.mark.xdist_group); the 25
-# slowest tests are listed at the end, so that a slow new test shows.
+# Two workers (pytest-xdist), one per core of the CI machine; the 25 slowest tests are listed
+# at the end, so that a slow new test shows.
 test: $(STAMP) chromium
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -n 2 --durations=25
 
 # tests/test_audit_report.py renders the HTML audit report in headless Chromium (Debian's
 # package chromium, about 125 MB to download). Installed here when missing, as root with

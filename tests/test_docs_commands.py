@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import importlib.util
 import io
 import json
@@ -363,30 +364,39 @@ def _explain(result: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.fixture(scope="session")
 def api_guide_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """The Python programs of docs/api.md, run in order in an empty folder; their outputs."""
-    work = tmp_path_factory.mktemp("api-guide")
-    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
-    programs = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
-    outputs = []
-    for index, program in enumerate(programs):
-        script = work / f"program_{index}.py"
-        script.write_text(program, encoding="utf-8")
-        result = _run([sys.executable, str(script)], work, timeout=900)
-        assert result.returncode == 0, f"docs/api.md program {index + 1}: {_explain(result)}"
-        outputs.append(result.stdout)
-    return work, outputs
+    """The Python programs of docs/api.md, run in order in an empty folder; their outputs.
+
+    Run once per test session: the first test worker (pytest-xdist) that needs them runs them
+    holding a lock in the session's folder; another one waits for the lock and reads what
+    they left (a federation's run, about a minute of both cores, is not made twice).
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    work = shared / "api-guide"
+    done = work / "outputs.json"
+    with (shared / "api-guide.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+            programs = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+            outputs = []
+            for index, program in enumerate(programs):
+                script = work / f"program_{index}.py"
+                script.write_text(program, encoding="utf-8")
+                result = _run([sys.executable, str(script)], work, timeout=900)
+                assert result.returncode == 0, (
+                    f"docs/api.md program {index + 1}: {_explain(result)}")
+                outputs.append(result.stdout)
+            done.write_text(json.dumps(outputs), encoding="utf-8")
+    return work, json.loads(done.read_text(encoding="utf-8"))
 
 
 def _needs_demo_run(commands: list[DocCommand]) -> bool:
     return any("demo-run" in c.argv for c in commands)
 
 
-API_GUIDE_GROUP = pytest.mark.xdist_group("api-guide-run")
-"""On one test worker (``--dist loadgroup``): the tests that use :func:`api_guide_run`, a
-session fixture that would otherwise run the federation of docs/api.md once per worker."""
-
-
-@API_GUIDE_GROUP
 def test_api_guide_programs_run_a_federation_and_check_it(
         api_guide_run: tuple[Path, list[str]]) -> None:
     work, outputs = api_guide_run
@@ -537,10 +547,8 @@ def test_the_groups_hold_each_command_once_and_every_after_run_check_has_its_gro
     assert "9. Bring your own data + 10. Bring your own model" in titles, titles
 
 
-@pytest.mark.parametrize(("doc", "title", "commands"), [
-    pytest.param(doc, title, commands, id=_group_id(doc, title),
-                 marks=[API_GUIDE_GROUP] if _needs_demo_run(commands) else [])
-    for doc, title, commands in COMMAND_GROUPS])
+@pytest.mark.parametrize(("doc", "title", "commands"), COMMAND_GROUPS,
+                         ids=[_group_id(doc, title) for doc, title, _ in COMMAND_GROUPS])
 def test_commands_of_each_page_run(doc: Path, title: str, commands: list[DocCommand],
                                    tmp_path: Path, request: pytest.FixtureRequest,
                                    monkeypatch: pytest.MonkeyPatch) -> None:

@@ -349,7 +349,8 @@ class ShardedSum:
         self._by_shard[shard] += 1
 
     def _check_weight(self, slave_id: str, weight: int) -> None:
-        """The limits :meth:`Aggregator.finish` checks, over every shard's contributions."""
+        """The limits :meth:`secure_fed.he.aggregator.Aggregator.finish` checks, over every
+        shard's contributions."""
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
             raise MalformedUpdate(slave_id, None, f"weight must be an integer ≥ 1, got {weight!r}")
         w_max = self.params.max_total_weight
