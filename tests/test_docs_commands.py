@@ -141,6 +141,12 @@ PARSED_ONLY: dict[str, str] = {
     "secure-fed bench round --modes plain,he+mask --sizes large --slaves 16 --rounds 2 "
     "--bandwidth 100Mbit --json":
         "two federations of 16 slaves at 1M parameters (10 minutes on a loaded 2-core machine)",
+    "secure-fed simulate --slaves 1000 --protection he+mask --rounds 3":
+        "1,000 slaves on Ray for three rounds (about 20 minutes on two cores); "
+        "tests/test_simulate.py runs 20 slaves for one round",
+    "secure-fed simulate --slaves 1000 --protection he+mask --rounds 3 --dropout 0.1":
+        "1,000 slaves on Ray for three rounds with dropouts (about 20 minutes on two cores); "
+        "tests/test_simulate.py runs 20 slaves for one round with dropouts",
     "python benchmarks/gpu_dp_step.py":
         "times DP-SGD and plain steps of two models per device (a minute on a loaded 2-core "
         "machine); tests/test_device.py runs it with one step",

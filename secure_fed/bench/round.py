@@ -35,6 +35,11 @@ Figures come from what the master records, not from estimates:
   measured ``seconds_per_round``; ``critical_path_vs_plain`` and ``seconds_vs_plain``: the
   ratios against the ``plain`` (DP only) row of the same size, slaves and DP mechanism.
 
+With ``engine="ray"`` (``--engine ray``) the same federations run on Ray
+(:mod:`secure_fed.sim`): the master in one actor, the slaves on a pool of actors (one per
+CPU), their connections carried by actor calls, one encryption worker per actor; the rows are
+the same, read from the same records (no ``wire`` counts: there is no wire).
+
 The protection mode is only a setting (``EncryptionSettings.protection``). A row counts only
 if the run ran that protection (as ``summary.json`` or the audit log records it, else as the
 master reports it); a federation that ran another protection is refused, not reported.
@@ -50,6 +55,7 @@ if every slave's signed update header, as the audit log records it, names that m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import statistics
@@ -101,6 +107,8 @@ CLASSES = 10
 DATASET = "digits"
 MAX_RECORDS_PER_SLAVE = 2048
 """FedAvg weight bound: every part of the digits training split holds fewer records."""
+ENGINES = ("process", "ray")
+"""Where ``bench round`` runs the federations: in this process, or on Ray actors."""
 DEFAULT_PLAN = TrainingPlanSettings(epochs=1, batch_size=64, epsilon=3.0)
 """Local work per round: one epoch of DP-SGD with Poisson batches of about 64 records."""
 
@@ -127,6 +135,8 @@ class RoundOptions:
             ``plan.epsilon`` instead of ``plan``. Empty: ``plan`` with local DP.
         bandwidth: each slave's link speed of the critical path, each direction
             (``100Mbit``, ``1Gbit``, ``12.5MB/s``; :func:`secure_fed.costs.parse_bandwidth`).
+        engine: ``process`` (master and slaves in this process, TLS on 127.0.0.1) or
+            ``ray`` (master and slaves on Ray actors, see the module docstring).
     """
 
     modes: tuple[str, ...] = ("he",)
@@ -140,6 +150,7 @@ class RoundOptions:
     wire: bool = False
     dp: tuple[str, ...] = ()
     bandwidth: str = DEFAULT_BANDWIDTH
+    engine: str = "process"
 
     def __post_init__(self) -> None:
         parse_bandwidth(self.bandwidth)
@@ -155,8 +166,15 @@ class RoundOptions:
                               f"of {', '.join(PRESETS)}")
         if not 1 <= self.rounds <= 100:
             raise ConfigError(f"rounds must be between 1 and 100, got {self.rounds}")
-        if not self.slaves or any(not 1 <= n <= 64 for n in self.slaves):
-            raise ConfigError(f"numbers of slaves must be between 1 and 64, got {self.slaves}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine {self.engine}: expected one of {', '.join(ENGINES)}")
+        most = 64 if self.engine == "process" else 10_000
+        if not self.slaves or any(not 1 <= n <= most for n in self.slaves):
+            raise ConfigError(f"numbers of slaves must be between 1 and {most} with the "
+                              f"{self.engine} engine, got {self.slaves}")
+        if self.wire and self.engine == "ray":
+            raise ConfigError("--wire counts bytes on TLS connections, which the ray engine "
+                              "does not open; leave out --wire or use --engine process")
         if not self.sizes or any(not 100 <= s <= 40_000_000 for s in self.sizes):
             raise ConfigError(f"parameter targets must be between 100 and 40M, got {self.sizes}")
         unknown = sorted(set(self.dp) - set(DP_MECHANISMS))
@@ -311,6 +329,8 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
                              max_message_bytes=max(4 * 2**20, model_bytes + 2**20)),
         evaluation=EvaluationSettings(dataset=DATASET, seed=options.seed),
     ), force=True)
+    if options.engine == "ray":
+        return _ray_federation(ids, options, work, allow_no_dp=baseline)
 
     async def run() -> _Run:
         master = Master(MasterBundle.load(work / "fed" / "master"), work / "run", port=0)
@@ -338,6 +358,22 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
                     [(relay.upstream, relay.downstream) for relay in relays])
 
     return asyncio.run(run())
+
+
+def _ray_federation(ids: list[str], options: RoundOptions, work: Path, *,
+                    allow_no_dp: bool) -> _Run:
+    """Run the federation made in ``work / "fed"`` on the connected Ray."""
+    from secure_fed.he.bundle import MasterBundle
+    from secure_fed.sim.federation import run_hosted
+    from secure_fed.sim.runtime import require_ray
+
+    outcome, _, _ = run_hosted(require_ray(), work / "fed", work / "run", work, ids,
+                               seed=options.seed, timeout_s=3600.0 + 10.0 * len(ids),
+                               allow_no_dp=allow_no_dp)
+    protection = outcome.get("protection")
+    return _Run(outcome["summary"], int(outcome["model_bytes"]),
+                MasterBundle.load(work / "fed" / "master").he_params,
+                protection if isinstance(protection, str) else None, [])
 
 
 def measure_round(mode: str, preset: str | None, target: int, slaves: int,
@@ -513,7 +549,12 @@ def run_round_bench(options: RoundOptions, *, work_dir: Path | None = None,
     for mode in options.modes:
         configs += [(mode, p) for p in options.presets] if mode in HE_MODES else [(mode, None)]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="secure-fed-round-") as tmp:
+    engine: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if options.engine == "ray":
+        from secure_fed.sim.runtime import ray_session
+
+        engine = ray_session()
+    with engine, tempfile.TemporaryDirectory(prefix="secure-fed-round-") as tmp:
         base = Path(work_dir) if work_dir is not None else Path(tmp)
         for target in sorted(options.sizes):
             for slaves in sorted(options.slaves):

@@ -428,7 +428,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                slaves=parse_counts("--slaves", args.slaves),
                                rounds=args.rounds, seed=args.seed, wire=args.wire,
                                dp=_items(args.dp) if args.dp is not None else (),
-                               bandwidth=args.bandwidth)
+                               bandwidth=args.bandwidth,
+                               engine=args.engine)
         rows = run_round_bench(options, work_dir=args.keep, on_row=lambda row: print(
             f"measured {row['mode']} {row['preset']} {row['params']:,} parameters, "
             f"{row['slaves']} slaves"

@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each slave's link speed, each direction, for the critical path "
                    "(e.g. 100Mbit, 1Gbit, 12.5MB/s; default 100Mbit)")
     r.add_argument("--json", action="store_true", help="end with one JSON line (a list of rows)")
+    r.add_argument("--engine", choices=("process", "ray"), default="process",
+                   help="process: master and slaves in this process (default); ray: on Ray "
+                   "actors (the sim extra)")
 
     from secure_fed.cli.audit import add_audit_parser
 
@@ -413,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     plan.add_parser(sub)
     ledger.add_parser(sub)
+    from secure_fed.cli import simulate
+    simulate.add_parser(sub)
     _verbosity_everywhere(parser)
     return parser
 

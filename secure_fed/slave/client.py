@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import logging
@@ -170,6 +171,10 @@ class Slave:
             unbounded (ε = ∞), after which this data source declines every DP task, of any
             federation. It is an argument of the process the data owner starts, never a
             setting of the bundle the federation's operator writes.
+        encoder: an encoder of the bundle's HE parameters and public context shared by the
+            slaves of one process (a simulation host: one TenSEAL context and one pool of
+            encryption workers for all of them); the slave neither starts nor closes it.
+            ``None``: the slave starts its own, with ``workers`` processes.
     """
 
     def __init__(
@@ -190,6 +195,7 @@ class Slave:
         allow_no_dp: bool = False,
         connect: Connect | None = None,
         allow_architectures: Sequence[str] = (),
+        encoder: UpdateEncoder | None = None,
     ) -> None:
         self.bundle = bundle
         self.device = resolve_device(device)
@@ -228,6 +234,7 @@ class Slave:
         self._costs_attempt = 0
         self._training_clock = time.thread_time if threads == 1 else time.process_time
         self._connect = connect
+        self._shared_encoder = encoder
         self.machine = SlaveMachine(
             hello=Hello(protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
                         public_context_sha256=context_digest(self._public_context),
@@ -259,8 +266,9 @@ class Slave:
         connect = self._connect or websocket_connect(self.bundle, plain=self._plain)
         machine = self.machine
         loop = asyncio.get_running_loop()
-        with UpdateEncoder(self.bundle.he_params, self._public_context,
-                           workers=self._workers) as encoder:
+        with (contextlib.nullcontext(self._shared_encoder) if self._shared_encoder is not None
+              else UpdateEncoder(self.bundle.he_params, self._public_context,
+                                 workers=self._workers)) as encoder:
             machine.start(loop.time())
             warned: type[TransportError] | None = None
             while machine.state is not SlaveState.FINISHED:

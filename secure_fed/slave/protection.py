@@ -7,14 +7,20 @@ aggregation), and, under ``he+mask``, encrypt the masked vector too.
 
 from __future__ import annotations
 
+import functools
 import secrets
 
 import numpy as np
+from cryptography import x509
 
 from secure_fed.errors import IdentityError, ProtocolError
 from secure_fed.he.codec import UpdateEncoder
 from secure_fed.he.presets import HEParams
-from secure_fed.identity.certificates import party_id_from_certificate, verify_signature
+from secure_fed.identity.certificates import (
+    check_validity,
+    party_id_from_certificate,
+    verify_signature,
+)
 from secure_fed.protocol.messages import SecAggTask
 from secure_fed.secagg import ring as pc
 from secure_fed.secagg.messages import ShareDelivery
@@ -64,15 +70,38 @@ def protect_update(protection: str, params: HEParams, encoder: UpdateEncoder,
 def peer_verifier(ca_pem: bytes, info: SecAggTask) -> Verifier:
     """Checks a peer's signed key advertisement against the certificate ``info`` (a task's
     secure-aggregation settings) carries for it, itself checked against the federation CA
-    ``ca_pem``."""
+    ``ca_pem``.
+
+    Under SecAgg+ every slave checks every advertisement of the key list (n − 1 certificates
+    and signatures, n² in all per round). Both checks are pure functions of their bytes, so
+    their successes are remembered per process (:func:`_issued_certificate`,
+    :func:`_verified`): slaves sharing a process (a simulation's actor) check each peer
+    once, not once each; the certificate's validity period is still checked at every call.
+    """
 
     def verify(party: str, data: bytes, signature: bytes) -> None:
         pem = info.certificates.get(party)
         if pem is None:
             raise IdentityError(f"the task carries no certificate of '{party}'")
-        certificate = load_presented_certificate(pem, ca_pem)
+        certificate = _issued_certificate(pem, ca_pem)
+        check_validity(certificate)
         if party_id_from_certificate(certificate) != party:
             raise IdentityError(f"the certificate given for '{party}' names another party")
-        verify_signature(certificate, data, signature)
+        _verified(pem, ca_pem, data, signature)
 
     return verify
+
+
+@functools.lru_cache(maxsize=16_384)
+def _issued_certificate(pem: str, ca_pem: bytes) -> x509.Certificate:
+    """``pem`` parsed and checked as a slave certificate of the CA ``ca_pem`` (only
+    successes are remembered)."""
+    return load_presented_certificate(pem, ca_pem)
+
+
+@functools.lru_cache(maxsize=32_768)
+def _verified(pem: str, ca_pem: bytes, data: bytes, signature: bytes) -> bool:
+    """``True`` once ``signature`` over ``data`` verified with ``pem``'s key (a failure
+    raises :class:`IdentityError` and is not remembered)."""
+    verify_signature(_issued_certificate(pem, ca_pem), data, signature)
+    return True
