@@ -10,12 +10,7 @@ from typing import Any
 
 import pytest
 
-from secure_fed.bench.round import (
-    check_recorded_dp,
-    mlp_hidden_for,
-    mlp_parameter_count,
-    parse_sizes,
-)
+from secure_fed.bench.round import CLASSES, IN_FEATURES, check_recorded_dp, parse_sizes
 from secure_fed.bench.utility_dp import dp_kind, recorded_mechanisms
 from secure_fed.cli.main import main
 from secure_fed.costs import COSTS_FILE, MasterRoundCosts, SlaveRoundCosts, read_costs
@@ -25,14 +20,15 @@ from secure_fed.he.chunk_format import chunk_size_for
 from secure_fed.he.presets import data_moduli
 from secure_fed.master.distributed_plan import distributed_plan
 from secure_fed.models.registry import build_model
+from secure_fed.models.sizing import mlp_hidden_for, mlp_parameter_count
 from secure_fed.privacy.distributed import DistributedMechanism, DistributedSettings
 from secure_fed.secagg.ring import ring_width
 
 
 @pytest.mark.parametrize("target", [10_000, 100_000, 1_000_000, 10_000_000])
 def test_mlp_widths_reach_the_parameter_target(target: int) -> None:
-    hidden = mlp_hidden_for(target)
-    count = mlp_parameter_count(hidden)
+    hidden = mlp_hidden_for(target, IN_FEATURES, CLASSES)
+    count = mlp_parameter_count(hidden, IN_FEATURES, CLASSES)
     assert abs(count - target) / target < 0.01
     if target <= 100_000:  # the registry's own count (larger ones cost memory to build)
         model = build_model("mlp", in_features=64, num_classes=10, hidden=hidden)

@@ -57,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -85,10 +84,11 @@ from secure_fed.costs import (
     read_costs,
 )
 from secure_fed.errors import ConfigError, SecureFedError
+from secure_fed.models.sizing import mlp_hidden_for, mlp_parameter_count
 from secure_fed.secagg.ring import ring_width
 
 __all__ = ["MODES", "SIZE_NAMES", "RoundOptions", "check_recorded_dp", "gradient_plan",
-           "mlp_hidden_for", "mlp_parameter_count", "round_plan",
+           "round_plan",
            "parse_sizes", "run_round_bench", "format_round_table", "round_plots",
            "write_round_plots"]
 
@@ -220,28 +220,6 @@ def round_plan(options: RoundOptions, mode: str, slaves: int,
     return demo_distributed(plan, slaves=slaves, records_per_slave=records)
 
 
-def mlp_parameter_count(hidden: Sequence[int], in_features: int = IN_FEATURES,
-                        classes: int = CLASSES) -> int:
-    """Trainable parameters (weights and biases) of the registry's ``mlp``."""
-    widths = [in_features, *hidden, classes]
-    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
-
-
-def mlp_hidden_for(target: int, in_features: int = IN_FEATURES,
-                   classes: int = CLASSES) -> list[int]:
-    """Hidden widths whose MLP comes closest to ``target`` parameters.
-
-    One hidden layer below 30K parameters, otherwise two equal layers (each at most 4096 wide,
-    the registry's bound), the width found by solving the count's quadratic and rounding.
-    """
-    if target < 30_000:
-        width = max(1, round((target - classes) / (in_features + 1 + classes)))
-        return [width]
-    b = in_features + classes + 2
-    width = round((-b + math.sqrt(b * b + 4 * (target - classes))) / 2)
-    return [min(4096, max(1, width))] * 2
-
-
 def parse_sizes(text: str) -> tuple[int, ...]:
     """``--sizes``: a comma list of parameter counts (``10000``, ``100k``, ``1M``) or names."""
     sizes = []
@@ -309,7 +287,7 @@ def _federation(mode: str, preset: str, hidden: list[int], slaves: int, options:
     from secure_fed.slave.sources import bundled_part
 
     ids = [f"slave-{i + 1}" for i in range(slaves)]
-    model_bytes = 4 * mlp_parameter_count(hidden)
+    model_bytes = 4 * mlp_parameter_count(hidden, IN_FEATURES, CLASSES)
     baseline = mode == BASELINE
     init_federation(work / "fed", FederationPlan(
         federation_id="bench-round", slaves=ids, host="127.0.0.1", port=0,
@@ -397,7 +375,7 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
     from secure_fed.he.presets import DEFAULT_PRESET
     from secure_fed.privacy.accounting import clear_caches
 
-    hidden = mlp_hidden_for(target)
+    hidden = mlp_hidden_for(target, IN_FEATURES, CLASSES)
     # Each configuration pays for its own privacy accounting, as a fresh deployment would.
     clear_caches()
     started = time.monotonic()
@@ -425,7 +403,7 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
             f"see {work / 'run' / 'audit.jsonl'}")
     measured = rows[1:] if len(rows) > 1 else rows
     uploads = [r["upload_bytes"] / len(r["participants"]) for r in measured]
-    params = mlp_parameter_count(hidden)
+    params = mlp_parameter_count(hidden, IN_FEATURES, CLASSES)
     chunks = UpdateEncoder.chunk_count_for(run.he_params, params)
     upload = statistics.fmean(uploads)
     costs = round_costs(work, measured, parse_bandwidth(options.bandwidth))

@@ -192,10 +192,10 @@ def slave_ids(count: int) -> list[str]:
 
 def provision(options: SimulationOptions, fed_dir: Path) -> dict[str, Any]:
     """``secure-fed init`` of the simulated federation into ``fed_dir``; its facts."""
-    from secure_fed.bench.round import mlp_hidden_for, mlp_parameter_count
     from secure_fed.config.tasks import model_outputs
     from secure_fed.data.datasets import bundled_schema
     from secure_fed.master.provision import FederationPlan, init_federation
+    from secure_fed.models.sizing import mlp_hidden_for, mlp_parameter_count
 
     schema = bundled_schema(options.dataset)
     features = len(schema.feature_names)
