@@ -88,7 +88,8 @@ def made_once(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[t
     here, which fills ``folder`` while holding a lock in the session's folder; another worker
     waits for the lock and gets ``make`` false and the folder made. A run of a federation
     that a module's tests share is then made once, not once per worker. The tests must only
-    read the folder. A maker that fails leaves it to the next one to try again.
+    read the folder, and find there whatever of the maker's own process they need (each
+    worker has its own ``$XDG_DATA_HOME``). A maker that fails leaves it to the next one.
     """
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base

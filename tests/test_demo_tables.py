@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def table_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
                 capture.undo()
             assert code == 0, buffer.getvalue()
             (root / "printed.txt").write_text(buffer.getvalue(), encoding="utf-8")
+            # where the slaves listed their ledger folders (each test worker has its own)
+            (root / "data-home.txt").write_text(os.environ["XDG_DATA_HOME"], encoding="utf-8")
     return root / "run", (root / "printed.txt").read_text(encoding="utf-8")
 
 
@@ -168,9 +171,12 @@ def test_ledger_show_text_and_state_flag(table_run: tuple[Path, str],
 
 
 def test_ledger_show_lists_registered_ledgers(table_run: tuple[Path, str],
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    # The slaves registered their --state folders in the per-user list of ledger folders.
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The slaves registered their --state folders in the per-user list of ledger folders (of
+    # the test worker that ran the demo).
     out, _ = table_run
+    monkeypatch.setenv("XDG_DATA_HOME", (out.parent / "data-home.txt").read_text())
     assert main(["ledger", "show", "--source-id", "slave-3", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)["ledgers"]
     folders = {Path(s["folder"]).resolve() for s in shown}
