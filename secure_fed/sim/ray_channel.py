@@ -12,30 +12,18 @@ simulation driver, which made every party's bundle.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 from cryptography import x509
 
 from secure_fed.errors import TransportError
-from secure_fed.transport.channel import Channel, close_reason
+from secure_fed.transport.channel import close_reason
+from secure_fed.transport.memory import MESSAGE_TOO_BIG, Closed, InboxChannel
 
 log = logging.getLogger(__name__)
 
-#: Close code for a message over the receiver's size limit (as websockets: 1009).
-MESSAGE_TOO_BIG = 1009
-
-
-class _Closed:
-    """The end-of-stream marker put in an end's inbox when the pair closes."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        self.code = code
-        self.reason = reason
-
-
-class RayChannel(Channel):
+class RayChannel(InboxChannel):
     """One end of a connection between two actors.
 
     Args:
@@ -49,21 +37,15 @@ class RayChannel(Channel):
 
     def __init__(self, peer: str, *, connection: str, remote: Any, hub: ChannelHub,
                  peer_certificate: x509.Certificate | None, max_message_bytes: int) -> None:
-        super().__init__(peer)
+        super().__init__(peer, peer_certificate=peer_certificate,
+                         max_message_bytes=max_message_bytes)
         self.connection = connection
         self._remote = remote
         self._hub = hub
-        self._peer_certificate = peer_certificate
-        self._max_message_bytes = max_message_bytes
-        self._inbox: asyncio.Queue[str | bytes | _Closed] = asyncio.Queue()
-        self.closed: _Closed | None = None
 
     @property
     def address(self) -> str:
         return f"ray:{self.connection}"
-
-    def authenticated_certificate(self) -> x509.Certificate | None:
-        return self._peer_certificate
 
     async def _send(self, payload: str | bytes) -> None:
         if self.closed is not None:
@@ -77,36 +59,24 @@ class RayChannel(Channel):
         try:
             delivered = await self._remote.deliver.remote(self.connection, payload)
         except Exception as exc:  # the actor of the other end died (RayActorError & co)
-            self._mark_closed(_Closed(1006, f"peer actor gone: {type(exc).__name__}"))
+            self._mark_closed(Closed(1006, f"peer actor gone: {type(exc).__name__}"))
             raise TransportError(f"connection to '{self.peer}' lost while sending: "
                                  f"{exc}") from exc
         if not delivered:
-            self._mark_closed(_Closed(1006, "the other end is closed"))
+            self._mark_closed(Closed(1006, "the other end is closed"))
             raise TransportError(f"connection to '{self.peer}' lost while sending")
-
-    async def _recv(self) -> str | bytes:
-        if self.closed is not None and self._inbox.empty():
-            raise TransportError(f"connection to '{self.peer}' closed "
-                                 f"(code {self.closed.code}: {self.closed.reason})")
-        item = await self._inbox.get()
-        if isinstance(item, _Closed):
-            self._inbox.put_nowait(item)  # every later receive sees the close too
-            self.closed = self.closed or item
-            raise TransportError(f"connection to '{self.peer}' closed "
-                                 f"(code {item.code}: {item.reason})")
-        return item
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self.closed is not None:
             return
-        marker = _Closed(code, close_reason(reason))
+        marker = Closed(code, close_reason(reason))
         self._mark_closed(marker)
         try:
             await self._remote.peer_closed.remote(self.connection, marker.code, marker.reason)
         except Exception:  # noqa: BLE001 - the other actor is gone: nothing to tell it
             log.debug("other end of %s gone at close", self.connection)
 
-    def _mark_closed(self, marker: _Closed) -> None:
+    def _mark_closed(self, marker: Closed) -> None:
         self.closed = self.closed or marker
         self._inbox.put_nowait(marker)
         self._hub.forget(self.connection)
@@ -114,7 +84,7 @@ class RayChannel(Channel):
     def peer_closed(self, code: int, reason: str) -> None:
         """The other end closed: receives after the queued messages see the close."""
         if self.closed is None:
-            self._mark_closed(_Closed(code, reason))
+            self._mark_closed(Closed(code, reason))
 
 
 class ChannelHub:

@@ -27,7 +27,7 @@ MESSAGE_TOO_BIG = 1009
 _names = itertools.count(1)
 
 
-class _Closed:
+class Closed:
     """The end-of-stream marker a closing end puts in its peer's inbox."""
 
     def __init__(self, code: int, reason: str) -> None:
@@ -35,7 +35,43 @@ class _Closed:
         self.reason = reason
 
 
-class MemoryChannel(Channel):
+class InboxChannel(Channel):
+    """A channel end whose received messages wait in an inbox queue, ended by a
+    :class:`Closed` marker; what carries them there is the subclass's (:class:`MemoryChannel`
+    in one event loop, :class:`~secure_fed.sim.ray_channel.RayChannel` between Ray actors).
+
+    Args:
+        peer: who is at the other end.
+        peer_certificate: what :meth:`authenticated_certificate` returns.
+        max_message_bytes: the largest message this end's peer accepts (or this end, as the
+            subclass says); a larger one closes with code 1009, as a websocket receiver does.
+    """
+
+    def __init__(self, peer: str, *, peer_certificate: x509.Certificate | None,
+                 max_message_bytes: int) -> None:
+        super().__init__(peer)
+        self._peer_certificate = peer_certificate
+        self._max_message_bytes = max_message_bytes
+        self._inbox: asyncio.Queue[str | bytes | Closed] = asyncio.Queue()
+        self.closed: Closed | None = None
+
+    def authenticated_certificate(self) -> x509.Certificate | None:
+        return self._peer_certificate
+
+    async def _recv(self) -> str | bytes:
+        if self.closed is not None and self._inbox.empty():
+            raise TransportError(f"connection to '{self.peer}' closed "
+                                 f"(code {self.closed.code}: {self.closed.reason})")
+        item = await self._inbox.get()
+        if isinstance(item, Closed):
+            self._inbox.put_nowait(item)  # every later receive sees the close too
+            self.closed = self.closed or item
+            raise TransportError(f"connection to '{self.peer}' closed "
+                                 f"(code {item.code}: {item.reason})")
+        return item
+
+
+class MemoryChannel(InboxChannel):
     """One end of an in-memory pair; see :func:`memory_pair`.
 
     Args:
@@ -48,20 +84,14 @@ class MemoryChannel(Channel):
 
     def __init__(self, peer: str, *, address: str, peer_certificate: x509.Certificate | None,
                  max_message_bytes: int) -> None:
-        super().__init__(peer)
+        super().__init__(peer, peer_certificate=peer_certificate,
+                         max_message_bytes=max_message_bytes)
         self._address = address
-        self._peer_certificate = peer_certificate
-        self._max_message_bytes = max_message_bytes
-        self._inbox: asyncio.Queue[str | bytes | _Closed] = asyncio.Queue()
         self._other: MemoryChannel | None = None
-        self.closed: _Closed | None = None
 
     @property
     def address(self) -> str:
         return self._address
-
-    def authenticated_certificate(self) -> x509.Certificate | None:
-        return self._peer_certificate
 
     async def _send(self, payload: str | bytes) -> None:
         other = self._other
@@ -77,22 +107,10 @@ class MemoryChannel(Channel):
         other._inbox.put_nowait(payload)
         await asyncio.sleep(0)  # let the receiver run, as a socket write would
 
-    async def _recv(self) -> str | bytes:
-        if self.closed is not None and self._inbox.empty():
-            raise TransportError(f"connection to '{self.peer}' closed "
-                                 f"(code {self.closed.code}: {self.closed.reason})")
-        item = await self._inbox.get()
-        if isinstance(item, _Closed):
-            self._inbox.put_nowait(item)  # every later receive sees the close too
-            self.closed = self.closed or item
-            raise TransportError(f"connection to '{self.peer}' closed "
-                                 f"(code {item.code}: {item.reason})")
-        return item
-
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self.closed is not None:
             return
-        marker = _Closed(code, close_reason(reason))
+        marker = Closed(code, close_reason(reason))
         self.closed = marker
         self._inbox.put_nowait(marker)
         other = self._other
