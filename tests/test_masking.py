@@ -132,10 +132,12 @@ def test_seal_binds_ciphertext_and_associated_data() -> None:
         mk.open_sealed(key, sealed[:10], b"")
 
 
-@pytest.mark.parametrize("modulus", [2**8 + 1, 2**30 - 35, 2**31 - 1, 2**57 - 13, 2**60 - 93])
+@pytest.mark.parametrize("modulus", [2**8 + 1, 2**16 - 15, 2**30 - 35, 2**31 - 1, 2**31 + 11,
+                                     2**40 - 87, 2**57 - 13, 2**60 - 93, 2**64 - 59])
 def test_ring_packing_is_the_msb_first_bitstream(modulus: int) -> None:
-    """Packing a word at a time gives the bit-by-bit stream (``ring_width`` bits per value,
-    most significant first, the last byte padded with zeros), and unpacks back."""
+    """Packing a word or whole bytes at a time gives the bit-by-bit stream (``ring_width``
+    bits per value, most significant first, the last byte padded with zeros), and unpacks
+    back (widths 16, 32, 40 and 64 take the whole-byte path)."""
     from secure_fed.secagg.ring import pack_ring, ring_width, unpack_ring
 
     width = ring_width(modulus)

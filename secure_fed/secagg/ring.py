@@ -108,6 +108,8 @@ def ring_to_average(ring_sum: np.ndarray, total_weight: int, params: RingParams)
 def pack_ring(values: np.ndarray, modulus: int) -> bytes:
     """Bit-pack ring values (each < ``modulus``), ``ring_width(modulus)`` bits each, MSB first."""
     width = ring_width(modulus)
+    if width % 8 == 0:
+        return _pack_bytes(np.asarray(values, dtype=np.uint64), width // 8)
     if _WORDWISE_WIDTHS[0] <= width <= _WORDWISE_WIDTHS[1]:
         return _pack_wordwise(np.asarray(values, dtype=np.uint64), width)
     v = np.ascontiguousarray(values, dtype=">u8")
@@ -121,7 +123,9 @@ def unpack_ring(data: bytes, count: int, modulus: int) -> np.ndarray:
     if len(data) != math.ceil(count * width / 8):
         raise CryptoError(f"masked chunk has {len(data)} bytes, {count} values of {width} bits "
                           f"need {math.ceil(count * width / 8)}")
-    if _WORDWISE_WIDTHS[0] <= width <= _WORDWISE_WIDTHS[1]:
+    if width % 8 == 0:
+        values = _unpack_bytes(data, count, width // 8)
+    elif _WORDWISE_WIDTHS[0] <= width <= _WORDWISE_WIDTHS[1]:
         values = _unpack_wordwise(data, count, width)
     else:
         bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: count * width]
@@ -131,6 +135,27 @@ def unpack_ring(data: bytes, count: int, modulus: int) -> np.ndarray:
     if values.size and int(values.max()) >= modulus:
         raise CryptoError(f"masked chunk holds a value ≥ the ring modulus {modulus}")
     return values
+
+
+_BYTE_TYPES = {1: ">u1", 2: ">u2", 4: ">u4", 8: ">u8"}
+"""Whole-byte widths with a numpy type of their own (big-endian: the MSB-first stream)."""
+
+
+def _pack_bytes(values: np.ndarray, nbytes: int) -> bytes:
+    """:func:`pack_ring`'s bitstream when the width is whole bytes: each value's ``nbytes``
+    low-order bytes, most significant first (a 32-bit ring is big-endian ``uint32``)."""
+    if nbytes in _BYTE_TYPES:
+        return values.astype(_BYTE_TYPES[nbytes]).tobytes()
+    return values.astype(">u8").view(np.uint8).reshape(-1, 8)[:, 8 - nbytes:].tobytes()
+
+
+def _unpack_bytes(data: bytes, count: int, nbytes: int) -> np.ndarray:
+    """The inverse of :func:`_pack_bytes`."""
+    if nbytes in _BYTE_TYPES:
+        return np.frombuffer(data, dtype=_BYTE_TYPES[nbytes]).astype(np.uint64)
+    padded = np.zeros((count, 8), dtype=np.uint8)
+    padded[:, 8 - nbytes:] = np.frombuffer(data, dtype=np.uint8).reshape(count, nbytes)
+    return padded.view(">u8").reshape(-1).astype(np.uint64)
 
 
 _WORDWISE_WIDTHS = (8, 57)
