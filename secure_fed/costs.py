@@ -41,7 +41,7 @@ from secure_fed.errors import ConfigError
 
 __all__ = ["CpuTotals", "Traffic", "SlaveRoundCosts", "MasterRoundCosts", "CriticalPath",
            "append_costs", "read_costs", "parse_bandwidth", "critical_path", "timed_call",
-           "COSTS_FILE", "DEFAULT_BANDWIDTH", "SLAVE_WORK", "MASTER_WORK"]
+           "COSTS_FILE", "DEFAULT_BANDWIDTH", "SLAVE_WORK", "SLAVE_KINDS", "MASTER_WORK"]
 
 COSTS_FILE = "costs.jsonl"
 """Name of the per-attempt cost records in a party's folder."""
@@ -49,7 +49,9 @@ DEFAULT_BANDWIDTH = "100Mbit"
 """The link speed a critical path assumes when none is given (each direction)."""
 
 SLAVE_WORK = ("training_s", "protection_s", "signing_s", "protocol_s")
-"""The kinds of a slave's work (fields of :class:`SlaveRoundCosts`)."""
+"""The kinds of a slave's work on the round's path (fields of :class:`SlaveRoundCosts`)."""
+SLAVE_KINDS = (*SLAVE_WORK, "precompute_s")
+"""Every kind a slave meters: its round's work and what it prepares while it waits."""
 MASTER_WORK = ("admission_s", "aggregation_s", "decryption_s", "unmasking_s", "commit_s")
 """The kinds of the master's work (fields of :class:`MasterRoundCosts`)."""
 
@@ -159,12 +161,17 @@ class SlaveRoundCosts(_Record):
     protocol_s: float = Field(ge=0)
     """Handling the master's messages: the task's checks (building the model from its
     parameters), the masking key agreement and secret shares, the unmasking shares."""
+    precompute_s: float = Field(ge=0, default=0.0)
+    """Encryptions of zero the encryption workers made ahead, while the slave waited after
+    its upload (BFV: a later update's encryption then only adds its plaintext to them). Not
+    part of :attr:`work_s`: no round waits for it (a round whose stock ran short encrypts
+    afresh, in ``protection_s``)."""
     bytes_up: int = Field(ge=0)
     bytes_down: int = Field(ge=0)
 
     @property
     def work_s(self) -> float:
-        """All CPU seconds of the attempt."""
+        """The CPU seconds of the attempt's path (all but ``precompute_s``)."""
         return self.training_s + self.protection_s + self.signing_s + self.protocol_s
 
 

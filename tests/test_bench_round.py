@@ -116,6 +116,8 @@ def _check_costs(row: dict[str, Any], run: Path, runs: Path, *, received: int) -
                                                             m.bytes_out[party])
             assert received < record.bytes_up < received + 20_000  # the chunks + messages
             assert row["download_bytes_per_slave"] < record.bytes_down
+        # the encryptions of zero made while waiting after the first upload (he, BFV)
+        assert sum(record.precompute_s for record in records) > 0
     # on the wire (the relay's count) the same messages, plus TLS and websocket framing
     sent = statistics.fmean(sum(r.bytes_up for r in rs) for rs in slaves.values())
     wire = row["wire_up_bytes_per_slave_per_round"] * row["rounds"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,6 +105,39 @@ def test_parallel_encoder_decrypts_to_the_same_average(
         assert parallel.workers == 2
         double = _round_trip(bfv, bfv_keys, parallel, updates, tmp_path / "two", seed=11)
     np.testing.assert_array_equal(single, double)
+
+
+def test_encryptions_of_zero_made_ahead_give_the_same_average_and_serve_once(
+    bfv: HEParams, bfv_keys: tuple[bytes, bytes], bfv_encoder: UpdateEncoder, tmp_path: Path
+) -> None:
+    """A stocked encryption of zero plus the plaintext decrypts exactly as a fresh encryption
+    (same seeds, same average), and each serves one chunk only: a BFV plaintext changes only
+    the first polynomial, so a zero used twice would show as two chunks with the same
+    second polynomial."""
+    from secure_fed.he.chunk_format import parse_chunk
+
+    updates = _updates()
+    fresh = _round_trip(bfv, bfv_keys, bfv_encoder, updates, tmp_path / "fresh", seed=5)
+    chunks_needed = len(WEIGHTS) * UpdateEncoder.chunk_count_for(bfv, SIZE)
+    with UpdateEncoder(bfv, bfv_keys[1], workers=1) as encoder:
+        encoder.stock(chunks_needed)
+        deadline = time.monotonic() + 60
+        while encoder.stocked < chunks_needed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert encoder.stocked == chunks_needed and encoder.stock_cpu_seconds > 0
+        stocked = _round_trip(bfv, bfv_keys, encoder, updates, tmp_path / "stocked", seed=5)
+        assert encoder.stocked == 0  # every one taken
+        np.testing.assert_array_equal(stocked, fresh)
+        encoder.stock(2)
+        deadline = time.monotonic() + 60
+        while encoder.stocked < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        chunks = encoder.encrypt(np.full(SIZE, 0.1), weight=2, seed=3)
+        chunks += encoder.encrypt(np.full(SIZE, 0.1), weight=2, seed=3)  # afresh: stock used
+    assert encoder.stocked == 0
+    layout = bfv_encoder.layout
+    second = {parse_chunk(c, layout)[1].tobytes() for c in chunks}
+    assert len(second) == len(chunks) == 4
 
 
 def test_chunks_are_compact_and_never_carry_the_context(

@@ -76,7 +76,7 @@ from secure_fed.costs import (
     COSTS_FILE,
     DEFAULT_BANDWIDTH,
     MASTER_WORK,
-    SLAVE_WORK,
+    SLAVE_KINDS,
     MasterRoundCosts,
     SlaveRoundCosts,
     critical_path,
@@ -468,7 +468,7 @@ def round_costs(work: Path, measured: Sequence[dict[str, Any]],
         paths.append({"round": master.round, "attempt": master.attempt, **path.model_dump()})
         per_slave += records
         per_master.append(master)
-    slave_fields = (*SLAVE_WORK, "bytes_up", "bytes_down")
+    slave_fields = (*SLAVE_KINDS, "bytes_up", "bytes_down")
     return {
         "slave_costs": {party: {key: statistics.fmean(getattr(r, key) for r in per_slave
                                                       if r.party == party)

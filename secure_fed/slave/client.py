@@ -38,7 +38,7 @@ from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.config.tasks import model_outputs
 from secure_fed.costs import (
     COSTS_FILE,
-    SLAVE_WORK,
+    SLAVE_KINDS,
     CpuTotals,
     SlaveRoundCosts,
     Traffic,
@@ -229,12 +229,14 @@ class Slave:
         self.report = SlaveReport(self.config.slave_id)
         # Per round attempt: CPU seconds of each kind of work and the message bytes, recorded
         # at the attempt's round_end in the report and in state_dir/costs.jsonl.
-        self.costs = CpuTotals(SLAVE_WORK)
+        self.costs = CpuTotals(SLAVE_KINDS)
         self.traffic = Traffic()
         self._costs_attempt = 0
         self._training_clock = time.thread_time if threads == 1 else time.process_time
         self._connect = connect
         self._shared_encoder = encoder
+        self._stocking: UpdateEncoder | None = None  # the encoder making encryptions of zero
+        self._stocked_s = 0.0  # its stocking CPU seconds already in a costs record
         self.machine = SlaveMachine(
             hello=Hello(protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
                         public_context_sha256=context_digest(self._public_context),
@@ -339,6 +341,7 @@ class Slave:
                 follow = await self._protect_update(action, encoder)
             elif isinstance(action, act.Upload):
                 await self._upload(channel, action)
+                self._stock_encryptions(encoder, len(action.chunks))
             elif isinstance(action, act.Decline):
                 await self._decline(channel, action.task, action.reason, final=action.final)
             elif isinstance(action, act.Unmask):
@@ -363,6 +366,9 @@ class Slave:
         """Close the attempt's costs: CPU seconds and message bytes since the previous
         ``round_end`` (seconds and byte counts only; the file stays with the slave)."""
         up, down = self.traffic.take()
+        if self._stocking is not None:  # its workers' time, measured in each call
+            self.costs.add("precompute_s", self._stocking.stock_cpu_seconds - self._stocked_s)
+            self._stocked_s = self._stocking.stock_cpu_seconds
         record = SlaveRoundCosts(party=self.config.slave_id, round=round_,
                                  attempt=self._costs_attempt, **self.costs.take(),
                                  bytes_up=up, bytes_down=down)
@@ -582,6 +588,15 @@ class Slave:
         self._on_event("uploaded", {"round": task.round, "bytes": sum(len(c) for c in chunks),
                                     "epsilon": _bounded(trained.spent),
                                     "loss": trained.result.loss})
+
+    def _stock_encryptions(self, encoder: UpdateEncoder, chunks: int) -> None:
+        """While it waits for the next task, have the encryption workers make the next
+        update's encryptions of zero (``he`` and ``he+mask`` under BFV, with an encoder of
+        this slave's own: a simulation's shared one serves many slaves)."""
+        if (self._shared_encoder is None
+                and self.config.encryption.protection in ("he", "he+mask")):
+            self._stocking = encoder
+            encoder.stock(chunks)
 
     async def _decline(self, channel: Channel, task: Task, reason: str, *,
                        final: bool = False) -> None:
