@@ -39,6 +39,23 @@ def test_expand_mask_matches_the_definition(modulus: int) -> None:
     assert not np.array_equal(mk.expand_mask(b"\x01" * 32, 3000, modulus), mask)
 
 
+@pytest.mark.parametrize("modulus", [3 * 2**61, 2**31 + 11, 2**32, 2**64])
+def test_expand_mask_over_many_blocks_is_the_first_accepted_words(modulus: int) -> None:
+    """Past the expansion's block of keystream words, with a quarter of them rejected (m =
+    3·2^61): the output is still the first ``length`` accepted words of one stream."""
+    seed, length = b"\x05" * 32, 3 * mk._MASK_BLOCK + 17
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    words = np.frombuffer(stream.update(bytes(8 * 2 * length)), dtype="<u8")
+    if modulus == 2**64:
+        expected = words[:length]
+    elif 2**64 % modulus == 0:  # m divides 2^64: every word is kept
+        expected = words[:length] % np.uint64(modulus)
+    else:
+        kept = words[words < np.uint64((2**64 // modulus) * modulus)][:length]
+        expected = kept % np.uint64(modulus)
+    assert np.array_equal(mk.expand_mask(seed, length, modulus), expected)
+
+
 def _bin_counts(values: np.ndarray, modulus: int) -> np.ndarray:
     bins = modulus if modulus <= 256 else 32
     width = np.uint64(modulus // bins)

@@ -103,25 +103,41 @@ def expand_mask(seed: bytes, length: int, modulus: int) -> MaskVector:
     if not isinstance(length, int) or not 0 <= length <= MAX_MASK_LENGTH:
         raise CryptoError(f"mask length {length!r} is outside 0..{MAX_MASK_LENGTH}")
     stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-    if 2**64 % modulus == 0:
-        words = np.frombuffer(stream.update(bytes(8 * length)), dtype="<u8")
-        if modulus == 2**64:
-            return words.astype(np.uint64)
-        return words & np.uint64(modulus - 1)
-    limit = np.uint64((2**64 // modulus) * modulus)
-    m = np.uint64(modulus)
+    # Block by block into one reused buffer: the keystream and its reduction stay in cache,
+    # and no large temporary is allocated (fresh pages cost as much as the ChaCha20 itself).
+    # Which words are accepted does not depend on the blocks, so neither does the output.
+    buffer = bytearray(8 * _MASK_BLOCK)
+    block = np.frombuffer(buffer, dtype="<u8")
+    zeros = memoryview(_ZERO_BLOCK)
+    wraps = 2**64 % modulus == 0
+    limit = np.uint64((2**64 // modulus) * modulus) if not wraps else None
+    m = np.uint64(modulus % 2**64)
     out = np.empty(length, dtype=np.uint64)
     filled = 0
     while filled < length:
-        need = length - filled
-        draw = need + need * (2**64 - int(limit)) // 2**64 * 2 + 16
-        words = np.frombuffer(stream.update(bytes(8 * draw)), dtype="<u8")
+        draw = min(_MASK_BLOCK, length - filled)
+        stream.update_into(zeros[:8 * draw], buffer)
+        words = block[:draw]
+        if wraps:
+            target = out[filled:filled + draw]
+            if modulus == 2**64:
+                target[:] = words
+            else:
+                np.bitwise_and(words, m - np.uint64(1), out=target)
+            filled += draw
+            continue
         rejected = words >= limit
-        accepted = (words[~rejected] if rejected.any() else words)[:need]
-        taken = accepted.shape[0]
-        np.remainder(accepted, m, out=out[filled:filled + taken])
+        if rejected.any():
+            words = words[~rejected]
+        taken = words.shape[0]
+        np.remainder(words, m, out=out[filled:filled + taken])
         filled += taken
     return out
+
+
+_MASK_BLOCK = 1 << 15
+"""Keystream words :func:`expand_mask` draws at a time (256 KiB)."""
+_ZERO_BLOCK = bytes(8 * _MASK_BLOCK)
 
 
 def add_mod(a: MaskVector, b: MaskVector, modulus: int) -> MaskVector:
