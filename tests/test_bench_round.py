@@ -17,6 +17,7 @@ from secure_fed.costs import COSTS_FILE, MasterRoundCosts, SlaveRoundCosts, read
 from secure_fed.errors import ConfigError, SecureFedError
 from secure_fed.he.bundle import MasterBundle
 from secure_fed.he.chunk_format import chunk_size_for
+from secure_fed.he.params import update_drop_bits
 from secure_fed.he.presets import data_moduli
 from secure_fed.master.distributed_plan import distributed_plan
 from secure_fed.models.registry import build_model
@@ -67,7 +68,10 @@ def test_round_bench_reports_the_federations_real_bytes_and_times(
     run = tmp_path / "runs" / "he-bfv-fast-10000-2"
     params = MasterBundle.load(run / "fed" / "master").he_params
     chunks = math.ceil(row["params"] / params.slots)
-    chunk_bytes = chunk_size_for(params.poly_modulus_degree, data_moduli(params))
+    # an update's chunks leave out the low-order bits the noise bound allows
+    chunk_bytes = chunk_size_for(params.poly_modulus_degree, data_moduli(params),
+                                 update_drop_bits(params))
+    assert chunk_bytes < chunk_size_for(params.poly_modulus_degree, data_moduli(params))
     assert row["chunks"] == chunks == 2
     assert row["upload_bytes_per_slave"] == chunks * chunk_bytes
     assert row["master_bytes_in_per_round"] == 2 * chunks * chunk_bytes

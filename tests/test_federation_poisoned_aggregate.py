@@ -66,7 +66,8 @@ class PoisoningSlave(Slave):
                                layout, i) for i in range(count)]
         if attack == "another-key":
             other = load_public_context(generate_contexts(params)[1], params)
-            forged = dataclasses.replace(ciphertext_layout(params, other), key_id=layout.key_id)
+            forged = dataclasses.replace(ciphertext_layout(params, other, update=True),
+                                         key_id=layout.key_id)
             plain = self._plaintext(vector, weight, 1, rng, delivery).astype(np.int64)
             return [encrypt_chunk(other, params, forged, i, plain[i * slots:(i + 1) * slots])
                     for i in range(count)]

@@ -11,9 +11,11 @@ import pytest
 
 from secure_fed.errors import CryptoError, MalformedUpdate
 from secure_fed.he.aggregator import Aggregator
+from secure_fed.he.chunk_format import HEADER_SIZE
 from secure_fed.he.codec import UpdateEncoder
 from secure_fed.he.keyholder import KeyHolder
 from secure_fed.he.keys import generate_contexts
+from secure_fed.he.params import data_moduli, update_drop_bits
 from secure_fed.he.presets import HEParams, resolve_params
 
 SIZE = 10_000  # two BFV chunks
@@ -78,8 +80,18 @@ def _bad_chunks(params: HEParams, updates: dict[str, tuple[np.ndarray, list[byte
                 ) -> dict[str, tuple[int, bytes, str]]:
     """Malformed chunk for index 0/1 and the reason the aggregator must give."""
     good = updates["b"][1]
-    flipped = bytearray(good[1])
-    flipped[52:60] = b"\xff" * 8  # first coefficient ≥ 2^60 > q
+    # an update leaves low-order bits out (update_drop_bits); a coefficient of all ones is
+    # out of range where round(q / 2^d) < 2^(bits − d), else every value is one (rounded
+    # chunks of these parameters have no value to refuse: tests/test_he_chunk_format.py)
+    flipped, bad_range = bytearray(good[1]), {}
+    q, drops = data_moduli(params)[0], update_drop_bits(params)
+    at = HEADER_SIZE
+    for poly, drop in enumerate(drops):
+        if (q + (1 << drop >> 1)) >> drop < 2 ** (q.bit_length() - drop):
+            flipped[at:at + 8] = b"\xff" * 8
+            bad_range = {"out of range": (1, bytes(flipped), f"of polynomial {poly} is")}
+            break
+        at += params.poly_modulus_degree * (q.bit_length() - drop) // 8
     other_key = generate_contexts(params)[1]
     with UpdateEncoder(params, other_key, workers=1) as other:
         foreign = other.encrypt(np.zeros(SIZE), weight=1)[1]
@@ -93,11 +105,12 @@ def _bad_chunks(params: HEParams, updates: dict[str, tuple[np.ndarray, list[byte
         "truncated": (1, good[1][:-100], "expected exactly"),
         "garbage": (1, bytes(np.random.default_rng(0).integers(0, 256, len(good[1]),
                                                               dtype=np.uint8)), "magic"),
-        "out of range": (1, bytes(flipped), "not below the prime"),
         "another key": (1, foreign, "another public key"),
-        "other parameters": (1, other_t, "other encryption parameters"),
-        "other scheme": (1, ckks_chunk, "is a ckks ciphertext, expected bfv"),
+        # its chunks leave out other bits, so their size already differs
+        "other parameters": (1, other_t, "or other parameters"),
+        "other scheme": (1, ckks_chunk, "or other parameters"),  # whole: longer
         "index mismatch": (1, good[0], "carries index 0"),
+        **bad_range,
     }
 
 

@@ -111,6 +111,58 @@ def test_planar_unpacking_matches_the_wire_order_and_packs_back(bits: tuple[int,
         np.testing.assert_array_equal(parse_chunk(chunk, layout, index=7), coeffs)
 
 
+ROUNDED = CiphertextLayout(scheme="bfv", poly_modulus_degree=1024, moduli=(2**60 - 98303,),
+                           parms_id=(1, 2, 3, 4), key_id=b"K" * 8, drop_bits=(21, 8))
+"""An update's layout (2^60 − 98303 is the 60-bit data prime bfv-fast uses)."""
+
+
+def test_rounded_chunks_are_the_coefficients_to_within_two_to_the_dropped_bits() -> None:
+    """A rounded coefficient is within 2^d of the original modulo q (2^(d−1) from rounding,
+    2^d where rounding reaches q), polynomial by polynomial, and the chunk has exactly
+    header + N·(60 − 21 + 60 − 8)/8 bytes; the round trip of the values themselves is exact."""
+    q = ROUNDED.moduli[0]
+    coeffs = np.random.default_rng(6).integers(0, q, size=ROUNDED.shape, dtype=np.uint64)
+    coeffs[0, 0, :4] = [0, q - 1, q - 2**20, 2**20]  # rounds to q (sent as 0), and to 2^21
+    data = pack_chunk(coeffs, ROUNDED, 2)
+    assert len(data) == ROUNDED.chunk_size == HEADER_SIZE + 1024 * (39 + 52) // 8
+    assert data[4] == 2 and data[6:8] == bytes([21, 8])  # format version 2, bits left out
+    back = parse_chunk(data, ROUNDED, index=2)
+    for poly, drop in enumerate(ROUNDED.drop_bits):
+        diff = (back[poly, 0].astype(object) - coeffs[poly, 0].astype(object)) % q
+        error = np.minimum(diff, q - diff).astype(np.int64)
+        assert error.max() <= 2**drop and error.max() > 2 ** (drop - 2)
+    assert back[0, 0, 0] == 0 and back[0, 0, 1] == 0 and back[0, 0, 3] == 2**21
+    # the aggregate of such chunks travels whole, under the layout without rounding
+    planar = unpack_chunk(data, ROUNDED, np.empty(ROUNDED.planar_shape, dtype=np.uint64))
+    whole = pack_planar(planar, ROUNDED.whole, 2)
+    np.testing.assert_array_equal(parse_chunk(whole, ROUNDED.whole, index=2), back)
+    with pytest.raises(ChunkFormatError, match="travels whole"):
+        pack_planar(planar, ROUNDED, 2)
+
+
+def test_rounded_chunks_refuse_a_value_at_or_above_the_rounded_prime_and_other_roundings() -> None:
+    q = ROUNDED.moduli[0]
+    data = bytearray(pack_chunk(np.zeros(ROUNDED.shape, dtype=np.uint64), ROUNDED, 0))
+    # polynomial 1 (8 bits left out): round(q / 2^8) = 2^52 − 384 is not a value of it
+    start = HEADER_SIZE + 1024 * 39 // 8
+    limit = (q + 2**7) >> 8
+    data[start:start + 7] = (limit).to_bytes(7, "little")
+    with pytest.raises(ChunkFormatError, match="coefficient 0 of polynomial 1 is"):
+        parse_chunk(bytes(data), ROUNDED)
+    data[start:start + 7] = (limit - 1).to_bytes(7, "little")
+    assert parse_chunk(bytes(data), ROUNDED)[1, 0, 0] == ((limit - 1) << 8) % q
+    # a whole chunk where a rounded one is expected, and rounded bits other than the layout's
+    whole = pack_chunk(np.zeros(ROUNDED.shape, dtype=np.uint64), ROUNDED.whole, 0)
+    with pytest.raises(ChunkFormatError, match="expected exactly"):
+        parse_chunk(whole, ROUNDED)
+    other = bytes(data[:6]) + bytes([20, 9]) + bytes(data[8:])
+    with pytest.raises(ChunkFormatError, match=r"bits \(20, 9\) left out"):
+        parse_chunk(other, ROUNDED)
+    with pytest.raises(ChunkFormatError, match="cannot be left out"):
+        CiphertextLayout(scheme="ckks", poly_modulus_degree=1024, moduli=MODULI,
+                         parms_id=(1, 2, 3, 4), key_id=b"K" * 8, drop_bits=(4, 0))
+
+
 def test_an_out_of_range_coefficient_is_named_by_its_wire_position() -> None:
     coeffs = _random_coeffs(np.random.default_rng(4))
     coeffs[1, 0, 5] = 2**50 - 1  # above the 50-bit prime, sixth value of polynomial 1

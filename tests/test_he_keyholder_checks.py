@@ -17,7 +17,7 @@ import pytest
 from secure_fed.errors import UnusableAggregate
 from secure_fed.he.aggregate_checks import NOISE_BUDGET_CHECK, RANGE_CHECK
 from secure_fed.he.aggregator import Aggregator
-from secure_fed.he.chunk_format import pack_chunk, parse_chunk
+from secure_fed.he.chunk_format import CiphertextLayout, pack_chunk, parse_chunk
 from secure_fed.he.codec import encode_plain, encrypt_chunk
 from secure_fed.he.decrypter import Decrypter
 from secure_fed.he.keyholder import KeyHolder
@@ -62,11 +62,15 @@ def _values(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-0.9, 0.9, SIZE)
 
 
+def _update_layout(decrypter: Decrypter, params: HEParams) -> CiphertextLayout:
+    """The layout of a slave's chunks (rounded: update_drop_bits) under the federation key."""
+    return ciphertext_layout(params, decrypter.ctx, update=True)
+
+
 def _encrypt(decrypter: Decrypter, params: HEParams, plain: np.ndarray) -> list[bytes]:
     """Chunks of an integer plaintext (already weighted), encrypted under the federation key."""
-    slots = params.slots
-    return [encrypt_chunk(decrypter.ctx, params, decrypter.layout, i, plain[i * slots:
-                                                                             (i + 1) * slots])
+    slots, layout = params.slots, _update_layout(decrypter, params)
+    return [encrypt_chunk(decrypter.ctx, params, layout, i, plain[i * slots:(i + 1) * slots])
             for i in range((plain.size + slots - 1) // slots)]
 
 
@@ -101,8 +105,8 @@ def test_an_honest_sum_keeps_its_noise_budget_and_passes(
     assert np.abs(average - expected).max() < params.quant_step + 1e-7
     budgets = [decrypter.open(parse_chunk(c, decrypter.layout, index=i))[1]
                for i, c in enumerate(aggregator.sum_chunks())]
-    fresh = decrypter.open(parse_chunk(_honest(decrypter, params, 4)[0], decrypter.layout,
-                                       index=0))[1]
+    fresh = decrypter.open(parse_chunk(_honest(decrypter, params, 4)[0],
+                                       _update_layout(decrypter, params), index=0))[1]
     assert fresh is not None and all(b is not None and 0 < b <= fresh for b in budgets)
 
 
@@ -110,7 +114,7 @@ def test_random_coefficients_from_one_slave_are_refused_by_the_noise_budget(
         params: HEParams, decrypter: Decrypter, keyholder: KeyHolder,
         aggregator: Aggregator) -> None:
     rng = np.random.default_rng(7)
-    layout = decrypter.layout
+    layout = _update_layout(decrypter, params)
     moduli = np.array(layout.moduli, dtype=np.uint64).reshape(1, -1, 1)
     random = [pack_chunk(rng.integers(0, moduli, size=layout.shape, dtype=np.uint64), layout, i)
               for i in range(2)]
@@ -127,7 +131,8 @@ def test_an_encryption_under_another_key_with_the_key_id_copied_is_refused(
         aggregator: Aggregator) -> None:
     other = load_public_context(generate_contexts(params)[1], params)
     # the other key's ciphertexts, labelled with the federation key's id
-    forged = dataclasses.replace(ciphertext_layout(params, other), key_id=decrypter.layout.key_id)
+    forged = dataclasses.replace(ciphertext_layout(params, other, update=True),
+                                 key_id=decrypter.layout.key_id)
     plain = encode_plain(_values(5), 1, params, np.random.default_rng(5))
     chunks = [encrypt_chunk(other, params, forged, i, plain[i * params.slots:
                                                             (i + 1) * params.slots])

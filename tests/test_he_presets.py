@@ -8,7 +8,7 @@ import pytest
 
 from secure_fed.errors import CryptoError
 from secure_fed.he.noise_check import verify_worst_case_sum
-from secure_fed.he.params import _is_prime
+from secure_fed.he.params import _is_prime, update_drop_bits
 from secure_fed.he.presets import (
     PRESETS,
     HEParams,
@@ -150,3 +150,22 @@ def test_analytic_noise_bound_holds_at_the_largest_allowed_weight() -> None:
     params = resolve_params("bfv-fast", clip=1.0, max_total_weight=limit)
     budget = verify_worst_case_sum(params)
     assert budget is not None and budget >= 1
+
+
+def test_updates_rounded_as_the_bound_allows_keep_the_worst_case_sum_exact(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Updates leave out the low-order bits update_drop_bits allows and K of them, with their
+    rounding errors aligned, still decrypt exactly; leaving out more than the noise bound
+    allows (the bits of c0 the sum needs) makes the same worst-case sum fail."""
+    import secure_fed.he.keys as keys
+
+    params = resolve_params("bfv-fast", clip=1.0, max_total_weight=64, max_contributions=8)
+    d0, d1 = update_drop_bits(params)
+    assert d0 > 20 and d1 == d0 - 13
+    budget = verify_worst_case_sum(params)
+    assert budget is not None and budget >= 1
+    t, k = int(params.plain_modulus or 0), params.contribution_limit
+    too_many = (data_moduli(params)[0] // (2 * t * k)).bit_length() + 1  # k·2^d0 > Δ/2
+    monkeypatch.setattr(keys, "update_drop_bits", lambda _: (too_many, d1))
+    with pytest.raises(CryptoError, match="fail the worst-case check"):
+        verify_worst_case_sum(params)

@@ -80,7 +80,7 @@ class Aggregator:
             raise CryptoError(f"pending_in_memory must be at least 0, got {pending_in_memory}")
         ctx = load_public_context(public_context, params)
         self.params = params
-        self.layout = ciphertext_layout(params, ctx)
+        self.layout = ciphertext_layout(params, ctx, update=True)
         self.vector_size = vector_size
         self.chunk_count = math.ceil(vector_size / params.slots)
         # one prime: a scalar, which broadcasts faster than a column of one
@@ -277,7 +277,7 @@ class Aggregator:
             )
         if not self._finished:
             raise CryptoError("no finished contributions; there is nothing to aggregate")
-        return [pack_planar(running[i], self.layout, i) for i in range(self.chunk_count)]
+        return [pack_planar(running[i], self.layout.whole, i) for i in range(self.chunk_count)]
 
     def partial_sum(self) -> np.ndarray:
         """A copy of the running sum of the finished contributions, in planar coefficients

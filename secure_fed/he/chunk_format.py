@@ -8,15 +8,22 @@ in [0, q_j). SEAL stores every coefficient in 8 bytes; a 60-bit prime leaves 4 b
 offset  size  field
 ======  ====  =================================================================
 0       4     magic ``b"SFHE"``
-4       1     format version (1)
+4       1     format version (1; 2 for a chunk with dropped low-order bits)
 5       1     scheme (1 = BFV, 2 = CKKS)
-6       2     reserved, zero
+6       2     version 1: zero; version 2: bits dropped from polynomial 0, then 1 (u8 each)
 8       4     chunk index (u32, little endian)
 12      8     key id (:func:`secure_fed.he.seal_blob.public_key_id`)
 20      32    SEAL ``parms_id`` of the data level (4 × u64)
 52      …     for each prime q_j in order: the N coefficients of polynomial 0, then of
               polynomial 1, packed LSB-first at ``bit_length(q_j)`` bits each
 ======  ====  =================================================================
+
+An update's chunk may leave out low-order bits (format version 2, one data prime only:
+:func:`secure_fed.he.params.update_drop_bits` says how many the noise bound allows): each
+coefficient c of polynomial p travels as ``round(c / 2^d_p)`` (0 where that is
+``round(q / 2^d_p)``), in ``bit_length(q) − d_p`` bits; polynomial 0's N coefficients come
+first, then polynomial 1's. The reader multiplies back by ``2^d_p`` modulo q. Aggregates
+(:func:`pack_planar`) always travel whole (version 1): their noise has no room left to give.
 
 Adding two ciphertexts is adding their coefficients modulo q_j (what SEAL's ``add`` does), so
 the aggregator works on these arrays directly. :func:`parse_chunk` is the only reader of bytes
@@ -32,6 +39,7 @@ fixed order works for the running sum; :func:`parse_chunk` returns the wire orde
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import struct
@@ -56,6 +64,8 @@ __all__ = [
 
 MAGIC = b"SFHE"
 FORMAT_VERSION = 1
+ROUNDED_VERSION = 2
+"""Format version of a chunk whose coefficients left out low-order bits."""
 SCHEME_CODES = {"bfv": 1, "ckks": 2}
 _HEADER = struct.Struct("<4sBBHI8s4Q")
 HEADER_SIZE = _HEADER.size
@@ -63,9 +73,14 @@ POLYS = 2  # a fresh public-key encryption has two polynomials; additions keep t
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
-def chunk_size_for(poly_modulus_degree: int, moduli: tuple[int, ...]) -> int:
-    """Exact size in bytes of one serialized chunk for ring dimension N and data primes."""
+def chunk_size_for(poly_modulus_degree: int, moduli: tuple[int, ...],
+                   drop_bits: tuple[int, int] = (0, 0)) -> int:
+    """Exact size in bytes of one serialized chunk for ring dimension N and data primes (and
+    the low-order bits left out of each polynomial, one data prime only)."""
     n = poly_modulus_degree
+    if drop_bits != (0, 0):
+        width = moduli[0].bit_length()
+        return HEADER_SIZE + sum(n * (width - d) // 8 for d in drop_bits)
     return HEADER_SIZE + POLYS * sum(n * q.bit_length() // 8 for q in moduli)
 
 
@@ -83,6 +98,8 @@ class CiphertextLayout:
         moduli: data-level primes q_j.
         parms_id: SEAL's hash of the data-level parameters.
         key_id: identifier of the public key (8 bytes).
+        drop_bits: low-order bits each polynomial's coefficients leave out (an update's
+            chunks, :func:`secure_fed.he.params.update_drop_bits`); ``(0, 0)``: whole.
     """
 
     scheme: str
@@ -90,6 +107,28 @@ class CiphertextLayout:
     moduli: tuple[int, ...]
     parms_id: tuple[int, int, int, int]
     key_id: bytes
+    drop_bits: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        if self.drop_bits != (0, 0) and (
+                len(self.moduli) != 1
+                or not all(0 <= d < self.moduli[0].bit_length() - 1 for d in self.drop_bits)
+                or any(self.poly_modulus_degree * (self.moduli[0].bit_length() - d) % 8
+                       for d in self.drop_bits)):
+            raise ChunkFormatError(
+                f"low-order bits {self.drop_bits} cannot be left out of ciphertexts under "
+                f"{len(self.moduli)} data primes of {self.widths} bits: one prime, fewer "
+                "bits than it has")
+
+    @property
+    def whole(self) -> CiphertextLayout:
+        """This layout with every bit kept (an aggregate's chunks)."""
+        return dataclasses.replace(self, drop_bits=(0, 0))
+
+    @property
+    def version(self) -> int:
+        """The format version of its chunks."""
+        return FORMAT_VERSION if self.drop_bits == (0, 0) else ROUNDED_VERSION
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -109,7 +148,12 @@ class CiphertextLayout:
     @property
     def chunk_size(self) -> int:
         """Exact size of one serialized chunk, in bytes."""
-        return chunk_size_for(self.poly_modulus_degree, self.moduli)
+        return chunk_size_for(self.poly_modulus_degree, self.moduli, self.drop_bits)
+
+    def _header(self, index: int) -> bytes:
+        reserved = self.drop_bits[0] | self.drop_bits[1] << 8
+        return _HEADER.pack(MAGIC, self.version, SCHEME_CODES[self.scheme], reserved, index,
+                            self.key_id, *self.parms_id)
 
     def moduli_column(self) -> np.ndarray:
         """The primes shaped ``(1, primes, 1)`` to broadcast over a coefficient array."""
@@ -214,14 +258,20 @@ def _unpack_column(buf: bytes, offset: int, count: int, stride: int, shift: int,
 
 
 def pack_chunk(coeffs: np.ndarray, layout: CiphertextLayout, index: int) -> bytes:
-    """Serialize one ciphertext's coefficients (shape ``layout.shape``, values < q_j)."""
+    """Serialize one ciphertext's coefficients (shape ``layout.shape``, values < q_j),
+    rounded to the layout's ``drop_bits`` where it has some."""
     if coeffs.shape != layout.shape:
         raise ChunkFormatError(f"coefficients shaped {coeffs.shape}, expected {layout.shape}")
-    header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, SCHEME_CODES[layout.scheme], 0, index, layout.key_id,
-        *layout.parms_id,
-    )
-    parts = [header]
+    parts = [layout._header(index)]
+    if layout.drop_bits != (0, 0):
+        q, width = layout.moduli[0], layout.widths[0]
+        for poly, drop in enumerate(layout.drop_bits):
+            values = np.ascontiguousarray(coeffs[poly, 0, :])
+            if drop:
+                values = (values + np.uint64(1 << (drop - 1))) >> np.uint64(drop)
+                values[values == np.uint64((q + (1 << (drop - 1))) >> drop)] = 0
+            parts.append(_pack(values, width - drop))
+        return b"".join(parts)
     for j, width in enumerate(layout.widths):
         parts.append(_pack(np.ascontiguousarray(coeffs[:, j, :]).reshape(-1), width))
     return b"".join(parts)
@@ -232,11 +282,9 @@ def pack_planar(planar: np.ndarray, layout: CiphertextLayout, index: int) -> byt
     if planar.shape != layout.planar_shape:
         raise ChunkFormatError(
             f"planar coefficients shaped {planar.shape}, expected {layout.planar_shape}")
-    header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, SCHEME_CODES[layout.scheme], 0, index, layout.key_id,
-        *layout.parms_id,
-    )
-    parts = [header]
+    if layout.drop_bits != (0, 0):
+        raise ChunkFormatError("an aggregate travels whole: pack it under layout.whole")
+    parts = [layout._header(index)]
     for j, width in enumerate(layout.widths):
         parts.append(_pack_rows(planar[j].reshape(_plan(width)[0], -1), width))
     return b"".join(parts)
@@ -313,9 +361,9 @@ class ChunkReader:
             raise ChunkFormatError(f"a key id has 8 bytes, got {len(layout.key_id)}")
         self._size = layout.chunk_size
         # the header of every valid chunk but its index: bytes 0–8 and 12–52
-        expected = _HEADER.pack(MAGIC, FORMAT_VERSION, SCHEME_CODES[layout.scheme], 0, 0,
-                                layout.key_id, *layout.parms_id)
+        expected = layout._header(0)
         self._prefix, self._ident = expected[:8], expected[12:]
+        self._rounded = _Rounded(layout, out) if layout.drop_bits != (0, 0) else None
         self._primes: list[tuple[int, int, np.uint64, np.ndarray, _FastPlan | None]] = []
         pos = HEADER_SIZE
         for j, (width, q) in enumerate(zip(layout.widths, layout.moduli, strict=True)):
@@ -338,6 +386,9 @@ class ChunkReader:
                 and (index is None or int.from_bytes(data[8:12], "little") == index)):
             _check_header(data, self.layout, index)  # raises, naming the field
             raise ChunkFormatError("chunk header differs from the expected one")
+        if self._rounded is not None:
+            self._rounded.read(data)
+            return self.out
         for j, (pos, width, q, rows, fast) in enumerate(self._primes):
             if fast is None:
                 _unpack_rows(data, pos, rows, width)
@@ -353,6 +404,43 @@ class ChunkReader:
                     f"not below the prime {q}: not a ciphertext of these parameters"
                 )
         return self.out
+
+
+class _Rounded:
+    """Reads a chunk whose polynomials left out low-order bits into a planar buffer: each
+    polynomial unpacked, checked below its rounded prime, multiplied back by ``2^d`` mod q."""
+
+    def __init__(self, layout: CiphertextLayout, out: np.ndarray) -> None:
+        self.n = layout.poly_modulus_degree
+        self.q = np.uint64(layout.moduli[0])
+        self.width = layout.widths[0]
+        self.drops = layout.drop_bits
+        self.period = _plan(self.width)[0]
+        self.rows = out[0].reshape(self.period, -1)
+        self.wire = np.empty(POLYS * self.n, dtype=np.uint64)
+        self.scratch = np.empty(self.n, dtype=np.uint64)
+
+    def read(self, data: bytes) -> None:
+        pos, n, q = HEADER_SIZE, self.n, self.q
+        for poly, drop in enumerate(self.drops):
+            width = self.width - drop
+            values = self.wire[poly * n:(poly + 1) * n]
+            period = _plan(width)[0]
+            rows = np.empty((period, n // period), dtype=np.uint64)
+            _unpack_rows(data, pos, rows, width)
+            values.reshape(-1, period)[:] = rows.T
+            pos += n * width // 8
+            limit = (int(q) + (1 << drop >> 1)) >> drop  # round(q / 2^d): sent as 0
+            if int(values.max()) >= limit:
+                k = int(np.flatnonzero(values >= np.uint64(limit))[0])
+                raise ChunkFormatError(
+                    f"coefficient {k} of polynomial {poly} is {int(values[k])}, not below "
+                    f"round(q / 2^{drop}) = {limit}: not a ciphertext of these parameters")
+            if drop:
+                np.left_shift(values, np.uint64(drop), out=values)
+                np.subtract(values, q, out=self.scratch)  # wraps where values < q
+                np.minimum(values, self.scratch, out=values)
+        self.rows[:] = self.wire.reshape(-1, self.period).T
 
 
 @dataclass
@@ -410,11 +498,20 @@ def _check_header(data: bytes, layout: CiphertextLayout, index: int | None) -> N
             f"ciphertext of these parameters (truncated, padded, or other parameters)"
         )
     magic, version, scheme, reserved, got_index, key_id, *parms = _HEADER.unpack_from(data)
-    if magic != MAGIC or version != FORMAT_VERSION or reserved != 0:
+    if magic != MAGIC or version not in (FORMAT_VERSION, ROUNDED_VERSION):
         raise ChunkFormatError(
             f"not a secure_fed ciphertext chunk (magic {magic!r}, version {version}); expected "
-            f"magic {MAGIC!r} version {FORMAT_VERSION}"
+            f"magic {MAGIC!r} version {layout.version}"
         )
+    drops = (reserved & 0xFF, reserved >> 8)
+    if version != layout.version or (version == FORMAT_VERSION and reserved != 0) or (
+            version == ROUNDED_VERSION and drops != layout.drop_bits):
+        expected = ("whole coefficients" if layout.drop_bits == (0, 0) else
+                    f"coefficients without {layout.drop_bits} low-order bits")
+        raise ChunkFormatError(
+            f"chunk is format version {version} with bits {drops} left out; expected "
+            f"{expected} (version {layout.version}): an update's chunks leave out what "
+            "update_drop_bits of the round's parameters allows, an aggregate none")
     if scheme != SCHEME_CODES[layout.scheme]:
         names = {code: name for name, code in SCHEME_CODES.items()}
         raise ChunkFormatError(

@@ -43,7 +43,7 @@ from secure_fed.encoding import check_vector, check_weight, decode_plain_sum, en
 from secure_fed.errors import CryptoError
 from secure_fed.he.chunk_format import CiphertextLayout, chunk_size_for, pack_chunk
 from secure_fed.he.keys import ciphertext_layout, load_public_context
-from secure_fed.he.params import HEParams, data_moduli
+from secure_fed.he.params import HEParams, data_moduli, update_drop_bits
 from secure_fed.he.seal_blob import extract_coefficients
 from secure_fed.processes import worker_pool
 
@@ -92,7 +92,8 @@ update that arrives meanwhile waits for at most one such call)."""
 def _worker_init(params_json: str, public_context: bytes) -> None:
     params = HEParams.model_validate_json(params_json)
     ctx = load_public_context(public_context, params)
-    _WORKER.update(params=params, ctx=ctx, layout=ciphertext_layout(params, ctx), stock=[])
+    _WORKER.update(params=params, ctx=ctx, layout=ciphertext_layout(params, ctx, update=True),
+                   stock=[])
 
 
 def _chunk_rng(entropy: int, index: int) -> np.random.Generator:
@@ -175,7 +176,7 @@ class UpdateEncoder:
             raise CryptoError(f"workers must be at least 1, got {workers}")
         self.params = params
         ctx = load_public_context(public_context, params)
-        self.layout = ciphertext_layout(params, ctx)
+        self.layout = ciphertext_layout(params, ctx, update=True)
         self.workers = count
         self.worker_cpu_seconds = 0.0
         self.stock_cpu_seconds = 0.0
@@ -193,7 +194,8 @@ class UpdateEncoder:
     @staticmethod
     def max_chunk_bytes_for(params: HEParams) -> int:
         """Size of every chunk under ``params``, in bytes (each chunk has exactly this size)."""
-        return chunk_size_for(params.poly_modulus_degree, data_moduli(params))
+        return chunk_size_for(params.poly_modulus_degree, data_moduli(params),
+                              update_drop_bits(params))
 
     @property
     def slots(self) -> int:

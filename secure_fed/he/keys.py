@@ -13,7 +13,7 @@ from typing import Any
 
 from secure_fed.errors import CryptoError
 from secure_fed.he.chunk_format import CiphertextLayout
-from secure_fed.he.params import HEParams, coeff_moduli, data_moduli
+from secure_fed.he.params import HEParams, coeff_moduli, data_moduli, update_drop_bits
 from secure_fed.he.seal_blob import public_key_id
 
 __all__ = [
@@ -193,8 +193,10 @@ def load_secret_context(data: bytes, params: HEParams) -> Any:
     return ctx
 
 
-def ciphertext_layout(params: HEParams, ctx: Any) -> CiphertextLayout:
-    """The shape every chunk encrypted under ``ctx`` (a loaded, validated context) has."""
+def ciphertext_layout(params: HEParams, ctx: Any, *, update: bool = False) -> CiphertextLayout:
+    """The shape every chunk encrypted under ``ctx`` (a loaded, validated context) has:
+    whole coefficients, or with ``update`` those of a slave's update, which leave out the
+    low-order bits the noise bound allows (:func:`~secure_fed.he.params.update_drop_bits`)."""
     _, first = _parms_ids(params)
     key_id = public_key_id(_public_bytes(ctx), max_size=context_size_limit(params))
     return CiphertextLayout(
@@ -203,4 +205,5 @@ def ciphertext_layout(params: HEParams, ctx: Any) -> CiphertextLayout:
         moduli=data_moduli(params),
         parms_id=(first[0], first[1], first[2], first[3]),
         key_id=key_id,
+        drop_bits=update_drop_bits(params) if update else (0, 0),
     )

@@ -18,7 +18,7 @@ from secure_fed.errors import CryptoError
 from secure_fed.he.chunk_format import add_mod, parse_chunk
 from secure_fed.he.codec import encrypt_chunk
 from secure_fed.he.decrypter import Decrypter
-from secure_fed.he.keys import generate_contexts
+from secure_fed.he.keys import ciphertext_layout, generate_contexts
 from secure_fed.he.params import HEParams, fresh_noise_bound
 
 __all__ = ["verify_worst_case_sum"]
@@ -50,7 +50,8 @@ def verify_worst_case_sum(params: HEParams) -> int | None:
     """
     secret, _ = generate_contexts(params)
     decrypter = Decrypter(params, secret)
-    layout = decrypter.layout
+    # an update's chunk, its rounding included: the worst case of what the key holder sums
+    layout = ciphertext_layout(params, decrypter.ctx, update=True)
     signs = np.where(np.arange(params.slots) % 2 == 0, 1, -1)
     k = params.contribution_limit
     weight = params.max_total_weight // k

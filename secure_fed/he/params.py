@@ -123,6 +123,37 @@ def data_moduli(params: HEParams) -> tuple[int, ...]:
     return coeff_moduli(params.poly_modulus_degree, params.coeff_mod_bit_sizes)[:-1]
 
 
+def update_drop_bits(params: HEParams) -> tuple[int, int]:
+    """Low-order bits an update's ciphertext leaves out of its two polynomials ``(c0, c1)``.
+
+    Decryption computes ``c0 + c1·s mod q`` and tolerates noise up to the bound the checks
+    keep: a sum of at most K contributions decrypts exactly while each adds at most
+    ``q / (4·t·K)`` (:func:`check_params`), and a fresh encryption uses at most
+    :func:`fresh_noise_bound` of it. A slave may therefore round each coefficient of ``c0`` to
+    a multiple of ``2^d0`` and of ``c1`` to a multiple of ``2^d1`` and send only the high
+    bits: a rounded coefficient is off by at most ``2^d`` (``2^(d−1)`` from the rounding, and
+    as much again where the rounding reaches q, sent as 0), which adds at most ``2^d0`` to the
+    noise through ``c0`` and ``N·2^d1`` through ``c1·s`` (s is ternary: N terms of ±1 or 0).
+    The largest ``d0`` whose total fits is taken, with ``d1 = d0 − log2 N`` (the two terms
+    equal). Rounding is a public function of the ciphertext, so it reveals nothing more.
+
+    BFV with one data prime only (RNS residues of several primes have no low-order bits to
+    drop): ``(0, 0)`` otherwise, and when the bound leaves no room.
+    """
+    moduli = data_moduli(params)
+    if params.scheme != "bfv" or len(moduli) != 1 or params.plain_modulus is None:
+        return (0, 0)
+    n = params.poly_modulus_degree
+    room = moduli[0] // (4 * params.plain_modulus * params.contribution_limit)
+    room -= fresh_noise_bound(n)
+    log_n = n.bit_length() - 1
+    for d0 in range(moduli[0].bit_length() - 2, 0, -1):
+        d1 = max(0, d0 - log_n)
+        if 2**d0 + (n * 2**d1 if d1 else 0) <= room:
+            return (d0, d1)
+    return (0, 0)
+
+
 def _log2(x: float) -> float:
     return math.log2(x) if x > 0 else float("-inf")
 

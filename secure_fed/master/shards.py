@@ -444,7 +444,8 @@ class ShardedSum:
         total, layout = await self._merged()
         assert layout is not None
         chunks, seconds = await asyncio.to_thread(
-            timed_call, lambda: [pack_planar(total[i], layout, i) for i in range(total.shape[0])])
+            timed_call, lambda: [pack_planar(total[i], layout.whole, i)
+                             for i in range(total.shape[0])])
         self._root_cpu_s += seconds
         return chunks
 
