@@ -23,7 +23,7 @@ from secure_fed.master.distributed_plan import distributed_plan
 from secure_fed.models.registry import build_model
 from secure_fed.models.sizing import mlp_hidden_for, mlp_parameter_count
 from secure_fed.privacy.distributed import DistributedMechanism, DistributedSettings
-from secure_fed.secagg.ring import ring_width
+from secure_fed.secagg.ring import ring_bits, ring_width
 
 
 @pytest.mark.parametrize("target", [10_000, 100_000, 1_000_000, 10_000_000])
@@ -182,7 +182,7 @@ def test_distributed_dp_sends_the_smaller_ring_it_sizes(
         run = tmp_path / "runs" / f"mask-none-2000-3-{dp}"
         master = MasterBundle.load(run / "fed" / "master")
         t = master.he_params.plain_modulus
-        assert row["ring_bits"] == ring_width(t)
+        assert row["ring_bits"] == ring_bits(t)
         assert row["upload_bytes_per_slave"] == math.ceil(row["params"] * ring_width(t) / 8)
         assert row["bytes_per_value"] == row["upload_bytes_per_slave"] / row["params"]
         assert master.config.training.mode == "gradient"

@@ -85,7 +85,7 @@ from secure_fed.costs import (
 )
 from secure_fed.errors import ConfigError, SecureFedError
 from secure_fed.models.sizing import mlp_hidden_for, mlp_parameter_count
-from secure_fed.secagg.ring import ring_width
+from secure_fed.secagg.ring import ring_bits
 
 __all__ = ["MODES", "SIZE_NAMES", "RoundOptions", "check_recorded_dp", "gradient_plan",
            "round_plan",
@@ -411,7 +411,7 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
         "mode": mode, "preset": preset or "-", "params": params, "hidden": hidden,
         "slaves": slaves, "rounds": options.rounds, "dp": dp,
         "bytes_per_value": upload / params,
-        "ring_bits": (ring_width(int(run.he_params.plain_modulus))
+        "ring_bits": (ring_bits(int(run.he_params.plain_modulus))
                       if mode in DISTRIBUTED_MODES else None),
         "measured_rounds": [r["round"] for r in measured],
         "seconds_per_round": statistics.fmean(r["seconds"] for r in measured),
