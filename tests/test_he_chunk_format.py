@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -116,28 +117,32 @@ ROUNDED = CiphertextLayout(scheme="bfv", poly_modulus_degree=1024, moduli=(2**60
 """An update's layout (2^60 − 98303 is the 60-bit data prime bfv-fast uses)."""
 
 
-def test_rounded_chunks_are_the_coefficients_to_within_two_to_the_dropped_bits() -> None:
+@pytest.mark.parametrize("drops", [(21, 8), (20, 8)])  # widths 39 and 52, or 40 and 52
+def test_rounded_chunks_are_the_coefficients_to_within_two_to_the_dropped_bits(
+        drops: tuple[int, int]) -> None:
     """A rounded coefficient is within 2^d of the original modulo q (2^(d−1) from rounding,
     2^d where rounding reaches q), polynomial by polynomial, and the chunk has exactly
-    header + N·(60 − 21 + 60 − 8)/8 bytes; the round trip of the values themselves is exact."""
-    q = ROUNDED.moduli[0]
-    coeffs = np.random.default_rng(6).integers(0, q, size=ROUNDED.shape, dtype=np.uint64)
-    coeffs[0, 0, :4] = [0, q - 1, q - 2**20, 2**20]  # rounds to q (sent as 0), and to 2^21
-    data = pack_chunk(coeffs, ROUNDED, 2)
-    assert len(data) == ROUNDED.chunk_size == HEADER_SIZE + 1024 * (39 + 52) // 8
-    assert data[4] == 2 and data[6:8] == bytes([21, 8])  # format version 2, bits left out
-    back = parse_chunk(data, ROUNDED, index=2)
-    for poly, drop in enumerate(ROUNDED.drop_bits):
+    header + N·(60 − d0 + 60 − d1)/8 bytes, read bit by bit (39 bits) or one strided copy
+    per polynomial (widths that are multiples of 4)."""
+    layout = dataclasses.replace(ROUNDED, drop_bits=drops)
+    q = layout.moduli[0]
+    coeffs = np.random.default_rng(6).integers(0, q, size=layout.shape, dtype=np.uint64)
+    coeffs[0, 0, :4] = [0, q - 1, q - 2**(drops[0] - 1), 2**(drops[0] - 1)]  # → q (sent as 0)
+    data = pack_chunk(coeffs, layout, 2)
+    assert len(data) == layout.chunk_size == HEADER_SIZE + 1024 * (120 - sum(drops)) // 8
+    assert data[4] == 2 and data[6:8] == bytes(drops)  # format version 2, bits left out
+    back = parse_chunk(data, layout, index=2)
+    for poly, drop in enumerate(drops):
         diff = (back[poly, 0].astype(object) - coeffs[poly, 0].astype(object)) % q
         error = np.minimum(diff, q - diff).astype(np.int64)
         assert error.max() <= 2**drop and error.max() > 2 ** (drop - 2)
-    assert back[0, 0, 0] == 0 and back[0, 0, 1] == 0 and back[0, 0, 3] == 2**21
+    assert back[0, 0, 0] == 0 and back[0, 0, 1] == 0 and back[0, 0, 3] == 2**drops[0]
     # the aggregate of such chunks travels whole, under the layout without rounding
-    planar = unpack_chunk(data, ROUNDED, np.empty(ROUNDED.planar_shape, dtype=np.uint64))
-    whole = pack_planar(planar, ROUNDED.whole, 2)
-    np.testing.assert_array_equal(parse_chunk(whole, ROUNDED.whole, index=2), back)
+    planar = unpack_chunk(data, layout, np.empty(layout.planar_shape, dtype=np.uint64))
+    whole = pack_planar(planar, layout.whole, 2)
+    np.testing.assert_array_equal(parse_chunk(whole, layout.whole, index=2), back)
     with pytest.raises(ChunkFormatError, match="travels whole"):
-        pack_planar(planar, ROUNDED, 2)
+        pack_planar(planar, layout, 2)
 
 
 def test_rounded_chunks_refuse_a_value_at_or_above_the_rounded_prime_and_other_roundings() -> None:

@@ -161,7 +161,7 @@ def test_updates_rounded_as_the_bound_allows_keep_the_worst_case_sum_exact(
 
     params = resolve_params("bfv-fast", clip=1.0, max_total_weight=64, max_contributions=8)
     d0, d1 = update_drop_bits(params)
-    assert d0 > 20 and d1 == d0 - 13
+    assert d0 > 20 and d1 >= d0 - 16 and (60 - d0) % 4 == (60 - d1) % 4 == 0
     budget = verify_worst_case_sum(params)
     assert budget is not None and budget >= 1
     t, k = int(params.plain_modulus or 0), params.contribution_limit

@@ -408,39 +408,51 @@ class ChunkReader:
 
 class _Rounded:
     """Reads a chunk whose polynomials left out low-order bits into a planar buffer: each
-    polynomial unpacked, checked below its rounded prime, multiplied back by ``2^d`` mod q."""
+    polynomial unpacked (one strided copy where its width allows), checked below its rounded
+    prime, multiplied back by ``2^d`` mod q, and laid out as the whole format's planar rows."""
 
     def __init__(self, layout: CiphertextLayout, out: np.ndarray) -> None:
-        self.n = layout.poly_modulus_degree
+        self.n = n = layout.poly_modulus_degree
         self.q = np.uint64(layout.moduli[0])
-        self.width = layout.widths[0]
-        self.drops = layout.drop_bits
-        self.period = _plan(self.width)[0]
-        self.rows = out[0].reshape(self.period, -1)
-        self.wire = np.empty(POLYS * self.n, dtype=np.uint64)
-        self.scratch = np.empty(self.n, dtype=np.uint64)
+        self.period = _plan(layout.widths[0])[0]  # the planar order of whole coefficients
+        self.planar = out[0].reshape(self.period, -1)
+        self.scratch = np.empty(n, dtype=np.uint64)
+        self.polys = []
+        pos = HEADER_SIZE
+        for drop in layout.drop_bits:
+            width = layout.widths[0] - drop
+            rows = np.empty((_plan(width)[0], n // _plan(width)[0]), dtype=np.uint64)
+            limit = (layout.moduli[0] + (1 << drop >> 1)) >> drop  # round(q / 2^d): sent as 0
+            self.polys.append((pos, width, drop, np.uint64(limit), rows,
+                               _fast_plan(rows, width)))
+            pos += n * width // 8
 
     def read(self, data: bytes) -> None:
-        pos, n, q = HEADER_SIZE, self.n, self.q
-        for poly, drop in enumerate(self.drops):
-            width = self.width - drop
-            values = self.wire[poly * n:(poly + 1) * n]
-            period = _plan(width)[0]
-            rows = np.empty((period, n // period), dtype=np.uint64)
-            _unpack_rows(data, pos, rows, width)
-            values.reshape(-1, period)[:] = rows.T
-            pos += n * width // 8
-            limit = (int(q) + (1 << drop >> 1)) >> drop  # round(q / 2^d): sent as 0
-            if int(values.max()) >= limit:
-                k = int(np.flatnonzero(values >= np.uint64(limit))[0])
+        n, q, period = self.n, self.q, self.period
+        for poly, (pos, width, drop, limit, rows, fast) in enumerate(self.polys):
+            if fast is None:
+                _unpack_rows(data, pos, rows, width)
+            else:
+                fast.unpack(data, pos)
+            values = rows.reshape(-1)  # this width's planar order: elementwise work only
+            if values.max() >= limit:
+                bad = int(np.flatnonzero(values >= limit)[0])
+                row, group = divmod(bad, rows.shape[1])
                 raise ChunkFormatError(
-                    f"coefficient {k} of polynomial {poly} is {int(values[k])}, not below "
-                    f"round(q / 2^{drop}) = {limit}: not a ciphertext of these parameters")
+                    f"coefficient {group * rows.shape[0] + row} of polynomial {poly} is "
+                    f"{int(values[bad])}, not below round(q / 2^{drop}) = {int(limit)}: not a "
+                    "ciphertext of these parameters")
             if drop:
                 np.left_shift(values, np.uint64(drop), out=values)
                 np.subtract(values, q, out=self.scratch)  # wraps where values < q
                 np.minimum(values, self.scratch, out=values)
-        self.rows[:] = self.wire.reshape(-1, self.period).T
+            part = slice(poly * (n // period), (poly + 1) * (n // period))
+            if rows.shape[0] == period:  # the same planar order as whole coefficients
+                self.planar[:, part] = rows
+            else:
+                wire = rows[0] if rows.shape[0] == 1 else rows.T.reshape(-1)
+                for j in range(period):
+                    self.planar[j, part] = wire[j::period]
 
 
 @dataclass

@@ -135,7 +135,9 @@ def update_drop_bits(params: HEParams) -> tuple[int, int]:
     as much again where the rounding reaches q, sent as 0), which adds at most ``2^d0`` to the
     noise through ``c0`` and ``N·2^d1`` through ``c1·s`` (s is ternary: N terms of ±1 or 0).
     The largest ``d0`` whose total fits is taken, with ``d1 = d0 − log2 N`` (the two terms
-    equal). Rounding is a public function of the ciphertext, so it reveals nothing more.
+    equal), each then lowered until the bits sent are a multiple of 4 (such widths unpack
+    with one strided copy: :class:`~secure_fed.he.chunk_format.ChunkReader`). Rounding is a
+    public function of the ciphertext, so it reveals nothing more.
 
     BFV with one data prime only (RNS residues of several primes have no low-order bits to
     drop): ``(0, 0)`` otherwise, and when the bound leaves no room.
@@ -147,9 +149,11 @@ def update_drop_bits(params: HEParams) -> tuple[int, int]:
     room = moduli[0] // (4 * params.plain_modulus * params.contribution_limit)
     room -= fresh_noise_bound(n)
     log_n = n.bit_length() - 1
-    for d0 in range(moduli[0].bit_length() - 2, 0, -1):
+    width = moduli[0].bit_length()
+    for d0 in range(width - 2, 0, -1):
         d1 = max(0, d0 - log_n)
         if 2**d0 + (n * 2**d1 if d1 else 0) <= room:
+            d0, d1 = (max(0, d - (d - width) % 4) for d in (d0, d1))
             return (d0, d1)
     return (0, 0)
 
