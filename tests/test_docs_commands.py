@@ -141,6 +141,13 @@ PARSED_ONLY: dict[str, str] = {
     "secure-fed bench round --modes plain,he+mask --sizes large --slaves 16 --rounds 2 "
     "--bandwidth 100Mbit --json":
         "two federations of 16 slaves at 1M parameters (10 minutes on a loaded 2-core machine)",
+    "secure-fed bench round --modes plain,mask,he,he+mask --sizes large --slaves 16 --rounds 4 "
+    "--bandwidth 100Mbit --json":
+        "four federations of 16 slaves at 1M parameters (4 minutes on an idle 2-core machine; "
+        "tests/test_bench_round.py checks the costs and critical path of a small one)",
+    "secure-fed bench round --modes plain,mask,he,he+mask --sizes xlarge --slaves 8 --rounds 3 "
+    "--bandwidth 100Mbit --json":
+        "four federations of 8 slaves at 10M parameters (10 minutes, 10 GB of memory)",
     "secure-fed simulate --slaves 1000 --protection he+mask --rounds 3":
         "1,000 slaves on Ray for three rounds (about 20 minutes on two cores); "
         "tests/test_simulate.py runs 20 slaves for one round",
