@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from secure_fed.bench.codec import COLUMNS, format_table, run_codec_bench
+from secure_fed.bench.codec import CLIP, COLUMNS, format_table, run_codec_bench
 from secure_fed.errors import CryptoError
+from secure_fed.he.codec import UpdateEncoder
+from secure_fed.he.params import update_drop_bits
+from secure_fed.he.presets import resolve_params
 
 
 def test_codec_bench_rows_and_table() -> None:
@@ -18,7 +21,13 @@ def test_codec_bench_rows_and_table() -> None:
     bfv, compat, tenseal, plain = rows
     assert tenseal["bytes_per_value"] > 1.1 * compat["bytes_per_value"]  # TenSEAL's own format
     assert tenseal["max_abs_error"] < 1e-6
-    assert bfv["bytes_per_value"] == pytest.approx(122932 / 5000)  # one padded chunk
+    # one padded chunk of an update: without the low-order bits the noise bound leaves (the
+    # bench sums 2 slaves of weights 1 and 2)
+    params = resolve_params("bfv-fast", clip=CLIP, max_total_weight=3, max_contributions=2)
+    assert update_drop_bits(params) != (0, 0)
+    assert bfv["bytes_per_value"] == pytest.approx(UpdateEncoder.max_chunk_bytes_for(params)
+                                                   / 5000)
+    assert bfv["bytes_per_value"] < 122932 / 5000  # a whole ciphertext
     assert compat["bytes_per_value"] > 2 * bfv["bytes_per_value"]
     assert plain["bytes_per_value"] == 4.0 and plain["security_bits"] == 0
     assert bfv["max_abs_error"] < 1.0 / 2**15  # Δ for clip 1, b = 16

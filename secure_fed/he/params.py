@@ -27,6 +27,7 @@ __all__ = [
     "coeff_moduli",
     "data_moduli",
     "max_weight_for_noise",
+    "update_drop_bits",
 ]
 
 #: Maximum total coefficient-modulus bits per ring dimension N for a ternary secret
