@@ -269,7 +269,7 @@ def pack_chunk(coeffs: np.ndarray, layout: CiphertextLayout, index: int) -> byte
             values = np.ascontiguousarray(coeffs[poly, 0, :])
             if drop:
                 values = (values + np.uint64(1 << (drop - 1))) >> np.uint64(drop)
-                values[values == np.uint64((q + (1 << (drop - 1))) >> drop)] = 0
+                values[values == np.uint64(_rounded_limit(q, drop))] = 0
             parts.append(_pack(values, width - drop))
         return b"".join(parts)
     for j, width in enumerate(layout.widths):
@@ -406,6 +406,12 @@ class ChunkReader:
         return self.out
 
 
+def _rounded_limit(q: int, drop: int) -> int:
+    """``round(q / 2^drop)``: the rounded value of a coefficient that rounds to q, sent as 0;
+    every rounded value is below it (q itself when nothing is dropped)."""
+    return (q + (1 << drop >> 1)) >> drop
+
+
 class _Rounded:
     """Reads a chunk whose polynomials left out low-order bits into a planar buffer: each
     polynomial unpacked (one strided copy where its width allows), checked below its rounded
@@ -422,7 +428,7 @@ class _Rounded:
         for drop in layout.drop_bits:
             width = layout.widths[0] - drop
             rows = np.empty((_plan(width)[0], n // _plan(width)[0]), dtype=np.uint64)
-            limit = (layout.moduli[0] + (1 << drop >> 1)) >> drop  # round(q / 2^d): sent as 0
+            limit = _rounded_limit(layout.moduli[0], drop)
             self.polys.append((pos, width, drop, np.uint64(limit), rows,
                                _fast_plan(rows, width)))
             pos += n * width // 8

@@ -31,7 +31,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -241,15 +241,7 @@ class UpdateEncoder:
             (i, values[i * s : (i + 1) * s], w, entropy)
             for i in range(self.chunk_count(values.shape[0]))
         ]
-        batch = max(1, math.ceil(len(tasks) / (4 * self.workers)))
-        try:
-            with self._stock.paused():
-                return self._collect(self._pool.map(_worker_encrypt, tasks, chunksize=batch))
-        except BrokenProcessPool as exc:
-            raise CryptoError(
-                f"an encryption worker process died ({exc}); close this encoder and create a "
-                "new one"
-            ) from exc
+        return self._run(_worker_encrypt, tasks)
 
     def encrypt_ring(self, values: np.ndarray) -> list[bytes]:
         """Encrypt integers of the BFV plaintext ring (``he+mask``: a masked vector).
@@ -270,23 +262,27 @@ class UpdateEncoder:
             raise CryptoError(f"ring values must be a non-empty 1-D uint64 vector below t={t}")
         s = self.slots
         tasks = [(i, ring[i * s:(i + 1) * s]) for i in range(self.chunk_count(ring.shape[0]))]
+        return self._run(_worker_encrypt_ring, tasks)
+
+    def _run(self, work: Callable[[Any], tuple[bytes, bool, float]],
+             tasks: list[Any]) -> list[bytes]:
+        """The chunks of ``tasks`` done by the workers (stocking paused meanwhile), in order,
+        their CPU seconds added up and the encryptions of zero they took counted."""
+        assert self._pool is not None
         batch = max(1, math.ceil(len(tasks) / (4 * self.workers)))
+        chunks = []
         try:
             with self._stock.paused():
-                return self._collect(self._pool.map(_worker_encrypt_ring, tasks,
-                                                    chunksize=batch))
+                for chunk, stocked, seconds in self._pool.map(work, tasks, chunksize=batch):
+                    chunks.append(chunk)
+                    self.worker_cpu_seconds += seconds
+                    if stocked:
+                        self._stock.used(1)
         except BrokenProcessPool as exc:
-            raise CryptoError(f"an encryption worker process died ({exc}); close this encoder "
-                              "and create a new one") from exc
-
-    def _collect(self, results: Iterable[tuple[bytes, bool, float]]) -> list[bytes]:
-        """The chunks of the workers' results, their CPU seconds added up."""
-        chunks = []
-        for chunk, stocked, seconds in results:
-            chunks.append(chunk)
-            self.worker_cpu_seconds += seconds
-            if stocked:
-                self._stock.used(1)
+            raise CryptoError(
+                f"an encryption worker process died ({exc}); close this encoder and create a "
+                "new one"
+            ) from exc
         return chunks
 
     def stock(self, count: int) -> None:

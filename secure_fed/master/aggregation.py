@@ -325,14 +325,13 @@ class AggregationPipeline:
         """Run the key holder's ``decrypt`` off the event loop; its CPU seconds (its workers'
         included) count as decryption, whether it opens the sum or refuses it."""
         before = self.keyholder.worker_cpu_seconds
-        started = [0.0]
 
         def run() -> np.ndarray:
-            started[0] = time.thread_time()
+            started = time.thread_time()
             try:
                 return decrypt()
             finally:
-                self.costs.add("decryption_s", time.thread_time() - started[0])
+                self.costs.add("decryption_s", time.thread_time() - started)
 
         try:
             return await asyncio.to_thread(run)
