@@ -340,3 +340,20 @@ def test_twenty_contributions_with_discards_in_between_sum_exactly(
             aggregator.discard(f"gone{k}")
     expected = np.mean([updates[names[k % 3]][0] for k in range(20)], axis=0)
     assert np.max(np.abs(_decrypt(keyholder, aggregator) - expected)) < 2e-4
+
+
+def test_a_sum_of_rounded_values_is_reduced_before_it_could_wrap(
+    params: HEParams, keys: tuple[bytes, bytes], keyholder: KeyHolder,
+    updates: dict[str, tuple[np.ndarray, list[bytes]]], tmp_path: Path,
+) -> None:
+    """A rounded update is summed as plain 64-bit integers and a discard adds q − r (about
+    2^60) to them: forty discards would pass 2^64 many times over unless the running sum is
+    reduced modulo q before each addition that could."""
+    with Aggregator(params, keys[1], SIZE, spool_dir=tmp_path / "spool") as agg:
+        assert agg.layout.drop_bits != (0, 0)
+        for k in range(40):
+            _send(agg, f"gone{k}", updates["c"][1], weight=None)
+            agg.discard(f"gone{k}")
+        _send(agg, "a", updates["a"][1])
+        _send(agg, "b", updates["b"][1])
+        assert np.max(np.abs(_decrypt(keyholder, agg) - _expect(updates, "a", "b"))) < 2e-4

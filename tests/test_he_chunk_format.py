@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from secure_fed.he.chunk_format import (
     HEADER_SIZE,
     ChunkFormatError,
+    ChunkReader,
     CiphertextLayout,
     _pack,
     _unpack,
@@ -21,6 +22,7 @@ from secure_fed.he.chunk_format import (
     pack_chunk,
     pack_planar,
     parse_chunk,
+    reduce_times_pow2,
     sub_mod,
     unpack_chunk,
 )
@@ -143,6 +145,45 @@ def test_rounded_chunks_are_the_coefficients_to_within_two_to_the_dropped_bits(
     np.testing.assert_array_equal(parse_chunk(whole, layout.whole, index=2), back)
     with pytest.raises(ChunkFormatError, match="travels whole"):
         pack_planar(planar, layout, 2)
+
+
+@pytest.mark.parametrize("q", [2**60 - 98303, 1048625153, 2**62 - 57, 65537])
+@pytest.mark.parametrize("exponent", [0, 8, 21, 41])
+def test_reduce_times_pow2_matches_python_integers(q: int, exponent: int) -> None:
+    """Both paths (float64 quotients; remainders for a small q or a large exponent), at the
+    edges of the reduction (multiples of q ± 1, 2^64 − 1) and on random 64-bit values."""
+    rng = np.random.default_rng(q % 1000 + exponent)
+    edges = [0, 1, q - 1, q, q + 1, 2 * q - 1, 2**64 - 1, 2**64 - q, (2**64 // q) * q,
+             (2**64 // q) * q - 1]
+    values = np.concatenate([np.array(edges, dtype=np.uint64),
+                             rng.integers(0, 2**64, 3000, dtype=np.uint64, endpoint=False),
+                             rng.integers(0, q, 3000, dtype=np.uint64)])
+    expected = [int(v) % q * 2**exponent % q for v in values]
+    reduce_times_pow2(values, exponent, q)
+    assert values.tolist() == expected
+
+
+def test_rounded_values_summed_as_integers_restore_to_the_sum_of_the_chunks() -> None:
+    """An aggregator may add chunks' rounded values as plain integers: multiplied back once,
+    the sum is the modular sum of the chunks read one by one (Σ r·2^d ≡ (Σ r)·2^d mod q)."""
+    q = ROUNDED.moduli[0]
+    rng = np.random.default_rng(8)
+    reader = ChunkReader(ROUNDED, np.empty(ROUNDED.planar_shape, dtype=np.uint64))
+    raw = np.zeros(2 * ROUNDED.poly_modulus_degree, dtype=np.uint64)
+    expected = np.zeros(ROUNDED.shape, dtype=np.uint64)
+    for _ in range(9):
+        coeffs = rng.integers(0, q, size=ROUNDED.shape, dtype=np.uint64)
+        coeffs[:, 0, :2] = q - 1  # rounds to q, sent as 0
+        data = pack_chunk(coeffs, ROUNDED, 4)
+        add_mod(expected, parse_chunk(data, ROUNDED, index=4), ROUNDED.moduli_column())
+        rounded = reader.read_rounded(data, index=4)
+        assert rounded.max() < reader.rounded_limit
+        raw += rounded
+    whole = pack_planar(reader.restore_rounded(raw), ROUNDED.whole, 4)
+    np.testing.assert_array_equal(parse_chunk(whole, ROUNDED.whole, index=4), expected)
+    whole_reader = ChunkReader(LAYOUT, np.empty(LAYOUT.planar_shape, dtype=np.uint64))
+    with pytest.raises(ChunkFormatError, match="whole; read them with read"):
+        whole_reader.read_rounded(pack_chunk(_random_coeffs(rng), LAYOUT, 0))
 
 
 def test_rounded_chunks_refuse_a_value_at_or_above_the_rounded_prime_and_other_roundings() -> None:

@@ -15,7 +15,11 @@ behind). ``finish`` folds a contribution in for good and releases its chunks.
 Adding ciphertexts is adding their coefficients modulo each prime, which is done here with
 numpy on the validated coefficient arrays (see :mod:`secure_fed.he.chunk_format`), kept in
 the planar order that unpacks fastest, in one reused buffer (no allocation per chunk).
-Not thread-safe: call it from one thread (e.g. the event loop) at a time.
+Updates whose chunks leave out low-order bits (one data prime) are summed as they were sent:
+their rounded values r are added as plain 64-bit integers, and only the sum is multiplied
+back, ``(Σ r mod q)·2^d mod q`` (equal, modulo q, to the sum of the restored ciphertexts;
+a running sum is reduced modulo q before it could pass 2^64). Not thread-safe: call it from
+one thread (e.g. the event loop) at a time.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from secure_fed.he.keys import ciphertext_layout, load_public_context
 from secure_fed.he.params import HEParams
 
 __all__ = ["Aggregator"]
+
+_U64_MAX = 2**64 - 1
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +94,19 @@ class Aggregator:
             np.uint64(self.layout.moduli[0]) if len(self.layout.moduli) == 1
             else self.layout.planar_moduli()
         )
-        # Touch every page now (np.zeros maps them lazily), so that the page faults of the
-        # running sum are paid once per round here, not on the hot path of the first update.
-        self._sum: np.ndarray | None = np.empty(
-            (self.chunk_count, *self.layout.planar_shape), dtype=np.uint64
-        )
-        self._sum.fill(0)
         self._reader = ChunkReader(self.layout,
                                    np.zeros(self.layout.planar_shape, dtype=np.uint64))
+        # A rounded layout's sum is of rounded values: bounds[i] bounds every value of the
+        # running sum of chunk i (Python ints: exact), which is reduced mod q before an
+        # addition could pass 2^64.
+        self._rounded_limit = self._reader.rounded_limit
+        self._bounds = [0] * self.chunk_count
+        shape = ((2 * params.poly_modulus_degree,) if self._reader.rounded
+                 else self.layout.planar_shape)
+        # Touch every page now (np.zeros maps them lazily), so that the page faults of the
+        # running sum are paid once per round here, not on the hot path of the first update.
+        self._sum: np.ndarray | None = np.empty((self.chunk_count, *shape), dtype=np.uint64)
+        self._sum.fill(0)
         self._held_budget = pending_in_memory * self.chunk_count * self.layout.chunk_size
         self._held = 0  # bytes of chunks held in memory
         self._slaves: dict[str, _Contribution] = {}
@@ -158,7 +169,8 @@ class Aggregator:
         if contribution is not None and index in contribution.chunks:
             raise MalformedUpdate(slave_id, index, "chunk index repeated; each is sent once")
         try:
-            coeffs = self._reader.read(data, index=index)
+            coeffs = (self._reader.read_rounded(data, index=index) if self._rounded_limit
+                      else self._reader.read(data, index=index))
         except ChunkFormatError as exc:
             raise MalformedUpdate(slave_id, index, str(exc)) from exc
         kept = data if type(data) is bytes else bytes(data)  # never hold a mutable buffer
@@ -170,7 +182,19 @@ class Aggregator:
         if contribution is None:
             contribution = self._slaves[slave_id] = _Contribution()
         contribution.chunks[index] = where
-        add_mod(running[index], coeffs, self._moduli, scratch=coeffs)
+        if self._rounded_limit:
+            self._add_rounded(running, index, coeffs, self._rounded_limit - 1)
+        else:
+            add_mod(running[index], coeffs, self._moduli, scratch=coeffs)
+
+    def _add_rounded(self, running: np.ndarray, index: int, values: np.ndarray,
+                     bound: int) -> None:
+        """Add ``values`` (each at most ``bound``) to chunk ``index``'s sum of rounded values."""
+        if self._bounds[index] + bound > _U64_MAX:
+            np.remainder(running[index], self._moduli, out=running[index])
+            self._bounds[index] = self.layout.moduli[0] - 1
+        np.add(running[index], values, out=running[index])
+        self._bounds[index] += bound
 
     def _append_to_spool(self, data: bytes, slave_id: str, index: int) -> int:
         """Append a validated chunk to the spool; return its offset (all or nothing)."""
@@ -257,8 +281,13 @@ class Aggregator:
             if isinstance(where, int):
                 assert self._spool is not None
                 where = os.pread(self._spool, size, where)
-            coeffs = self._reader.read(where, index=index)
-            sub_mod(running[index], coeffs, self._moduli, scratch=coeffs)
+            if self._rounded_limit:  # q − r ≡ −r: the sum only grows, modulo q
+                rounded = self._reader.read_rounded(where, index=index)
+                np.subtract(self._moduli, rounded, out=rounded)
+                self._add_rounded(running, index, rounded, self.layout.moduli[0])
+            else:
+                coeffs = self._reader.read(where, index=index)
+                sub_mod(running[index], coeffs, self._moduli, scratch=coeffs)
         logger.info("discarded the contribution of slave %r (%d chunks)", slave_id,
                     len(contribution.chunks))
         self._release(contribution)
@@ -277,7 +306,15 @@ class Aggregator:
             )
         if not self._finished:
             raise CryptoError("no finished contributions; there is nothing to aggregate")
-        return [pack_planar(running[i], self.layout.whole, i) for i in range(self.chunk_count)]
+        return [pack_planar(self._whole(running, i), self.layout.whole, i)
+                for i in range(self.chunk_count)]
+
+    def _whole(self, running: np.ndarray, index: int) -> np.ndarray:
+        """Chunk ``index`` of the sum as whole coefficients in planar order (a view: of the
+        running sum, or of the reader's buffer for a sum of rounded values)."""
+        if not self._rounded_limit:
+            return running[index]
+        return self._reader.restore_rounded(running[index].copy())
 
     def partial_sum(self) -> np.ndarray:
         """A copy of the running sum of the finished contributions, in planar coefficients
@@ -294,7 +331,12 @@ class Aggregator:
                 f"slaves {self.pending} have unfinished updates in the sum; finish or discard "
                 "them before taking the partial sum"
             )
-        return running.copy()
+        if not self._rounded_limit:
+            return running.copy()
+        whole = np.empty((self.chunk_count, *self.layout.planar_shape), dtype=np.uint64)
+        for i in range(self.chunk_count):
+            whole[i] = self._whole(running, i)
+        return whole
 
     def close(self) -> None:
         """Delete the spool and drop the sum (idempotent)."""

@@ -371,12 +371,8 @@ class ChunkReader:
             self._primes.append((pos, width, np.uint64(q), rows, _fast_plan(rows, width)))
             pos += POLYS * layout.poly_modulus_degree * width // 8
 
-    def read(self, data: bytes, *, index: int | None = None) -> np.ndarray:
-        """Validate ``data`` and unpack it into :attr:`out`, which is returned.
-
-        Raises:
-            ChunkFormatError: wrong length, header field, or a coefficient not below its prime.
-        """
+    def _checked(self, data: bytes, index: int | None) -> bytes:
+        """``data`` as ``bytes`` once its length and header are those of this layout."""
         if type(data) is not bytes:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise ChunkFormatError(f"chunk must be bytes, got {type(data).__name__}")
@@ -386,6 +382,49 @@ class ChunkReader:
                 and (index is None or int.from_bytes(data[8:12], "little") == index)):
             _check_header(data, self.layout, index)  # raises, naming the field
             raise ChunkFormatError("chunk header differs from the expected one")
+        return data
+
+    @property
+    def rounded(self) -> bool:
+        """Whether the layout's chunks leave out low-order bits (format version 2)."""
+        return self._rounded is not None
+
+    @property
+    def rounded_limit(self) -> int:
+        """Every value :meth:`read_rounded` returns is below this (0: whole layout)."""
+        return self._rounded.limit if self._rounded is not None else 0
+
+    def read_rounded(self, data: bytes, *, index: int | None = None) -> np.ndarray:
+        """Validate a rounded chunk and return its rounded values as sent (not multiplied
+        back by ``2^d``): a reused ``uint64`` array of ``2N`` values, each below its
+        polynomial's ``round(q / 2^d)``, in an order fixed by the layout that
+        :meth:`restore_rounded` undoes. Sums of such arrays restore to the sum of the chunks
+        (``Σ r·2^d ≡ (Σ r)·2^d mod q``), so an aggregator may add them as plain integers.
+
+        Raises:
+            ChunkFormatError: as :meth:`read`, or the layout is not rounded.
+        """
+        if self._rounded is None:
+            raise ChunkFormatError("this layout's chunks are whole; read them with read()")
+        self._rounded.unpack(self._checked(data, index))
+        return self._rounded.raw
+
+    def restore_rounded(self, raw: np.ndarray) -> np.ndarray:
+        """The ciphertext whose rounded values sum to ``raw`` (any ``uint64`` array shaped
+        as :meth:`read_rounded` returns; it is reduced in place), in :attr:`out`'s planar
+        order of whole coefficients, each below q; returns :attr:`out`."""
+        if self._rounded is None:
+            raise ChunkFormatError("this layout's chunks are whole; nothing to restore")
+        self._rounded.restore(raw)
+        return self.out
+
+    def read(self, data: bytes, *, index: int | None = None) -> np.ndarray:
+        """Validate ``data`` and unpack it into :attr:`out`, which is returned.
+
+        Raises:
+            ChunkFormatError: wrong length, header field, or a coefficient not below its prime.
+        """
+        data = self._checked(data, index)
         if self._rounded is not None:
             self._rounded.read(data)
             return self.out
@@ -412,29 +451,72 @@ def _rounded_limit(q: int, drop: int) -> int:
     return (q + (1 << drop >> 1)) >> drop
 
 
+def reduce_times_pow2(values: np.ndarray, exponent: int, q: int) -> None:
+    """``values = (values mod q) · 2^exponent mod q`` in place, for a 1-D ``uint64`` array of
+    any values and ``2 ≤ q < 2^62``.
+
+    Where both quotients stay below 2^40 (``q ≥ 2^24``, ``exponent ≤ 40``: every prime a
+    rounded layout has), each of the two steps (reduce, then multiply) estimates its quotient
+    in float64 and subtracts that multiple of q with wrapping 64-bit arithmetic, with no
+    integer division: the estimate is off by at most one (float64 errs by less than 2^−11 on
+    such a quotient before its floor), so the remainder plus q lies in [0, 3q), and two
+    conditional subtractions bring it into [0, q). Otherwise: remainders.
+    """
+    if not 2 <= q < 2**62 or exponent < 0:
+        raise ValueError(f"need 2 ≤ q < 2^62 and a non-negative exponent, got {q}, {exponent}")
+    modulus = np.uint64(q)
+    scratch = np.empty_like(values)
+    if q < 2**24 or exponent > 40:
+        np.remainder(values, modulus, out=values)
+        for _ in range(exponent):  # 2x < 2q < 2^63
+            np.left_shift(values, np.uint64(1), out=values)
+            np.subtract(values, modulus, out=scratch)  # wraps where values < q
+            np.minimum(values, scratch, out=values)
+        return
+    quotient = np.empty(values.shape, dtype=np.float64)
+    for shift in (0, exponent) if exponent else (0,):
+        np.multiply(values, 2.0**shift / q, out=quotient)
+        np.floor(quotient, out=quotient)
+        np.copyto(scratch, quotient, casting="unsafe")  # exact: below 2^41
+        np.multiply(scratch, modulus, out=scratch)  # modulo 2^64, as the subtraction
+        if shift:
+            np.left_shift(values, np.uint64(shift), out=values)
+        np.subtract(values, scratch, out=values)
+        np.add(values, modulus, out=values)  # [0, 3q)
+        for _ in range(2):
+            np.subtract(values, modulus, out=scratch)
+            np.minimum(values, scratch, out=values)
+
+
 class _Rounded:
     """Reads a chunk whose polynomials left out low-order bits into a planar buffer: each
-    polynomial unpacked (one strided copy where its width allows), checked below its rounded
-    prime, multiplied back by ``2^d`` mod q, and laid out as the whole format's planar rows."""
+    polynomial unpacked (one strided copy where its width allows) into :attr:`raw`, checked
+    below its rounded prime, multiplied back by ``2^d`` mod q, and laid out as the whole
+    format's planar rows."""
 
     def __init__(self, layout: CiphertextLayout, out: np.ndarray) -> None:
         self.n = n = layout.poly_modulus_degree
-        self.q = np.uint64(layout.moduli[0])
+        self.modulus = layout.moduli[0]
+        self.q = np.uint64(self.modulus)
         self.period = _plan(layout.widths[0])[0]  # the planar order of whole coefficients
         self.planar = out[0].reshape(self.period, -1)
         self.scratch = np.empty(n, dtype=np.uint64)
+        # both polynomials' rounded values, each in its own width's planar order
+        self.raw = np.empty(POLYS * n, dtype=np.uint64)
         self.polys = []
         pos = HEADER_SIZE
-        for drop in layout.drop_bits:
+        for poly, drop in enumerate(layout.drop_bits):
             width = layout.widths[0] - drop
-            rows = np.empty((_plan(width)[0], n // _plan(width)[0]), dtype=np.uint64)
-            limit = _rounded_limit(layout.moduli[0], drop)
+            rows = self.raw[poly * n:(poly + 1) * n].reshape(_plan(width)[0], -1)
+            limit = _rounded_limit(self.modulus, drop)
             self.polys.append((pos, width, drop, np.uint64(limit), rows,
                                _fast_plan(rows, width)))
             pos += n * width // 8
+        self.limit = max(int(limit) for _, _, _, limit, _, _ in self.polys)
+        """The bound of every rounded value (of either polynomial)."""
 
-    def read(self, data: bytes) -> None:
-        n, q, period = self.n, self.q, self.period
+    def unpack(self, data: bytes) -> None:
+        """Unpack and check the rounded values of ``data`` (header checked) into :attr:`raw`."""
         for poly, (pos, width, drop, limit, rows, fast) in enumerate(self.polys):
             if fast is None:
                 _unpack_rows(data, pos, rows, width)
@@ -448,17 +530,39 @@ class _Rounded:
                     f"coefficient {group * rows.shape[0] + row} of polynomial {poly} is "
                     f"{int(values[bad])}, not below round(q / 2^{drop}) = {int(limit)}: not a "
                     "ciphertext of these parameters")
+
+    def read(self, data: bytes) -> None:
+        self.unpack(data)
+        q = self.q
+        for poly, (_, _, drop, _, rows, _) in enumerate(self.polys):
             if drop:
+                values = rows.reshape(-1)
                 np.left_shift(values, np.uint64(drop), out=values)
                 np.subtract(values, q, out=self.scratch)  # wraps where values < q
                 np.minimum(values, self.scratch, out=values)
-            part = slice(poly * (n // period), (poly + 1) * (n // period))
-            if rows.shape[0] == period:  # the same planar order as whole coefficients
-                self.planar[:, part] = rows
-            else:
-                wire = rows[0] if rows.shape[0] == 1 else rows.T.reshape(-1)
-                for j in range(period):
-                    self.planar[j, part] = wire[j::period]
+            self._place(poly, rows)
+
+    def restore(self, raw: np.ndarray) -> None:
+        """Lay out the whole coefficients of a sum of rounded values (reduced in place)."""
+        if raw.shape != self.raw.shape or raw.dtype != np.uint64:
+            raise ChunkFormatError(f"rounded values must be uint64 of shape {self.raw.shape}")
+        n = self.n
+        for poly, (_, width, drop, _, _, _) in enumerate(self.polys):
+            values = raw[poly * n:(poly + 1) * n]
+            reduce_times_pow2(values, drop, self.modulus)
+            self._place(poly, values.reshape(_plan(width)[0], -1))
+
+    def _place(self, poly: int, rows: np.ndarray) -> None:
+        """Write polynomial ``poly``'s whole coefficients, in ``rows`` (its rounded width's
+        planar order), into the whole format's planar rows."""
+        n, period = self.n, self.period
+        part = slice(poly * (n // period), (poly + 1) * (n // period))
+        if rows.shape[0] == period:  # the same planar order as whole coefficients
+            self.planar[:, part] = rows
+        else:
+            wire = rows[0] if rows.shape[0] == 1 else rows.T.reshape(-1)
+            for j in range(period):
+                self.planar[j, part] = wire[j::period]
 
 
 @dataclass
