@@ -6,9 +6,10 @@ unmasking and the range after it). Slave ``b`` sends, in the first attempt of ea
 poisoned update the aggregator cannot tell from a valid one — random coefficients, an honest
 encryption under another key with the federation key's id copied into its chunk headers, and
 values encoded with weight 65536 under its declared weight — and an honest update in the
-second attempt. Every poisoned attempt must end in an ``aggregate_refused`` record naming the
-contributors and the check, without a model committed; every round must then be committed
-from its honest attempt, and ``audit verify`` must accept the log.
+second attempt; a fourth round is honest throughout. Every poisoned attempt must end in an
+``aggregate_refused`` record naming the contributors and the check, without a model
+committed; every round must then be committed from its honest attempt, and ``audit verify``
+must accept the log.
 """
 
 from __future__ import annotations
@@ -107,8 +108,12 @@ def test_poisoned_aggregates_are_refused_named_and_retried(
         tmp_path: Path, protection: str, slaves: list[str]) -> None:
     fed = tmp_path / "fed"
     init_federation(fed, small_plan(
-        slaves, rounds=3,
-        # six releases of DP-SGD (a refused attempt is paid for) on a third of digits each
+        # Seven releases of DP-SGD (a refused attempt is paid for) on a third of digits each.
+        # A retry is a release the slaves' plan did not count on: each recalibrates σ for the
+        # rounds left, so a retry of the last round would fit only in whatever the rounding
+        # of σ left of ε (and the released record count sets the sample rate at random). The
+        # attacks stop a round before the end, where a retry still has a round's budget.
+        slaves, rounds=4,
         training=TrainingPlanSettings(epochs=1, batch_size=64, epsilon=10.0),
         encryption=EncryptionSettings(preset="bfv-fast", max_weight_per_slave=4096, workers=1,
                                       protection=protection),  # type: ignore[arg-type]
@@ -134,8 +139,8 @@ def test_poisoned_aggregates_are_refused_named_and_retried(
     records = _records(out)
     refused = [r["data"] for r in records if r["event"] == "aggregate_refused"]
     assert [(d["round"], d["attempt"]) for d in refused] == [(1, 1), (2, 1), (3, 1)]
-    assert mallory.sent == plan
-    assert master.coordinator.committed == 3
+    assert mallory.sent == [*plan, "honest"]  # and round 4
+    assert master.coordinator.committed == 4
     weights = {(d["round"], d["attempt"], d["slave"]): d["weight"]
                for r in records if r["event"] == "update_received" for d in [r["data"]]}
     for data, attack in zip(refused, ATTACKS, strict=True):
@@ -168,7 +173,7 @@ def test_poisoned_aggregates_are_refused_named_and_retried(
     assert verdict.ok, verdict
     report = build_report(verdict)
     assert [[x["check"] for x in r["aggregates_refused"]] for r in report["rounds"]] == [
-        ["noise_budget"], ["noise_budget"], ["range"]]
+        ["noise_budget"], ["noise_budget"], ["range"], []]
     incidents = [row[1] for section in report_sections(report) for block in section.blocks
                  if isinstance(block, Table) and block.headers == ("round", "what", "detail")
                  for row in block.rows]

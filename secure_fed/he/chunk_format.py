@@ -366,7 +366,8 @@ class ChunkReader:
         self._rounded = _Rounded(layout, out) if layout.drop_bits != (0, 0) else None
         self._primes: list[tuple[int, int, np.uint64, np.ndarray, _FastPlan | None]] = []
         pos = HEADER_SIZE
-        for j, (width, q) in enumerate(zip(layout.widths, layout.moduli, strict=True)):
+        for j, (width, q) in enumerate(zip(layout.widths, layout.moduli, strict=True)
+                                       if self._rounded is None else ()):
             rows = out[j].reshape(_plan(width)[0], -1)
             self._primes.append((pos, width, np.uint64(q), rows, _fast_plan(rows, width)))
             pos += POLYS * layout.poly_modulus_degree * width // 8

@@ -341,7 +341,8 @@ class Slave:
                 follow = await self._protect_update(action, encoder)
             elif isinstance(action, act.Upload):
                 await self._upload(channel, action)
-                self._stock_encryptions(encoder, len(action.chunks))
+                if action.task.round < action.task.plan.rounds_total:
+                    self._stock_encryptions(encoder, len(action.chunks))
             elif isinstance(action, act.Decline):
                 await self._decline(channel, action.task, action.reason, final=action.final)
             elif isinstance(action, act.Unmask):
@@ -592,7 +593,8 @@ class Slave:
     def _stock_encryptions(self, encoder: UpdateEncoder, chunks: int) -> None:
         """While it waits for the next task, have the encryption workers make the next
         update's encryptions of zero (``he`` and ``he+mask`` under BFV, with an encoder of
-        this slave's own: a simulation's shared one serves many slaves)."""
+        this slave's own: a simulation's shared one serves many slaves). Not after the plan's
+        last round: a retry of it, if the master makes one, encrypts afresh."""
         if (self._shared_encoder is None
                 and self.config.encryption.protection in ("he", "he+mask")):
             self._stocking = encoder
