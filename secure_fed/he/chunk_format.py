@@ -58,6 +58,7 @@ __all__ = [
     "pack_planar",
     "add_mod",
     "sub_mod",
+    "reduce_times_pow2",
     "HEADER_SIZE",
     "chunk_size_for",
 ]
