@@ -101,7 +101,7 @@ class Aggregator:
         # addition could pass 2^64.
         self._rounded_limit = self._reader.rounded_limit
         self._bounds = [0] * self.chunk_count
-        shape = ((2 * params.poly_modulus_degree,) if self._reader.rounded
+        shape = ((2 * params.poly_modulus_degree,) if self._rounded_limit
                  else self.layout.planar_shape)
         # Touch every page now (np.zeros maps them lazily), so that the page faults of the
         # running sum are paid once per round here, not on the hot path of the first update.

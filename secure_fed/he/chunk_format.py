@@ -366,12 +366,12 @@ class ChunkReader:
         self._prefix, self._ident = expected[:8], expected[12:]
         self._rounded = _Rounded(layout, out) if layout.drop_bits != (0, 0) else None
         self._primes: list[tuple[int, int, np.uint64, np.ndarray, _FastPlan | None]] = []
-        pos = HEADER_SIZE
-        for j, (width, q) in enumerate(zip(layout.widths, layout.moduli, strict=True)
-                                       if self._rounded is None else ()):
-            rows = out[j].reshape(_plan(width)[0], -1)
-            self._primes.append((pos, width, np.uint64(q), rows, _fast_plan(rows, width)))
-            pos += POLYS * layout.poly_modulus_degree * width // 8
+        if self._rounded is None:
+            pos = HEADER_SIZE
+            for j, (width, q) in enumerate(zip(layout.widths, layout.moduli, strict=True)):
+                rows = out[j].reshape(_plan(width)[0], -1)
+                self._primes.append((pos, width, np.uint64(q), rows, _fast_plan(rows, width)))
+                pos += POLYS * layout.poly_modulus_degree * width // 8
 
     def _checked(self, data: bytes, index: int | None) -> bytes:
         """``data`` as ``bytes`` once its length and header are those of this layout."""
@@ -387,13 +387,9 @@ class ChunkReader:
         return data
 
     @property
-    def rounded(self) -> bool:
-        """Whether the layout's chunks leave out low-order bits (format version 2)."""
-        return self._rounded is not None
-
-    @property
     def rounded_limit(self) -> int:
-        """Every value :meth:`read_rounded` returns is below this (0: whole layout)."""
+        """Every value :meth:`read_rounded` returns is below this; 0 for a layout of whole
+        coefficients (format version 1)."""
         return self._rounded.limit if self._rounded is not None else 0
 
     def read_rounded(self, data: bytes, *, index: int | None = None) -> np.ndarray:
@@ -499,10 +495,8 @@ class _Rounded:
     def __init__(self, layout: CiphertextLayout, out: np.ndarray) -> None:
         self.n = n = layout.poly_modulus_degree
         self.modulus = layout.moduli[0]
-        self.q = np.uint64(self.modulus)
         self.period = _plan(layout.widths[0])[0]  # the planar order of whole coefficients
         self.planar = out[0].reshape(self.period, -1)
-        self.scratch = np.empty(n, dtype=np.uint64)
         # both polynomials' rounded values, each in its own width's planar order
         self.raw = np.empty(POLYS * n, dtype=np.uint64)
         self.polys = []
@@ -535,14 +529,7 @@ class _Rounded:
 
     def read(self, data: bytes) -> None:
         self.unpack(data)
-        q = self.q
-        for poly, (_, _, drop, _, rows, _) in enumerate(self.polys):
-            if drop:
-                values = rows.reshape(-1)
-                np.left_shift(values, np.uint64(drop), out=values)
-                np.subtract(values, q, out=self.scratch)  # wraps where values < q
-                np.minimum(values, self.scratch, out=values)
-            self._place(poly, rows)
+        self.restore(self.raw)
 
     def restore(self, raw: np.ndarray) -> None:
         """Lay out the whole coefficients of a sum of rounded values (reduced in place)."""
