@@ -341,8 +341,7 @@ class Slave:
                 follow = await self._protect_update(action, encoder)
             elif isinstance(action, act.Upload):
                 await self._upload(channel, action)
-                if action.task.round < action.task.plan.rounds_total:
-                    self._stock_encryptions(encoder, len(action.chunks))
+                self._stock_encryptions(encoder, action.task, len(action.chunks))
             elif isinstance(action, act.Decline):
                 await self._decline(channel, action.task, action.reason, final=action.final)
             elif isinstance(action, act.Unmask):
@@ -590,12 +589,12 @@ class Slave:
                                     "epsilon": _bounded(trained.spent),
                                     "loss": trained.result.loss})
 
-    def _stock_encryptions(self, encoder: UpdateEncoder, chunks: int) -> None:
+    def _stock_encryptions(self, encoder: UpdateEncoder, task: Task, chunks: int) -> None:
         """While it waits for the next task, have the encryption workers make the next
         update's encryptions of zero (``he`` and ``he+mask`` under BFV, with an encoder of
         this slave's own: a simulation's shared one serves many slaves). Not after the plan's
         last round: a retry of it, if the master makes one, encrypts afresh."""
-        if (self._shared_encoder is None
+        if (self._shared_encoder is None and task.round < task.plan.rounds_total
                 and self.config.encryption.protection in ("he", "he+mask")):
             self._stocking = encoder
             encoder.stock(chunks)
