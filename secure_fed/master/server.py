@@ -188,7 +188,8 @@ class Master:
             self.config, self.coordinator, audit=self.audit, summary=self.summary,
             model=self.model, pipeline=self.aggregation,
             checks=UpdateChecks(self.config.federation_id, self.config.training,
-                                task=federation_task(self.config), costs=costs),
+                                task=federation_task(self.config), costs=costs,
+                                slaves=len(self.config.slaves)),
             connections=self.connections, on_event=self._on_event, costs=costs,
             costs_path=self.out_dir / COSTS_FILE)
         self.admission = Admission(

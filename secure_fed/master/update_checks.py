@@ -37,15 +37,20 @@ class UpdateChecks:
         plan: the federation's training plan (whether it asks for DP, and its ε).
         task: the federation's task, whose statistic a federated evaluation release must be.
         costs: the master's CPU seconds, to which the checks of update headers are added.
+        slaves: how many slaves the federation has: the ε check keeps each one's history
+            composed so far (two under distributed DP, about 0.5 MB each), so that a round's
+            check composes only that round's mechanisms.
     """
 
     def __init__(self, federation_id: str, plan: TrainingPlanSettings, *,
-                 task: str = DEFAULT_TASK, costs: CpuTotals | None = None) -> None:
+                 task: str = DEFAULT_TASK, costs: CpuTotals | None = None,
+                 slaves: int = 1) -> None:
         self.federation_id = federation_id
         self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
         self.plan = plan
         self.evaluation_statistic = statistic_for_task(task).kind
         self._recomputer = PLDRecomputer()
+        self._recomputer.reserve(2 * slaves)
 
     async def update_problem(self, channel: Channel, header: UpdateHeader) -> str | None:
         """Why the update announced by ``header`` is refused (signature, noise, ε), or
