@@ -56,6 +56,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from secure_fed.errors import AuditError, PrivacyError
 from secure_fed.privacy.distributed_views import DISTRIBUTED_FIELDS, check_distributed_fields
 
@@ -187,34 +189,44 @@ def _merge(mechanisms: Iterable[RecordedMechanism]) -> list[tuple[float, float, 
     return sorted((s, q, n) for (s, q), n in steps.items())
 
 
+MAX_KEPT_BYTES = 256 * 2**20
+"""Memory a :class:`PLDRecomputer` keeps its distributions in, at most."""
+
+
 class PLDRecomputer:
     """ε of a DP-SGD history with ``dp_accounting``'s PLD accountant, reusing work.
 
     A history composed from nothing gives exactly the ε of ``dp_accounting.pld.PLDAccountant``
     (add-or-remove-one neighbours) composing ``SelfComposedDpEvent(PoissonSampledDpEvent(q,
-    GaussianDpEvent(σ)), steps)`` for each distinct (σ, q) of the history, steps summed: the
-    same calls (``from_gaussian_mechanism(σ, sampling_prob=q)``, ``self_compose``, ``compose``
-    onto the identity, ``get_epsilon_for_delta``), made here on the privacy-loss
-    distributions themselves so that their pieces can be kept. A history composed onto a kept
-    prefix groups its mechanisms by where the prefix ends instead: another upper bound on
-    the same grid, within about 1e-3 of it. Two kinds of work are reused:
+    GaussianDpEvent(σ)), steps)`` for each distinct (σ, q) of the history, steps summed, in
+    ascending (σ, q) order: the same calls (``from_gaussian_mechanism(σ, sampling_prob=q)``,
+    ``self_compose``, ``compose`` onto the identity, ``get_epsilon_for_delta``), made here on
+    the privacy-loss distributions themselves so that their pieces can be kept. A history
+    composed onto a kept prefix composes the same distributions on the same grid in another
+    grouping: the same ε up to floating-point rounding (about 1e-10 relative). Two kinds of
+    work are reused:
 
     * the privacy-loss distribution of each (σ, q, steps): building and self-composing it
       is most of the work of a check (about 55 ms of 60 for a slave's round), and a slave
       keeps its σ, q and steps from round to round, so its next round's check only composes;
-    * the distribution after each history (an LRU, one entry per history still growing: a
-      history that extends a kept one takes its place): a longer history composes only its
-      new mechanisms onto the longest kept prefix.
+    * the distribution after each history: a longer history composes only its new
+      mechanisms onto the longest kept prefix. A prefix that has been extended moves to the
+      cold end of the cache (a retried round extends it again; otherwise it goes first).
 
-    Results are cached per ``(history, δ)``. A distribution, once built, is only read
-    (``compose`` and ``self_compose`` return new ones), so a kept one is shared, not copied.
+    Both are kept in one LRU bounded by entries (``2·max_states``) and by bytes
+    (``max_bytes``, the arrays each distribution holds; one larger than an eighth of it is
+    not kept: a slave cannot fill the cache with a few huge histories). Results are cached
+    per ``(history, δ)``. A distribution, once built, is only read (``compose`` and
+    ``self_compose`` return new ones; tests/test_pld_recomputer.py checks it), so a kept one
+    is shared, not copied.
 
     Args:
         value_discretization_interval: privacy-loss grid of the PLD (smaller: slower,
             tighter; every grid gives an upper bound).
-        max_states: distributions kept of each kind (after a history, per (σ, q, steps));
-            each holds about 100–200 KB (:meth:`reserve` makes room for a
-            federation's slaves).
+        max_states: histories kept (and as many (σ, q, steps) runs); :meth:`reserve` makes
+            room for a federation's slaves. A kept history holds 0.2–0.9 MB, more as it
+            grows (docs/audit.md, "Cost").
+        max_bytes: memory all kept distributions may hold.
     """
 
     def __init__(
@@ -222,22 +234,30 @@ class PLDRecomputer:
         *,
         value_discretization_interval: float = VALUE_DISCRETIZATION,
         max_states: int = 16,
+        max_bytes: int = MAX_KEPT_BYTES,
     ) -> None:
-        if max_states < 1:
-            raise ValueError(f"max_states must be at least 1, got {max_states}")
+        if max_states < 1 or max_bytes < 1:
+            raise ValueError(f"max_states and max_bytes must be at least 1, got {max_states} "
+                             f"and {max_bytes}")
         self.value_discretization_interval = value_discretization_interval
         self.max_states = max_states
-        self._states: OrderedDict[tuple[RecordedMechanism, ...], Any] = OrderedDict()
-        self._runs: OrderedDict[tuple[float, float, int], Any] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._kept: OrderedDict[tuple[str, tuple[Any, ...]], tuple[Any, int]] = OrderedDict()
+        self._kept_bytes = 0
         self._values: dict[tuple[str, float], float] = {}
         self._lock = threading.Lock()
 
     def reserve(self, histories: int) -> None:
         """Keep room for at least ``histories`` histories growing side by side (two per
         slave of a federation: its ε and, under distributed DP, its ε alone), so that none is
-        evicted before its next mechanism is composed onto it."""
+        evicted before its next mechanism is composed onto it (within ``max_bytes``)."""
         with self._lock:
             self.max_states = max(self.max_states, histories + 1)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Memory the kept distributions hold."""
+        return self._kept_bytes
 
     def epsilon(self, mechanisms: Sequence[RecordedMechanism], delta: float) -> float:
         """ε at ``delta`` of composing every mechanism (``math.inf`` if any has σ = 0).
@@ -259,44 +279,72 @@ class PLDRecomputer:
 
     def _distribution_for(self, history: tuple[RecordedMechanism, ...]) -> Any:
         best: tuple[RecordedMechanism, ...] = ()
-        for kept in self._states:
-            if len(best) < len(kept) <= len(history) and history[: len(kept)] == kept:
+        for kind, kept in self._kept:
+            if (kind == "history" and len(best) < len(kept) <= len(history)
+                    and history[: len(kept)] == kept):
                 best = kept
         if best:
-            # histories only grow: the prefix's own ε is in the results, its successor
-            # takes its place
-            distribution = self._states.pop(best)
+            distribution = self._kept[("history", best)][0]
+            if best == history:
+                self._kept.move_to_end(("history", best))
+                return distribution
+            self._kept.move_to_end(("history", best), last=False)
         else:
             distribution = _pld().privacy_loss_distribution.identity(
                 value_discretization_interval=self.value_discretization_interval)
         for sigma, q, steps in _merge(history[len(best):]):
             distribution = distribution.compose(self._run(sigma, q, steps))
         if history:
-            _keep(self._states, history, distribution, self.max_states)
+            self._keep(("history", history), distribution)
         return distribution
 
     def _run(self, sigma: float, q: float, steps: int) -> Any:
         """The privacy-loss distribution of ``steps`` steps of DP-SGD with (σ, q), kept."""
-        found = self._runs.get((sigma, q, steps))
+        found = self._kept.get(("run", (sigma, q, steps)))
         if found is not None:
-            self._runs.move_to_end((sigma, q, steps))
-            return found
+            self._kept.move_to_end(("run", (sigma, q, steps)))
+            return found[0]
         pld = _pld()
         built = pld.privacy_loss_distribution.from_gaussian_mechanism(
             standard_deviation=sigma, sampling_prob=q,
             value_discretization_interval=self.value_discretization_interval,
             neighboring_relation=pld.pld_privacy_accountant.NeighborRel.ADD_OR_REMOVE_ONE,
         ).self_compose(steps)
-        _keep(self._runs, (sigma, q, steps), built, self.max_states)
+        self._keep(("run", (sigma, q, steps)), built)
         return built
 
+    def _keep(self, key: tuple[str, tuple[Any, ...]], distribution: Any) -> None:
+        """Put ``distribution`` last in the LRU, evicting from the cold end past its bounds."""
+        size = held_bytes(distribution)
+        old = self._kept.pop(key, None)
+        if old is not None:
+            self._kept_bytes -= old[1]
+        if size > self.max_bytes // 8:
+            return
+        self._kept[key] = (distribution, size)
+        self._kept_bytes += size
+        while len(self._kept) > 2 * self.max_states or self._kept_bytes > self.max_bytes:
+            _, (_, freed) = self._kept.popitem(last=False)
+            self._kept_bytes -= freed
 
-def _keep(kept: OrderedDict[Any, Any], key: Any, value: Any, most: int) -> None:
-    """Put ``key`` last in an LRU of at most ``most`` entries."""
-    kept[key] = value
-    kept.move_to_end(key)
-    while len(kept) > most:
-        kept.popitem(last=False)
+
+def held_bytes(distribution: Any) -> int:
+    """Memory a ``dp_accounting`` privacy-loss distribution holds: the probability arrays of
+    its two pmfs (one when it is symmetric), each with the array it is a view of (a dense
+    pmf's ``compose`` keeps a slice of the whole convolution), or about 100 bytes per entry
+    of a sparse pmf; 1 MiB when it has none of these (another dp_accounting layout)."""
+    pmfs = {id(p): p for p in (getattr(distribution, "_pmf_remove", None),
+                               getattr(distribution, "_pmf_add", None)) if p is not None}
+    total = 0
+    for pmf in pmfs.values():
+        probs = getattr(pmf, "_probs", None)
+        if isinstance(probs, np.ndarray):
+            total += (probs.base if isinstance(probs.base, np.ndarray) else probs).nbytes
+        elif isinstance(getattr(pmf, "size", None), int):
+            total += 100 * pmf.size
+        else:
+            return 2**20
+    return total or 2**20
 
 
 def _dp_accounting() -> Any:
@@ -578,8 +626,6 @@ class _ClaimChecker:
         self.dp = genesis.get("dp") is not False
         self.tolerance = tolerance
         self.recomputer = recomputer
-        if self.slaves is not None:
-            recomputer.reserve(2 * len(self.slaves))
         self.histories: dict[str, tuple[int, tuple[RecordedMechanism, ...]]] = {}
         self.current: _Attempt | None = None
         self.epsilon_checks: list[EpsilonCheck] = []
@@ -660,7 +706,9 @@ class _ClaimChecker:
             recomputed_alone, settings))
         previous = self.histories.get(slave)
         self.histories[slave] = (line, history)
-        if previous is not None:
+        if previous is None:  # room for each slave's histories as they appear
+            self.recomputer.reserve(2 * len(self.histories))
+        else:
             prev_line, prev_history = previous
             if len(history) <= len(prev_history) or history[: len(prev_history)] != prev_history:
                 raise ClaimError(

@@ -38,8 +38,9 @@ class UpdateChecks:
         task: the federation's task, whose statistic a federated evaluation release must be.
         costs: the master's CPU seconds, to which the checks of update headers are added.
         slaves: how many slaves the federation has: the ε check keeps each one's history
-            composed so far (two under distributed DP, about 0.5 MB each), so that a round's
-            check composes only that round's mechanisms.
+            composed so far (two under distributed DP; 0.1–0.6 MB each, within the
+            recomputer's 256 MiB), so that a round's check composes only that round's
+            mechanisms.
     """
 
     def __init__(self, federation_id: str, plan: TrainingPlanSettings, *,
