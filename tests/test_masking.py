@@ -12,18 +12,26 @@ from scipy import stats
 from secure_fed.errors import CryptoError
 from secure_fed.secagg import masking as mk
 
-MODULI = [2, 7, 251, 2**32, 2**61 - 1, 3 * 2**61, 2**63, 2**64]
+MODULI = [2, 7, 251, 2**31 + 11, 2**32, 2**39 + 1, 2**40 + 15, 2**61 - 1, 3 * 2**61, 2**63,
+          2**64]
+
+
+def _draw_bits(modulus: int) -> int:
+    """Bits of a draw: the top 48 of each word for rings below 2^40 that do not divide 2^64."""
+    return 48 if modulus < 2**40 and 2**64 % modulus else 64
 
 
 def _reference_mask(seed: bytes, length: int, modulus: int) -> list[int]:
-    """The definition, one 64-bit word at a time: keep words below the largest multiple of m."""
+    """The definition, one 64-bit word at a time: cut each word to a draw, keep draws below the
+    largest multiple of m they can reach, reduce them mod m."""
     stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-    limit = (2**64 // modulus) * modulus
+    bits = _draw_bits(modulus)
+    limit = (2**bits // modulus) * modulus
     out: list[int] = []
     while len(out) < length:
-        word = int.from_bytes(stream.update(bytes(8)), "little")
-        if word < limit:
-            out.append(word % modulus)
+        draw = int.from_bytes(stream.update(bytes(8)), "little") >> (64 - bits)
+        if draw < limit:
+            out.append(draw % modulus)
     return out
 
 
@@ -37,12 +45,28 @@ def test_expand_mask_matches_the_definition(modulus: int) -> None:
     assert np.array_equal(mk.expand_mask(seed, 3000, modulus), mask)
     assert np.array_equal(mk.expand_mask(seed, 17, modulus), mask[:17])
     assert not np.array_equal(mk.expand_mask(b"\x01" * 32, 3000, modulus), mask)
+    total = mk.MaskSum(np.zeros(3000, dtype=np.uint64), modulus, bound=mk.mask_bound(modulus))
+    total.add_mask(seed)  # its draws added as they are made, reduced at the end
+    assert np.array_equal(total.result(), mask)
 
 
-@pytest.mark.parametrize("modulus", [3 * 2**61, 2**31 + 11, 2**32, 2**64])
+@pytest.mark.parametrize(("modulus", "first"), [
+    (2**30 - 35, [101942080, 484477924, 522992185]),  # 48-bit draws (protocol version 5)
+    (2**61 - 1, [727830352695655740, 669590179446766991, 894772376898123152]),
+    (2**32, [2100034873, 1996733837, 1876440458]),
+    (3 * 2**61, [727830352695655737, 5281276197874154893, 3613271015775128754]),
+])
+def test_the_mask_definition_is_pinned(modulus: int, first: list[int]) -> None:
+    """Masks are a wire format: slaves and the master of one protocol version must expand the
+    same seed alike, so a change of definition fails here until the version changes with it."""
+    assert mk.expand_mask(bytes(range(32)), 3, modulus).tolist() == first
+
+
+@pytest.mark.parametrize("modulus", [3 * 2**61, 2**31 + 11, 2**39 + 1, 2**32, 2**64])
 def test_expand_mask_over_many_blocks_is_the_first_accepted_words(modulus: int) -> None:
     """Past the expansion's block of keystream words, with a quarter of them rejected (m =
-    3·2^61): the output is still the first ``length`` accepted words of one stream."""
+    3·2^61) or one in 512 (m = 2^39 + 1, 48-bit draws): the output is still the first
+    ``length`` accepted draws of one stream."""
     seed, length = b"\x05" * 32, 3 * mk._MASK_BLOCK + 17
     stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
     words = np.frombuffer(stream.update(bytes(8 * 2 * length)), dtype="<u8")
@@ -51,7 +75,11 @@ def test_expand_mask_over_many_blocks_is_the_first_accepted_words(modulus: int) 
     elif 2**64 % modulus == 0:  # m divides 2^64: every word is kept
         expected = words[:length] % np.uint64(modulus)
     else:
-        kept = words[words < np.uint64((2**64 // modulus) * modulus)][:length]
+        bits = _draw_bits(modulus)
+        draws = words >> np.uint64(64 - bits)
+        kept = draws[draws < np.uint64((2**bits // modulus) * modulus)][:length]
+        if modulus == 2**39 + 1:
+            assert (draws[:length] >= np.uint64(mk.mask_bound(modulus))).sum() > 100
         expected = kept % np.uint64(modulus)
     assert np.array_equal(mk.expand_mask(seed, length, modulus), expected)
 
@@ -62,7 +90,7 @@ def _bin_counts(values: np.ndarray, modulus: int) -> np.ndarray:
     return np.bincount((values // width).astype(np.int64), minlength=bins)
 
 
-@pytest.mark.parametrize("modulus", [7, 251, 3 * 2**61])
+@pytest.mark.parametrize("modulus", [7, 251, 2**31 + 11, 3 * 2**61])
 def test_expand_mask_is_uniform(modulus: int) -> None:
     """Chi-square over the residues (small m) or 32 equal bins; fixed seed, so the test is
     deterministic. For m = 3·2^61 plain ``word % m`` makes the lower two thirds of the ring
@@ -171,16 +199,50 @@ def test_ring_packing_is_the_msb_first_bitstream(modulus: int) -> None:
 
 
 @pytest.mark.parametrize("modulus", [2**30 - 35, 2**62 + 1, 2**64])
-def test_a_mask_sum_reduced_once_equals_reducing_each_step(modulus: int) -> None:
+def test_a_mask_sum_equals_reducing_each_step(modulus: int) -> None:
     from secure_fed.secagg.masking import MaskSum
 
     rng = np.random.default_rng(modulus % 1000)
     high = min(modulus, 2**63)
     start = rng.integers(0, high, 500, dtype=np.uint64)
-    total, expected = MaskSum(start, modulus, terms=6), start
+    total, expected = MaskSum(start, modulus), start
     for i in range(6):
         vector = rng.integers(0, high, 500, dtype=np.uint64)
         step = mk.add_mod if i % 2 else mk.sub_mod
         expected = step(expected, vector, modulus)
         (total.add if i % 2 else total.subtract)(vector)
     assert np.array_equal(total.result(), expected)
+
+
+@pytest.mark.parametrize("modulus", [2**30 - 35, 2**39 + 1])
+def test_a_mask_sum_of_unreduced_draws_is_the_sum_of_the_masks(modulus: int) -> None:
+    """Masks added and subtracted as their 48-bit draws give the sum of the reduced masks;
+    70,000 values just below the bound pass 2^64 (65,536 would fit), so the sum reduces
+    itself on the way."""
+    from secure_fed.secagg.masking import MaskSum
+
+    seeds = [bytes([i]) * 32 for i in range(1, 6)]
+    start = np.arange(7, dtype=np.uint64)
+    total = MaskSum(start, modulus, bound=mk.mask_bound(modulus))
+    expected = [int(v) for v in start]
+    for i, seed in enumerate(seeds):
+        mask = mk.expand_mask(seed, 7, modulus)
+        (total.add_mask if i % 2 == 0 else total.subtract_mask)(seed)
+        sign = 1 if i % 2 == 0 else -1
+        expected = [(e + sign * int(v)) % modulus for e, v in zip(expected, mask, strict=True)]
+    assert [int(v) for v in total.result()] == expected
+    top = np.full(7, mk.mask_bound(modulus) - 1, dtype=np.uint64)
+    for _ in range(70_000):
+        total.add(top)
+        total.subtract(top[::-1] - np.uint64(1))
+    expected = [(e + 70_000) % modulus for e in expected]
+    assert [int(v) for v in total.result()] == expected
+    with pytest.raises(CryptoError, match="below 2\\^63"):
+        MaskSum(start, modulus, bound=2**64)
+    # at the edge: one more vector would reach exactly 2^64, so the sum reduces first
+    edge = MaskSum(np.array([2], dtype=np.uint64), 3, bound=2**63)
+    edge.add(np.array([2**63 - 1], dtype=np.uint64))
+    edge.add(np.array([2**63 - 1], dtype=np.uint64))
+    assert edge.result().tolist() == [(2 + 2 * (2**63 - 1)) % 3]
+    with pytest.raises(CryptoError, match="above this sum's bound"):
+        MaskSum(start, modulus).add_mask(seeds[0])  # draws up to 2^48 in a sum bounded by m

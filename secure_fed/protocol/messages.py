@@ -1,4 +1,4 @@
-"""Wire messages of protocol version 4.
+"""Wire messages of protocol version 5.
 
 Every control message is one websocket *text* message holding a JSON object with a ``type``
 field; bulk data (model parameters, ciphertext chunks) travels as *binary* messages whose
@@ -28,15 +28,18 @@ from secure_fed.config.schema import DataSchema
 from secure_fed.config.tasks import DEFAULT_TASK, LossName, MetricName, TaskName, task_facts
 from secure_fed.errors import ProtocolError
 
-PROTOCOL_VERSION = 4
-"""Version 4 signs every field of an update header and of a decline (signing format v2, RFC
-8785 canonical JSON), and changes secure aggregation: a key advertisement commits to the
-self-mask seed and (SecAgg+) to a contribution to the graph seed, which the slaves reveal in
-a new phase (``secagg_reveal``, ``secagg_reveals``); the task no longer carries a graph
-seed. Version 3 narrows what a slave releases: no training loss in the update header, the
-FedAvg weight is a public count (a DP release or one its data owner declared public), only
-this federation's mechanisms and ε, and a decline can say that it is final. Version 2 bound
-the attempt's task nonce into the secure-aggregation settings digest and added ``plan.dp``.
+PROTOCOL_VERSION = 5
+"""Version 5 changes the masks of secure aggregation in rings below 2^40 (the usual BFV plain
+moduli): each keystream word gives a 48-bit draw (docs/secagg.md, "Masks"), so a version-4
+peer's masks would not cancel with this version's. Version 4 signs every field of an update
+header and of a decline (signing format v2, RFC 8785 canonical JSON), and changes secure
+aggregation: a key advertisement commits to the self-mask seed and (SecAgg+) to a
+contribution to the graph seed, which the slaves reveal in a new phase (``secagg_reveal``,
+``secagg_reveals``); the task no longer carries a graph seed. Version 3 narrows what a slave
+releases: no training loss in the update header, the FedAvg weight is a public count (a DP
+release or one its data owner declared public), only this federation's mechanisms and ε, and
+a decline can say that it is final. Version 2 bound the attempt's task nonce into the
+secure-aggregation settings digest and added ``plan.dp``.
 A slave of another version is refused at ``hello`` (close code 4002)."""
 SUBPROTOCOL = "secure-fed.v1"
 MAX_CERTIFICATE_CHARS = 8192

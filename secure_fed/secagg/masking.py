@@ -3,7 +3,8 @@
 * **The ring** Z_m of masked vectors: numpy ``uint64`` arrays with values in ``[0, m)``, for any
   modulus ``2 <= m <= 2^63`` (the BFV plain modulus, a prime up to ~2^60) or ``m = 2^64``.
 * **Masks**: :func:`expand_mask` stretches a 32-byte seed into a uniform vector of Z_m with the
-  ChaCha20 keystream (a PRG) and rejection sampling, so that every value is exactly uniform.
+  ChaCha20 keystream (a PRG) and rejection sampling, so that every value is exactly uniform;
+  :class:`MaskSum` adds many of them, reducing its totals only when one more could overflow.
 * **Key agreement**: X25519 (:func:`generate_keypair`, :func:`agree`), with HKDF-SHA256
   (:func:`derive_key`) separating the pairwise mask seed from the share-encryption key.
 * **Encryption of shares**: ChaCha20-Poly1305 (:func:`seal`, :func:`open_sealed`) with
@@ -16,6 +17,7 @@ nonces); the protocol that combines them is :mod:`secure_fed.secagg`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -82,26 +84,63 @@ def check_ring_vector(vector: object, length: int, modulus: int, what: str) -> M
     return result
 
 
+SHORT_RING = 2**40
+"""Rings below this size (and not dividing 2^64) draw masks from 48-bit keystream words."""
+SHORT_WORD_BITS = 48
+
+
+def mask_bound(modulus: int) -> int:
+    """Every draw of a mask of Z_m (:func:`expand_mask` before its reduction, what
+    :meth:`MaskSum.add_mask` adds) is below this: the largest multiple of m below 2^48 for a
+    ring below :data:`SHORT_RING` that does not divide 2^64, m itself otherwise (those draws
+    are reduced as they are made)."""
+    modulus = check_modulus(modulus)
+    if modulus < SHORT_RING and 2**64 % modulus != 0:
+        return (2**SHORT_WORD_BITS // modulus) * modulus
+    return modulus
+
+
 def expand_mask(seed: bytes, length: int, modulus: int) -> MaskVector:
     """A uniform vector of Z_m of ``length`` values, determined by ``seed`` alone.
 
     The seed is the key of a ChaCha20 keystream (zero nonce: every seed masks one vector)
-    read as little-endian 64-bit words. When ``m`` divides 2^64 each word is reduced mod m;
-    otherwise words at or above the largest multiple of m below 2^64 are dropped (rejection
-    sampling, at most m/2^64 of them) so that no residue is more likely than another. The
-    output is the first ``length`` accepted words, which makes it independent of how many
-    words are drawn at a time.
+    read as little-endian 64-bit words. When ``m`` divides 2^64 each word is reduced mod m.
+    Otherwise each word is cut to a draw — its top 48 bits when m is below 2^40
+    (:data:`SHORT_RING`), the whole word above — and draws at or above the largest multiple
+    of m they can reach (:func:`mask_bound` for the 48-bit draws) are dropped (rejection
+    sampling, at most m/2^48 or m/2^64 of them), so that no residue is more likely than
+    another; the value is the draw mod m. The output is the first ``length`` accepted
+    draws, which makes it independent of how many words are drawn at a time.
 
     Args:
         seed: 32 bytes (a self-mask seed or a pairwise seed from :func:`derive_key`).
         length: number of values, ``0 <= length <=`` :data:`MAX_MASK_LENGTH`.
         modulus: the ring size ``m`` (see :func:`check_modulus`).
     """
+    out = np.empty(_checked_length(length), dtype=np.uint64)
+    reduce = mask_bound(modulus) != modulus
+    for offset, draws in _draw_blocks(seed, length, modulus):
+        target = out[offset:offset + draws.shape[0]]
+        if reduce:
+            np.remainder(draws, np.uint64(modulus), out=target)
+        else:
+            target[:] = draws
+    return out
+
+
+def _checked_length(length: int) -> int:
+    if not isinstance(length, int) or not 0 <= length <= MAX_MASK_LENGTH:
+        raise CryptoError(f"mask length {length!r} is outside 0..{MAX_MASK_LENGTH}")
+    return length
+
+
+def _draw_blocks(seed: bytes, length: int, modulus: int) -> Iterator[tuple[int, MaskVector]]:
+    """The accepted draws of a mask, block by block: ``(offset, draws)``, each block a view
+    valid only until the next is asked for."""
     modulus = check_modulus(modulus)
     if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
         raise CryptoError(f"mask seed must be {SEED_BYTES} bytes")
-    if not isinstance(length, int) or not 0 <= length <= MAX_MASK_LENGTH:
-        raise CryptoError(f"mask length {length!r} is outside 0..{MAX_MASK_LENGTH}")
+    _checked_length(length)
     stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
     # Block by block into one reused buffer: the keystream and its reduction stay in cache,
     # and no large temporary is allocated (fresh pages cost as much as the ChaCha20 itself).
@@ -110,29 +149,30 @@ def expand_mask(seed: bytes, length: int, modulus: int) -> MaskVector:
     block = np.frombuffer(buffer, dtype="<u8")
     zeros = memoryview(_ZERO_BLOCK)
     wraps = 2**64 % modulus == 0
-    limit = np.uint64((2**64 // modulus) * modulus) if not wraps else None
+    short = not wraps and modulus < SHORT_RING
+    limit = np.uint64(mask_bound(modulus) if short
+                      else 0 if wraps else (2**64 // modulus) * modulus)
     m = np.uint64(modulus % 2**64)
-    out = np.empty(length, dtype=np.uint64)
     filled = 0
     while filled < length:
         draw = min(_MASK_BLOCK, length - filled)
         stream.update_into(zeros[:8 * draw], buffer)
         words = block[:draw]
         if wraps:
-            target = out[filled:filled + draw]
-            if modulus == 2**64:
-                target[:] = words
-            else:
-                np.bitwise_and(words, m - np.uint64(1), out=target)
+            if modulus != 2**64:
+                np.bitwise_and(words, m - np.uint64(1), out=words)
+            yield filled, words
             filled += draw
             continue
+        if short:
+            np.right_shift(words, np.uint64(64 - SHORT_WORD_BITS), out=words)
         rejected = words >= limit
         if rejected.any():
             words = words[~rejected]
-        taken = words.shape[0]
-        np.remainder(words, m, out=out[filled:filled + taken])
-        filled += taken
-    return out
+        if not short:
+            np.remainder(words, m, out=words)
+        yield filled, words
+        filled += words.shape[0]
 
 
 _MASK_BLOCK = 1 << 15
@@ -156,56 +196,88 @@ def sub_mod(a: MaskVector, b: MaskVector, modulus: int) -> MaskVector:
 
 
 class MaskSum:
-    """``(start + Σ added − Σ subtracted) mod m`` of many vectors, reduced once at the end.
+    """``(start + Σ added − Σ subtracted) mod m`` of many vectors, reduced only when needed.
 
-    Adding mask after mask with :func:`add_mod` makes three temporaries per vector; when
-    ``uint64`` has room for every term (``(terms + 1)·m < 2^64``, or m divides 2^64, where
-    wrapping is exact), the terms are summed in place instead and reduced mod m once, with
-    the same result.
+    Adding mask after mask with :func:`add_mod` makes three temporaries per vector; here the
+    added vectors and the subtracted ones are summed in place into two ``uint64`` totals,
+    each reduced mod m only when the next vector could overflow it (never when m divides
+    2^64: wrapping is then exact), and the two are combined mod m at the end. The vectors may
+    be unreduced: only their residues mod m count; :meth:`add_mask` adds a mask's draws as
+    they are made, without reducing them or making the whole mask first.
 
     Args:
         start: a vector in ``[0, m)`` (copied).
         modulus: the ring size ``m``.
-        terms: at most how many vectors will be added and subtracted.
+        bound: every vector added or subtracted is below it (default ``m``; at most 2^63
+            unless m divides 2^64).
     """
 
-    def __init__(self, start: MaskVector, modulus: int, terms: int) -> None:
-        self.modulus = modulus
-        self._wraps = 2**64 % modulus == 0
-        self._lazy = self._wraps or (terms + 1) * modulus < 2**64
-        self._total: MaskVector = np.array(start, dtype=np.uint64, copy=True)
-        self._subtracted: MaskVector | None = None
-        self._count = 0
+    def __init__(self, start: MaskVector, modulus: int, bound: int | None = None) -> None:
+        self.modulus = check_modulus(modulus)
+        self.bound = self.modulus if bound is None else int(bound)
+        self._wraps = 2**64 % self.modulus == 0
+        if not self._wraps and not 1 <= self.bound <= 2**63:
+            raise CryptoError(f"a mask sum's vectors must be below 2^63, got bound {bound}")
+        self._totals: list[MaskVector] = [np.array(start, dtype=np.uint64, copy=True)]
+        self._highest = [self.modulus - 1]  # the largest value each total can hold
+        if not self._wraps:
+            self._totals.append(np.zeros_like(self._totals[0]))
+            self._highest.append(0)
 
     def add(self, vector: MaskVector) -> None:
-        """Add a vector in ``[0, m)``."""
-        if self._lazy:
-            np.add(self._total, vector, out=self._total)
-        else:
-            self._total = add_mod(self._total, vector, self.modulus)
+        """Add a vector whose values are below ``bound``."""
+        self._accumulate(0, vector)
 
     def subtract(self, vector: MaskVector) -> None:
-        """Subtract a vector in ``[0, m)``."""
-        if not self._lazy:
-            self._total = sub_mod(self._total, vector, self.modulus)
-        elif self._subtracted is None:
-            self._subtracted = np.array(vector, dtype=np.uint64, copy=True)
-            self._count = 1
+        """Subtract a vector whose values are below ``bound``."""
+        if self._wraps:
+            np.subtract(self._totals[0], vector, out=self._totals[0])
         else:
-            np.add(self._subtracted, vector, out=self._subtracted)
-            self._count += 1
+            self._accumulate(1, vector)
+
+    def add_mask(self, seed: bytes) -> None:
+        """Add the mask of ``seed`` (:func:`expand_mask` of this sum's length), its draws added
+        block by block as they are made, without making the whole mask first."""
+        self._accumulate_mask(seed, subtract=False)
+
+    def subtract_mask(self, seed: bytes) -> None:
+        """Subtract the mask of ``seed`` (as :meth:`add_mask`)."""
+        self._accumulate_mask(seed, subtract=True)
+
+    def _accumulate_mask(self, seed: bytes, *, subtract: bool) -> None:
+        if mask_bound(self.modulus) > self.bound:
+            raise CryptoError(f"a mask's draws reach {mask_bound(self.modulus)}, above this "
+                              f"sum's bound {self.bound}")
+        which = 1 if subtract and not self._wraps else 0
+        total = self._room(which)
+        combine = np.subtract if subtract and self._wraps else np.add
+        for offset, draws in _draw_blocks(seed, total.shape[0], self.modulus):
+            part = total[offset:offset + draws.shape[0]]
+            combine(part, draws, out=part)
+
+    def _room(self, which: int) -> MaskVector:
+        """The total ``which``, reduced first if one more vector could overflow it."""
+        total = self._totals[which]
+        if not self._wraps:
+            if self._highest[which] + self.bound - 1 >= 2**64:
+                np.remainder(total, np.uint64(self.modulus), out=total)
+                self._highest[which] = self.modulus - 1
+            self._highest[which] += self.bound - 1
+        return total
+
+    def _accumulate(self, which: int, vector: MaskVector) -> None:
+        total = self._room(which)
+        np.add(total, vector, out=total)
 
     def result(self) -> MaskVector:
         """The sum mod m, in ``[0, m)``."""
-        total = self._total
-        if self._lazy and self._subtracted is not None:
-            if self._wraps:
-                total = total - self._subtracted
-            else:  # Σ subtracted < count·m, so count·m − Σ subtracted is a positive term
-                total = total + (np.uint64(self._count * self.modulus) - self._subtracted)
-        if self._lazy and self.modulus != 2**64:
-            total = total % np.uint64(self.modulus)
-        return total.astype(np.uint64, copy=False)
+        m = self.modulus
+        if self._wraps:
+            total = self._totals[0]
+            return total.copy() if m == 2**64 else total & np.uint64(m - 1)
+        added, subtracted = (t if high < m else t % np.uint64(m)
+                             for t, high in zip(self._totals, self._highest, strict=True))
+        return sub_mod(added, subtracted, m)
 
 
 def generate_keypair() -> tuple[bytes, bytes]:

@@ -42,7 +42,7 @@ from secure_fed.secagg.peer_keys import (
     check_open_seed,
     check_round,
     distinct_parties,
-    pairwise_mask,
+    pairwise_seed,
     verified_keys,
 )
 from secure_fed.secagg.settings import SecAggSettings
@@ -388,7 +388,7 @@ def unmask_sum(settings: SecAggSettings, masked_sum: mk.MaskVector, *,
         CryptoError: a rebuilt secret misses its commitment or public key.
     """
     s = settings
-    total = mk.MaskSum(masked_sum, s.modulus, terms=len(survivors) * (len(dropped) + 1))
+    total = mk.MaskSum(masked_sum, s.modulus, bound=mk.mask_bound(s.modulus))
     for u in sorted(survivors):
         b_u = _rebuild(s, b_shares.get(u, []), u, "self-mask seed")
         if self_mask_commitment(b_u) != keys[u].b_commitment:
@@ -397,7 +397,7 @@ def unmask_sum(settings: SecAggSettings, masked_sum: mk.MaskVector, *,
                 f"{sorted(responders & s.holders(u))} does not match the "
                 f"commitment '{u}' signed in its key advertisement: a revealed share "
                 "is corrupted; round aborted, nothing unmasked")
-        total.subtract(mk.expand_mask(b_u, s.vector_length, s.modulus))
+        total.subtract_mask(b_u)
     for v in sorted(dropped):
         s_sk = _rebuild(s, s_shares.get(v, []), v, "mask key")
         if mk.public_key_of(s_sk) != keys[v].s_pk:
@@ -406,7 +406,7 @@ def unmask_sum(settings: SecAggSettings, masked_sum: mk.MaskVector, *,
                 "advertised public key: some shares are corrupted; round aborted"
             )
         for u in sorted(survivors & s.graph[v]):
-            pairwise = pairwise_mask(s, s_sk, keys[u].s_pk)
+            pairwise = pairwise_seed(s, s_sk, keys[u].s_pk)
             # u added +PRG(s_uv) if u < v, else -PRG(s_uv): take it back out.
-            (total.subtract if u < v else total.add)(pairwise)
+            (total.subtract_mask if u < v else total.add_mask)(pairwise)
     return total.result()

@@ -3,8 +3,8 @@
 A slave (:mod:`secure_fed.secagg.slave_machine`) and the master
 (:mod:`secure_fed.secagg.master_machine`) check each advertisement's signature the same way
 (:func:`verified_keys`), derive the same SecAgg+ graph seed from the same contributions
-(:func:`derive_graph_seed`), and expand the same pairwise mask from an agreed key
-(:func:`pairwise_mask`): the masks cancel in the sum only because both sides run this one code.
+(:func:`derive_graph_seed`), and the same pairwise mask seed from an agreed key
+(:func:`pairwise_seed`): the masks cancel in the sum only because both sides run this one code.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from secure_fed.secagg.messages import (
 from secure_fed.secagg.settings import SecAggSettings
 
 __all__ = ["PeerKeys", "Signer", "Verifier", "check_open_seed", "check_round",
-           "derive_graph_seed", "distinct_parties", "pairwise_mask", "verified_keys"]
+           "derive_graph_seed", "distinct_parties", "pairwise_seed", "verified_keys"]
 
 Signer = Callable[[bytes], bytes]
 """Signs bytes with the slave's certificate key (e.g. ``partial(certificates.sign, key)``)."""
@@ -109,13 +109,13 @@ def derive_graph_seed(settings: SecAggSettings, key_list: KeyList,
     return graph_seed(settings.digest, {r.party: r.contribution for r in reveals.reveals})
 
 
-def pairwise_mask(settings: SecAggSettings, s_sk: bytes, peer_s_pk: bytes) -> mk.MaskVector:
-    """The mask two slaves share (``vector_length`` values in [0, m)): either side derives it
-    from its own ``s_sk`` and the other's ``s_pk``, and so can the master once it rebuilt a
-    dropped slave's ``s_sk``."""
+def pairwise_seed(settings: SecAggSettings, s_sk: bytes, peer_s_pk: bytes) -> bytes:
+    """The seed of the mask two slaves share (its mask:
+    :func:`~secure_fed.secagg.masking.expand_mask` of ``vector_length`` values): either side
+    derives it from its own ``s_sk`` and the other's ``s_pk``, and so can the master once it
+    rebuilt a dropped slave's ``s_sk``."""
     shared = mk.agree(s_sk, peer_s_pk)
-    seed = mk.derive_key(shared, mk.PURPOSE_MASK, settings.digest.encode("ascii"))
-    return mk.expand_mask(seed, settings.vector_length, settings.modulus)
+    return mk.derive_key(shared, mk.PURPOSE_MASK, settings.digest.encode("ascii"))
 
 
 def check_open_seed(settings: SecAggSettings) -> None:

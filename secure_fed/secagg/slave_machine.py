@@ -46,7 +46,7 @@ from secure_fed.secagg.peer_keys import (
     check_round,
     derive_graph_seed,
     distinct_parties,
-    pairwise_mask,
+    pairwise_seed,
     verified_keys,
 )
 from secure_fed.secagg.settings import SecAggSettings
@@ -264,11 +264,11 @@ class SlaveSecAgg:
                     f"only {len(senders)} peers sent shares, threshold {s.t}: the round "
                     "cannot be unmasked; refusing to send a masked input"
                 )
-            y = mk.MaskSum(x, s.modulus, terms=len(senders) + 1)
-            y.add(mk.expand_mask(self._b, s.vector_length, s.modulus))
+            y = mk.MaskSum(x, s.modulus, bound=mk.mask_bound(s.modulus))
+            y.add_mask(self._b)
             for peer in sorted(senders):
-                pairwise = pairwise_mask(s, self._s_sk, self._keys[peer].s_pk)
-                (y.add if self.party_id < peer else y.subtract)(pairwise)
+                pairwise = pairwise_seed(s, self._s_sk, self._keys[peer].s_pk)
+                (y.add_mask if self.party_id < peer else y.subtract_mask)(pairwise)
             payload = y.result().astype("<u8").tobytes()
             self.stage = SlaveStage.MASKED
             return MaskedInput(round=s.round, party=self.party_id, length=s.vector_length,
