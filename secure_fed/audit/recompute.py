@@ -224,8 +224,8 @@ class PLDRecomputer:
         value_discretization_interval: privacy-loss grid of the PLD (smaller: slower,
             tighter; every grid gives an upper bound).
         max_states: histories kept (and as many (σ, q, steps) runs); :meth:`reserve` makes
-            room for a federation's slaves. A kept history holds 0.2–0.9 MB, more as it
-            grows (docs/audit.md, "Cost").
+            room for a federation's slaves. A kept history holds 0.1–0.6 MB over 1–30
+            rounds, a run about 0.2 MB (docs/audit.md, "Cost").
         max_bytes: memory all kept distributions may hold.
     """
 
