@@ -149,9 +149,9 @@ def _draw_blocks(seed: bytes, length: int, modulus: int) -> Iterator[tuple[int, 
     block = np.frombuffer(buffer, dtype="<u8")
     zeros = memoryview(_ZERO_BLOCK)
     wraps = 2**64 % modulus == 0
-    short = not wraps and modulus < SHORT_RING
-    limit = np.uint64(mask_bound(modulus) if short
-                      else 0 if wraps else (2**64 // modulus) * modulus)
+    bound = mask_bound(modulus)
+    short = bound != modulus  # 48-bit draws (mask_bound says which rings take them)
+    limit = np.uint64(bound if short else 0 if wraps else (2**64 // modulus) * modulus)
     m = np.uint64(modulus % 2**64)
     filled = 0
     while filled < length:
@@ -226,14 +226,13 @@ class MaskSum:
 
     def add(self, vector: MaskVector) -> None:
         """Add a vector whose values are below ``bound``."""
-        self._accumulate(0, vector)
+        total, combine = self._target(subtract=False)
+        combine(total, vector, out=total)
 
     def subtract(self, vector: MaskVector) -> None:
         """Subtract a vector whose values are below ``bound``."""
-        if self._wraps:
-            np.subtract(self._totals[0], vector, out=self._totals[0])
-        else:
-            self._accumulate(1, vector)
+        total, combine = self._target(subtract=True)
+        combine(total, vector, out=total)
 
     def add_mask(self, seed: bytes) -> None:
         """Add the mask of ``seed`` (:func:`expand_mask` of this sum's length), its draws added
@@ -248,26 +247,24 @@ class MaskSum:
         if mask_bound(self.modulus) > self.bound:
             raise CryptoError(f"a mask's draws reach {mask_bound(self.modulus)}, above this "
                               f"sum's bound {self.bound}")
-        which = 1 if subtract and not self._wraps else 0
-        total = self._room(which)
-        combine = np.subtract if subtract and self._wraps else np.add
+        total, combine = self._target(subtract=subtract)
         for offset, draws in _draw_blocks(seed, total.shape[0], self.modulus):
             part = total[offset:offset + draws.shape[0]]
             combine(part, draws, out=part)
 
-    def _room(self, which: int) -> MaskVector:
-        """The total ``which``, reduced first if one more vector could overflow it."""
+    def _target(self, *, subtract: bool) -> tuple[MaskVector, np.ufunc]:
+        """The total one more vector goes into and how: when m divides 2^64, the one total,
+        wrapping; otherwise the added or the subtracted total, added to, reduced first if
+        one more vector could overflow it."""
+        if self._wraps:
+            return self._totals[0], np.subtract if subtract else np.add
+        which = 1 if subtract else 0
         total = self._totals[which]
-        if not self._wraps:
-            if self._highest[which] + self.bound - 1 >= 2**64:
-                np.remainder(total, np.uint64(self.modulus), out=total)
-                self._highest[which] = self.modulus - 1
-            self._highest[which] += self.bound - 1
-        return total
-
-    def _accumulate(self, which: int, vector: MaskVector) -> None:
-        total = self._room(which)
-        np.add(total, vector, out=total)
+        if self._highest[which] + self.bound - 1 >= 2**64:
+            np.remainder(total, np.uint64(self.modulus), out=total)
+            self._highest[which] = self.modulus - 1
+        self._highest[which] += self.bound - 1
+        return total, np.add
 
     def result(self) -> MaskVector:
         """The sum mod m, in ``[0, m)``."""
