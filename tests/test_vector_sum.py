@@ -65,6 +65,19 @@ def test_plain_sum_refuses_bad_chunks_and_keeps_the_others() -> None:
         summed.add_chunk("a", 0, good[0])
 
 
+@pytest.mark.parametrize("clip", [0.1, 1.0, 0.3, 1e-3])
+def test_values_at_a_clip_float32_rounds_up_are_still_accepted(clip: float) -> None:
+    """0.1 as a float32 is 0.10000000149: a value clipped to 0.1 and sent as float32 must not
+    land beyond the range the master checks."""
+    vector = np.array([5.0, -5.0, clip, -clip, 0.25 * clip])
+    summed = VectorSum("plain", vector.size, clip=clip)
+    summed.add_chunk("a", 0, pc.float_chunks(vector, clip)[0])
+    summed.finish("a", 2)
+    total = summed.total()
+    assert np.all(np.abs(total) <= 2 * clip)
+    assert np.allclose(total, 2 * np.clip(vector, -clip, clip), rtol=1e-6, atol=0)
+
+
 def test_mask_sum_adds_modulo_the_ring() -> None:
     t = pc.ring_modulus(PARAMS)
     size = 100

@@ -92,7 +92,12 @@ def float_chunks(vector: np.ndarray, clip: float) -> list[bytes]:
     values = np.asarray(vector, dtype=np.float64)
     if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
         raise CryptoError("a plain update must be a non-empty 1-D vector of finite values")
-    clipped = np.clip(values, -clip, clip).astype("<f4")
+    # The clip as a float32 at or below it: a clip such as 0.1 rounds up to float32 (the
+    # master would then refuse a value at the clip as beyond it).
+    bound = np.float32(clip)
+    if float(bound) > clip:
+        bound = np.nextafter(bound, np.float32(0))
+    clipped = np.clip(values, -float(bound), float(bound)).astype("<f4")
     return [clipped[i:i + VALUES_PER_CHUNK].tobytes()
             for i in range(0, clipped.size, VALUES_PER_CHUNK)]
 

@@ -9,7 +9,9 @@ update is refused, never touches the sum of the others. Memory: the sum, plus th
 each slave still uploading.
 
 ``plain`` sums ``w·x`` in float64; ``mask`` sums masked ring values modulo m (the masks
-cancel only in the sum of every surviving slave, see :mod:`secure_fed.secagg`).
+cancel only in the sum of every surviving slave, see :mod:`secure_fed.secagg`), as a
+:class:`~secure_fed.secagg.masking.MaskSum` that reduces its total only when the next
+update could pass 2^64 (a 30-bit ring: after 2^34 updates), not after every update.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from secure_fed.errors import CryptoError, MalformedUpdate
+from secure_fed.secagg import masking as mk
 from secure_fed.secagg import ring as pc
 
 
@@ -40,8 +43,9 @@ class VectorSum:
         self.vector_size = vector_size
         self.clip = clip
         self.modulus = modulus
-        dtype = np.float64 if protection == "plain" else np.uint64
-        self._sum: np.ndarray = np.zeros(vector_size, dtype=dtype)
+        self._sum = np.zeros(vector_size, dtype=np.float64) if protection == "plain" else None
+        self._ring = (None if modulus is None or protection == "plain"
+                      else mk.MaskSum(np.zeros(vector_size, dtype=np.uint64), modulus))
         self._pending: dict[str, dict[int, np.ndarray]] = {}
         self.contributors: list[str] = []
         self.total_weight = 0
@@ -58,8 +62,8 @@ class VectorSum:
             raise MalformedUpdate(slave_id, index, f"{len(data)} bytes, expected {expected}")
         count = pc.chunk_values(self.vector_size, index)
         if self.protection == "plain":
-            values = np.frombuffer(data, dtype="<f4").astype(np.float64)
-            if not np.all(np.isfinite(values)) or np.max(np.abs(values)) > self.clip:
+            values = np.frombuffer(data, dtype="<f4")
+            if not np.all(np.isfinite(values)) or float(np.max(np.abs(values))) > self.clip:
                 raise MalformedUpdate(slave_id, index, "values not finite or beyond the clip "
                                       f"range ±{self.clip:g}")
         else:
@@ -77,11 +81,12 @@ class VectorSum:
             raise MalformedUpdate(slave_id, None, f"incomplete: {len(chunks)} of "
                                   f"{pc.chunk_count(self.vector_size)} chunks")
         vector = np.concatenate([chunks[i] for i in range(len(chunks))])
-        if self.protection == "plain":
-            self._sum = self._sum + float(weight) * vector
+        if self._sum is not None:  # w·x in float64, the float32 values exactly widened
+            np.add(self._sum, np.multiply(vector, float(weight), dtype=np.float64),
+                   out=self._sum)
         else:
-            assert self.modulus is not None
-            self._sum = (self._sum + vector) % np.uint64(self.modulus)
+            assert self._ring is not None  # checked in __init__
+            self._ring.add(vector)
         self.contributors.append(slave_id)
         self.total_weight += int(weight)
 
@@ -93,7 +98,10 @@ class VectorSum:
 
     def total(self) -> np.ndarray:
         """The running sum: Σ w·x (float64, ``plain``) or Σ y mod m (uint64, ``mask``)."""
-        return self._sum.copy()
+        if self._sum is not None:
+            return self._sum.copy()
+        assert self._ring is not None
+        return self._ring.result()
 
     def close(self) -> None:
         """Release the held chunks."""
