@@ -20,7 +20,8 @@ what that party would spend on a machine of its own.
 
 From the records, :func:`critical_path` gives a deployment's round time in which every slave
 has a machine of its own: the slowest slave's work, plus moving its bytes up and down at a
-stated bandwidth, plus the master's work.
+stated bandwidth, plus the master's work. Work a slave runs beside its training (the round's
+masks, on a second core) counts for as long as it outlasts training.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ DEFAULT_BANDWIDTH = "100Mbit"
 
 SLAVE_WORK = ("training_s", "protection_s", "signing_s", "protocol_s")
 """The kinds of a slave's work on the round's path (fields of :class:`SlaveRoundCosts`)."""
-SLAVE_KINDS = (*SLAVE_WORK, "precompute_s")
-"""Every kind a slave meters: its round's work and what it prepares while it waits."""
+SLAVE_KINDS = (*SLAVE_WORK, "masking_s", "precompute_s")
+"""Every kind a slave meters: its round's work, the masks it makes while it trains, and what
+it prepares while it waits."""
 MASTER_WORK = ("admission_s", "aggregation_s", "decryption_s", "unmasking_s", "commit_s")
 """The kinds of the master's work (fields of :class:`MasterRoundCosts`)."""
 
@@ -155,12 +157,17 @@ class SlaveRoundCosts(_Record):
     """DP-SGD (or plain SGD) on the private data and its privacy accounting: the noise
     calibration, the held-out measure, the ledger's record of the release."""
     protection_s: float = Field(ge=0)
-    """Encoding, masking and encryption of the update, the encryption workers' time included."""
+    """Encoding, masking and encryption of the update, the encryption workers' time included
+    (masking only where its masks were not made beside training: :attr:`masking_s`)."""
     signing_s: float = Field(ge=0)
     """Signatures of the update header, a decline and the masking key advertisement."""
     protocol_s: float = Field(ge=0)
     """Handling the master's messages: the task's checks (building the model from its
     parameters), the masking key agreement and secret shares, the unmasking shares."""
+    masking_s: float = Field(ge=0, default=0.0)
+    """The sum of the round's masks (``mask``, ``he+mask``), made in a thread of its own from
+    the moment the peers' shares arrived, while the slave trained on one thread: part of
+    :attr:`work_s` only for as long as it outlasted training."""
     precompute_s: float = Field(ge=0, default=0.0)
     """Encryptions of zero the encryption workers made ahead, while the slave waited after
     its upload (BFV: a later update's encryption then only adds its plaintext to them). Not
@@ -171,8 +178,10 @@ class SlaveRoundCosts(_Record):
 
     @property
     def work_s(self) -> float:
-        """The CPU seconds of the attempt's path (all but ``precompute_s``)."""
-        return self.training_s + self.protection_s + self.signing_s + self.protocol_s
+        """The CPU seconds of the attempt's path: training or the masks made beside it,
+        whichever took longer, and the rest of the work but ``precompute_s``."""
+        return (max(self.training_s, self.masking_s) + self.protection_s + self.signing_s
+                + self.protocol_s)
 
 
 class MasterRoundCosts(_Record):

@@ -127,7 +127,8 @@ def _check_costs(row: dict[str, Any], run: Path, runs: Path, *, received: int) -
     wire = row["wire_up_bytes_per_slave_per_round"] * row["rounds"]
     assert sent < wire < 1.05 * sent
     # the critical path of round 2, recomputed from the records at 8 Mbit/s = 1e6 B/s
-    own = {party: rs[1].training_s + rs[1].protection_s + rs[1].signing_s + rs[1].protocol_s
+    own = {party: max(rs[1].training_s, rs[1].masking_s) + rs[1].protection_s
+           + rs[1].signing_s + rs[1].protocol_s
            + (rs[1].bytes_up + rs[1].bytes_down) / 1e6 for party, rs in slaves.items()}
     m = master[1]
     expected = max(own.values()) + (m.admission_s + m.aggregation_s + m.decryption_s
@@ -188,6 +189,12 @@ def test_distributed_dp_sends_the_smaller_ring_it_sizes(
         assert master.config.training.mode == "gradient"
         recorded = recorded_mechanisms(run / "run")
         assert {dp_kind(m) for m in recorded.values()} == {dp} and len(recorded) == 3
+        # each slave made its masks in a thread beside its (one-thread) training
+        states = sorted((run / "state").iterdir())
+        assert len(states) == 3
+        for state in states:
+            records = read_costs(state / COSTS_FILE, SlaveRoundCosts)
+            assert records and all(r.masking_s > 0 for r in records)
         other = "local" if dp == "distributed" else "distributed"
         with pytest.raises(SecureFedError, match=f"asked for {other} DP"):
             check_recorded_dp(run / "run", other, 3)

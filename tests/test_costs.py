@@ -107,6 +107,23 @@ def test_the_critical_path_takes_the_slave_whose_work_and_transfer_take_longest(
         critical_path([], master, 1e6)
 
 
+def test_masks_made_beside_training_count_for_as_long_as_they_outlast_it() -> None:
+    master = MasterRoundCosts(round=2, attempt=1, admission_s=0.1, aggregation_s=0.0,
+                              decryption_s=0.0, unmasking_s=0.0, commit_s=0.0,
+                              bytes_in={"a": 0}, bytes_out={"a": 0})
+    record = _slave("a", 2.0, 0, 0)  # training 1.0 s, the rest 1.0 s
+    assert record.work_s == pytest.approx(2.0)
+    shorter = record.model_copy(update={"masking_s": 0.6})
+    longer = record.model_copy(update={"masking_s": 1.5})
+    assert shorter.work_s == pytest.approx(2.0)  # hidden behind training
+    assert longer.work_s == pytest.approx(2.5)  # its last half second on the path
+    assert critical_path([longer], master, 1e6).seconds == pytest.approx(2.6)
+    # records written before masks were made beside training read as none made there
+    old = record.model_dump()
+    del old["masking_s"]
+    assert SlaveRoundCosts.model_validate(old) == record
+
+
 def test_records_round_trip_through_costs_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "costs.jsonl"
     assert read_costs(path, SlaveRoundCosts) == []

@@ -37,6 +37,7 @@ from secure_fed.master.server import Master
 from secure_fed.master.store import ModelStore
 from secure_fed.models.package import parameters_vector
 from secure_fed.slave.client import Slave
+from secure_fed.slave.protection import masked_ring
 from secure_fed.slave.sources import bundled_part
 
 LIE = 65_536
@@ -85,8 +86,7 @@ class PoisoningSlave(Slave):
         ring = np.mod(encode_plain(vector, weight, params, rng) * factor, t).astype(np.uint64)
         if self.config.encryption.protection == "he+mask":
             assert self._secagg is not None and delivery is not None
-            _, payload = self._secagg.mask(delivery, ring)
-            ring = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
+            ring = masked_ring(self._secagg, delivery, ring)
         return ring
 
 

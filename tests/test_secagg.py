@@ -474,14 +474,34 @@ def test_corrupted_revealed_share_is_detected(
 def test_steps_run_once_and_in_order(identities: dict[str, tuple[bytes, bytes]]) -> None:
     run = Round(settings_for(), identities)
     slave = run.slaves["s0"]
-    with pytest.raises(ProtocolError, match="cannot mask its input at stage ready"):
+    with pytest.raises(ProtocolError, match="cannot accept the peers' shares at stage ready"):
         slave.mask(ShareDelivery(round=3, shares=[]), run.inputs["s0"])
+    with pytest.raises(ProtocolError, match="cannot mask its input at stage ready"):
+        slave.mask_input(run.inputs["s0"])
     slave.advertise()
     with pytest.raises(ProtocolError, match="cannot advertise keys at stage advertised"):
         slave.advertise()
     with pytest.raises(CryptoError, match="shape"):
-        Round(settings_for(), identities).slaves["s1"].mask(
-            ShareDelivery(round=3, shares=[]), np.zeros(3, dtype=np.uint64))
+        Round(settings_for(), identities).slaves["s1"].mask_input(np.zeros(3, dtype=np.uint64))
+
+
+def test_masks_made_ahead_are_used_once(identities: dict[str, tuple[bytes, bytes]]) -> None:
+    """Masks made before the input (while a slave trains) hide each input, cancel in the sum,
+    and are applied to one input only."""
+    run = Round(settings_for(), identities)
+    deliveries = run.share(run.advertise())
+    for p in sorted(run.alive):
+        run.slaves[p].prepare_masks(deliveries[p])
+    with pytest.raises(ProtocolError, match="cannot accept the peers' shares at stage prepared"):
+        run.slaves["s0"].prepare_masks(deliveries["s0"])
+    for p in sorted(run.alive):
+        header, payload = run.slaves[p].mask_input(run.inputs[p])
+        masked = np.frombuffer(payload, dtype="<u8")
+        assert not np.any(masked == run.inputs[p])  # hidden (m = 2^61 - 1: no value by chance)
+        run.master.receive_masked(p, wire(header), payload)
+    with pytest.raises(ProtocolError, match="cannot mask its input at stage masked"):
+        run.slaves["s0"].mask_input(np.zeros_like(run.inputs["s0"]))
+    assert [int(v) for v in run.unmask(wire(run.master.close_masking()))] == run.expected()
 
 
 def test_settings_validation() -> None:

@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+
 from secure_fed.errors import ConfigError, ProtocolError
 from secure_fed.secagg import masking as mk
 from secure_fed.secagg.messages import (
@@ -67,6 +69,8 @@ class SlaveStage(enum.Enum):
     ADVERTISED = "advertised"
     REVEALED = "revealed"
     SHARED = "shared"
+    PREPARED = "prepared"
+    """The peers' shares are kept and the sum of this slave's masks is made; the input is not."""
     MASKED = "masked"
     DONE = "done"
     FAILED = "failed"
@@ -110,6 +114,7 @@ class SlaveSecAgg:
         self._key_list: KeyList | None = None
         self._keys: dict[str, PeerKeys] = {}
         self._shares: dict[str, tuple[int, int]] = {}  # owner -> (b share, s_sk share) I hold
+        self._masks: mk.MaskVector | None = None  # the sum of this slave's masks, once made
 
     @contextmanager
     def _step(self, expected: SlaveStage, action: str) -> Iterator[None]:
@@ -124,6 +129,7 @@ class SlaveSecAgg:
             self.stage = SlaveStage.FAILED
             self._c_sk = self._s_sk = self._b = self._contribution = b""
             self._shares.clear()
+            self._masks = None
             raise
 
     def _shared_key(self, peer: str) -> bytes:
@@ -237,14 +243,23 @@ class SlaveSecAgg:
             return ShareKeys(round=s.round, party=self.party_id, shares=out)
 
     def mask(self, delivery: ShareDelivery, vector: object) -> tuple[MaskedInput, bytes]:
-        """Phase 2: decrypt the peers' shares and mask ``vector`` (integers in [0, m)).
+        """Phase 2 in one call: :meth:`prepare_masks` then :meth:`mask_input`."""
+        self.prepare_masks(delivery)
+        return self.mask_input(vector)
 
-        Returns:
-            The header and the binary payload (``8 * vector_length`` bytes) to send.
+    def prepare_masks(self, delivery: ShareDelivery) -> None:
+        """Phase 2, first half: decrypt and keep the peers' shares, and make the sum of this
+        slave's masks, ``PRG(b_u) + Σ ±PRG(s_uv)`` over the peers that sent shares (mod m).
+
+        The masks depend on the round's keys alone, not on the input, so a slave makes them
+        as soon as the shares arrive, while it trains; nothing leaves the slave here.
+
+        Raises:
+            ProtocolError: a share that does not decrypt or is not addressed to this slave,
+                or fewer than t − 1 peers sent shares (the round could not be unmasked).
         """
         s = self.settings
-        x = mk.check_ring_vector(vector, s.vector_length, s.modulus, "input vector")
-        with self._step(SlaveStage.SHARED, "mask its input"):
+        with self._step(SlaveStage.SHARED, "accept the peers' shares"):
             check_round(s, delivery.round, "share delivery")
             senders = distinct_parties([e.sender for e in delivery.shares], "share delivery")
             for item in delivery.shares:
@@ -264,12 +279,29 @@ class SlaveSecAgg:
                     f"only {len(senders)} peers sent shares, threshold {s.t}: the round "
                     "cannot be unmasked; refusing to send a masked input"
                 )
-            y = mk.MaskSum(x, s.modulus, bound=mk.mask_bound(s.modulus))
-            y.add_mask(self._b)
+            masks = mk.MaskSum(np.zeros(s.vector_length, dtype=np.uint64), s.modulus,
+                               bound=mk.mask_bound(s.modulus))
+            masks.add_mask(self._b)
             for peer in sorted(senders):
                 pairwise = pairwise_seed(s, self._s_sk, self._keys[peer].s_pk)
-                (y.add_mask if self.party_id < peer else y.subtract_mask)(pairwise)
-            payload = y.result().astype("<u8").tobytes()
+                (masks.add_mask if self.party_id < peer else masks.subtract_mask)(pairwise)
+            self._masks = masks.result()
+            self.stage = SlaveStage.PREPARED
+
+    def mask_input(self, vector: object) -> tuple[MaskedInput, bytes]:
+        """Phase 2, second half: ``vector`` (integers in [0, m)) plus the masks
+        :meth:`prepare_masks` made, once (a second masked input under the same masks would
+        give away the difference of the two inputs).
+
+        Returns:
+            The header and the binary payload (``8 * vector_length`` bytes) to send.
+        """
+        s = self.settings
+        x = mk.check_ring_vector(vector, s.vector_length, s.modulus, "input vector")
+        with self._step(SlaveStage.PREPARED, "mask its input"):
+            assert self._masks is not None
+            payload = mk.add_mod(x, self._masks, s.modulus).astype("<u8").tobytes()
+            self._masks = None
             self.stage = SlaveStage.MASKED
             return MaskedInput(round=s.round, party=self.party_id, length=s.vector_length,
                                sha256=hashlib.sha256(payload).hexdigest()), payload

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import secrets
 import time
 from collections import deque
@@ -237,6 +238,7 @@ class Slave:
         self._shared_encoder = encoder
         self._stocking: UpdateEncoder | None = None  # the encoder making encryptions of zero
         self._stocked_s = 0.0  # its stocking CPU seconds already in a costs record
+        self._masks_ahead: asyncio.Future[None] | None = None  # the round's masks being made
         self.machine = SlaveMachine(
             hello=Hello(protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
                         public_context_sha256=context_digest(self._public_context),
@@ -333,6 +335,7 @@ class Slave:
                 with self.costs.measure("protocol_s"):
                     follow = self._check_task(action)
             elif isinstance(action, act.Train):
+                self._prepare_masks_beside_training()
                 follow = await self._train(action)
             elif isinstance(action, act.RecordRelease):
                 with self.costs.measure("training_s"):  # the ledger and its accounting
@@ -524,6 +527,29 @@ class Slave:
         trained.spent = self.ledger.spent_in(self.ledger_federation)
         return self.machine.receive_release_recorded()
 
+    def _prepare_masks_beside_training(self) -> None:
+        """Under ``mask`` and ``he+mask``, make the sum of the round's masks in a thread of its
+        own while the slave trains: the masks depend on the round's keys alone, fixed once the
+        peers' shares arrived (:meth:`SlaveSecAgg.prepare_masks`). Only when training runs on
+        one thread, on a machine of more than one core: a core is then free for the masks,
+        and training's CPU clock (that thread's) does not count them."""
+        self._masks_ahead = None
+        exchange = self.machine.exchange
+        if (exchange is None or exchange.delivery is None or self.threads != 1
+                or (os.cpu_count() or 1) < 2):
+            return
+        secagg, delivery = exchange.secagg, exchange.delivery
+
+        def prepare() -> None:
+            _, seconds = timed_call(secagg.prepare_masks, delivery)
+            self.costs.add("masking_s", seconds)
+
+        future = asyncio.get_running_loop().run_in_executor(None, prepare)
+        # A round declined or ended before its update leaves the future unawaited; its
+        # error, if any, is read here so that it is not reported as never retrieved.
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._masks_ahead = future
+
     async def _protect_update(self, work: act.Protect,
                               encoder: UpdateEncoder) -> list[act.Action]:
         trained = work.trained
@@ -532,6 +558,7 @@ class Slave:
         distributed = trained.result.distributed
         # this thread's encoding and masking, and the encryption workers' time
         workers_before = encoder.worker_cpu_seconds
+        masks_ahead, self._masks_ahead = self._masks_ahead, None
 
         def protect() -> list[bytes]:
             chunks, seconds = timed_call(functools.partial(
@@ -540,6 +567,8 @@ class Slave:
             return chunks
 
         try:
+            if masks_ahead is not None:
+                await masks_ahead
             chunks = await asyncio.get_running_loop().run_in_executor(None, protect)
         except SecureFedError as exc:
             # The ledger already holds this round (over-counting is the safe side); the master

@@ -2,7 +2,8 @@
 
 ``he`` encrypts the weighted update; ``plain`` sends the clipped floats; ``mask`` and
 ``he+mask`` encode it on the ring, add the round's pairwise and self masks (secure
-aggregation), and, under ``he+mask``, encrypt the masked vector too.
+aggregation; their sum is usually made while the slave trains), and, under ``he+mask``,
+encrypt the masked vector too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from secure_fed.protocol.messages import SecAggTask
 from secure_fed.secagg import ring as pc
 from secure_fed.secagg.messages import ShareDelivery
 from secure_fed.secagg.peer_keys import Verifier
-from secure_fed.secagg.slave_machine import SlaveSecAgg
+from secure_fed.secagg.slave_machine import SlaveSecAgg, SlaveStage
 from secure_fed.transport.tls import load_presented_certificate
 
 
@@ -58,13 +59,21 @@ def protect_update(protection: str, params: HEParams, encoder: UpdateEncoder,
                       np.int64(pc.ring_modulus(params))).astype(np.uint64)
     else:
         ring = pc.to_ring(vector, weight, params, np.random.default_rng(secrets.randbits(128)))
-    _, payload = secagg.mask(delivery, ring)
-    masked = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
+    masked = masked_ring(secagg, delivery, ring)
     if protection == "he+mask":
         return encoder.encrypt_ring(masked)
     t = pc.ring_modulus(params)
     return [pc.pack_ring(masked[i:i + pc.VALUES_PER_CHUNK], t)
             for i in range(0, masked.size, pc.VALUES_PER_CHUNK)]
+
+
+def masked_ring(secagg: SlaveSecAgg, delivery: ShareDelivery, ring: np.ndarray) -> np.ndarray:
+    """``ring`` (values in Z_m) plus this slave's masks of the round, made now unless they
+    were made while the slave trained (:meth:`SlaveSecAgg.prepare_masks`)."""
+    if secagg.stage is SlaveStage.SHARED:
+        secagg.prepare_masks(delivery)
+    _, payload = secagg.mask_input(ring)
+    return np.frombuffer(payload, dtype="<u8").astype(np.uint64)
 
 
 def peer_verifier(ca_pem: bytes, info: SecAggTask) -> Verifier:
