@@ -21,7 +21,7 @@ what that party would spend on a machine of its own.
 From the records, :func:`critical_path` gives a deployment's round time in which every slave
 has a machine of its own: the slowest slave's work, plus moving its bytes up and down at a
 stated bandwidth, plus the master's work. Work a slave runs beside its training (the round's
-masks, on a second core) counts for as long as it outlasts training.
+masks, on a second core) counts only for the part its training does not cover.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from secure_fed.errors import ConfigError
 
@@ -51,9 +51,9 @@ DEFAULT_BANDWIDTH = "100Mbit"
 
 SLAVE_WORK = ("training_s", "protection_s", "signing_s", "protocol_s")
 """The kinds of a slave's work on the round's path (fields of :class:`SlaveRoundCosts`)."""
-SLAVE_KINDS = (*SLAVE_WORK, "masking_s", "precompute_s")
-"""Every kind a slave meters: its round's work, the masks it makes while it trains, and what
-it prepares while it waits."""
+SLAVE_KINDS = (*SLAVE_WORK, "masking_s", "overlapped_s", "precompute_s")
+"""Every kind a slave meters: its round's work, the masks it makes while it trains (and how
+much of them training covered), and what it prepares while it waits."""
 MASTER_WORK = ("admission_s", "aggregation_s", "decryption_s", "unmasking_s", "commit_s")
 """The kinds of the master's work (fields of :class:`MasterRoundCosts`)."""
 
@@ -105,6 +105,11 @@ class CpuTotals:
             self.add(kind, now - started)
             if stack:
                 stack[-1][1] = now
+
+    def total(self, kind: str) -> float:
+        """The seconds of ``kind`` so far (since the last :meth:`take`)."""
+        with self._lock:
+            return self._totals[kind]
 
     def take(self) -> dict[str, float]:
         """The totals so far, each kind then starting again from zero."""
@@ -165,9 +170,13 @@ class SlaveRoundCosts(_Record):
     """Handling the master's messages: the task's checks (building the model from its
     parameters), the masking key agreement and secret shares, the unmasking shares."""
     masking_s: float = Field(ge=0, default=0.0)
-    """The sum of the round's masks (``mask``, ``he+mask``), made in a thread of its own from
-    the moment the peers' shares arrived, while the slave trained on one thread: part of
-    :attr:`work_s` only for as long as it outlasted training."""
+    """The sum of the round's masks (``mask``, ``he+mask``) made in a thread of its own from the
+    start of training, while the slave trained on one thread (otherwise they are part of
+    ``protection_s``)."""
+    overlapped_s: float = Field(ge=0, default=0.0)
+    """The part of :attr:`masking_s` that the slave's training CPU seconds from the start of
+    the masks to its update's protection cover: with the two on cores of their own, that part
+    is off the round's path."""
     precompute_s: float = Field(ge=0, default=0.0)
     """Encryptions of zero the encryption workers made ahead, while the slave waited after
     its upload (BFV: a later update's encryption then only adds its plaintext to them). Not
@@ -176,12 +185,19 @@ class SlaveRoundCosts(_Record):
     bytes_up: int = Field(ge=0)
     bytes_down: int = Field(ge=0)
 
+    @model_validator(mode="after")
+    def _overlap_within_masking(self) -> SlaveRoundCosts:
+        if self.overlapped_s > self.masking_s:
+            raise ValueError(f"overlapped_s {self.overlapped_s} exceeds masking_s "
+                             f"{self.masking_s}: only masking can overlap training")
+        return self
+
     @property
     def work_s(self) -> float:
-        """The CPU seconds of the attempt's path: training or the masks made beside it,
-        whichever took longer, and the rest of the work but ``precompute_s``."""
-        return (max(self.training_s, self.masking_s) + self.protection_s + self.signing_s
-                + self.protocol_s)
+        """The CPU seconds of the attempt's path: all but ``precompute_s`` and the masking
+        seconds that training covered (``overlapped_s``)."""
+        return (self.training_s + self.masking_s - self.overlapped_s + self.protection_s
+                + self.signing_s + self.protocol_s)
 
 
 class MasterRoundCosts(_Record):

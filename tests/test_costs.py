@@ -107,20 +107,23 @@ def test_the_critical_path_takes_the_slave_whose_work_and_transfer_take_longest(
         critical_path([], master, 1e6)
 
 
-def test_masks_made_beside_training_count_for_as_long_as_they_outlast_it() -> None:
+def test_masks_made_beside_training_count_for_the_part_training_does_not_cover() -> None:
     master = MasterRoundCosts(round=2, attempt=1, admission_s=0.1, aggregation_s=0.0,
                               decryption_s=0.0, unmasking_s=0.0, commit_s=0.0,
                               bytes_in={"a": 0}, bytes_out={"a": 0})
     record = _slave("a", 2.0, 0, 0)  # training 1.0 s, the rest 1.0 s
     assert record.work_s == pytest.approx(2.0)
-    shorter = record.model_copy(update={"masking_s": 0.6})
-    longer = record.model_copy(update={"masking_s": 1.5})
-    assert shorter.work_s == pytest.approx(2.0)  # hidden behind training
-    assert longer.work_s == pytest.approx(2.5)  # its last half second on the path
-    assert critical_path([longer], master, 1e6).seconds == pytest.approx(2.6)
+    hidden = record.model_copy(update={"masking_s": 0.6, "overlapped_s": 0.6})
+    # masks of 1.5 s beside the 0.8 s of training after they started (0.2 s came before)
+    longer = record.model_copy(update={"masking_s": 1.5, "overlapped_s": 0.8})
+    assert hidden.work_s == pytest.approx(2.0)
+    assert longer.work_s == pytest.approx(2.7)
+    assert critical_path([longer], master, 1e6).seconds == pytest.approx(2.8)
+    with pytest.raises(ValueError, match="only masking can overlap training"):
+        SlaveRoundCosts.model_validate({**record.model_dump(), "overlapped_s": 0.1})
     # records written before masks were made beside training read as none made there
     old = record.model_dump()
-    del old["masking_s"]
+    del old["masking_s"], old["overlapped_s"]
     assert SlaveRoundCosts.model_validate(old) == record
 
 

@@ -491,9 +491,12 @@ def test_masks_made_ahead_are_used_once(identities: dict[str, tuple[bytes, bytes
     run = Round(settings_for(), identities)
     deliveries = run.share(run.advertise())
     for p in sorted(run.alive):
-        run.slaves[p].prepare_masks(deliveries[p])
+        run.slaves[p].accept_shares(deliveries[p])
+        run.slaves[p].prepare_masks()
     with pytest.raises(ProtocolError, match="cannot accept the peers' shares at stage prepared"):
-        run.slaves["s0"].prepare_masks(deliveries["s0"])
+        run.slaves["s0"].accept_shares(deliveries["s0"])
+    with pytest.raises(ProtocolError, match="cannot make its masks at stage prepared"):
+        run.slaves["s0"].prepare_masks()
     for p in sorted(run.alive):
         header, payload = run.slaves[p].mask_input(run.inputs[p])
         masked = np.frombuffer(payload, dtype="<u8")

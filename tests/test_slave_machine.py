@@ -7,6 +7,7 @@ real :class:`MasterSecAgg` where a masked round needs them.
 
 from __future__ import annotations
 
+import base64
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +49,7 @@ from secure_fed.secagg.messages import (
     UnmaskResponse,
 )
 from secure_fed.secagg.settings import SecAggSettings
-from secure_fed.secagg.slave_machine import SlaveSecAgg
+from secure_fed.secagg.slave_machine import SlaveSecAgg, SlaveStage
 
 S = SlaveState
 FED = "fed-1"
@@ -249,7 +250,10 @@ def scenario_masked_round(parties: tuple[str, ...] = ("a", "b", "c"),
         only(m.receive_trained(party, VALUES), act.RecordRelease)
         protect = only(m.receive_release_recorded(), act.Protect)
         assert protect.secagg is m.secagg and protect.delivery == deliveries[party]
-        header, payload = protect.secagg.mask(protect.delivery, ring)
+        # the shares were opened when they arrived, before training; the masks are the shell's
+        assert protect.secagg.stage is SlaveStage.ACCEPTED
+        protect.secagg.prepare_masks()
+        header, payload = protect.secagg.mask_input(ring)
         master.receive_masked(party, header, payload)
         only(m.receive_protected([payload]), act.Upload)
     request = master.close_masking()
@@ -303,6 +307,17 @@ def scenario_masked_refusals() -> None:
         thin = delivery.model_copy(update={"shares": delivery.shares[:keep]})
         decline = only(m.receive_message(encode(thin)), act.Decline)
         assert match in decline.reason and m.state is S.IDLE and m.secagg is None
+    # a share that does not open (corrupted by the master or a peer): declined before training
+    m, delivery = shares_delivered()
+    item = delivery.shares[0]
+    sealed = bytearray(base64.b64decode(item.sealed))
+    sealed[-1] ^= 1
+    forged = delivery.model_copy(update={"shares": [
+        item.model_copy(update={"sealed": base64.b64encode(bytes(sealed)).decode("ascii")}),
+        *delivery.shares[1:]]})
+    decline = only(m.receive_message(encode(forged)), act.Decline)
+    assert "secure aggregation refused" in decline.reason and m.state is S.IDLE
+    assert m.secagg is None
 
 
 def shares_delivered(threshold: int | None = None) -> tuple[SlaveMachine, ShareDelivery]:

@@ -89,6 +89,20 @@ def test_mask_sum_adds_modulo_the_ring() -> None:
     assert np.array_equal(summed.total(), np.full(size, t - 2, dtype=np.uint64))
 
 
+def test_mask_sum_of_many_updates_in_a_wide_ring_is_exact() -> None:
+    """In a 61-bit ring a uint64 total holds 8 unreduced updates: 20 updates make the sum
+    reduce on the way, and it still equals the exact sum mod m."""
+    m, size = 2**61 - 1, 64
+    rng = np.random.default_rng(3)
+    updates = [rng.integers(m - 2**20, m, size, dtype=np.uint64) for _ in range(20)]
+    summed = VectorSum("mask", size, clip=1.0, modulus=m)
+    for i, update in enumerate(updates):
+        summed.add_chunk(f"s{i}", 0, pc.pack_ring(update, m))
+        summed.finish(f"s{i}", 1)
+    exact = [sum(int(u[j]) for u in updates) % m for j in range(size)]
+    assert [int(v) for v in summed.total()] == exact
+
+
 def test_a_masked_federation_needs_three_slaves() -> None:
     from pydantic import ValidationError
 

@@ -109,6 +109,7 @@ class MaskingExchange:
         if len(message.shares) + 1 < secagg.settings.t:
             raise ProtocolError(f"only {len(message.shares)} peers shared keys, "
                                 f"threshold {secagg.settings.t}")
+        secagg.accept_shares(message)  # a share that does not open: declined before training
         self.delivery = message
         return None
 

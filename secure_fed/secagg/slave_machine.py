@@ -69,8 +69,10 @@ class SlaveStage(enum.Enum):
     ADVERTISED = "advertised"
     REVEALED = "revealed"
     SHARED = "shared"
+    ACCEPTED = "accepted"
+    """The peers' shares are decrypted and kept; the masks are not made yet."""
     PREPARED = "prepared"
-    """The peers' shares are kept and the sum of this slave's masks is made; the input is not."""
+    """The sum of this slave's masks is made; the input is not masked yet."""
     MASKED = "masked"
     DONE = "done"
     FAILED = "failed"
@@ -243,20 +245,21 @@ class SlaveSecAgg:
             return ShareKeys(round=s.round, party=self.party_id, shares=out)
 
     def mask(self, delivery: ShareDelivery, vector: object) -> tuple[MaskedInput, bytes]:
-        """Phase 2 in one call: :meth:`prepare_masks` then :meth:`mask_input`."""
-        self.prepare_masks(delivery)
+        """Phase 2 in one call: :meth:`accept_shares`, :meth:`prepare_masks` and
+        :meth:`mask_input`."""
+        self.accept_shares(delivery)
+        self.prepare_masks()
         return self.mask_input(vector)
 
-    def prepare_masks(self, delivery: ShareDelivery) -> None:
-        """Phase 2, first half: decrypt and keep the peers' shares, and make the sum of this
-        slave's masks, ``PRG(b_u) + Σ ±PRG(s_uv)`` over the peers that sent shares (mod m).
-
-        The masks depend on the round's keys alone, not on the input, so a slave makes them
-        as soon as the shares arrive, while it trains; nothing leaves the slave here.
+    def accept_shares(self, delivery: ShareDelivery) -> None:
+        """Phase 2, first step: decrypt and keep the peers' shares. Called when they arrive,
+        before the slave trains, so that a share that does not open declines the round
+        before anything is spent.
 
         Raises:
-            ProtocolError: a share that does not decrypt or is not addressed to this slave,
-                or fewer than t − 1 peers sent shares (the round could not be unmasked).
+            ProtocolError: a share not addressed to this slave, or fewer than t − 1 peers
+                sent shares (the round could not be unmasked).
+            CryptoError: a share that does not decrypt.
         """
         s = self.settings
         with self._step(SlaveStage.SHARED, "accept the peers' shares"):
@@ -279,10 +282,22 @@ class SlaveSecAgg:
                     f"only {len(senders)} peers sent shares, threshold {s.t}: the round "
                     "cannot be unmasked; refusing to send a masked input"
                 )
+            self.stage = SlaveStage.ACCEPTED
+
+    def prepare_masks(self) -> None:
+        """Phase 2, second step: the sum of this slave's masks, ``PRG(b_u) + Σ ±PRG(s_uv)``
+        over the peers whose shares it accepted (mod m).
+
+        The masks depend on the round's keys alone, not on the input, so a slave makes them
+        while it trains (in a thread of its own: nothing else of this object runs meanwhile);
+        nothing leaves the slave here.
+        """
+        s = self.settings
+        with self._step(SlaveStage.ACCEPTED, "make its masks"):
             masks = mk.MaskSum(np.zeros(s.vector_length, dtype=np.uint64), s.modulus,
                                bound=mk.mask_bound(s.modulus))
             masks.add_mask(self._b)
-            for peer in sorted(senders):
+            for peer in sorted(set(self._shares) - {self.party_id}):  # the senders
                 pairwise = pairwise_seed(s, self._s_sk, self._keys[peer].s_pk)
                 (masks.add_mask if self.party_id < peer else masks.subtract_mask)(pairwise)
             self._masks = masks.result()

@@ -89,7 +89,7 @@ from secure_fed.protocol.slave_machine import SlaveMachine, SlaveState
 from secure_fed.secagg import ring as pc
 from secure_fed.secagg.messages import AdvertiseKeys, ShareDelivery, ShareKeys
 from secure_fed.secagg.ring import ring_modulus
-from secure_fed.secagg.slave_machine import SlaveSecAgg
+from secure_fed.secagg.slave_machine import SlaveSecAgg, SlaveStage
 from secure_fed.slave.evaluation import EvaluatedModel, evaluate_held_out
 from secure_fed.slave.privacy_plan import PrivacyPlanner, distributed_mechanism
 from secure_fed.slave.protection import peer_verifier, protect_update
@@ -137,6 +137,24 @@ class _Trained:
     attempt: TrainedAttempt | None = None
     spent: float = 0.0
     evaluated: EvaluatedModel | None = None
+
+
+@dataclass
+class _MasksAhead:
+    """The round's masks being made beside training: the thread's CPU seconds and error, and
+    the slave's training CPU seconds when they started."""
+
+    future: asyncio.Future[tuple[float, SecureFedError | None]]
+    training_mark: float
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class Slave:
     """A data owner taking part in a federation.
 
@@ -238,7 +256,7 @@ class Slave:
         self._shared_encoder = encoder
         self._stocking: UpdateEncoder | None = None  # the encoder making encryptions of zero
         self._stocked_s = 0.0  # its stocking CPU seconds already in a costs record
-        self._masks_ahead: asyncio.Future[None] | None = None  # the round's masks being made
+        self._masks_ahead: _MasksAhead | None = None  # the round's masks, made beside training
         self.machine = SlaveMachine(
             hello=Hello(protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
                         public_context_sha256=context_digest(self._public_context),
@@ -369,6 +387,12 @@ class Slave:
         """Close the attempt's costs: CPU seconds and message bytes since the previous
         ``round_end`` (seconds and byte counts only; the file stays with the slave)."""
         up, down = self.traffic.take()
+        masks, self._masks_ahead = self._masks_ahead, None
+        if masks is not None and masks.future.done() and not masks.future.cancelled() \
+                and masks.future.exception() is None:
+            # masks of an attempt declined after training: made, never used, on no path (if
+            # still being made when the attempt's record closes, they are not counted)
+            self.costs.add("masking_s", masks.future.result()[0])
         if self._stocking is not None:  # its workers' time, measured in each call
             self.costs.add("precompute_s", self._stocking.stock_cpu_seconds - self._stocked_s)
             self._stocked_s = self._stocking.stock_cpu_seconds
@@ -530,25 +554,47 @@ class Slave:
     def _prepare_masks_beside_training(self) -> None:
         """Under ``mask`` and ``he+mask``, make the sum of the round's masks in a thread of its
         own while the slave trains: the masks depend on the round's keys alone, fixed once the
-        peers' shares arrived (:meth:`SlaveSecAgg.prepare_masks`). Only when training runs on
-        one thread, on a machine of more than one core: a core is then free for the masks,
-        and training's CPU clock (that thread's) does not count them."""
+        peers' shares were accepted (:meth:`SlaveSecAgg.prepare_masks`). Only when training
+        runs on one thread and this process may use more than one core: a core is then free
+        for the masks, and training's CPU clock (that thread's) does not count them."""
         self._masks_ahead = None
         exchange = self.machine.exchange
-        if (exchange is None or exchange.delivery is None or self.threads != 1
-                or (os.cpu_count() or 1) < 2):
+        secagg = None if exchange is None else exchange.secagg
+        if secagg is None or secagg.stage is not SlaveStage.ACCEPTED or self.threads != 1 \
+                or _usable_cores() < 2:
             return
-        secagg, delivery = exchange.secagg, exchange.delivery
 
-        def prepare() -> None:
-            _, seconds = timed_call(secagg.prepare_masks, delivery)
-            self.costs.add("masking_s", seconds)
+        def prepare() -> tuple[float, SecureFedError | None]:
+            started = time.thread_time()
+            try:
+                secagg.prepare_masks()
+            except SecureFedError as exc:  # raised when the update is protected
+                return time.thread_time() - started, exc
+            return time.thread_time() - started, None
 
+        # The thread holds the interpreter's lock only between blocks of keystream: ChaCha20's
+        # update_into (cryptography 50) and numpy's ufuncs release it (measured: the event
+        # loop's longest pause 1.1 ms during 0.11 s of keystream in another thread).
         future = asyncio.get_running_loop().run_in_executor(None, prepare)
-        # A round declined or ended before its update leaves the future unawaited; its
-        # error, if any, is read here so that it is not reported as never retrieved.
+        # An attempt declined before its update leaves the future unawaited: an unexpected
+        # error is read here so that it is not reported as never retrieved.
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        self._masks_ahead = future
+        self._masks_ahead = _MasksAhead(future, self.costs.total("training_s"))
+
+    async def _await_masks(self, masks: _MasksAhead) -> None:
+        """Wait for the masks made beside training and meter them: ``masking_s`` all their CPU
+        seconds, ``overlapped_s`` the part the training CPU seconds since they started cover
+        (each on a core of its own, that part is off the round's path).
+
+        Raises:
+            SecureFedError: the masks could not be made.
+        """
+        trained = self.costs.total("training_s") - masks.training_mark
+        seconds, error = await masks.future
+        self.costs.add("masking_s", seconds)
+        self.costs.add("overlapped_s", min(seconds, trained))
+        if error is not None:
+            raise error
 
     async def _protect_update(self, work: act.Protect,
                               encoder: UpdateEncoder) -> list[act.Action]:
@@ -568,7 +614,7 @@ class Slave:
 
         try:
             if masks_ahead is not None:
-                await masks_ahead
+                await self._await_masks(masks_ahead)
             chunks = await asyncio.get_running_loop().run_in_executor(None, protect)
         except SecureFedError as exc:
             # The ledger already holds this round (over-counting is the safe side); the master

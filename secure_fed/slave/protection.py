@@ -70,8 +70,10 @@ def protect_update(protection: str, params: HEParams, encoder: UpdateEncoder,
 def masked_ring(secagg: SlaveSecAgg, delivery: ShareDelivery, ring: np.ndarray) -> np.ndarray:
     """``ring`` (values in Z_m) plus this slave's masks of the round, made now unless they
     were made while the slave trained (:meth:`SlaveSecAgg.prepare_masks`)."""
-    if secagg.stage is SlaveStage.SHARED:
-        secagg.prepare_masks(delivery)
+    if secagg.stage is SlaveStage.SHARED:  # accepted when they arrived, in a slave's machine
+        secagg.accept_shares(delivery)
+    if secagg.stage is SlaveStage.ACCEPTED:
+        secagg.prepare_masks()
     _, payload = secagg.mask_input(ring)
     return np.frombuffer(payload, dtype="<u8").astype(np.uint64)
 
