@@ -171,8 +171,8 @@ class SlaveRoundCosts(_Record):
     parameters), the masking key agreement and secret shares, the unmasking shares."""
     masking_s: float = Field(ge=0, default=0.0)
     """The sum of the round's masks (``mask``, ``he+mask``) made in a thread of its own from the
-    start of training, while the slave trained on one thread (otherwise they are part of
-    ``protection_s``)."""
+    end of the noise calibration, while the slave trained on one thread (otherwise they are
+    part of ``protection_s``)."""
     overlapped_s: float = Field(ge=0, default=0.0)
     """The part of :attr:`masking_s` that the slave's training CPU seconds from the start of
     the masks to its update's protection cover: with the two on cores of their own, that part

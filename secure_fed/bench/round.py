@@ -596,8 +596,8 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
             lines.append("wire: every byte of each slave's connection (TLS, framing, "
                          "handshake, all messages), total of the run divided by its rounds")
         lines.append(f"critical path at {rows[0]['bandwidth']} per slave link: the slowest "
-                     "slave's CPU seconds (training or the masks made beside it, whichever is "
-                     "longer, + protection, signing, protocol) + its "
+                     "slave's CPU seconds (training, + the masks made beside it less the part "
+                     "training covered, + protection, signing, protocol) + its "
                      "message bytes up and down over the link + the master's CPU seconds "
                      "(admission, aggregation, decryption, unmasking, commit), each party as on "
                      "a machine of its own; crit/plain and s/plain: against the plain (DP "

@@ -304,7 +304,7 @@ class SlaveSecAgg:
             self.stage = SlaveStage.PREPARED
 
     def mask_input(self, vector: object) -> tuple[MaskedInput, bytes]:
-        """Phase 2, second half: ``vector`` (integers in [0, m)) plus the masks
+        """Phase 2, last step: ``vector`` (integers in [0, m)) plus the masks
         :meth:`prepare_masks` made, once (a second masked input under the same masks would
         give away the difference of the two inputs).
 

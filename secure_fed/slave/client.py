@@ -353,7 +353,6 @@ class Slave:
                 with self.costs.measure("protocol_s"):
                     follow = self._check_task(action)
             elif isinstance(action, act.Train):
-                self._prepare_masks_beside_training()
                 follow = await self._train(action)
             elif isinstance(action, act.RecordRelease):
                 with self.costs.measure("training_s"):  # the ledger and its accounting
@@ -390,8 +389,9 @@ class Slave:
         masks, self._masks_ahead = self._masks_ahead, None
         if masks is not None and masks.future.done() and not masks.future.cancelled() \
                 and masks.future.exception() is None:
-            # masks of an attempt declined after training: made, never used, on no path (if
-            # still being made when the attempt's record closes, they are not counted)
+            # masks of an attempt declined after training (its ledger record or its update
+            # failed): made, never used, on no path (if still being made when the attempt's
+            # record closes, they are not counted)
             self.costs.add("masking_s", masks.future.result()[0])
         if self._stocking is not None:  # its workers' time, measured in each call
             self.costs.add("precompute_s", self._stocking.stock_cpu_seconds - self._stocked_s)
@@ -488,6 +488,8 @@ class Slave:
             except PrivacyError as exc:
                 return self.machine.receive_declined(str(exc),
                                                      final=isinstance(exc, BudgetExhausted))
+        # Nothing is left to decline the round for before training: its masks may be made.
+        self._prepare_masks_beside_training()
         evaluated = None
         sigma = (self.privacy.evaluation_noise_multiplier(task.plan)
                  if prepared.without_dp is None else None)
@@ -553,10 +555,11 @@ class Slave:
 
     def _prepare_masks_beside_training(self) -> None:
         """Under ``mask`` and ``he+mask``, make the sum of the round's masks in a thread of its
-        own while the slave trains: the masks depend on the round's keys alone, fixed once the
-        peers' shares were accepted (:meth:`SlaveSecAgg.prepare_masks`). Only when training
-        runs on one thread and this process may use more than one core: a core is then free
-        for the masks, and training's CPU clock (that thread's) does not count them."""
+        own while the slave trains (from the end of its noise calibration): the masks depend on
+        the round's keys alone, fixed once the peers' shares were accepted
+        (:meth:`SlaveSecAgg.prepare_masks`). Only when training runs on one thread and this
+        process may use more than one core: a core is then free for the masks, and training's
+        CPU clock (that thread's) does not count them."""
         self._masks_ahead = None
         exchange = self.machine.exchange
         secagg = None if exchange is None else exchange.secagg
