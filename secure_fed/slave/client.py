@@ -141,10 +141,10 @@ class _Trained:
 
 @dataclass
 class _MasksAhead:
-    """The round's masks being made beside training: the thread's CPU seconds and error, and
-    the slave's training CPU seconds when they started."""
+    """The round's masks being made beside training: their error, if any, and the thread's CPU
+    seconds (:func:`timed_call`), and the slave's training CPU seconds when they started."""
 
-    future: asyncio.Future[tuple[float, SecureFedError | None]]
+    future: asyncio.Future[tuple[SecureFedError | None, float]]
     training_mark: float
 
 
@@ -392,7 +392,7 @@ class Slave:
             # masks of an attempt declined after training (its ledger record or its update
             # failed): made, never used, on no path (if still being made when the attempt's
             # record closes, they are not counted)
-            self.costs.add("masking_s", masks.future.result()[0])
+            self.costs.add("masking_s", masks.future.result()[1])
         if self._stocking is not None:  # its workers' time, measured in each call
             self.costs.add("precompute_s", self._stocking.stock_cpu_seconds - self._stocked_s)
             self._stocked_s = self._stocking.stock_cpu_seconds
@@ -567,18 +567,17 @@ class Slave:
                 or _usable_cores() < 2:
             return
 
-        def prepare() -> tuple[float, SecureFedError | None]:
-            started = time.thread_time()
+        def prepare() -> SecureFedError | None:
             try:
                 secagg.prepare_masks()
             except SecureFedError as exc:  # raised when the update is protected
-                return time.thread_time() - started, exc
-            return time.thread_time() - started, None
+                return exc
+            return None
 
         # The thread holds the interpreter's lock only between blocks of keystream: ChaCha20's
         # update_into (cryptography 50) and numpy's ufuncs release it (measured: the event
         # loop's longest pause 1.1 ms during 0.11 s of keystream in another thread).
-        future = asyncio.get_running_loop().run_in_executor(None, prepare)
+        future = asyncio.get_running_loop().run_in_executor(None, timed_call, prepare)
         # An attempt declined before its update leaves the future unawaited: an unexpected
         # error is read here so that it is not reported as never retrieved.
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
@@ -593,7 +592,7 @@ class Slave:
             SecureFedError: the masks could not be made.
         """
         trained = self.costs.total("training_s") - masks.training_mark
-        seconds, error = await masks.future
+        error, seconds = await masks.future
         self.costs.add("masking_s", seconds)
         self.costs.add("overlapped_s", min(seconds, trained))
         if error is not None:
