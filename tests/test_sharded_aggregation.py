@@ -320,3 +320,46 @@ def test_the_masters_pipeline_sums_in_the_shards_of_its_settings(
     expected = np.mean([encrypted[s][0] for s in ("a", "b", "d", "e")], axis=0)
     assert np.max(np.abs(average - expected)) <= params.clip / 2 ** (params.quant_bits - 1)
     assert len(set(pids)) == 2 and not any(alive(p) for p in pids)
+
+
+@pytest.mark.parametrize("shard_count", [1, 2])
+def test_the_masters_sum_holds_arriving_chunks_within_its_settings(
+        params: HEParams, keys: tuple[bytes, bytes],
+        encrypted: dict[str, tuple[np.ndarray, list[bytes]]], tmp_path: Path,
+        shard_count: int) -> None:
+    """``aggregation.held_bytes``: the chunks of uploads still arriving stay in memory up to
+    it (the default holds these five at once), beyond it they go to the spool on disk, in the
+    master's aggregator and in each shard's; the sum is the same."""
+    def spooled(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*.spool"))
+
+    async def run(held: int | None) -> tuple[int, list[bytes]]:
+        settings = AggregationSettings(shards=shard_count, **(
+            {} if held is None else {"held_bytes": held}))
+        config = MasterConfig(federation_id="held", slaves=SLAVES, aggregation=settings)
+        folder = tmp_path / f"spool-{held}"
+        with KeyHolder(params, keys[0], min_contributions=1) as holder:
+            pipeline = AggregationPipeline(config, params, keys[1], holder,
+                                           vector_size=HE_SIZE, spool_dir=folder,
+                                           connections=Connections())
+            try:
+                start = co.StartRound(round=1, attempt=1, nonce="cd" * 16, deadline_s=60.0,
+                                      recipients=tuple(SLAVES))
+                state, _ = pipeline.open(start)
+                for index in range(2):  # every slave uploads at once, chunk by chunk
+                    for slave, (_, chunks) in encrypted.items():
+                        await state.add_chunk(slave, index, chunks[index])
+                for slave in SLAVES:
+                    await state.finish(slave, 2)
+                sums = await state.sum_chunks()
+                on_disk = spooled(folder)  # a spool keeps its bytes until the sum closes
+                state.close()
+            finally:
+                pipeline.close()
+        return on_disk, sums
+
+    held_all, sums = asyncio.run(run(None))
+    spooled_all, spooled_sums = asyncio.run(run(0))
+    everything = sum(len(c) for _, chunks in encrypted.values() for c in chunks)
+    assert held_all == 0 and spooled_all == everything
+    assert spooled_sums == sums
