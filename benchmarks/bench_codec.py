@@ -49,9 +49,9 @@ def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
         yield Setup(params, secret, public, encoder, updates, chunks)
 
 
-def _aggregate(s: Setup, spool: Path, held_bytes: int | None = None) -> list[bytes]:
+def _aggregate(s: Setup, spool: Path, pending_in_memory: int = 1) -> list[bytes]:
     with Aggregator(s.params, s.public, SIZE, spool_dir=spool,
-                    held_bytes=held_bytes) as aggregator:
+                    pending_in_memory=pending_in_memory) as aggregator:
         for k, chunks in enumerate(s.chunks):
             for index, chunk in enumerate(chunks):
                 aggregator.add_chunk(f"slave-{k}", index, chunk)

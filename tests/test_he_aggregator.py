@@ -190,7 +190,7 @@ def test_interleaved_uploads_beyond_the_memory_budget_are_spooled(
 ) -> None:
     chunk_bytes = len(updates["a"][1][0])
     with Aggregator(params, keys[1], SIZE, spool_dir=tmp_path,
-                    held_bytes=in_memory * 2 * chunk_bytes) as agg:
+                    pending_in_memory=in_memory) as agg:
         for index in range(2):  # three slaves upload at once, chunk by chunk
             for name in "abc":
                 data = updates[name][1][index]
@@ -216,23 +216,11 @@ def test_interleaved_uploads_beyond_the_memory_budget_are_spooled(
     assert np.abs(average - _expect(updates, "a", "b", "c")).max() < params.quant_step + 1e-7
 
 
-def test_held_bytes_must_not_be_negative(
+def test_pending_in_memory_must_not_be_negative(
     params: HEParams, keys: tuple[bytes, bytes], tmp_path: Path
 ) -> None:
-    with pytest.raises(CryptoError, match="held_bytes must be at least 0, got -1"):
-        Aggregator(params, keys[1], SIZE, spool_dir=tmp_path, held_bytes=-1)
-
-
-def test_held_bytes_default_to_one_update(
-    params: HEParams, keys: tuple[bytes, bytes], tmp_path: Path,
-    updates: dict[str, tuple[np.ndarray, list[bytes]]],
-) -> None:
-    with Aggregator(params, keys[1], SIZE, spool_dir=tmp_path) as agg:
-        for name in "ab":  # two uploads at once: the first is held, the second spooled
-            for index, data in enumerate(updates[name][1]):
-                agg.add_chunk(name, index, data)
-        spool = next(tmp_path.rglob("*.spool"))
-        assert spool.stat().st_size == sum(len(c) for c in updates["b"][1])
+    with pytest.raises(CryptoError, match="pending_in_memory must be at least 0, got -1"):
+        Aggregator(params, keys[1], SIZE, spool_dir=tmp_path, pending_in_memory=-1)
 
 
 def test_finish_refuses_weights_beyond_the_parameters(
@@ -328,7 +316,7 @@ def test_close_deletes_the_spool(
     params: HEParams, keys: tuple[bytes, bytes], tmp_path: Path,
     updates: dict[str, tuple[np.ndarray, list[bytes]]],
 ) -> None:
-    agg = Aggregator(params, keys[1], SIZE, spool_dir=tmp_path / "spool", held_bytes=0)
+    agg = Aggregator(params, keys[1], SIZE, spool_dir=tmp_path / "spool", pending_in_memory=0)
     agg.add_chunk("a", 0, updates["a"][1][0])
     spooled = list((tmp_path / "spool").rglob("*.spool"))
     assert len(spooled) == 1 and spooled[0].stat().st_size == len(updates["a"][1][0])

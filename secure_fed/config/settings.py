@@ -285,18 +285,11 @@ class AggregationSettings(_Strict):
             end with it) or ``ray`` (Ray actors; needs ``pip install 'secure-fed[sim]'``).
         ray_address: the Ray cluster of the ``ray`` backend (``None``: the instance this
             process already joined, else a new local one).
-        held_bytes: ``he`` and ``he+mask``: bytes of the chunks of updates still arriving
-            that the sum keeps in memory (shared evenly by its shards), so that a slave that
-            vanishes or is refused mid-upload can be subtracted exactly; beyond this they go
-            to a spool file on disk, which about doubles the cost of adding a chunk. The
-            default holds 16 simultaneous uploads of a 1M-parameter model (11.6 MB each under
-            ``bfv-fast`` at 16 slaves) and bounds the master's memory whatever the number of slaves.
     """
 
     shards: int = Field(default=1, ge=1, le=64)
     backend: Literal["processes", "ray"] = "processes"
     ray_address: str | None = None
-    held_bytes: int = Field(default=256 * 2**20, ge=0, le=2**40)
 
     @field_validator("ray_address", mode="before")
     @classmethod

@@ -7,8 +7,8 @@ raises :class:`~secure_fed.errors.MalformedUpdate` and leaves the sum exactly as
 Memory is O(model), not O(slaves × model): one running sum per chunk index, plus the chunks of
 the updates still being received. An unfinished contribution can be removed (a slave that
 vanished mid-stream, or was refused at ``finish``): its chunks are kept as received (a reference
-to the ``bytes``, no copy) up to ``held_bytes`` in all, and beyond that appended to a spool
-file on disk (one file, one descriptor, an offset per chunk in memory);
+to the ``bytes``, no copy) up to ``pending_in_memory`` updates' worth in all, and beyond that
+appended to a spool file on disk (one file, one descriptor, an offset per chunk in memory);
 ``discard`` subtracts them from the sum (modular subtraction is exact, so no noise is left
 behind). ``finish`` folds a contribution in for good and releases its chunks.
 
@@ -68,24 +68,22 @@ class Aggregator:
         vector_size: number of values of every update.
         spool_dir: directory for the spool file (created if missing); the aggregator works in
             a private subdirectory that :meth:`close` deletes.
-        held_bytes: bytes of chunks of unfinished contributions kept in memory (as
-            received); further chunks go to the spool file. ``None``: one update's worth
-            (one upload at a time never touches the disk); 0 spools all. Memory stays flat as
-            slaves grow either way: this budget, plus the running sum.
+        pending_in_memory: how many updates' worth of chunks of unfinished contributions are
+            kept in memory (as received); further chunks go to the spool file. 0 spools all.
 
     Raises:
         CryptoError: invalid or secret context, a non-positive ``vector_size`` or a negative
-            ``held_bytes``.
+            ``pending_in_memory``.
     """
 
     def __init__(
         self, params: HEParams, public_context: bytes, vector_size: int, *, spool_dir: Path,
-        held_bytes: int | None = None,
+        pending_in_memory: int = 1,
     ) -> None:
         if vector_size < 1:
             raise CryptoError(f"vector_size must be at least 1, got {vector_size}")
-        if held_bytes is not None and held_bytes < 0:
-            raise CryptoError(f"held_bytes must be at least 0, got {held_bytes}")
+        if pending_in_memory < 0:
+            raise CryptoError(f"pending_in_memory must be at least 0, got {pending_in_memory}")
         ctx = load_public_context(public_context, params)
         self.params = params
         self.layout = ciphertext_layout(params, ctx, update=True)
@@ -109,8 +107,7 @@ class Aggregator:
         # running sum are paid once per round here, not on the hot path of the first update.
         self._sum: np.ndarray | None = np.empty((self.chunk_count, *shape), dtype=np.uint64)
         self._sum.fill(0)
-        self._held_budget = (self.chunk_count * self.layout.chunk_size if held_bytes is None
-                             else held_bytes)
+        self._held_budget = pending_in_memory * self.chunk_count * self.layout.chunk_size
         self._held = 0  # bytes of chunks held in memory
         self._slaves: dict[str, _Contribution] = {}
         self._finished: list[str] = []

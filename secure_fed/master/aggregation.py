@@ -214,11 +214,10 @@ class AggregationPipeline:
             aggregator = ShardedSum(
                 shards, f"{start.round}-{start.attempt}-{start.nonce}", self.protection,
                 self.params, self.vector_size, spool_dir=str(spool),
-                shard_of=lambda slave_id: shard_index(slave_id, slaves, shards.count),
-                held_bytes=self.config.aggregation.held_bytes // shards.count)
+                shard_of=lambda slave_id: shard_index(slave_id, slaves, shards.count))
         elif self.protection in ("he", "he+mask"):
             aggregator = Aggregator(self.params, self._public_context, self.vector_size,
-                                    spool_dir=spool, held_bytes=self.config.aggregation.held_bytes)
+                                    spool_dir=spool)
         else:
             aggregator = VectorSum(self.protection, self.vector_size, clip=self.params.clip,
                                    modulus=(ring_modulus(self.params)

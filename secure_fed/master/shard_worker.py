@@ -98,15 +98,14 @@ class ShardWorker:
         costs of a round: see :mod:`secure_fed.costs`)."""
         return self._cpu.pop(key, 0.0)
 
-    def open(self, key: str, protection: str, vector_size: int, spool_dir: str,
-             held_bytes: int | None = None) -> CiphertextLayout | None:
+    def open(self, key: str, protection: str, vector_size: int, spool_dir: str
+             ) -> CiphertextLayout | None:
         """Start the empty sum ``key``; under ``he`` and ``he+mask`` return its ciphertext
-        layout (the root adds the shards' sums with it). ``held_bytes``: as
-        :class:`~secure_fed.he.aggregator.Aggregator`."""
+        layout (the root adds the shards' sums with it)."""
         self.close(key)
         if protection in ("he", "he+mask"):
             aggregator = Aggregator(self.params, self._public_context, vector_size,
-                                    spool_dir=Path(spool_dir), held_bytes=held_bytes)
+                                    spool_dir=Path(spool_dir))
             self._sums[key] = aggregator
             return aggregator.layout
         self._sums[key] = VectorSum(

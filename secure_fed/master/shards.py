@@ -226,13 +226,10 @@ class ShardedSum:
         vector_size: values of every update.
         spool_dir: where each shard's aggregator spools (a folder per shard below it).
         shard_of: the shard of a slave id.
-        held_bytes: chunks of updates still arriving that each shard's aggregator keeps in
-            memory before it spools (:class:`~secure_fed.he.aggregator.Aggregator`).
     """
 
     def __init__(self, shards: ShardBackend, key: str, protection: str, params: HEParams,
-                 vector_size: int, *, spool_dir: str, shard_of: Callable[[str], int],
-                 held_bytes: int | None = None) -> None:
+                 vector_size: int, *, spool_dir: str, shard_of: Callable[[str], int]) -> None:
         self._shards = shards
         self._key = key
         self.protection = protection
@@ -240,7 +237,7 @@ class ShardedSum:
         self.vector_size = vector_size
         self._shard_of = shard_of
         self._opened = [asyncio.wrap_future(shards.submit(
-            i, "open", key, protection, vector_size, f"{spool_dir}/shard-{i}", held_bytes))
+            i, "open", key, protection, vector_size, f"{spool_dir}/shard-{i}"))
             for i in range(shards.count)]
         self._room = [asyncio.Semaphore(IN_FLIGHT) for _ in range(shards.count)]
         self._batch: list[list[tuple[str, int, bytes]]] = [[] for _ in range(shards.count)]
