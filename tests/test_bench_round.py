@@ -224,9 +224,38 @@ def test_distributed_dp_sends_the_smaller_ring_it_sizes(
     (["--modes", "mask", "--dp", "distributed", "--slaves", "2,4"], "at least 3 slaves"),
     (["--modes", "mask", "--dp", "shared"], "give distinct DP mechanisms"),
     (["--bandwidth", "100"], "e.g. 100Mbit"),
+    (["--modes", "plain", "--dp", "local", "--epochs", "3"], "leave out --epochs"),
+    (["--epochs", "0"], "--epochs 0: epochs: Input should be greater than or equal to 1"),
 ])
 def test_dp_options_are_refused_before_anything_runs(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert main(["bench", "round", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_epochs_set_the_slaves_local_training(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """``--epochs 4``: the federation's plan has four local epochs, and each slave's signed
+    DP-SGD release (in the master's audit log) took four times the steps of one epoch."""
+    steps = {}
+    for epochs in (1, 4):
+        keep = tmp_path / f"e{epochs}"
+        code = main(["bench", "round", "--modes", "plain", "--sizes", "10000", "--slaves",
+                     "2", "--rounds", "1", "--epochs", str(epochs), "--keep", str(keep),
+                     "--json"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        row = json.loads(out.strip().splitlines()[-1])[0]
+        run = keep / "plain-none-10000-2"
+        plan = MasterBundle.load(run / "fed" / "master").config.training
+        assert plan.epochs == epochs and row["epochs"] == epochs
+        assert f"{epochs} local epoch" in out
+        records = [json.loads(line) for line in
+                   (run / "run" / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
+        steps[epochs] = {r["data"]["slave"]: m["steps"] for r in records
+                         if r["event"] == "update_received"
+                         for m in r["data"]["mechanisms"] if m["kind"] == "dp-sgd"}
+    assert sorted(steps[1]) == sorted(steps[4]) == ["slave-1", "slave-2"]
+    for slave, one in steps[1].items():  # epochs / sample rate, rounded: 4× within one step
+        assert one >= 5 and abs(steps[4][slave] - 4 * one) <= 4

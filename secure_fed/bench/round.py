@@ -181,6 +181,9 @@ class RoundOptions:
         if unknown or len(set(self.dp)) != len(self.dp):
             raise ConfigError(f"--dp {','.join(self.dp)}: give distinct DP mechanisms among "
                               f"{', '.join(DP_MECHANISMS)}, separated by commas")
+        if self.dp and self.plan.epochs != DEFAULT_PLAN.epochs:
+            raise ConfigError("--dp runs the gradient plan (one DP-SGD step per round on full "
+                              "batches), which has no local epochs: leave out --epochs")
         if self.dp and BASELINE in self.modes:
             raise ConfigError(f"the {BASELINE} baseline runs without DP: leave it out of --modes "
                               "when comparing DP mechanisms with --dp")
@@ -410,6 +413,7 @@ def measure_round(mode: str, preset: str | None, target: int, slaves: int,
     return {
         "mode": mode, "preset": preset or "-", "params": params, "hidden": hidden,
         "slaves": slaves, "rounds": options.rounds, "dp": dp,
+        "epochs": options.plan.epochs if dp is None else None,
         "bytes_per_value": upload / params,
         "ring_bits": (ring_bits(int(run.he_params.plain_modulus))
                       if mode in DISTRIBUTED_MODES else None),
@@ -584,8 +588,11 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
     if rows:
         which = ("rounds after the first (round 1 also starts the encryption workers)"
                  if rows[0]["rounds"] > 1 else "round 1, which includes worker start-up")
+        epochs = rows[0].get("epochs")
+        training = (f"{epochs} local epoch{'s' if epochs != 1 else ''} of DP-SGD per round "
+                    "at every slave" if epochs else "DP-SGD at every slave")
         lines.append(f"s/round: master's round time (task → commit), mean of {which}; "
-                     "vs plain: upload against float32 parameters; DP-SGD at every slave "
+                     f"vs plain: upload against float32 parameters; {training} "
                      "except in the no-dp rows (plaintext FedAvg)")
         if dp:
             lines.append("dp: gradient mode (FedSGD, full batches) with local DP (each slave "

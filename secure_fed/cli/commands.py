@@ -18,6 +18,8 @@ from rich.console import Console
 from secure_fed.config.settings import (
     EncryptionSettings,
     EvaluationSettings,
+    TrainingPlanSettings,
+    validation_problems,
 )
 from secure_fed.config.tasks import TargetRange, parse_target_range, task_facts
 from secure_fed.errors import ConfigError
@@ -360,6 +362,22 @@ def _items(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
 
 
+def _bench_plan(epochs: int) -> TrainingPlanSettings:
+    """``bench round``'s training plan with ``--epochs`` local epochs.
+
+    Raises:
+        ConfigError: a count the training plan refuses.
+    """
+    from pydantic import ValidationError
+
+    from secure_fed.bench.round import DEFAULT_PLAN
+
+    try:
+        return DEFAULT_PLAN.model_validate({**DEFAULT_PLAN.model_dump(), "epochs": epochs})
+    except ValidationError as exc:
+        raise ConfigError(f"--epochs {epochs}: {validation_problems(exc)}") from exc
+
+
 def parse_counts(flag: str, text: str) -> tuple[int, ...]:
     """``--slaves 3,8,16`` → ``(3, 8, 16)``; a single number is a list of one."""
     try:
@@ -427,6 +445,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                sizes=parse_sizes(args.sizes),
                                slaves=parse_counts("--slaves", args.slaves),
                                rounds=args.rounds, seed=args.seed, wire=args.wire,
+                               plan=_bench_plan(args.epochs),
                                dp=_items(args.dp) if args.dp is not None else (),
                                bandwidth=args.bandwidth,
                                engine=args.engine)

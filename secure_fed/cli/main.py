@@ -390,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "at least 3 slaves; the masked values live in the smaller ring distributed "
                    "DP sizes). Without it: delta mode, local DP")
     r.add_argument("--rounds", type=int, default=2, help="rounds per federation (default 2)")
+    r.add_argument("--epochs", type=int, default=1, metavar="N",
+                   help="local epochs of DP-SGD each slave trains per round (default 1): "
+                   "longer training shows how much of a round protection costs once "
+                   "training weighs more (not with --dp, whose gradient plan has none)")
     r.add_argument("--seed", type=int, default=0, help="seed of the split and model")
     r.add_argument("--plot", type=Path, default=None, metavar="DIR",
                    help="write round-seconds.png and round-bytes.png into DIR")
