@@ -491,11 +491,14 @@ def round_costs(work: Path, measured: Sequence[dict[str, Any]],
 
 def add_ratios(rows: Sequence[dict[str, Any]]) -> None:
     """Set ``critical_path_vs_plain`` and ``seconds_vs_plain`` of each row against the
-    ``plain`` (DP only) row of the same size, number of slaves and DP mechanism (``None``
-    when there is none)."""
-    plain = {(r["params"], r["slaves"], r.get("dp")): r for r in rows if r["mode"] == "plain"}
+    ``plain`` (DP only) row of the same size, number of slaves, DP mechanism and local epochs
+    (``None`` when there is none)."""
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["params"], r["slaves"], r.get("dp"), r.get("epochs")
+
+    plain = {key(r): r for r in rows if r["mode"] == "plain"}
     for row in rows:
-        base = plain.get((row["params"], row["slaves"], row.get("dp")))
+        base = plain.get(key(row))
         row["critical_path_vs_plain"] = (row["critical_path_seconds"]
                                          / base["critical_path_seconds"] if base else None)
         row["seconds_vs_plain"] = (row["seconds_per_round"] / base["seconds_per_round"]
@@ -588,9 +591,10 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
     if rows:
         which = ("rounds after the first (round 1 also starts the encryption workers)"
                  if rows[0]["rounds"] > 1 else "round 1, which includes worker start-up")
-        epochs = rows[0].get("epochs")
-        training = (f"{epochs} local epoch{'s' if epochs != 1 else ''} of DP-SGD per round "
-                    "at every slave" if epochs else "DP-SGD at every slave")
+        epochs = {r.get("epochs") for r in rows}
+        count = next(iter(epochs)) if len(epochs) == 1 else None
+        training = (f"{count} local epoch{'s' if count != 1 else ''} of DP-SGD per round "
+                    "at every slave" if count else "DP-SGD at every slave")
         lines.append(f"s/round: master's round time (task → commit), mean of {which}; "
                      f"vs plain: upload against float32 parameters; {training} "
                      "except in the no-dp rows (plaintext FedAvg)")

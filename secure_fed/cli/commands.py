@@ -373,7 +373,8 @@ def _bench_plan(epochs: int) -> TrainingPlanSettings:
     from secure_fed.bench.round import DEFAULT_PLAN
 
     try:
-        return DEFAULT_PLAN.model_validate({**DEFAULT_PLAN.model_dump(), "epochs": epochs})
+        return TrainingPlanSettings.model_validate({**DEFAULT_PLAN.model_dump(),
+                                                    "epochs": epochs})
     except ValidationError as exc:
         raise ConfigError(f"--epochs {epochs}: {validation_problems(exc)}") from exc
 
