@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from secure_fed.audit import recompute
 from secure_fed.audit.recompute import PLDRecomputer, RecordedMechanism, _ClaimChecker
 from secure_fed.config.settings import TrainingPlanSettings
 from secure_fed.master.update_checks import UpdateChecks
@@ -151,3 +152,26 @@ def test_reserve_only_grows_and_master_and_audit_make_room_for_the_slaves() -> N
             "accountant": "prv", "epsilon": 10.0,
             "mechanisms": [COUNT._asdict(), slave_round(i)._asdict()]}})
     assert audited.max_states == 41
+
+
+def test_remembered_values_are_bounded_and_the_recent_ones_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-running master asks for a new history every round of every slave: the ε values
+    remembered stay within ``MAX_KEPT_VALUES``, the least recently asked dropped first."""
+    monkeypatch.setattr(recompute, "MAX_KEPT_VALUES", 3)
+    recomputer = PLDRecomputer()
+    histories = [[COUNT, slave_round(s)] for s in range(4)]
+    first = recomputer.epsilon(histories[0], DELTA)
+    for history in histories[1:3]:
+        recomputer.epsilon(history, DELTA)
+    assert recomputer.epsilon(histories[0], DELTA) == first  # asked again: the most recent
+    recomputer.epsilon(histories[3], DELTA)  # a fourth: history 1, the least recent, goes
+    assert len(recomputer._values) == 3
+    built = count_builds(monkeypatch)
+    recomputer._kept.clear()  # every distribution must be composed again unless remembered
+    for s in (0, 2, 3):
+        recomputer.epsilon(histories[s], DELTA)
+    assert built == []  # remembered: no distribution built
+    assert recomputer.epsilon(histories[1], DELTA) == pytest.approx(
+        PLDRecomputer().epsilon(histories[1], DELTA), rel=1e-9)
+    assert len(built) >= 1 and len(recomputer._values) == 3  # recomputed, and history 0 left

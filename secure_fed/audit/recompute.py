@@ -191,6 +191,10 @@ def _merge(mechanisms: Iterable[RecordedMechanism]) -> list[tuple[float, float, 
 
 MAX_KEPT_BYTES = 256 * 2**20
 """Memory a :class:`PLDRecomputer` keeps its distributions in, at most."""
+MAX_KEPT_VALUES = 65_536
+"""ε values a :class:`PLDRecomputer` remembers per ``(history, δ)`` (a few hundred bytes each),
+the least recently asked dropped first: a master that runs for years checks a new history
+every round of every slave, and only the recent ones are asked again."""
 
 
 class PLDRecomputer:
@@ -216,9 +220,9 @@ class PLDRecomputer:
     Both are kept in one LRU bounded by entries (``2·max_states``) and by bytes
     (``max_bytes``, the arrays each distribution holds; one larger than an eighth of it is
     not kept: a slave cannot fill the cache with a few huge histories). Results are cached
-    per ``(history, δ)``. A distribution, once built, is only read (``compose`` and
-    ``self_compose`` return new ones; tests/test_pld_recomputer.py checks it), so a kept one
-    is shared, not copied.
+    per ``(history, δ)``, the last :data:`MAX_KEPT_VALUES` asked. A distribution, once built,
+    is only read (``compose`` and ``self_compose`` return new ones;
+    tests/test_pld_recomputer.py checks it), so a kept one is shared, not copied.
 
     Args:
         value_discretization_interval: privacy-loss grid of the PLD (smaller: slower,
@@ -244,7 +248,7 @@ class PLDRecomputer:
         self.max_bytes = max_bytes
         self._kept: OrderedDict[tuple[str, tuple[Any, ...]], tuple[Any, int]] = OrderedDict()
         self._kept_bytes = 0
-        self._values: dict[tuple[str, float], float] = {}
+        self._values: OrderedDict[tuple[str, float], float] = OrderedDict()
         self._lock = threading.Lock()
 
     def reserve(self, histories: int) -> None:
@@ -272,9 +276,12 @@ class PLDRecomputer:
         with self._lock:
             cached = self._values.get(key)
             if cached is not None:
+                self._values.move_to_end(key)
                 return cached
             value = float(self._distribution_for(history).get_epsilon_for_delta(delta))
             self._values[key] = value
+            while len(self._values) > MAX_KEPT_VALUES:
+                self._values.popitem(last=False)
             return value
 
     def _distribution_for(self, history: tuple[RecordedMechanism, ...]) -> Any:
