@@ -21,7 +21,10 @@ what that party would spend on a machine of its own.
 From the records, :func:`critical_path` gives a deployment's round time in which every slave
 has a machine of its own: the slowest slave's work, plus moving its bytes up and down at a
 stated bandwidth, plus the master's work. Work a slave runs beside its training (the round's
-masks, on a second core) counts only for the part its training does not cover.
+masks, on a second core) counts only for the part its training does not cover; the master's
+checks and additions of chunks as they arrive count only for the part the slowest slave's
+upload does not cover (and at least one chunk of each update: the last ones, which arrive at
+its end).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from secure_fed.errors import ConfigError
 
 __all__ = ["CpuTotals", "Traffic", "SlaveRoundCosts", "MasterRoundCosts", "CriticalPath",
            "append_costs", "read_costs", "parse_bandwidth", "critical_path", "timed_call",
-           "COSTS_FILE", "DEFAULT_BANDWIDTH", "SLAVE_WORK", "SLAVE_KINDS", "MASTER_WORK"]
+           "COSTS_FILE", "DEFAULT_BANDWIDTH", "SLAVE_WORK", "SLAVE_KINDS", "MASTER_WORK",
+           "MASTER_KINDS"]
 
 COSTS_FILE = "costs.jsonl"
 """Name of the per-attempt cost records in a party's folder."""
@@ -56,6 +60,9 @@ SLAVE_KINDS = (*SLAVE_WORK, "masking_s", "overlapped_s", "precompute_s")
 much of them training covered), and what it prepares while it waits."""
 MASTER_WORK = ("admission_s", "aggregation_s", "decryption_s", "unmasking_s", "commit_s")
 """The kinds of the master's work (fields of :class:`MasterRoundCosts`)."""
+MASTER_KINDS = (*MASTER_WORK, "arrival_s")
+"""Every kind the master meters: its work, and the part of its aggregation spent on chunks as
+they arrived."""
 
 T = TypeVar("T")
 
@@ -214,10 +221,25 @@ class MasterRoundCosts(_Record):
     """Secure aggregation's messages, and removing the masks from the sum."""
     commit_s: float = Field(ge=0)
     """The server optimizer, the evaluation, the checkpoint and the audit records."""
+    arrival_s: float = Field(ge=0, default=0.0)
+    """The part of :attr:`aggregation_s` spent checking and adding each chunk when it arrived
+    (in a worker thread, while the slaves' uploads were still coming in). A sharded sum's
+    shards report their CPU seconds whole at the end: none of it is counted here."""
+    chunks: int = Field(ge=0, default=0)
+    """Chunks of each update (0 in records written before it was kept: no chunk counted as
+    added on arrival)."""
     bytes_in: dict[str, int]
     """Message bytes received from each slave."""
     bytes_out: dict[str, int]
     """Message bytes sent to each slave."""
+
+    @model_validator(mode="after")
+    def _arrival_within_aggregation(self) -> MasterRoundCosts:
+        # both are sums of the same measures, arrival_s of fewer: allow their rounding
+        if self.arrival_s > self.aggregation_s + 1e-9:
+            raise ValueError(f"arrival_s {self.arrival_s} exceeds aggregation_s "
+                             f"{self.aggregation_s}: it is a part of the aggregation")
+        return self
 
     @property
     def work_s(self) -> float:
@@ -280,8 +302,14 @@ class CriticalPath(BaseModel):
 
     ``seconds = slave_work_s + transfer_s + master_s``: the slowest slave's CPU work (the one
     whose work and transfer take longest), its bytes up and down at ``bandwidth`` bytes per
-    second, and the master's CPU work; nothing overlaps (an upper bound of a round in which
-    the master adds chunks while they arrive).
+    second, and the master's CPU work on the path, ``master_cpu_s - arrival_covered_s``.
+
+    ``arrival_covered_s`` is the part of the master's additions of chunks as they arrived
+    (:attr:`MasterRoundCosts.arrival_s`) that the slowest slave's upload covers, one chunk
+    of each update excepted: in a deployment every slave's chunks reach the master, which adds
+    each one in a thread of its own, before that upload's last chunk, and only the last chunk
+    of each update (``arrival_s / chunks``) must wait for it. It is at most that upload's
+    time less one chunk's: ``min(arrival_s, upload_s) · (1 − 1/chunks)``.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -290,6 +318,8 @@ class CriticalPath(BaseModel):
     slave_work_s: float
     transfer_s: float
     master_s: float
+    master_cpu_s: float
+    arrival_covered_s: float
     bandwidth: float
     seconds: float
 
@@ -316,6 +346,12 @@ def critical_path(slaves: Sequence[SlaveRoundCosts], master: MasterRoundCosts,
 
     slowest = max(slaves, key=own)
     transfer = (slowest.bytes_up + slowest.bytes_down) / bandwidth
+    covered = 0.0
+    if master.chunks:
+        covered = (min(master.arrival_s, slowest.bytes_up / bandwidth)
+                   * (1 - 1 / master.chunks))
+    on_path = master.work_s - covered
     return CriticalPath(slave=slowest.party, slave_work_s=slowest.work_s, transfer_s=transfer,
-                        master_s=master.work_s, bandwidth=bandwidth,
-                        seconds=slowest.work_s + transfer + master.work_s)
+                        master_s=on_path, master_cpu_s=master.work_s,
+                        arrival_covered_s=covered, bandwidth=bandwidth,
+                        seconds=slowest.work_s + transfer + on_path)

@@ -127,6 +127,37 @@ def test_masks_made_beside_training_count_for_the_part_training_does_not_cover()
     assert SlaveRoundCosts.model_validate(old) == record
 
 
+def test_chunks_added_as_they_arrived_count_for_what_the_slowest_upload_does_not_cover(
+) -> None:
+    master = MasterRoundCosts(round=2, attempt=1, admission_s=0.1, aggregation_s=0.5,
+                              decryption_s=0.3, unmasking_s=0.0, commit_s=0.1,
+                              arrival_s=0.4, chunks=4, bytes_in={"a": 0}, bytes_out={"a": 0})
+    # a 2 s upload at 1 MB/s covers the 0.4 s of additions but those of the last chunks
+    slave = _slave("a", 1.0, 2_000_000, 500_000)
+    path = critical_path([slave], master, 1e6)
+    assert path.master_cpu_s == pytest.approx(1.0)
+    assert path.arrival_covered_s == pytest.approx(0.4 * 3 / 4)
+    assert path.master_s == pytest.approx(1.0 - 0.3)
+    assert path.seconds == pytest.approx(1.0 + 2.5 + 0.7)
+    # a 0.2 s upload covers 0.2 s of them less one chunk's time; the rest waits for it
+    quick = critical_path([_slave("a", 1.0, 200_000, 0)], master, 1e6)
+    assert quick.arrival_covered_s == pytest.approx(0.2 * 3 / 4)
+    assert quick.seconds == pytest.approx(1.0 + 0.2 + 1.0 - 0.15)
+    # one chunk per update: it arrives last, nothing is covered
+    single = master.model_copy(update={"chunks": 1})
+    assert critical_path([slave], single, 1e6).seconds == pytest.approx(1.0 + 2.5 + 1.0)
+    # nothing added on arrival (a sharded sum), or a record without its chunk count
+    for update in ({"arrival_s": 0.0}, {"chunks": 0}):
+        whole = critical_path([slave], master.model_copy(update=update), 1e6)
+        assert whole.arrival_covered_s == 0 and whole.master_s == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="it is a part of the aggregation"):
+        MasterRoundCosts.model_validate({**master.model_dump(), "arrival_s": 0.6})
+    # records written before the additions on arrival were metered read as none metered
+    old = master.model_dump()
+    del old["arrival_s"], old["chunks"]
+    assert MasterRoundCosts.model_validate(old).arrival_s == 0
+
+
 def test_records_round_trip_through_costs_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "costs.jsonl"
     assert read_costs(path, SlaveRoundCosts) == []

@@ -30,7 +30,8 @@ Figures come from what the master records, not from estimates:
   ``costs.jsonl`` (:mod:`secure_fed.costs`);
 * ``critical_path_seconds``: from those records, the round of a deployment where every party
   has a machine of its own — the slowest slave's work, plus its bytes up and down at
-  ``bandwidth``, plus the master's work (:func:`secure_fed.costs.critical_path`; each timed
+  ``bandwidth``, plus the master's work but the additions of chunks that slave's upload covers
+  (:func:`secure_fed.costs.critical_path`; each timed
   round's parts in ``critical_path_rounds``, their mean in ``critical_path``), beside the
   measured ``seconds_per_round``; ``critical_path_vs_plain`` and ``seconds_vs_plain``: the
   ratios against the ``plain`` (DP only) row of the same size, slaves and DP mechanism.
@@ -75,7 +76,7 @@ from secure_fed.config.settings import (
 from secure_fed.costs import (
     COSTS_FILE,
     DEFAULT_BANDWIDTH,
-    MASTER_WORK,
+    MASTER_KINDS,
     SLAVE_KINDS,
     MasterRoundCosts,
     SlaveRoundCosts,
@@ -479,12 +480,13 @@ def round_costs(work: Path, measured: Sequence[dict[str, Any]],
                                 for key in slave_fields}
                         for party in sorted({r.party for r in per_slave})},
         "master_costs": {
-            **{key: statistics.fmean(getattr(m, key) for m in per_master) for key in MASTER_WORK},
+            **{key: statistics.fmean(getattr(m, key) for m in per_master) for key in MASTER_KINDS},
             "bytes_in": statistics.fmean(sum(m.bytes_in.values()) for m in per_master),
             "bytes_out": statistics.fmean(sum(m.bytes_out.values()) for m in per_master)},
         "critical_path_rounds": paths,
         "critical_path": {key: statistics.fmean(p[key] for p in paths)
-                          for key in ("slave_work_s", "transfer_s", "master_s", "seconds")},
+                          for key in ("slave_work_s", "transfer_s", "master_s",
+                                      "master_cpu_s", "arrival_covered_s", "seconds")},
         "critical_path_seconds": statistics.fmean(p["seconds"] for p in paths),
     }
 
@@ -566,7 +568,7 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
               f"{'master in B':>13}")
     header += f" {'B/value':>7} {'ring bits':>9}" if dp else ""
     header += f" {'wire up/slave':>13} {'wire down/slave':>15}" if wire else ""
-    header += (f" {'slave cpu s':>11} {'xfer s':>7} {'master cpu s':>12} {'crit. path s':>12}"
+    header += (f" {'slave cpu s':>11} {'xfer s':>7} {'master s':>12} {'crit. path s':>12}"
                f" {'crit/plain':>10} {'s/plain':>7}")
     lines = [header + f" {'accuracy':>8}"]
     for r in rows:
@@ -610,9 +612,10 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
                      "slave's CPU seconds (training, + the masks made beside it less the part "
                      "training covered, + protection, signing, protocol) + its "
                      "message bytes up and down over the link + the master's CPU seconds "
-                     "(admission, aggregation, decryption, unmasking, commit), each party as on "
-                     "a machine of its own; crit/plain and s/plain: against the plain (DP "
-                     "only) row of the same size and slaves")
+                     "(admission, aggregation, decryption, unmasking, commit) less its "
+                     "additions of chunks as they arrived that this upload covers (all but one "
+                     "chunk of each update), each party as on a machine of its own; crit/plain "
+                     "and s/plain: against the plain (DP only) row of the same size and slaves")
     return "\n".join(lines)
 
 

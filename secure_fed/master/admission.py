@@ -20,7 +20,7 @@ from typing import Protocol
 from cryptography import x509
 
 from secure_fed.config.settings import MasterConfig
-from secure_fed.costs import MASTER_WORK, CpuTotals
+from secure_fed.costs import MASTER_KINDS, CpuTotals
 from secure_fed.errors import IdentityError, ProtocolError, SecureFedError, TransportError
 from secure_fed.identity.certificates import certificate_role, party_id_from_certificate
 from secure_fed.identity.revocation import Revocations
@@ -86,7 +86,7 @@ class Admission:
                  rounds: RoundEvents, insecure_loopback: bool,
                  costs: CpuTotals | None = None) -> None:
         self.config = config
-        self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
+        self.costs = costs if costs is not None else CpuTotals(MASTER_KINDS)
         self._ca_cert_pem = ca_cert_pem
         self.revocations = revocations
         self._public_digest = public_digest

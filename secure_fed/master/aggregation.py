@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from secure_fed.config.settings import MasterConfig
-from secure_fed.costs import MASTER_WORK, CpuTotals, timed_call
+from secure_fed.costs import MASTER_KINDS, CpuTotals, timed_call
 from secure_fed.errors import SecureFedError, UnusableAggregate
 from secure_fed.faults import crash_point
 from secure_fed.he.aggregator import Aggregator
@@ -66,7 +66,7 @@ class RoundAggregation:
                  connections: Connections, now: float, *, unit_weights: bool = False,
                  costs: CpuTotals | None = None) -> None:
         self.aggregator = aggregator
-        self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
+        self.costs = costs if costs is not None else CpuTotals(MASTER_KINDS)
         self.unit_weights = unit_weights
         self.start = start
         self.started = now
@@ -86,6 +86,7 @@ class RoundAggregation:
             _, seconds = await asyncio.to_thread(timed_call, self.aggregator.add_chunk,
                                                  slave_id, index, data)
             self.costs.add("aggregation_s", seconds)
+            self.costs.add("arrival_s", seconds)
         self.bytes_by_slave[slave_id] = self.bytes_by_slave.get(slave_id, 0) + len(data)
 
     async def finish(self, slave_id: str, weight: int) -> None:
@@ -188,7 +189,7 @@ class AggregationPipeline:
                  connections: Connections, shards: ShardBackend | None = None,
                  costs: CpuTotals | None = None) -> None:
         self.config = config
-        self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
+        self.costs = costs if costs is not None else CpuTotals(MASTER_KINDS)
         self.params = params
         self.protection = config.encryption.protection
         self._public_context = public_context

@@ -21,7 +21,7 @@ import numpy as np
 
 from secure_fed.audit.log import AuditLog
 from secure_fed.config.settings import MasterConfig
-from secure_fed.costs import MASTER_WORK, CpuTotals, MasterRoundCosts, append_costs
+from secure_fed.costs import MASTER_KINDS, CpuTotals, MasterRoundCosts, append_costs
 from secure_fed.errors import ProtocolError, SecureFedError, UnusableAggregate
 from secure_fed.faults import crash_point
 from secure_fed.master.aggregation import AggregationPipeline, RoundAggregation
@@ -79,7 +79,7 @@ class RoundRunner:
                  checks: UpdateChecks, connections: Connections, on_event: EventSink,
                  costs: CpuTotals | None = None, costs_path: Path | None = None) -> None:
         self.config = config
-        self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
+        self.costs = costs if costs is not None else CpuTotals(MASTER_KINDS)
         self.costs_path = costs_path
         self.cost_records: list[MasterRoundCosts] = []
         self.coordinator = coordinator
@@ -403,6 +403,7 @@ class RoundRunner:
         traffic = {slave: counter.take() for slave, counter in self.connections.traffic.items()}
         record = MasterRoundCosts(
             party="master", round=round_, attempt=attempt, **self.costs.take(),
+            chunks=self.coordinator.chunks,
             bytes_in={slave: received for slave, (_, received) in traffic.items()},
             bytes_out={slave: sent for slave, (sent, _) in traffic.items()})
         self.cost_records.append(record)

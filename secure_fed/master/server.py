@@ -27,7 +27,7 @@ from secure_fed.audit.log import AuditLog, genesis_data
 from secure_fed.audit.verify import read_verified_records
 from secure_fed.config.settings import LOOPBACK_HOSTS
 from secure_fed.config.tasks import DEFAULT_TASK, task_facts
-from secure_fed.costs import COSTS_FILE, MASTER_WORK, CpuTotals
+from secure_fed.costs import COSTS_FILE, MASTER_KINDS, CpuTotals
 from secure_fed.data.datasets import Dataset
 from secure_fed.data.partition import master_holdout
 from secure_fed.durable import remove_stale_temporaries
@@ -179,7 +179,7 @@ class Master:
         )
         self.connections = Connections()
         # CPU seconds of the master's work per round attempt, in out_dir/costs.jsonl
-        costs = CpuTotals(MASTER_WORK)
+        costs = CpuTotals(MASTER_KINDS)
         self.aggregation = AggregationPipeline(
             self.config, self.params, public_context, self.keyholder,
             vector_size=self.vector_size, spool_dir=self.out_dir / "spool",

@@ -19,7 +19,7 @@ from secure_fed.audit.recompute import TOLERANCE as EPSILON_TOLERANCE
 from secure_fed.audit.recompute import ClaimError, PLDRecomputer, parse_mechanisms
 from secure_fed.config.settings import TrainingPlanSettings
 from secure_fed.config.tasks import DEFAULT_TASK
-from secure_fed.costs import MASTER_WORK, CpuTotals, timed_call
+from secure_fed.costs import MASTER_KINDS, CpuTotals, timed_call
 from secure_fed.errors import IdentityError
 from secure_fed.identity.certificates import decode_signature, verify_signature
 from secure_fed.master.federated_metrics import release_problem
@@ -47,7 +47,7 @@ class UpdateChecks:
                  task: str = DEFAULT_TASK, costs: CpuTotals | None = None,
                  slaves: int = 1) -> None:
         self.federation_id = federation_id
-        self.costs = costs if costs is not None else CpuTotals(MASTER_WORK)
+        self.costs = costs if costs is not None else CpuTotals(MASTER_KINDS)
         self.plan = plan
         self.evaluation_statistic = statistic_for_task(task).kind
         self._recomputer = PLDRecomputer()
