@@ -22,9 +22,8 @@ From the records, :func:`critical_path` gives a deployment's round time in which
 has a machine of its own: the slowest slave's work, plus moving its bytes up and down at a
 stated bandwidth, plus the master's work. Work a slave runs beside its training (the round's
 masks, on a second core) counts only for the part its training does not cover; the master's
-checks and additions of chunks as they arrive count only for the part the slowest slave's
-upload does not cover (and at least one chunk of each update: the last ones, which arrive at
-its end).
+work on chunks as they arrive counts only for the part the slowest slave's upload does not
+cover (:class:`CriticalPath`).
 """
 
 from __future__ import annotations
@@ -212,7 +211,8 @@ class MasterRoundCosts(_Record):
 
     party: str = "master"
     admission_s: float = Field(ge=0)
-    """Connections' identity and greeting, and the checks of signed update headers."""
+    """Connections' identity and greeting, the checks of signed update headers, and the audit
+    record of each update received."""
     aggregation_s: float = Field(ge=0)
     """Parsing and adding the updates' chunks into the running sum, and closing the sum."""
     decryption_s: float = Field(ge=0)
@@ -222,12 +222,16 @@ class MasterRoundCosts(_Record):
     commit_s: float = Field(ge=0)
     """The server optimizer, the evaluation, the checkpoint and the audit records."""
     arrival_s: float = Field(ge=0, default=0.0)
-    """The part of :attr:`aggregation_s` spent checking and adding each chunk when it arrived
-    (in a worker thread, while the slaves' uploads were still coming in). A sharded sum's
-    shards report their CPU seconds whole at the end: none of it is counted here."""
+    """The part of :attr:`aggregation_s` spent on each chunk when it arrived, while the slaves'
+    uploads were still coming in: its SHA-256 against the signed header, and its checks (and,
+    under ``he`` and ``he+mask``, its addition to the running sum; ``plain`` and ``mask`` add
+    an update when it is complete). A sharded sum's shards report their CPU seconds whole at
+    the end: none of them counts here."""
     chunks: int = Field(ge=0, default=0)
-    """Chunks of each update (0 in records written before it was kept: no chunk counted as
-    added on arrival)."""
+    """Chunks of each update."""
+    update_bytes: dict[str, int] = Field(default_factory=dict)
+    """Bytes of the update chunks received from each slave (part of :attr:`bytes_in`).
+    Records written before these three were kept read as none spent on arrival."""
     bytes_in: dict[str, int]
     """Message bytes received from each slave."""
     bytes_out: dict[str, int]
@@ -300,16 +304,21 @@ def parse_bandwidth(text: str) -> float:
 class CriticalPath(BaseModel):
     """A round's time when every party has a machine of its own (seconds).
 
-    ``seconds = slave_work_s + transfer_s + master_s``: the slowest slave's CPU work (the one
-    whose work and transfer take longest), its bytes up and down at ``bandwidth`` bytes per
-    second, and the master's CPU work on the path, ``master_cpu_s - arrival_covered_s``.
+    ``seconds = slave_work_s + transfer_s + master_path_s``: the slowest slave's CPU work, its
+    bytes up and down at ``bandwidth`` bytes per second, and the master's CPU work on the
+    path, ``master_cpu_s − arrival_covered_s``; the slowest slave is the one whose path takes
+    longest. ``whole_seconds`` counts the master's CPU whole (an upper bound of the same
+    round).
 
-    ``arrival_covered_s`` is the part of the master's additions of chunks as they arrived
-    (:attr:`MasterRoundCosts.arrival_s`) that the slowest slave's upload covers, one chunk
-    of each update excepted: in a deployment every slave's chunks reach the master, which adds
-    each one in a thread of its own, before that upload's last chunk, and only the last chunk
-    of each update (``arrival_s / chunks``) must wait for it. It is at most that upload's
-    time less one chunk's: ``min(arrival_s, upload_s) · (1 − 1/chunks)``.
+    ``arrival_covered_s`` is the part of the master's work on chunks as they arrived
+    (:attr:`MasterRoundCosts.arrival_s`) that the slowest slave's upload covers. With every
+    slave on a link of the same speed, every update's chunks reach the master before that
+    upload's last one; the master handles them one at a time, and the same one-at-a-time lane
+    also checks the update headers, which arrive when the uploads start. So the upload covers
+    at most its time less the header checks (all of ``admission_s``, counted as if it fell in
+    the window), and of the work on chunks, all but one chunk of each update (the last ones,
+    which arrive at its end): ``min(arrival_s, max(0, upload_s − admission_s)) · (1 −
+    1/chunks)``, where ``upload_s`` is that slave's update bytes at ``bandwidth``.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -317,11 +326,12 @@ class CriticalPath(BaseModel):
     slave: str
     slave_work_s: float
     transfer_s: float
-    master_s: float
+    master_path_s: float
     master_cpu_s: float
     arrival_covered_s: float
     bandwidth: float
     seconds: float
+    whole_seconds: float
 
 
 def critical_path(slaves: Sequence[SlaveRoundCosts], master: MasterRoundCosts,
@@ -341,17 +351,23 @@ def critical_path(slaves: Sequence[SlaveRoundCosts], master: MasterRoundCosts,
         raise ConfigError(f"a critical path needs the slaves' records and a positive bandwidth "
                           f"(got {len(slaves)} records, {bandwidth} B/s)")
 
-    def own(record: SlaveRoundCosts) -> float:
-        return record.work_s + (record.bytes_up + record.bytes_down) / bandwidth
+    def transfer(record: SlaveRoundCosts) -> float:
+        return (record.bytes_up + record.bytes_down) / bandwidth
 
-    slowest = max(slaves, key=own)
-    transfer = (slowest.bytes_up + slowest.bytes_down) / bandwidth
-    covered = 0.0
-    if master.chunks:
-        covered = (min(master.arrival_s, slowest.bytes_up / bandwidth)
-                   * (1 - 1 / master.chunks))
-    on_path = master.work_s - covered
-    return CriticalPath(slave=slowest.party, slave_work_s=slowest.work_s, transfer_s=transfer,
-                        master_s=on_path, master_cpu_s=master.work_s,
-                        arrival_covered_s=covered, bandwidth=bandwidth,
-                        seconds=slowest.work_s + transfer + on_path)
+    def covered(record: SlaveRoundCosts) -> float:
+        upload = master.update_bytes.get(record.party, 0) / bandwidth
+        if not master.chunks or not upload:
+            return 0.0
+        window = max(0.0, upload - master.admission_s)
+        return min(master.arrival_s, window) * (1 - 1 / master.chunks)
+
+    def path(record: SlaveRoundCosts) -> float:
+        return record.work_s + transfer(record) + master.work_s - covered(record)
+
+    slowest = max(slaves, key=path)
+    hidden = covered(slowest)
+    return CriticalPath(slave=slowest.party, slave_work_s=slowest.work_s,
+                        transfer_s=transfer(slowest), master_path_s=master.work_s - hidden,
+                        master_cpu_s=master.work_s, arrival_covered_s=hidden,
+                        bandwidth=bandwidth, seconds=path(slowest),
+                        whole_seconds=slowest.work_s + transfer(slowest) + master.work_s)

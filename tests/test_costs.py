@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from secure_fed.costs import (
+    MASTER_KINDS,
     MASTER_WORK,
     SLAVE_WORK,
     CpuTotals,
@@ -99,7 +100,8 @@ def test_the_critical_path_takes_the_slave_whose_work_and_transfer_take_longest(
     a, b = _slave("a", 2.0, 500_000, 500_000), _slave("b", 1.0, 2_500_000, 500_000)
     slow = critical_path([a, b], master, parse_bandwidth("1MB/s"))
     assert (slow.slave, slow.slave_work_s, slow.transfer_s) == ("b", 1.0, 3.0)
-    assert slow.master_s == pytest.approx(1.5)
+    assert slow.master_path_s == slow.master_cpu_s == pytest.approx(1.5)
+    assert slow.whole_seconds == slow.seconds
     assert slow.seconds == pytest.approx(5.5)
     fast = critical_path([a, b], master, parse_bandwidth("1Gbit"))
     assert fast.slave == "a" and fast.seconds == pytest.approx(2.0 + 1e6 / 125e6 + 1.5)
@@ -127,35 +129,55 @@ def test_masks_made_beside_training_count_for_the_part_training_does_not_cover()
     assert SlaveRoundCosts.model_validate(old) == record
 
 
-def test_chunks_added_as_they_arrived_count_for_what_the_slowest_upload_does_not_cover(
+def test_work_on_chunks_as_they_arrived_counts_where_the_slowest_upload_does_not_cover_it(
 ) -> None:
     master = MasterRoundCosts(round=2, attempt=1, admission_s=0.1, aggregation_s=0.5,
                               decryption_s=0.3, unmasking_s=0.0, commit_s=0.1,
-                              arrival_s=0.4, chunks=4, bytes_in={"a": 0}, bytes_out={"a": 0})
-    # a 2 s upload at 1 MB/s covers the 0.4 s of additions but those of the last chunks
-    slave = _slave("a", 1.0, 2_000_000, 500_000)
+                              arrival_s=0.4, chunks=4, update_bytes={"a": 2_000_000},
+                              bytes_in={"a": 0}, bytes_out={"a": 0})
+    # a 2 s upload at 1 MB/s, less the 0.1 s of header checks in the same lane, covers the
+    # 0.4 s spent on chunks as they arrived, but for the last chunk of each update
+    slave = _slave("a", 1.0, 2_000_100, 500_000)
     path = critical_path([slave], master, 1e6)
     assert path.master_cpu_s == pytest.approx(1.0)
     assert path.arrival_covered_s == pytest.approx(0.4 * 3 / 4)
-    assert path.master_s == pytest.approx(1.0 - 0.3)
-    assert path.seconds == pytest.approx(1.0 + 2.5 + 0.7)
-    # a 0.2 s upload covers 0.2 s of them less one chunk's time; the rest waits for it
-    quick = critical_path([_slave("a", 1.0, 200_000, 0)], master, 1e6)
+    assert path.master_path_s == pytest.approx(1.0 - 0.3)
+    assert path.seconds == pytest.approx(1.0 + 2.5001 + 0.7)
+    assert path.whole_seconds == pytest.approx(1.0 + 2.5001 + 1.0)
+    # a 0.3 s upload less 0.1 s of header checks covers 0.2 s, less one chunk's share
+    short = master.model_copy(update={"update_bytes": {"a": 300_000}})
+    quick = critical_path([_slave("a", 1.0, 300_000, 0)], short, 1e6)
     assert quick.arrival_covered_s == pytest.approx(0.2 * 3 / 4)
-    assert quick.seconds == pytest.approx(1.0 + 0.2 + 1.0 - 0.15)
+    assert quick.seconds == pytest.approx(1.0 + 0.3 + 1.0 - 0.15)
+    # header checks longer than the upload leave no room
+    busy = master.model_copy(update={"admission_s": 2.5, "aggregation_s": 0.5})
+    assert critical_path([slave], busy, 1e6).arrival_covered_s == 0
     # one chunk per update: it arrives last, nothing is covered
     single = master.model_copy(update={"chunks": 1})
-    assert critical_path([slave], single, 1e6).seconds == pytest.approx(1.0 + 2.5 + 1.0)
-    # nothing added on arrival (a sharded sum), or a record without its chunk count
-    for update in ({"arrival_s": 0.0}, {"chunks": 0}):
+    assert critical_path([slave], single, 1e6).seconds == pytest.approx(1.0 + 2.5001 + 1.0)
+    # nothing on arrival (a sharded sum), or a record without its chunks or update bytes
+    for update in ({"arrival_s": 0.0}, {"chunks": 0}, {"update_bytes": {}}):
         whole = critical_path([slave], master.model_copy(update=update), 1e6)
-        assert whole.arrival_covered_s == 0 and whole.master_s == pytest.approx(1.0)
+        assert whole.arrival_covered_s == 0 and whole.master_path_s == pytest.approx(1.0)
     with pytest.raises(ValueError, match="it is a part of the aggregation"):
         MasterRoundCosts.model_validate({**master.model_dump(), "arrival_s": 0.6})
-    # records written before the additions on arrival were metered read as none metered
+    # records written before the work on arrival was metered read as none metered
     old = master.model_dump()
-    del old["arrival_s"], old["chunks"]
+    del old["arrival_s"], old["chunks"], old["update_bytes"]
     assert MasterRoundCosts.model_validate(old).arrival_s == 0
+
+
+def test_the_slowest_slave_is_the_one_whose_path_is_longest_after_the_credit() -> None:
+    master = MasterRoundCosts(round=2, attempt=1, admission_s=0.0, aggregation_s=1.0,
+                              decryption_s=0.0, unmasking_s=0.0, commit_s=0.0,
+                              arrival_s=1.0, chunks=100,
+                              update_bytes={"a": 1_000_000, "b": 100_000},
+                              bytes_in={"a": 0, "b": 0}, bytes_out={"a": 0, "b": 0})
+    # a sends 0.9 s more but its upload covers 0.99 s of the master's work; b's covers 0.099
+    a, b = _slave("a", 1.0, 1_000_000, 0), _slave("b", 1.85, 100_000, 0)
+    path = critical_path([a, b], master, 1e6)
+    assert path.slave == "b"
+    assert path.seconds == pytest.approx(1.85 + 0.1 + 1.0 - 0.099)
 
 
 def test_records_round_trip_through_costs_jsonl(tmp_path: Path) -> None:
@@ -188,3 +210,45 @@ def test_a_channel_counts_the_bytes_of_every_message_both_ways() -> None:
     assert m_sent == s_received == 1000 + len(encode(RoundEnd(
         round=1, committed=True, reason="committed — ✓")).encode("utf-8"))
     assert m_received == s_sent == 7
+
+
+class _SpinningSum:
+    """A running sum whose every call spins the calling thread's CPU for a set time."""
+
+    def __init__(self, **seconds: float) -> None:
+        self.seconds = seconds
+
+    def _spin(self, call: str) -> None:
+        end = time.thread_time() + self.seconds[call]
+        while time.thread_time() < end:
+            pass
+
+    def add_chunk(self, slave_id: str, index: int, data: bytes) -> None:
+        self._spin("add_chunk")
+
+    def finish(self, slave_id: str, weight: int) -> None:
+        self._spin("finish")
+
+    def discard(self, slave_id: str) -> None:
+        self._spin("discard")
+
+
+def test_the_master_counts_as_arrival_only_the_work_on_each_chunk_as_it_arrives() -> None:
+    from secure_fed.master.aggregation import RoundAggregation
+
+    totals = CpuTotals(MASTER_KINDS)
+    summing = _SpinningSum(add_chunk=0.02, finish=0.05, discard=0.05)
+    state = RoundAggregation(summing, None, None, 0.0, costs=totals)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        for index in range(3):
+            await state.add_chunk("a", index, b"x" * 10)
+            await state.add_chunk("b", index, b"y" * 10)
+        await state.finish("a", 1)
+        await state.discard("b")
+
+    asyncio.run(run())
+    taken = totals.take()
+    assert 0.12 <= taken["arrival_s"] < 0.16  # six chunks of 0.02 s
+    assert taken["aggregation_s"] - taken["arrival_s"] >= 0.1  # finish and discard
+    assert state.bytes_by_slave == {"a": 30, "b": 30}

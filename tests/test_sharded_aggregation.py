@@ -316,6 +316,7 @@ def test_the_masters_pipeline_sums_in_the_shards_of_its_settings(
 
     average, pids, costs = asyncio.run(run())
     assert costs["aggregation_s"] > 0 and costs["decryption_s"] > 0
+    assert costs["arrival_s"] == 0  # the shards' CPU arrives whole at the end: no credit
     assert "aggregation runs in 2 shards (processes)" in caplog.messages
     expected = np.mean([encrypted[s][0] for s in ("a", "b", "d", "e")], axis=0)
     assert np.max(np.abs(average - expected)) <= params.clip / 2 ** (params.quant_bits - 1)

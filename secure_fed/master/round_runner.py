@@ -21,7 +21,13 @@ import numpy as np
 
 from secure_fed.audit.log import AuditLog
 from secure_fed.config.settings import MasterConfig
-from secure_fed.costs import MASTER_KINDS, CpuTotals, MasterRoundCosts, append_costs
+from secure_fed.costs import (
+    MASTER_KINDS,
+    CpuTotals,
+    MasterRoundCosts,
+    append_costs,
+    timed_call,
+)
 from secure_fed.errors import ProtocolError, SecureFedError, UnusableAggregate
 from secure_fed.faults import crash_point
 from secure_fed.master.aggregation import AggregationPipeline, RoundAggregation
@@ -92,6 +98,7 @@ class RoundRunner:
         self._on_event = on_event
         self._lock = asyncio.Lock()
         self._round: RoundAggregation | None = None
+        self._update_bytes: dict[str, int] = {}  # of the last attempt closed
         self._background: set[asyncio.Task[None]] = set()
         self._done = asyncio.Event()
         self._outcome: co.FederationDone | None = None
@@ -155,8 +162,10 @@ class RoundRunner:
             ticker.cancel()
 
     def close_round(self) -> None:
-        """Release the open attempt's sum, if any."""
+        """Release the open attempt's sum, if any (its update bytes are kept for the
+        attempt's costs record)."""
         if self._round is not None:
+            self._update_bytes = dict(self._round.bytes_by_slave)
             self._round.close()
             self._round = None
 
@@ -179,7 +188,11 @@ class RoundRunner:
     async def _dispatch(self, channel: Channel, message: str | bytes) -> None:
         now = time.monotonic()
         if isinstance(message, bytes):
-            await self._apply(self.coordinator.chunk(channel.peer, message, now))
+            # the chunk's SHA-256 against the signed header: work on a chunk as it arrives
+            actions, seconds = timed_call(self.coordinator.chunk, channel.peer, message, now)
+            self.costs.add("aggregation_s", seconds)
+            self.costs.add("arrival_s", seconds)
+            await self._apply(actions)
             return
         parsed = parse_slave_message(message)
         if isinstance(parsed, UpdateHeader):
@@ -294,7 +307,8 @@ class RoundRunner:
         record = self.checks.received_record(
             action.slave_id, header, attempt=state.start.attempt,
             received_bytes=state.bytes_by_slave.get(action.slave_id, 0))
-        self.audit.append("update_received", record)
+        with self.costs.measure("admission_s"):
+            self.audit.append("update_received", record)
         self._on_event("update_received", record)
         if header.evaluation is not None:
             self._evaluations[action.slave_id] = header.evaluation
@@ -403,9 +417,10 @@ class RoundRunner:
         traffic = {slave: counter.take() for slave, counter in self.connections.traffic.items()}
         record = MasterRoundCosts(
             party="master", round=round_, attempt=attempt, **self.costs.take(),
-            chunks=self.coordinator.chunks,
+            chunks=self.coordinator.chunks, update_bytes=self._update_bytes,
             bytes_in={slave: received for slave, (_, received) in traffic.items()},
             bytes_out={slave: sent for slave, (sent, _) in traffic.items()})
+        self._update_bytes = {}
         self.cost_records.append(record)
         if self.costs_path is not None:
             try:
