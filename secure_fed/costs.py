@@ -214,7 +214,8 @@ class MasterRoundCosts(_Record):
     """Connections' identity and greeting, the checks of signed update headers, and the audit
     record of each update received."""
     aggregation_s: float = Field(ge=0)
-    """Parsing and adding the updates' chunks into the running sum, and closing the sum."""
+    """Checking each chunk against its SHA-256 in the signed header, parsing and adding the
+    updates' chunks into the running sum, and closing the sum."""
     decryption_s: float = Field(ge=0)
     """The key holder's decryption and checks of the aggregate (its workers' time included)."""
     unmasking_s: float = Field(ge=0)
@@ -307,18 +308,21 @@ class CriticalPath(BaseModel):
     ``seconds = slave_work_s + transfer_s + master_path_s``: the slowest slave's CPU work, its
     bytes up and down at ``bandwidth`` bytes per second, and the master's CPU work on the
     path, ``master_cpu_s − arrival_covered_s``; the slowest slave is the one whose path takes
-    longest. ``whole_seconds`` counts the master's CPU whole (an upper bound of the same
-    round).
+    longest. ``whole_seconds`` counts the master's CPU whole, with the slave whose work and
+    transfer take longest: an upper bound of the same round's metered work, where
+    ``seconds`` is an estimate (the lane below also receives the chunks, work metered in no
+    record).
 
     ``arrival_covered_s`` is the part of the master's work on chunks as they arrived
     (:attr:`MasterRoundCosts.arrival_s`) that the slowest slave's upload covers. With every
     slave on a link of the same speed, every update's chunks reach the master before that
     upload's last one; the master handles them one at a time, and the same one-at-a-time lane
     also checks the update headers, which arrive when the uploads start. So the upload covers
-    at most its time less the header checks (all of ``admission_s``, counted as if it fell in
-    the window), and of the work on chunks, all but one chunk of each update (the last ones,
-    which arrive at its end): ``min(arrival_s, max(0, upload_s − admission_s)) · (1 −
-    1/chunks)``, where ``upload_s`` is that slave's update bytes at ``bandwidth``.
+    at most its time less the master's admission (header checks and audit records: all of
+    ``admission_s``, counted as if it fell in the window), and of the work on chunks, all but
+    one chunk of each update (the last ones, which arrive at its end): ``min(arrival_s,
+    max(0, upload_s − admission_s)) · (1 − 1/chunks)``, where ``upload_s`` is that slave's
+    update bytes at ``bandwidth``.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -366,8 +370,8 @@ def critical_path(slaves: Sequence[SlaveRoundCosts], master: MasterRoundCosts,
 
     slowest = max(slaves, key=path)
     hidden = covered(slowest)
+    whole = max(record.work_s + transfer(record) for record in slaves) + master.work_s
     return CriticalPath(slave=slowest.party, slave_work_s=slowest.work_s,
                         transfer_s=transfer(slowest), master_path_s=master.work_s - hidden,
                         master_cpu_s=master.work_s, arrival_covered_s=hidden,
-                        bandwidth=bandwidth, seconds=path(slowest),
-                        whole_seconds=slowest.work_s + transfer(slowest) + master.work_s)
+                        bandwidth=bandwidth, seconds=path(slowest), whole_seconds=whole)

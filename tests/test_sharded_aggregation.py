@@ -309,6 +309,10 @@ def test_the_masters_pipeline_sums_in_the_shards_of_its_settings(
                     declines={}))
                 # the shards' CPU seconds (they did all the adding) are the master's costs
                 costs = pipeline.costs.take()
+                # the bytes each slave's chunks brought, c's up to its drop (after chunk 0)
+                assert state.bytes_by_slave == {
+                    s: len(encrypted[s][1][0]) if s == "c" else sum(map(len, encrypted[s][1]))
+                    for s in encrypted}
                 state.close()
             finally:
                 pipeline.close()
@@ -316,7 +320,7 @@ def test_the_masters_pipeline_sums_in_the_shards_of_its_settings(
 
     average, pids, costs = asyncio.run(run())
     assert costs["aggregation_s"] > 0 and costs["decryption_s"] > 0
-    assert costs["arrival_s"] == 0  # the shards' CPU arrives whole at the end: no credit
+    assert costs["arrival_s"] == 0  # the shards' CPU is counted whole, none as on arrival
     assert "aggregation runs in 2 shards (processes)" in caplog.messages
     expected = np.mean([encrypted[s][0] for s in ("a", "b", "d", "e")], axis=0)
     assert np.max(np.abs(average - expected)) <= params.clip / 2 ** (params.quant_bits - 1)

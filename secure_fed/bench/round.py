@@ -620,10 +620,11 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
                      "training covered, + protection, signing, protocol) + its "
                      "message bytes up and down over the link + the master's CPU seconds "
                      "(admission, aggregation, decryption, unmasking, commit) less its work "
-                     "on chunks as they arrived that this slave's upload covers (at most the "
-                     "upload's time less the header checks, and all but one chunk of each "
-                     "update), each party as on a machine of its own; crit/plain and s/plain: "
-                     "against the plain (DP only) row of the same size and slaves")
+                     "on chunks as they arrived that this slave's upload covers, min(arrival, "
+                     "upload − admission) · (1 − 1/chunks), the slave being the one whose "
+                     "path is then longest; each party as on a machine of its own; crit/plain "
+                     "and s/plain: against the plain (DP only) row of the same size and "
+                     "slaves (--json also has the path with the master's CPU counted whole)")
     return "\n".join(lines)
 
 
