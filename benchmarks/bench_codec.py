@@ -4,7 +4,9 @@ Run with ``.venv/bin/python -m pytest benchmarks/bench_codec.py --benchmark-enab
 (the project's pytest options disable benchmarking by default, which runs each body once).
 For the 1M-value comparison table use ``secure-fed bench codec --size 1000000 --compare``;
 ``-k aggregate`` compares aggregation with the chunks of the pending update held in memory (what
-the table measures: the slaves send one after the other) and with every chunk spooled to disk.
+the table measures: the slaves send one after the other) and with every chunk spooled to disk,
+and, for simultaneous uploads of freshly allocated chunks, the default (one update's worth
+held, the rest spooled) with every chunk held.
 """
 
 from __future__ import annotations
@@ -73,6 +75,28 @@ def test_aggregate_spooled(benchmark: BenchmarkFixture, setup: Setup, tmp_path: 
     """Every chunk through the spool file, as when more updates arrive at once than the
     aggregator keeps in memory."""
     sums = benchmark(_aggregate, setup, tmp_path, 0)
+    assert sums == _aggregate(setup, tmp_path)
+
+
+def _aggregate_arriving(s: Setup, spool: Path, pending_in_memory: int) -> list[bytes]:
+    """The updates interleaved chunk index by chunk index, as simultaneous uploads arrive,
+    each chunk a fresh copy of its bytes, as a websocket delivers it."""
+    with Aggregator(s.params, s.public, SIZE, spool_dir=spool,
+                    pending_in_memory=pending_in_memory) as aggregator:
+        for index in range(len(s.chunks[0])):
+            for k, chunks in enumerate(s.chunks):
+                aggregator.add_chunk(f"slave-{k}", index, bytes(bytearray(chunks[index])))
+        for k in range(len(s.chunks)):
+            aggregator.finish(f"slave-{k}", 1)
+        return aggregator.sum_chunks()
+
+
+@pytest.mark.parametrize("pending_in_memory", [1, SLAVES], ids=["spooled", "held"])
+def test_aggregate_arriving(benchmark: BenchmarkFixture, setup: Setup, tmp_path: Path,
+                            pending_in_memory: int) -> None:
+    """Simultaneous uploads of fresh chunks: one update's worth held and the rest spooled (the
+    default), or every chunk held."""
+    sums = benchmark(_aggregate_arriving, setup, tmp_path, pending_in_memory)
     assert sums == _aggregate(setup, tmp_path)
 
 

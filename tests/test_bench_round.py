@@ -243,7 +243,7 @@ def test_distributed_dp_sends_the_smaller_ring_it_sizes(
     (["--modes", "plain", "--dp", "local", "--epochs", "3"], "leave out --epochs"),
     (["--epochs", "0"], "--epochs 0: epochs: Input should be greater than or equal to 1"),
 ])
-def test_dp_options_are_refused_before_anything_runs(
+def test_bad_options_are_refused_before_anything_runs(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert main(["bench", "round", *argv]) == 2
