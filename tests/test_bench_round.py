@@ -6,6 +6,7 @@ import json
 import math
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,44 @@ def test_epochs_set_the_slaves_local_training(tmp_path: Path,
     # epochs × ⌊1 / sample rate⌋, the rate from each run's own noised count: 4×, give or take
     for slave, one in steps[1].items():
         assert one >= 5 and abs(steps[4][slave] - 4 * one) <= 4
+
+
+def test_the_master_meters_chunk_hashes_on_arrival_and_update_records_as_admission(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chunks' SHA-256 check (the coordinator's) counts as work on arrival, and the audit
+    record of each update received as admission: made slower by a known CPU time each, the
+    master's records grow by at least that much."""
+    from secure_fed.audit.log import AuditLog
+    from secure_fed.protocol.coordinator import Coordinator
+
+    # the record's spin outweighs the header checks, which are admission anyway
+    chunk_s, record_s = 0.02, 0.5
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    chunk, append = Coordinator.chunk, AuditLog.append
+
+    def slow_chunk(self: Coordinator, *args: Any) -> Any:
+        spin(chunk_s)
+        return chunk(self, *args)
+
+    def slow_append(self: AuditLog, event: str, data: dict[str, Any]) -> dict[str, Any]:
+        if event == "update_received":
+            spin(record_s)
+        return append(self, event, data)
+
+    monkeypatch.setattr(Coordinator, "chunk", slow_chunk)
+    monkeypatch.setattr(AuditLog, "append", slow_append)
+    keep = tmp_path / "runs"
+    code = main(["bench", "round", "--modes", "plain", "--sizes", "10000", "--slaves", "2",
+                 "--rounds", "1", "--keep", str(keep), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err
+    [record] = read_costs(keep / "plain-none-10000-2" / "run" / COSTS_FILE, MasterRoundCosts)
+    assert record.chunks >= 1
+    assert record.arrival_s >= 2 * record.chunks * chunk_s  # two slaves' chunks
+    assert record.admission_s >= 2 * record_s  # two updates received
