@@ -44,6 +44,13 @@ SESSION_MARK = "SECURE_FED_TEST_SESSION"
 LEFTOVER_GRACE_S = 5.0
 
 
+def spin_cpu(seconds: float) -> None:
+    """Keep the calling thread busy for ``seconds`` of its own CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
 def run_cli(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """``secure-fed ARGS`` run by :func:`secure_fed.cli.main.main` in this process, from ``cwd``
     (default: where the test runs); its exit status and what it printed.

@@ -6,11 +6,11 @@ import json
 import math
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import spin_cpu
 
 from secure_fed.bench.round import CLASSES, IN_FEATURES, check_recorded_dp, parse_sizes
 from secure_fed.bench.utility_dp import dp_kind, recorded_mechanisms
@@ -290,21 +290,15 @@ def test_the_master_meters_chunk_hashes_on_arrival_and_update_records_as_admissi
 
     # the record's spin outweighs the header checks, which are admission anyway
     chunk_s, record_s = 0.02, 0.5
-
-    def spin(seconds: float) -> None:
-        end = time.thread_time() + seconds
-        while time.thread_time() < end:
-            pass
-
     chunk, append = Coordinator.chunk, AuditLog.append
 
     def slow_chunk(self: Coordinator, *args: Any) -> Any:
-        spin(chunk_s)
+        spin_cpu(chunk_s)
         return chunk(self, *args)
 
     def slow_append(self: AuditLog, event: str, data: dict[str, Any]) -> dict[str, Any]:
         if event == "update_received":
-            spin(record_s)
+            spin_cpu(record_s)
         return append(self, event, data)
 
     monkeypatch.setattr(Coordinator, "chunk", slow_chunk)

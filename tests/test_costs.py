@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import spin_cpu
 
 from secure_fed.costs import (
     MASTER_KINDS,
@@ -54,11 +55,8 @@ def test_nested_measures_count_each_second_once_for_the_inner_kind() -> None:
 
 
 def test_thread_time_counts_work_not_waiting() -> None:
-    def spin() -> int:
-        end, n = time.thread_time() + 0.05, 0
-        while time.thread_time() < end:
-            n += 1
-        return n
+    def spin() -> None:
+        spin_cpu(0.05)
 
     assert timed_call(spin)[1] >= 0.05
     _, slept = timed_call(time.sleep, 0.05)
@@ -218,19 +216,14 @@ class _SpinningSum:
     def __init__(self, **seconds: float) -> None:
         self.seconds = seconds
 
-    def _spin(self, call: str) -> None:
-        end = time.thread_time() + self.seconds[call]
-        while time.thread_time() < end:
-            pass
-
     def add_chunk(self, slave_id: str, index: int, data: bytes) -> None:
-        self._spin("add_chunk")
+        spin_cpu(self.seconds["add_chunk"])
 
     def finish(self, slave_id: str, weight: int) -> None:
-        self._spin("finish")
+        spin_cpu(self.seconds["finish"])
 
     def discard(self, slave_id: str) -> None:
-        self._spin("discard")
+        spin_cpu(self.seconds["discard"])
 
 
 def test_the_master_counts_as_arrival_only_the_work_on_each_chunk_as_it_arrives() -> None:
