@@ -23,7 +23,8 @@ has a machine of its own: the slowest slave's work, plus moving its bytes up and
 stated bandwidth, plus the master's work. Work a slave runs beside its training (the round's
 masks, on a second core) counts only for the part its training does not cover; the master's
 work on chunks as they arrive counts only for the part the slowest slave's upload does not
-cover (:class:`CriticalPath`).
+cover; the ahead parts of encrypted chunks, which a slave sends while it works, and the
+master's work on them, count only for what that work does not cover (:class:`CriticalPath`).
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ SLAVE_KINDS = (*SLAVE_WORK, "masking_s", "overlapped_s", "precompute_s")
 much of them training covered), and what it prepares while it waits."""
 MASTER_WORK = ("admission_s", "aggregation_s", "decryption_s", "unmasking_s", "commit_s")
 """The kinds of the master's work (fields of :class:`MasterRoundCosts`)."""
-MASTER_KINDS = (*MASTER_WORK, "arrival_s")
-"""Every kind the master meters: its work, and the part of its aggregation spent on chunks as
-they arrived."""
+MASTER_KINDS = (*MASTER_WORK, "arrival_s", "ahead_s")
+"""Every kind the master meters: its work, and the parts of its aggregation spent on chunks as
+they arrived and on ahead parts."""
 
 T = TypeVar("T")
 
@@ -190,12 +191,18 @@ class SlaveRoundCosts(_Record):
     afresh, in ``protection_s``)."""
     bytes_up: int = Field(ge=0)
     bytes_down: int = Field(ge=0)
+    bytes_ahead: int = Field(ge=0, default=0)
+    """The part of :attr:`bytes_up` sent as ahead parts (the header and ``c1`` of each
+    encrypted chunk, sent from the task's arrival or its training on, before the update)."""
 
     @model_validator(mode="after")
     def _overlap_within_masking(self) -> SlaveRoundCosts:
         if self.overlapped_s > self.masking_s:
             raise ValueError(f"overlapped_s {self.overlapped_s} exceeds masking_s "
                              f"{self.masking_s}: only masking can overlap training")
+        if self.bytes_ahead > self.bytes_up:
+            raise ValueError(f"bytes_ahead {self.bytes_ahead} exceeds bytes_up {self.bytes_up}: "
+                             "ahead parts are bytes sent")
         return self
 
     @property
@@ -228,11 +235,16 @@ class MasterRoundCosts(_Record):
     under ``he`` and ``he+mask``, its addition to the running sum; ``plain`` and ``mask`` add
     an update when it is complete). A sharded sum's shards report their CPU seconds whole at
     the end: none of them counts here."""
+    ahead_s: float = Field(ge=0, default=0.0)
+    """The part of :attr:`aggregation_s` spent on ahead parts (each chunk's header and ``c1``,
+    sent by the slaves before they trained): their SHA-256 and their addition to the running
+    sum. Not part of :attr:`arrival_s`."""
     chunks: int = Field(ge=0, default=0)
     """Chunks of each update."""
     update_bytes: dict[str, int] = Field(default_factory=dict)
-    """Bytes of the update chunks received from each slave (part of :attr:`bytes_in`).
-    Records written before these three were kept read as none spent on arrival."""
+    """Bytes of the update chunks received from each slave after its update header (the rests
+    of its chunks where it sent ahead parts; part of :attr:`bytes_in`). Records written before
+    these three were kept read as none spent on arrival."""
     bytes_in: dict[str, int]
     """Message bytes received from each slave."""
     bytes_out: dict[str, int]
@@ -241,9 +253,10 @@ class MasterRoundCosts(_Record):
     @model_validator(mode="after")
     def _arrival_within_aggregation(self) -> MasterRoundCosts:
         # both are sums of the same measures, arrival_s of fewer: allow their rounding
-        if self.arrival_s > self.aggregation_s + 1e-9:
-            raise ValueError(f"arrival_s {self.arrival_s} exceeds aggregation_s "
-                             f"{self.aggregation_s}: it is a part of the aggregation")
+        if self.arrival_s + self.ahead_s > self.aggregation_s + 1e-9:
+            raise ValueError(f"arrival_s {self.arrival_s} and ahead_s {self.ahead_s} exceed "
+                             f"aggregation_s {self.aggregation_s}: they are parts of the "
+                             "aggregation")
         return self
 
     @property
@@ -307,11 +320,23 @@ class CriticalPath(BaseModel):
 
     ``seconds = slave_work_s + transfer_s + master_path_s``: the slowest slave's CPU work, its
     bytes up and down at ``bandwidth`` bytes per second, and the master's CPU work on the
-    path, ``master_cpu_s − arrival_covered_s``; the slowest slave is the one whose path takes
-    longest. ``whole_seconds`` counts the master's CPU whole, with the slave whose work and
-    transfer take longest: an upper bound of the same round's metered work, where
-    ``seconds`` is an estimate (the lane below also receives the chunks, work metered in no
-    record).
+    path, ``master_cpu_s − arrival_covered_s − ahead_covered_s``; the slowest slave is the one
+    whose path takes longest. ``whole_seconds`` counts every byte and the master's CPU whole,
+    with the slave whose work and transfer take longest: an upper bound of the same round's
+    metered work, where ``seconds`` is an estimate (the lane below also receives the chunks,
+    work metered in no record).
+
+    **Ahead parts.** A slave sends its encrypted chunks' ahead parts
+    (:attr:`SlaveRoundCosts.bytes_ahead`) when the task arrives (or, if its encryptions of
+    zero were not ready then, when it starts training), and works meanwhile. On a link of its
+    own in each direction, the parts delay its update only by the part of their transfer that
+    its work does not cover: the path counts ``max(0, bytes_ahead / bandwidth −
+    slave_work_s)`` of them with its other bytes in ``transfer_s``; ``ahead_hidden_s`` is the
+    part covered. The model's download is not counted as covering them: the master sends the
+    round's tasks one slave after another and reads no binary message meanwhile. The master
+    adds them to the running sum as they come (:attr:`MasterRoundCosts.ahead_s`), before the
+    first update header can arrive, which is no sooner than the shortest work of a slave:
+    ``ahead_covered_s = min(ahead_s, min slave_work_s)``.
 
     ``arrival_covered_s`` is the part of the master's work on chunks as they arrived
     (:attr:`MasterRoundCosts.arrival_s`) that the slowest slave's upload covers. With every
@@ -334,6 +359,8 @@ class CriticalPath(BaseModel):
     master_cpu_s: float
     arrival_covered_s: float
     bandwidth: float
+    ahead_hidden_s: float = 0.0
+    ahead_covered_s: float = 0.0
     seconds: float
     whole_seconds: float
 
@@ -355,8 +382,11 @@ def critical_path(slaves: Sequence[SlaveRoundCosts], master: MasterRoundCosts,
         raise ConfigError(f"a critical path needs the slaves' records and a positive bandwidth "
                           f"(got {len(slaves)} records, {bandwidth} B/s)")
 
+    def hidden(record: SlaveRoundCosts) -> float:
+        return min(record.bytes_ahead / bandwidth, record.work_s)
+
     def transfer(record: SlaveRoundCosts) -> float:
-        return (record.bytes_up + record.bytes_down) / bandwidth
+        return (record.bytes_up + record.bytes_down) / bandwidth - hidden(record)
 
     def covered(record: SlaveRoundCosts) -> float:
         upload = master.update_bytes.get(record.party, 0) / bandwidth
@@ -365,13 +395,19 @@ def critical_path(slaves: Sequence[SlaveRoundCosts], master: MasterRoundCosts,
         window = max(0.0, upload - master.admission_s)
         return min(master.arrival_s, window) * (1 - 1 / master.chunks)
 
+    ahead_covered = min(master.ahead_s, min(record.work_s for record in slaves))
+
     def path(record: SlaveRoundCosts) -> float:
-        return record.work_s + transfer(record) + master.work_s - covered(record)
+        return (record.work_s + transfer(record) + master.work_s - covered(record)
+                - ahead_covered)
 
     slowest = max(slaves, key=path)
-    hidden = covered(slowest)
-    whole = max(record.work_s + transfer(record) for record in slaves) + master.work_s
+    arrival = covered(slowest)
+    whole = max(record.work_s + (record.bytes_up + record.bytes_down) / bandwidth
+                for record in slaves) + master.work_s
     return CriticalPath(slave=slowest.party, slave_work_s=slowest.work_s,
-                        transfer_s=transfer(slowest), master_path_s=master.work_s - hidden,
-                        master_cpu_s=master.work_s, arrival_covered_s=hidden,
+                        transfer_s=transfer(slowest),
+                        master_path_s=master.work_s - arrival - ahead_covered,
+                        master_cpu_s=master.work_s, arrival_covered_s=arrival,
+                        ahead_hidden_s=hidden(slowest), ahead_covered_s=ahead_covered,
                         bandwidth=bandwidth, seconds=path(slowest), whole_seconds=whole)

@@ -18,7 +18,7 @@ from secure_fed.cli.main import main
 from secure_fed.costs import COSTS_FILE, MasterRoundCosts, SlaveRoundCosts, read_costs
 from secure_fed.errors import ConfigError, SecureFedError
 from secure_fed.he.bundle import MasterBundle
-from secure_fed.he.chunk_format import chunk_size_for
+from secure_fed.he.chunk_format import HEADER_SIZE, chunk_size_for
 from secure_fed.he.params import update_drop_bits
 from secure_fed.he.presets import data_moduli
 from secure_fed.master.distributed_plan import distributed_plan
@@ -75,7 +75,7 @@ def test_round_bench_reports_the_federations_real_bytes_and_times(
                                  update_drop_bits(params))
     assert chunk_bytes < chunk_size_for(params.poly_modulus_degree, data_moduli(params))
     assert row["chunks"] == chunks == 2
-    assert row["upload_bytes_per_slave"] == chunks * chunk_bytes
+    assert row["upload_bytes_per_slave"] == chunks * chunk_bytes  # ahead parts included
     assert row["master_bytes_in_per_round"] == 2 * chunks * chunk_bytes
     records = [json.loads(line) for line in
                (run / "run" / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -96,34 +96,44 @@ def test_round_bench_reports_the_federations_real_bytes_and_times(
 
     assert "bfv-fast" in out and "rounds after the first" in out and "wire up/slave" in out
     assert "critical path at 1Mbit" in out
-    _check_costs(row, run, tmp_path / "runs", received=chunks * chunk_bytes)
+    ahead = chunks * (HEADER_SIZE + params.poly_modulus_degree
+                      * (data_moduli(params)[0].bit_length() - update_drop_bits(params)[1]) // 8)
+    _check_costs(row, run, tmp_path / "runs", received=chunks * chunk_bytes, ahead=ahead)
     for name in ("round-seconds.png", "round-bytes.png", "round-critical-path.png"):
         png = (tmp_path / "plots" / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000
 
 
-def _check_costs(row: dict[str, Any], run: Path, runs: Path, *, received: int) -> None:
+def _check_costs(row: dict[str, Any], run: Path, runs: Path, *, received: int,
+                 ahead: int) -> None:
     """Each party's recorded costs: positive where it worked, none where it did not, bytes
-    equal to what crossed, and the row's critical path recomputed from them."""
+    equal to what crossed, and the row's critical path recomputed from them. Round 1 sends
+    whole chunks; round 2's updates are made from the encryptions of zero stocked after the
+    first upload, whose ahead parts (``ahead`` bytes) went before training."""
     master = read_costs(run / "run" / COSTS_FILE, MasterRoundCosts)
     slaves = {s: read_costs(run / "state" / s / COSTS_FILE, SlaveRoundCosts)
               for s in ("slave-1", "slave-2")}
     assert [(m.round, m.attempt) for m in master] == [(1, 1), (2, 1)]
     for records in slaves.values():
         assert [(r.round, r.attempt) for r in records] == [(1, 1), (2, 1)]
-    for m in master:
+    for m, sent_ahead in zip(master, (0, ahead), strict=True):
         assert min(m.admission_s, m.aggregation_s, m.decryption_s, m.commit_s) > 0
         assert m.unmasking_s == 0  # he: nothing masked
         # the chunks were checked and added as they arrived; closing the sum came after
         assert 0 < m.arrival_s < m.aggregation_s and m.chunks == row["chunks"]
-        assert m.update_bytes == {"slave-1": received, "slave-2": received}
+        # after its ahead parts, an update's chunks are their rests
+        rest = received - sent_ahead
+        assert m.update_bytes == {"slave-1": rest, "slave-2": rest}
+        assert (m.ahead_s > 0) == bool(sent_ahead)
+        assert m.arrival_s + m.ahead_s < m.aggregation_s
     for party, records in slaves.items():
-        for record, m in zip(records, master, strict=True):
+        for record, m, sent_ahead in zip(records, master, (0, ahead), strict=True):
             assert min(record.training_s, record.protection_s, record.signing_s) > 0
             # what one end sent is what the other received, message for message
             assert (record.bytes_up, record.bytes_down) == (m.bytes_in[party],
                                                             m.bytes_out[party])
             assert received < record.bytes_up < received + 20_000  # the chunks + messages
+            assert record.bytes_ahead == sent_ahead
             assert row["download_bytes_per_slave"] < record.bytes_down
         # the encryptions of zero made while waiting after the first upload (he, BFV)
         assert sum(record.precompute_s for record in records) > 0
@@ -133,22 +143,32 @@ def _check_costs(row: dict[str, Any], run: Path, runs: Path, *, received: int) -
     assert sent < wire < 1.05 * sent
     # the critical path of round 2, recomputed from the records at 1 Mbit/s = 125,000 B/s
     link = 125_000
-    own = {party: rs[1].training_s + rs[1].masking_s - rs[1].overlapped_s + rs[1].protection_s
-           + rs[1].signing_s + rs[1].protocol_s
-           + (rs[1].bytes_up + rs[1].bytes_down) / link for party, rs in slaves.items()}
+    work = {party: rs[1].training_s + rs[1].masking_s - rs[1].overlapped_s
+            + rs[1].protection_s + rs[1].signing_s + rs[1].protocol_s
+            for party, rs in slaves.items()}
+    whole = {party: work[party] + (rs[1].bytes_up + rs[1].bytes_down) / link
+             for party, rs in slaves.items()}
+    # the ahead parts' transfer, as far as the slave's work covers it, is off its path
+    own = {party: whole[party] - min(ahead / link, work[party]) for party in slaves}
     m = master[1]
     master_cpu = m.admission_s + m.aggregation_s + m.decryption_s + m.unmasking_s + m.commit_s
-    # of the work on chunks as they arrived, a slave's upload (less the master's admission)
-    # covers all but one chunk of each update; 2 chunks of 94 KB take 1.5 s at 1 Mbit/s
-    covered = {party: min(m.arrival_s, max(0.0, received / link - m.admission_s))
+    # of the work on chunks as they arrived, a slave's upload of the rests (less the master's
+    # admission) covers all but one chunk of each update: 2 rests of 36 KB take 0.6 s at
+    # 1 Mbit/s; the work on ahead parts, as far as the shortest slave's work covers it
+    covered = {party: min(m.arrival_s, max(0.0, (received - ahead) / link - m.admission_s))
                * (1 - 1 / m.chunks) for party in slaves}
-    paths = {party: own[party] + master_cpu - covered[party] for party in slaves}
+    ahead_covered = min(m.ahead_s, min(work.values()))
+    paths = {party: own[party] + master_cpu - covered[party] - ahead_covered
+             for party in slaves}
     slowest = max(paths, key=paths.__getitem__)
     assert covered[slowest] == pytest.approx(m.arrival_s / 2)
-    assert row["critical_path_rounds"][0]["slave"] == slowest
-    assert row["critical_path_rounds"][0]["arrival_covered_s"] == pytest.approx(covered[slowest])
+    path = row["critical_path_rounds"][0]
+    assert path["slave"] == slowest
+    assert path["arrival_covered_s"] == pytest.approx(covered[slowest])
+    assert path["ahead_covered_s"] == pytest.approx(ahead_covered) and ahead_covered > 0
+    assert path["ahead_hidden_s"] == pytest.approx(min(ahead / link, work[slowest]))
     assert row["critical_path_seconds"] == pytest.approx(paths[slowest], rel=1e-9)
-    assert row["critical_path_whole_seconds"] == pytest.approx(max(own.values()) + master_cpu,
+    assert row["critical_path_whole_seconds"] == pytest.approx(max(whole.values()) + master_cpu,
                                                                rel=1e-9)
     assert row["critical_path_seconds"] < row["critical_path_whole_seconds"]
     assert row["slave_costs"]["slave-1"]["bytes_up"] == slaves["slave-1"][1].bytes_up

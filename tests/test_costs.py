@@ -157,12 +157,52 @@ def test_work_on_chunks_as_they_arrived_counts_where_the_slowest_upload_does_not
     for update in ({"arrival_s": 0.0}, {"chunks": 0}, {"update_bytes": {}}):
         whole = critical_path([slave], master.model_copy(update=update), 1e6)
         assert whole.arrival_covered_s == 0 and whole.master_path_s == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="it is a part of the aggregation"):
+    with pytest.raises(ValueError, match="they are parts of the aggregation"):
         MasterRoundCosts.model_validate({**master.model_dump(), "arrival_s": 0.6})
     # records written before the work on arrival was metered read as none metered
     old = master.model_dump()
     del old["arrival_s"], old["chunks"], old["update_bytes"]
     assert MasterRoundCosts.model_validate(old).arrival_s == 0
+
+
+def test_ahead_parts_count_only_where_the_slaves_work_does_not_cover_them() -> None:
+    """Ahead bytes sent while a slave works, and the master's work on them while every slave
+    works, are off the path up to that work; beyond it, they count. The whole path counts
+    every byte and all of the master's CPU."""
+    master = MasterRoundCosts(round=2, attempt=1, admission_s=0.1, aggregation_s=0.5,
+                              decryption_s=0.3, unmasking_s=0.0, commit_s=0.1,
+                              ahead_s=0.4, chunks=4, update_bytes={"a": 0, "b": 0},
+                              bytes_in={"a": 0, "b": 0}, bytes_out={"a": 0, "b": 0})
+
+    def slave(party: str, work: float, ahead: int, rest: int) -> SlaveRoundCosts:
+        return _slave(party, work, ahead + rest, 0).model_copy(update={"bytes_ahead": ahead})
+
+    # 0.6 s of ahead bytes at 1 MB/s within 1 s of work; 0.4 s of master work within 0.9 s
+    a, b = slave("a", 1.0, 600_000, 200_000), slave("b", 0.9, 600_000, 100_000)
+    path = critical_path([a, b], master, 1e6)
+    assert path.slave == "a" and path.ahead_hidden_s == pytest.approx(0.6)
+    assert path.transfer_s == pytest.approx(0.2)
+    assert path.ahead_covered_s == pytest.approx(0.4)
+    assert path.master_path_s == pytest.approx(1.0 - 0.4)
+    assert path.seconds == pytest.approx(1.0 + 0.2 + 0.6)
+    assert path.whole_seconds == pytest.approx(1.0 + 0.8 + 1.0)
+    # ahead bytes beyond the slave's work delay its update; master work beyond the shortest
+    # slave's work stays on the path
+    slow = slave("a", 0.25, 600_000, 200_000)
+    path = critical_path([slow], master, 1e6)
+    assert path.ahead_hidden_s == pytest.approx(0.25)
+    assert path.transfer_s == pytest.approx(0.8 - 0.25)
+    assert path.ahead_covered_s == pytest.approx(0.25)
+    assert path.seconds == pytest.approx(0.25 + 0.55 + 1.0 - 0.25)
+    # the model's download covers none of them (the master reads no part while it sends)
+    early = slow.model_copy(update={"bytes_down": 300_000})
+    assert critical_path([early], master, 1e6).ahead_hidden_s == pytest.approx(0.25)
+    # records written before ahead parts read as none
+    old = a.model_dump()
+    del old["bytes_ahead"]
+    assert SlaveRoundCosts.model_validate(old).bytes_ahead == 0
+    with pytest.raises(ValueError, match="ahead parts are bytes sent"):
+        SlaveRoundCosts.model_validate({**a.model_dump(), "bytes_ahead": 900_000})
 
 
 def test_the_slowest_slave_is_the_one_whose_path_is_longest_after_the_credit() -> None:

@@ -54,8 +54,13 @@ class PoisoningSlave(Slave):
         self.plan = plan
         self.sent: list[str] = []
 
+    def _send_ahead(self, channel: Any, encoder: UpdateEncoder, task: Any, **_: Any) -> None:
+        """Its chunks are made here, not from reserved encryptions of zero: they go whole."""
+        self._ahead = None
+
     def _protect(self, encoder: UpdateEncoder, vector: np.ndarray, weight: int,
-                 delivery: Any, *, distributed: bool = False) -> list[bytes]:
+                 delivery: Any, *, distributed: bool = False, reservation: Any = None,
+                 ) -> list[bytes]:
         attack = self.plan[len(self.sent)] if len(self.sent) < len(self.plan) else "honest"
         self.sent.append(attack)
         params, layout = encoder.params, encoder.layout

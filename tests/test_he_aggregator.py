@@ -357,3 +357,53 @@ def test_a_sum_of_rounded_values_is_reduced_before_it_could_wrap(
         _send(agg, "a", updates["a"][1])
         _send(agg, "b", updates["b"][1])
         assert np.max(np.abs(_decrypt(keyholder, agg) - _expect(updates, "a", "b"))) < 2e-4
+
+
+@pytest.mark.parametrize("pending_in_memory", [1, 0])
+def test_ahead_parts_then_rests_sum_as_the_chunks_and_discard_exactly(
+    params: HEParams, keys: tuple[bytes, bytes], updates: dict[str, tuple[np.ndarray, list[bytes]]],
+    tmp_path: Path, pending_in_memory: int,
+) -> None:
+    """A chunk added as its ahead part then its rest gives the sum, bit for bit, that the
+    whole chunk gives; a slave that sent only ahead parts (or ahead parts and some rests) is
+    discarded exactly, from memory or from the spool; its update needs every rest to finish."""
+    ahead = Aggregator(params, keys[1], SIZE, spool_dir=tmp_path / "a").layout.ahead_size
+    assert ahead > HEADER_SIZE
+    with Aggregator(params, keys[1], SIZE, spool_dir=tmp_path / "whole") as whole, \
+            Aggregator(params, keys[1], SIZE, spool_dir=tmp_path / "parts",
+                       pending_in_memory=pending_in_memory) as parts:
+        _send(whole, "a", updates["a"][1])
+        _send(whole, "b", updates["b"][1])
+        for index, chunk in enumerate(updates["a"][1]):
+            parts.add_ahead("a", index, chunk[:ahead])
+        for index, chunk in enumerate(updates["c"][1]):  # c: ahead parts only, then gone
+            parts.add_ahead("c", index, chunk[:ahead])
+        parts.add_ahead("b", 0, updates["b"][1][0][:ahead])
+        parts.add_chunk("b", 0, updates["b"][1][0][ahead:])
+        for index, chunk in enumerate(updates["a"][1]):
+            parts.add_chunk("a", index, chunk[ahead:])
+        parts.add_chunk("b", 1, updates["b"][1][1])  # b's second chunk whole
+        parts.add_ahead("d", 1, updates["c"][1][1][:ahead])  # d: one ahead part and its rest
+        parts.add_chunk("d", 1, updates["c"][1][1][ahead:])
+        with pytest.raises(MalformedUpdate, match="1 of 2 chunks missing"):
+            parts.finish("d", 2)
+        with pytest.raises(MalformedUpdate, match="ahead part repeated"):
+            parts.add_ahead("a", 0, updates["a"][1][0][:ahead])
+        with pytest.raises(MalformedUpdate, match="the rest of a chunk"):
+            parts.add_chunk("c", 0, updates["c"][1][0])  # a whole chunk after its ahead part
+        parts.finish("a", 2)
+        parts.finish("b", 2)
+        assert sorted(parts.pending) == ["c", "d"]
+        parts.discard("c")
+        parts.discard("d")
+        assert parts.sum_chunks() == whole.sum_chunks()
+
+
+def test_whole_coefficient_chunks_have_no_ahead_part(tmp_path: Path) -> None:
+    ckks = resolve_params("ckks", clip=1.0, max_total_weight=40)
+    ckks_keys = generate_contexts(ckks)
+    with Aggregator(ckks, ckks_keys[1], SIZE, spool_dir=tmp_path) as agg:
+        assert agg.layout.ahead_size == 0
+        with pytest.raises(MalformedUpdate, match="no ahead part"):
+            agg.add_ahead("a", 0, b"\0" * 100)
+        assert agg.pending == []

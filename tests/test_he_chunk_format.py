@@ -19,8 +19,10 @@ from secure_fed.he.chunk_format import (
     _unpack,
     add_mod,
     chunk_size_for,
+    pack_ahead,
     pack_chunk,
     pack_planar,
+    pack_rest,
     parse_chunk,
     reduce_times_pow2,
     sub_mod,
@@ -132,7 +134,7 @@ def test_rounded_chunks_are_the_coefficients_to_within_two_to_the_dropped_bits(
     coeffs[0, 0, :4] = [0, q - 1, q - 2**(drops[0] - 1), 2**(drops[0] - 1)]  # → q (sent as 0)
     data = pack_chunk(coeffs, layout, 2)
     assert len(data) == layout.chunk_size == HEADER_SIZE + 1024 * (120 - sum(drops)) // 8
-    assert data[4] == 2 and data[6:8] == bytes(drops)  # format version 2, bits left out
+    assert data[4] == 3 and data[6:8] == bytes(drops)  # format version 3, bits left out
     back = parse_chunk(data, layout, index=2)
     for poly, drop in enumerate(drops):
         diff = (back[poly, 0].astype(object) - coeffs[poly, 0].astype(object)) % q
@@ -145,6 +147,35 @@ def test_rounded_chunks_are_the_coefficients_to_within_two_to_the_dropped_bits(
     np.testing.assert_array_equal(parse_chunk(whole, layout.whole, index=2), back)
     with pytest.raises(ChunkFormatError, match="travels whole"):
         pack_planar(planar, layout, 2)
+
+
+@pytest.mark.parametrize("drops", [(21, 8), (20, 8)])
+def test_a_rounded_chunk_is_its_ahead_part_then_its_rest(drops: tuple[int, int]) -> None:
+    """The ahead part (header and c1, made before the plaintext is known) joined to the rest
+    (c0) is the chunk, byte for byte; each part reads back as its half of the chunk's rounded
+    values, and a part of the wrong size, header or index is refused."""
+    layout = dataclasses.replace(ROUNDED, drop_bits=drops)
+    q = layout.moduli[0]
+    coeffs = np.random.default_rng(9).integers(0, q, size=layout.shape, dtype=np.uint64)
+    chunk = pack_chunk(coeffs, layout, 5)
+    ahead, rest = pack_ahead(coeffs[1, 0], layout, 5), pack_rest(coeffs[0, 0], layout)
+    assert ahead + rest == chunk
+    assert len(ahead) == layout.ahead_size == HEADER_SIZE + 1024 * (60 - drops[1]) // 8
+    reader = ChunkReader(layout, np.empty(layout.planar_shape, dtype=np.uint64))
+    whole = reader.read_rounded(chunk, index=5).copy()
+    n = layout.poly_modulus_degree
+    np.testing.assert_array_equal(reader.read_ahead(ahead, index=5), whole[n:])
+    np.testing.assert_array_equal(reader.read_rest(rest), whole[:n])
+    with pytest.raises(ChunkFormatError, match="index 5, sent as index 4"):
+        reader.read_ahead(ahead, index=4)
+    with pytest.raises(ChunkFormatError, match="ahead part of a chunk is"):
+        reader.read_ahead(ahead[:-1], index=5)
+    with pytest.raises(ChunkFormatError, match="the rest of a chunk"):
+        reader.read_rest(rest + b"\0")
+    with pytest.raises(ChunkFormatError, match="whole; they have no ahead part"):
+        ChunkReader(ROUNDED.whole, np.empty(ROUNDED.planar_shape,
+                                            dtype=np.uint64)).read_ahead(ahead)
+    assert ROUNDED.whole.ahead_size == 0
 
 
 @pytest.mark.parametrize("q", [2**60 - 98303, 1048625153, 2**62 - 57, 65537])
@@ -189,8 +220,9 @@ def test_rounded_values_summed_as_integers_restore_to_the_sum_of_the_chunks() ->
 def test_rounded_chunks_refuse_a_value_at_or_above_the_rounded_prime_and_other_roundings() -> None:
     q = ROUNDED.moduli[0]
     data = bytearray(pack_chunk(np.zeros(ROUNDED.shape, dtype=np.uint64), ROUNDED, 0))
-    # polynomial 1 (8 bits left out): round(q / 2^8) = 2^52 − 384 is not a value of it
-    start = HEADER_SIZE + 1024 * 39 // 8
+    # polynomial 1 (8 bits left out, first after the header): round(q / 2^8) = 2^52 − 384
+    # is not a value of it
+    start = HEADER_SIZE
     limit = (q + 2**7) >> 8
     data[start:start + 7] = (limit).to_bytes(7, "little")
     with pytest.raises(ChunkFormatError, match="coefficient 0 of polynomial 1 is"):

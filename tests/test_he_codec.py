@@ -140,6 +140,74 @@ def test_encryptions_of_zero_made_ahead_give_the_same_average_and_serve_once(
     assert len(second) == len(chunks) == 4
 
 
+def test_a_stocked_zero_plus_the_plaintext_is_exactly_seals_add_plain(
+    bfv: HEParams, bfv_keys: tuple[bytes, bytes]
+) -> None:
+    """The workers' path (Δ·m from SEAL's add_plain onto the constant ciphertext (0, 1),
+    added to the zero's c0 modulo q) gives, byte for byte, the chunk SEAL's own add_plain
+    onto that encryption of zero gives; the ahead part and the rest joined are that chunk."""
+    import tenseal
+
+    from secure_fed.he import codec
+    from secure_fed.he.seal_blob import CiphertextTemplate
+
+    codec._worker_init(bfv.model_dump_json(), bfv_keys[1])
+    try:
+        layout = codec._WORKER["layout"]
+        (zero, c1), = codec._make_zeros(1)
+        plain = np.random.default_rng(4).integers(0, bfv.plain_modulus, bfv.slots)
+        template = CiphertextTemplate(
+            tenseal._ts_cpp.BFVVector(codec._WORKER["ctx"].data, [0] * bfv.slots).serialize(),
+            polys=2, moduli_count=1, poly_modulus_degree=bfv.poly_modulus_degree)
+        seal = tenseal._ts_cpp.BFVVector(codec._WORKER["ctx"].data, template.build(zero))
+        expected = codec.pack_chunk(codec._coefficients(seal.add_plain(plain.tolist()), layout),
+                                    layout, 3)
+        assert codec._encrypt(3, plain, zero.copy(), rest=False) == expected
+        ahead = codec.Reservation(layout, [(zero, c1)]).ahead[0]
+        rest = codec._encrypt(0, plain, zero[0].copy(), rest=True)
+        assert ahead + rest == codec._encrypt(0, plain, zero.copy(), rest=False)
+        assert len(ahead) == layout.ahead_size
+    finally:
+        codec._WORKER.clear()
+
+
+def test_a_reservation_gives_its_ahead_parts_and_serves_one_update(
+    bfv: HEParams, bfv_keys: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    """Reserved zeros leave the stock at once; the update encrypted with them begins, chunk
+    by chunk, with the ahead parts given beforehand, and decrypts to the same average as a
+    fresh encryption; the reservation cannot serve a second update, and a stock that is short
+    reserves nothing."""
+    updates = _updates()
+    count = UpdateEncoder.chunk_count_for(bfv, SIZE)
+    with UpdateEncoder(bfv, bfv_keys[1], workers=1) as encoder:
+        assert encoder.reserve(count) is None  # nothing stocked yet
+        encoder.stock(len(WEIGHTS) * count)
+        deadline = time.monotonic() + 60
+        while encoder.stocked < len(WEIGHTS) * count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        secret, public = bfv_keys
+        with Aggregator(bfv, public, SIZE, spool_dir=tmp_path) as aggregator:
+            for k, (update, w) in enumerate(zip(updates, WEIGHTS, strict=True)):
+                reservation = encoder.reserve(count)
+                assert reservation is not None and not reservation.spent
+                assert encoder.stocked == (len(WEIGHTS) - k - 1) * count
+                chunks = encoder.encrypt(update, weight=w, seed=20 + k, reservation=reservation)
+                assert reservation.spent
+                assert [c[:encoder.layout.ahead_size] for c in chunks] == reservation.ahead
+                for i, chunk in enumerate(chunks):
+                    aggregator.add_chunk(f"s{k}", i, chunk)
+                aggregator.finish(f"s{k}", w)
+                with pytest.raises(CryptoError, match="used already"):
+                    encoder.encrypt(update, weight=w, reservation=reservation)
+            with KeyHolder(bfv, secret, min_contributions=1) as keyholder:
+                reserved = keyholder.decrypt_average(
+                    aggregator.sum_chunks(), contributors=len(WEIGHTS),
+                    total_weight=aggregator.total_weight, vector_size=SIZE)
+        fresh = _round_trip(bfv, bfv_keys, encoder, updates, tmp_path / "fresh", seed=20)
+    np.testing.assert_array_equal(reserved, fresh)
+
+
 def test_chunks_are_compact_and_never_carry_the_context(
     bfv: HEParams, bfv_keys: tuple[bytes, bytes], bfv_encoder: UpdateEncoder
 ) -> None:

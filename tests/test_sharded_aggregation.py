@@ -161,6 +161,42 @@ def test_the_tree_sums_ciphertexts_to_the_same_bytes_and_drops_partial_updates(
     assert np.max(np.abs(average - expected)) <= params.clip / 2 ** (params.quant_bits - 1)
 
 
+def test_ahead_parts_go_to_their_shard_and_sum_as_the_whole_chunks(
+        params: HEParams, keys: tuple[bytes, bytes], shards: ProcessShards,
+        encrypted: dict[str, tuple[np.ndarray, list[bytes]]], tmp_path: Path) -> None:
+    """Ahead parts handed to the tree, then the rests, give the bytes whole chunks give; a
+    slave that sent only ahead parts (or a malformed one) is discarded from its shard."""
+    updates = {s: chunks for s, (_, chunks) in encrypted.items()}
+
+    async def run() -> tuple[list[bytes], list[bytes]]:
+        tree = sharded(shards, "he", params, HE_SIZE, tmp_path)
+        with Aggregator(params, keys[1], HE_SIZE, spool_dir=tmp_path / "single") as single:
+            cut = single.layout.ahead_size
+            try:
+                for slave, chunks in updates.items():
+                    if slave in ("b", "d"):
+                        for index, chunk in enumerate(chunks):
+                            part = chunk[:cut - 1] if slave == "d" and index else chunk[:cut]
+                            await tree.add_ahead(slave, index, part)
+                        with pytest.raises(MalformedUpdate):
+                            await tree.finish(slave, 2)
+                        await tree.discard(slave)
+                        continue
+                    for index, chunk in enumerate(chunks):
+                        await tree.add_ahead(slave, index, chunk[:cut])
+                    for index, chunk in enumerate(chunks):
+                        await tree.add_chunk(slave, index, chunk[cut:])
+                        single.add_chunk(slave, index, chunk)
+                    await tree.finish(slave, 2)
+                    single.finish(slave, 2)
+                return single.sum_chunks(), await tree.sum_chunks()
+            finally:
+                tree.close()
+
+    single, tree = asyncio.run(run())
+    assert tree == single
+
+
 @pytest.mark.parametrize("protection", ["mask", "plain"])
 def test_the_tree_sums_ring_and_exact_float_values_to_the_same_bits(
         protection: str, params: HEParams, shards: ProcessShards, tmp_path: Path) -> None:

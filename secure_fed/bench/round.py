@@ -475,7 +475,7 @@ def round_costs(work: Path, measured: Sequence[dict[str, Any]],
         paths.append({"round": master.round, "attempt": master.attempt, **path.model_dump()})
         per_slave += records
         per_master.append(master)
-    slave_fields = (*SLAVE_KINDS, "bytes_up", "bytes_down")
+    slave_fields = (*SLAVE_KINDS, "bytes_up", "bytes_down", "bytes_ahead")
     return {
         "slave_costs": {party: {key: statistics.fmean(getattr(r, key) for r in per_slave
                                                       if r.party == party)
@@ -488,8 +488,8 @@ def round_costs(work: Path, measured: Sequence[dict[str, Any]],
         "critical_path_rounds": paths,
         "critical_path": {key: statistics.fmean(p[key] for p in paths)
                           for key in ("slave_work_s", "transfer_s", "master_path_s",
-                                      "master_cpu_s", "arrival_covered_s", "seconds",
-                                      "whole_seconds")},
+                                      "master_cpu_s", "arrival_covered_s", "ahead_hidden_s",
+                                      "ahead_covered_s", "seconds", "whole_seconds")},
         "critical_path_seconds": statistics.fmean(p["seconds"] for p in paths),
         "critical_path_whole_seconds": statistics.fmean(p["whole_seconds"] for p in paths),
     }
@@ -618,10 +618,12 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"critical path at {rows[0]['bandwidth']} per slave link: the slowest "
                      "slave's CPU seconds (training, + the masks made beside it less the part "
                      "training covered, + protection, signing, protocol) + its "
-                     "message bytes up and down over the link + the master's CPU seconds "
+                     "message bytes up and down over the link (less the ahead parts' time "
+                     "its work covers) + the master's CPU seconds "
                      "(admission, aggregation, decryption, unmasking, commit) less its work "
                      "on chunks as they arrived that this slave's upload covers, min(arrival, "
-                     "upload − admission) · (1 − 1/chunks), the slave being the one whose "
+                     "upload − admission) · (1 − 1/chunks), and less its work on ahead "
+                     "parts, up to the shortest slave CPU, the slave being the one whose "
                      "path is then longest; each party as on a machine of its own; crit/plain "
                      "and s/plain: against the plain (DP only) row of the same size and "
                      "slaves (--json also has the path with the master's CPU counted whole)")

@@ -54,8 +54,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Contribution:
-    # index -> the chunk as received (bytes) or its offset in the spool (int); emptied by finish
+    # index -> the chunk as received (bytes) or its offset in the spool (int), only the rest
+    # of the chunk where its ahead part came first; emptied by finish
     chunks: dict[int, bytes | int] = field(default_factory=dict)
+    # index -> the ahead part (header and c1) of the chunk, where it came before the chunk
+    ahead: dict[int, bytes | int] = field(default_factory=dict)
     weight: int | None = None  # set by finish()
 
 
@@ -146,7 +149,8 @@ class Aggregator:
     # ---- adding ---------------------------------------------------------------------------
 
     def add_chunk(self, slave_id: str, index: int, data: bytes) -> None:
-        """Validate one encrypted chunk and add it to the running sum for its index.
+        """Validate one encrypted chunk and add it to the running sum for its index; where
+        the chunk's ahead part was added (:meth:`add_ahead`), ``data`` is the chunk's rest.
 
         Raises:
             MalformedUpdate: index out of range or repeated, update already finished, wrong
@@ -154,6 +158,55 @@ class Aggregator:
                 left exactly as it was.
         """
         running = self._running_sum()
+        contribution = self._open(slave_id, index)
+        if contribution is not None and index in contribution.chunks:
+            raise MalformedUpdate(slave_id, index, "chunk index repeated; each is sent once")
+        rest = contribution is not None and index in contribution.ahead
+        try:
+            if rest:
+                coeffs = self._reader.read_rest(data)
+            else:
+                coeffs = (self._reader.read_rounded(data, index=index) if self._rounded_limit
+                          else self._reader.read(data, index=index))
+        except ChunkFormatError as exc:
+            raise MalformedUpdate(slave_id, index, str(exc)) from exc
+        contribution = self._keep(slave_id, index, data, contribution, "chunks")
+        if self._rounded_limit:
+            self._add_rounded(running, index, coeffs, self._rounded_limit - 1,
+                              part=slice(0, self._half) if rest else None)
+        else:
+            add_mod(running[index], coeffs, self._moduli, scratch=coeffs)
+
+    def add_ahead(self, slave_id: str, index: int, data: bytes) -> None:
+        """Validate the ahead part of a slave's chunk ``index`` (its header and ``c1``, sent
+        before the update: :mod:`secure_fed.he.chunk_format`) and add it to the running sum;
+        the chunk's rest then comes through :meth:`add_chunk`. Until :meth:`finish`, the
+        part counts as the slave's unfinished contribution (:meth:`discard` removes it).
+
+        Raises:
+            MalformedUpdate: as :meth:`add_chunk`, or this round's chunks do not split
+                (whole coefficients); the sum is left exactly as it was.
+        """
+        running = self._running_sum()
+        contribution = self._open(slave_id, index)
+        if contribution is not None and (index in contribution.ahead
+                                         or index in contribution.chunks):
+            raise MalformedUpdate(slave_id, index,
+                                  "ahead part repeated, or sent after its chunk")
+        if not self._rounded_limit:
+            raise MalformedUpdate(slave_id, index, "this round's chunks are whole coefficients; "
+                                  "they have no ahead part")
+        try:
+            values = self._reader.read_ahead(data, index=index)
+        except ChunkFormatError as exc:
+            raise MalformedUpdate(slave_id, index, str(exc)) from exc
+        self._keep(slave_id, index, data, contribution, "ahead")
+        self._add_rounded(running, index, values, self._rounded_limit - 1,
+                          part=slice(self._half, None))
+
+    def _open(self, slave_id: str, index: int) -> _Contribution | None:
+        """The unfinished contribution of ``slave_id`` (``None``: none yet), once ``index``
+        is one of this round's."""
         if not isinstance(slave_id, str) or not slave_id:
             raise CryptoError(f"slave_id must be a non-empty string, got {slave_id!r}")
         if isinstance(index, bool) or not isinstance(index, int):
@@ -166,13 +219,12 @@ class Aggregator:
         contribution = self._slaves.get(slave_id)
         if contribution is not None and contribution.weight is not None:
             raise MalformedUpdate(slave_id, index, "update already finished; it cannot gain chunks")
-        if contribution is not None and index in contribution.chunks:
-            raise MalformedUpdate(slave_id, index, "chunk index repeated; each is sent once")
-        try:
-            coeffs = (self._reader.read_rounded(data, index=index) if self._rounded_limit
-                      else self._reader.read(data, index=index))
-        except ChunkFormatError as exc:
-            raise MalformedUpdate(slave_id, index, str(exc)) from exc
+        return contribution
+
+    def _keep(self, slave_id: str, index: int, data: bytes,
+              contribution: _Contribution | None, kind: str) -> _Contribution:
+        """Hold validated bytes (in memory within the budget, else in the spool) so that a
+        discard can subtract them; the slave's contribution, made if it had none."""
         kept = data if type(data) is bytes else bytes(data)  # never hold a mutable buffer
         if self._held + len(kept) <= self._held_budget:
             self._held += len(kept)
@@ -181,19 +233,23 @@ class Aggregator:
             where = self._append_to_spool(kept, slave_id, index)
         if contribution is None:
             contribution = self._slaves[slave_id] = _Contribution()
-        contribution.chunks[index] = where
-        if self._rounded_limit:
-            self._add_rounded(running, index, coeffs, self._rounded_limit - 1)
-        else:
-            add_mod(running[index], coeffs, self._moduli, scratch=coeffs)
+        getattr(contribution, kind)[index] = where
+        return contribution
+
+    @property
+    def _half(self) -> int:
+        """Where ``c1``'s values begin in a chunk's rounded values (``c0``'s come first)."""
+        return self.params.poly_modulus_degree
 
     def _add_rounded(self, running: np.ndarray, index: int, values: np.ndarray,
-                     bound: int) -> None:
-        """Add ``values`` (each at most ``bound``) to chunk ``index``'s sum of rounded values."""
+                     bound: int, *, part: slice | None = None) -> None:
+        """Add ``values`` (each at most ``bound``) to chunk ``index``'s sum of rounded values
+        (only to its ``part``: one polynomial's half)."""
         if self._bounds[index] + bound > _U64_MAX:
             np.remainder(running[index], self._moduli, out=running[index])
             self._bounds[index] = self.layout.moduli[0] - 1
-        np.add(running[index], values, out=running[index])
+        target = running[index] if part is None else running[index][part]
+        np.add(target, values, out=target)
         self._bounds[index] += bound
 
     def _append_to_spool(self, data: bytes, slave_id: str, index: int) -> int:
@@ -257,8 +313,9 @@ class Aggregator:
 
     def _release(self, contribution: _Contribution) -> None:
         """Forget a contribution's chunks (the spooled bytes stay until :meth:`close`)."""
-        self._held -= sum(len(c) for c in contribution.chunks.values() if isinstance(c, bytes))
-        contribution.chunks.clear()
+        for kept in (contribution.chunks, contribution.ahead):
+            self._held -= sum(len(c) for c in kept.values() if isinstance(c, bytes))
+            kept.clear()
 
     def discard(self, slave_id: str) -> None:
         """Remove a slave's unfinished contribution from the sum (no-op if absent).
@@ -276,21 +333,39 @@ class Aggregator:
                 "unfinished update can be discarded (refuse an update before finish())"
             )
         del self._slaves[slave_id]
-        size = self.layout.chunk_size
+        size, ahead_size = self.layout.chunk_size, self.layout.ahead_size
+        for index, where in contribution.ahead.items():
+            part = self._reader.read_ahead(self._read_back(where, ahead_size), index=index)
+            self._subtract_rounded(running, index, part, slice(self._half, None))
         for index, where in contribution.chunks.items():
-            if isinstance(where, int):
-                assert self._spool is not None
-                where = os.pread(self._spool, size, where)
-            if self._rounded_limit:  # q − r ≡ −r: the sum only grows, modulo q
-                rounded = self._reader.read_rounded(where, index=index)
-                np.subtract(self._moduli, rounded, out=rounded)
-                self._add_rounded(running, index, rounded, self.layout.moduli[0])
+            if index in contribution.ahead:
+                rest = self._reader.read_rest(self._read_back(where, size - ahead_size))
+                self._subtract_rounded(running, index, rest, slice(0, self._half))
+                continue
+            where = self._read_back(where, size)
+            if self._rounded_limit:
+                self._subtract_rounded(running, index,
+                                       self._reader.read_rounded(where, index=index), None)
             else:
                 coeffs = self._reader.read(where, index=index)
                 sub_mod(running[index], coeffs, self._moduli, scratch=coeffs)
-        logger.info("discarded the contribution of slave %r (%d chunks)", slave_id,
-                    len(contribution.chunks))
+        logger.info("discarded the contribution of slave %r (%d chunks, %d ahead parts)",
+                    slave_id, len(contribution.chunks), len(contribution.ahead))
         self._release(contribution)
+
+    def _read_back(self, where: bytes | int, size: int) -> bytes:
+        """Bytes held in memory, or read back from the spool at their offset."""
+        if isinstance(where, bytes):
+            return where
+        assert self._spool is not None
+        return os.pread(self._spool, size, where)
+
+    def _subtract_rounded(self, running: np.ndarray, index: int, rounded: np.ndarray,
+                          part: slice | None) -> None:
+        """Subtract rounded values (read into a reused buffer) from chunk ``index``'s sum:
+        ``q − r ≡ −r``, so the sum only grows, modulo q."""
+        np.subtract(self._moduli, rounded, out=rounded)
+        self._add_rounded(running, index, rounded, self.layout.moduli[0], part=part)
 
     def sum_chunks(self) -> list[bytes]:
         """The aggregate: one serialized ciphertext per chunk index, for the key holder.

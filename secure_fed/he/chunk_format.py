@@ -8,9 +8,9 @@ in [0, q_j). SEAL stores every coefficient in 8 bytes; a 60-bit prime leaves 4 b
 offset  size  field
 ======  ====  =================================================================
 0       4     magic ``b"SFHE"``
-4       1     format version (1; 2 for a chunk with dropped low-order bits)
+4       1     format version (1; 3 for a chunk with dropped low-order bits)
 5       1     scheme (1 = BFV, 2 = CKKS)
-6       2     version 1: zero; version 2: bits dropped from polynomial 0, then 1 (u8 each)
+6       2     version 1: zero; version 3: bits dropped from polynomial 0, then 1 (u8 each)
 8       4     chunk index (u32, little endian)
 12      8     key id (:func:`secure_fed.he.seal_blob.public_key_id`)
 20      32    SEAL ``parms_id`` of the data level (4 × u64)
@@ -18,12 +18,19 @@ offset  size  field
               polynomial 1, packed LSB-first at ``bit_length(q_j)`` bits each
 ======  ====  =================================================================
 
-An update's chunk may leave out low-order bits (format version 2, one data prime only:
+An update's chunk may leave out low-order bits (format version 3, one data prime only:
 :func:`secure_fed.he.params.update_drop_bits` says how many the noise bound allows): each
 coefficient c of polynomial p travels as ``round(c / 2^d_p)`` (0 where that is
-``round(q / 2^d_p)``), in ``bit_length(q) − d_p`` bits; polynomial 0's N coefficients come
-first, then polynomial 1's. The reader multiplies back by ``2^d_p`` modulo q. Aggregates
+``round(q / 2^d_p)``), in ``bit_length(q) − d_p`` bits; polynomial 1's N coefficients come
+first, then polynomial 0's. The reader multiplies back by ``2^d_p`` modulo q. Aggregates
 (:func:`pack_planar`) always travel whole (version 1): their noise has no room left to give.
+
+Polynomial 1 comes first because it does not depend on the plaintext: in a BFV encryption
+``(c0, c1) = (p0·u + e0 + Δ·m, p1·u + e1)`` only ``c0`` holds ``m``. A rounded chunk therefore
+splits into its **ahead part** (the header and ``c1``: :attr:`CiphertextLayout.ahead_size`
+bytes), which a slave can send before it has trained, from an encryption of zero set aside
+for that chunk, and its **rest** (``c0``), sent with the update; the two joined are the
+chunk, whose SHA-256 the signed update header carries.
 
 Adding two ciphertexts is adding their coefficients modulo q_j (what SEAL's ``add`` does), so
 the aggregator works on these arrays directly. :func:`parse_chunk` is the only reader of bytes
@@ -61,12 +68,14 @@ __all__ = [
     "reduce_times_pow2",
     "HEADER_SIZE",
     "chunk_size_for",
+    "pack_ahead",
+    "pack_rest",
 ]
 
 MAGIC = b"SFHE"
 FORMAT_VERSION = 1
-ROUNDED_VERSION = 2
-"""Format version of a chunk whose coefficients left out low-order bits."""
+ROUNDED_VERSION = 3
+"""Format version of a chunk whose coefficients left out low-order bits (``c1`` first)."""
 SCHEME_CODES = {"bfv": 1, "ckks": 2}
 _HEADER = struct.Struct("<4sBBHI8s4Q")
 HEADER_SIZE = _HEADER.size
@@ -150,6 +159,14 @@ class CiphertextLayout:
     def chunk_size(self) -> int:
         """Exact size of one serialized chunk, in bytes."""
         return chunk_size_for(self.poly_modulus_degree, self.moduli, self.drop_bits)
+
+    @property
+    def ahead_size(self) -> int:
+        """Size of a rounded chunk's ahead part (its header and ``c1``, see the module
+        docstring), in bytes; 0 for a layout of whole coefficients, whose chunks do not split."""
+        if self.drop_bits == (0, 0):
+            return 0
+        return HEADER_SIZE + self.poly_modulus_degree * (self.widths[0] - self.drop_bits[1]) // 8
 
     def _header(self, index: int) -> bytes:
         reserved = self.drop_bits[0] | self.drop_bits[1] << 8
@@ -265,17 +282,39 @@ def pack_chunk(coeffs: np.ndarray, layout: CiphertextLayout, index: int) -> byte
         raise ChunkFormatError(f"coefficients shaped {coeffs.shape}, expected {layout.shape}")
     parts = [layout._header(index)]
     if layout.drop_bits != (0, 0):
-        q, width = layout.moduli[0], layout.widths[0]
-        for poly, drop in enumerate(layout.drop_bits):
-            values = np.ascontiguousarray(coeffs[poly, 0, :])
-            if drop:
-                values = (values + np.uint64(1 << (drop - 1))) >> np.uint64(drop)
-                values[values == np.uint64(_rounded_limit(q, drop))] = 0
-            parts.append(_pack(values, width - drop))
+        parts.append(_pack_rounded(coeffs[1, 0, :], layout, 1))
+        parts.append(_pack_rounded(coeffs[0, 0, :], layout, 0))
         return b"".join(parts)
     for j, width in enumerate(layout.widths):
         parts.append(_pack(np.ascontiguousarray(coeffs[:, j, :]).reshape(-1), width))
     return b"".join(parts)
+
+
+def _pack_rounded(values: np.ndarray, layout: CiphertextLayout, poly: int) -> bytes:
+    """Polynomial ``poly``'s coefficients (below q) rounded and packed as a rounded chunk
+    carries them."""
+    drop = layout.drop_bits[poly]
+    values = np.ascontiguousarray(values, dtype=np.uint64)
+    if drop:
+        values = (values + np.uint64(1 << (drop - 1))) >> np.uint64(drop)
+        values[values == np.uint64(_rounded_limit(layout.moduli[0], drop))] = 0
+    return _pack(values, layout.widths[0] - drop)
+
+
+def pack_ahead(c1: np.ndarray, layout: CiphertextLayout, index: int) -> bytes:
+    """The ahead part of chunk ``index`` (header and rounded ``c1``) of a rounded layout,
+    from ``c1``'s N coefficients (below q)."""
+    if layout.drop_bits == (0, 0):
+        raise ChunkFormatError("only a rounded layout's chunks have an ahead part")
+    return layout._header(index) + _pack_rounded(c1, layout, 1)
+
+
+def pack_rest(c0: np.ndarray, layout: CiphertextLayout) -> bytes:
+    """The rest of a rounded chunk (rounded ``c0``), from ``c0``'s N coefficients (below q):
+    joined after the ahead part of the same chunk, it is the chunk :func:`pack_chunk` makes."""
+    if layout.drop_bits == (0, 0):
+        raise ChunkFormatError("only a rounded layout's chunks split into ahead part and rest")
+    return _pack_rounded(c0, layout, 0)
 
 
 def pack_planar(planar: np.ndarray, layout: CiphertextLayout, index: int) -> bytes:
@@ -373,16 +412,18 @@ class ChunkReader:
                 self._primes.append((pos, width, np.uint64(q), rows, _fast_plan(rows, width)))
                 pos += POLYS * layout.poly_modulus_degree * width // 8
 
-    def _checked(self, data: bytes, index: int | None) -> bytes:
-        """``data`` as ``bytes`` once its length and header are those of this layout."""
+    def _checked(self, data: bytes, index: int | None, *, size: int | None = None) -> bytes:
+        """``data`` as ``bytes`` once its length (``size``: a whole chunk's) and header are
+        those of this layout."""
         if type(data) is not bytes:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise ChunkFormatError(f"chunk must be bytes, got {type(data).__name__}")
             data = bytes(data)
-        if not (len(data) == self._size and data[:8] == self._prefix
+        size = self._size if size is None else size
+        if not (len(data) == size and data[:8] == self._prefix
                 and data[12:HEADER_SIZE] == self._ident
                 and (index is None or int.from_bytes(data[8:12], "little") == index)):
-            _check_header(data, self.layout, index)  # raises, naming the field
+            _check_header(data, self.layout, index, size=size)  # raises, naming the field
             raise ChunkFormatError("chunk header differs from the expected one")
         return data
 
@@ -406,6 +447,38 @@ class ChunkReader:
             raise ChunkFormatError("this layout's chunks are whole; read them with read()")
         self._rounded.unpack(self._checked(data, index))
         return self._rounded.raw
+
+    def read_ahead(self, data: bytes, *, index: int | None = None) -> np.ndarray:
+        """Validate the ahead part of a rounded chunk (its header and ``c1``, see the module
+        docstring) and return ``c1``'s rounded values: a view of the second half of the array
+        :meth:`read_rounded` returns, in the same order.
+
+        Raises:
+            ChunkFormatError: wrong length or header field, a value out of range, or a layout
+                of whole coefficients.
+        """
+        if self._rounded is None:
+            raise ChunkFormatError("this layout's chunks are whole; they have no ahead part")
+        data = self._checked(data, index, size=self._rounded.ahead)
+        return self._rounded.unpack_poly(data, 1, HEADER_SIZE)
+
+    def read_rest(self, data: bytes) -> np.ndarray:
+        """Validate the rest of a rounded chunk (``c0``, which follows its ahead part) and
+        return its rounded values: a view of the first half of the array
+        :meth:`read_rounded` returns. The header is in the ahead part: check that first.
+
+        Raises:
+            ChunkFormatError: wrong length, a value out of range, or a layout of whole
+                coefficients.
+        """
+        if self._rounded is None:
+            raise ChunkFormatError("this layout's chunks are whole; they have no rest part")
+        size = self._size - self._rounded.ahead
+        if not isinstance(data, bytes | bytearray | memoryview) or len(data) != size:
+            got = len(data) if isinstance(data, bytes | bytearray | memoryview) else None
+            raise ChunkFormatError(
+                f"the rest of a chunk (c0) is {got} bytes, expected exactly {size}")
+        return self._rounded.unpack_poly(bytes(data), 0, 0)
 
     def restore_rounded(self, raw: np.ndarray) -> np.ndarray:
         """The ciphertext whose rounded values sum to ``raw`` (any ``uint64`` array shaped
@@ -499,33 +572,41 @@ class _Rounded:
         self.planar = out[0].reshape(self.period, -1)
         # both polynomials' rounded values, each in its own width's planar order
         self.raw = np.empty(POLYS * n, dtype=np.uint64)
+        self.ahead = layout.ahead_size
+        # per polynomial: its offset in a whole chunk (c1 right after the header, then c0)
         self.polys = []
-        pos = HEADER_SIZE
         for poly, drop in enumerate(layout.drop_bits):
             width = layout.widths[0] - drop
             rows = self.raw[poly * n:(poly + 1) * n].reshape(_plan(width)[0], -1)
             limit = _rounded_limit(self.modulus, drop)
+            pos = self.ahead if poly == 0 else HEADER_SIZE
             self.polys.append((pos, width, drop, np.uint64(limit), rows,
                                _fast_plan(rows, width)))
-            pos += n * width // 8
         self.limit = max(int(limit) for _, _, _, limit, _, _ in self.polys)
         """The bound of every rounded value (of either polynomial)."""
 
     def unpack(self, data: bytes) -> None:
         """Unpack and check the rounded values of ``data`` (header checked) into :attr:`raw`."""
-        for poly, (pos, width, drop, limit, rows, fast) in enumerate(self.polys):
-            if fast is None:
-                _unpack_rows(data, pos, rows, width)
-            else:
-                fast.unpack(data, pos)
-            values = rows.reshape(-1)  # this width's planar order: elementwise work only
-            if values.max() >= limit:
-                bad = int(np.flatnonzero(values >= limit)[0])
-                row, group = divmod(bad, rows.shape[1])
-                raise ChunkFormatError(
-                    f"coefficient {group * rows.shape[0] + row} of polynomial {poly} is "
-                    f"{int(values[bad])}, not below round(q / 2^{drop}) = {int(limit)}: not a "
-                    "ciphertext of these parameters")
+        for poly in (1, 0):
+            self.unpack_poly(data, poly, self.polys[poly][0])
+
+    def unpack_poly(self, data: bytes, poly: int, pos: int) -> np.ndarray:
+        """Unpack and check polynomial ``poly``'s rounded values, packed from ``data[pos:]``,
+        into its half of :attr:`raw`, which is returned (a view)."""
+        _, width, drop, limit, rows, fast = self.polys[poly]
+        if fast is None:
+            _unpack_rows(data, pos, rows, width)
+        else:
+            fast.unpack(data, pos)
+        values = rows.reshape(-1)  # this width's planar order: elementwise work only
+        if values.max() >= limit:
+            bad = int(np.flatnonzero(values >= limit)[0])
+            row, group = divmod(bad, rows.shape[1])
+            raise ChunkFormatError(
+                f"coefficient {group * rows.shape[0] + row} of polynomial {poly} is "
+                f"{int(values[bad])}, not below round(q / 2^{drop}) = {int(limit)}: not a "
+                "ciphertext of these parameters")
+        return values
 
     def read(self, data: bytes) -> None:
         self.unpack(data)
@@ -601,11 +682,15 @@ def _fast_plan(rows: np.ndarray, width: int) -> _FastPlan | None:
          mask if shifts[k] + width < 64 else None) for k in range(period)))
 
 
-def _check_header(data: bytes, layout: CiphertextLayout, index: int | None) -> None:
-    """Check the exact length and every header field of a chunk."""
-    if len(data) != layout.chunk_size:
+def _check_header(data: bytes, layout: CiphertextLayout, index: int | None, *,
+                  size: int | None = None) -> None:
+    """Check the exact length (``size``: a whole chunk's) and every header field of a chunk
+    or of its ahead part."""
+    size = layout.chunk_size if size is None else size
+    if len(data) != size:
+        what = "chunk" if size == layout.chunk_size else "ahead part of a chunk"
         raise ChunkFormatError(
-            f"chunk is {len(data)} bytes, expected exactly {layout.chunk_size} for one "
+            f"{what} is {len(data)} bytes, expected exactly {size} for one "
             f"ciphertext of these parameters (truncated, padded, or other parameters)"
         )
     magic, version, scheme, reserved, got_index, key_id, *parms = _HEADER.unpack_from(data)

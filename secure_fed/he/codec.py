@@ -15,12 +15,21 @@ process only slices the vector and collects bytes, so an asyncio loop in it stay
 **Encryptions of zero made ahead (BFV).** SEAL encrypts a BFV plaintext ``m`` as a fresh
 public-key encryption of zero to which it adds ``Δ·m`` (``Encryptor::encrypt``:
 ``encrypt_zero_internal`` then ``multiply_add_plain_with_scaling_variant``), and adding a
-plaintext to a ciphertext (``Evaluator::add_plain``) is that same second step. So a stock of
-encryptions of zero made while the slave waits (:meth:`UpdateEncoder.stock`) turns an
-update's encryption into plaintext additions: the resulting ciphertexts are distributed
-exactly as fresh ones. Each encryption of zero is used once and dropped (two ciphertexts
-made from one would reveal the difference of their plaintexts); a worker whose stock is empty
-encrypts afresh.
+plaintext to a ciphertext (``Evaluator::add_plain``) is that same second step, which touches
+``c0`` only. So a stock of encryptions of zero made while the slave waits
+(:meth:`UpdateEncoder.stock`) turns an update's encryption into plaintext additions: the
+resulting ciphertexts are distributed exactly as fresh ones. The stock is kept in this process
+as coefficient arrays; a worker computes ``Δ·m`` as SEAL's ``add_plain`` onto a constant
+ciphertext ``(0, 1)`` (a ciphertext whose ``c1`` is zero is refused as transparent) and adds
+it to the zero's ``c0`` modulo q: exactly SEAL's result (tests/test_he_codec.py). Each
+encryption of zero is used once and dropped (two ciphertexts made from one would reveal the
+difference of their plaintexts); a chunk with no stocked zero is encrypted afresh.
+
+**The ahead part.** Under a rounded layout the zero's ``c1`` is the chunk's ahead part
+(:mod:`secure_fed.he.chunk_format`): :meth:`UpdateEncoder.reserve` sets a whole update's
+zeros aside for one task and gives their ahead parts, which the slave sends before it trains;
+the update encrypted with that :class:`Reservation` (once: it is spent) has exactly those
+ahead parts, followed by each chunk's ``c0``.
 """
 
 from __future__ import annotations
@@ -41,43 +50,85 @@ import numpy as np
 from secure_fed.costs import timed_call
 from secure_fed.encoding import check_vector, check_weight, decode_plain_sum, encode_plain
 from secure_fed.errors import CryptoError
-from secure_fed.he.chunk_format import CiphertextLayout, chunk_size_for, pack_chunk
+from secure_fed.he.chunk_format import (
+    HEADER_SIZE,
+    CiphertextLayout,
+    add_mod,
+    chunk_size_for,
+    pack_ahead,
+    pack_chunk,
+    pack_rest,
+)
 from secure_fed.he.keys import ciphertext_layout, load_public_context
 from secure_fed.he.params import HEParams, data_moduli, update_drop_bits
-from secure_fed.he.seal_blob import extract_coefficients
+from secure_fed.he.seal_blob import CiphertextTemplate, extract_coefficients
 from secure_fed.processes import worker_pool
 
-__all__ = ["UpdateEncoder", "encode_plain", "decode_plain_sum", "encrypt_chunk", "worker_pool"]
+__all__ = ["UpdateEncoder", "Reservation", "encode_plain", "decode_plain_sum", "encrypt_chunk",
+           "worker_pool"]
 
 
 def encrypt_chunk(
     ctx: Any, params: HEParams, layout: CiphertextLayout, index: int, plain: np.ndarray,
-    zero: Any | None = None,
 ) -> bytes:
-    """Encrypt one chunk of plaintext (at most ``params.slots`` values) and serialize it.
-
-    ``zero``: a BFV encryption of zero of all slots, never used before (see the module
-    docstring); the chunk is then ``zero`` plus the plaintext, with no new encryption.
-    """
+    """Encrypt one chunk of plaintext (at most ``params.slots`` values) afresh and serialize
+    it."""
     import tenseal
 
-    padded = np.zeros(params.slots, dtype=plain.dtype)
-    padded[: plain.shape[0]] = plain
-    if zero is not None:
-        if params.scheme != "bfv":
-            raise CryptoError("encryptions of zero are kept for BFV only")
-        vec = zero.add_plain(padded.tolist())
-    elif params.scheme == "bfv":
+    padded = _padded(params, plain)
+    if params.scheme == "bfv":
         vec = tenseal._ts_cpp.BFVVector(ctx.data, padded.tolist())
     else:
         vec = tenseal._ts_cpp.CKKSVector(ctx.data, padded.tolist(), ctx.global_scale)
+    return pack_chunk(_coefficients(vec, layout), layout, index)
+
+
+def _padded(params: HEParams, plain: np.ndarray) -> np.ndarray:
+    padded = np.zeros(params.slots, dtype=plain.dtype)
+    padded[: plain.shape[0]] = plain
+    return padded
+
+
+def _coefficients(vec: Any, layout: CiphertextLayout) -> np.ndarray:
+    """The coefficient array ``(2, primes, N)`` of a TenSEAL vector made here."""
     coeffs, parms_id = extract_coefficients(
         vec.serialize(), polys=2, moduli_count=len(layout.moduli),
         poly_modulus_degree=layout.poly_modulus_degree,
     )
     if parms_id != layout.parms_id:
         raise CryptoError("TenSEAL encrypted at an unexpected level (parms_id differs)")
-    return pack_chunk(coeffs, layout, index)
+    return coeffs
+
+
+class Reservation:
+    """A whole update's encryptions of zero, set aside for one task
+    (:meth:`UpdateEncoder.reserve`), and their ahead parts; spent by the one update encrypted
+    with it.
+
+    Attributes:
+        ahead: the ahead part of each chunk, in index order (header and rounded ``c1``).
+    """
+
+    def __init__(self, layout: CiphertextLayout, zeros: list[tuple[np.ndarray, bytes]]) -> None:
+        self._zeros: list[np.ndarray] | None = [coeffs[0] for coeffs, _ in zeros]
+        self.ahead = [layout._header(i) + c1 for i, (_, c1) in enumerate(zeros)]
+
+    @property
+    def spent(self) -> bool:
+        """Whether an update was encrypted with it (its zeros are then gone)."""
+        return self._zeros is None
+
+    def take(self, count: int) -> list[np.ndarray]:
+        """The ``c0`` of each zero, once (a second call raises: never two updates on one
+        ``c1``, which would reveal the difference of their plaintexts)."""
+        zeros, self._zeros = self._zeros, None
+        if zeros is None:
+            raise CryptoError("this reservation's encryptions of zero were used already; "
+                              "reserve new ones for a new update")
+        if len(zeros) != count:
+            raise CryptoError(f"the reservation holds {len(zeros)} encryptions of zero, the "
+                              f"update has {count} chunks")
+        return zeros
 
 
 # ---- worker processes ------------------------------------------------------------------------
@@ -90,10 +141,21 @@ update that arrives meanwhile waits for at most one such call)."""
 
 
 def _worker_init(params_json: str, public_context: bytes) -> None:
+    import tenseal
+
     params = HEParams.model_validate_json(params_json)
     ctx = load_public_context(public_context, params)
-    _WORKER.update(params=params, ctx=ctx, layout=ciphertext_layout(params, ctx, update=True),
-                   stock=[])
+    layout = ciphertext_layout(params, ctx, update=True)
+    _WORKER.update(params=params, ctx=ctx, layout=layout, constant=None)
+    if params.scheme == "bfv":
+        # the constant ciphertext (0, 1): add_plain onto it gives Δ·m in c0 (module docstring)
+        fresh = tenseal._ts_cpp.BFVVector(ctx.data, [0] * params.slots)
+        template = CiphertextTemplate(fresh.serialize(), polys=2,
+                                      moduli_count=len(layout.moduli),
+                                      poly_modulus_degree=params.poly_modulus_degree)
+        constant = np.zeros(layout.shape, dtype=np.uint64)
+        constant[1, :, 0] = 1
+        _WORKER["constant"] = tenseal._ts_cpp.BFVVector(ctx.data, template.build(constant))
 
 
 def _chunk_rng(entropy: int, index: int) -> np.random.Generator:
@@ -101,49 +163,62 @@ def _chunk_rng(entropy: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(index,)))
 
 
-def _encrypt(index: int, plain: np.ndarray) -> tuple[bytes, bool]:
-    """One chunk from this worker's stock of encryptions of zero when it has one (taken out
-    of the stock: never used twice), else encrypted afresh; and whether the stock served."""
-    stock: list[Any] = _WORKER["stock"]
-    zero = stock.pop() if stock else None
-    chunk = encrypt_chunk(_WORKER["ctx"], _WORKER["params"], _WORKER["layout"], index, plain,
-                          zero)
-    return chunk, zero is not None
-
-
-def _encode_encrypt(index: int, values: np.ndarray, weight: int,
-                    entropy: int) -> tuple[bytes, bool]:
+def _encrypt(index: int, plain: np.ndarray, zero: np.ndarray | None, rest: bool) -> bytes:
+    """One chunk: encrypted afresh, or (``zero``: a stocked encryption of zero, its whole
+    coefficient array, or only its ``c0`` when ``rest``) the zero plus the plaintext; with
+    ``rest``, only the chunk's rest (rounded ``c0``) is returned."""
     params: HEParams = _WORKER["params"]
-    return _encrypt(index, encode_plain(values, weight, params, _chunk_rng(entropy, index)))
+    layout: CiphertextLayout = _WORKER["layout"]
+    if zero is None:
+        return encrypt_chunk(_WORKER["ctx"], params, layout, index, plain)
+    scaled = _coefficients(_WORKER["constant"].add_plain(_padded(params, plain).tolist()),
+                           layout)[0]
+    c0 = zero if rest else zero[0]
+    add_mod(scaled, c0, layout.moduli_column()[0], scratch=c0)
+    if rest:
+        return pack_rest(scaled[0], layout)
+    zero[0] = scaled
+    return pack_chunk(zero, layout, index)
 
 
-def _worker_encrypt(task: tuple[int, np.ndarray, int, int]) -> tuple[bytes, bool, float]:
-    """One chunk, whether a stocked encryption of zero made it, and the worker's CPU seconds
-    for it (measured here: a live pool's time shows in no ``getrusage`` of its parent)."""
-    (chunk, stocked), seconds = timed_call(_encode_encrypt, *task, clock=time.process_time)
-    return chunk, stocked, seconds
+def _encode_encrypt(index: int, values: np.ndarray, weight: int, entropy: int,
+                    zero: np.ndarray | None, rest: bool) -> bytes:
+    params: HEParams = _WORKER["params"]
+    return _encrypt(index, encode_plain(values, weight, params, _chunk_rng(entropy, index)),
+                    zero, rest)
 
 
-def _worker_encrypt_ring(task: tuple[int, np.ndarray]) -> tuple[bytes, bool, float]:
-    index, values = task
-    (chunk, stocked), seconds = timed_call(_encrypt, index, values.astype(np.int64),
-                                           clock=time.process_time)
-    return chunk, stocked, seconds
+def _worker_encrypt(task: tuple[int, np.ndarray, int, int, np.ndarray | None, bool]
+                    ) -> tuple[bytes, float]:
+    """One chunk and the worker's CPU seconds for it (measured here: a live pool's time shows
+    in no ``getrusage`` of its parent)."""
+    return timed_call(_encode_encrypt, *task, clock=time.process_time)
 
 
-def _make_zeros(count: int) -> int:
-    """Add ``count`` fresh BFV encryptions of zero (all slots) to this worker's stock."""
+def _worker_encrypt_ring(task: tuple[int, np.ndarray, np.ndarray | None, bool]
+                         ) -> tuple[bytes, float]:
+    index, values, zero, rest = task
+    return timed_call(_encrypt, index, values.astype(np.int64), zero, rest,
+                      clock=time.process_time)
+
+
+def _make_zeros(count: int) -> list[tuple[np.ndarray, bytes]]:
+    """``count`` fresh BFV encryptions of zero (all slots): each one's coefficient array and,
+    under a rounded layout, its ``c1`` rounded and packed as an ahead part carries it."""
     import tenseal
 
     params: HEParams = _WORKER["params"]
+    layout: CiphertextLayout = _WORKER["layout"]
     zeros = [0] * params.slots
-    stock: list[Any] = _WORKER["stock"]
+    made = []
     for _ in range(count):
-        stock.append(tenseal._ts_cpp.BFVVector(_WORKER["ctx"].data, zeros))
-    return count
+        coeffs = _coefficients(tenseal._ts_cpp.BFVVector(_WORKER["ctx"].data, zeros), layout)
+        c1 = pack_ahead(coeffs[1, 0], layout, 0)[HEADER_SIZE:] if layout.ahead_size else b""
+        made.append((coeffs, c1))
+    return made
 
 
-def _worker_stock(count: int) -> tuple[int, float]:
+def _worker_stock(count: int) -> tuple[list[tuple[np.ndarray, bytes]], float]:
     return timed_call(_make_zeros, count, clock=time.process_time)
 
 
@@ -212,7 +287,8 @@ class UpdateEncoder:
         return self.chunk_count_for(self.params, size)
 
     def encrypt(
-        self, vector: np.ndarray, *, weight: int, seed: int | None = None
+        self, vector: np.ndarray, *, weight: int, seed: int | None = None,
+        reservation: Reservation | None = None,
     ) -> list[bytes]:
         """Encrypt ``weight × clip(vector)`` (quantized for BFV) as one chunk per ciphertext.
 
@@ -221,13 +297,16 @@ class UpdateEncoder:
             weight: the slave's integer weight, in [1, max_total_weight].
             seed: seed of the stochastic rounding (``None``: fresh randomness); the same seed
                 gives the same plaintext for any number of workers.
+            reservation: the encryptions of zero set aside for this update (:meth:`reserve`),
+                whose ahead parts were sent; spent here. ``None``: what the stock holds.
 
         Returns:
-            Serialized chunks, in index order; they never contain the context.
+            Serialized chunks, in index order; they never contain the context. With a
+            reservation, each begins with its ahead part.
 
         Raises:
-            CryptoError: non-finite value (the index is named), weight out of range, or a
-                worker process died.
+            CryptoError: non-finite value (the index is named), weight out of range, a spent
+                or mismatched reservation, or a worker process died.
         """
         if self._pool is None:
             raise CryptoError("encoder is closed; create a new UpdateEncoder")
@@ -237,17 +316,19 @@ class UpdateEncoder:
             raise CryptoError("update is empty; there is nothing to encrypt")
         entropy = secrets.randbits(128) if seed is None else int(seed)
         s = self.slots
-        tasks = [
-            (i, values[i * s : (i + 1) * s], w, entropy)
-            for i in range(self.chunk_count(values.shape[0]))
-        ]
-        return self._run(_worker_encrypt, tasks)
+        count = self.chunk_count(values.shape[0])
+        zeros, rest = self._zeros_for(count, reservation)
+        tasks = [(i, values[i * s: (i + 1) * s], w, entropy, zeros[i], rest)
+                 for i in range(count)]
+        return self._joined(self._run(_worker_encrypt, tasks), reservation)
 
-    def encrypt_ring(self, values: np.ndarray) -> list[bytes]:
+    def encrypt_ring(self, values: np.ndarray, *,
+                     reservation: Reservation | None = None) -> list[bytes]:
         """Encrypt integers of the BFV plaintext ring (``he+mask``: a masked vector).
 
         Args:
             values: uint64 values in [0, t), already weighted, quantized and masked.
+            reservation: as for :meth:`encrypt`.
 
         Returns:
             Serialized chunks, in index order, as :meth:`encrypt` makes them.
@@ -261,23 +342,46 @@ class UpdateEncoder:
         if ring.ndim != 1 or ring.size == 0 or ring.dtype != np.uint64 or int(ring.max()) >= t:
             raise CryptoError(f"ring values must be a non-empty 1-D uint64 vector below t={t}")
         s = self.slots
-        tasks = [(i, ring[i * s:(i + 1) * s]) for i in range(self.chunk_count(ring.shape[0]))]
-        return self._run(_worker_encrypt_ring, tasks)
+        count = self.chunk_count(ring.shape[0])
+        zeros, rest = self._zeros_for(count, reservation)
+        tasks = [(i, ring[i * s:(i + 1) * s], zeros[i], rest) for i in range(count)]
+        return self._joined(self._run(_worker_encrypt_ring, tasks), reservation)
 
-    def _run(self, work: Callable[[Any], tuple[bytes, bool, float]],
-             tasks: list[Any]) -> list[bytes]:
+    def _zeros_for(self, count: int, reservation: Reservation | None
+                   ) -> tuple[list[np.ndarray | None], bool]:
+        """The zero each chunk is made from (``None``: afresh), and whether the workers make
+        only the rest of each chunk (its ahead part comes from the reservation)."""
+        if reservation is not None:
+            return list(reservation.take(count)), True
+        taken = [coeffs for coeffs, _ in self._stock.take(count)]
+        return [*taken, *[None] * (count - len(taken))], False
+
+    @staticmethod
+    def _joined(chunks: list[bytes], reservation: Reservation | None) -> list[bytes]:
+        if reservation is None:
+            return chunks
+        return [ahead + rest for ahead, rest in zip(reservation.ahead, chunks, strict=True)]
+
+    def reserve(self, count: int) -> Reservation | None:
+        """Set ``count`` stocked encryptions of zero aside for one update (all or none, taken
+        out of the stock: never given twice), with their ahead parts; ``None`` when the stock
+        holds fewer or the layout's chunks do not split (whole coefficients, CKKS)."""
+        if count < 1 or not self.layout.ahead_size or self._pool is None:
+            return None
+        zeros = self._stock.take(count, exactly=True)
+        return Reservation(self.layout, zeros) if zeros else None
+
+    def _run(self, work: Callable[[Any], tuple[bytes, float]], tasks: list[Any]) -> list[bytes]:
         """The chunks of ``tasks`` done by the workers (stocking paused meanwhile), in order,
-        their CPU seconds added up and the encryptions of zero they took counted."""
+        their CPU seconds added up."""
         assert self._pool is not None
         batch = max(1, math.ceil(len(tasks) / (4 * self.workers)))
         chunks = []
         try:
             with self._stock.paused():
-                for chunk, stocked, seconds in self._pool.map(work, tasks, chunksize=batch):
+                for chunk, seconds in self._pool.map(work, tasks, chunksize=batch):
                     chunks.append(chunk)
                     self.worker_cpu_seconds += seconds
-                    if stocked:
-                        self._stock.used(1)
         except BrokenProcessPool as exc:
             raise CryptoError(
                 f"an encryption worker process died ({exc}); close this encoder and create a "
@@ -286,9 +390,9 @@ class UpdateEncoder:
         return chunks
 
     def stock(self, count: int) -> None:
-        """Have about ``count`` encryptions of zero ready in the workers, made in the
-        background from now on (BFV only; a CKKS encoder makes none); once there, those
-        taken by later chunks are not remade until the next call.
+        """Have about ``count`` encryptions of zero ready, made in the background by the
+        workers from now on (BFV only; a CKKS encoder makes none); once there, those taken
+        by later chunks are not remade until the next call.
 
         Call it when the slave waits (after an upload, for the next round's update: one
         encryption per chunk, :meth:`chunk_count`); an update encrypted meanwhile pauses the
@@ -303,20 +407,20 @@ class UpdateEncoder:
 
     @property
     def stocked(self) -> int:
-        """Encryptions of zero made and not used yet (in all workers together)."""
+        """Encryptions of zero made and not used yet."""
         return self._stock.level
 
-    def _make_zeros(self, count: int) -> int:
-        """One stocking call in a worker (run by the stocking thread); 0 once closed."""
+    def _make_zeros(self, count: int) -> list[tuple[np.ndarray, bytes]]:
+        """One stocking call in a worker (run by the stocking thread); none once closed."""
         pool = self._pool
         if pool is None:
-            return 0
+            return []
         made, seconds = pool.submit(_worker_stock, count).result()
         self.stock_cpu_seconds += seconds
-        return int(made)
+        return made
 
     def close(self) -> None:
-        """Stop the worker processes (idempotent)."""
+        """Stop the worker processes (idempotent) and drop the stock."""
         self._stock.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -329,19 +433,28 @@ class UpdateEncoder:
         self.close()
 
 
+_Zero = tuple[np.ndarray, bytes]
+
+
 class _Stock:
-    """The count of an encoder's encryptions of zero, and the thread that makes more while no
-    update is being encrypted (one worker call of :data:`STOCK_BATCH` at a time)."""
+    """An encoder's encryptions of zero (coefficient arrays, each given out once), and the
+    thread that has the workers make more while no update is being encrypted (one worker call
+    of :data:`STOCK_BATCH` at a time)."""
 
     def __init__(self) -> None:
-        self.level = 0
+        self._zeros: list[_Zero] = []
         self._target = 0
         self._encrypting = 0
         self._stopped = False
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
 
-    def want(self, count: int, make: Callable[[int], int]) -> None:
+    @property
+    def level(self) -> int:
+        with self._cond:
+            return len(self._zeros)
+
+    def want(self, count: int, make: Callable[[int], list[_Zero]]) -> None:
         with self._cond:
             self._target = count
             if self._thread is None and not self._stopped:
@@ -350,10 +463,14 @@ class _Stock:
                 self._thread.start()
             self._cond.notify_all()
 
-    def used(self, count: int) -> None:
+    def take(self, count: int, *, exactly: bool = False) -> list[_Zero]:
+        """Up to ``count`` zeros, removed from the stock (``exactly``: ``count`` or none)."""
         with self._cond:
-            self.level = max(0, self.level - count)
+            if exactly and len(self._zeros) < count:
+                return []
+            taken, self._zeros = self._zeros[:count], self._zeros[count:]
             self._cond.notify_all()
+            return taken
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -370,23 +487,26 @@ class _Stock:
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
+            self._zeros.clear()
             self._cond.notify_all()
 
-    def _run(self, make: Callable[[int], int]) -> None:
+    def _run(self, make: Callable[[int], list[_Zero]]) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._stopped or (
-                    not self._encrypting and self.level < self._target))
+                    not self._encrypting and len(self._zeros) < self._target))
                 if self._stopped:
                     return
-                count = min(STOCK_BATCH, self._target - self.level)
+                count = min(STOCK_BATCH, self._target - len(self._zeros))
             try:
                 made = make(count)
             except Exception:  # noqa: BLE001 - a closed or broken pool: encryption reports it
                 return
             with self._cond:
-                self.level += made
-                if made == 0:
+                if self._stopped:
                     return
-                if self.level >= self._target:  # done: chunks taken later are not remade
+                self._zeros.extend(made)
+                if not made:
+                    return
+                if len(self._zeros) >= self._target:  # done: chunks taken later not remade
                     self._target = 0

@@ -31,7 +31,7 @@ import numpy as np
 
 from secure_fed.config.settings import MasterConfig
 from secure_fed.costs import MASTER_KINDS, CpuTotals, timed_call
-from secure_fed.errors import SecureFedError, UnusableAggregate
+from secure_fed.errors import MalformedUpdate, SecureFedError, UnusableAggregate
 from secure_fed.faults import crash_point
 from secure_fed.he.aggregator import Aggregator
 from secure_fed.he.keyholder import KeyHolder
@@ -71,8 +71,15 @@ class RoundAggregation:
         self.start = start
         self.started = now
         self.bytes_by_slave: dict[str, int] = {}
+        """Bytes of each slave's update chunks (only their rests after ahead parts)."""
+        self.ahead_by_slave: dict[str, int] = {}
+        """Bytes of each slave's ahead parts."""
         self.secagg: SecAggRound | None = None
         self._connections = connections
+
+    def received_bytes(self, slave_id: str) -> int:
+        """Bytes of ``slave_id``'s update received: its chunks, ahead parts included."""
+        return self.bytes_by_slave.get(slave_id, 0) + self.ahead_by_slave.get(slave_id, 0)
 
     async def add_chunk(self, slave_id: str, index: int, data: bytes) -> None:
         """Add chunk ``index`` of ``slave_id``'s update to the sum (in a worker thread).
@@ -88,6 +95,26 @@ class RoundAggregation:
             self.costs.add("aggregation_s", seconds)
             self.costs.add("arrival_s", seconds)
         self.bytes_by_slave[slave_id] = self.bytes_by_slave.get(slave_id, 0) + len(data)
+
+    async def add_ahead(self, slave_id: str, index: int, data: bytes) -> None:
+        """Add the ahead part of chunk ``index`` of ``slave_id``'s coming update to the sum
+        (in a worker thread, or in its shard).
+
+        Raises:
+            SecureFedError: the part is malformed; the sum of the others is untouched.
+        """
+        aggregator = self.aggregator
+        if isinstance(aggregator, ShardedSum) and aggregator.homomorphic:
+            await aggregator.add_ahead(slave_id, index, data)  # the shard's CPU: at its end
+        elif isinstance(aggregator, Aggregator):
+            _, seconds = await asyncio.to_thread(timed_call, aggregator.add_ahead,
+                                                 slave_id, index, data)
+            self.costs.add("aggregation_s", seconds)
+            self.costs.add("ahead_s", seconds)
+        else:
+            raise MalformedUpdate(slave_id, index, "this round's updates are not encrypted: "
+                                  "they have no ahead parts")
+        self.ahead_by_slave[slave_id] = self.ahead_by_slave.get(slave_id, 0) + len(data)
 
     async def finish(self, slave_id: str, weight: int) -> None:
         """Count ``slave_id``'s complete update with ``weight`` (records, or 1; under

@@ -43,6 +43,7 @@ from secure_fed.protocol.messages import (
     EvaluationRelease,
     Finished,
     RoundEnd,
+    UpdateAhead,
     UpdateHeader,
     parse_slave_message,
 )
@@ -188,14 +189,18 @@ class RoundRunner:
     async def _dispatch(self, channel: Channel, message: str | bytes) -> None:
         now = time.monotonic()
         if isinstance(message, bytes):
-            # the chunk's SHA-256 against the signed header: work on a chunk as it arrives
+            # the chunk's SHA-256 against the signed header (of an ahead part: its start):
+            # work on a chunk as it arrives
             actions, seconds = timed_call(self.coordinator.chunk, channel.peer, message, now)
             self.costs.add("aggregation_s", seconds)
-            self.costs.add("arrival_s", seconds)
+            self.costs.add("ahead_s" if any(isinstance(a, co.AddAhead) for a in actions)
+                           else "arrival_s", seconds)
             await self._apply(actions)
             return
         parsed = parse_slave_message(message)
-        if isinstance(parsed, UpdateHeader):
+        if isinstance(parsed, UpdateAhead):
+            await self._apply(self.coordinator.update_ahead(channel.peer, parsed, now))
+        elif isinstance(parsed, UpdateHeader):
             problem = await self.checks.update_problem(channel, parsed)
             state = self._round
             if problem is None and state is not None:
@@ -230,13 +235,16 @@ class RoundRunner:
         state = self._round
         if isinstance(action, co.StartRound):
             await self._start_round(action)
-        elif isinstance(action, co.AddChunk):
+        elif isinstance(action, co.AddAhead | co.AddChunk):
             assert state is not None
+            add = state.add_ahead if isinstance(action, co.AddAhead) else state.add_chunk
             try:
-                await state.add_chunk(action.slave_id, action.index, action.data)
+                await add(action.slave_id, action.index, action.data)
             except SecureFedError as exc:
                 return self.coordinator.update_failed(action.slave_id, str(exc),
                                                       time.monotonic())
+            if isinstance(action, co.AddAhead):
+                return []
             crash_point("master.collecting")
             return self.coordinator.chunk_stored(action.slave_id, action.index,
                                                  time.monotonic())
@@ -306,7 +314,7 @@ class RoundRunner:
             return self.coordinator.update_failed(action.slave_id, str(exc), time.monotonic())
         record = self.checks.received_record(
             action.slave_id, header, attempt=state.start.attempt,
-            received_bytes=state.bytes_by_slave.get(action.slave_id, 0))
+            received_bytes=state.received_bytes(action.slave_id))
         with self.costs.measure("admission_s"):
             self.audit.append("update_received", record)
         self._on_event("update_received", record)
@@ -358,7 +366,7 @@ class RoundRunner:
             proposal, metrics = await self.model.propose(action.round, average)
             package = proposal.package
             seconds = time.monotonic() - state.started
-            upload = sum(state.bytes_by_slave.get(s, 0) for s in action.contributors)
+            upload = sum(state.received_bytes(s) for s in action.contributors)
             with self.costs.measure("commit_s"):
                 federated = round_evaluation(
                     {s: self._evaluations[s] for s in action.contributors

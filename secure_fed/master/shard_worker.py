@@ -120,14 +120,21 @@ class ShardWorker:
                               "restarted); the round attempt is aborted")
         return found
 
-    def add_chunks(self, key: str, chunks: list[tuple[str, int, bytes]]
+    def add_chunks(self, key: str, chunks: list[tuple[str, int, bytes, bool]]
                    ) -> list[tuple[str, ShardRefusal]]:
-        """Add ``(slave_id, index, data)`` chunks in order, each as the sum does; the
-        slaves whose chunk was refused, and why."""
+        """Add ``(slave_id, index, data, ahead)`` chunks (``ahead``: a chunk's ahead part) in
+        order, each as the sum does; the slaves whose chunk was refused, and why."""
         refused = []
-        for slave_id, index, data in chunks:
+        for slave_id, index, data, ahead in chunks:
             try:
-                self._sum(key).add_chunk(slave_id, index, data)
+                summed = self._sum(key)
+                if not ahead:
+                    summed.add_chunk(slave_id, index, data)
+                elif isinstance(summed, Aggregator):
+                    summed.add_ahead(slave_id, index, data)
+                else:
+                    raise CryptoError("this round's updates are not encrypted: they have no "
+                                      "ahead parts")
             except CryptoError as exc:
                 refused.append((slave_id, _refusal(exc)))
         return refused

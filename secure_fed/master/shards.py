@@ -240,7 +240,9 @@ class ShardedSum:
             i, "open", key, protection, vector_size, f"{spool_dir}/shard-{i}"))
             for i in range(shards.count)]
         self._room = [asyncio.Semaphore(IN_FLIGHT) for _ in range(shards.count)]
-        self._batch: list[list[tuple[str, int, bytes]]] = [[] for _ in range(shards.count)]
+        # (slave, index, bytes, whether they are an ahead part), in arrival order per shard
+        self._batch: list[list[tuple[str, int, bytes, bool]]] = [
+            [] for _ in range(shards.count)]
         self._in_flight: dict[str, set[asyncio.Future[Any]]] = {}
         self._refused: dict[str, CryptoError] = {}
         self._by_shard = [0] * shards.count
@@ -263,12 +265,26 @@ class ShardedSum:
                                   f"{opened.exception()}")
 
     async def add_chunk(self, slave_id: str, index: int, data: bytes) -> None:
-        """Hand chunk ``index`` of ``slave_id`` to its shard (waiting only for room).
+        """Hand chunk ``index`` of ``slave_id`` to its shard (waiting only for room); its
+        rest only, where its ahead part went before.
 
         Raises:
             SecureFedError: an earlier chunk of ``slave_id`` was refused, or its update is
                 already finished.
         """
+        await self._hand_on(slave_id, index, data, ahead=False)
+
+    async def add_ahead(self, slave_id: str, index: int, data: bytes) -> None:
+        """Hand the ahead part of chunk ``index`` of ``slave_id``'s coming update to its
+        shard, which adds it to its sum (``he`` and ``he+mask``:
+        :meth:`~secure_fed.he.aggregator.Aggregator.add_ahead`).
+
+        Raises:
+            SecureFedError: as :meth:`add_chunk`.
+        """
+        await self._hand_on(slave_id, index, data, ahead=True)
+
+    async def _hand_on(self, slave_id: str, index: int, data: bytes, *, ahead: bool) -> None:
         self._check_open()
         if slave_id in self._refused:
             raise self._refused[slave_id]
@@ -276,7 +292,7 @@ class ShardedSum:
             raise MalformedUpdate(slave_id, index,
                                   "update already finished; it cannot gain chunks")
         shard = self._shard_of(slave_id)
-        self._batch[shard].append((slave_id, index, bytes(data)))
+        self._batch[shard].append((slave_id, index, bytes(data), ahead))
         if len(self._batch[shard]) >= BATCH:
             await self._send_batch(shard)
 
@@ -288,7 +304,7 @@ class ShardedSum:
             self._room[shard].release()
             return
         done = asyncio.wrap_future(self._shards.submit(shard, "add_chunks", self._key, batch))
-        slaves = {slave_id for slave_id, _, _ in batch}
+        slaves = {entry[0] for entry in batch}
         for slave_id in slaves:
             self._in_flight.setdefault(slave_id, set()).add(done)
         done.add_done_callback(lambda f: self._batch_added(shard, slaves, f))
@@ -311,7 +327,7 @@ class ShardedSum:
     async def _settled(self, slave_id: str) -> None:
         """Wait until every chunk of ``slave_id`` handed on was added or refused."""
         shard = self._shard_of(slave_id)
-        if any(s == slave_id for s, _, _ in self._batch[shard]):
+        if any(entry[0] == slave_id for entry in self._batch[shard]):
             await self._send_batch(shard)
         pending = self._in_flight.pop(slave_id, set())
         if pending:

@@ -17,6 +17,11 @@ Round policy:
   (no retry).
 * Collection ends when every tasked slave has finished, declined or failed, or at
   ``upload_deadline_s`` after the task was sent; late uploads are discarded.
+* A slave may send its update's ahead parts (``update_ahead``: each chunk's header and
+  ``c1``, which do not depend on its data) before it trains; they go into the running sum as
+  they arrive, and the chunks of its update header are then their rests, each checked
+  against the signed SHA-256 of the whole chunk. If no update follows (a decline, a refusal,
+  a lost connection, the deadline), what they added is discarded.
 * An update counts only once the shell has confirmed that every chunk went into the running
   sum (:meth:`Coordinator.chunk_stored`) and that the update was finished and recorded
   (:meth:`Coordinator.update_stored`): only then is ``accepted`` sent and the update included
@@ -33,9 +38,10 @@ import enum
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from secure_fed.errors import ProtocolError
-from secure_fed.protocol.messages import Accepted, Decline, Rejected, UpdateHeader
+from secure_fed.protocol.messages import Accepted, Decline, Rejected, UpdateAhead, UpdateHeader
 
 
 class Phase(enum.Enum):
@@ -80,6 +86,16 @@ class StartRound:
 @dataclass(frozen=True)
 class AddChunk:
     """Add one verified ciphertext chunk of ``slave_id`` into the running sum."""
+
+    slave_id: str
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class AddAhead:
+    """Add the ahead part of chunk ``index`` of the update ``slave_id`` will send (its
+    header and ``c1``) into the running sum; the chunk's rest follows the update header."""
 
     slave_id: str
     index: int
@@ -150,7 +166,8 @@ class FederationDone:
 
 
 Action = (
-    StartRound | AddChunk | FinishUpdate | DiscardUpdate | Send | Aggregate | AbortRound | Note
+    StartRound | AddAhead | AddChunk | FinishUpdate | DiscardUpdate | Send | Aggregate
+    | AbortRound | Note
     | FederationDone
 )
 
@@ -161,6 +178,13 @@ class _Upload:
     header: UpdateHeader | None = None
     received: int = 0
     bytes: int = 0
+    # the SHA-256 state and size of each ahead part received (None: no ahead parts announced)
+    ahead: list[tuple[Any, int]] | None = None
+
+    @property
+    def in_sum(self) -> bool:
+        """Whether something of this slave is in the running sum (to discard if it fails)."""
+        return self.status in (SlaveStatus.UPLOADING, SlaveStatus.STORING) or bool(self.ahead)
 
 
 @dataclass
@@ -235,6 +259,9 @@ class Coordinator:
         self.phase = Phase.WAITING if next_round <= rounds else Phase.FINISHED
         self._wait_since: float | None = None
         self._current: _Attempt | None = None
+        # per slave: the task nonce and the count of ahead parts still to come on its
+        # connection (dropped as they come when that task is no longer under way)
+        self._ahead_due: dict[str, tuple[str, int]] = {}
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -252,7 +279,8 @@ class Coordinator:
         return self._current.deadline
 
     def uploaded_bytes(self) -> dict[str, int]:
-        """Bytes of ciphertext received per slave in the attempt under way."""
+        """Bytes of update chunks received per slave after its update header in the attempt
+        under way (the rests of its chunks where it sent ahead parts)."""
         if self._current is None:
             return {}
         return {sid: up.bytes for sid, up in self._current.uploads.items()}
@@ -277,18 +305,65 @@ class Coordinator:
         if slave_id in self.connected:
             self.lost[slave_id] = now
         self.connected.discard(slave_id)
+        self._ahead_due.pop(slave_id, None)
         upload = self._upload(slave_id)
         if upload is None or upload.status not in _PENDING:
             return []
         actions: list[Action] = []
-        if upload.status in (SlaveStatus.UPLOADING, SlaveStatus.STORING):
+        if upload.in_sum:
             actions.append(DiscardUpdate(slave_id, "disconnected during upload"))
         upload.status = SlaveStatus.FAILED
         actions.append(Note("slave_lost", {"slave": slave_id, "round": self.round}))
         return actions + self._maybe_close_collection(now)
 
+    def update_ahead(self, slave_id: str, message: UpdateAhead, now: float) -> list[Action]:
+        """A slave announces its update's ahead parts; they follow as binary messages.
+
+        Raises:
+            ProtocolError: not one part per chunk, or ahead parts announced while earlier
+                ones are still due.
+        """
+        if message.parts != self.chunks:
+            raise ProtocolError(f"'{slave_id}' announces {message.parts} ahead parts; this "
+                                f"model's updates have {self.chunks} chunks", 1008)
+        if slave_id in self._ahead_due:
+            raise ProtocolError(f"'{slave_id}' announces ahead parts before sending the ones "
+                                "it announced earlier", 1008)
+        self._ahead_due[slave_id] = (message.nonce, message.parts)
+        current = self._current
+        upload = self._upload(slave_id)
+        if (current is not None and self.phase is Phase.COLLECTING
+                and (message.round, message.nonce) == (current.round, current.nonce)
+                and upload is not None and upload.status is SlaveStatus.TASKED
+                and upload.ahead is None):
+            upload.ahead = []
+        return []  # otherwise: another task's, or repeated; the parts are dropped as they come
+
+    def _ahead_part(self, slave_id: str, nonce: str, data: bytes, now: float) -> list[Action]:
+        """One ahead part of the task with ``nonce`` arrived."""
+        upload = self._upload(slave_id)
+        current = self._current
+        if (upload is None or current is None or current.nonce != nonce
+                or upload.status is not SlaveStatus.TASKED or upload.ahead is None):
+            return []  # its task is no longer under way, or its update was refused meanwhile
+        index = len(upload.ahead)
+        if len(data) > self.max_chunk_bytes:
+            return self.update_failed(slave_id, f"ahead part {index} has {len(data)} bytes, "
+                                      f"more than a chunk's limit of {self.max_chunk_bytes}",
+                                      now)
+        upload.ahead.append((hashlib.sha256(data), len(data)))
+        return [AddAhead(slave_id, index, data)]
+
     def update_header(self, slave_id: str, header: UpdateHeader, now: float) -> list[Action]:
-        """A slave announces its update; the chunks follow as binary messages."""
+        """A slave announces its update; the chunks follow as binary messages (each the rest
+        of its chunk where the slave sent the ahead parts).
+
+        Raises:
+            ProtocolError: the header came before every ahead part the slave announced.
+        """
+        if slave_id in self._ahead_due:
+            raise ProtocolError(f"'{slave_id}' sent its update header before the ahead parts "
+                                "it announced", 1008)
         current = self._current
         upload = self._upload(slave_id)
         if (
@@ -302,26 +377,48 @@ class Coordinator:
             return self._reject(slave_id, header.round, header.nonce,
                                 "this slave already answered this round, or was not tasked")
         problem = self._check_header(header)
+        if not problem and upload.ahead is not None and len(upload.ahead) != self.chunks:
+            problem = (f"the update follows {len(upload.ahead)} of the {self.chunks} ahead parts "
+                       "announced")
+        if not problem and upload.ahead and any(
+                size >= whole for (_, size), whole in zip(upload.ahead, header.chunk_bytes,
+                                                          strict=True)):
+            problem = "a chunk announced is no longer than its ahead part"
         if problem:
+            discard = [DiscardUpdate(slave_id, problem)] if upload.in_sum else []
             upload.status = SlaveStatus.FAILED
-            return self._reject(slave_id, header.round, header.nonce, problem) + (
+            return discard + self._reject(slave_id, header.round, header.nonce, problem) + (
                 self._maybe_close_collection(now))
         upload.status = SlaveStatus.UPLOADING
         upload.header = header
         return []
 
     def chunk(self, slave_id: str, data: bytes, now: float) -> list[Action]:
-        """A binary message arrived from a slave."""
+        """A binary message arrived from a slave: an ahead part it announced, or a chunk (the
+        rest of one, after its ahead part) of the update it announced."""
+        due = self._ahead_due.get(slave_id)
+        if due is not None:
+            nonce, remaining = due
+            if remaining > 1:
+                self._ahead_due[slave_id] = (nonce, remaining - 1)
+            else:
+                del self._ahead_due[slave_id]
+            return self._ahead_part(slave_id, nonce, data, now)
         upload = self._upload(slave_id)
         if upload is None or upload.status is not SlaveStatus.UPLOADING or upload.header is None:
             raise ProtocolError(
                 f"binary message from '{slave_id}' without an announced update", 1008)
         header = upload.header
         index = upload.received
-        if len(data) != header.chunk_bytes[index]:
-            return self.update_failed(slave_id, f"chunk {index} has {len(data)} bytes, "
+        if upload.ahead:
+            digest, ahead = upload.ahead[index][0].copy(), upload.ahead[index][1]
+            digest.update(data)
+        else:
+            digest, ahead = hashlib.sha256(data), 0
+        if ahead + len(data) != header.chunk_bytes[index]:
+            return self.update_failed(slave_id, f"chunk {index} has {ahead + len(data)} bytes, "
                                       f"{header.chunk_bytes[index]} were announced", now)
-        if hashlib.sha256(data).hexdigest() != header.chunk_sha256[index]:
+        if digest.hexdigest() != header.chunk_sha256[index]:
             return self.update_failed(slave_id, f"chunk {index} does not match its SHA-256", now)
         upload.received += 1
         upload.bytes += len(data)
@@ -350,16 +447,18 @@ class Coordinator:
                 *self._maybe_close_collection(now)]
 
     def update_failed(self, slave_id: str, reason: str, now: float) -> list[Action]:
-        """The master could not use a slave's update (a chunk or its finish failed); it is
-        rejected and never counts."""
+        """The master could not use a slave's update (an ahead part, a chunk or its finish
+        failed); it is rejected and never counts."""
         upload = self._upload(slave_id)
-        if upload is None or upload.status not in (SlaveStatus.UPLOADING, SlaveStatus.STORING):
+        if upload is None or upload.status not in _PENDING or (
+                upload.status is SlaveStatus.TASKED and upload.ahead is None):
             return []
+        discard = [DiscardUpdate(slave_id, reason)] if upload.in_sum else []
         upload.status = SlaveStatus.FAILED
         current = self._current
         assert current is not None
         return [
-            DiscardUpdate(slave_id, reason),
+            *discard,
             Send(slave_id, Rejected(round=current.round, nonce=current.nonce, reason=reason)),
             Note("update_refused", {"slave": slave_id, "round": current.round, "reason": reason}),
             *self._maybe_close_collection(now),
@@ -374,8 +473,9 @@ class Coordinator:
         """
         upload = self._upload(slave_id)
         if upload is not None and upload.status is SlaveStatus.TASKED:
+            discard = [DiscardUpdate(slave_id, reason)] if upload.in_sum else []
             upload.status = SlaveStatus.FAILED
-            return self._reject(slave_id, header.round, header.nonce, reason) + (
+            return discard + self._reject(slave_id, header.round, header.nonce, reason) + (
                 self._maybe_close_collection(now))
         return self._reject(slave_id, header.round, header.nonce, reason)
 
@@ -389,11 +489,13 @@ class Coordinator:
             or message.nonce != current.nonce
         ):
             return []
+        discard = [DiscardUpdate(slave_id, "declined")] if upload.in_sum else []
         upload.status = SlaveStatus.DECLINED
         current.declines[slave_id] = message
         if message.final:
             self.withdrawn.add(slave_id)
         return [
+            *discard,
             Note("decline", {"slave": slave_id, "round": current.round,
                              "attempt": current.attempt, "reason": message.reason,
                              "epsilon_spent": message.epsilon_spent,
@@ -410,7 +512,7 @@ class Coordinator:
         if self.phase is Phase.COLLECTING and current is not None and now >= current.deadline:
             actions: list[Action] = []
             for slave_id, upload in current.uploads.items():
-                if upload.status in (SlaveStatus.UPLOADING, SlaveStatus.STORING):
+                if upload.status in _PENDING and upload.in_sum:
                     actions.append(DiscardUpdate(slave_id, "upload deadline passed"))
                 if upload.status in _PENDING:
                     upload.status = SlaveStatus.FAILED

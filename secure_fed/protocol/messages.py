@@ -28,18 +28,20 @@ from secure_fed.config.schema import DataSchema
 from secure_fed.config.tasks import DEFAULT_TASK, LossName, MetricName, TaskName, task_facts
 from secure_fed.errors import ProtocolError
 
-PROTOCOL_VERSION = 5
-"""Version 5 changes the masks of secure aggregation in rings below 2^40 (the usual BFV plain
-moduli): each keystream word gives a 48-bit draw (docs/secagg.md, "Masks"), so a version-4
-peer's masks would not cancel with this version's. Version 4 signs every field of an update
-header and of a decline (signing format v2, RFC 8785 canonical JSON), and changes secure
-aggregation: a key advertisement commits to the self-mask seed and (SecAgg+) to a
-contribution to the graph seed, which the slaves reveal in a new phase (``secagg_reveal``,
-``secagg_reveals``); the task no longer carries a graph seed. Version 3 narrows what a slave
-releases: no training loss in the update header, the FedAvg weight is a public count (a DP
-release or one its data owner declared public), only this federation's mechanisms and ε, and
-a decline can say that it is final. Version 2 bound the attempt's task nonce into the
-secure-aggregation settings digest and added ``plan.dp``.
+PROTOCOL_VERSION = 6
+"""Version 6 adds ``update_ahead`` (a rounded chunk's ahead part, its header and ``c1``, sent
+before the slave trains) and puts ``c1`` before ``c0`` in a rounded chunk (format version 3):
+a version-5 peer would read the polynomials swapped. Version 5 changes the masks of secure
+aggregation in rings below 2^40 (the usual BFV plain moduli): each keystream word gives a
+48-bit draw (docs/secagg.md, "Masks"), so a version-4 peer's masks would not cancel with this
+version's. Version 4 signs every field of an update header and of a decline (signing format
+v2, RFC 8785 canonical JSON), and changes secure aggregation: a key advertisement commits to
+the self-mask seed and (SecAgg+) to a contribution to the graph seed, which the slaves reveal
+in a new phase (``secagg_reveal``, ``secagg_reveals``); the task no longer carries a graph
+seed. Version 3 narrows what a slave releases: no training loss in the update header, the
+FedAvg weight is a public count (a DP release or one its data owner declared public), only
+this federation's mechanisms and ε, and a decline can say that it is final. Version 2 bound
+the attempt's task nonce into the secure-aggregation settings digest and added ``plan.dp``.
 A slave of another version is refused at ``hello`` (close code 4002)."""
 SUBPROTOCOL = "secure-fed.v1"
 MAX_CERTIFICATE_CHARS = 8192
@@ -191,6 +193,30 @@ class UpdateHeader(_Message):
             if data.get(name) is None:
                 data.pop(name, None)
         return data
+
+
+class UpdateAhead(_Message):
+    """Announces the ahead parts of the update a slave will send for a task; exactly
+    ``parts`` binary messages follow, the ahead part of chunk 0, 1, … in order.
+
+    A rounded chunk (:mod:`secure_fed.he.chunk_format`) is its ahead part (header and
+    ``c1``) then its rest (``c0``). ``c1`` belongs to the encryption of zero the chunk is made
+    from and does not depend on the plaintext, so the slave sends it while it trains; its
+    update header then signs the SHA-256 of each whole chunk (ahead part and rest joined), and
+    only the rests follow the header. Nothing in the parts is computed from the slave's
+    records (see :mod:`secure_fed.protocol.release`); an update never sent leaves them unused,
+    and the master drops them.
+
+    Args:
+        round: the round of the task.
+        nonce: the nonce of that task.
+        parts: ahead parts that follow: one per chunk of the update.
+    """
+
+    type: Literal["update_ahead"] = "update_ahead"
+    round: Round
+    nonce: Nonce
+    parts: int = Field(ge=1, le=100_000)
 
 
 def plan_digest(plan: Plan) -> str:
@@ -453,7 +479,8 @@ class ErrorMessage(_Message):
     message: Text
 
 
-SlaveMessage = Annotated[Hello | UpdateHeader | Decline, Field(discriminator="type")]
+SlaveMessage = Annotated[Hello | UpdateAhead | UpdateHeader | Decline,
+                         Field(discriminator="type")]
 MasterMessage = Annotated[
     Welcome | Task | Accepted | Rejected | RoundEnd | Finished | ErrorMessage,
     Field(discriminator="type"),
@@ -463,8 +490,8 @@ _MASTER_ADAPTER: TypeAdapter[Any] = TypeAdapter(MasterMessage)
 
 MESSAGE_TYPES: dict[str, type[_Message]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Hello, UpdateHeader, Decline, Welcome, Task, Accepted, Rejected, RoundEnd,
-                Finished, ErrorMessage)
+    for cls in (Hello, UpdateAhead, UpdateHeader, Decline, Welcome, Task, Accepted, Rejected,
+                RoundEnd, Finished, ErrorMessage)
 }
 
 
@@ -496,9 +523,10 @@ def parse_json_message(raw: str | bytes, adapter: TypeAdapter[Any], sender: str,
         ) from exc
 
 
-def parse_slave_message(raw: str | bytes) -> Hello | UpdateHeader | Decline:
+def parse_slave_message(raw: str | bytes) -> Hello | UpdateAhead | UpdateHeader | Decline:
     """Parse and validate a JSON message sent by a slave (raises :class:`ProtocolError`)."""
-    result: Hello | UpdateHeader | Decline = parse_json_message(raw, _SLAVE_ADAPTER, "slave")
+    result: Hello | UpdateAhead | UpdateHeader | Decline = parse_json_message(
+        raw, _SLAVE_ADAPTER, "slave")
     return result
 
 

@@ -50,7 +50,7 @@ class Classified:
 DP, PUBLIC, PROTOCOL = Release.DP_OUTPUT, Release.PUBLIC, Release.PROTOCOL
 
 SLAVE_MESSAGES: tuple[type[BaseModel], ...] = (
-    m.Hello, m.UpdateHeader, m.MechanismRecord, m.EvaluationRelease, m.Decline,
+    m.Hello, m.UpdateAhead, m.UpdateHeader, m.MechanismRecord, m.EvaluationRelease, m.Decline,
     sm.AdvertiseKeys, sm.ShareKeys, sm.EncryptedShares, sm.MaskedInput, sm.UnmaskResponse,
     sm.RevealedShare, sm.SeedReveal,
 )
@@ -68,6 +68,11 @@ FIELDS: dict[tuple[str, str], Classified] = {
     ("Hello", "public_context_sha256"): Classified(PUBLIC, "hash of the bundle's public HE "
                                                    "context"),
     ("Hello", "certificate"): Classified(PUBLIC, "the slave's certificate from its bundle"),
+    ("UpdateAhead", "type"): _TYPE,
+    ("UpdateAhead", "round"): _ROUND,
+    ("UpdateAhead", "nonce"): _NONCE,
+    ("UpdateAhead", "parts"): Classified(PUBLIC, "the update's chunk count, fixed by the "
+                                         "model's size and the preset"),
     ("UpdateHeader", "type"): _TYPE,
     ("UpdateHeader", "round"): _ROUND,
     ("UpdateHeader", "nonce"): _NONCE,
@@ -172,6 +177,10 @@ FIELDS: dict[tuple[str, str], Classified] = {
 PAYLOADS: dict[str, Classified] = {
     "update chunk header": Classified(PUBLIC, "format, scheme, chunk index, key id and value "
                                       "count: fixed by the preset and the model's size"),
+    "update ahead part": Classified(
+        PROTOCOL, "a chunk's header and c1, the second polynomial of a fresh public-key "
+        "encryption of zero (p1·u + e1 with fresh u and e1): independent of the records, sent "
+        "before training"),
     "update chunk body": Classified(
         DP, "the encrypted (he), masked (mask) or encrypted masked (he+mask) fixed-point "
         "encoding of the DP-SGD update times the public weight: DP-SGD's output, recorded in "

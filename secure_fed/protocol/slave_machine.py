@@ -412,6 +412,11 @@ class SlaveMachine:
             raise RuntimeError(f"'{event}' reported while {self.state.value}")
         return self._task
 
+    @property
+    def task(self) -> Task | None:
+        """The task under way (from its ``task`` message until it is answered or dropped)."""
+        return self._task
+
     def _drop_task(self) -> None:
         self._task = self._params = None
         self._prepared = self._trained = None

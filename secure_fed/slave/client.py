@@ -51,6 +51,7 @@ from secure_fed.data.held_out import split_held_out, split_key
 from secure_fed.errors import (
     BudgetExhausted,
     ConfigError,
+    CryptoError,
     DataError,
     FederationBudgetExhausted,
     ModelError,
@@ -61,7 +62,7 @@ from secure_fed.errors import (
 )
 from secure_fed.faults import crash_point
 from secure_fed.he.bundle import SlaveBundle, context_digest
-from secure_fed.he.codec import UpdateEncoder
+from secure_fed.he.codec import Reservation, UpdateEncoder
 from secure_fed.identity.certificates import sign
 from secure_fed.models.package import ModelPackage
 from secure_fed.models.registry import allowed_architectures
@@ -81,6 +82,7 @@ from secure_fed.protocol.messages import (
     MechanismRecord,
     ModelHeader,
     Task,
+    UpdateAhead,
     UpdateHeader,
     WeightSource,
     signing_bytes,
@@ -146,6 +148,18 @@ class _MasksAhead:
 
     future: asyncio.Future[tuple[SecureFedError | None, float]]
     training_mark: float
+
+
+@dataclass
+class _AheadSent:
+    """The ahead parts of a task's update, being sent on one connection while the slave
+    trains: the update is encrypted with ``reservation`` and, on that connection, only the
+    rest of each chunk follows its header."""
+
+    channel: Channel
+    nonce: str
+    reservation: Reservation
+    sending: asyncio.Task[None]
 
 
 def _usable_cores() -> int:
@@ -257,6 +271,11 @@ class Slave:
         self._stocking: UpdateEncoder | None = None  # the encoder making encryptions of zero
         self._stocked_s = 0.0  # its stocking CPU seconds already in a costs record
         self._masks_ahead: _MasksAhead | None = None  # the round's masks, made beside training
+        self._ahead: _AheadSent | None = None  # the ahead parts of the task under way
+        # the last sending of ahead parts, whatever its task: the master reads a connection's
+        # binary messages in order, so an update header waits for it
+        self._ahead_sending: asyncio.Task[None] | None = None
+        self._ahead_bytes = 0  # bytes of ahead parts sent since the last costs record
         self.machine = SlaveMachine(
             hello=Hello(protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
                         public_context_sha256=context_digest(self._public_context),
@@ -330,7 +349,12 @@ class Slave:
     async def _deliver(self, channel: Channel, encoder: UpdateEncoder, raw: str | bytes) -> None:
         """Feed one message from the master to the machine and carry out what follows."""
         with self.costs.measure("protocol_s"):
+            before = self.machine.state
             actions = self.machine.receive_message(raw)
+        task = self.machine.task
+        if before is SlaveState.IDLE and task is not None \
+                and self.machine.state is SlaveState.AWAITING_MODEL:
+            self._send_ahead(channel, encoder, task)  # a task arrived: its ahead parts can go
         await self._perform(channel, encoder, actions)
 
     async def _perform(self, channel: Channel, encoder: UpdateEncoder,
@@ -353,6 +377,8 @@ class Slave:
                 with self.costs.measure("protocol_s"):
                     follow = self._check_task(action)
             elif isinstance(action, act.Train):
+                if self._ahead is None or self._ahead.nonce != action.task.nonce:
+                    self._send_ahead(channel, encoder, action.task)  # the stock is ready now
                 follow = await self._train(action)
             elif isinstance(action, act.RecordRelease):
                 with self.costs.measure("training_s"):  # the ledger and its accounting
@@ -396,9 +422,10 @@ class Slave:
         if self._stocking is not None:  # its workers' time, measured in each call
             self.costs.add("precompute_s", self._stocking.stock_cpu_seconds - self._stocked_s)
             self._stocked_s = self._stocking.stock_cpu_seconds
+        ahead, self._ahead_bytes = self._ahead_bytes, 0
         record = SlaveRoundCosts(party=self.config.slave_id, round=round_,
                                  attempt=self._costs_attempt, **self.costs.take(),
-                                 bytes_up=up, bytes_down=down)
+                                 bytes_up=up, bytes_down=down, bytes_ahead=min(ahead, up))
         self.report.costs.append(record)
         try:
             append_costs(self.state_dir / COSTS_FILE, record)
@@ -607,10 +634,16 @@ class Slave:
         # this thread's encoding and masking, and the encryption workers' time
         workers_before = encoder.worker_cpu_seconds
         masks_ahead, self._masks_ahead = self._masks_ahead, None
+        ahead = self._ahead
+        # the update of a task whose ahead parts were sent is made from their zeros (if they
+        # were used already, the reservation refuses: the update is then not sent)
+        reservation = (ahead.reservation if ahead is not None and ahead.nonce == work.task.nonce
+                       else None)
 
         def protect() -> list[bytes]:
             chunks, seconds = timed_call(functools.partial(
-                self._protect, encoder, vector, weight, work.delivery, distributed=distributed))
+                self._protect, encoder, vector, weight, work.delivery, distributed=distributed,
+                reservation=reservation))
             self.costs.add("protection_s", seconds)
             return chunks
 
@@ -627,11 +660,41 @@ class Slave:
         return self.machine.receive_protected(chunks)
 
     def _protect(self, encoder: UpdateEncoder, vector: np.ndarray, weight: int,
-                 delivery: ShareDelivery | None, *, distributed: bool = False) -> list[bytes]:
+                 delivery: ShareDelivery | None, *, distributed: bool = False,
+                 reservation: Reservation | None = None) -> list[bytes]:
         """The update's chunks under the federation's protection (runs off the event loop)."""
         return protect_update(self.config.encryption.protection, self.bundle.he_params,
                               encoder, vector, weight, self._secagg, delivery,
-                              distributed=distributed)
+                              distributed=distributed, reservation=reservation)
+
+    def _send_ahead(self, channel: Channel, encoder: UpdateEncoder, task: Task) -> None:
+        """Under ``he`` and ``he+mask``, when the stock holds the whole update's encryptions of
+        zero: set them aside for this task and send their ahead parts (each chunk's header and
+        ``c1``, independent of the data) in an asyncio task of their own, from the task's
+        arrival (or its training, when the stock was not ready then) while the slave works.
+        Parts of an earlier task still being sent go first."""
+        self._ahead = None
+        if self.config.encryption.protection not in ("he", "he+mask"):
+            return
+        reservation = encoder.reserve(task.chunks)
+        if reservation is None:
+            return
+        previous = self._ahead_sending
+
+        async def send() -> None:
+            if previous is not None:
+                with contextlib.suppress(Exception):  # its failure is its own task's
+                    await previous
+            await channel.send(UpdateAhead(round=task.round, nonce=task.nonce,
+                                           parts=len(reservation.ahead)))
+            for part in reservation.ahead:
+                await channel.send_bytes(part)
+                self._ahead_bytes += len(part)
+
+        sending = self._ahead_sending = asyncio.create_task(send())
+        # a connection lost meanwhile is reported by the upload, which awaits this task
+        sending.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._ahead = _AheadSent(channel, task.nonce, reservation, sending)
 
     async def _upload(self, channel: Channel, work: act.Upload) -> None:
         """Sign and send the update header, then its chunks."""
@@ -656,9 +719,24 @@ class Slave:
                            if any(e.share_noise_multiplier is not None for e in entries)
                            else None),
             evaluation=None if trained.evaluated is None else trained.evaluated.release))
+        ahead = self._ahead
+        rests = ahead is not None and ahead.channel is channel and ahead.nonce == task.nonce
+        sending = self._ahead_sending
+        if sending is not None and not rests:
+            # an earlier task's parts still going: the header may not come before them
+            with contextlib.suppress(Exception):
+                await sending
+        if ahead is not None and rests:
+            await ahead.sending
+            if not all(chunk.startswith(part)
+                       for chunk, part in zip(chunks, ahead.reservation.ahead, strict=True)):
+                raise CryptoError("the update's chunks do not begin with the ahead parts sent "
+                                  "for its task")
         await channel.send(header)
-        for chunk in chunks:
-            await channel.send_bytes(chunk)
+        for index, chunk in enumerate(chunks):
+            # where the ahead parts went before, only each chunk's rest follows the header
+            await channel.send_bytes(chunk[len(ahead.reservation.ahead[index]):]
+                                     if ahead is not None and rests else chunk)
             crash_point("slave.mid_upload")
         crash_point("slave.after_upload")
         trained.attempt.sent = True

@@ -15,7 +15,7 @@ import numpy as np
 from cryptography import x509
 
 from secure_fed.errors import IdentityError, ProtocolError
-from secure_fed.he.codec import UpdateEncoder
+from secure_fed.he.codec import Reservation, UpdateEncoder
 from secure_fed.he.presets import HEParams
 from secure_fed.identity.certificates import (
     check_validity,
@@ -32,9 +32,11 @@ from secure_fed.transport.tls import load_presented_certificate
 
 def protect_update(protection: str, params: HEParams, encoder: UpdateEncoder,
                    vector: np.ndarray, weight: int, secagg: SlaveSecAgg | None,
-                   delivery: ShareDelivery | None, *, distributed: bool = False) -> list[bytes]:
+                   delivery: ShareDelivery | None, *, distributed: bool = False,
+                   reservation: Reservation | None = None) -> list[bytes]:
     """The chunks of ``vector`` (FedAvg weight ``weight``) under ``protection``; CPU-bound, so
-    the caller runs it off the event loop.
+    the caller runs it off the event loop. ``reservation``: the encryptions of zero whose
+    ahead parts were sent for this update (``he`` and ``he+mask``), spent here.
 
     ``distributed``: ``vector`` is a distributed-DP contribution (integers on the grid, the
     noise share included), which goes on the ring exactly, unweighted: the master divides the
@@ -48,7 +50,7 @@ def protect_update(protection: str, params: HEParams, encoder: UpdateEncoder,
         raise ProtocolError(f"a distributed-DP contribution carries only a share of the noise; "
                             f"it is never sent under '{protection}' protection")
     if protection == "he":
-        return encoder.encrypt(vector, weight=weight)
+        return encoder.encrypt(vector, weight=weight, reservation=reservation)
     if protection == "plain":
         return pc.float_chunks(vector, params.clip)
     if secagg is None or delivery is None:
@@ -61,7 +63,7 @@ def protect_update(protection: str, params: HEParams, encoder: UpdateEncoder,
         ring = pc.to_ring(vector, weight, params, np.random.default_rng(secrets.randbits(128)))
     masked = masked_ring(secagg, delivery, ring)
     if protection == "he+mask":
-        return encoder.encrypt_ring(masked)
+        return encoder.encrypt_ring(masked, reservation=reservation)
     t = pc.ring_modulus(params)
     return [pc.pack_ring(masked[i:i + pc.VALUES_PER_CHUNK], t)
             for i in range(0, masked.size, pc.VALUES_PER_CHUNK)]
