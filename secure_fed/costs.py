@@ -194,6 +194,9 @@ class SlaveRoundCosts(_Record):
     bytes_ahead: int = Field(ge=0, default=0)
     """The part of :attr:`bytes_up` sent as ahead parts (the header and ``c1`` of each
     encrypted chunk, sent from the task's arrival or its training on, before the update)."""
+    bytes_down_beside_ahead: int = Field(ge=0, default=0)
+    """The part of :attr:`bytes_down` that came down while the ahead parts went up (the
+    task's models, when the parts left on the task's arrival; 0 when they left later)."""
 
     @model_validator(mode="after")
     def _overlap_within_masking(self) -> SlaveRoundCosts:
@@ -203,6 +206,9 @@ class SlaveRoundCosts(_Record):
         if self.bytes_ahead > self.bytes_up:
             raise ValueError(f"bytes_ahead {self.bytes_ahead} exceeds bytes_up {self.bytes_up}: "
                              "ahead parts are bytes sent")
+        if self.bytes_down_beside_ahead > self.bytes_down:
+            raise ValueError(f"bytes_down_beside_ahead {self.bytes_down_beside_ahead} exceeds "
+                             f"bytes_down {self.bytes_down}: they are bytes received")
         return self
 
     @property
@@ -328,15 +334,17 @@ class CriticalPath(BaseModel):
 
     **Ahead parts.** A slave sends its encrypted chunks' ahead parts
     (:attr:`SlaveRoundCosts.bytes_ahead`) when the task arrives (or, if its encryptions of
-    zero were not ready then, when it starts training), and works meanwhile. On a link of its
-    own in each direction, the parts delay its update only by the part of their transfer that
-    its work does not cover: the path counts ``max(0, bytes_ahead / bandwidth −
-    slave_work_s)`` of them with its other bytes in ``transfer_s``; ``ahead_hidden_s`` is the
-    part covered. The model's download is not counted as covering them: the master sends the
-    round's tasks one slave after another and reads no binary message meanwhile. The master
-    adds them to the running sum as they come (:attr:`MasterRoundCosts.ahead_s`), before the
-    first update header can arrive, which is no sooner than the shortest work of a slave:
-    ``ahead_covered_s = min(ahead_s, min slave_work_s)``.
+    zero were not ready then, when it starts training), while the task's models come down
+    (:attr:`SlaveRoundCosts.bytes_down_beside_ahead`: the master sends every slave its task
+    at once, and reads binary messages meanwhile) and it works. On a link of its own in each
+    direction, the parts delay its update only by the part of their transfer that this
+    download and its work do not cover: the path counts ``max(0, bytes_ahead / bandwidth −
+    window)`` of them with its other bytes in ``transfer_s``, where ``window =
+    bytes_down_beside_ahead / bandwidth + slave_work_s``; ``ahead_hidden_s`` is the part
+    covered. The master adds them to the running sum as they come
+    (:attr:`MasterRoundCosts.ahead_s`), before the first update header can arrive, which is
+    no sooner than the shortest such window of a slave: ``ahead_covered_s = min(ahead_s, min
+    window)``.
 
     ``arrival_covered_s`` is the part of the master's work on chunks as they arrived
     (:attr:`MasterRoundCosts.arrival_s`) that the slowest slave's upload covers. With every
@@ -382,8 +390,11 @@ def critical_path(slaves: Sequence[SlaveRoundCosts], master: MasterRoundCosts,
         raise ConfigError(f"a critical path needs the slaves' records and a positive bandwidth "
                           f"(got {len(slaves)} records, {bandwidth} B/s)")
 
+    def window(record: SlaveRoundCosts) -> float:
+        return record.bytes_down_beside_ahead / bandwidth + record.work_s
+
     def hidden(record: SlaveRoundCosts) -> float:
-        return min(record.bytes_ahead / bandwidth, record.work_s)
+        return min(record.bytes_ahead / bandwidth, window(record))
 
     def transfer(record: SlaveRoundCosts) -> float:
         return (record.bytes_up + record.bytes_down) / bandwidth - hidden(record)
@@ -395,7 +406,7 @@ def critical_path(slaves: Sequence[SlaveRoundCosts], master: MasterRoundCosts,
         window = max(0.0, upload - master.admission_s)
         return min(master.arrival_s, window) * (1 - 1 / master.chunks)
 
-    ahead_covered = min(master.ahead_s, min(record.work_s for record in slaves))
+    ahead_covered = min(master.ahead_s, min(window(record) for record in slaves))
 
     def path(record: SlaveRoundCosts) -> float:
         return (record.work_s + transfer(record) + master.work_s - covered(record)

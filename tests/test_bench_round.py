@@ -148,8 +148,13 @@ def _check_costs(row: dict[str, Any], run: Path, runs: Path, *, received: int,
             for party, rs in slaves.items()}
     whole = {party: work[party] + (rs[1].bytes_up + rs[1].bytes_down) / link
              for party, rs in slaves.items()}
-    # the ahead parts' transfer, as far as the slave's work covers it, is off its path
-    own = {party: whole[party] - min(ahead / link, work[party]) for party in slaves}
+    # the ahead parts left when the task arrived: their transfer, as far as the model's
+    # download and the slave's work cover it, is off its path
+    window = {party: rs[1].bytes_down_beside_ahead / link + work[party]
+              for party, rs in slaves.items()}
+    for rs in slaves.values():
+        assert rs[1].bytes_down_beside_ahead == row["download_bytes_per_slave"]
+    own = {party: whole[party] - min(ahead / link, window[party]) for party in slaves}
     m = master[1]
     master_cpu = m.admission_s + m.aggregation_s + m.decryption_s + m.unmasking_s + m.commit_s
     # of the work on chunks as they arrived, a slave's upload of the rests (less the master's
@@ -157,7 +162,7 @@ def _check_costs(row: dict[str, Any], run: Path, runs: Path, *, received: int,
     # 1 Mbit/s; the work on ahead parts, as far as the shortest slave's work covers it
     covered = {party: min(m.arrival_s, max(0.0, (received - ahead) / link - m.admission_s))
                * (1 - 1 / m.chunks) for party in slaves}
-    ahead_covered = min(m.ahead_s, min(work.values()))
+    ahead_covered = min(m.ahead_s, min(window.values()))
     paths = {party: own[party] + master_cpu - covered[party] - ahead_covered
              for party in slaves}
     slowest = max(paths, key=paths.__getitem__)
@@ -166,7 +171,7 @@ def _check_costs(row: dict[str, Any], run: Path, runs: Path, *, received: int,
     assert path["slave"] == slowest
     assert path["arrival_covered_s"] == pytest.approx(covered[slowest])
     assert path["ahead_covered_s"] == pytest.approx(ahead_covered) and ahead_covered > 0
-    assert path["ahead_hidden_s"] == pytest.approx(min(ahead / link, work[slowest]))
+    assert path["ahead_hidden_s"] == pytest.approx(min(ahead / link, window[slowest]))
     assert row["critical_path_seconds"] == pytest.approx(paths[slowest], rel=1e-9)
     assert row["critical_path_whole_seconds"] == pytest.approx(max(whole.values()) + master_cpu,
                                                                rel=1e-9)

@@ -194,12 +194,18 @@ def test_ahead_parts_count_only_where_the_slaves_work_does_not_cover_them() -> N
     assert path.transfer_s == pytest.approx(0.8 - 0.25)
     assert path.ahead_covered_s == pytest.approx(0.25)
     assert path.seconds == pytest.approx(0.25 + 0.55 + 1.0 - 0.25)
-    # the model's download covers none of them (the master reads no part while it sends)
-    early = slow.model_copy(update={"bytes_down": 300_000})
-    assert critical_path([early], master, 1e6).ahead_hidden_s == pytest.approx(0.25)
+    # parts that left with the task go up while its model comes down (0.3 s of it here)
+    early = slow.model_copy(update={"bytes_down": 300_000, "bytes_down_beside_ahead": 300_000})
+    path = critical_path([early], master, 1e6)
+    assert path.ahead_hidden_s == pytest.approx(0.55)
+    assert path.transfer_s == pytest.approx(0.8 + 0.3 - 0.55)
+    assert path.ahead_covered_s == pytest.approx(0.4)
+    assert path.seconds == pytest.approx(0.25 + 0.55 + 1.0 - 0.4)
+    with pytest.raises(ValueError, match="they are bytes received"):
+        SlaveRoundCosts.model_validate({**early.model_dump(), "bytes_down": 100})
     # records written before ahead parts read as none
     old = a.model_dump()
-    del old["bytes_ahead"]
+    del old["bytes_ahead"], old["bytes_down_beside_ahead"]
     assert SlaveRoundCosts.model_validate(old).bytes_ahead == 0
     with pytest.raises(ValueError, match="ahead parts are bytes sent"):
         SlaveRoundCosts.model_validate({**a.model_dump(), "bytes_ahead": 900_000})

@@ -475,7 +475,8 @@ def round_costs(work: Path, measured: Sequence[dict[str, Any]],
         paths.append({"round": master.round, "attempt": master.attempt, **path.model_dump()})
         per_slave += records
         per_master.append(master)
-    slave_fields = (*SLAVE_KINDS, "bytes_up", "bytes_down", "bytes_ahead")
+    slave_fields = (*SLAVE_KINDS, "bytes_up", "bytes_down", "bytes_ahead",
+                    "bytes_down_beside_ahead")
     return {
         "slave_costs": {party: {key: statistics.fmean(getattr(r, key) for r in per_slave
                                                       if r.party == party)
@@ -619,11 +620,11 @@ def format_round_table(rows: Sequence[dict[str, Any]]) -> str:
                      "slave's CPU seconds (training, + the masks made beside it less the part "
                      "training covered, + protection, signing, protocol) + its "
                      "message bytes up and down over the link (less the ahead parts' time "
-                     "its work covers) + the master's CPU seconds "
+                     "its model's download and its work cover) + the master's CPU seconds "
                      "(admission, aggregation, decryption, unmasking, commit) less its work "
                      "on chunks as they arrived that this slave's upload covers, min(arrival, "
                      "upload − admission) · (1 − 1/chunks), and less its work on ahead "
-                     "parts, up to the shortest slave CPU, the slave being the one whose "
+                     "parts, up to the shortest such window, the slave being the one whose "
                      "path is then longest; each party as on a machine of its own; crit/plain "
                      "and s/plain: against the plain (DP only) row of the same size and "
                      "slaves (--json also has the path with the master's CPU counted whole)")

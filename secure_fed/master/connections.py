@@ -3,10 +3,15 @@
 A slave may vanish at any moment; its reader notices and reports it to the round. Everything
 else that sends to it (a task, a round's end, a secure-aggregation message) therefore sends
 *quietly*: a failed send is logged and forgotten, never raised into the round.
+
+Sends to one slave keep their order, and sends to different slaves go concurrently: each
+send starts once that slave's earlier ones are done (:meth:`Connections.send_soon`), so a
+round's tasks and models go down to every slave at once while the caller goes on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +36,7 @@ class Connections:
     def __init__(self) -> None:
         self.channels: dict[str, Channel] = {}
         self.traffic: dict[str, Traffic] = {}
+        self._last: dict[str, asyncio.Task[None]] = {}  # each slave's latest send
 
     def get(self, slave_id: str) -> Channel | None:
         """The current channel of ``slave_id``, or ``None`` while it is not connected."""
@@ -64,27 +70,50 @@ class Connections:
                 found[party] = channel.certificate
         return found
 
-    async def send(self, slave_id: str, message: Any, *payloads: bytes) -> None:
-        """Send ``message`` and then each non-empty binary payload to ``slave_id``, if it is
-        connected."""
+    def send_soon(self, slave_id: str, message: Any, *payloads: bytes
+                  ) -> asyncio.Task[None] | None:
+        """Start sending ``message`` and then each non-empty binary payload to ``slave_id``,
+        if it is connected, once its earlier sends are done; the sending task (``None`` when
+        the slave is not connected). Later sends to that slave wait for it."""
         channel = self.channels.get(slave_id)
-        if channel is not None:
+        if channel is None:
+            return None
+        previous = self._last.get(slave_id)
+
+        async def run() -> None:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
             await send_quietly(channel, message, *payloads)
 
+        task = asyncio.get_running_loop().create_task(run())
+        self._last[slave_id] = task
+        task.add_done_callback(lambda done: self._forget(slave_id, done))
+        return task
+
+    def _forget(self, slave_id: str, done: asyncio.Task[None]) -> None:
+        if self._last.get(slave_id) is done:
+            del self._last[slave_id]
+
+    async def send(self, slave_id: str, message: Any, *payloads: bytes) -> None:
+        """Send ``message`` and then each non-empty binary payload to ``slave_id``, if it is
+        connected, after its earlier sends."""
+        task = self.send_soon(slave_id, message, *payloads)
+        if task is not None:
+            await task
+
     async def send_all(self, outgoing: list[tuple[str, Any]]) -> None:
-        """Send each ``(slave id, message)`` in order."""
-        for slave_id, message in outgoing:
-            await self.send(slave_id, message)
+        """Send each ``(slave id, message)``: in order for each slave, slaves concurrently."""
+        tasks = [self.send_soon(slave_id, message) for slave_id, message in outgoing]
+        await asyncio.gather(*(task for task in tasks if task is not None))
 
     async def broadcast(self, message: Any) -> None:
-        """Send ``message`` to every connected slave."""
-        for channel in list(self.channels.values()):
-            await send_quietly(channel, message)
+        """Send ``message`` to every connected slave (concurrently)."""
+        await self.send_all([(slave_id, message) for slave_id in list(self.channels)])
 
     async def close_all(self, message: Any) -> None:
         """Send ``message`` to every connected slave, then close its connection normally."""
-        for channel in list(self.channels.values()):
-            await send_quietly(channel, message)
+        for slave_id, channel in list(self.channels.items()):
+            await self.send(slave_id, message)
             await channel.close(1000, "federation finished")
 
 

@@ -301,9 +301,11 @@ class RoundRunner:
         })
         self._on_event("round_start", {"round": start.round, "attempt": start.attempt,
                                        "participants": list(start.recipients)})
+        # Sent concurrently, without waiting: the lock is free meanwhile, so the ahead parts
+        # the slaves send when their task arrives are taken while the models go down.
         for slave_id in start.recipients:
-            await self.connections.send(slave_id, task, package.params,
-                                        student.params if student is not None else b"")
+            self.connections.send_soon(slave_id, task, package.params,
+                                       student.params if student is not None else b"")
 
     async def _finish_update(self, state: RoundAggregation,
                              action: co.FinishUpdate) -> list[co.Action]:

@@ -276,6 +276,7 @@ class Slave:
         # binary messages in order, so an update header waits for it
         self._ahead_sending: asyncio.Task[None] | None = None
         self._ahead_bytes = 0  # bytes of ahead parts sent since the last costs record
+        self._ahead_beside = 0  # bytes of models that came down meanwhile, since then
         self.machine = SlaveMachine(
             hello=Hello(protocol=PROTOCOL_VERSION, software=f"secure-fed {__version__}",
                         public_context_sha256=context_digest(self._public_context),
@@ -354,7 +355,9 @@ class Slave:
         task = self.machine.task
         if before is SlaveState.IDLE and task is not None \
                 and self.machine.state is SlaveState.AWAITING_MODEL:
-            self._send_ahead(channel, encoder, task)  # a task arrived: its ahead parts can go
+            # a task arrived, its models still to come down: its ahead parts go up meanwhile
+            self._send_ahead(channel, encoder, task, beside=task.model.params_bytes + (
+                task.student.params_bytes if task.student is not None else 0))
         await self._perform(channel, encoder, actions)
 
     async def _perform(self, channel: Channel, encoder: UpdateEncoder,
@@ -423,9 +426,11 @@ class Slave:
             self.costs.add("precompute_s", self._stocking.stock_cpu_seconds - self._stocked_s)
             self._stocked_s = self._stocking.stock_cpu_seconds
         ahead, self._ahead_bytes = self._ahead_bytes, 0
+        beside, self._ahead_beside = (self._ahead_beside if ahead else 0), 0
         record = SlaveRoundCosts(party=self.config.slave_id, round=round_,
                                  attempt=self._costs_attempt, **self.costs.take(),
-                                 bytes_up=up, bytes_down=down, bytes_ahead=min(ahead, up))
+                                 bytes_up=up, bytes_down=down, bytes_ahead=min(ahead, up),
+                                 bytes_down_beside_ahead=min(beside, down))
         self.report.costs.append(record)
         try:
             append_costs(self.state_dir / COSTS_FILE, record)
@@ -667,12 +672,14 @@ class Slave:
                               encoder, vector, weight, self._secagg, delivery,
                               distributed=distributed, reservation=reservation)
 
-    def _send_ahead(self, channel: Channel, encoder: UpdateEncoder, task: Task) -> None:
+    def _send_ahead(self, channel: Channel, encoder: UpdateEncoder, task: Task, *,
+                    beside: int = 0) -> None:
         """Under ``he`` and ``he+mask``, when the stock holds the whole update's encryptions of
         zero: set them aside for this task and send their ahead parts (each chunk's header and
         ``c1``, independent of the data) in an asyncio task of their own, from the task's
-        arrival (or its training, when the stock was not ready then) while the slave works.
-        Parts of an earlier task still being sent go first."""
+        arrival, while its models come down (``beside``: their bytes), or from its training,
+        when the stock was not ready then, while the slave works. Parts of an earlier task
+        still being sent go first."""
         self._ahead = None
         if self.config.encryption.protection not in ("he", "he+mask"):
             return
@@ -691,6 +698,7 @@ class Slave:
                 await channel.send_bytes(part)
                 self._ahead_bytes += len(part)
 
+        self._ahead_beside += beside
         sending = self._ahead_sending = asyncio.create_task(send())
         # a connection lost meanwhile is reported by the upload, which awaits this task
         sending.add_done_callback(lambda done: done.cancelled() or done.exception())
