@@ -50,3 +50,47 @@ def test_sends_keep_each_slaves_order_and_do_not_wait_for_other_slaves() -> None
     assert [m for peer, m in log if peer == "a"] == ["task", b"model", "round_end", "note",
                                                     "last"]
     assert [m for peer, m in log if peer == "b"] == ["task", b"model", "note"]
+
+
+def test_a_cancelled_caller_leaves_its_send_in_the_slaves_order() -> None:
+    async def run() -> list[tuple[str, Any]]:
+        log: list[tuple[str, Any]] = []
+        connections = Connections()
+        slow = SlowChannel("a", log, hold="task")
+        connections.channels = {"a": cast(Channel, slow)}
+        connections.send_soon("a", "task", b"model")
+        waiting = asyncio.create_task(connections.send("a", "rejected"))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        connections.send_soon("a", "round_end")
+        slow.release.set()
+        await asyncio.wait_for(connections.send("a", "last"), 10)
+        return log
+
+    assert [m for _, m in asyncio.run(run())] == ["task", b"model", "rejected", "round_end",
+                                                 "last"]
+
+
+def test_at_most_so_many_models_go_down_at_once(monkeypatch: Any) -> None:
+    import secure_fed.master.connections as connections_module
+
+    monkeypatch.setattr(connections_module, "PAYLOAD_SENDS", 1)
+
+    async def run() -> list[tuple[str, Any]]:
+        log: list[tuple[str, Any]] = []
+        connections = Connections()
+        slow = SlowChannel("a", log, hold="task")
+        connections.channels = {"a": cast(Channel, slow),
+                                "b": cast(Channel, SlowChannel("b", log))}
+        connections.send_soon("a", "task", b"model")
+        connections.send_soon("b", "task", b"model")
+        connections.send_soon("b", "note")  # no payload: not held by the cap
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert log == []  # b's model waits for a's; its later note waits for its model
+        slow.release.set()
+        await asyncio.wait_for(connections.send("b", "last"), 10)
+        return log
+
+    assert asyncio.run(run()) == [("a", "task"), ("a", b"model"), ("b", "task"),
+                                  ("b", b"model"), ("b", "note"), ("b", "last")]

@@ -157,14 +157,14 @@ class RoundAggregation:
         if self.secagg is not None:
             with self.costs.measure("unmasking_s"):
                 outgoing = self.secagg.tick(now)
-            await self._connections.send_all(outgoing)
+            self._connections.send_all_soon(outgoing)
 
     async def note_absent(self, slave_id: str, now: float) -> None:
         """``slave_id`` left or declined: the secure aggregation stops waiting for it."""
         if self.secagg is not None:
             with self.costs.measure("unmasking_s"):
                 outgoing = self.secagg.note_absent(slave_id, now)
-            await self._connections.send_all(outgoing)
+            self._connections.send_all_soon(outgoing)
 
     def close(self) -> None:
         """Release the sum's memory and spool files."""

@@ -6,7 +6,9 @@ else that sends to it (a task, a round's end, a secure-aggregation message) ther
 
 Sends to one slave keep their order, and sends to different slaves go concurrently: each
 send starts once that slave's earlier ones are done (:meth:`Connections.send_soon`), so a
-round's tasks and models go down to every slave at once while the caller goes on.
+round's tasks and models go down to many slaves at once while the caller goes on. At most
+:data:`PAYLOAD_SENDS` sends with binary payloads (models) go at a time, so that a master on a
+slow uplink hands each slave its task and model within its wait, not all of them at its end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from secure_fed.transport.channel import Channel
 
 log = logging.getLogger(__name__)
 
+PAYLOAD_SENDS = 8
+"""Sends carrying binary payloads (a task's models) that go at the same time, at most."""
+
 
 class Connections:
     """The channel of each greeted slave (at most one per slave), keyed by slave id.
@@ -37,6 +42,7 @@ class Connections:
         self.channels: dict[str, Channel] = {}
         self.traffic: dict[str, Traffic] = {}
         self._last: dict[str, asyncio.Task[None]] = {}  # each slave's latest send
+        self._payload_slots: asyncio.Semaphore | None = None  # made in the running loop
 
     def get(self, slave_id: str) -> Channel | None:
         """The current channel of ``slave_id``, or ``None`` while it is not connected."""
@@ -83,7 +89,13 @@ class Connections:
         async def run() -> None:
             if previous is not None and not previous.done():
                 await asyncio.wait([previous])
-            await send_quietly(channel, message, *payloads)
+            if not any(payloads):
+                await send_quietly(channel, message)
+                return
+            if self._payload_slots is None:
+                self._payload_slots = asyncio.Semaphore(PAYLOAD_SENDS)
+            async with self._payload_slots:
+                await send_quietly(channel, message, *payloads)
 
         task = asyncio.get_running_loop().create_task(run())
         self._last[slave_id] = task
@@ -99,12 +111,19 @@ class Connections:
         connected, after its earlier sends."""
         task = self.send_soon(slave_id, message, *payloads)
         if task is not None:
-            await task
+            # a caller cancelled while waiting leaves the send to go on: the order of the
+            # slave's later sends relies on it
+            await asyncio.shield(task)
 
     async def send_all(self, outgoing: list[tuple[str, Any]]) -> None:
         """Send each ``(slave id, message)``: in order for each slave, slaves concurrently."""
         tasks = [self.send_soon(slave_id, message) for slave_id, message in outgoing]
-        await asyncio.gather(*(task for task in tasks if task is not None))
+        await asyncio.shield(asyncio.gather(*(task for task in tasks if task is not None)))
+
+    def send_all_soon(self, outgoing: list[tuple[str, Any]]) -> None:
+        """Start each ``(slave id, message)`` as :meth:`send_all` sends it, without waiting."""
+        for slave_id, message in outgoing:
+            self.send_soon(slave_id, message)
 
     async def broadcast(self, message: Any) -> None:
         """Send ``message`` to every connected slave (concurrently)."""

@@ -5,7 +5,10 @@ Events come from the slaves' connections (joined, left, a message), and from a t
 0.25 s (deadlines); every action the coordinator returns is executed here, in order, under
 one lock: tasks and round ends sent, chunks handed to the aggregation pipeline, audit records
 written, the round's average committed as a checkpoint. Only a masked round's unmasking runs
-outside the lock, because it waits for shares that arrive on the slaves' connections.
+outside the lock, because it waits for shares that arrive on the slaves' connections. Messages
+to slaves are started under the lock but never waited for there (each slave's keep their
+order, :class:`~secure_fed.master.connections.Connections`), except a round's end, after
+which each party's costs are taken: a round's tasks and models go down while the lock is free.
 """
 
 from __future__ import annotations
@@ -256,7 +259,8 @@ class RoundRunner:
                 await state.discard(action.slave_id)
             log.warning("update of '%s' discarded: %s", action.slave_id, action.reason)
         elif isinstance(action, co.Send):
-            await self.connections.send(action.slave_id, action.message)
+            # not waited for: a slave's model may still be going down ahead of it
+            self.connections.send_soon(action.slave_id, action.message)
         elif isinstance(action, co.Note):
             self.audit.append(action.event, dict(action.data))
             self._on_event(action.event, dict(action.data))
