@@ -25,13 +25,19 @@ class SlowChannel:
         self.log.append((self.peer, data))
 
 
+def held_and_free(log: list[tuple[str, Any]]) -> tuple[Connections, SlowChannel]:
+    """Connections to slave ``a``, whose task is held until its channel's ``release``, and
+    to slave ``b``, which sends at once; both record into ``log``."""
+    connections = Connections()
+    slow = SlowChannel("a", log, hold="task")
+    connections.channels = {"a": cast(Channel, slow), "b": cast(Channel, SlowChannel("b", log))}
+    return connections, slow
+
+
 def test_sends_keep_each_slaves_order_and_do_not_wait_for_other_slaves() -> None:
     async def run() -> list[tuple[str, Any]]:
         log: list[tuple[str, Any]] = []
-        connections = Connections()
-        slow = SlowChannel("a", log, hold="task")
-        connections.channels = {"a": cast(Channel, slow),
-                                "b": cast(Channel, SlowChannel("b", log))}
+        connections, slow = held_and_free(log)
         # a's task (and its model) is held; the caller goes on at once
         assert connections.send_soon("a", "task", b"model") is not None
         connections.send_soon("b", "task", b"model")
@@ -78,10 +84,7 @@ def test_at_most_so_many_models_go_down_at_once(monkeypatch: Any) -> None:
 
     async def run() -> list[tuple[str, Any]]:
         log: list[tuple[str, Any]] = []
-        connections = Connections()
-        slow = SlowChannel("a", log, hold="task")
-        connections.channels = {"a": cast(Channel, slow),
-                                "b": cast(Channel, SlowChannel("b", log))}
+        connections, slow = held_and_free(log)
         connections.send_soon("a", "task", b"model")
         connections.send_soon("b", "task", b"model")
         connections.send_soon("b", "note")  # no payload: not held by the cap
