@@ -9,9 +9,12 @@ import fcntl
 import hashlib
 import io
 import itertools
+import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,6 +189,21 @@ def test_retry_for_bounds_the_slave_on_the_command_line() -> None:
 def test_verbosity_flags_go_before_or_after_the_sub_command(argv: list[str], level: int) -> None:
     args = build_parser().parse_args(argv)
     assert log_level(args.verbose, args.quiet) == level
+
+
+def test_logs_go_to_stderr_and_stdout_keeps_the_commands_output_alone() -> None:
+    # What `secure-fed ... --json | jq` relies on: a warning logged while the command runs
+    # (a new privacy ledger, a slow slave) never lands in the JSON line on stdout.
+    code = ("import json, logging; from secure_fed.cli.main import setup_logging; "
+            "setup_logging(logging.WARNING); "
+            "logging.getLogger('secure_fed.x').warning('a warning for the operator'); "
+            "logging.getLogger('secure_fed.x').info('not shown at the default level'); "
+            "print(json.dumps({'rows': 1}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert json.loads(done.stdout) == {"rows": 1}
+    assert "a warning for the operator" in done.stderr
+    assert "not shown" not in done.stderr + done.stdout
 
 
 # --- 5. what people read: rounded numbers, no source columns ---------------------------------

@@ -457,14 +457,21 @@ def log_level(verbose: int, quiet: int) -> int:
     return levels[max(0, min(verbose - quiet + 1, len(levels) - 1))]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``secure-fed`` command; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    level = log_level(args.verbose, args.quiet)
+def setup_logging(level: int) -> None:
+    """Log at ``level`` to stderr, so that stdout carries a command's output (its tables,
+    its ``--json`` line) and nothing else."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False,
+                                              rich_tracebacks=False)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``secure-fed`` command; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    setup_logging(log_level(args.verbose, args.quiet))
     from secure_fed.cli import audit, commands
 
     if args.command == "audit":
