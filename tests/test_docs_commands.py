@@ -145,6 +145,10 @@ PARSED_ONLY: dict[str, str] = {
     "--bandwidth 100Mbit --json":
         "four federations of 16 slaves at 1M parameters (4 minutes on an idle 2-core machine; "
         "tests/test_bench_round.py checks the costs and critical path of a small one)",
+    "secure-fed bench round --modes plain,mask,he,he+mask --sizes large --slaves 16 --rounds 8 "
+    "--bandwidth 100Mbit --json":
+        "four federations of 16 slaves at 1M parameters, seven timed rounds (4 minutes on an "
+        "idle 2-core machine)",
     "secure-fed bench round --modes plain,mask,he+mask --sizes large --slaves 16 --rounds 4 "
     "--bandwidth 100Mbit --epochs 5 --json":
         "three federations of 16 slaves at 1M parameters (2 minutes on an idle 2-core machine; "
