@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any, cast
 
 from secure_fed.master.connections import Connections
+from secure_fed.protocol.messages import Encoded, RoundEnd
+from secure_fed.secagg.messages import AdvertiseKeys, KeyList, parse_secagg_message
 from secure_fed.transport.channel import Channel
+from secure_fed.transport.memory import memory_pair
 
 
 class SlowChannel:
@@ -97,3 +101,34 @@ def test_at_most_so_many_models_go_down_at_once(monkeypatch: Any) -> None:
 
     assert asyncio.run(run()) == [("a", "task"), ("a", b"model"), ("b", "task"),
                                   ("b", b"model"), ("b", "note"), ("b", "last")]
+
+
+def test_a_message_to_several_slaves_is_serialized_once_and_arrives_whole() -> None:
+    # A round's key list goes to every slave: one JSON text for all of them (at 1,000 slaves,
+    # 0.4 MB and about 1 ms of serializing each), the message each slave parses unchanged.
+    keys = KeyList(round=3, advertisements=[AdvertiseKeys(
+        round=3, party=f"s{i}", c_pk=base64.b64encode(bytes(32)).decode(),
+        s_pk=base64.b64encode(bytes([i]) * 32).decode(), b_commitment="ab" * 32,
+        seed_commitment=None, signature=base64.b64encode(bytes(64)).decode())
+        for i in range(3)])
+    alone = RoundEnd(round=3, committed=True, reason="")
+
+    async def run() -> tuple[list[tuple[str, Any]], str | bytes, int]:
+        log: list[tuple[str, Any]] = []
+        connections, slow = held_and_free(log)
+        slow.release.set()
+        await connections.send_all([("a", keys), ("b", keys), ("a", alone)])
+        # over a real channel the text is what the slave end receives and what is metered
+        slave_end, master_end = memory_pair(slave_id="c", slave_certificate=None)
+        connections.channels["c"] = master_end
+        await connections.send_all([("c", keys), ("a", keys)])
+        return log, await slave_end.receive(5), master_end.traffic.sent
+
+    log, received, metered = asyncio.run(run())
+    sent = [message for _, message in log]
+    first, second, single, third = sent
+    assert isinstance(first, Encoded) and first is second and first.type == "secagg_keys"
+    assert first.text == keys.model_dump_json() and third.text == first.text
+    assert single is alone  # sent to one slave: the message itself
+    assert parse_secagg_message(received) == keys and received == first.text
+    assert metered == len(first.text.encode())

@@ -9,18 +9,22 @@ send starts once that slave's earlier ones are done (:meth:`Connections.send_soo
 round's tasks and models go down to many slaves at once while the caller goes on. At most
 :data:`PAYLOAD_SENDS` sends with binary payloads (models) go at a time, so that a master on a
 slow uplink hands each slave its task and model within its wait, not all of them at its end.
+A message that goes to many slaves (a task, a key list) is serialized once for all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 from cryptography import x509
+from pydantic import BaseModel
 
 from secure_fed.costs import Traffic
+from secure_fed.protocol.messages import Encoded
 from secure_fed.transport.channel import Channel
 
 log = logging.getLogger(__name__)
@@ -116,13 +120,15 @@ class Connections:
             await asyncio.shield(task)
 
     async def send_all(self, outgoing: list[tuple[str, Any]]) -> None:
-        """Send each ``(slave id, message)``: in order for each slave, slaves concurrently."""
-        tasks = [self.send_soon(slave_id, message) for slave_id, message in outgoing]
+        """Send each ``(slave id, message)``: in order for each slave, slaves concurrently; a
+        message object that goes to several slaves is serialized once (:func:`encoded_once`)."""
+        tasks = [self.send_soon(slave_id, message)
+                 for slave_id, message in encoded_once(outgoing)]
         await asyncio.shield(asyncio.gather(*(task for task in tasks if task is not None)))
 
     def send_all_soon(self, outgoing: list[tuple[str, Any]]) -> None:
         """Start each ``(slave id, message)`` as :meth:`send_all` sends it, without waiting."""
-        for slave_id, message in outgoing:
+        for slave_id, message in encoded_once(outgoing):
             self.send_soon(slave_id, message)
 
     async def broadcast(self, message: Any) -> None:
@@ -131,9 +137,27 @@ class Connections:
 
     async def close_all(self, message: Any) -> None:
         """Send ``message`` to every connected slave, then close its connection normally."""
-        for slave_id, channel in list(self.channels.items()):
+        channels = list(self.channels.items())
+        if len(channels) > 1 and isinstance(message, BaseModel):
+            message = Encoded.of(message)
+        for slave_id, channel in channels:
             await self.send(slave_id, message)
             await channel.close(1000, "federation finished")
+
+
+def encoded_once(outgoing: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """``outgoing`` with each message object that goes to two or more slaves serialized once
+    (:class:`~secure_fed.protocol.messages.Encoded`) and that text sent to each of them."""
+    counts = Counter(id(message) for _, message in outgoing if isinstance(message, BaseModel))
+    made: dict[int, Encoded] = {}
+    result = []
+    for slave_id, message in outgoing:
+        if isinstance(message, BaseModel) and counts[id(message)] > 1:
+            if id(message) not in made:
+                made[id(message)] = Encoded.of(message)
+            message = made[id(message)]
+        result.append((slave_id, message))
+    return result
 
 
 async def send_quietly(channel: Channel, message: Any, *payloads: bytes) -> None:

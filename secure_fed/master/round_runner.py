@@ -43,6 +43,7 @@ from secure_fed.master.update_checks import UpdateChecks
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import (
     Decline,
+    Encoded,
     EvaluationRelease,
     Finished,
     RoundEnd,
@@ -306,9 +307,12 @@ class RoundRunner:
         self._on_event("round_start", {"round": start.round, "attempt": start.attempt,
                                        "participants": list(start.recipients)})
         # Sent concurrently, without waiting: the lock is free meanwhile, so the ahead parts
-        # the slaves send when their task arrives are taken while the models go down.
+        # the slaves send when their task arrives are taken while the models go down. The
+        # task is the same for every slave (under secure aggregation it lists every peer's
+        # certificate): serialized once.
+        message = Encoded.of(task) if len(start.recipients) > 1 else task
         for slave_id in start.recipients:
-            self.connections.send_soon(slave_id, task, package.params,
+            self.connections.send_soon(slave_id, message, package.params,
                                        student.params if student is not None else b"")
 
     async def _finish_update(self, state: RoundAggregation,

@@ -1,4 +1,4 @@
-"""Wire messages of protocol version 5.
+"""Wire messages of the protocol (version :data:`PROTOCOL_VERSION`).
 
 Every control message is one websocket *text* message holding a JSON object with a ``type``
 field; bulk data (model parameters, ciphertext chunks) travels as *binary* messages whose
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import rfc8785
@@ -535,6 +536,28 @@ def parse_master_message(raw: str | bytes) -> Any:
     return parse_json_message(raw, _MASTER_ADAPTER, "master")
 
 
-def encode(message: BaseModel) -> str:
-    """Serialize a message to its JSON text form."""
+@dataclass(frozen=True)
+class Encoded:
+    """A message serialized once, to be sent as is to many peers: a message the master sends
+    every slave (a round's task, the key list of secure aggregation, 0.4 MB and about 1 ms of
+    serializing at 1,000 slaves) is made into JSON once, not once per slave.
+
+    Attributes:
+        type: the message's ``type`` field.
+        text: its JSON text form (:func:`encode` of the message).
+    """
+
+    type: str
+    text: str
+
+    @classmethod
+    def of(cls, message: BaseModel) -> Encoded:
+        """``message`` serialized."""
+        return cls(str(getattr(message, "type", "")), message.model_dump_json())
+
+
+def encode(message: BaseModel | Encoded) -> str:
+    """Serialize a message to its JSON text form (an :class:`Encoded` one is already)."""
+    if isinstance(message, Encoded):
+        return message.text
     return message.model_dump_json()

@@ -195,13 +195,13 @@ class SecAggRound:
         self.protocol.note_masked(sender)
 
     async def unmasked_sum(self, masked_sum: np.ndarray,
-                           send: Callable[[str, Any], Awaitable[None]],
+                           send_all: Callable[[list[tuple[str, Any]]], Awaitable[None]],
                            now: float) -> np.ndarray:
         """Ask the survivors for their shares and return the sum with the masks removed.
 
         Args:
             masked_sum: the sum of the survivors' masked vectors, uint64 in [0, m).
-            send: sends a message to a slave.
+            send_all: sends each ``(slave id, message)`` of a list.
             now: the current monotonic time.
 
         Raises:
@@ -213,8 +213,7 @@ class SecAggRound:
         self.cpu_seconds += seconds
         self._recipients = set(request.survivors) & self._expected
         self._deadline = now + self.timeout
-        for party in request.survivors:
-            await send(party, request)
+        await send_all([(party, request) for party in request.survivors])
         await self._unmasked.wait()
         if self.failed:
             raise ProtocolError(f"secure aggregation was aborted: {self.failure}")

@@ -26,6 +26,7 @@ from cryptography import x509
 from pydantic import BaseModel
 
 from secure_fed.errors import TransportError
+from secure_fed.protocol.messages import Encoded
 from secure_fed.transport.channel import Channel
 
 #: The message a slave sends in each phase where a dropout is injected, by phase name.
@@ -87,7 +88,7 @@ class DroppingChannel(Channel):
     def authenticated_certificate(self) -> x509.Certificate | None:
         return self._inner.authenticated_certificate()
 
-    async def send(self, message: BaseModel) -> None:
+    async def send(self, message: BaseModel | Encoded) -> None:
         kind = str(getattr(message, "type", ""))
         if (self._masked or kind != "update") and self._injector.drops(kind) is not None:
             await self._inner.close(GOING_AWAY, f"simulated dropout before '{kind}'")

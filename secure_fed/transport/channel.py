@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from secure_fed.config import LimitSettings
 from secure_fed.costs import Traffic
 from secure_fed.errors import ProtocolError, TLSRefused, TransportError
-from secure_fed.protocol.messages import SUBPROTOCOL, encode
+from secure_fed.protocol.messages import SUBPROTOCOL, Encoded, encode
 from secure_fed.transport.tls import peer_certificate, peer_party_id
 from secure_fed.transport.tls_accept import TLSGateFactory, format_address
 
@@ -86,7 +86,7 @@ class Channel(abc.ABC):
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close with a websocket close code and a reason the peer can log (≤ 123 bytes)."""
 
-    async def send(self, message: BaseModel) -> None:
+    async def send(self, message: BaseModel | Encoded) -> None:
         """Send a control message as one JSON text message."""
         text = encode(message)
         await self._send(text)
