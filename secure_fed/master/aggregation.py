@@ -336,7 +336,7 @@ class AggregationPipeline:
                                  "aggregation counted; round aborted")
         crash_point("master.unmasking")
         before = state.secagg.cpu_seconds
-        unmasked = await state.secagg.unmasked_sum(total, self._connections.send_all,
+        unmasked = await state.secagg.unmasked_sum(total, self._connections.send_all_soon,
                                                    time.monotonic())
         self.costs.add("unmasking_s", state.secagg.cpu_seconds - before)
         if self.distributed is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import rfc8785
@@ -548,7 +548,7 @@ class Encoded:
     """
 
     type: str
-    text: str
+    text: str = field(repr=False)  # up to megabytes: not in logs
 
     @classmethod
     def of(cls, message: BaseModel) -> Encoded:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -195,13 +195,14 @@ class SecAggRound:
         self.protocol.note_masked(sender)
 
     async def unmasked_sum(self, masked_sum: np.ndarray,
-                           send_all: Callable[[list[tuple[str, Any]]], Awaitable[None]],
+                           send_all: Callable[[list[tuple[str, Any]]], None],
                            now: float) -> np.ndarray:
         """Ask the survivors for their shares and return the sum with the masks removed.
 
         Args:
             masked_sum: the sum of the survivors' masked vectors, uint64 in [0, m).
-            send_all: sends each ``(slave id, message)`` of a list.
+            send_all: starts sending each ``(slave id, message)`` of a list, without
+                waiting (a send that hangs cannot hold the phase past its deadline).
             now: the current monotonic time.
 
         Raises:
@@ -213,7 +214,7 @@ class SecAggRound:
         self.cpu_seconds += seconds
         self._recipients = set(request.survivors) & self._expected
         self._deadline = now + self.timeout
-        await send_all([(party, request) for party in request.survivors])
+        send_all([(party, request) for party in request.survivors])
         await self._unmasked.wait()
         if self.failed:
             raise ProtocolError(f"secure aggregation was aborted: {self.failure}")
