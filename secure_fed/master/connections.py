@@ -137,12 +137,10 @@ class Connections:
 
     async def close_all(self, message: Any) -> None:
         """Send ``message`` to every connected slave, then close its connection normally."""
-        channels = list(self.channels.items())
-        if len(channels) > 1 and isinstance(message, BaseModel):
-            message = Encoded.of(message)
-        for slave_id, channel in channels:
-            await self.send(slave_id, message)
-            await channel.close(1000, "federation finished")
+        channels = dict(self.channels)
+        for slave_id, shared in encoded_once([(slave_id, message) for slave_id in channels]):
+            await self.send(slave_id, shared)
+            await channels[slave_id].close(1000, "federation finished")
 
 
 def encoded_once(outgoing: list[tuple[str, Any]]) -> list[tuple[str, Any]]:

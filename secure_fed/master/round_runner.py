@@ -35,7 +35,7 @@ from secure_fed.errors import ProtocolError, SecureFedError, UnusableAggregate
 from secure_fed.faults import crash_point
 from secure_fed.master.aggregation import AggregationPipeline, RoundAggregation
 from secure_fed.master.committed_model import CommittedModel
-from secure_fed.master.connections import Connections
+from secure_fed.master.connections import Connections, encoded_once
 from secure_fed.master.federated_metrics import round_evaluation
 from secure_fed.master.summary import RunSummary
 from secure_fed.master.task import round_task
@@ -43,7 +43,6 @@ from secure_fed.master.update_checks import UpdateChecks
 from secure_fed.protocol import coordinator as co
 from secure_fed.protocol.messages import (
     Decline,
-    Encoded,
     EvaluationRelease,
     Finished,
     RoundEnd,
@@ -310,8 +309,8 @@ class RoundRunner:
         # the slaves send when their task arrives are taken while the models go down. The
         # task is the same for every slave (under secure aggregation it lists every peer's
         # certificate): serialized once.
-        message = Encoded.of(task) if len(start.recipients) > 1 else task
-        for slave_id in start.recipients:
+        for slave_id, message in encoded_once([(slave_id, task)
+                                               for slave_id in start.recipients]):
             self.connections.send_soon(slave_id, message, package.params,
                                        student.params if student is not None else b"")
 
